@@ -1,0 +1,408 @@
+package journal
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
+)
+
+// Errors callers test with errors.Is.
+var (
+	// ErrLocked: another process holds the journal open.
+	ErrLocked = errors.New("journal is in use by another dmconvert process")
+	// ErrNoRun: the journal holds no run (never initialised).
+	ErrNoRun = errors.New("journal holds no conversion run")
+	// ErrRunExists: Init was called on a journal that already holds a run.
+	ErrRunExists = errors.New("journal already holds a conversion run")
+	// ErrNotFound: no such journal file.
+	ErrNotFound = errors.New("journal file does not exist")
+)
+
+var (
+	bucketMeta  = []byte("meta")
+	bucketSteps = []byte("steps")
+	keyRun      = []byte("run")
+	keyState    = []byte("state")
+	keyHeader   = []byte("header")
+	keyVersion  = []byte("version")
+)
+
+// formatVersion is bumped when the on-disk layout changes incompatibly.
+const formatVersion = 1
+
+// Options for Open.
+type Options struct {
+	// Create the file (and its directory) when it does not exist.
+	Create bool
+	// LockTimeout bounds the wait for another process's lock. Zero means
+	// one second.
+	LockTimeout time.Duration
+	// ReadOnly opens without taking the write lock (status from another
+	// process while a run is going). bbolt then takes a shared lock, which
+	// still waits for a writer; LockTimeout applies.
+	ReadOnly bool
+}
+
+// Journal is an open journal file.
+type Journal struct {
+	db   *bolt.DB
+	path string
+}
+
+// Run is the immutable description of a conversion, written once by Init.
+// Plan and Identity are opaque JSON owned by the engine.
+type Run struct {
+	ID       string          `json:"id"`
+	Op       string          `json:"op"`
+	Device   string          `json:"device"`
+	Identity json.RawMessage `json:"identity"`
+	Plan     json.RawMessage `json:"plan"`
+	Created  time.Time       `json:"created"`
+}
+
+// State is the mutable position of a run. Phase and Boundary are the
+// engine's; Status is one of the Status* constants.
+type State struct {
+	Status    string    `json:"status"`
+	Phase     int       `json:"phase"`
+	Boundary  uint64    `json:"boundary"`
+	DoneBytes uint64    `json:"done_bytes"`
+	Message   string    `json:"message,omitempty"`
+	Updated   time.Time `json:"updated"`
+	// Seq is the sequence number of the last step that changed the state.
+	Seq uint64 `json:"seq"`
+}
+
+// Run statuses.
+const (
+	StatusPlanned     = "planned"
+	StatusRunning     = "running"
+	StatusInterrupted = "interrupted"
+	StatusAborting    = "aborting"
+	StatusAborted     = "aborted"
+	StatusDone        = "done"
+	StatusFailed      = "failed"
+)
+
+// Step is the record of one step: its intent is written before the step
+// acts, its result after.
+type Step struct {
+	Seq      uint64          `json:"seq"`
+	Kind     string          `json:"kind"`
+	Phase    int             `json:"phase"`
+	Start    uint64          `json:"start"`
+	End      uint64          `json:"end"`
+	Detail   json.RawMessage `json:"detail,omitempty"`
+	Intended time.Time       `json:"intended"`
+	Finished time.Time       `json:"finished,omitempty"`
+	Result   string          `json:"result,omitempty"` // "", "done" or an error text
+}
+
+// Open opens (or with Options.Create, creates) the journal at path.
+func Open(path string, opts Options) (*Journal, error) {
+	if opts.LockTimeout == 0 {
+		opts.LockTimeout = time.Second
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, fmt.Errorf("journal %s: %w", path, err)
+	}
+	created := false
+	if _, err := os.Stat(abs); err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("journal %s: %w", abs, err)
+		}
+		if !opts.Create || opts.ReadOnly {
+			return nil, fmt.Errorf("journal %s: %w", abs, ErrNotFound)
+		}
+		if err := os.MkdirAll(filepath.Dir(abs), 0o700); err != nil {
+			return nil, fmt.Errorf("creating journal directory for %s: %w", abs, err)
+		}
+		created = true
+	}
+	db, err := bolt.Open(abs, 0o600, &bolt.Options{
+		Timeout:  opts.LockTimeout,
+		ReadOnly: opts.ReadOnly,
+		// Durability is the point of this file: never NoSync, and keep
+		// the freelist synced so a reopen after a crash is cheap and exact.
+		NoSync:         false,
+		NoFreelistSync: false,
+	})
+	if err != nil {
+		if errors.Is(err, bolterrors.ErrTimeout) {
+			return nil, fmt.Errorf("journal %s: %w", abs, ErrLocked)
+		}
+		return nil, fmt.Errorf("opening journal %s: %w", abs, err)
+	}
+	j := &Journal{db: db, path: abs}
+	if created {
+		// The new directory entry must survive a power cut too.
+		if err := syncDir(filepath.Dir(abs)); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("journal %s: %w", abs, err)
+		}
+	}
+	if !opts.ReadOnly {
+		if err := db.Update(func(tx *bolt.Tx) error {
+			m, err := tx.CreateBucketIfNotExists(bucketMeta)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.CreateBucketIfNotExists(bucketSteps); err != nil {
+				return err
+			}
+			if v := m.Get(keyVersion); v != nil {
+				if got := binary.BigEndian.Uint32(v); got != formatVersion {
+					return fmt.Errorf("journal format %d is not supported (want %d)", got, formatVersion)
+				}
+				return nil
+			}
+			var b [4]byte
+			binary.BigEndian.PutUint32(b[:], formatVersion)
+			return m.Put(keyVersion, b[:])
+		}); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("journal %s: %w", abs, err)
+		}
+	}
+	return j, nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// Path is the absolute path of the journal file.
+func (j *Journal) Path() string { return j.path }
+
+// Close releases the file and its lock.
+func (j *Journal) Close() error { return j.db.Close() }
+
+// Init records the run, its header image and an initial state, in one
+// durable transaction. header may be nil (operations without a LUKS
+// header). It fails with ErrRunExists if the journal already holds a run.
+func (j *Journal) Init(run Run, header []byte, st State) error {
+	if run.Created.IsZero() {
+		run.Created = time.Now().UTC()
+	}
+	st.Updated = time.Now().UTC()
+	return j.update("recording the run", func(m, _ *bolt.Bucket) error {
+		if m.Get(keyRun) != nil {
+			return ErrRunExists
+		}
+		if err := putJSON(m, keyRun, run); err != nil {
+			return err
+		}
+		if header != nil {
+			if err := m.Put(keyHeader, encodeHeader(header)); err != nil {
+				return err
+			}
+		}
+		return putJSON(m, keyState, st)
+	})
+}
+
+// Run returns the run recorded by Init.
+func (j *Journal) Run() (Run, error) {
+	var r Run
+	err := j.view(func(m, _ *bolt.Bucket) error { return getJSON(m, keyRun, &r) })
+	return r, err
+}
+
+// Header returns the header image recorded by Init or SetHeader (nil if
+// none).
+func (j *Journal) Header() ([]byte, error) {
+	var h []byte
+	err := j.view(func(m, _ *bolt.Bucket) error {
+		v := m.Get(keyHeader)
+		if v == nil {
+			return nil
+		}
+		var err error
+		h, err = decodeHeader(v)
+		return err
+	})
+	return h, err
+}
+
+// SetHeader replaces the stored header image (e.g. rekey's new header).
+func (j *Journal) SetHeader(header []byte) error {
+	return j.update("recording the header image", func(m, _ *bolt.Bucket) error {
+		return m.Put(keyHeader, encodeHeader(header))
+	})
+}
+
+// State returns the current state.
+func (j *Journal) State() (State, error) {
+	var s State
+	err := j.view(func(m, _ *bolt.Bucket) error { return getJSON(m, keyState, &s) })
+	return s, err
+}
+
+// SetState replaces the state durably.
+func (j *Journal) SetState(st State) error {
+	st.Updated = time.Now().UTC()
+	return j.update("recording the state", func(m, _ *bolt.Bucket) error {
+		return putJSON(m, keyState, st)
+	})
+}
+
+// Intend durably records a step before it acts and returns its sequence
+// number.
+func (j *Journal) Intend(s Step) (uint64, error) {
+	s.Intended = time.Now().UTC()
+	s.Finished = time.Time{}
+	s.Result = ""
+	err := j.update("recording step intent", func(m, steps *bolt.Bucket) error {
+		if m.Get(keyRun) == nil {
+			return ErrNoRun
+		}
+		seq, err := steps.NextSequence()
+		if err != nil {
+			return err
+		}
+		s.Seq = seq
+		return putJSON(steps, seqKey(seq), s)
+	})
+	return s.Seq, err
+}
+
+// Complete durably records a step's result and, when st is not nil, the
+// new state, in the same transaction: after a crash either both are there
+// or neither.
+func (j *Journal) Complete(seq uint64, result string, st *State) error {
+	return j.update("recording step result", func(m, steps *bolt.Bucket) error {
+		var s Step
+		if err := getJSON(steps, seqKey(seq), &s); err != nil {
+			return fmt.Errorf("step %d: %w", seq, err)
+		}
+		s.Finished = time.Now().UTC()
+		s.Result = result
+		if err := putJSON(steps, seqKey(seq), s); err != nil {
+			return err
+		}
+		if st != nil {
+			ns := *st
+			ns.Seq = seq
+			ns.Updated = s.Finished
+			return putJSON(m, keyState, ns)
+		}
+		return nil
+	})
+}
+
+// Steps returns every step record in order.
+func (j *Journal) Steps() ([]Step, error) {
+	var out []Step
+	err := j.view(func(_, steps *bolt.Bucket) error {
+		return steps.ForEach(func(k, v []byte) error {
+			var s Step
+			if err := json.Unmarshal(v, &s); err != nil {
+				return fmt.Errorf("step %x: %w", k, err)
+			}
+			out = append(out, s)
+			return nil
+		})
+	})
+	return out, err
+}
+
+// LastStep returns the newest step record, or ok=false if there is none.
+func (j *Journal) LastStep() (s Step, ok bool, err error) {
+	err = j.view(func(_, steps *bolt.Bucket) error {
+		k, v := steps.Cursor().Last()
+		if k == nil {
+			return nil
+		}
+		ok = true
+		return json.Unmarshal(v, &s)
+	})
+	return s, ok, err
+}
+
+func (j *Journal) update(what string, fn func(meta, steps *bolt.Bucket) error) error {
+	err := j.db.Update(func(tx *bolt.Tx) error {
+		return fn(tx.Bucket(bucketMeta), tx.Bucket(bucketSteps))
+	})
+	if err != nil {
+		return fmt.Errorf("journal %s: %s: %w", j.path, what, err)
+	}
+	return nil
+}
+
+func (j *Journal) view(fn func(meta, steps *bolt.Bucket) error) error {
+	err := j.db.View(func(tx *bolt.Tx) error {
+		m, s := tx.Bucket(bucketMeta), tx.Bucket(bucketSteps)
+		if m == nil || s == nil {
+			return ErrNoRun
+		}
+		return fn(m, s)
+	})
+	if err != nil {
+		return fmt.Errorf("journal %s: %w", j.path, err)
+	}
+	return nil
+}
+
+func seqKey(seq uint64) []byte {
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], seq)
+	return b[:]
+}
+
+func putJSON(b *bolt.Bucket, key []byte, v any) error {
+	data, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return b.Put(key, data)
+}
+
+func getJSON(b *bolt.Bucket, key []byte, v any) error {
+	data := b.Get(key)
+	if data == nil {
+		if string(key) == string(keyRun) || string(key) == string(keyState) {
+			return ErrNoRun
+		}
+		return fmt.Errorf("no record %q", key)
+	}
+	return json.Unmarshal(data, v)
+}
+
+// A LUKS header area is mostly zeros (unused keyslot space). The image is
+// stored as its length and its bytes up to the last non-zero one.
+func encodeHeader(h []byte) []byte {
+	end := len(h)
+	for end > 0 && h[end-1] == 0 {
+		end--
+	}
+	out := make([]byte, 8+end)
+	binary.BigEndian.PutUint64(out, uint64(len(h)))
+	copy(out[8:], h[:end])
+	return out
+}
+
+func decodeHeader(v []byte) ([]byte, error) {
+	if len(v) < 8 {
+		return nil, errors.New("stored header image is truncated")
+	}
+	n := binary.BigEndian.Uint64(v)
+	if n > 1<<30 || uint64(len(v)-8) > n {
+		return nil, errors.New("stored header image is corrupt")
+	}
+	h := make([]byte, n)
+	copy(h, v[8:])
+	return h, nil
+}

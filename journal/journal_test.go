@@ -1,0 +1,164 @@
+package journal
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+func newJournal(t *testing.T) (*Journal, string) {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "sub", "run.db")
+	j, err := Open(p, Options{Create: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { j.Close() })
+	return j, p
+}
+
+func TestOpenMissingWithoutCreate(t *testing.T) {
+	_, err := Open(filepath.Join(t.TempDir(), "none.db"), Options{})
+	if !errors.Is(err, ErrNotFound) {
+		t.Fatalf("got %v, want ErrNotFound", err)
+	}
+}
+
+func TestFilePermissions(t *testing.T) {
+	_, p := newJournal(t)
+	fi, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("journal mode %v, want 0600", fi.Mode().Perm())
+	}
+}
+
+func TestSecondOpenIsLocked(t *testing.T) {
+	_, p := newJournal(t)
+	_, err := Open(p, Options{LockTimeout: 50 * time.Millisecond})
+	if !errors.Is(err, ErrLocked) {
+		t.Fatalf("second open: got %v, want ErrLocked", err)
+	}
+}
+
+func TestInitRunStateAndSteps(t *testing.T) {
+	j, p := newJournal(t)
+	if _, err := j.Run(); !errors.Is(err, ErrNoRun) {
+		t.Fatalf("Run on empty journal: %v, want ErrNoRun", err)
+	}
+	if _, err := j.Intend(Step{Kind: "x"}); !errors.Is(err, ErrNoRun) {
+		t.Fatalf("Intend before Init: %v, want ErrNoRun", err)
+	}
+	hdr := make([]byte, 1<<20)
+	copy(hdr, "LUKS\xba\xbe")
+	hdr[70000] = 7
+	run := Run{ID: "r1", Op: "encrypt", Device: "/dev/vda", Plan: json.RawMessage(`{"p":1}`), Identity: json.RawMessage(`{"size":42}`)}
+	if err := j.Init(run, hdr, State{Status: StatusPlanned}); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Init(run, hdr, State{}); !errors.Is(err, ErrRunExists) {
+		t.Fatalf("second Init: %v, want ErrRunExists", err)
+	}
+	seq1, err := j.Intend(Step{Kind: "move", Phase: 2, Start: 0, End: 32768})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Complete(seq1, "done", &State{Status: StatusRunning, Phase: 2, Boundary: 0}); err != nil {
+		t.Fatal(err)
+	}
+	seq2, err := j.Intend(Step{Kind: "move", Phase: 3, Start: 10, End: 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if seq2 <= seq1 {
+		t.Fatalf("sequence did not grow: %d then %d", seq1, seq2)
+	}
+	// Reopen: everything durable is there, the unfinished intent too.
+	j.Close()
+	j2, err := Open(p, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j2.Close()
+	got, err := j2.Run()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.ID != "r1" || got.Op != "encrypt" || string(got.Plan) != `{"p":1}` {
+		t.Fatalf("run read back as %+v", got)
+	}
+	h, err := j2.Header()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(h, hdr) {
+		t.Fatal("header image changed across reopen")
+	}
+	st, err := j2.State()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Status != StatusRunning || st.Phase != 2 || st.Seq != seq1 {
+		t.Fatalf("state %+v", st)
+	}
+	last, ok, err := j2.LastStep()
+	if err != nil || !ok {
+		t.Fatalf("LastStep: %v %v", ok, err)
+	}
+	if last.Seq != seq2 || last.Result != "" || last.Start != 10 {
+		t.Fatalf("last step %+v, want the unfinished intent %d", last, seq2)
+	}
+	steps, err := j2.Steps()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(steps) != 2 || steps[0].Result != "done" {
+		t.Fatalf("steps %+v", steps)
+	}
+}
+
+func TestHeaderEncoding(t *testing.T) {
+	for _, h := range [][]byte{{}, {0, 0, 0}, {1}, {1, 0, 0, 2, 0, 0}} {
+		got, err := decodeHeader(encodeHeader(h))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, h) {
+			t.Fatalf("round trip of %v gave %v", h, got)
+		}
+	}
+	if _, err := decodeHeader([]byte{0, 0, 0}); err == nil {
+		t.Fatal("truncated header image accepted")
+	}
+	bad := encodeHeader([]byte{1, 2, 3})
+	bad[7] = 1 // claims 1 byte but carries 3
+	if _, err := decodeHeader(bad); err == nil {
+		t.Fatal("inconsistent header image accepted")
+	}
+}
+
+func TestReadOnlyOpen(t *testing.T) {
+	j, p := newJournal(t)
+	if err := j.Init(Run{ID: "r"}, nil, State{Status: StatusRunning}); err != nil {
+		t.Fatal(err)
+	}
+	j.Close()
+	ro, err := Open(p, Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	st, err := ro.State()
+	if err != nil || st.Status != StatusRunning {
+		t.Fatalf("read-only state %+v %v", st, err)
+	}
+	if err := ro.SetState(State{}); err == nil {
+		t.Fatal("write through a read-only journal succeeded")
+	}
+}
