@@ -1,0 +1,191 @@
+package convert
+
+import (
+	"fmt"
+)
+
+// labelSectors is the part of the disk's start that decides what the disk
+// is: LVM looks for its label in sectors 0-3, LUKS has its magic at byte 0.
+// It is switched as one 4 KiB write while F is suspended.
+const labelSectors Sectors = 8
+
+// EncryptGeometry is what the encrypt builder needs to know.
+type EncryptGeometry struct {
+	DiskSize Sectors // N
+	Payload  Sectors // P, already rounded up to the crypt sector size
+	Header   Sectors // H
+	Chunk    Sectors // upper bound for a chunk; clamped to H
+	Align    Sectors // crypt sector size in 512-byte sectors (1 or 8 ...)
+}
+
+// TailNeeded returns how many sectors the disk must have for an encrypt of
+// this payload and header: the header in front, the payload, and the
+// head's temporary home at the end.
+func TailNeeded(payload, header Sectors) Sectors { return payload + 2*header }
+
+// direction reports whether a move from one backing to another must walk
+// backward (the destination lies above the source on the disk).
+func (g Geometry) backward(from, to Backing) (bool, error) {
+	fs, _, err := g.Phys(from, 0, 0)
+	if err != nil {
+		return false, err
+	}
+	ts, _, err := g.Phys(to, 0, 0)
+	if err != nil {
+		return false, err
+	}
+	return ts > fs, nil
+}
+
+func roundDown(x, a Sectors) Sectors { return x / a * a }
+
+// BuildEncrypt returns the header-first encrypt plan (docs/design.md,
+// "Encrypt"): setup, restack, head out to the tail, identity switch, body
+// backward into the crypt mapping, head in, finalize.
+func BuildEncrypt(eg EncryptGeometry) (*Plan, error) {
+	N, P, H := eg.DiskSize, eg.Payload, eg.Header
+	a := eg.Align
+	if a == 0 {
+		a = 1
+	}
+	switch {
+	case H == 0 || H%labelSectors != 0 || H%a != 0:
+		return nil, fmt.Errorf("header size %d sectors must be a non-zero multiple of 4 KiB and of the sector size", H)
+	case P == 0 || P%a != 0:
+		return nil, fmt.Errorf("payload size %d sectors must be a non-zero multiple of the sector size", P)
+	case TailNeeded(P, H) > N:
+		return nil, fmt.Errorf("disk of %d sectors is %d sectors short of header + payload + head space (%d)", N, TailNeeded(P, H)-N, TailNeeded(P, H))
+	}
+	chunk := min(eg.Chunk, H)
+	if chunk == 0 {
+		chunk = H
+	}
+	chunk = roundDown(chunk, a)
+	if chunk == 0 {
+		return nil, fmt.Errorf("chunk size is smaller than the sector size")
+	}
+	tail := N - H
+	if tail%a != 0 {
+		tail = roundDown(tail, a)
+	}
+	g := Geometry{
+		DiskSize: N, Payload: P, Header: H, Tail: tail,
+		Devices: []Device{
+			{ID: DiskID, Phys: 0, Size: N},
+			{ID: NewID, Phys: H, Size: N - H},
+		},
+	}
+	disk := Backing{Dev: DiskID}
+	tailB := Backing{Dev: DiskID, Delta: int64(tail)}
+	newB := Backing{Dev: NewID}
+	head := min(H, P)
+	phases := []Phase{
+		{Kind: PhaseSetup},
+		{Kind: PhaseRestack},
+		{Kind: PhaseMove, Start: 0, End: head, From: disk, To: tailB, Chunk: chunk},
+		{Kind: PhaseToLUKS},
+	}
+	if P > H {
+		phases = append(phases, Phase{Kind: PhaseMove, Start: H, End: P, From: disk, To: newB, Chunk: chunk})
+	}
+	phases = append(phases,
+		Phase{Kind: PhaseMove, Start: 0, End: head, From: tailB, To: newB, Chunk: chunk},
+		Phase{Kind: PhaseFinalize},
+	)
+	p := &Plan{
+		Version:  PlanVersion,
+		Op:       "encrypt",
+		Geometry: g,
+		Phases:   phases,
+		Initial:  Layout{{Start: 0, End: P, On: disk}},
+	}
+	if err := p.setDirections(); err != nil {
+		return nil, err
+	}
+	if err := p.Verify(); err != nil {
+		return nil, fmt.Errorf("internal error: encrypt plan fails verification: %w", err)
+	}
+	return p, nil
+}
+
+func (p *Plan) setDirections() error {
+	for i := range p.Phases {
+		ph := &p.Phases[i]
+		if ph.Kind != PhaseMove {
+			continue
+		}
+		b, err := p.Geometry.backward(ph.From, ph.To)
+		if err != nil {
+			return err
+		}
+		ph.Backward = b
+	}
+	return nil
+}
+
+// Switched reports whether the identity switch to a header has happened
+// before state st (the phase under way is after a to-luks phase).
+func (p *Plan) Switched(st State) bool {
+	i := p.PhaseIndex(PhaseToLUKS)
+	return i >= 0 && st.Phase > i
+}
+
+// BuildAbort returns the plan that walks a run at state st back to the
+// original layout, online. st must be a reconciled state: every phase
+// before st.Phase is complete and a non-move phase at st.Phase has not
+// started. The abort plan starts from F's layout at st.
+func (p *Plan) BuildAbort(st State) (*Plan, error) {
+	if p.Op != "encrypt" {
+		return nil, fmt.Errorf("abort of %s is not supported", p.Op)
+	}
+	g := p.Geometry
+	disk := Backing{Dev: DiskID}
+	ab := &Plan{
+		Version:  PlanVersion,
+		Op:       "abort-" + p.Op,
+		Geometry: g,
+		Initial:  p.Layout(st),
+	}
+	if !p.Switched(st) {
+		// The disk still carries its LVM label and D is authoritative
+		// for every sector (the head mirror, if any, wrote both legs):
+		// map F straight onto the disk and take it out of the stack.
+		ab.Initial = Layout{{Start: 0, End: g.Payload, On: disk}}
+		ab.Phases = []Phase{{Kind: PhaseUnstack}}
+		return ab, ab.Verify()
+	}
+	ab.HeaderAtStart = true
+	headOut := p.PhaseIndex(PhaseMove) // the first move is the head going out
+	var phases []Phase
+	for j := min(st.Phase, len(p.Phases)-1); j > headOut; j-- {
+		ph := p.Phases[j]
+		if ph.Kind != PhaseMove {
+			continue
+		}
+		s, e := ph.Start, ph.End
+		if j == st.Phase {
+			s, e = ph.Moved(st.Boundary)
+		}
+		if s >= e {
+			continue
+		}
+		phases = append(phases, Phase{Kind: PhaseMove, Start: s, End: e, From: ph.To, To: ph.From, Chunk: ph.Chunk})
+	}
+	// The head is back on the tail; it returns to the start of the disk,
+	// its first 4 KiB last, over the header.
+	hd := p.Phases[headOut]
+	if hd.End > labelSectors {
+		phases = append(phases, Phase{Kind: PhaseMove, Start: labelSectors, End: hd.End, From: hd.To, To: hd.From, Chunk: hd.Chunk, DestroysHeader: true})
+	}
+	phases = append(phases,
+		Phase{Kind: PhaseToLabel, Start: 0, End: min(labelSectors, hd.End), From: hd.To, To: hd.From},
+		Phase{Kind: PhaseUnstack})
+	ab.Phases = phases
+	if err := ab.setDirections(); err != nil {
+		return nil, err
+	}
+	if err := ab.Verify(); err != nil {
+		return nil, fmt.Errorf("internal error: abort plan fails verification: %w", err)
+	}
+	return ab, nil
+}
