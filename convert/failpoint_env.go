@@ -1,0 +1,43 @@
+//go:build failpoints
+
+package convert
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// In binaries built with -tags failpoints, DMCONVERT_FAILPOINT=name[:n]
+// makes the process exit with code FailpointExitCode at the n-th (default
+// first) time it reaches failpoint name, with no cleanup at all: devices
+// stay suspended, tables stay loaded, nothing is flushed. That is what a
+// process killed at that instant leaves behind.
+func init() {
+	spec := os.Getenv("DMCONVERT_FAILPOINT")
+	if spec == "" {
+		return
+	}
+	name, nth := spec, 1
+	if i := strings.LastIndexByte(spec, ':'); i > 0 {
+		if n, err := strconv.Atoi(spec[i+1:]); err == nil {
+			name, nth = spec[:i], n
+		}
+	}
+	if !failpointSet[name] {
+		fmt.Fprintf(os.Stderr, "dmconvert: DMCONVERT_FAILPOINT names unknown failpoint %q\n", name)
+		os.Exit(2)
+	}
+	count := 0
+	failHook = func(n string) {
+		if n != name {
+			return
+		}
+		count++
+		if count == nth {
+			fmt.Fprintf(os.Stderr, "dmconvert: failpoint %s reached (hit %d): exiting\n", n, count)
+			os.Exit(FailpointExitCode)
+		}
+	}
+}
