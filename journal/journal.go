@@ -221,6 +221,23 @@ func (j *Journal) Run() (Run, error) {
 	return r, err
 }
 
+// SetPlan replaces the run's plan and its state in one durable
+// transaction (abort switches a run to its abort plan this way).
+func (j *Journal) SetPlan(plan json.RawMessage, st State) error {
+	st.Updated = time.Now().UTC()
+	return j.update("recording the new plan", func(m, _ *bolt.Bucket) error {
+		var r Run
+		if err := getJSON(m, keyRun, &r); err != nil {
+			return err
+		}
+		r.Plan = plan
+		if err := putJSON(m, keyRun, r); err != nil {
+			return err
+		}
+		return putJSON(m, keyState, st)
+	})
+}
+
 // Header returns the header image recorded by Init or SetHeader (nil if
 // none).
 func (j *Journal) Header() ([]byte, error) {

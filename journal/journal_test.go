@@ -162,3 +162,21 @@ func TestReadOnlyOpen(t *testing.T) {
 		t.Fatal("write through a read-only journal succeeded")
 	}
 }
+
+func TestSetPlan(t *testing.T) {
+	j, _ := newJournal(t)
+	if err := j.SetPlan(json.RawMessage(`{}`), State{}); !errors.Is(err, ErrNoRun) {
+		t.Fatalf("SetPlan before Init: %v", err)
+	}
+	if err := j.Init(Run{ID: "r", Plan: json.RawMessage(`{"a":1}`)}, nil, State{Status: StatusRunning}); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.SetPlan(json.RawMessage(`{"a":2}`), State{Status: StatusAborting, Phase: 3}); err != nil {
+		t.Fatal(err)
+	}
+	r, _ := j.Run()
+	st, _ := j.State()
+	if string(r.Plan) != `{"a":2}` || r.ID != "r" || st.Status != StatusAborting || st.Phase != 3 {
+		t.Fatalf("after SetPlan: run %+v state %+v", r, st)
+	}
+}
