@@ -1,0 +1,184 @@
+package luks
+
+import (
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"strings"
+
+	"golang.org/x/crypto/xts"
+)
+
+// Cipher specifications in dm-crypt/cryptsetup form "cipher-mode-iv".
+//
+// Keyslot material is encrypted with the same cipher as the data segment
+// (this is what cryptsetup does for every cipher below: LUKS1 always uses
+// the header cipher, LUKS2 uses the segment cipher whenever its crypto
+// backend can run it in user space, which holds for all of these), in
+// 512-byte sectors numbered from 0 at the start of the keyslot area.
+//
+// Supported (cipher spec: valid volume key sizes in bytes):
+//
+//	aes-xts-plain64       32, 64   (default, 64 = AES-256-XTS)
+//	aes-xts-plain         32, 64
+//	aes-cbc-essiv:sha256  16, 24, 32
+//	aes-cbc-plain64       16, 24, 32
+//	aes-cbc-plain         16, 24, 32
+//
+// "plain64" is the 64-bit little-endian sector number as IV, "plain" its
+// low 32 bits, "essiv:sha256" encrypts the plain64 IV with AES keyed by
+// SHA-256 of the volume key. All primitives come from crypto/aes,
+// crypto/cipher and golang.org/x/crypto/xts.
+const DefaultCipher = "aes-xts-plain64"
+
+// SupportedCiphers lists the cipher specs this package can create and
+// whose keyslots it can open.
+func SupportedCiphers() []string {
+	return []string{"aes-xts-plain64", "aes-xts-plain", "aes-cbc-essiv:sha256", "aes-cbc-plain64", "aes-cbc-plain"}
+}
+
+type cipherSpec struct {
+	name string // "aes"
+	mode string // "xts-plain64" (LUKS1 cipherMode)
+	xts  bool
+	iv   string // "plain64", "plain", "essiv:sha256"
+}
+
+func (c cipherSpec) String() string { return c.name + "-" + c.mode }
+
+// parseCipher splits and validates a cipher spec.
+func parseCipher(spec string) (cipherSpec, error) {
+	name, mode, ok := strings.Cut(spec, "-")
+	if !ok {
+		return cipherSpec{}, fmt.Errorf("cipher %q is not in cipher-mode-iv form: %w", spec, ErrInvalidArgument)
+	}
+	return parseCipherNameMode(name, mode)
+}
+
+func parseCipherNameMode(name, mode string) (cipherSpec, error) {
+	c := cipherSpec{name: name, mode: mode}
+	if name != "aes" {
+		return c, fmt.Errorf("cipher %q: %w (supported: %s)", c, ErrUnsupported, strings.Join(SupportedCiphers(), ", "))
+	}
+	chain, iv, _ := strings.Cut(mode, "-")
+	switch chain {
+	case "xts":
+		c.xts = true
+	case "cbc":
+	default:
+		return c, fmt.Errorf("cipher %q: %w (supported: %s)", c, ErrUnsupported, strings.Join(SupportedCiphers(), ", "))
+	}
+	switch iv {
+	case "plain64", "plain":
+	case "essiv:sha256":
+		if c.xts {
+			return c, fmt.Errorf("cipher %q: %w", c, ErrUnsupported)
+		}
+	default:
+		return c, fmt.Errorf("cipher %q: %w (supported: %s)", c, ErrUnsupported, strings.Join(SupportedCiphers(), ", "))
+	}
+	c.iv = iv
+	return c, nil
+}
+
+// checkKeySize reports whether n bytes is a valid key for the cipher.
+func (c cipherSpec) checkKeySize(n int) error {
+	ok := false
+	if c.xts {
+		ok = n == 32 || n == 64
+	} else {
+		ok = n == 16 || n == 24 || n == 32
+	}
+	if !ok {
+		return fmt.Errorf("%d-bit key for cipher %s: %w", n*8, c, ErrInvalidArgument)
+	}
+	return nil
+}
+
+// sectorCrypter encrypts/decrypts whole 512-byte sectors in place.
+type sectorCrypter struct {
+	xts   *xts.Cipher
+	cbc   cipher.Block
+	essiv cipher.Block
+	plain bool // 32-bit IV
+}
+
+func newSectorCrypter(c cipherSpec, key []byte) (*sectorCrypter, error) {
+	if err := c.checkKeySize(len(key)); err != nil {
+		return nil, err
+	}
+	s := &sectorCrypter{plain: c.iv == "plain"}
+	if c.xts {
+		x, err := xts.NewCipher(aes.NewCipher, key)
+		if err != nil {
+			return nil, fmt.Errorf("cipher %s: %w", c, err)
+		}
+		s.xts = x
+		return s, nil
+	}
+	b, err := aes.NewCipher(key)
+	if err != nil {
+		return nil, fmt.Errorf("cipher %s: %w", c, err)
+	}
+	s.cbc = b
+	if c.iv == "essiv:sha256" {
+		salt := sha256.Sum256(key)
+		e, err := aes.NewCipher(salt[:])
+		wipe(salt[:])
+		if err != nil {
+			return nil, fmt.Errorf("cipher %s: %w", c, err)
+		}
+		s.essiv = e
+	}
+	return s, nil
+}
+
+const sectorSize = 512
+
+func (s *sectorCrypter) iv(sector uint64) []byte {
+	iv := make([]byte, aes.BlockSize)
+	if s.plain {
+		binary.LittleEndian.PutUint32(iv, uint32(sector))
+	} else {
+		binary.LittleEndian.PutUint64(iv, sector)
+	}
+	if s.essiv != nil {
+		s.essiv.Encrypt(iv, iv)
+	}
+	return iv
+}
+
+func (s *sectorCrypter) sectorNum(sector uint64) uint64 {
+	if s.plain {
+		return uint64(uint32(sector))
+	}
+	return sector
+}
+
+// encrypt encrypts buf (a multiple of 512 bytes) in place; the first
+// sector has IV sector number 0.
+func (s *sectorCrypter) encrypt(buf []byte) {
+	for i := 0; i+sectorSize <= len(buf); i += sectorSize {
+		sec := buf[i : i+sectorSize]
+		n := uint64(i / sectorSize)
+		if s.xts != nil {
+			s.xts.Encrypt(sec, sec, s.sectorNum(n))
+			continue
+		}
+		cipher.NewCBCEncrypter(s.cbc, s.iv(n)).CryptBlocks(sec, sec)
+	}
+}
+
+func (s *sectorCrypter) decrypt(buf []byte) {
+	for i := 0; i+sectorSize <= len(buf); i += sectorSize {
+		sec := buf[i : i+sectorSize]
+		n := uint64(i / sectorSize)
+		if s.xts != nil {
+			s.xts.Decrypt(sec, sec, s.sectorNum(n))
+			continue
+		}
+		cipher.NewCBCDecrypter(s.cbc, s.iv(n)).CryptBlocks(sec, sec)
+	}
+}

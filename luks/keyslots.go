@@ -1,0 +1,361 @@
+package luks
+
+import (
+	"encoding/base64"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// AddKeyslot adds a keyslot holding vk, which must be the data segment's
+// volume key (checked against the digest), opened by key (a passphrase or
+// key file contents) with the given PBKDF. It returns the keyslot id. The
+// change is in memory; Commit writes it (material first, then metadata).
+func (h *Header) AddKeyslot(vk *VolumeKey, key []byte, p PBKDF) (int, error) {
+	if h.v1 != nil {
+		return h.addKeyslot1(vk, key, p)
+	}
+	return h.addKeyslot2(vk, key, p, true)
+}
+
+// AddUnboundKeyslot adds a LUKS2 keyslot for a key that is not the data
+// segment's volume key (cryptsetup's luksAddKey --unbound): its digest is
+// not assigned to any segment. A rekey keeps the new volume key in such a
+// keyslot until BindSegment switches the data segment over to it.
+func (h *Header) AddUnboundKeyslot(vk *VolumeKey, key []byte, p PBKDF) (int, error) {
+	if h.v1 != nil {
+		return -1, fmt.Errorf("unbound keyslots need LUKS2: %w", ErrUnsupported)
+	}
+	return h.addKeyslot2(vk, key, p, false)
+}
+
+func (h *Header) addKeyslot1(vk *VolumeKey, key []byte, p PBKDF) (int, error) {
+	l := h.v1
+	if err := h.VerifyVolumeKey(vk); err != nil {
+		return -1, err
+	}
+	if p.Hash != "" && !strings.EqualFold(p.Hash, l.hashSpec) {
+		return -1, fmt.Errorf("LUKS1 keyslots use the header hash %s, not %s: %w", l.hashSpec, p.Hash, ErrInvalidArgument)
+	}
+	p.Hash = l.hashSpec
+	slot := -1
+	for i, s := range l.slots {
+		if s.active != luks1KeyEnabled {
+			slot = i
+			break
+		}
+	}
+	if slot < 0 {
+		return -1, fmt.Errorf("all %d LUKS1 keyslots are active: %w", luks1NumKeys, ErrNoSpace)
+	}
+	kdf, err := p.resolve(true, int(l.keyBytes))
+	if err != nil {
+		return -1, err
+	}
+	if err := l.setSlot(slot, vk.Bytes(), key, kdf); err != nil {
+		return -1, err
+	}
+	h.dirtyBefore = append(h.dirtyBefore, span{int64(l.slots[slot].offset) * sectorSize, int64(l.materialSectors()) * sectorSize})
+	return slot, nil
+}
+
+func (h *Header) addKeyslot2(vk *VolumeKey, key []byte, p PBKDF, bound bool) (int, error) {
+	l := h.v2
+	keyLen := vk.Len()
+	if keyLen == 0 || keyLen > MaxVolumeKeySize {
+		return -1, fmt.Errorf("volume key size %d: %w", keyLen, ErrInvalidArgument)
+	}
+	segD, seg, err := l.segmentDigest()
+	if err != nil {
+		return -1, err
+	}
+	isSegKey, err := segD.verify(vk.Bytes())
+	if err != nil {
+		return -1, err
+	}
+	keyslots := l.sec("keyslots")
+	digests := l.sec("digests")
+	id, ok := freeID(keyslots, luks2MaxObjects)
+	if !ok {
+		return -1, fmt.Errorf("all %d LUKS2 keyslots are active: %w", luks2MaxObjects, ErrNoSpace)
+	}
+	var digestID int
+	var digestObj *object
+	if bound {
+		if !isSegKey {
+			return -1, ErrWrongKey
+		}
+		digestID = segD.id
+	} else {
+		if isSegKey {
+			return -1, fmt.Errorf("the key is the data segment's volume key; add a bound keyslot instead: %w", ErrInvalidArgument)
+		}
+		ds, err := l.digests()
+		if err != nil {
+			return -1, err
+		}
+		digestID = -1
+		for _, d := range ds {
+			if len(d.segments) > 0 {
+				continue
+			}
+			if ok, err := d.verify(vk.Bytes()); err == nil && ok {
+				digestID = d.id
+				break
+			}
+		}
+		if digestID < 0 {
+			var ok bool
+			if digestID, ok = freeID(digests, luks2MaxDigests); !ok {
+				return -1, fmt.Errorf("all %d digests in use: %w", luks2MaxDigests, ErrNoSpace)
+			}
+			dh := segD.hash
+			digestObj, err = newDigest(vk.Bytes(), dh, digestIterations(p, dh, keyLen))
+			if err != nil {
+				return -1, err
+			}
+		}
+	}
+	if digestObj == nil {
+		if digestObj, err = digests.getObject(strconv.Itoa(digestID)); err != nil || digestObj == nil {
+			return -1, corruptf("digest %d", digestID)
+		}
+	}
+
+	// Keyslot area encryption: the segment cipher with the segment's key
+	// size, as cryptsetup's crypt_keyslot_get_encryption chooses it.
+	cs, err := parseCipher(seg.encryption)
+	if err != nil {
+		return -1, fmt.Errorf("keyslot encryption for segment cipher %s: %w", seg.encryption, err)
+	}
+	areaKeySize := h.VolumeKeySize()
+	if areaKeySize == 0 {
+		areaKeySize = keyLen
+	}
+	if err := cs.checkKeySize(areaKeySize); err != nil {
+		return -1, err
+	}
+	afHash := p.Hash
+	if afHash == "" {
+		afHash = DefaultHash
+	}
+	afHash = strings.ToLower(afHash)
+	kdf, err := p.resolve(false, areaKeySize)
+	if err != nil {
+		return -1, err
+	}
+	areaLen := alignUp(uint64(keyLen)*luksStripes, luks2AreaAlign)
+	areaOff, err := l.findAreaGap(areaLen)
+	if err != nil {
+		return -1, err
+	}
+	salt, err := randomBytes(saltSize)
+	if err != nil {
+		return -1, err
+	}
+	dk, err := kdf.derive(key, salt, areaKeySize)
+	if err != nil {
+		return -1, err
+	}
+	sc, err := newSectorCrypter(cs, dk)
+	wipe(dk)
+	if err != nil {
+		return -1, err
+	}
+	mat, err := afSplit(vk.Bytes(), luksStripes, afHash)
+	if err != nil {
+		return -1, err
+	}
+	sc.encrypt(mat)
+
+	// JSON, in cryptsetup's member order.
+	ks := newObject()
+	ks.set("type", jsonRaw("luks2"))
+	ks.set("key_size", jsonRaw(keyLen))
+	af := newObject()
+	af.set("type", jsonRaw("luks1"))
+	af.set("stripes", jsonRaw(luksStripes))
+	af.set("hash", jsonRaw(afHash))
+	ks.setObject("af", af)
+	area := newObject()
+	area.set("type", jsonRaw("raw"))
+	area.set("offset", jsonRaw(strconv.FormatUint(areaOff, 10)))
+	area.set("size", jsonRaw(strconv.FormatUint(areaLen, 10)))
+	area.set("encryption", jsonRaw(cs.String()))
+	area.set("key_size", jsonRaw(areaKeySize))
+	ks.setObject("area", area)
+	kd := newObject()
+	kd.set("type", jsonRaw(kdf.typ))
+	if kdf.typ == KDFPBKDF2 {
+		kd.set("hash", jsonRaw(kdf.hash))
+		kd.set("iterations", jsonRaw(kdf.iterations))
+	} else {
+		kd.set("time", jsonRaw(kdf.iterations))
+		kd.set("memory", jsonRaw(kdf.memory))
+		kd.set("cpus", jsonRaw(kdf.parallel))
+	}
+	kd.set("salt", jsonRaw(base64.StdEncoding.EncodeToString(salt)))
+	ks.setObject("kdf", kd)
+
+	saved := l.root.marshal()
+	keyslots.setObject(strconv.Itoa(id), ks)
+	raw, _ := digestObj.get("keyslots")
+	refs, _ := stringArray(raw)
+	digestObj.set("keyslots", jsonRaw(append(refs, strconv.Itoa(id))))
+	digests.setObject(strconv.Itoa(digestID), digestObj)
+	l.setSec("keyslots", keyslots)
+	l.setSec("digests", digests)
+	if _, err := l.jsonText(); err != nil {
+		l.root, _ = parseObject(saved)
+		return -1, err
+	}
+	if err := validate2(l.root, l.hdrSize); err != nil {
+		l.root, _ = parseObject(saved)
+		return -1, fmt.Errorf("internal: new keyslot fails validation: %w", err)
+	}
+	start := areaOff - 2*l.hdrSize
+	copy(l.area[start:], mat)
+	h.dirtyBefore = append(h.dirtyBefore, span{int64(areaOff), int64(len(mat))})
+	return id, nil
+}
+
+// RemoveKeyslot deletes a keyslot: its metadata now, its material (wiped
+// with random data) after the metadata on Commit. It refuses to remove
+// the last keyslot that opens the data segment.
+func (h *Header) RemoveKeyslot(slot int) error {
+	var bound []int
+	for _, k := range h.Keyslots() {
+		if k.Bound {
+			bound = append(bound, k.ID)
+		}
+	}
+	if len(bound) == 1 && bound[0] == slot {
+		return fmt.Errorf("keyslot %d is the last one that opens the data: %w", slot, ErrInvalidArgument)
+	}
+	if h.v1 != nil {
+		l := h.v1
+		if slot < 0 || slot >= luks1NumKeys || l.slots[slot].active != luks1KeyEnabled {
+			return fmt.Errorf("keyslot %d is not active: %w", slot, ErrNoKeyslot)
+		}
+		s := &l.slots[slot]
+		s.active, s.iterations, s.salt = luks1KeyDisabled, 0, [saltSize]byte{}
+		off := int64(s.offset) * sectorSize
+		n := int64(l.materialSectors()) * sectorSize
+		rnd, err := randomBytes(int(n))
+		if err != nil {
+			return err
+		}
+		copy(l.body[off:], rnd)
+		h.dirtyAfter = append(h.dirtyAfter, span{off, n})
+		return nil
+	}
+	l := h.v2
+	ks, err := l.keyslot(slot)
+	if err != nil {
+		return err
+	}
+	keyslots := l.sec("keyslots")
+	keyslots.del(strconv.Itoa(slot))
+	l.setSec("keyslots", keyslots)
+	name := strconv.Itoa(slot)
+	digests := l.sec("digests")
+	for _, k := range slices.Clone(digests.keys) {
+		d, err := digests.getObject(k)
+		if err != nil || d == nil {
+			continue
+		}
+		raw, _ := d.get("keyslots")
+		refs, _ := stringArray(raw)
+		if !slices.Contains(refs, name) {
+			continue
+		}
+		refs = slices.DeleteFunc(refs, func(s string) bool { return s == name })
+		rawSeg, _ := d.get("segments")
+		segs, _ := stringArray(rawSeg)
+		if len(refs) == 0 && len(segs) == 0 {
+			digests.del(k) // an unbound digest nobody uses any more
+			continue
+		}
+		d.set("keyslots", jsonRaw(refs))
+		digests.setObject(k, d)
+	}
+	l.setSec("digests", digests)
+	tokens := l.sec("tokens")
+	for _, k := range tokens.keys {
+		t, err := tokens.getObject(k)
+		if err != nil || t == nil {
+			continue
+		}
+		raw, _ := t.get("keyslots")
+		refs, _ := stringArray(raw)
+		if slices.Contains(refs, name) {
+			t.set("keyslots", jsonRaw(slices.DeleteFunc(refs, func(s string) bool { return s == name })))
+			tokens.setObject(k, t)
+		}
+	}
+	l.setSec("tokens", tokens)
+	if ks.typ == "luks2" && ks.areaSize > 0 {
+		start := ks.areaOffset - 2*l.hdrSize
+		n := min(ks.areaSize, uint64(len(l.area))-start)
+		rnd, err := randomBytes(int(n))
+		if err != nil {
+			return err
+		}
+		copy(l.area[start:], rnd)
+		h.dirtyAfter = append(h.dirtyAfter, span{int64(ks.areaOffset), int64(n)})
+	}
+	return nil
+}
+
+// BindSegment makes the key held by keyslot slot the data segment's
+// volume key (LUKS2): the segment moves from its current digest to slot's
+// digest. Keyslots of the old digest stay, now unbound, until removed.
+// The key size must suit the segment cipher. In memory; write with
+// WriteMetadata or Commit.
+func (h *Header) BindSegment(slot int) error {
+	if h.v2 == nil {
+		return fmt.Errorf("segment binding needs LUKS2: %w", ErrUnsupported)
+	}
+	l := h.v2
+	ks, err := l.keyslot(slot)
+	if err != nil {
+		return err
+	}
+	nd, err := l.digestOfKeyslot(slot)
+	if err != nil {
+		return err
+	}
+	od, seg, err := l.segmentDigest()
+	if err != nil {
+		return err
+	}
+	if nd.id == od.id {
+		return nil
+	}
+	cs, err := parseCipher(seg.encryption)
+	if err != nil {
+		return err
+	}
+	if err := cs.checkKeySize(ks.keySize); err != nil {
+		return err
+	}
+	segName := strconv.Itoa(seg.id)
+	digests := l.sec("digests")
+	for _, id := range []int{od.id, nd.id} {
+		d, err := digests.getObject(strconv.Itoa(id))
+		if err != nil || d == nil {
+			return corruptf("digest %d", id)
+		}
+		raw, _ := d.get("segments")
+		segs, _ := stringArray(raw)
+		segs = slices.DeleteFunc(segs, func(s string) bool { return s == segName })
+		if id == nd.id {
+			segs = append(segs, segName)
+		}
+		d.set("segments", jsonRaw(segs))
+		digests.setObject(strconv.Itoa(id), d)
+	}
+	l.setSec("digests", digests)
+	return nil
+}
