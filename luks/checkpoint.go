@@ -20,8 +20,9 @@ import (
 //     [0,8)    magic "DMCVTCKP"
 //     [8,16)   sequence number, big-endian
 //     [16,20)  payload length, big-endian (<= CheckpointPayloadMax)
-//     [20,24)  CRC32C (Castagnoli) of bytes [0,20) followed by the payload
-//     [24,..)  payload, zero padded to 512 bytes
+//     [20,24)  CRC32C (Castagnoli) of the whole record with this field zeroed
+//     [24,..)  payload, zero padded to 512 bytes (the padding is covered by
+//              the CRC, so any torn sector is detected)
 //
 //     Record n goes to slot n%2 (offset area+512*(n%2)), so a torn write
 //     can only damage the record being replaced; the valid record with the
@@ -49,9 +50,7 @@ func encodeCheckpointRecord(seq uint64, payload []byte) []byte {
 	binary.BigEndian.PutUint64(b[8:], seq)
 	binary.BigEndian.PutUint32(b[16:], uint32(len(payload)))
 	copy(b[24:], payload)
-	c := crc32.Update(0, castagnoli, b[:20])
-	c = crc32.Update(c, castagnoli, payload)
-	binary.BigEndian.PutUint32(b[20:], c)
+	binary.BigEndian.PutUint32(b[20:], recordCRC(b))
 	return b
 }
 
@@ -63,13 +62,21 @@ func decodeCheckpointRecord(b []byte) (uint64, []byte, bool) {
 	if n > CheckpointPayloadMax {
 		return 0, nil, false
 	}
-	payload := b[24 : 24+n]
-	c := crc32.Update(0, castagnoli, b[:20])
-	c = crc32.Update(c, castagnoli, payload)
-	if c != binary.BigEndian.Uint32(b[20:]) {
+	if recordCRC(b) != binary.BigEndian.Uint32(b[20:]) {
 		return 0, nil, false
 	}
-	return binary.BigEndian.Uint64(b[8:]), slices.Clone(payload), true
+	for _, c := range b[24+n : CheckpointRecordSize] {
+		if c != 0 {
+			return 0, nil, false
+		}
+	}
+	return binary.BigEndian.Uint64(b[8:]), slices.Clone(b[24 : 24+n]), true
+}
+
+func recordCRC(b []byte) uint32 {
+	c := crc32.Update(0, castagnoli, b[:20])
+	c = crc32.Update(c, castagnoli, []byte{0, 0, 0, 0})
+	return crc32.Update(c, castagnoli, b[24:CheckpointRecordSize])
 }
 
 // CheckpointArea returns the byte offset of the LUKS1 checkpoint records

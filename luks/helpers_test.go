@@ -189,3 +189,5 @@ func cryptsetupPBKDFArgs(p PBKDF) []string {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+func openRW(p string) (*os.File, error) { return os.OpenFile(p, os.O_RDWR, 0) }
