@@ -1,0 +1,201 @@
+package luks
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// TestBackupMatchesCryptsetup: our Backup of a device is byte-identical
+// to `cryptsetup luksHeaderBackup`, cryptsetup restores our backups, and
+// we read and restore cryptsetup's.
+func TestBackupMatchesCryptsetup(t *testing.T) {
+	cs := needCryptsetup(t)
+	for _, version := range []int{1, 2} {
+		vk, _ := NewVolumeKey(64)
+		h, err := Create(Options{Version: version, PBKDF: testPBKDF2}, vk, []byte("pw"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := h.AddKeyslot(vk, []byte("second"), testPBKDF2); err != nil {
+			t.Fatal(err)
+		}
+		dev := writeImage(t, h)
+		dir := t.TempDir()
+		theirs := filepath.Join(dir, "theirs")
+		ours := filepath.Join(dir, "ours")
+		cs.ok(nil, "luksHeaderBackup", "--header-backup-file", theirs, dev)
+		f, err := os.Open(dev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := Backup(f, ours); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		tb, ob := readFileT(t, theirs), readFileT(t, ours)
+		if !bytes.Equal(tb, ob) {
+			t.Fatalf("LUKS%d: our backup (%d bytes) differs from cryptsetup's (%d bytes)", version, len(ob), len(tb))
+		}
+		if st, _ := os.Stat(ours); st.Mode().Perm() != 0o400 {
+			t.Errorf("backup mode %v, want 0400", st.Mode().Perm())
+		}
+		if err := Backup(bytes.NewReader(readFileT(t, dev)), ours); err == nil {
+			t.Fatal("Backup overwrote an existing file")
+		}
+		// In-memory BackupImage equals the on-device backup.
+		bi, err := h.BackupImage()
+		if err != nil || !bytes.Equal(bi, ob) {
+			t.Fatalf("BackupImage differs from Backup: %v", err)
+		}
+		// We read cryptsetup's backup file.
+		bh := readHeader(t, theirs)
+		if got, _, err := bh.Unlock([]byte("second")); err != nil || !got.Equal(vk) {
+			t.Fatalf("unlock from cryptsetup backup: %v", err)
+		}
+		// cryptsetup restores our backup onto a blank device.
+		blank := deviceFile(t, nil, h.HeaderSize()+1<<20)
+		cs.ok(nil, "luksHeaderRestore", "--batch-mode", "--header-backup-file", ours, blank)
+		cs.ok([]byte("pw\n"), "open", "--test-passphrase", blank)
+		// We restore cryptsetup's backup onto another blank device.
+		blank2 := deviceFile(t, nil, h.HeaderSize()+1<<20)
+		w, err := openRW(blank2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := Restore(theirs, w); err != nil {
+			t.Fatal(err)
+		}
+		w.Close()
+		cs.ok([]byte("second\n"), "open", "--test-passphrase", blank2)
+		if got := cs.dumpVolumeKey(blank2, writeTemp(t, "pw", []byte("pw"))); !bytes.Equal(got, vk.Bytes()) {
+			t.Fatal("restored header yields a different key")
+		}
+		// Restore refuses a backup whose layout differs from the device's.
+		vk2, _ := NewVolumeKey(32)
+		other, err := Create(Options{Version: version, PBKDF: testPBKDF2, HeaderSize: 4 << 20}, vk2, []byte("x"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		odev := writeImage(t, other)
+		ow, _ := openRW(odev)
+		if err := Restore(theirs, ow); !errors.Is(err, ErrInvalidArgument) {
+			t.Fatalf("restore onto a different layout: %v", err)
+		}
+		ow.Close()
+		// And a garbage backup.
+		junk := writeTemp(t, "junk", randBytes(t, 8192))
+		if err := Restore(junk, ow); err == nil {
+			t.Fatal("restored a garbage backup")
+		}
+	}
+}
+
+// TestRekeyWithUnboundKeyslot walks the rekey flow the engine uses: the
+// new volume key waits in an unbound keyslot, BindSegment switches the
+// data segment to it, every passphrase is re-added, the old keyslots go.
+// cryptsetup checks the result at each step.
+func TestRekeyWithUnboundKeyslot(t *testing.T) {
+	cs := needCryptsetup(t)
+	oldKey, _ := NewVolumeKey(64)
+	h, err := Create(Options{PBKDF: testPBKDF2, HeaderSize: 2 << 20}, oldKey, []byte("alpha"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.AddKeyslot(oldKey, []byte("beta"), testPBKDF2); err != nil {
+		t.Fatal(err)
+	}
+	tok := []byte(`{"type":"someone-else","keyslots":["1"],"x":1}`)
+	if _, err := h.SetToken(5, tok); err != nil {
+		t.Fatal(err)
+	}
+	dev := writeImage(t, h)
+	f, err := openRW(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+
+	newKey, _ := NewVolumeKey(64)
+	passes := []string{"alpha", "beta"}
+	h = readHeader(t, dev)
+	oldSlots := h.Keyslots()
+	var staged []int
+	for _, p := range passes {
+		// Unlock proves the passphrase first (the engine asks the user).
+		if _, _, err := h.Unlock([]byte(p)); err != nil {
+			t.Fatal(err)
+		}
+		id, err := h.AddUnboundKeyslot(newKey, []byte(p), testPBKDF2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		staged = append(staged, id)
+	}
+	if err := h.Commit(f); err != nil {
+		t.Fatal(err)
+	}
+	// Mid-run: cryptsetup still opens with the old key; we find both keys.
+	if got := cs.dumpVolumeKey(dev, writeTemp(t, "a", []byte("alpha"))); !bytes.Equal(got, oldKey.Bytes()) {
+		t.Fatal("mid-run: data key is not the old key")
+	}
+	mid := readHeader(t, dev)
+	if nk, _, err := mid.UnlockUnbound([]byte("beta")); err != nil || !nk.Equal(newKey) {
+		t.Fatalf("mid-run UnlockUnbound: %v", err)
+	}
+	ds, _ := mid.v2.digests()
+	if len(ds) != 2 {
+		t.Fatalf("%d digests, want 2 (both unbound keyslots share one)", len(ds))
+	}
+	// Finalize: bind, drop the old keyslots.
+	if err := mid.BindSegment(staged[0]); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range mid.Keyslots() {
+		if !k.Bound {
+			if err := mid.RemoveKeyslot(k.ID); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	before := readFileT(t, dev)
+	if err := mid.Commit(f); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range passes {
+		if got := cs.dumpVolumeKey(dev, writeTemp(t, "p", []byte(p))); !bytes.Equal(got, newKey.Bytes()) {
+			t.Fatalf("after rekey %q opens a different key", p)
+		}
+	}
+	fin := readHeader(t, dev)
+	if len(fin.Keyslots()) != 2 {
+		t.Fatalf("keyslots after rekey: %+v", fin.Keyslots())
+	}
+	ds, _ = fin.v2.digests()
+	if len(ds) != 1 {
+		t.Fatalf("%d digests after rekey, want 1", len(ds))
+	}
+	if got, ok := fin.Token(5); !ok || !jsonEqual(t, got, []byte(`{"type":"someone-else","keyslots":[],"x":1}`)) {
+		t.Fatalf("foreign token after removing its keyslot: %s", got)
+	}
+	// The old keyslots' areas were wiped with fresh random data.
+	after := readFileT(t, dev)
+	for _, k := range oldSlots {
+		if bytes.Equal(before[k.AreaOffset:k.AreaOffset+k.AreaSize], after[k.AreaOffset:k.AreaOffset+k.AreaSize]) {
+			t.Fatalf("old keyslot %d area not wiped", k.ID)
+		}
+	}
+	// Removing the last keyslot that opens the data is refused.
+	if err := fin.RemoveKeyslot(fin.Keyslots()[0].ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := fin.RemoveKeyslot(fin.Keyslots()[0].ID); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("removing the last keyslot: %v", err)
+	}
+	// A wrong volume key cannot be added as a bound keyslot.
+	if _, err := fin.AddKeyslot(oldKey, []byte("x"), testPBKDF2); !errors.Is(err, ErrWrongKey) {
+		t.Fatalf("AddKeyslot with a foreign key: %v", err)
+	}
+}
