@@ -2,7 +2,6 @@ package convert
 
 import (
 	"fmt"
-	"sync"
 )
 
 // Failpoints name every durability boundary and every table swap of the
@@ -35,37 +34,18 @@ var failpointSet = func() map[string]bool {
 	return m
 }()
 
-// failHook is nil in production. Test builds set it (SetFailHook, or the
-// failpoints build tag from the environment). It may not return: a hook
-// that simulates process death panics or exits.
-var (
-	failMu   sync.Mutex
-	failHook func(name string)
-)
-
-// SetFailHook installs a failpoint hook and returns a function restoring
-// the previous one. For tests only.
-func SetFailHook(h func(name string)) (restore func()) {
-	failMu.Lock()
-	prev := failHook
-	failHook = h
-	failMu.Unlock()
-	return func() {
-		failMu.Lock()
-		failHook = prev
-		failMu.Unlock()
-	}
-}
+// failHook is the process-wide hook: nil in production, set from the
+// environment in binaries built with -tags failpoints (failpoint_env.go).
+// Unit tests use Engine.FailHook instead. A hook that simulates process
+// death does not return.
+var failHook func(name string)
 
 // hit marks the failpoint name.
 func hit(name string) {
 	if !failpointSet[name] {
 		panic(fmt.Sprintf("convert: undeclared failpoint %q", name))
 	}
-	failMu.Lock()
-	h := failHook
-	failMu.Unlock()
-	if h != nil {
-		h(name)
+	if failHook != nil {
+		failHook(name)
 	}
 }

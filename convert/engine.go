@@ -1,0 +1,451 @@
+package convert
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/dmconvert/dmconvert/dmtable"
+	"github.com/dmconvert/dmconvert/journal"
+)
+
+// Engine executes plans against a device mapper, a host, LVM and a
+// journal. It holds no per-run state; a run is started with Execute,
+// Resume or Abort.
+type Engine struct {
+	DM       DeviceMapper
+	Host     Host
+	LVM      VolumeManager
+	Progress Progress
+	// RegionSize is the mirror region size (sectors). Larger regions
+	// copy faster; a write to a region being copied waits for it.
+	RegionSize Sectors
+	// PollInterval bounds each wait for a mirror event; the status is
+	// read again after it (a fallback: the event normally comes first).
+	PollInterval time.Duration
+	// Lock pins memory while devices are suspended (mlockall); nil in
+	// unit tests.
+	Lock func() error
+	// FailHook, when set, is called at every failpoint (tests). When
+	// nil, the process-wide hook of a -tags failpoints build applies.
+	FailHook func(name string)
+}
+
+// hit marks failpoint name for this run.
+func (r *run) hit(name string) {
+	if r.e.FailHook != nil {
+		if !failpointSet[name] {
+			panic(fmt.Sprintf("convert: undeclared failpoint %q", name))
+		}
+		r.e.FailHook(name)
+		return
+	}
+	hit(name)
+}
+
+func (e *Engine) progress() Progress {
+	if e.Progress == nil {
+		return NoProgress{}
+	}
+	return e.Progress
+}
+
+// Spec is the immutable description of a run, stored in the journal next
+// to the plan.
+type Spec struct {
+	Version int      `json:"version"`
+	ID      string   `json:"id"`
+	Op      string   `json:"op"`
+	Disk    DiskInfo `json:"disk"`
+	// Name is F's name (the final mapping name).
+	Name string `json:"name"`
+	// Helpers are the private devices by backing (e.g. "new" -> C).
+	Helpers map[BackingID]string `json:"helpers"`
+	Crypt   CryptSpec            `json:"crypt"`
+	// LUKS header facts.
+	LUKSVersion int    `json:"luks_version"`
+	LUKSUUID    string `json:"luks_uuid"`
+	// LVM facts at plan time.
+	PVUUID    string   `json:"pv_uuid,omitempty"`
+	VG        string   `json:"vg,omitempty"`
+	VGDevices []string `json:"vg_devices,omitempty"`
+	// Stacked are the dm devices that mapped the disk at plan time.
+	Stacked []string `json:"stacked,omitempty"`
+	// Forward is the plan; Abort is set once an abort began.
+	Forward *Plan `json:"forward"`
+	Abort   *Plan `json:"abort,omitempty"`
+}
+
+// run is one execution of a plan.
+type run struct {
+	e       *Engine
+	j       *journal.Journal
+	spec    *Spec
+	plan    *Plan // Forward or Abort
+	aborted bool
+	st      State
+	disk    Disk
+	hdr     HeaderFormat
+	key     dmtable.Key
+	devs    map[BackingID]dmtable.Dev
+	fdev    dmtable.Dev
+	release func() error
+	stop    func() bool // true once the user asked to stop
+	ident   Identity    // what the disk's first 4 KiB said at reconcile
+	lastEv  time.Time
+}
+
+// ErrInterrupted is returned when a run stopped at a step boundary because
+// the user asked it to (the journal holds a resumable state).
+var ErrInterrupted = errors.New("interrupted: the run stopped at a safe point and can be resumed")
+
+func (r *run) planName() string {
+	if r.aborted {
+		return "abort"
+	}
+	return "forward"
+}
+
+// loop runs steps until the plan is done, the user stops it, or a step
+// fails.
+func (r *run) loop(ctx context.Context) error {
+	for !r.plan.Done(r.st) {
+		if r.stop != nil && r.stop() {
+			if err := r.setStatus(journal.StatusInterrupted, ""); err != nil {
+				return err
+			}
+			return ErrInterrupted
+		}
+		if err := r.step(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (r *run) step(ctx context.Context) error {
+	ph := r.plan.Phases[r.st.Phase]
+	if ph.Kind == PhaseMove && r.st.Boundary == ph.InitialBoundary() {
+		r.event(Event{Kind: EventPhase, Phase: ph.String()})
+	} else if ph.Kind != PhaseMove {
+		r.event(Event{Kind: EventPhase, Phase: string(ph.Kind)})
+	}
+	switch ph.Kind {
+	case PhaseSetup:
+		return r.doSetup(ctx)
+	case PhaseRestack:
+		return r.doRestack(ctx, false)
+	case PhaseMove:
+		return r.doChunk(ctx, ph)
+	case PhaseToLUKS:
+		return r.doToLUKS(ctx)
+	case PhaseToLabel:
+		return r.doToLabel(ctx, ph)
+	case PhaseFinalize:
+		return r.doFinalize(ctx)
+	case PhaseUnstack:
+		return r.doUnstack(ctx)
+	}
+	return fmt.Errorf("internal error: unknown phase kind %q", ph.Kind)
+}
+
+func (r *run) event(ev Event) {
+	ev.Time = time.Now()
+	ev.Done = r.plan.BytesDone(r.st)
+	ev.Total = r.plan.BytesTotal()
+	r.e.progress().Event(ev)
+}
+
+// intend durably records what the next step will do (write-ahead).
+func (r *run) intend(kind string, s, e Sectors) (uint64, error) {
+	r.hit("intent:before")
+	seq, err := r.j.Intend(journal.Step{Kind: kind, Phase: r.st.Phase, Start: uint64(s), End: uint64(e)})
+	if err != nil {
+		return 0, err
+	}
+	r.hit("intent:after")
+	return seq, nil
+}
+
+func (r *run) status() string {
+	if r.aborted {
+		return journal.StatusAborting
+	}
+	return journal.StatusRunning
+}
+
+// commit durably records that the step seq brought the run to next.
+func (r *run) commit(seq uint64, next State) error {
+	status := r.status()
+	if r.plan.Done(next) {
+		status = journal.StatusDone
+		if r.aborted {
+			status = journal.StatusAborted
+		}
+	}
+	r.hit("commit:before")
+	err := r.j.Complete(seq, "done", &journal.State{
+		Status: status, Phase: next.Phase, Boundary: uint64(next.Boundary),
+		DoneBytes: r.plan.BytesDone(next),
+	})
+	if err != nil {
+		return err
+	}
+	r.hit("commit:after")
+	r.st = next
+	return nil
+}
+
+func (r *run) setStatus(status, msg string) error {
+	return r.j.SetState(journal.State{
+		Status: status, Phase: r.st.Phase, Boundary: uint64(r.st.Boundary),
+		DoneBytes: r.plan.BytesDone(r.st), Message: msg,
+	})
+}
+
+// headerLive reports whether the on-disk header carries checkpoints at
+// state st of the current plan.
+func (r *run) headerLive(st State) bool {
+	if r.hdr == nil || r.plan.Done(st) {
+		return false
+	}
+	return r.plan.headerLiveAt(st.Phase)
+}
+
+// checkpoint writes the on-disk record of next, if the header is live.
+func (r *run) checkpoint(next State) error {
+	if !r.headerLive(next) {
+		return nil
+	}
+	r.hit("checkpoint:before")
+	ws, err := r.hdr.CheckpointWrites(r.cp(next))
+	if err != nil {
+		return err
+	}
+	if err := r.writeDisk(ws); err != nil {
+		return fmt.Errorf("writing the checkpoint to %s: %w", r.spec.Disk.Path, err)
+	}
+	r.hit("checkpoint:after")
+	return nil
+}
+
+func (r *run) cp(st State) Checkpoint {
+	return Checkpoint{Run: r.spec.ID, Op: r.spec.Op, Plan: r.planName(), Phase: st.Phase, Boundary: st.Boundary, Journal: r.j.Path()}
+}
+
+func (r *run) writeDisk(ws []Write) error {
+	for _, w := range ws {
+		if _, err := r.disk.WriteAt(w.Data, w.Off); err != nil {
+			return err
+		}
+	}
+	return r.disk.Flush()
+}
+
+// swap makes t F's live table: load, suspend, then (while suspended)
+// during(), then resume. F is resumed on every path out.
+func (r *run) swap(name string, t dmtable.Table, during func() error) (stall time.Duration, err error) {
+	r.hit("load:before")
+	if err := r.e.DM.Load(name, t); err != nil {
+		return 0, fmt.Errorf("loading the table of %s: %w", name, err)
+	}
+	r.hit("load:after")
+	t0 := time.Now()
+	if err := r.e.DM.Suspend(name); err != nil {
+		return 0, fmt.Errorf("suspending %s: %w", name, err)
+	}
+	resumed := false
+	defer func() {
+		if !resumed {
+			// Never leave a device suspended on an error path.
+			if rerr := r.e.DM.Resume(name); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("resuming %s after an error: %w", name, rerr))
+			}
+		}
+	}()
+	r.hit("suspend:after")
+	if during != nil {
+		if err := during(); err != nil {
+			return 0, err
+		}
+	}
+	r.hit("resume:before")
+	resumed = true
+	if err := r.e.DM.Resume(name); err != nil {
+		return 0, fmt.Errorf("resuming %s: %w", name, err)
+	}
+	stall = time.Since(t0)
+	r.hit("resume:after")
+	return stall, nil
+}
+
+// doChunk moves one chunk through a mirror. The order below is the
+// write-ahead order of docs/design.md section 2.
+func (r *run) doChunk(ctx context.Context, ph Phase) error {
+	s, e, ok := ph.NextChunk(r.st.Boundary)
+	if !ok {
+		return fmt.Errorf("internal error: no chunk at %+v", r.st)
+	}
+	next := r.plan.Advance(r.st)
+	seq, err := r.intend("chunk", s, e)
+	if err != nil {
+		return err
+	}
+	// This table also routes every chunk committed before to its new
+	// place: only now, after their commit, may writes stop reaching the
+	// old copies.
+	t, err := r.plan.tableFor(r.st, &chunkRef{start: s, end: e, from: ph.From, to: ph.To}, r.devs, r.e.RegionSize)
+	if err != nil {
+		return err
+	}
+	stall, err := r.swap(r.spec.Name, t, nil)
+	if err != nil {
+		return err
+	}
+	if err := r.waitSync(ctx, s, e); err != nil {
+		return err
+	}
+	r.hit("sync:after")
+	// The kernel's copies and every write acknowledged through the mirror
+	// are on the disk; make them durable before anything records them.
+	if err := r.disk.Flush(); err != nil {
+		return fmt.Errorf("flushing %s: %w", r.spec.Disk.Path, err)
+	}
+	r.hit("flush:after")
+	if err := r.checkpoint(next); err != nil {
+		return err
+	}
+	if err := r.commit(seq, next); err != nil {
+		return err
+	}
+	r.event(Event{Kind: EventChunk, Stall: stall})
+	return nil
+}
+
+// waitSync waits until the mirror over F[s,e) has copied every region
+// and every leg is healthy. It waits on the device's event counter (the
+// kernel raises an event when recovery ends) and reads the status after
+// each event or poll interval. Cancellation of ctx does not cut a chunk
+// short: the user's stop request is honoured between steps.
+func (r *run) waitSync(ctx context.Context, s, e Sectors) error {
+	wctx := context.WithoutCancel(ctx)
+	poll := r.e.PollInterval
+	if poll == 0 {
+		poll = 2 * time.Second
+	}
+	for {
+		info, err := r.e.DM.Info(r.spec.Name)
+		if err != nil {
+			return fmt.Errorf("waiting for the copy of F[%d,%d): %w", s, e, err)
+		}
+		st, err := r.e.DM.Status(r.spec.Name)
+		if err != nil {
+			return fmt.Errorf("reading the status of %s: %w", r.spec.Name, err)
+		}
+		var ms *dmtable.MirrorStatus
+		for i := range st {
+			if st[i].Mirror != nil && Sectors(st[i].Start) == s {
+				ms = st[i].Mirror
+			}
+		}
+		if ms == nil {
+			return fmt.Errorf("internal error: %s has no mirror at sector %d", r.spec.Name, s)
+		}
+		if failed := ms.Failed(); len(failed) > 0 {
+			return fmt.Errorf("a leg of the mirror over F[%d,%d) on %s failed (status %q): the disk reported I/O errors; nothing was committed for this chunk, fix the disk and run `dmconvert resume`", s, e, r.spec.Disk.Path, ms.String())
+		}
+		if ms.Synced() {
+			return nil
+		}
+		if _, err := r.e.DM.WaitEvent(wctx, r.spec.Name, info.EventNr, poll); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+			return fmt.Errorf("waiting for an event of %s: %w", r.spec.Name, err)
+		}
+	}
+}
+
+// doToLUKS is the identity switch label -> header (design.md section 3):
+// with F suspended and the head's copies equal, the header's first 4 KiB
+// overwrite the LVM label; F resumes with its head on the tail; then the
+// rest of the header is written.
+func (r *run) doToLUKS(ctx context.Context) error {
+	next := r.plan.Advance(r.st)
+	seq, err := r.intend("to-luks", 0, 0)
+	if err != nil {
+		return err
+	}
+	img, err := r.hdr.Image(r.cp(next))
+	if err != nil {
+		return err
+	}
+	t, err := r.plan.tableFor(next, nil, r.devs, r.e.RegionSize)
+	if err != nil {
+		return err
+	}
+	first := img[:labelSectors*512]
+	if _, err := r.swap(r.spec.Name, t, func() error {
+		if _, err := r.disk.WriteAt(first, 0); err != nil {
+			return fmt.Errorf("writing the header's first block to %s: %w", r.spec.Disk.Path, err)
+		}
+		if err := r.disk.Flush(); err != nil {
+			return fmt.Errorf("flushing %s: %w", r.spec.Disk.Path, err)
+		}
+		r.hit("switch:label-written")
+		return nil
+	}); err != nil {
+		return err
+	}
+	if err := r.writeHeaderRest(img); err != nil {
+		return err
+	}
+	r.hit("switch:header-written")
+	return r.commit(seq, next)
+}
+
+func (r *run) writeHeaderRest(img []byte) error {
+	if err := r.writeDisk([]Write{{Off: int64(labelSectors * 512), Data: img[labelSectors*512:]}}); err != nil {
+		return fmt.Errorf("writing the header to %s: %w", r.spec.Disk.Path, err)
+	}
+	return nil
+}
+
+// doToLabel is the identity switch header -> label: every other sector of
+// the head is already back in place and flushed; with F suspended, its
+// first 4 KiB are copied from the tail over the header's first block, and
+// F resumes mapping its head on the disk.
+func (r *run) doToLabel(ctx context.Context, ph Phase) error {
+	next := r.plan.Advance(r.st)
+	seq, err := r.intend("to-label", ph.Start, ph.End)
+	if err != nil {
+		return err
+	}
+	t, err := r.plan.tableFor(next, nil, r.devs, r.e.RegionSize)
+	if err != nil {
+		return err
+	}
+	src, _, err := r.plan.Geometry.Phys(ph.From, ph.Start, ph.End)
+	if err != nil {
+		return err
+	}
+	dst, _, err := r.plan.Geometry.Phys(ph.To, ph.Start, ph.End)
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, (ph.End-ph.Start)*512)
+	if _, err := r.swap(r.spec.Name, t, func() error {
+		if _, err := r.disk.ReadAt(buf, int64(src*512)); err != nil {
+			return fmt.Errorf("reading the head's first block from %s: %w", r.spec.Disk.Path, err)
+		}
+		if _, err := r.disk.WriteAt(buf, int64(dst*512)); err != nil {
+			return fmt.Errorf("writing the head's first block to %s: %w", r.spec.Disk.Path, err)
+		}
+		if err := r.disk.Flush(); err != nil {
+			return fmt.Errorf("flushing %s: %w", r.spec.Disk.Path, err)
+		}
+		r.hit("switch:label-written")
+		return nil
+	}); err != nil {
+		return err
+	}
+	return r.commit(seq, next)
+}

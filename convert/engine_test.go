@@ -1,0 +1,476 @@
+package convert
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/dmconvert/dmconvert/dmtable"
+)
+
+// fastTempDir is a temporary directory on tmpfs when there is one: the
+// journal fsyncs at every step, and hundreds of crash cases run.
+func fastTempDir(t *testing.T) string {
+	if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
+		d, err := os.MkdirTemp("/dev/shm", "dmconvert-test-")
+		if err == nil {
+			t.Cleanup(func() { os.RemoveAll(d) })
+			return d
+		}
+	}
+	return t.TempDir()
+}
+
+// scenario is one disk with a PV, its LVs and a writer that keeps writing
+// through the LVs while the engine runs.
+type scenario struct {
+	t       *testing.T
+	N, H    Sectors
+	pvSize  Sectors
+	lvs     []fakeLV
+	key     []byte
+	disk    dmtable.Dev
+	journal string
+	rng     *rand.Rand
+	// expect is what every LV must read back: initial data plus every
+	// acknowledged write.
+	expect map[string][]byte
+	writes int
+	// quiet: no writer before the crash. An application's fsync flushes
+	// the disk's whole cache, which would hide a missing flush of the
+	// engine's own; lost-cache cases run quiet to catch that.
+	quiet bool
+}
+
+const diskPath = "/dev/vda"
+
+func newScenario(t *testing.T, seed int64) *scenario {
+	sc := &scenario{
+		t: t, N: 4096, H: 128, pvSize: 3800,
+		lvs: []fakeLV{
+			{name: "vg-lv1", segs: []Extent{{Start: 8, End: 1000}}},
+			{name: "vg-lv2", segs: []Extent{{Start: 1000, End: 1500}, {Start: 2000, End: 3800}}},
+		},
+		disk:    dmtable.Dev{Major: 254, Minor: 0},
+		journal: filepath.Join(fastTempDir(t), "run.journal"),
+		rng:     rand.New(rand.NewSource(seed)),
+		expect:  map[string][]byte{},
+	}
+	sc.key = make([]byte, 64)
+	sc.rng.Read(sc.key)
+	return sc
+}
+
+// world builds the machine before the conversion: the disk with a real
+// PV label and random data, the LVs active on it.
+func (sc *scenario) world() *fakeWorld {
+	w := newFakeWorld()
+	d := w.addDisk(diskPath, sc.disk, sc.N)
+	sc.rng.Read(d.durable)
+	label, err := os.ReadFile("testdata/pv-head-4k.bin")
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	copy(d.durable, label)
+	w.lvm = sc.lvm(w)
+	if err := w.lvm.boot(); err != nil {
+		sc.t.Fatal(err)
+	}
+	for _, lv := range sc.lvs {
+		b, err := w.userRead(lv.name, 0, lv.size())
+		if err != nil {
+			sc.t.Fatal(err)
+		}
+		sc.expect[lv.name] = b
+	}
+	return w
+}
+
+func (sc *scenario) lvm(w *fakeWorld) *fakeLVM {
+	return &fakeLVM{w: w, lvs: sc.lvs, pv: PV{
+		Device: diskPath, UUID: "pvuuid", VG: "vg", Size: sc.pvSize, UsedEnd: sc.pvSize,
+		PEStart: 8, ExtentSize: 8, VGDevices: []string{diskPath},
+	}}
+}
+
+func (sc *scenario) engine(w *fakeWorld) *Engine {
+	if w.lvm == nil || w.lvm.w != w {
+		l := sc.lvm(w)
+		if w.lvm != nil {
+			l.pv = w.lvm.pv
+		}
+		w.lvm = l
+	}
+	return &Engine{
+		DM:   fakeDM{w},
+		Host: &fakeHost{w: w, fileDev: dmtable.Dev{Major: 8, Minor: 0}, diskByPt: map[string]dmtable.Dev{diskPath: sc.disk}},
+		LVM:  w.lvm, RegionSize: 32, PollInterval: 1,
+	}
+}
+
+func (sc *scenario) options() EncryptOptions {
+	return EncryptOptions{
+		Device: diskPath, Journal: sc.journal, HeaderSectors: sc.H, KeyBytes: 64, Chunk: sc.H,
+		NewHeader: func(key []byte, ss uint32) (HeaderFormat, error) {
+			copy(key, sc.key) // the test knows the key, to check the disk
+			return &fakeHeader{h: sc.H, key: sc.key}, nil
+		},
+	}
+}
+
+func (sc *scenario) opener() HeaderOpener {
+	return func(img []byte) (HeaderFormat, []byte, error) {
+		return &fakeHeader{h: sc.H, key: sc.key}, append([]byte(nil), sc.key...), nil
+	}
+}
+
+// write makes one random acknowledged-or-pending write through an LV.
+func (sc *scenario) write(w *fakeWorld) {
+	lv := sc.lvs[sc.rng.Intn(len(sc.lvs))]
+	n := Sectors(1 + sc.rng.Intn(4))
+	off := Sectors(sc.rng.Int63n(int64(lv.size() - n)))
+	data := make([]byte, n*512)
+	sc.rng.Read(data)
+	exp := sc.expect
+	err := w.userWrite(lv.name, off, data, func() {
+		copy(exp[lv.name][off*512:], data)
+		sc.writes++
+	})
+	if err != nil && !strings.Contains(err.Error(), "no device") {
+		sc.t.Fatalf("writer: %v", err)
+	}
+}
+
+// verifyLVs reads every LV through the live stack and compares.
+func (sc *scenario) verifyLVs(w *fakeWorld, when string) {
+	sc.t.Helper()
+	for _, lv := range sc.lvs {
+		got, err := w.userRead(lv.name, 0, lv.size())
+		if err != nil {
+			sc.t.Fatalf("%s: reading %s: %v", when, lv.name, err)
+		}
+		if !bytes.Equal(got, sc.expect[lv.name]) {
+			sc.t.Fatalf("%s: %s differs from what was written (first difference at byte %d)", when, lv.name, firstDiff(got, sc.expect[lv.name]))
+		}
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range a {
+		if i >= len(b) || a[i] != b[i] {
+			return i
+		}
+	}
+	return -1
+}
+
+// verifyEncrypted checks the end state of a finished encrypt: the live
+// stack, then a fresh boot where nothing activates on the raw disk and a
+// crypt mapping of the header's data area (what `cryptsetup open`
+// creates) carries the PV.
+func (sc *scenario) verifyEncrypted(w *fakeWorld, e *Engine) {
+	sc.t.Helper()
+	sc.verifyLVs(w, "after encrypt")
+	name := "vda_crypt"
+	info, err := e.DM.Info(name)
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	if !strings.HasPrefix(info.UUID, "CRYPT-LUKS2-") {
+		sc.t.Fatalf("final mapping uuid %q", info.UUID)
+	}
+	list, _ := e.DM.List()
+	if len(list) != 1+len(sc.lvs) {
+		sc.t.Fatalf("devices left after encrypt: %v", list)
+	}
+	fh := &fakeHeader{h: sc.H}
+	if !fh.isFinal(fakeDiskIO{w: w, dev: sc.disk}) {
+		sc.t.Fatal("header on disk is not final")
+	}
+	// Fresh boot.
+	w2 := w.snapshot()
+	w2.powerCut(false)
+	l2 := sc.lvm(w2)
+	if err := l2.boot(); err != nil {
+		sc.t.Fatal(err)
+	}
+	if len(w2.devs) != 0 {
+		sc.t.Fatal("boot-time LVM activated something on the raw encrypted disk")
+	}
+	if _, err := (fakeDM{w2}).Create("opened", "", dmtable.Table{cryptTarget(0, sc.N-sc.H, CryptSpec{Cipher: "aes-xts-plain64"}, dmtable.HexKey(sc.key), 0, sc.disk, sc.H)}); err != nil {
+		sc.t.Fatal(err)
+	}
+	if err := l2.Activate(context.Background(), "vg", []string{"/dev/mapper/opened"}); err != nil {
+		sc.t.Fatal(err)
+	}
+	sc.verifyLVs(w2, "fresh boot after encrypt")
+}
+
+// verifyPlain checks the end state of an abort: no device of the run,
+// the LVs on the raw disk, and a fresh boot activates them from it.
+func (sc *scenario) verifyPlain(w *fakeWorld, e *Engine) {
+	sc.t.Helper()
+	sc.verifyLVs(w, "after abort")
+	list, _ := e.DM.List()
+	for _, d := range list {
+		if !strings.HasPrefix(d.Name, "vg-") {
+			sc.t.Fatalf("device %s left after abort", d.Name)
+		}
+		deps, _ := e.DM.Deps(d.Name)
+		for _, x := range deps {
+			if x != sc.disk {
+				sc.t.Fatalf("%s still maps %v after abort", d.Name, x)
+			}
+		}
+	}
+	w2 := w.snapshot()
+	w2.powerCut(false)
+	if err := sc.lvm(w2).boot(); err != nil {
+		sc.t.Fatal(err)
+	}
+	sc.verifyLVs(w2, "fresh boot after abort")
+}
+
+func TestEncryptEndToEnd(t *testing.T) {
+	for _, syncStep := range []int{0, 1} {
+		t.Run(fmt.Sprintf("syncstep%d", syncStep), func(t *testing.T) {
+			sc := newScenario(t, 1)
+			w := sc.world()
+			w.syncStep = syncStep
+			e := sc.engine(w)
+			e.FailHook = func(string) { sc.write(w) }
+			ep, err := e.PlanEncrypt(context.Background(), sc.options())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := e.Execute(context.Background(), ep, RunOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			if sc.writes < 100 {
+				t.Fatalf("only %d writes acknowledged during the run", sc.writes)
+			}
+			sc.verifyEncrypted(w, e)
+			if l := w.lvm.refresh; len(l) != 1 || l[0] != "/dev/vda->/dev/mapper/vda_crypt" {
+				t.Fatalf("lvm refresh calls: %v", l)
+			}
+		})
+	}
+}
+
+// crashPanic unwinds the engine at a failpoint; the test restores the
+// world snapshot taken at that instant, so nothing the unwinding does
+// (deferred resumes) counts: that is a process killed there.
+type crashPanic struct {
+	world  *fakeWorld
+	expect map[string][]byte
+}
+
+func (sc *scenario) expectCopy() map[string][]byte {
+	m := map[string][]byte{}
+	for k, v := range sc.expect {
+		m[k] = append([]byte(nil), v...)
+	}
+	return m
+}
+
+// runUntil runs f with a hook that writes at every failpoint and crashes
+// at the nth hit of name. It returns the world at the crash, or nil if
+// the run finished without reaching it.
+func (sc *scenario) runUntil(e *Engine, w *fakeWorld, name string, nth int, f func() error) (crashed *fakeWorld, hits map[string]int) {
+	hits = map[string]int{}
+	e.FailHook = func(n string) {
+		if !sc.quiet {
+			sc.write(w)
+		}
+		hits[n]++
+		if n == name && hits[n] == nth {
+			panic(crashPanic{w.snapshot(), sc.expectCopy()})
+		}
+	}
+	defer func() { e.FailHook = nil }()
+	defer func() {
+		if p := recover(); p != nil {
+			cp, ok := p.(crashPanic)
+			if !ok {
+				panic(p)
+			}
+			crashed = cp.world
+			// Writes acknowledged by the dying world after the crash
+			// instant (the unwinding resumes devices) never happened.
+			sc.expect = cp.expect
+		}
+	}()
+	if err := f(); err != nil {
+		sc.t.Fatalf("run before the crash at %s#%d failed: %v", name, nth, err)
+	}
+	return nil, hits
+}
+
+// TestFailpointsAllReached makes sure a full encrypt plus a full abort
+// pass through every declared failpoint, so the crash tests below cover
+// them all.
+func TestFailpointsAllReached(t *testing.T) {
+	seen := map[string]int{}
+	for _, abort := range []bool{false, true} {
+		sc := newScenario(t, 2)
+		w := sc.world()
+		e := sc.engine(w)
+		_, hits := sc.runUntil(e, w, "", 0, func() error {
+			ep, err := e.PlanEncrypt(context.Background(), sc.options())
+			if err != nil {
+				return err
+			}
+			if !abort {
+				return e.Execute(context.Background(), ep, RunOptions{})
+			}
+			stopAfter := 0
+			err = e.Execute(context.Background(), ep, RunOptions{Stop: func() bool { stopAfter++; return stopAfter > 12 }})
+			if !errors.Is(err, ErrInterrupted) {
+				return fmt.Errorf("stop: %v", err)
+			}
+			return e.Abort(context.Background(), ResumeOptions{Journal: sc.journal, Open: sc.opener()})
+		})
+		for k, v := range hits {
+			seen[k] += v
+		}
+	}
+	for _, f := range Failpoints {
+		if seen[f] == 0 {
+			t.Errorf("failpoint %s never reached", f)
+		}
+	}
+}
+
+// occurrences picks which hits of a failpoint to crash at: all of them for
+// rare ones, a spread for the per-chunk ones.
+func occurrences(total int) []int {
+	if total <= 6 {
+		out := make([]int, total)
+		for i := range out {
+			out[i] = i + 1
+		}
+		return out
+	}
+	return []int{1, 2, total / 3, total / 2, total - 1, total}
+}
+
+type recovery int
+
+const (
+	recoverResume recovery = iota
+	recoverAbort
+	recoverPowerResume     // power cut, volatile caches kept (a QEMU kill)
+	recoverLostCacheResume // power cut, volatile caches lost
+	recoverLostCacheAbort
+)
+
+func (r recovery) String() string {
+	return [...]string{"resume", "abort", "powercut-resume", "lostcache-resume", "lostcache-abort"}[r]
+}
+
+// TestCrashAtEveryFailpoint: for every failpoint and a spread of its hits,
+// the process dies there (or the power goes, with or without the disk's
+// volatile cache); then resume (or abort) must finish with every
+// acknowledged write intact, and a boot in between must never activate
+// LVM on a half-converted disk.
+func TestCrashAtEveryFailpoint(t *testing.T) {
+	// Count the hits of a clean run.
+	sc := newScenario(t, 3)
+	w := sc.world()
+	e := sc.engine(w)
+	_, hits := sc.runUntil(e, w, "", 0, func() error {
+		ep, err := e.PlanEncrypt(context.Background(), sc.options())
+		if err != nil {
+			return err
+		}
+		return e.Execute(context.Background(), ep, RunOptions{})
+	})
+	cases := 0
+	for _, fp := range Failpoints {
+		for _, nth := range occurrences(hits[fp]) {
+			for _, rec := range []recovery{recoverResume, recoverAbort, recoverPowerResume, recoverLostCacheResume, recoverLostCacheAbort} {
+				cases++
+				seed := int64(cases)
+				t.Run(fmt.Sprintf("%s#%d/%s", fp, nth, rec), func(t *testing.T) {
+					t.Parallel()
+					crashAndRecover(t, fp, nth, rec, seed)
+				})
+			}
+		}
+	}
+	t.Logf("%d crash cases", cases)
+}
+
+func crashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed int64) {
+	sc := newScenario(t, seed)
+	sc.quiet = rec == recoverLostCacheResume || rec == recoverLostCacheAbort
+	w := sc.world()
+	e := sc.engine(w)
+	crashed, _ := sc.runUntil(e, w, fp, nth, func() error {
+		ep, err := e.PlanEncrypt(context.Background(), sc.options())
+		if err != nil {
+			return err
+		}
+		return e.Execute(context.Background(), ep, RunOptions{})
+	})
+	if crashed == nil {
+		t.Skipf("the run never reached %s#%d", fp, nth) // occurrences() only picks hits that exist
+	}
+	w = crashed
+	switch rec {
+	case recoverPowerResume, recoverLostCacheResume, recoverLostCacheAbort:
+		w.powerCut(rec != recoverPowerResume)
+		// Boot: LVM scans the raw disk. If it finds a PV there, the
+		// data it shows must be whole (invariant 3).
+		l := sc.lvm(w)
+		if err := l.boot(); err != nil {
+			t.Fatal(err)
+		}
+		if len(w.devs) > 0 {
+			sc.verifyLVs(w, "boot-time activation on the raw disk")
+		}
+	}
+	e = sc.engine(w)
+	sc.quiet = false
+	// Writes continue during recovery.
+	e.FailHook = func(string) { sc.write(w) }
+	o := ResumeOptions{Journal: sc.journal, Open: sc.opener()}
+	var err error
+	if rec == recoverAbort || rec == recoverLostCacheAbort {
+		err = e.Abort(context.Background(), o)
+	} else {
+		err = e.Resume(context.Background(), o)
+	}
+	if err != nil {
+		if strings.Contains(err.Error(), "already done") || strings.Contains(err.Error(), "already aborted") {
+			// The crash came after the final commit: nothing to do.
+			sc.verifyFinished(w, e)
+			return
+		}
+		t.Fatalf("%s after a crash at %s#%d: %v", rec, fp, nth, err)
+	}
+	if rec == recoverAbort || rec == recoverLostCacheAbort {
+		sc.verifyPlain(w, e)
+	} else {
+		sc.verifyEncrypted(w, e)
+	}
+}
+
+func (sc *scenario) verifyFinished(w *fakeWorld, e *Engine) {
+	fh := &fakeHeader{h: sc.H}
+	if fh.isFinal(fakeDiskIO{w: w, dev: sc.disk}) {
+		if _, err := e.DM.Info("vda_crypt"); err != nil {
+			// Rebooted after the end: open it the way a user would.
+			return
+		}
+		sc.verifyEncrypted(w, e)
+		return
+	}
+	sc.verifyPlain(w, e)
+}

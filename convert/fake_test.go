@@ -1,0 +1,954 @@
+package convert
+
+import (
+	"bytes"
+	"context"
+	"crypto/aes"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/crypto/xts"
+
+	"github.com/dmconvert/dmconvert/dmtable"
+)
+
+// A fake kernel for unit tests: disks as byte slices with a volatile write
+// cache, device-mapper devices with linear, striped, crypt (real AES-XTS)
+// and mirror targets, suspend semantics (writes to a suspended stack wait
+// for the resume), and a fake LVM that activates logical volumes on
+// whichever device carries the PV label, as boot-time activation would.
+
+const fakeSector = 512
+
+type fakeDisk struct {
+	dev     dmtable.Dev
+	path    string
+	durable []byte
+	cache   map[uint64][]byte // sector -> data written but not flushed
+}
+
+func (d *fakeDisk) clone() *fakeDisk {
+	c := &fakeDisk{dev: d.dev, path: d.path, durable: append([]byte(nil), d.durable...), cache: map[uint64][]byte{}}
+	for k, v := range d.cache {
+		c.cache[k] = append([]byte(nil), v...)
+	}
+	return c
+}
+
+func (d *fakeDisk) size() Sectors { return Sectors(len(d.durable) / fakeSector) }
+
+func (d *fakeDisk) readSector(s uint64, buf []byte) {
+	if c, ok := d.cache[s]; ok {
+		copy(buf, c)
+		return
+	}
+	copy(buf, d.durable[s*fakeSector:(s+1)*fakeSector])
+}
+
+func (d *fakeDisk) writeSector(s uint64, buf []byte) {
+	d.cache[s] = append([]byte(nil), buf[:fakeSector]...)
+}
+
+func (d *fakeDisk) flush() {
+	for s, c := range d.cache {
+		copy(d.durable[s*fakeSector:], c)
+	}
+	d.cache = map[uint64][]byte{}
+}
+
+type fakeMirror struct {
+	start         Sectors // target start in the device
+	length        Sectors
+	region        Sectors
+	synced        int // regions in sync
+	total         int
+	failed        []bool
+	legs          []dmtable.MirrorLeg
+	eventsPending bool
+}
+
+type fakeDev struct {
+	name, uuid string
+	dev        dmtable.Dev
+	live       dmtable.Table
+	inactive   dmtable.Table
+	suspended  bool
+	eventNr    uint32
+	mirrors    []*fakeMirror
+}
+
+type fakeWrite struct {
+	dev  string
+	off  Sectors
+	data []byte
+	ack  func()
+}
+
+// fakeWorld is the whole machine.
+type fakeWorld struct {
+	mu       sync.Mutex
+	disks    map[dmtable.Dev]*fakeDisk
+	devs     map[string]*fakeDev
+	nextMin  uint32
+	pending  []fakeWrite // writes waiting for a suspended device
+	lvm      *fakeLVM
+	failLeg  int // when >= 0, the next mirror's leg of this index fails
+	syncStep int // regions copied per WaitEvent (0: all)
+	log      []string
+}
+
+func newFakeWorld() *fakeWorld {
+	return &fakeWorld{disks: map[dmtable.Dev]*fakeDisk{}, devs: map[string]*fakeDev{}, nextMin: 0, failLeg: -1}
+}
+
+func (w *fakeWorld) addDisk(path string, dev dmtable.Dev, size Sectors) *fakeDisk {
+	d := &fakeDisk{dev: dev, path: path, durable: make([]byte, size*fakeSector), cache: map[uint64][]byte{}}
+	w.disks[dev] = d
+	return d
+}
+
+// snapshot copies the world (disks, devices) for a crash at this instant.
+func (w *fakeWorld) snapshot() *fakeWorld {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	c := &fakeWorld{disks: map[dmtable.Dev]*fakeDisk{}, devs: map[string]*fakeDev{}, nextMin: w.nextMin, lvm: w.lvm, failLeg: -1, syncStep: w.syncStep}
+	for k, d := range w.disks {
+		c.disks[k] = d.clone()
+	}
+	for k, d := range w.devs {
+		nd := *d
+		nd.live = d.live.Clone()
+		nd.inactive = d.inactive.Clone()
+		nd.mirrors = nil
+		for _, m := range d.mirrors {
+			mm := *m
+			mm.failed = append([]bool(nil), m.failed...)
+			nd.mirrors = append(nd.mirrors, &mm)
+		}
+		c.devs[k] = &nd
+	}
+	// Writes queued on a suspended device were never acknowledged; in
+	// the copy they are simply gone (their writer died with the world).
+	return c
+}
+
+// powerCut drops every dm device and, if loseCache, every unflushed write.
+func (w *fakeWorld) powerCut(loseCache bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.devs = map[string]*fakeDev{}
+	w.pending = nil
+	for _, d := range w.disks {
+		if loseCache {
+			d.cache = map[uint64][]byte{}
+		} else {
+			d.flush()
+		}
+	}
+}
+
+func (w *fakeWorld) byDev(d dmtable.Dev) (*fakeDev, bool) {
+	for _, x := range w.devs {
+		if x.dev == d {
+			return x, true
+		}
+	}
+	return nil, false
+}
+
+// --- block I/O through the stack -------------------------------------
+
+// io reads or writes one 512-byte sector of device dev (a disk or a dm
+// device number) through its live tables.
+func (w *fakeWorld) io(dev dmtable.Dev, s Sectors, buf []byte, write bool) error {
+	if d, ok := w.disks[dev]; ok {
+		if s >= d.size() {
+			return fmt.Errorf("sector %d beyond the end of disk %v", s, dev)
+		}
+		if write {
+			d.writeSector(uint64(s), buf)
+		} else {
+			d.readSector(uint64(s), buf)
+		}
+		return nil
+	}
+	fd, ok := w.byDev(dev)
+	if !ok {
+		return fmt.Errorf("no device %v", dev)
+	}
+	for _, t := range fd.live {
+		if Sectors(t.Start) > s || s >= Sectors(t.End()) {
+			continue
+		}
+		rel := s - Sectors(t.Start)
+		switch p := t.Params.(type) {
+		case *dmtable.Linear:
+			n, _ := p.Dev.Dev()
+			return w.io(n, Sectors(p.Offset)+rel, buf, write)
+		case *dmtable.Striped:
+			chunk := Sectors(p.ChunkSize)
+			ci := rel / chunk
+			st := p.Stripes[ci%Sectors(len(p.Stripes))]
+			n, _ := st.Dev.Dev()
+			return w.io(n, Sectors(st.Offset)+(ci/Sectors(len(p.Stripes)))*chunk+rel%chunk, buf, write)
+		case *dmtable.Crypt:
+			return w.cryptIO(p, rel, buf, write)
+		case *dmtable.Mirror:
+			if !write {
+				n, _ := p.Legs[0].Dev.Dev()
+				return w.io(n, Sectors(p.Legs[0].Offset)+rel, buf, false)
+			}
+			for _, l := range p.Legs {
+				n, _ := l.Dev.Dev()
+				if err := w.io(n, Sectors(l.Offset)+rel, buf, true); err != nil {
+					return err
+				}
+			}
+			return nil
+		case *dmtable.Zero:
+			if !write {
+				clear(buf[:fakeSector])
+			}
+			return nil
+		default:
+			return fmt.Errorf("fake kernel: I/O to a %s target", t.Type())
+		}
+	}
+	return fmt.Errorf("sector %d beyond the end of %s", s, fd.name)
+}
+
+func (w *fakeWorld) cryptIO(p *dmtable.Crypt, rel Sectors, buf []byte, write bool) error {
+	if p.Cipher != "aes-xts-plain64" {
+		return fmt.Errorf("fake kernel: cipher %s", p.Cipher)
+	}
+	c, err := w.cipher(p.Key.Payload())
+	if err != nil {
+		return err
+	}
+	n, _ := p.Dev.Dev()
+	// 512-byte sectors only in the fake (the 4 KiB case runs in the VM).
+	iv := uint64(p.IVOffset) + uint64(rel)
+	tmp := make([]byte, fakeSector)
+	if write {
+		c.Encrypt(tmp, buf[:fakeSector], iv)
+		return w.io(n, Sectors(p.Offset)+rel, tmp, true)
+	}
+	if err := w.io(n, Sectors(p.Offset)+rel, tmp, false); err != nil {
+		return err
+	}
+	c.Decrypt(buf[:fakeSector], tmp, iv)
+	return nil
+}
+
+var (
+	cipherMu    sync.Mutex
+	cipherCache = map[string]*xts.Cipher{}
+)
+
+func (w *fakeWorld) cipher(hexKey string) (*xts.Cipher, error) {
+	cipherMu.Lock()
+	defer cipherMu.Unlock()
+	if c, ok := cipherCache[hexKey]; ok {
+		return c, nil
+	}
+	key, err := hex.DecodeString(hexKey)
+	if err != nil {
+		return nil, err
+	}
+	c, err := xts.NewCipher(aes.NewCipher, key)
+	if err != nil {
+		return nil, err
+	}
+	cipherCache[hexKey] = c
+	return c, nil
+}
+
+// suspendedOnPath reports whether any dm device a write to dev at s would
+// traverse is suspended.
+func (w *fakeWorld) suspendedOnPath(dev dmtable.Dev, s Sectors) bool {
+	fd, ok := w.byDev(dev)
+	if !ok {
+		return false
+	}
+	if fd.suspended {
+		return true
+	}
+	for _, t := range fd.live {
+		if Sectors(t.Start) > s || s >= Sectors(t.End()) {
+			continue
+		}
+		rel := s - Sectors(t.Start)
+		for _, r := range t.Params.Devices() {
+			n, _ := r.Dev()
+			// Good enough for linear and mirror legs: offset + rel.
+			var off Sectors
+			switch p := t.Params.(type) {
+			case *dmtable.Linear:
+				off = Sectors(p.Offset)
+			case *dmtable.Crypt:
+				off = Sectors(p.Offset)
+			case *dmtable.Mirror:
+				for _, l := range p.Legs {
+					if l.Dev == r {
+						off = Sectors(l.Offset)
+					}
+				}
+			}
+			if w.suspendedOnPath(n, off+rel) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// userWrite writes data at sector off of dm device name as an
+// application would, then flushes (fsync). ack runs when the write is
+// durable: at once, or when the suspended stack resumes.
+func (w *fakeWorld) userWrite(name string, off Sectors, data []byte, ack func()) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.userWriteLocked(fakeWrite{dev: name, off: off, data: data, ack: ack})
+}
+
+func (w *fakeWorld) userWriteLocked(fw fakeWrite) error {
+	fd, ok := w.devs[fw.dev]
+	if !ok {
+		return fmt.Errorf("no device %s", fw.dev)
+	}
+	n := Sectors(len(fw.data) / fakeSector)
+	for i := Sectors(0); i < n; i++ {
+		if w.suspendedOnPath(fd.dev, fw.off+i) {
+			w.pending = append(w.pending, fw)
+			return nil
+		}
+	}
+	for i := Sectors(0); i < n; i++ {
+		if err := w.io(fd.dev, fw.off+i, fw.data[i*fakeSector:(i+1)*fakeSector], true); err != nil {
+			return err
+		}
+	}
+	for _, d := range w.disks {
+		d.flush()
+	}
+	if fw.ack != nil {
+		fw.ack()
+	}
+	return nil
+}
+
+func (w *fakeWorld) userRead(name string, off Sectors, n Sectors) ([]byte, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	fd, ok := w.devs[name]
+	if !ok {
+		return nil, fmt.Errorf("no device %s", name)
+	}
+	out := make([]byte, n*fakeSector)
+	for i := Sectors(0); i < n; i++ {
+		if err := w.io(fd.dev, off+i, out[i*fakeSector:(i+1)*fakeSector], false); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// --- DeviceMapper ---------------------------------------------------
+
+type fakeDM struct{ w *fakeWorld }
+
+func (f fakeDM) note(format string, a ...any) { f.w.log = append(f.w.log, fmt.Sprintf(format, a...)) }
+
+// kernelCopy is what the kernel keeps of a table: the parsed payload
+// string, keys included, sharing nothing with the caller's values.
+func kernelCopy(t dmtable.Table) (dmtable.Table, error) {
+	return dmtable.ParseTable(t.Payload())
+}
+
+func (f fakeDM) checkRefs(t dmtable.Table) error {
+	for _, r := range t.Devices() {
+		n, ok := r.Dev()
+		if !ok {
+			return fmt.Errorf("fake kernel: path reference %s", r)
+		}
+		if _, ok := f.w.disks[n]; ok {
+			continue
+		}
+		if _, ok := f.w.byDev(n); !ok {
+			return fmt.Errorf("fake kernel: table references missing device %v", n)
+		}
+	}
+	return t.Validate()
+}
+
+func (f fakeDM) Create(name, uuid string, t dmtable.Table) (DevInfo, error) {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	if _, ok := f.w.devs[name]; ok {
+		return DevInfo{}, fmt.Errorf("create %s: %w", name, errors.New("device exists"))
+	}
+	for _, d := range f.w.devs {
+		if uuid != "" && d.uuid == uuid {
+			return DevInfo{}, fmt.Errorf("create %s: uuid %s in use", name, uuid)
+		}
+	}
+	if err := f.checkRefs(t); err != nil {
+		return DevInfo{}, err
+	}
+	kt, err := kernelCopy(t)
+	if err != nil {
+		return DevInfo{}, err
+	}
+	f.w.nextMin++
+	d := &fakeDev{name: name, uuid: uuid, dev: dmtable.Dev{Major: 253, Minor: f.w.nextMin}, live: kt}
+	f.w.devs[name] = d
+	f.w.startMirrors(d)
+	f.note("create %s", name)
+	return f.info(d), nil
+}
+
+func (f fakeDM) info(d *fakeDev) DevInfo {
+	open := int32(0)
+	for _, o := range f.w.devs {
+		for _, r := range o.live.Devices() {
+			if n, _ := r.Dev(); n == d.dev {
+				open++
+			}
+		}
+	}
+	return DevInfo{Name: d.name, UUID: d.uuid, Dev: d.dev, Suspended: d.suspended, EventNr: d.eventNr, OpenCount: open, Live: d.live != nil, Inactive: d.inactive != nil}
+}
+
+func (f fakeDM) get(name string) (*fakeDev, error) {
+	d, ok := f.w.devs[name]
+	if !ok {
+		return nil, fmt.Errorf("device %s: %w", name, ErrNoDevice)
+	}
+	return d, nil
+}
+
+func (f fakeDM) Load(name string, t dmtable.Table) error {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	d, err := f.get(name)
+	if err != nil {
+		return err
+	}
+	if err := f.checkRefs(t); err != nil {
+		return err
+	}
+	kt, err := kernelCopy(t)
+	if err != nil {
+		return err
+	}
+	d.inactive = kt
+	return nil
+}
+
+func (f fakeDM) Suspend(name string) error {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	d, err := f.get(name)
+	if err != nil {
+		return err
+	}
+	d.suspended = true
+	return nil
+}
+
+func (f fakeDM) Resume(name string) error {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	d, err := f.get(name)
+	if err != nil {
+		return err
+	}
+	if d.inactive != nil {
+		if !d.suspended {
+			return fmt.Errorf("fake kernel: swapping the table of %s without suspending it first", name)
+		}
+		d.live, d.inactive = d.inactive, nil
+		f.w.startMirrors(d)
+		f.note("swap %s: %s", name, d.live)
+	}
+	d.suspended = false
+	// Writes that waited for the stack run now, through the new tables.
+	pend := f.w.pending
+	f.w.pending = nil
+	for _, p := range pend {
+		if err := f.w.userWriteLocked(p); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// startMirrors resets the sync state of every mirror target of d's live
+// table: a freshly loaded mirror with a core log copies everything again.
+func (w *fakeWorld) startMirrors(d *fakeDev) {
+	d.mirrors = nil
+	for _, t := range d.live {
+		m, ok := t.Params.(*dmtable.Mirror)
+		if !ok {
+			continue
+		}
+		reg := Sectors(m.Log.RegionSize)
+		total := int((Sectors(t.Length) + reg - 1) / reg)
+		fm := &fakeMirror{start: Sectors(t.Start), length: Sectors(t.Length), region: reg, total: total, failed: make([]bool, len(m.Legs)), legs: m.Legs}
+		if w.failLeg >= 0 && w.failLeg < len(m.Legs) {
+			fm.failed[w.failLeg] = true
+			w.failLeg = -1
+		}
+		d.mirrors = append(d.mirrors, fm)
+	}
+}
+
+// progressMirrors copies regions of every syncing mirror of d (what
+// kcopyd does in the background) and raises the event when one completes.
+func (w *fakeWorld) progressMirrors(d *fakeDev) error {
+	for _, m := range d.mirrors {
+		if m.synced >= m.total {
+			continue
+		}
+		n := m.total - m.synced
+		if w.syncStep > 0 && n > w.syncStep {
+			n = w.syncStep
+		}
+		buf := make([]byte, fakeSector)
+		for i := 0; i < n; i++ {
+			r := Sectors(m.synced)
+			for s := r * m.region; s < min((r+1)*m.region, m.length); s++ {
+				src, _ := m.legs[0].Dev.Dev()
+				if err := w.io(src, Sectors(m.legs[0].Offset)+s, buf, false); err != nil {
+					return err
+				}
+				for _, l := range m.legs[1:] {
+					dst, _ := l.Dev.Dev()
+					if err := w.io(dst, Sectors(l.Offset)+s, buf, true); err != nil {
+						return err
+					}
+				}
+			}
+			m.synced++
+		}
+		if m.synced == m.total {
+			d.eventNr++
+		}
+	}
+	return nil
+}
+
+func (f fakeDM) Remove(name string) error {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	d, err := f.get(name)
+	if err != nil {
+		return err
+	}
+	if f.info(d).OpenCount > 0 {
+		return fmt.Errorf("remove %s: device is busy (in use by another table)", name)
+	}
+	delete(f.w.devs, name)
+	f.note("remove %s", name)
+	return nil
+}
+
+func (f fakeDM) Info(name string) (DevInfo, error) {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	d, err := f.get(name)
+	if err != nil {
+		return DevInfo{}, err
+	}
+	return f.info(d), nil
+}
+
+func (f fakeDM) Table(name string) (dmtable.Table, error) {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	d, err := f.get(name)
+	if err != nil {
+		return nil, err
+	}
+	return d.live.Clone(), nil
+}
+
+func (f fakeDM) Status(name string) ([]dmtable.TargetStatus, error) {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	d, err := f.get(name)
+	if err != nil {
+		return nil, err
+	}
+	var out []dmtable.TargetStatus
+	for _, t := range d.live {
+		line := fmt.Sprintf("%d %d %s", t.Start, t.Length, t.Type())
+		if m, ok := t.Params.(*dmtable.Mirror); ok {
+			var fm *fakeMirror
+			for _, x := range d.mirrors {
+				if x.start == Sectors(t.Start) {
+					fm = x
+				}
+			}
+			health := ""
+			for i := range m.Legs {
+				if fm.failed[i] {
+					health += "D"
+				} else {
+					health += "A"
+				}
+			}
+			line += fmt.Sprintf(" %d %s %s %d/%d 1 %s 1 core", len(m.Legs), m.Legs[0].Dev, m.Legs[1].Dev, fm.synced, fm.total, health)
+		}
+		ts, err := dmtable.ParseStatus(line)
+		if err != nil {
+			return nil, fmt.Errorf("fake status %q: %w", line, err)
+		}
+		out = append(out, ts)
+	}
+	return out, nil
+}
+
+func (f fakeDM) WaitEvent(ctx context.Context, name string, after uint32, timeout time.Duration) (uint32, error) {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	d, err := f.get(name)
+	if err != nil {
+		return 0, err
+	}
+	if !d.suspended {
+		if err := f.w.progressMirrors(d); err != nil {
+			return 0, err
+		}
+	}
+	return d.eventNr, nil
+}
+
+func (f fakeDM) List() ([]DevInfo, error) {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	var out []DevInfo
+	for _, d := range f.w.devs {
+		out = append(out, f.info(d))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+func (f fakeDM) Deps(name string) ([]dmtable.Dev, error) {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	d, err := f.get(name)
+	if err != nil {
+		return nil, err
+	}
+	seen := map[dmtable.Dev]bool{}
+	var out []dmtable.Dev
+	for _, r := range d.live.Devices() {
+		if n, ok := r.Dev(); ok && !seen[n] {
+			seen[n] = true
+			out = append(out, n)
+		}
+	}
+	return out, nil
+}
+
+func (f fakeDM) SetUUID(name, uuid string) error {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	d, err := f.get(name)
+	if err != nil {
+		return err
+	}
+	if d.uuid != "" {
+		return fmt.Errorf("set uuid of %s: it already has one", name)
+	}
+	d.uuid = uuid
+	return nil
+}
+
+// --- Host ---------------------------------------------------------
+
+type fakeHost struct {
+	w        *fakeWorld
+	users    map[dmtable.Dev][]string
+	fileDev  dmtable.Dev
+	locked   map[dmtable.Dev]bool
+	lockMu   sync.Mutex
+	lbs      uint32
+	diskByPt map[string]dmtable.Dev
+}
+
+func (h *fakeHost) Stat(path string) (DiskInfo, error) {
+	h.w.mu.Lock()
+	defer h.w.mu.Unlock()
+	dev, ok := h.diskByPt[path]
+	if !ok {
+		return DiskInfo{}, fmt.Errorf("%s: no such block device", path)
+	}
+	d := h.w.disks[dev]
+	lbs := h.lbs
+	if lbs == 0 {
+		lbs = 512
+	}
+	return DiskInfo{Path: path, Dev: dev, Size: d.size(), LogicalBlockSize: lbs}, nil
+}
+
+type fakeDiskIO struct {
+	w   *fakeWorld
+	dev dmtable.Dev
+}
+
+func (d fakeDiskIO) rw(p []byte, off int64, write bool) (int, error) {
+	d.w.mu.Lock()
+	defer d.w.mu.Unlock()
+	if off%fakeSector != 0 || len(p)%fakeSector != 0 {
+		return 0, fmt.Errorf("unaligned direct I/O at %d+%d", off, len(p))
+	}
+	disk := d.w.disks[d.dev]
+	for i := 0; i < len(p)/fakeSector; i++ {
+		s := uint64(off/fakeSector) + uint64(i)
+		if s >= uint64(disk.size()) {
+			return i * fakeSector, io.EOF
+		}
+		if write {
+			disk.writeSector(s, p[i*fakeSector:(i+1)*fakeSector])
+		} else {
+			disk.readSector(s, p[i*fakeSector:(i+1)*fakeSector])
+		}
+	}
+	return len(p), nil
+}
+
+func (d fakeDiskIO) ReadAt(p []byte, off int64) (int, error)  { return d.rw(p, off, false) }
+func (d fakeDiskIO) WriteAt(p []byte, off int64) (int, error) { return d.rw(p, off, true) }
+func (d fakeDiskIO) Flush() error {
+	d.w.mu.Lock()
+	defer d.w.mu.Unlock()
+	d.w.disks[d.dev].flush()
+	return nil
+}
+func (d fakeDiskIO) Close() error { return nil }
+
+func (h *fakeHost) OpenDisk(path string) (Disk, error) {
+	dev, ok := h.diskByPt[path]
+	if !ok {
+		return nil, fmt.Errorf("%s: no such disk", path)
+	}
+	return fakeDiskIO{w: h.w, dev: dev}, nil
+}
+
+func (h *fakeHost) FileDevice(path string) (dmtable.Dev, error) { return h.fileDev, nil }
+func (h *fakeHost) Users(dev dmtable.Dev) ([]string, error) { return h.users[dev], nil }
+func (h *fakeHost) NodePath(name string) string             { return "/dev/mapper/" + name }
+func (h *fakeHost) Lock(d DiskInfo) (func(), error) {
+	h.lockMu.Lock()
+	defer h.lockMu.Unlock()
+	if h.locked == nil {
+		h.locked = map[dmtable.Dev]bool{}
+	}
+	if h.locked[d.Dev] {
+		return nil, &RefusalError{Device: d.Path, Reason: "another dmconvert is working on it"}
+	}
+	h.locked[d.Dev] = true
+	return func() {
+		h.lockMu.Lock()
+		defer h.lockMu.Unlock()
+		delete(h.locked, d.Dev)
+	}, nil
+}
+
+// --- LVM ------------------------------------------------------------
+
+type fakeLV struct {
+	name string
+	segs []Extent // PV sector ranges, in LV order (On unused)
+}
+
+func (l fakeLV) size() Sectors {
+	var n Sectors
+	for _, s := range l.segs {
+		n += s.End - s.Start
+	}
+	return n
+}
+
+type fakeLVM struct {
+	w       *fakeWorld
+	pv      PV
+	lvs     []fakeLV
+	fenced  bool
+	refresh []string
+}
+
+func (l *fakeLVM) Discover(ctx context.Context, device string) (*PV, error) {
+	pv := l.pv
+	return &pv, nil
+}
+
+func (l *fakeLVM) Fence(ctx context.Context, vg string) (func() error, error) {
+	if l.fenced {
+		return nil, errors.New("fake lvm: VG already fenced")
+	}
+	l.fenced = true
+	return func() error { l.fenced = false; return nil }, nil
+}
+
+func (l *fakeLVM) ShrinkPV(ctx context.Context, device string, size Sectors) error {
+	if size < l.pv.UsedEnd {
+		return errors.New("fake lvm: cannot shrink over used extents")
+	}
+	l.pv.Size = size
+	return nil
+}
+
+// Activate creates the LVs on the first of devices that carries the PV
+// label, like LVM scanning them.
+func (l *fakeLVM) Activate(ctx context.Context, vg string, devices []string) error {
+	for _, p := range devices {
+		name := strings.TrimPrefix(p, "/dev/mapper/")
+		var dev dmtable.Dev
+		l.w.mu.Lock()
+		if d, ok := l.w.devs[name]; ok {
+			dev = d.dev
+		} else {
+			for _, d := range l.w.disks {
+				if d.path == p {
+					dev = d.dev
+				}
+			}
+		}
+		l.w.mu.Unlock()
+		if dev.IsZero() {
+			continue
+		}
+		if ok, err := l.hasLabel(dev); err != nil || !ok {
+			continue
+		}
+		return l.activateOn(dev)
+	}
+	return fmt.Errorf("fake lvm: no device among %v carries the PV of %s", devices, vg)
+}
+
+func (l *fakeLVM) hasLabel(dev dmtable.Dev) (bool, error) {
+	l.w.mu.Lock()
+	defer l.w.mu.Unlock()
+	b := make([]byte, 4096)
+	for i := 0; i < 8; i++ {
+		if err := l.w.io(dev, Sectors(i), b[i*512:(i+1)*512], false); err != nil {
+			return false, err
+		}
+	}
+	return HasLVMLabel(b), nil
+}
+
+func (l *fakeLVM) activateOn(dev dmtable.Dev) error {
+	dm := fakeDM{l.w}
+	for _, lv := range l.lvs {
+		if _, err := dm.Info(lv.name); err == nil {
+			continue
+		}
+		var t dmtable.Table
+		var at Sectors
+		for _, s := range lv.segs {
+			t = append(t, linearTarget(at, s.End-s.Start, dev, s.Start))
+			at += s.End - s.Start
+		}
+		if _, err := dm.Create(lv.name, "LVM-"+lv.name, t); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// boot models boot-time autoactivation: LVM scans the raw disks and
+// activates the VG on one that carries the label.
+func (l *fakeLVM) boot() error {
+	for _, d := range l.w.disks {
+		if ok, _ := l.hasLabel(d.dev); ok {
+			return l.activateOn(d.dev)
+		}
+	}
+	return nil
+}
+
+func (l *fakeLVM) Refresh(ctx context.Context, oldDev, newDev string) error {
+	l.refresh = append(l.refresh, oldDev+"->"+newDev)
+	return nil
+}
+
+// --- a fake LUKS header ---------------------------------------------
+
+// fakeHeader is a stand-in for the luks package in engine unit tests: the
+// magic at byte 0, an in-progress or final mark, and the checkpoint as
+// JSON with a CRC in the second 4 KiB block. The key is held in memory.
+type fakeHeader struct {
+	h   Sectors
+	key []byte
+}
+
+var errFakeNoCheckpoint = errors.New("no checkpoint")
+
+func (f *fakeHeader) Sectors() Sectors { return f.h }
+func (f *fakeHeader) UUID() string     { return "01234567-89ab-cdef-0123-456789abcdef" }
+func (f *fakeHeader) Version() int     { return 2 }
+func (f *fakeHeader) Crypt() CryptSpec {
+	return CryptSpec{Cipher: "aes-xts-plain64", KeyBytes: len(f.key), SectorSize: 512}
+}
+
+func (f *fakeHeader) cpBlock(cp Checkpoint) []byte {
+	b := make([]byte, 4096)
+	j, _ := json.Marshal(cp)
+	binary.LittleEndian.PutUint32(b[0:], uint32(len(j)))
+	binary.LittleEndian.PutUint32(b[4:], crc32.ChecksumIEEE(j))
+	copy(b[8:], j)
+	return b
+}
+
+func (f *fakeHeader) Image(cp Checkpoint) ([]byte, error) {
+	img := make([]byte, f.h*512)
+	copy(img, "LUKS\xba\xbe")
+	copy(img[8:], "INPROGRESS")
+	copy(img[4096:], f.cpBlock(cp))
+	copy(img[8192:], "keyslots")
+	return img, nil
+}
+
+func (f *fakeHeader) CheckpointWrites(cp Checkpoint) ([]Write, error) {
+	return []Write{{Off: 4096, Data: f.cpBlock(cp)}}, nil
+}
+
+func (f *fakeHeader) FinalWrites() ([]Write, error) {
+	b := make([]byte, 512)
+	copy(b, "LUKS\xba\xbe")
+	copy(b[8:], "FINAL")
+	return []Write{{Off: 0, Data: b}, {Off: 4096, Data: make([]byte, 4096)}}, nil
+}
+
+func (f *fakeHeader) ReadCheckpoint(r io.ReaderAt) (Checkpoint, bool, error) {
+	b := make([]byte, 4096)
+	if _, err := r.ReadAt(b, 4096); err != nil {
+		return Checkpoint{}, false, err
+	}
+	n := binary.LittleEndian.Uint32(b[0:])
+	if n == 0 || n > 4000 || crc32.ChecksumIEEE(b[8:8+n]) != binary.LittleEndian.Uint32(b[4:]) {
+		return Checkpoint{}, false, nil
+	}
+	cp, err := unmarshalCheckpoint(b[8 : 8+n])
+	return cp, err == nil, err
+}
+
+func (f *fakeHeader) isFinal(r io.ReaderAt) bool {
+	b := make([]byte, 512)
+	r.ReadAt(b, 0)
+	return bytes.HasPrefix(b, []byte("LUKS\xba\xbe")) && bytes.HasPrefix(b[8:], []byte("FINAL"))
+}

@@ -1,0 +1,162 @@
+package convert
+
+import (
+	"context"
+	"errors"
+	"io"
+	"time"
+
+	"github.com/dmconvert/dmconvert/dmtable"
+)
+
+// The engine owns these interfaces; dmconvert's real implementations live
+// in system.go (kernel, LVM tools, block devices) and the unit tests use an
+// in-memory fake that emulates linear, crypt and mirror over byte slices.
+
+// ErrNoDevice is returned by DeviceMapper.Info for a name that does not
+// exist. Implementations wrap their own not-found error with it (or return
+// an error for which errors.Is(err, ErrNoDevice) holds).
+var ErrNoDevice = errors.New("no such device-mapper device")
+
+// DevInfo describes a device-mapper device.
+type DevInfo struct {
+	Name      string
+	UUID      string
+	Dev       dmtable.Dev
+	Suspended bool
+	EventNr   uint32
+	OpenCount int32
+	// Live reports a live table; Inactive a loaded, not yet active one.
+	Live, Inactive bool
+}
+
+// DeviceMapper is what the engine needs from device-mapper.
+type DeviceMapper interface {
+	// Create makes a device with the table and activates it.
+	Create(name, uuid string, t dmtable.Table) (DevInfo, error)
+	// Load puts t in the inactive slot; Resume makes it live.
+	Load(name string, t dmtable.Table) error
+	// Suspend with flush and file system freeze (the default).
+	Suspend(name string) error
+	Resume(name string) error
+	Remove(name string) error
+	Info(name string) (DevInfo, error)
+	// Table returns the live table, keys included.
+	Table(name string) (dmtable.Table, error)
+	// Status returns the status of every target of the live table, in
+	// order.
+	Status(name string) ([]dmtable.TargetStatus, error)
+	// WaitEvent blocks until the device's event counter passes after, ctx
+	// ends or timeout passes; it returns the counter seen.
+	WaitEvent(ctx context.Context, name string, after uint32, timeout time.Duration) (uint32, error)
+	// List returns every device.
+	List() ([]DevInfo, error)
+	// Deps returns the devices the live table of name uses.
+	Deps(name string) ([]dmtable.Dev, error)
+	// SetUUID gives a device without a UUID its UUID.
+	SetUUID(name, uuid string) error
+}
+
+// Disk is direct (uncached) access to the disk being converted, for the
+// header region. Writes are durable only after Flush.
+type Disk interface {
+	io.ReaderAt
+	io.WriterAt
+	Flush() error
+	Close() error
+}
+
+// DiskInfo describes a block device.
+type DiskInfo struct {
+	Path             string
+	Dev              dmtable.Dev
+	Size             Sectors
+	LogicalBlockSize uint32
+}
+
+// Host is the machine around the engine: block devices, mounts, users of
+// a device.
+type Host interface {
+	// Stat describes the block device at path.
+	Stat(path string) (DiskInfo, error)
+	// OpenDisk opens the block device for direct I/O.
+	OpenDisk(path string) (Disk, error)
+	// FileDevice returns the block device holding the file system that
+	// contains path (the nearest existing parent if path does not exist).
+	FileDevice(path string) (dmtable.Dev, error)
+	// Users lists what uses dev other than device-mapper: mount points,
+	// swap, md arrays, holders that are not dm devices.
+	Users(dev dmtable.Dev) ([]string, error)
+	// NodePath is the path of a dm device's node (/dev/mapper/<name>).
+	NodePath(name string) string
+	// Lock takes an exclusive, non-blocking lock on the disk so two
+	// dmconvert processes never work on it at once.
+	Lock(d DiskInfo) (unlock func(), err error)
+}
+
+// PV is what the engine needs to know about an LVM physical volume.
+type PV struct {
+	Device string
+	UUID   string
+	VG     string
+	// Size is the PV size LVM records (sectors); every sector LVM may
+	// use lies below it.
+	Size Sectors
+	// UsedEnd is the end of the last allocated extent.
+	UsedEnd Sectors
+	// PEStart, ExtentSize in sectors.
+	PEStart, ExtentSize Sectors
+	// VGDevices are the devices of every PV of the VG.
+	VGDevices []string
+	// Refusal, when not empty, says why LVM's state forbids converting
+	// (shared VG, exported VG, missing PVs, ...).
+	Refusal string
+}
+
+// VolumeManager is what the engine needs from LVM.
+type VolumeManager interface {
+	Discover(ctx context.Context, device string) (*PV, error)
+	// Fence keeps LVM from changing the VG until release is called.
+	Fence(ctx context.Context, vg string) (release func() error, err error)
+	// ShrinkPV sets the PV size LVM records.
+	ShrinkPV(ctx context.Context, device string, size Sectors) error
+	// Activate activates the VG's LVs using only the given devices.
+	Activate(ctx context.Context, vg string, devices []string) error
+	// Refresh tells LVM the PV moved from oldDev to newDev.
+	Refresh(ctx context.Context, oldDev, newDev string) error
+}
+
+// EventKind classifies progress events.
+type EventKind string
+
+// Progress event kinds.
+const (
+	EventPhase   EventKind = "phase"   // a phase begins
+	EventChunk   EventKind = "chunk"   // a chunk is committed
+	EventMessage EventKind = "message" // something the user should know
+	EventDone    EventKind = "done"    // the run completed
+)
+
+// Event is one progress report.
+type Event struct {
+	Kind    EventKind `json:"event"`
+	Phase   string    `json:"phase,omitempty"`
+	Done    uint64    `json:"done_bytes"`
+	Total   uint64    `json:"total_bytes"`
+	Message string    `json:"message,omitempty"`
+	// Stall is how long F was suspended for this step.
+	Stall time.Duration `json:"stall_ns,omitempty"`
+	Time  time.Time     `json:"time"`
+}
+
+// Progress receives events. It is called from the engine's goroutine,
+// never while a device is suspended.
+type Progress interface {
+	Event(Event)
+}
+
+// NoProgress discards events.
+type NoProgress struct{}
+
+// Event implements Progress.
+func (NoProgress) Event(Event) {}

@@ -1,0 +1,309 @@
+package convert
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+
+	"github.com/dmconvert/dmconvert/dmtable"
+)
+
+// helperUUID is the dm UUID of a private device of run id.
+func helperUUID(id string, b BackingID) string { return "DMCONVERT-" + id + "-" + string(b) }
+
+// helperTable is the table of a private crypt device: the whole device as
+// one crypt target over the disk at the device's place.
+func (r *run) helperTable(id BackingID) (dmtable.Table, error) {
+	d, ok := r.plan.Geometry.device(id)
+	if !ok {
+		return nil, fmt.Errorf("internal error: no geometry for helper %q", id)
+	}
+	switch id {
+	case NewID:
+		return dmtable.Table{cryptTarget(0, d.Size, r.spec.Crypt, r.key, 0, r.spec.Disk.Dev, d.Phys)}, nil
+	}
+	return nil, fmt.Errorf("internal error: no table for helper %q", id)
+}
+
+// ensureHelpers creates the private devices that do not exist and checks
+// the ones that do.
+func (r *run) ensureHelpers() error {
+	ids := make([]string, 0, len(r.spec.Helpers))
+	for id := range r.spec.Helpers {
+		ids = append(ids, string(id))
+	}
+	sort.Strings(ids)
+	for _, s := range ids {
+		id := BackingID(s)
+		name := r.spec.Helpers[id]
+		want, err := r.helperTable(id)
+		if err != nil {
+			return err
+		}
+		info, err := r.e.DM.Info(name)
+		switch {
+		case errors.Is(err, ErrNoDevice):
+			info, err = r.e.DM.Create(name, helperUUID(r.spec.ID, id), want)
+			if err != nil {
+				return fmt.Errorf("creating %s: %w", name, err)
+			}
+		case err != nil:
+			return fmt.Errorf("looking up %s: %w", name, err)
+		default:
+			if info.UUID != helperUUID(r.spec.ID, id) {
+				return fmt.Errorf("device %s exists but does not belong to run %s (uuid %q); remove it or pick another --name", name, r.spec.ID, info.UUID)
+			}
+			got, err := r.e.DM.Table(name)
+			if err != nil {
+				return fmt.Errorf("reading the table of %s: %w", name, err)
+			}
+			if !got.Equal(want) {
+				if _, err := r.swap(name, want, nil); err != nil {
+					return err
+				}
+			} else if info.Suspended {
+				if err := r.e.DM.Resume(name); err != nil {
+					return fmt.Errorf("resuming %s: %w", name, err)
+				}
+			}
+		}
+		r.devs[id] = info.Dev
+	}
+	return nil
+}
+
+// ensureF creates F with the table of the current state, or, when it
+// exists (a process crash), reloads that table and resumes it.
+func (r *run) ensureF() error {
+	t, err := r.plan.tableFor(r.st, nil, r.devs, r.e.RegionSize)
+	if err != nil {
+		return err
+	}
+	info, err := r.e.DM.Info(r.spec.Name)
+	switch {
+	case errors.Is(err, ErrNoDevice):
+		info, err = r.e.DM.Create(r.spec.Name, "", t)
+		if err != nil {
+			return fmt.Errorf("creating %s: %w", r.spec.Name, err)
+		}
+	case err != nil:
+		return fmt.Errorf("looking up %s: %w", r.spec.Name, err)
+	default:
+		if _, err := r.swap(r.spec.Name, t, nil); err != nil {
+			return err
+		}
+	}
+	r.fdev = info.Dev
+	return nil
+}
+
+func (r *run) doSetup(ctx context.Context) error {
+	next := r.plan.Advance(r.st)
+	seq, err := r.intend("setup", 0, 0)
+	if err != nil {
+		return err
+	}
+	if err := r.ensureHelpers(); err != nil {
+		return err
+	}
+	if err := r.ensureF(); err != nil {
+		return err
+	}
+	return r.commit(seq, next)
+}
+
+// users returns the dm devices (other than F and the helpers) whose live
+// table uses dev.
+func (r *run) users(dev dmtable.Dev) ([]string, error) {
+	list, err := r.e.DM.List()
+	if err != nil {
+		return nil, fmt.Errorf("listing device-mapper devices: %w", err)
+	}
+	own := map[string]bool{r.spec.Name: true}
+	for _, n := range r.spec.Helpers {
+		own[n] = true
+	}
+	var out []string
+	for _, d := range list {
+		if own[d.Name] {
+			continue
+		}
+		deps, err := r.e.DM.Deps(d.Name)
+		if err != nil {
+			if errors.Is(err, ErrNoDevice) {
+				continue
+			}
+			return nil, fmt.Errorf("reading the dependencies of %s: %w", d.Name, err)
+		}
+		for _, x := range deps {
+			if x == dev {
+				out = append(out, d.Name)
+				break
+			}
+		}
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// restackOne makes device name map onto to wherever it mapped onto from.
+// The table is reloaded with suspend (flush, freeze) and resume, as LVM
+// does: the sectors it sees do not change, because F maps the disk
+// one-to-one at that moment.
+func (r *run) restackOne(name string, from, to dmtable.Dev) error {
+	t, err := r.e.DM.Table(name)
+	if err != nil {
+		return fmt.Errorf("reading the table of %s: %w", name, err)
+	}
+	nt, n := t.ReplaceDevice(from.Ref(), to.Ref())
+	if n == 0 {
+		return nil
+	}
+	if _, err := r.swap(name, nt, nil); err != nil {
+		return err
+	}
+	return nil
+}
+
+// doRestack moves every dm device that maps the disk onto F (unstack=false),
+// or every device on F back onto the disk.
+func (r *run) doRestack(ctx context.Context, unstack bool) error {
+	from, to, kind, fp := r.spec.Disk.Dev, r.fdev, "restack", "restack:device-after"
+	if unstack {
+		from, to, kind, fp = r.fdev, r.spec.Disk.Dev, "unstack", "unstack:device-after"
+	}
+	next := r.plan.Advance(r.st)
+	seq, err := r.intend(kind, 0, 0)
+	if err != nil {
+		return err
+	}
+	if unstack {
+		// F maps the disk one-to-one again; make sure its live table
+		// says so before anything above it is pointed back at the disk.
+		t, err := r.plan.tableFor(r.st, nil, r.devs, r.e.RegionSize)
+		if err != nil {
+			return err
+		}
+		if _, err := r.swap(r.spec.Name, t, nil); err != nil {
+			return err
+		}
+	}
+	names, err := r.users(from)
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		if err := r.restackOne(n, from, to); err != nil {
+			return err
+		}
+		r.hit(fp)
+	}
+	if left, err := r.users(from); err != nil {
+		return err
+	} else if len(left) > 0 {
+		return fmt.Errorf("devices still map %v after %s: %s", from, kind, strings.Join(left, ", "))
+	}
+	if unstack {
+		return r.finishUnstack(ctx, seq, next)
+	}
+	return r.commit(seq, next)
+}
+
+func (r *run) doUnstack(ctx context.Context) error { return r.doRestack(ctx, true) }
+
+func (r *run) finishUnstack(ctx context.Context, seq uint64, next State) error {
+	if err := r.removeIfExists(r.spec.Name); err != nil {
+		return err
+	}
+	for _, n := range r.spec.Helpers {
+		if err := r.removeIfExists(n); err != nil {
+			return err
+		}
+	}
+	r.hit("finalize:helpers-removed")
+	if err := r.releaseFence(); err != nil {
+		return err
+	}
+	r.hit("lvm-refresh:before")
+	if err := r.e.LVM.Refresh(ctx, r.e.Host.NodePath(r.spec.Name), r.spec.Disk.Path); err != nil {
+		return fmt.Errorf("refreshing LVM's view of %s: %w", r.spec.Disk.Path, err)
+	}
+	r.hit("lvm-refresh:after")
+	return r.commit(seq, next)
+}
+
+func (r *run) removeIfExists(name string) error {
+	if _, err := r.e.DM.Info(name); errors.Is(err, ErrNoDevice) {
+		return nil
+	}
+	if err := r.e.DM.Remove(name); err != nil && !errors.Is(err, ErrNoDevice) {
+		return fmt.Errorf("removing %s: %w", name, err)
+	}
+	return nil
+}
+
+func (r *run) releaseFence() error {
+	if r.release == nil {
+		return nil
+	}
+	rel := r.release
+	r.release = nil
+	if err := rel(); err != nil {
+		return fmt.Errorf("releasing the LVM fence: %w", err)
+	}
+	return nil
+}
+
+// doFinalize gives F the table `cryptsetup open` would give it, turns the
+// header into a plain LUKS header, removes the helper and hands the PV back
+// to LVM.
+func (r *run) doFinalize(ctx context.Context) error {
+	next := r.plan.Advance(r.st)
+	seq, err := r.intend("finalize", 0, 0)
+	if err != nil {
+		return err
+	}
+	g := r.plan.Geometry
+	nd, ok := g.device(NewID)
+	if !ok {
+		return fmt.Errorf("internal error: finalize without a new device")
+	}
+	final := dmtable.Table{cryptTarget(0, nd.Size, r.spec.Crypt, r.key, 0, r.spec.Disk.Dev, nd.Phys)}
+	if _, err := r.swap(r.spec.Name, final, nil); err != nil {
+		return err
+	}
+	r.hit("finalize:table-after")
+	ws, err := r.hdr.FinalWrites()
+	if err != nil {
+		return err
+	}
+	if err := r.writeDisk(ws); err != nil {
+		return fmt.Errorf("writing the final header to %s: %w", r.spec.Disk.Path, err)
+	}
+	r.hit("finalize:header-after")
+	for _, n := range r.spec.Helpers {
+		if err := r.removeIfExists(n); err != nil {
+			return err
+		}
+	}
+	r.hit("finalize:helpers-removed")
+	if info, err := r.e.DM.Info(r.spec.Name); err == nil && info.UUID == "" {
+		// The UUID cryptsetup gives a LUKS mapping, so `cryptsetup
+		// status/close` recognise F as theirs.
+		uuid := fmt.Sprintf("CRYPT-LUKS%d-%s-%s", r.hdr.Version(), strings.ReplaceAll(r.hdr.UUID(), "-", ""), r.spec.Name)
+		if err := r.e.DM.SetUUID(r.spec.Name, uuid); err != nil {
+			return fmt.Errorf("setting the uuid of %s: %w", r.spec.Name, err)
+		}
+	}
+	if err := r.releaseFence(); err != nil {
+		return err
+	}
+	r.hit("lvm-refresh:before")
+	if err := r.e.LVM.Refresh(ctx, r.spec.Disk.Path, r.e.Host.NodePath(r.spec.Name)); err != nil {
+		return fmt.Errorf("refreshing LVM's view of %s: %w", r.e.Host.NodePath(r.spec.Name), err)
+	}
+	r.hit("lvm-refresh:after")
+	return r.commit(seq, next)
+}

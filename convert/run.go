@@ -1,0 +1,435 @@
+package convert
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/dmconvert/dmconvert/dmtable"
+	"github.com/dmconvert/dmconvert/journal"
+)
+
+// HeaderOpener turns the header image stored in a journal back into a
+// HeaderFormat and recovers the volume key from it (the CLI closes over
+// the passphrase or key file). It fails with an error that wraps
+// ErrWrongPassphrase when no keyslot opens.
+type HeaderOpener func(image []byte) (HeaderFormat, []byte, error)
+
+// ErrWrongPassphrase: no keyslot of the header opens with what was given.
+var ErrWrongPassphrase = errors.New("no key slot of the header opens with this passphrase or key file")
+
+// RunOptions control a running conversion.
+type RunOptions struct {
+	// Stop is polled between steps; once it returns true the run records
+	// a resumable state and returns ErrInterrupted.
+	Stop func() bool
+}
+
+// Execute runs a plan made by PlanEncrypt.
+func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (err error) {
+	spec := ep.Spec
+	unlock, err := e.Host.Lock(spec.Disk)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	j, err := journal.Open(ep.Journal, journal.Options{Create: true})
+	if err != nil {
+		if errors.Is(err, journal.ErrLocked) {
+			return refuse(spec.Disk.Path, "wait for it to finish", "journal %s is in use by another dmconvert", ep.Journal)
+		}
+		return err
+	}
+	defer j.Close()
+	if ep.ShrinkTo > 0 {
+		if err := e.LVM.ShrinkPV(ctx, spec.Disk.Path, ep.ShrinkTo); err != nil {
+			return fmt.Errorf("shrinking the physical volume %s to %d sectors: %w", spec.Disk.Path, ep.ShrinkTo, err)
+		}
+		pv, err := e.LVM.Discover(ctx, spec.Disk.Path)
+		if err != nil {
+			return err
+		}
+		if pv.Size > spec.Forward.Geometry.Payload {
+			return fmt.Errorf("physical volume %s is still %d sectors after pvresize, more than the planned %d", spec.Disk.Path, pv.Size, spec.Forward.Geometry.Payload)
+		}
+	}
+	r := &run{e: e, j: j, spec: spec, plan: spec.Forward, hdr: ep.Header, devs: map[BackingID]dmtable.Dev{DiskID: spec.Disk.Dev}, stop: o.Stop}
+	r.st = r.plan.Start()
+	img, err := ep.Header.Image(r.cp(r.st))
+	if err != nil {
+		return err
+	}
+	raw, err := json.Marshal(spec)
+	if err != nil {
+		return err
+	}
+	ident, _ := json.Marshal(spec.Disk)
+	if err := j.Init(journal.Run{ID: spec.ID, Op: spec.Op, Device: spec.Disk.Path, Identity: ident, Plan: raw}, img,
+		journal.State{Status: journal.StatusRunning, Phase: r.st.Phase, Boundary: uint64(r.st.Boundary)}); err != nil {
+		if errors.Is(err, journal.ErrRunExists) {
+			return refuse(spec.Disk.Path, "run `dmconvert status`, then resume or abort it", "journal %s already records a run", ep.Journal)
+		}
+		return err
+	}
+	r.key = dmtable.HexKey(ep.key)
+	ep.Wipe()
+	defer r.key.Wipe()
+	disk, err := e.Host.OpenDisk(spec.Disk.Path)
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", spec.Disk.Path, err)
+	}
+	defer disk.Close()
+	r.disk = disk
+	return r.execute(ctx, nil)
+}
+
+// execute pins memory, fences LVM, runs before (with the fence held) and
+// then the loop.
+func (r *run) execute(ctx context.Context, before func() error) (err error) {
+	if r.e.Lock != nil {
+		if err := r.e.Lock(); err != nil {
+			return fmt.Errorf("locking memory: %w", err)
+		}
+	}
+	if r.spec.VG != "" {
+		rel, err := r.e.LVM.Fence(ctx, r.spec.VG)
+		if err != nil {
+			return fmt.Errorf("fencing LVM away from volume group %s: %w", r.spec.VG, err)
+		}
+		r.release = rel
+		defer func() {
+			if rerr := r.releaseFence(); rerr != nil {
+				err = errors.Join(err, rerr)
+			}
+		}()
+	}
+	if before != nil {
+		if err := before(); err != nil {
+			return err
+		}
+	}
+	err = r.loop(ctx)
+	if err != nil && !errors.Is(err, ErrInterrupted) {
+		// Record the failure for status; the state itself is exactly
+		// where the last commit left it, so resume works.
+		_ = r.setStatus(journal.StatusFailed, err.Error())
+		return err
+	}
+	if err == nil {
+		r.event(Event{Kind: EventDone})
+	}
+	return err
+}
+
+// ResumeOptions locate an interrupted run.
+type ResumeOptions struct {
+	RunOptions
+	Journal string
+	// Device overrides the disk path recorded in the journal (device
+	// names can change across boots).
+	Device string
+	Open   HeaderOpener
+}
+
+// openRun opens the journal and the disk of an interrupted run, unlocks
+// its header and reconciles the journal's state with the disk.
+func (e *Engine) openRun(ctx context.Context, o ResumeOptions) (r *run, cleanup func(), err error) {
+	var closers []func()
+	cleanup = func() {
+		for i := len(closers) - 1; i >= 0; i-- {
+			closers[i]()
+		}
+	}
+	defer func() {
+		if err != nil {
+			cleanup()
+		}
+	}()
+	j, err := journal.Open(o.Journal, journal.Options{})
+	if err != nil {
+		if errors.Is(err, journal.ErrLocked) {
+			return nil, cleanup, fmt.Errorf("journal %s is in use: another dmconvert is running this conversion: %w", o.Journal, err)
+		}
+		return nil, cleanup, err
+	}
+	closers = append(closers, func() { j.Close() })
+	jr, err := j.Run()
+	if err != nil {
+		return nil, cleanup, err
+	}
+	var spec Spec
+	if err := json.Unmarshal(jr.Plan, &spec); err != nil {
+		return nil, cleanup, fmt.Errorf("journal %s: reading the plan: %w", o.Journal, err)
+	}
+	if spec.Version != PlanVersion || spec.Forward == nil {
+		return nil, cleanup, fmt.Errorf("journal %s holds a plan of version %d that this dmconvert cannot run", o.Journal, spec.Version)
+	}
+	js, err := j.State()
+	if err != nil {
+		return nil, cleanup, err
+	}
+	if js.Status == journal.StatusDone || js.Status == journal.StatusAborted {
+		return nil, cleanup, fmt.Errorf("the %s run of %s recorded in %s is already %s", spec.Op, spec.Disk.Path, o.Journal, js.Status)
+	}
+	if o.Device != "" {
+		spec.Disk.Path = o.Device
+	}
+	di, err := e.Host.Stat(spec.Disk.Path)
+	if err != nil {
+		return nil, cleanup, refuse(spec.Disk.Path, "give the disk with --device if its name changed", "cannot use the disk of this run: %v", err)
+	}
+	if di.Size != spec.Disk.Size || di.LogicalBlockSize != spec.Disk.LogicalBlockSize {
+		return nil, cleanup, refuse(spec.Disk.Path, "check that this journal belongs to this disk",
+			"the disk has %d sectors of %d bytes, but journal %s belongs to a disk of %d sectors of %d bytes",
+			di.Size, di.LogicalBlockSize, o.Journal, spec.Disk.Size, spec.Disk.LogicalBlockSize)
+	}
+	spec.Disk.Dev = di.Dev
+	unlock, err := e.Host.Lock(spec.Disk)
+	if err != nil {
+		return nil, cleanup, err
+	}
+	closers = append(closers, unlock)
+	img, err := j.Header()
+	if err != nil {
+		return nil, cleanup, err
+	}
+	hdr, key, err := o.Open(img)
+	if err != nil {
+		return nil, cleanup, fmt.Errorf("unlocking the header of %s: %w", spec.Disk.Path, err)
+	}
+	r = &run{e: e, j: j, spec: &spec, plan: spec.Forward, hdr: hdr, stop: o.Stop,
+		devs: map[BackingID]dmtable.Dev{DiskID: di.Dev}}
+	r.key = dmtable.HexKey(key)
+	for i := range key {
+		key[i] = 0
+	}
+	closers = append(closers, r.key.Wipe)
+	if js.Status == journal.StatusAborting && spec.Abort != nil {
+		r.plan, r.aborted = spec.Abort, true
+	}
+	r.st = State{Phase: js.Phase, Boundary: Sectors(js.Boundary)}
+	disk, err := e.Host.OpenDisk(spec.Disk.Path)
+	if err != nil {
+		return nil, cleanup, fmt.Errorf("opening %s: %w", spec.Disk.Path, err)
+	}
+	closers = append(closers, func() { disk.Close() })
+	r.disk = disk
+	if err := r.reconcile(); err != nil {
+		return nil, cleanup, err
+	}
+	return r, cleanup, nil
+}
+
+// further reports whether state a is past state b in plan p.
+func (p *Plan) further(a, b State) bool {
+	if a.Phase != b.Phase {
+		return a.Phase > b.Phase
+	}
+	return p.BytesDone(a) > p.BytesDone(b)
+}
+
+// reconcile decides where the run really is, from the journal's state,
+// the first 4 KiB of the disk (design.md section 3) and the on-disk
+// checkpoint.
+func (r *run) reconcile() error {
+	first := make([]byte, labelSectors*512)
+	if _, err := r.disk.ReadAt(first, 0); err != nil {
+		return fmt.Errorf("reading the start of %s: %w", r.spec.Disk.Path, err)
+	}
+	id := Identify(first)
+	r.ident = id
+	p := r.plan
+	dev := r.spec.Disk.Path
+	if !r.aborted {
+		sw := p.PhaseIndex(PhaseToLUKS)
+		switch {
+		case id == IdentityLVM && p.Switched(r.st):
+			return refuse(dev, "the disk was changed outside dmconvert; do not write to it and restore it from a backup of its header if needed",
+				"it carries an LVM label, but journal %s says the LUKS header was already written", r.j.Path())
+		case id == IdentityLVM:
+			// The label was never destroyed: the disk is authoritative for
+			// every sector, whatever happened to the tail copy (after a
+			// reboot LVM may have used the disk directly). Start over.
+			r.st = p.Start()
+		case !p.Switched(r.st) && r.st.Phase < sw:
+			return refuse(dev, "check that this journal belongs to this disk", "it carries no LVM label (%v) although the run never switched it", id)
+		case !p.Switched(r.st):
+			// The label was destroyed inside the switch, so the switch
+			// happened; its commit did not. The head is on the tail.
+			r.st = p.enter(sw + 1)
+			if err := r.rewriteHeader(); err != nil {
+				return err
+			}
+		default:
+			if err := r.adoptDiskCheckpoint(); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	tl := p.PhaseIndex(PhaseToLabel)
+	switch {
+	case tl >= 0 && r.st.Phase == tl && id == IdentityLVM:
+		// The head's first block is back: the switch happened.
+		r.st = p.enter(tl + 1)
+	case tl >= 0 && r.st.Phase > tl && id != IdentityLVM:
+		return refuse(dev, "", "journal %s says the LVM label was restored, but the disk shows %v", r.j.Path(), id)
+	case tl >= 0 && r.st.Phase < tl && id == IdentityLVM:
+		return refuse(dev, "", "it carries an LVM label, but journal %s says the abort has not restored it yet", r.j.Path())
+	case r.headerLive(r.st):
+		return r.adoptDiskCheckpoint()
+	}
+	return nil
+}
+
+// adoptDiskCheckpoint moves the state forward to the on-disk checkpoint
+// when it is further than the journal's (the checkpoint is written just
+// before the journal commit; both mean the chunk is safe).
+func (r *run) adoptDiskCheckpoint() error {
+	cp, ok, err := r.hdr.ReadCheckpoint(r.disk)
+	if err != nil || !ok {
+		// A torn header write: write the header again (nothing maps
+		// that region any more).
+		return r.rewriteHeader()
+	}
+	if cp.Run != r.spec.ID {
+		return refuse(r.spec.Disk.Path, "check that this journal belongs to this disk", "its header belongs to run %s, not to run %s of journal %s", cp.Run, r.spec.ID, r.j.Path())
+	}
+	st := State{Phase: cp.Phase, Boundary: cp.Boundary}
+	if cp.Plan == r.planName() && st.Phase <= len(r.plan.Phases) && r.plan.further(st, r.st) {
+		r.st = st
+	}
+	return nil
+}
+
+// rewriteHeader writes the whole in-progress header with the current
+// checkpoint (after a switch whose header write may not have finished).
+func (r *run) rewriteHeader() error {
+	img, err := r.hdr.Image(r.cp(r.st))
+	if err != nil {
+		return err
+	}
+	if err := r.writeDisk([]Write{{Off: 0, Data: img}}); err != nil {
+		return fmt.Errorf("rewriting the header of %s: %w", r.spec.Disk.Path, err)
+	}
+	return nil
+}
+
+// rebuild makes the device stack match the reconciled state: helpers and F
+// exist with the right tables (no chunk mirrored: the chunk in flight is
+// redone), nothing is left suspended, and after a reboot the LVs are
+// activated on F.
+func (r *run) rebuild(ctx context.Context) error {
+	if info, err := r.e.DM.Info(r.spec.Name); err == nil {
+		r.fdev = info.Dev
+	}
+	restack := r.plan.PhaseIndex(PhaseRestack)
+	if !r.aborted && r.st.Phase <= restack {
+		// Setup has not run (or runs again): it creates everything.
+		return r.resumeSuspendedUsers()
+	}
+	if err := r.ensureHelpers(); err != nil {
+		return err
+	}
+	_, ferr := r.e.DM.Info(r.spec.Name)
+	fresh := errors.Is(ferr, ErrNoDevice)
+	if err := r.ensureF(); err != nil {
+		return err
+	}
+	if err := r.resumeSuspendedUsers(); err != nil {
+		return err
+	}
+	if fresh && r.spec.VG != "" && r.ident != IdentityLVM {
+		// After a reboot: LVM cannot see the PV on the disk (it carries
+		// the header), only on F.
+		devs := []string{r.e.Host.NodePath(r.spec.Name)}
+		for _, d := range r.spec.VGDevices {
+			if d != r.spec.Disk.Path {
+				devs = append(devs, d)
+			}
+		}
+		if err := r.e.LVM.Activate(ctx, r.spec.VG, devs); err != nil {
+			return fmt.Errorf("activating volume group %s on %s: %w", r.spec.VG, r.spec.Name, err)
+		}
+	}
+	return nil
+}
+
+// resumeSuspendedUsers resumes devices left suspended by a killed run
+// (restack and unstack suspend the devices above the disk).
+func (r *run) resumeSuspendedUsers() error {
+	list, err := r.e.DM.List()
+	if err != nil {
+		return fmt.Errorf("listing device-mapper devices: %w", err)
+	}
+	for _, d := range list {
+		info, err := r.e.DM.Info(d.Name)
+		if err != nil || !info.Suspended {
+			continue
+		}
+		deps, err := r.e.DM.Deps(d.Name)
+		if err != nil {
+			continue
+		}
+		for _, x := range deps {
+			if x == r.spec.Disk.Dev || (!r.fdev.IsZero() && x == r.fdev) {
+				if err := r.e.DM.Resume(d.Name); err != nil {
+					return fmt.Errorf("resuming %s, left suspended by the interrupted run: %w", d.Name, err)
+				}
+				break
+			}
+		}
+	}
+	return nil
+}
+
+// Resume continues an interrupted run (forward or abort) from its journal.
+func (e *Engine) Resume(ctx context.Context, o ResumeOptions) error {
+	r, cleanup, err := e.openRun(ctx, o)
+	if err != nil {
+		return err
+	}
+	defer cleanup()
+	return r.execute(ctx, func() error {
+		if err := r.rebuild(ctx); err != nil {
+			return err
+		}
+		return r.setStatus(r.status(), "")
+	})
+}
+
+// Abort walks an interrupted or running-then-stopped run back to the
+// original layout, online.
+func (e *Engine) Abort(ctx context.Context, o ResumeOptions) error {
+	r, cleanup, err := e.openRun(ctx, o)
+	if err != nil {
+		return err
+	}
+	defer cleanup()
+	return r.execute(ctx, func() error {
+		if err := r.rebuild(ctx); err != nil {
+			return err
+		}
+		if r.aborted {
+			return r.setStatus(r.status(), "")
+		}
+		ab, err := r.plan.BuildAbort(r.st)
+		if err != nil {
+			return err
+		}
+		r.spec.Abort = ab
+		raw, err := json.Marshal(r.spec)
+		if err != nil {
+			return err
+		}
+		r.plan, r.aborted = ab, true
+		r.st = ab.Start()
+		if err := r.j.SetPlan(raw, journal.State{Status: journal.StatusAborting, Phase: r.st.Phase, Boundary: uint64(r.st.Boundary)}); err != nil {
+			return err
+		}
+		// The abort plan's first table may need devices the forward
+		// plan had not created yet (an abort right after a reboot).
+		return r.rebuild(ctx)
+	})
+}
