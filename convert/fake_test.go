@@ -748,8 +748,8 @@ func (h *fakeHost) OpenDisk(path string) (Disk, error) {
 }
 
 func (h *fakeHost) FileDevice(path string) (dmtable.Dev, error) { return h.fileDev, nil }
-func (h *fakeHost) Users(dev dmtable.Dev) ([]string, error) { return h.users[dev], nil }
-func (h *fakeHost) NodePath(name string) string             { return "/dev/mapper/" + name }
+func (h *fakeHost) Users(dev dmtable.Dev) ([]string, error)     { return h.users[dev], nil }
+func (h *fakeHost) NodePath(name string) string                 { return "/dev/mapper/" + name }
 func (h *fakeHost) Lock(d DiskInfo) (func(), error) {
 	h.lockMu.Lock()
 	defer h.lockMu.Unlock()
