@@ -239,6 +239,11 @@ func (r *run) writeDisk(ws []Write) error {
 		if _, err := r.disk.WriteAt(w.Data, w.Off); err != nil {
 			return err
 		}
+		if w.Flush {
+			if err := r.disk.Flush(); err != nil {
+				return err
+			}
+		}
 	}
 	return r.disk.Flush()
 }

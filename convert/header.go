@@ -19,10 +19,13 @@ type Checkpoint struct {
 	Journal  string  `json:"journal,omitempty"`
 }
 
-// Write is a piece of the header region to write at Off (bytes).
+// Write is a piece of the header region to write at Off (bytes). Flush
+// asks for the disk's cache to be flushed after it, before the next write
+// (so that a torn sequence always leaves one valid copy).
 type Write struct {
-	Off  int64
-	Data []byte
+	Off   int64
+	Data  []byte
+	Flush bool
 }
 
 // HeaderFormat is the engine's view of the LUKS header it writes: the
@@ -36,8 +39,7 @@ type HeaderFormat interface {
 	// carrying cp.
 	Image(cp Checkpoint) ([]byte, error)
 	// CheckpointWrites are the writes that record cp in a header already
-	// on disk. They never touch the first 4 KiB and never touch keyslot
-	// material.
+	// on disk. They never touch keyslot material.
 	CheckpointWrites(cp Checkpoint) ([]Write, error)
 	// FinalWrites turn the in-progress header on disk into a plain LUKS
 	// header that stock cryptsetup opens.

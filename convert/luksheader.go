@@ -1,0 +1,195 @@
+package convert
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/dmconvert/dmconvert/luks"
+)
+
+// LUKSHeader adapts a luks.Header to the engine's HeaderFormat. While a
+// run is in progress the header carries dmconvert's marks: the mandatory
+// requirement "dmconvert" (LUKS2) or the disguised magic (LUKS1), so that
+// stock cryptsetup refuses the half-converted disk.
+type LUKSHeader struct {
+	h *luks.Header
+}
+
+// NewLUKSHeader wraps h and marks it in progress.
+func NewLUKSHeader(h *luks.Header) (*LUKSHeader, error) {
+	if h.Version() == 1 {
+		if err := h.SetDisguised(true); err != nil {
+			return nil, err
+		}
+	} else if err := h.SetRequirement(luks.RequirementDmconvert); err != nil {
+		return nil, err
+	}
+	return &LUKSHeader{h: h}, nil
+}
+
+// OpenLUKSImage reads a header image (from a journal) and unlocks it with
+// key (a passphrase or key file contents). It returns the header, marked
+// in progress, and the volume key bytes (the caller wipes them).
+func OpenLUKSImage(img []byte, key []byte) (*LUKSHeader, []byte, error) {
+	h, err := luks.Read(bytes.NewReader(img))
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading the header image: %w", err)
+	}
+	vk, _, err := h.Unlock(key)
+	if err != nil {
+		if errors.Is(err, luks.ErrWrongPassphrase) {
+			return nil, nil, fmt.Errorf("%w", ErrWrongPassphrase)
+		}
+		return nil, nil, err
+	}
+	defer vk.Wipe()
+	lh, err := NewLUKSHeader(h)
+	if err != nil {
+		return nil, nil, err
+	}
+	return lh, vk.Bytes(), nil
+}
+
+// Header is the wrapped luks header.
+func (l *LUKSHeader) Header() *luks.Header { return l.h }
+
+// Sectors implements HeaderFormat.
+func (l *LUKSHeader) Sectors() Sectors { return Sectors(l.h.DataOffset() / 512) }
+
+// UUID implements HeaderFormat.
+func (l *LUKSHeader) UUID() string { return l.h.UUID() }
+
+// Version implements HeaderFormat.
+func (l *LUKSHeader) Version() int { return l.h.Version() }
+
+// Crypt implements HeaderFormat: the table cryptsetup would load. LUKS2
+// with sectors larger than 512 bytes counts IVs in those sectors
+// (iv_large_sectors), as cryptsetup activates it.
+func (l *LUKSHeader) Crypt() CryptSpec {
+	ss := uint32(l.h.SectorSize())
+	return CryptSpec{
+		Cipher:         l.h.Cipher(),
+		KeyBytes:       l.h.VolumeKeySize(),
+		SectorSize:     ss,
+		IVLargeSectors: l.h.Version() == 2 && ss > 512,
+	}
+}
+
+func (l *LUKSHeader) setCheckpoint(cp Checkpoint) error {
+	b, err := marshalCheckpoint(cp)
+	if err != nil {
+		return err
+	}
+	return l.h.SetCheckpoint(b)
+}
+
+// Image implements HeaderFormat.
+func (l *LUKSHeader) Image(cp Checkpoint) ([]byte, error) {
+	if err := l.setCheckpoint(cp); err != nil {
+		return nil, err
+	}
+	l.h.BumpSeqID()
+	return l.h.Image()
+}
+
+// CheckpointWrites implements HeaderFormat. LUKS2: both metadata copies
+// with a new sequence id, primary first, a flush between them so a torn
+// write always leaves one valid copy. LUKS1: one record, in the slot that
+// does not hold the newest one.
+func (l *LUKSHeader) CheckpointWrites(cp Checkpoint) ([]Write, error) {
+	if err := l.setCheckpoint(cp); err != nil {
+		return nil, err
+	}
+	return l.metadataWrites()
+}
+
+func (l *LUKSHeader) metadataWrites() ([]Write, error) {
+	if l.h.Version() == 1 {
+		area, err := l.h.CheckpointArea()
+		if err != nil {
+			return nil, err
+		}
+		img, err := l.h.Image()
+		if err != nil {
+			return nil, err
+		}
+		// Only the slot of the new record: the other one keeps the
+		// previous record, valid if this write tears.
+		off := area + int64(l.h.CheckpointSeq()%2)*luks.CheckpointRecordSize
+		rec := img[off : off+luks.CheckpointRecordSize]
+		return []Write{{Off: off, Data: rec, Flush: true}}, nil
+	}
+	l.h.BumpSeqID()
+	m, err := l.h.MetadataImage()
+	if err != nil {
+		return nil, err
+	}
+	half := len(m) / 2
+	return []Write{{Off: 0, Data: m[:half], Flush: true}, {Off: int64(half), Data: m[half:], Flush: true}}, nil
+}
+
+// FinalWrites implements HeaderFormat: the requirement and the token go
+// (LUKS2), or the checkpoint records are zeroed and the real magic written
+// last (LUKS1).
+func (l *LUKSHeader) FinalWrites() ([]Write, error) {
+	l.h.RemoveCheckpoint()
+	if l.h.Version() == 1 {
+		area, err := l.h.CheckpointArea()
+		if err != nil {
+			return nil, err
+		}
+		if err := l.h.SetDisguised(false); err != nil {
+			return nil, err
+		}
+		first, err := l.h.FirstBlock()
+		if err != nil {
+			return nil, err
+		}
+		return []Write{
+			{Off: area, Data: make([]byte, 2*luks.CheckpointRecordSize), Flush: true},
+			{Off: 0, Data: first, Flush: true},
+		}, nil
+	}
+	if err := l.h.ClearRequirement(luks.RequirementDmconvert); err != nil {
+		return nil, err
+	}
+	return l.metadataWrites()
+}
+
+// ReadCheckpoint implements HeaderFormat. It reads the header on disk and
+// takes the checkpoint from it; it also adopts a higher LUKS2 sequence
+// id from the disk so later metadata writes supersede what is there.
+func (l *LUKSHeader) ReadCheckpoint(r io.ReaderAt) (Checkpoint, bool, error) {
+	var payload []byte
+	if l.h.Version() == 1 {
+		p, err := l.h.LoadCheckpoint(r)
+		if err != nil {
+			if errors.Is(err, luks.ErrNoCheckpoint) {
+				return Checkpoint{}, false, nil
+			}
+			return Checkpoint{}, false, err
+		}
+		payload = p
+	} else {
+		dh, err := luks.Read(r)
+		if err != nil {
+			// Torn or missing: the caller rewrites the header.
+			return Checkpoint{}, false, nil
+		}
+		for l.h.SeqID() <= dh.SeqID() {
+			l.h.BumpSeqID()
+		}
+		p, err := dh.Checkpoint()
+		if err != nil {
+			return Checkpoint{}, false, nil
+		}
+		payload = p
+	}
+	cp, err := unmarshalCheckpoint(payload)
+	if err != nil {
+		return Checkpoint{}, false, nil
+	}
+	return cp, true, nil
+}

@@ -1,0 +1,341 @@
+package convert
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/dmconvert/dmconvert/dmtable"
+)
+
+// The real machine: device-mapper through dmtable's ioctl client, block
+// devices through direct I/O, and the host's mount and swap tables.
+
+// KernelDM adapts a dmtable.Client to DeviceMapper.
+type KernelDM struct{ C *dmtable.Client }
+
+func dmErr(err error) error {
+	if errors.Is(err, dmtable.ErrNotFound) {
+		return fmt.Errorf("%w: %w", ErrNoDevice, err)
+	}
+	return err
+}
+
+func infoOf(i dmtable.Info) DevInfo {
+	return DevInfo{Name: i.Name, UUID: i.UUID, Dev: i.Dev, Suspended: i.Suspended, EventNr: i.EventNr,
+		OpenCount: i.OpenCount, Live: i.LivePresent, Inactive: i.InactivePresent}
+}
+
+// Create implements DeviceMapper.
+func (k KernelDM) Create(name, uuid string, t dmtable.Table) (DevInfo, error) {
+	i, err := k.C.CreateWithTable(name, uuid, t)
+	return infoOf(i), dmErr(err)
+}
+
+// Load implements DeviceMapper.
+func (k KernelDM) Load(name string, t dmtable.Table) error {
+	_, err := k.C.Load(name, t)
+	return dmErr(err)
+}
+
+// Suspend implements DeviceMapper.
+func (k KernelDM) Suspend(name string) error {
+	_, err := k.C.Suspend(name, 0)
+	return dmErr(err)
+}
+
+// Resume implements DeviceMapper.
+func (k KernelDM) Resume(name string) error {
+	_, err := k.C.Resume(name)
+	return dmErr(err)
+}
+
+// Remove implements DeviceMapper.
+func (k KernelDM) Remove(name string) error { return dmErr(k.C.Remove(name)) }
+
+// Info implements DeviceMapper.
+func (k KernelDM) Info(name string) (DevInfo, error) {
+	i, err := k.C.Info(name)
+	return infoOf(i), dmErr(err)
+}
+
+// Table implements DeviceMapper.
+func (k KernelDM) Table(name string) (dmtable.Table, error) {
+	t, err := k.C.Table(name)
+	return t, dmErr(err)
+}
+
+// Status implements DeviceMapper.
+func (k KernelDM) Status(name string) ([]dmtable.TargetStatus, error) {
+	s, err := k.C.Status(name)
+	return s, dmErr(err)
+}
+
+// WaitEvent implements DeviceMapper.
+func (k KernelDM) WaitEvent(ctx context.Context, name string, after uint32, timeout time.Duration) (uint32, error) {
+	wctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	i, err := k.C.WaitEvent(wctx, name, after)
+	if err != nil {
+		if wctx.Err() != nil && ctx.Err() == nil {
+			return i.EventNr, context.DeadlineExceeded
+		}
+		return i.EventNr, dmErr(err)
+	}
+	return i.EventNr, nil
+}
+
+// List implements DeviceMapper.
+func (k KernelDM) List() ([]DevInfo, error) {
+	l, err := k.C.List()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]DevInfo, 0, len(l))
+	for _, e := range l {
+		out = append(out, DevInfo{Name: e.Name, UUID: e.UUID, Dev: e.Dev, EventNr: e.EventNr})
+	}
+	return out, nil
+}
+
+// Deps implements DeviceMapper.
+func (k KernelDM) Deps(name string) ([]dmtable.Dev, error) {
+	d, err := k.C.Deps(name)
+	return d, dmErr(err)
+}
+
+// SetUUID implements DeviceMapper.
+func (k KernelDM) SetUUID(name, uuid string) error { return dmErr(k.C.SetUUID(name, uuid)) }
+
+// OSHost is the real Host.
+type OSHost struct {
+	// DevDir is where dm nodes live; default /dev/mapper.
+	DevDir string
+	// LockDir holds the per-disk lock files; default /run/dmconvert.
+	LockDir string
+}
+
+// Stat implements Host.
+func (h OSHost) Stat(path string) (DiskInfo, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return DiskInfo{}, fmt.Errorf("stat %s: %w", path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return DiskInfo{}, fmt.Errorf("%s is not a block device", path)
+	}
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return DiskInfo{}, fmt.Errorf("open %s: %w", path, err)
+	}
+	defer unix.Close(fd)
+	var size uint64
+	if err := ioctlPtr(fd, unix.BLKGETSIZE64, &size); err != nil {
+		return DiskInfo{}, fmt.Errorf("size of %s: %w", path, err)
+	}
+	lbs, err := unix.IoctlGetInt(fd, unix.BLKSSZGET)
+	if err != nil {
+		return DiskInfo{}, fmt.Errorf("logical block size of %s: %w", path, err)
+	}
+	return DiskInfo{
+		Path: path,
+		Dev:  dmtable.Dev{Major: unix.Major(st.Rdev), Minor: unix.Minor(st.Rdev)},
+		Size: Sectors(size / 512), LogicalBlockSize: uint32(lbs),
+	}, nil
+}
+
+// directDisk is a block device opened with O_DIRECT. Go's slices are not
+// aligned, so I/O goes through a page-aligned bounce buffer; a write that
+// does not cover whole logical blocks is a read-modify-write of them.
+type directDisk struct {
+	fd     int
+	path   string
+	lbs    int64
+	bounce []byte
+}
+
+const bounceSize = 1 << 20
+
+// OpenDisk implements Host.
+func (h OSHost) OpenDisk(path string) (Disk, error) {
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	lbs, err := unix.IoctlGetInt(fd, unix.BLKSSZGET)
+	if err != nil || lbs < 512 {
+		lbs = 512
+	}
+	b, err := unix.Mmap(-1, 0, bounceSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("allocating an aligned buffer: %w", err)
+	}
+	return &directDisk{fd: fd, path: path, lbs: int64(lbs), bounce: b}, nil
+}
+
+func (d *directDisk) rw(p []byte, off int64, write bool) (int, error) {
+	if off%d.lbs != 0 || int64(len(p))%d.lbs != 0 {
+		// Widen to whole logical blocks.
+		start := off / d.lbs * d.lbs
+		end := (off + int64(len(p)) + d.lbs - 1) / d.lbs * d.lbs
+		buf := make([]byte, end-start)
+		if _, err := d.rw(buf, start, false); err != nil {
+			return 0, err
+		}
+		if !write {
+			return copy(p, buf[off-start:]), nil
+		}
+		copy(buf[off-start:], p)
+		if _, err := d.rw(buf, start, true); err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
+	done := 0
+	for done < len(p) {
+		n := min(len(p)-done, len(d.bounce))
+		buf := d.bounce[:n]
+		var err error
+		var m int
+		if write {
+			copy(buf, p[done:done+n])
+			m, err = unix.Pwrite(d.fd, buf, off+int64(done))
+		} else {
+			m, err = unix.Pread(d.fd, buf, off+int64(done))
+			copy(p[done:], buf[:max(m, 0)])
+		}
+		if err != nil {
+			return done, fmt.Errorf("%s at %d: %w", d.path, off+int64(done), err)
+		}
+		if m != n {
+			return done + max(m, 0), fmt.Errorf("%s at %d: short transfer (%d of %d bytes)", d.path, off+int64(done), m, n)
+		}
+		done += n
+	}
+	return done, nil
+}
+
+func (d *directDisk) ReadAt(p []byte, off int64) (int, error)  { return d.rw(p, off, false) }
+func (d *directDisk) WriteAt(p []byte, off int64) (int, error) { return d.rw(p, off, true) }
+
+// Flush makes every completed write durable: fsync on a block device
+// flushes the device's volatile cache.
+func (d *directDisk) Flush() error {
+	if err := unix.Fsync(d.fd); err != nil {
+		return fmt.Errorf("flushing %s: %w", d.path, err)
+	}
+	return nil
+}
+
+func (d *directDisk) Close() error {
+	unix.Munmap(d.bounce)
+	return unix.Close(d.fd)
+}
+
+// FileDevice implements Host.
+func (h OSHost) FileDevice(path string) (dmtable.Dev, error) {
+	p := path
+	for {
+		var st unix.Stat_t
+		err := unix.Stat(p, &st)
+		if err == nil {
+			return dmtable.Dev{Major: unix.Major(st.Dev), Minor: unix.Minor(st.Dev)}, nil
+		}
+		if !errors.Is(err, unix.ENOENT) {
+			return dmtable.Dev{}, fmt.Errorf("stat %s: %w", p, err)
+		}
+		parent := filepath.Dir(p)
+		if parent == p {
+			return dmtable.Dev{}, fmt.Errorf("no existing parent of %s", path)
+		}
+		p = parent
+	}
+}
+
+// Users implements Host: mounts and swap on dev, and holders in sysfs that
+// are not device-mapper devices (md, bcache, ...).
+func (h OSHost) Users(dev dmtable.Dev) ([]string, error) {
+	var out []string
+	if f, err := os.Open("/proc/self/mountinfo"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			fs := strings.Fields(sc.Text())
+			if len(fs) > 4 && fs[2] == dev.String() {
+				out = append(out, "mounted at "+fs[4])
+			}
+		}
+		f.Close()
+	}
+	if f, err := os.Open("/proc/swaps"); err == nil {
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			fs := strings.Fields(sc.Text())
+			if len(fs) == 0 || fs[0] == "Filename" {
+				continue
+			}
+			var st unix.Stat_t
+			if unix.Stat(fs[0], &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK &&
+				unix.Major(st.Rdev) == dev.Major && unix.Minor(st.Rdev) == dev.Minor {
+				out = append(out, "swap")
+			}
+		}
+		f.Close()
+	}
+	holders, _ := filepath.Glob(fmt.Sprintf("/sys/dev/block/%s/holders/*", dev))
+	for _, hp := range holders {
+		n := filepath.Base(hp)
+		if !strings.HasPrefix(n, "dm-") {
+			out = append(out, "held by "+n)
+		}
+	}
+	return out, nil
+}
+
+// NodePath implements Host.
+func (h OSHost) NodePath(name string) string {
+	d := h.DevDir
+	if d == "" {
+		d = "/dev/mapper"
+	}
+	return filepath.Join(d, name)
+}
+
+// Lock implements Host: an flock on /run/dmconvert/<major>:<minor>.lock.
+func (h OSHost) Lock(d DiskInfo) (func(), error) {
+	dir := h.LockDir
+	if dir == "" {
+		dir = "/run/dmconvert"
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating %s: %w", dir, err)
+	}
+	p := filepath.Join(dir, d.Dev.String()+".lock")
+	fd, err := unix.Open(p, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("opening %s: %w", p, err)
+	}
+	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		unix.Close(fd)
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, refuse(d.Path, "wait for it to finish or stop it (its journal says how far it is: dmconvert status)", "another dmconvert process is working on it")
+		}
+		return nil, fmt.Errorf("locking %s: %w", p, err)
+	}
+	return func() { unix.Close(fd) }, nil
+}
+
+func ioctlPtr(fd int, req uint, v *uint64) error {
+	_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptrOf(v))
+	if e != 0 {
+		return e
+	}
+	return nil
+}
