@@ -33,6 +33,7 @@ func TestCryptsetupToOurs(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
+			cs := cs.in(t)
 			dev := deviceFile(t, nil, 20<<20)
 			pass := []byte("format pass")
 			pw := writeTemp(t, "pw", pass)

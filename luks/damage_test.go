@@ -34,6 +34,7 @@ func TestDamagedCopies(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
+			cs := cs.in(t)
 			img := append([]byte{}, good...)
 			tc.damage(img)
 			r, err := Read(bytes.NewReader(img))

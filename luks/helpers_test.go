@@ -61,6 +61,10 @@ func needCryptsetup(t testing.TB) cryptsetup {
 	return cryptsetup{t: t, path: requireTool(t, "cryptsetup")}
 }
 
+// in returns the same tool bound to a subtest, so failures stop the
+// subtest that saw them.
+func (c cryptsetup) in(t testing.TB) cryptsetup { return cryptsetup{t: t, path: c.path} }
+
 // ok runs cryptsetup and fails the test on a non-zero exit.
 func (c cryptsetup) ok(stdin []byte, args ...string) string {
 	c.t.Helper()

@@ -39,6 +39,7 @@ func TestOursToCryptsetup(t *testing.T) {
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
+			cs := cs.in(t)
 			vk, err := NewVolumeKey(tc.keySize)
 			if err != nil {
 				t.Fatal(err)
