@@ -322,18 +322,25 @@ func (h *Header) unlock(key []byte, bound bool) (*VolumeKey, int, error) {
 	if len(cands) == 0 {
 		return nil, -1, fmt.Errorf("header %s: %w", h.UUID(), ErrNoKeyslot)
 	}
+	// Every candidate is tried. The result is ErrWrongPassphrase if any
+	// keyslot could be evaluated and rejected the key; only when none
+	// could be evaluated at all (unsupported cipher, damaged keyslot) is
+	// that error returned instead.
 	var firstErr error
+	wrong := false
 	for _, id := range cands {
 		vk, err := h.UnlockSlot(id, key)
 		if err == nil {
 			return vk, id, nil
 		}
-		if !errors.Is(err, ErrWrongPassphrase) && firstErr == nil {
+		if errors.Is(err, ErrWrongPassphrase) {
+			wrong = true
+		} else if firstErr == nil {
 			firstErr = err
 		}
 	}
-	if firstErr != nil && len(cands) == 1 {
-		return nil, -1, firstErr
+	if !wrong && firstErr != nil {
+		return nil, -1, fmt.Errorf("header %s: %w", h.UUID(), firstErr)
 	}
 	return nil, -1, fmt.Errorf("header %s: %w", h.UUID(), ErrWrongPassphrase)
 }

@@ -300,11 +300,11 @@ func readLUKS2(r io.ReaderAt) (*luks2, error) {
 		if errors.Is(errs[0], ErrNotLUKS) && errors.Is(errs[1], ErrNotLUKS) {
 			return nil, ErrNotLUKS
 		}
-		err := errs[0]
-		if errors.Is(err, ErrNotLUKS) {
-			err = errs[1]
+		// Wrap the more telling error: a damaged copy beats a missing one.
+		if errors.Is(errs[0], ErrNotLUKS) {
+			return nil, fmt.Errorf("no valid LUKS2 metadata copy: primary: %v; secondary: %w", errs[0], errs[1])
 		}
-		return nil, fmt.Errorf("no valid LUKS2 metadata copy: primary: %v; secondary: %w", errs[0], err)
+		return nil, fmt.Errorf("no valid LUKS2 metadata copy: secondary: %v; primary: %w", errs[1], errs[0])
 	}
 	l.copies[use].Used = true
 	u := c[use]
