@@ -182,3 +182,22 @@ func (s *sectorCrypter) decrypt(buf []byte) {
 		cipher.NewCBCDecrypter(s.cbc, s.iv(n)).CryptBlocks(sec, sec)
 	}
 }
+
+// ValidateCipher checks a cipher spec and volume key size (bytes) before
+// Create, for early command-line errors.
+func ValidateCipher(spec string, keySize int) error {
+	c, err := parseCipher(spec)
+	if err != nil {
+		return err
+	}
+	return c.checkKeySize(keySize)
+}
+
+// DefaultKeySize returns cryptsetup's default volume key size in bytes for
+// a cipher spec: 64 (AES-256 in XTS, "256 bits, doubled for XTS") or 32.
+func DefaultKeySize(spec string) int {
+	if c, err := parseCipher(spec); err == nil && c.xts {
+		return 64
+	}
+	return 32
+}

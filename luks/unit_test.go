@@ -139,6 +139,12 @@ func TestCipherSpecs(t *testing.T) {
 			t.Fatalf("%s accepted", bad)
 		}
 	}
+	if ValidateCipher("aes-xts-plain64", 64) != nil || ValidateCipher("aes-xts-plain64", 16) == nil || ValidateCipher("twofish-xts-plain64", 64) == nil {
+		t.Fatal("ValidateCipher")
+	}
+	if DefaultKeySize("aes-xts-plain64") != 64 || DefaultKeySize("aes-cbc-essiv:sha256") != 32 {
+		t.Fatal("DefaultKeySize")
+	}
 	xts, _ := parseCipher("aes-xts-plain64")
 	if xts.checkKeySize(16) == nil || xts.checkKeySize(64) != nil {
 		t.Fatal("xts key sizes")
