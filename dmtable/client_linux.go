@@ -209,14 +209,18 @@ func (c *Client) ioctl(fd int, cl *call) (result, error) {
 			continue
 		}
 		if ck != nil {
-			if h.flags&flagUeventGenerated == 0 {
+			// Without a uevent udev will not touch the node: account for
+			// it ourselves, and leave the node to the caller (udevDone
+			// false).
+			generated := h.flags&flagUeventGenerated != 0
+			if !generated {
 				ck.complete()
 			}
 			done, err := ck.wait(c.udevTO)
 			if err != nil {
 				return res, &OpError{Op: cl.op, Device: cl.dev, Err: fmt.Errorf("waiting for udev: %w", err)}
 			}
-			res.udevDone = done
+			res.udevDone = generated && done
 		}
 		return res, nil
 	}

@@ -36,6 +36,10 @@ var (
 	ErrNoMemory = errors.New("out of kernel memory")
 	// ErrKeyNotSet: resuming a crypt target whose key is not set; EAGAIN.
 	ErrKeyNotSet = errors.New("crypt key not set")
+	// ErrUnsupported: loading a table the kernel has no code for, such as
+	// a crypto algorithm that is neither built in nor loadable (ENOENT
+	// from load).
+	ErrUnsupported = errors.New("not supported by this kernel")
 )
 
 // OpError is the error of one device-mapper operation: which operation,
@@ -100,8 +104,11 @@ func sentinelFor(op string, errno unix.Errno) error {
 	case unix.ENOTTY:
 		return ErrNoDeviceMapper
 	case unix.ENOENT:
-		if op == "open" {
+		switch op {
+		case "open":
 			return ErrNoDeviceMapper
+		case "load":
+			return ErrUnsupported
 		}
 		return nil
 	case unix.ENOMEM:

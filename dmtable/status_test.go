@@ -9,14 +9,20 @@ import (
 // after empty parameters dropped). FACTS.md/REPORT.md (kernel 6.1) and the
 // guest differential tests.
 var kernelStatusLines = []string{
+	// REPORT.md (anchor B, kernel 6.1): syncing and synced.
 	"458752 32768 mirror 2 254:0 253:3 12/32 1 AA 1 core",
 	"458752 32768 mirror 2 254:0 253:3 32/32 1 AA 1 core",
-	"0 32768 mirror 2 254:0 254:0 32/32 1 AA 3 disk 254:16 A",
-	"0 1024 linear",
-	"0 458752 crypt",
+	// Kernel 6.1 in the test VM (TestGuestDifferentialTables,
+	// TestGuestMirrorSync log them).
+	"0 32768 mirror 2 254:0 254:16 0/32 1 AA 1 core",
+	"0 32768 mirror 2 254:0 254:16 20/32 1 AA 1 core",
+	"0 32768 mirror 2 254:0 254:16 32/32 1 AA 3 disk 253:0 A",
+	"0 16384 striped 2 254:0 254:16 1 AA",
+	"0 131072 linear",
+	"8192 8192 linear",
+	"0 16384 crypt",
 	"0 2048 error",
-	"0 2048 zero",
-	"0 2097152 snapshot 16/2097152 16",
+	"1024 1024 zero",
 }
 
 func TestParseStatusRoundTrip(t *testing.T) {
