@@ -111,6 +111,20 @@ type PV struct {
 	// Refusal, when not empty, says why LVM's state forbids converting
 	// (shared VG, exported VG, missing PVs, ...).
 	Refusal string
+	// LVs of the VG on this PV (for the plan's description).
+	LVs []LVInfo
+	// FitSize returns the largest PV size not above limit that keeps
+	// whole extents and every allocated one, or an error naming the LV
+	// in the way. Nil when unknown.
+	FitSize func(limit Sectors) (Sectors, error) `json:"-"`
+}
+
+// LVInfo describes a logical volume for the plan's description.
+type LVInfo struct {
+	Name   string   `json:"name"`
+	Active bool     `json:"active"`
+	Public bool     `json:"public"`
+	Layout []string `json:"layout,omitempty"`
 }
 
 // VolumeManager is what the engine needs from LVM.

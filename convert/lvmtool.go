@@ -1,0 +1,105 @@
+package convert
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/dmconvert/dmconvert/dmtable"
+	"github.com/dmconvert/dmconvert/lvm"
+)
+
+// LVMTool adapts the lvm package to VolumeManager. While the fence is held
+// it routes discovery and activation through it (lvm runs them without
+// taking the lock this process holds).
+type LVMTool struct {
+	C *lvm.Client
+	// FenceTimeout bounds the wait for LVM's VG lock; default 30 s.
+	FenceTimeout time.Duration
+	fence        *lvm.Fence
+}
+
+// Discover implements VolumeManager.
+func (l *LVMTool) Discover(ctx context.Context, device string) (*PV, error) {
+	var p *lvm.PVInfo
+	var err error
+	if l.fence != nil && l.fence.Held() {
+		p, err = l.fence.Discover(ctx, device)
+	} else {
+		p, err = l.C.Discover(ctx, device)
+	}
+	switch {
+	case errors.Is(err, lvm.ErrNotPV):
+		return nil, refuse(device, "dmconvert encrypts LVM physical volumes in place; for a plain file system use cryptsetup reencrypt --encrypt offline", "not an LVM physical volume (%v)", err)
+	case errors.Is(err, lvm.ErrNoVG):
+		return &PV{Device: device}, nil
+	case errors.Is(err, lvm.ErrDuplicatePV):
+		return nil, refuse(device, "make sure only one device carries this PV (a clone, a multipath leg, or a leftover of an interrupted conversion: dmconvert status)", "%v", err)
+	case err != nil:
+		return nil, fmt.Errorf("asking LVM about %s: %w", device, err)
+	}
+	size := p.End()
+	if p.Label != nil && p.Label.DeviceSize > size {
+		// LVM compares the device with the size it recorded; keep all of
+		// it so the PV on the new mapping is not "smaller than its PV size".
+		size = p.Label.DeviceSize
+	}
+	pv := &PV{
+		Device: device, UUID: p.UUID, VG: p.VG.Name,
+		Size: Sectors(size), UsedEnd: Sectors(p.MinSize()),
+		PEStart: Sectors(p.PEStart), ExtentSize: Sectors(p.ExtentSize),
+		FitSize: func(limit Sectors) (Sectors, error) {
+			s, err := p.FitSize(dmtable.Sectors(limit))
+			return Sectors(s), err
+		},
+	}
+	for _, v := range p.VG.PVs {
+		if !v.Missing {
+			pv.VGDevices = append(pv.VGDevices, v.Name)
+		}
+	}
+	for _, lv := range p.LVs() {
+		pv.LVs = append(pv.LVs, LVInfo{Name: lv.FullName, Active: lv.Active, Public: lv.Public(), Layout: lv.Layout})
+	}
+	if err := p.Check(); err != nil {
+		pv.Refusal = err.Error()
+	}
+	return pv, nil
+}
+
+// Fence implements VolumeManager.
+func (l *LVMTool) Fence(ctx context.Context, vg string) (func() error, error) {
+	to := l.FenceTimeout
+	if to == 0 {
+		to = 30 * time.Second
+	}
+	f, err := l.C.LockVG(ctx, vg, to)
+	if err != nil {
+		return nil, err
+	}
+	l.fence = f
+	return func() error {
+		err := f.Release()
+		l.fence = nil
+		return err
+	}, nil
+}
+
+// ShrinkPV implements VolumeManager.
+func (l *LVMTool) ShrinkPV(ctx context.Context, device string, size Sectors) error {
+	return l.C.ShrinkPV(ctx, device, dmtable.Sectors(size))
+}
+
+// Activate implements VolumeManager.
+func (l *LVMTool) Activate(ctx context.Context, vg string, devices []string) error {
+	if l.fence != nil && l.fence.Held() && l.fence.VG() == vg {
+		return l.fence.Activate(ctx, devices)
+	}
+	return l.C.Activate(ctx, vg, devices)
+}
+
+// Refresh implements VolumeManager.
+func (l *LVMTool) Refresh(ctx context.Context, oldDev, newDev string) error {
+	return l.C.Refresh(ctx, oldDev, newDev)
+}
