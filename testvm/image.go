@@ -448,6 +448,19 @@ func userlandTree() (tree, error) {
 			return nil, err
 		}
 	}
+	// Libraries loaded with dlopen, which ldd does not show: glibc loads
+	// libgcc_s for pthread_exit/pthread_cancel (cryptsetup aborts without it).
+	for _, name := range dlopenLibs {
+		p, err := findLib(name)
+		if err != nil {
+			return nil, err
+		}
+		real, err := filepath.EvalSymlinks(p)
+		if err != nil {
+			return nil, fmt.Errorf("testvm: %s: %w", p, err)
+		}
+		libs[guestPath(filepath.Dir(p))+"/"+name] = real
+	}
 	for g, h := range libs {
 		t.file(g, 0o755, h)
 	}
@@ -473,6 +486,20 @@ func userlandTree() (tree, error) {
 		t.data("etc/mke2fs.conf", 0o644, data)
 	}
 	return t, nil
+}
+
+// dlopenLibs are shared libraries the guest tools load at run time.
+var dlopenLibs = []string{"libgcc_s.so.1"}
+
+// findLib finds a shared library in the multiarch library directories.
+func findLib(name string) (string, error) {
+	for _, dir := range []string{"/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64"} {
+		p := filepath.Join(dir, name)
+		if _, err := os.Stat(p); err == nil {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("testvm: shared library %s not found on the host", name)
 }
 
 // lookTool finds a host program by name (in sbin and bin directories).

@@ -310,6 +310,34 @@ func TestGuestOnDemandModules(t *testing.T) {
 	}
 }
 
+// TestGuestCryptsetup: cryptsetup formats, opens and closes a LUKS2
+// volume (its threads need libgcc_s, which ldd does not list).
+func TestGuestCryptsetup(t *testing.T) {
+	RequireGuest(t)
+	dir := t.TempDir()
+	img, kf := filepath.Join(dir, "luks.img"), filepath.Join(dir, "key")
+	sh(t, "truncate", "-s", "32M", img)
+	if err := os.WriteFile(kf, randomBytes(t, 32), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	loop := strings.TrimSpace(sh(t, "losetup", "-f", "--show", img))
+	defer exec.Command("losetup", "-d", loop).Run()
+	sh(t, "cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", kf, loop)
+	sh(t, "cryptsetup", "open", "--key-file", kf, loop, "hluks")
+	data := randomBytes(t, 1<<20)
+	writeSync(t, "/dev/mapper/hluks", data, 0)
+	sh(t, "cryptsetup", "close", "hluks")
+	dropCaches(t)
+	sh(t, "cryptsetup", "open", "--key-file", kf, loop, "hluks")
+	if got := fileSum(t, "/dev/mapper/hluks", 0, len(data)); got != sha256.Sum256(data) {
+		t.Fatal("data read back through the reopened LUKS2 mapping differs")
+	}
+	if st := sh(t, "cryptsetup", "status", "hluks"); !strings.Contains(st, "LUKS2") {
+		t.Errorf("cryptsetup status: %s", st)
+	}
+	sh(t, "cryptsetup", "close", "hluks")
+}
+
 // TestGuestFiles runs a static binary passed in with Options.Files and
 // built with BuildStatic.
 func TestGuestFiles(t *testing.T) {

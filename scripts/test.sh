@@ -1,0 +1,37 @@
+#!/bin/bash
+# make test: host packages, Go toolchain, go vet, then every test of the
+# module (unit tests, and with DMCONVERT_VM=1 the real-kernel tests that
+# each package's TestVM runs inside the QEMU guest), then the guest totals.
+# It fails if any test fails or if no guest test ran inside the VM.
+#   scripts/test.sh         the whole suite (make test)
+#   scripts/test.sh bench   guest benchmarks too (make bench)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/host-deps.sh
+gobin=$(scripts/go.sh)
+export PATH="$gobin:$PATH" GOTOOLCHAIN=local
+
+echo "== $(go version)"
+echo "== go vet ./..."
+go vet ./...
+
+tool=$(mktemp -d)
+reports=$(mktemp -d)
+trap 'rm -rf "$tool" "$reports"' EXIT
+go build -o "$tool/testvm" ./testvm/cmd/testvm
+echo "== guest image"
+"$tool/testvm" prepare
+
+export DMCONVERT_VM=1 DMCONVERT_VM_REPORT_DIR=$reports
+args=(-p 2 -count=1 -timeout 60m)
+if [ "${1:-}" = bench ]; then
+	export DMCONVERT_VM_BENCH=${DMCONVERT_VM_BENCH:-.}
+	args+=(-run '^TestVM$' -v)
+fi
+echo "== go test ${args[*]} ./...  (DMCONVERT_VM=1: guest tests run inside QEMU)"
+rc=0
+go test "${args[@]}" ./... || rc=$?
+echo "== guest tests"
+"$tool/testvm" report "$reports" || rc=1
+exit $rc
