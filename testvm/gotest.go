@@ -67,6 +67,9 @@ func RunTestsInGuest(t *testing.T, opts Options) {
 	if InGuest() {
 		t.Skip("already inside the test VM")
 	}
+	if r := os.Getenv(EnvRun); r != "" {
+		opts.Run = r
+	}
 	if opts.Run == "" {
 		opts.Run = "^TestGuest"
 	}

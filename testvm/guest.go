@@ -25,6 +25,9 @@ const (
 	// EnvBench, when set on the host, is the -test.bench regexp used by
 	// RunTestsInGuest when Options.Bench is empty (make bench).
 	EnvBench = "DMCONVERT_VM_BENCH"
+	// EnvRun, when set on the host, replaces Options.Run (to run one
+	// guest test: DMCONVERT_VM_RUN='^TestGuestHarness$').
+	EnvRun = "DMCONVERT_VM_RUN"
 	// EnvKeep, when "1" on the host, keeps the work directory (share,
 	// disk images, console log) of every run, not only of failed ones.
 	EnvKeep = "DMCONVERT_VM_KEEP"
