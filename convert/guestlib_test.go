@@ -1,0 +1,385 @@
+package convert
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"hash/crc32"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// Helpers for the real-kernel tests: build a live LVM stack on a disk,
+// keep writers busy on it, and verify every acknowledged write later,
+// possibly in another boot (the acknowledgements go to a separate state
+// disk).
+
+func sh(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func shOK(name string, args ...string) (string, error) {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	return string(out), err
+}
+
+// stack describes the LVM layout a test builds.
+type stack struct {
+	Disk    string   `json:"disk"`
+	VG      string   `json:"vg"`
+	PVSize  uint64   `json:"pv_size_sectors"`
+	Mounts  []string `json:"mounts"` // mount points of the file system LVs
+	RawLV   string   `json:"raw_lv"` // device path of the raw LV
+	FSLVs   []string `json:"fs_lvs"` // lv names with a file system, in Mounts order
+	FSTypes []string `json:"fs_types"`
+	Sizes   []uint64 `json:"fs_sizes"` // file system sizes in bytes, to check after
+}
+
+// buildStack makes a PV on disk (leaving 2*header of room at the end),
+// a VG with an ext4 LV, an xfs LV and a raw LV, mounts the file systems
+// and fills them with files whose checksums go into a manifest on the
+// state directory.
+func buildStack(t testing.TB, disk, state string, header uint64) *stack {
+	t.Helper()
+	size := diskSectors(t, disk)
+	pvSize := size - 2*header
+	sh(t, "pvcreate", "-y", "--setphysicalvolumesize", fmt.Sprintf("%ds", pvSize), disk)
+	sh(t, "vgcreate", "-y", "vgt", disk)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "96m", "vgt")
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "xfs", "-L", "304m", "vgt")
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "24m", "vgt")
+	sh(t, "vgchange", "-ay", "vgt")
+	st := &stack{Disk: disk, VG: "vgt", PVSize: pvSize, RawLV: "/dev/mapper/vgt-raw"}
+	for _, fs := range []struct{ lv, typ string }{{"ext", "ext4"}, {"xfs", "xfs"}} {
+		dev := "/dev/mapper/vgt-" + fs.lv
+		mp := "/mnt/" + fs.lv
+		if fs.typ == "ext4" {
+			sh(t, "mkfs.ext4", "-q", "-F", dev)
+		} else {
+			sh(t, "mkfs.xfs", "-q", "-f", dev)
+		}
+		os.MkdirAll(mp, 0o755)
+		sh(t, "mount", dev, mp)
+		st.Mounts = append(st.Mounts, mp)
+		st.FSLVs = append(st.FSLVs, fs.lv)
+		st.FSTypes = append(st.FSTypes, fs.typ)
+		st.Sizes = append(st.Sizes, blockDevBytes(t, dev))
+	}
+	// Files with known content, spread over the file systems.
+	var manifest []string
+	for i, mp := range st.Mounts {
+		dir := filepath.Join(mp, "data")
+		os.MkdirAll(dir, 0o755)
+		for j := 0; j < 12; j++ {
+			b := make([]byte, 256<<10+j*4096)
+			rand.Read(b)
+			p := filepath.Join(dir, fmt.Sprintf("f%d-%d", i, j))
+			if err := os.WriteFile(p, b, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			sum := sha256.Sum256(b)
+			manifest = append(manifest, hex.EncodeToString(sum[:])+"  "+strings.TrimPrefix(p, mp+"/")+"  "+st.FSLVs[i])
+		}
+	}
+	sh(t, "sync")
+	if err := os.WriteFile(filepath.Join(state, "manifest"), []byte(strings.Join(manifest, "\n")+"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(st)
+	if err := os.WriteFile(filepath.Join(state, "stack.json"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	syncDir(t, state)
+	return st
+}
+
+func syncDir(t testing.TB, dir string) {
+	f, err := os.Open(dir)
+	if err == nil {
+		f.Sync()
+		f.Close()
+	}
+}
+
+func loadStack(t testing.TB, state string) *stack {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(state, "stack.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st stack
+	if err := json.Unmarshal(b, &st); err != nil {
+		t.Fatal(err)
+	}
+	return &st
+}
+
+func diskSectors(t testing.TB, dev string) uint64 {
+	return blockDevBytes(t, dev) / 512
+}
+
+func blockDevBytes(t testing.TB, dev string) uint64 {
+	t.Helper()
+	out := strings.TrimSpace(sh(t, "blockdev", "--getsize64", dev))
+	n, err := strconv.ParseUint(out, 10, 64)
+	if err != nil {
+		t.Fatalf("blockdev %s: %q", dev, out)
+	}
+	return n
+}
+
+// mountState formats (first time) and mounts the state disk.
+func mountState(t testing.TB, dev string, format bool) string {
+	t.Helper()
+	if format {
+		sh(t, "mkfs.ext4", "-q", "-F", dev)
+	}
+	os.MkdirAll("/state", 0o755)
+	if out, err := shOK("mountpoint", "-q", "/state"); err != nil {
+		_ = out
+		sh(t, "mount", dev, "/state")
+	}
+	return "/state"
+}
+
+// --- the writer ------------------------------------------------------
+
+// record is one 4 KiB block a writer writes: magic, writer id, sequence
+// number, CRC, random payload.
+const recSize = 4096
+
+var recMagic = []byte("DMCVREC1")
+
+func makeRecord(id, seq uint64) []byte {
+	b := make([]byte, recSize)
+	copy(b, recMagic)
+	binary.LittleEndian.PutUint64(b[8:], id)
+	binary.LittleEndian.PutUint64(b[16:], seq)
+	rand.Read(b[32:])
+	binary.LittleEndian.PutUint32(b[24:], crc32.ChecksumIEEE(b[32:]))
+	return b
+}
+
+func parseRecord(b []byte) (id, seq uint64, ok bool) {
+	if !bytes.HasPrefix(b, recMagic) {
+		return 0, 0, false
+	}
+	if crc32.ChecksumIEEE(b[32:recSize]) != binary.LittleEndian.Uint32(b[24:]) {
+		return 0, 0, false
+	}
+	return binary.LittleEndian.Uint64(b[8:]), binary.LittleEndian.Uint64(b[16:]), true
+}
+
+// writer appends records to files on the mounted file systems and writes
+// them round-robin into slots of the raw LV, fsyncing each one; after
+// the fsync returns, the record's sequence number is appended to an
+// acknowledgement log on the state disk (fsynced too). What the log
+// lists must survive anything.
+type writer struct {
+	st      *stack
+	ackPath string
+	stop    chan struct{}
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	acks    int
+	maxGap  time.Duration // the longest time one write+fsync took
+	errs    []error
+}
+
+const rawSlots = 64
+
+func startWriter(t testing.TB, st *stack, state string) *writer {
+	w := &writer{st: st, ackPath: filepath.Join(state, "acks"), stop: make(chan struct{})}
+	ack, err := os.OpenFile(w.ackPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	targets := len(st.Mounts) + 1
+	for id := 0; id < targets; id++ {
+		w.wg.Add(1)
+		go func(id int) {
+			defer w.wg.Done()
+			var f *os.File
+			var err error
+			if id < len(st.Mounts) {
+				f, err = os.OpenFile(filepath.Join(st.Mounts[id], "records"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+			} else {
+				f, err = os.OpenFile(st.RawLV, os.O_WRONLY, 0)
+			}
+			if err != nil {
+				w.fail(err)
+				return
+			}
+			defer f.Close()
+			for seq := uint64(0); ; seq++ {
+				select {
+				case <-w.stop:
+					return
+				default:
+				}
+				rec := makeRecord(uint64(id), seq)
+				t0 := time.Now()
+				if id < len(st.Mounts) {
+					_, err = f.Write(rec)
+				} else {
+					_, err = f.WriteAt(rec, int64(seq%rawSlots)*recSize)
+				}
+				if err == nil {
+					err = f.Sync()
+				}
+				if err != nil {
+					w.fail(err)
+					return
+				}
+				d := time.Since(t0)
+				w.mu.Lock()
+				if d > w.maxGap {
+					w.maxGap = d
+				}
+				fmt.Fprintf(ack, "%d %d\n", id, seq)
+				ack.Sync()
+				w.acks++
+				w.mu.Unlock()
+				time.Sleep(5 * time.Millisecond)
+			}
+		}(id)
+	}
+	return w
+}
+
+func (w *writer) fail(err error) {
+	w.mu.Lock()
+	w.errs = append(w.errs, err)
+	w.mu.Unlock()
+}
+
+func (w *writer) finish(t testing.TB) (acks int, maxGap time.Duration) {
+	close(w.stop)
+	w.wg.Wait()
+	if len(w.errs) > 0 {
+		t.Fatalf("writer failed: %v", w.errs)
+	}
+	return w.acks, w.maxGap
+}
+
+// verifyStack checks, on an active stack (LVs under /dev/mapper/vgt-*):
+// fsck clean with the sizes recorded, every manifest file, every
+// acknowledged record.
+func verifyStack(t testing.TB, st *stack, state string) {
+	t.Helper()
+	for _, mp := range st.Mounts {
+		shOK("umount", mp)
+	}
+	for i, lv := range st.FSLVs {
+		dev := "/dev/mapper/vgt-" + lv
+		if got := blockDevBytes(t, dev); got != st.Sizes[i] {
+			t.Fatalf("%s is %d bytes, was %d", dev, got, st.Sizes[i])
+		}
+		if st.FSTypes[i] == "ext4" {
+			sh(t, "e2fsck", "-f", "-n", dev)
+			out := sh(t, "dumpe2fs", "-h", dev)
+			var blocks, bsize uint64
+			for _, l := range strings.Split(out, "\n") {
+				if v, ok := strings.CutPrefix(l, "Block count:"); ok {
+					blocks, _ = strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+				}
+				if v, ok := strings.CutPrefix(l, "Block size:"); ok {
+					bsize, _ = strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+				}
+			}
+			if blocks*bsize == 0 || blocks*bsize > st.Sizes[i] {
+				t.Fatalf("ext4 on %s claims %d bytes on a %d-byte device", dev, blocks*bsize, st.Sizes[i])
+			}
+		} else {
+			sh(t, "xfs_repair", "-n", dev)
+		}
+		sh(t, "mount", dev, st.Mounts[i])
+	}
+	// Files.
+	man, err := os.ReadFile(filepath.Join(state, "manifest"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nfiles := 0
+	for _, l := range strings.Split(strings.TrimSpace(string(man)), "\n") {
+		f := strings.Fields(l)
+		mp := "/mnt/" + f[2]
+		b, err := os.ReadFile(filepath.Join(mp, f[1]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		sum := sha256.Sum256(b)
+		if hex.EncodeToString(sum[:]) != f[0] {
+			t.Fatalf("file %s/%s changed", mp, f[1])
+		}
+		nfiles++
+	}
+	// Records: every acknowledged one is there.
+	acks, _ := os.ReadFile(filepath.Join(state, "acks"))
+	last := map[uint64]uint64{}    // writer id -> highest acked seq
+	slotAck := map[uint64]uint64{} // raw slot -> highest acked seq
+	hasAck := map[uint64]bool{}    // raw slot acked at all
+	for _, l := range strings.Split(strings.TrimSpace(string(acks)), "\n") {
+		var id, seq uint64
+		if _, err := fmt.Sscanf(l, "%d %d", &id, &seq); err != nil {
+			continue // a torn last line of the log itself
+		}
+		if seq >= last[id] {
+			last[id] = seq
+		}
+		if int(id) == len(st.Mounts) {
+			s := seq % rawSlots
+			if !hasAck[s] || seq > slotAck[s] {
+				slotAck[s], hasAck[s] = seq, true
+			}
+		}
+	}
+	nrec := 0
+	for i, mp := range st.Mounts {
+		b, err := os.ReadFile(filepath.Join(mp, "records"))
+		if err != nil {
+			if os.IsNotExist(err) && last[uint64(i)] == 0 {
+				continue
+			}
+			t.Fatal(err)
+		}
+		for seq := uint64(0); seq <= last[uint64(i)]; seq++ {
+			off := seq * recSize
+			if off+recSize > uint64(len(b)) {
+				t.Fatalf("%s/records: acknowledged record %d missing (file has %d bytes)", mp, seq, len(b))
+			}
+			id, s, ok := parseRecord(b[off : off+recSize])
+			if !ok || id != uint64(i) || s != seq {
+				t.Fatalf("%s/records: record %d damaged", mp, seq)
+			}
+			nrec++
+		}
+	}
+	raw, err := os.ReadFile(st.RawLV)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for s, seq := range slotAck {
+		id, got, ok := parseRecord(raw[s*recSize : (s+1)*recSize])
+		if !ok || id != uint64(len(st.Mounts)) || got < seq || got%rawSlots != s {
+			t.Fatalf("raw LV slot %d: acknowledged record %d missing (found ok=%v seq=%d)", s, seq, ok, got)
+		}
+		nrec++
+	}
+	t.Logf("verified %d files and %d acknowledged records", nfiles, nrec)
+}
