@@ -66,7 +66,7 @@ func (c *Client) Discover(ctx context.Context, device string) (*PVInfo, error) {
 }
 
 func (c *Client) discover(ctx context.Context, device string, lock lockMode) (*PVInfo, error) {
-	dev, err := blockDevice(device)
+	dev, err := c.blockDevice(device)
 	if err != nil {
 		return nil, err
 	}
@@ -82,7 +82,7 @@ func (c *Client) discover(ctx context.Context, device string, lock lockMode) (*P
 	if err != nil {
 		return nil, fmt.Errorf("reporting volume group %s of %s: %w", look.vgName, device, err)
 	}
-	label, err := ReadLabel(device)
+	label, err := c.label(device)
 	if err != nil {
 		return nil, err
 	}
@@ -111,7 +111,7 @@ func (c *Client) lookupPV(ctx context.Context, device string, dev dmtable.Dev, l
 	if row == nil {
 		// lvm lists nothing (and exits 5) both for a device without a
 		// label and for one it filters out; the label tells them apart.
-		if _, lerr := ReadLabel(device); lerr != nil {
+		if _, lerr := c.label(device); lerr != nil {
 			if errors.Is(lerr, errNoLabel) {
 				return nil, &NotPVError{Device: device}
 			}
@@ -356,6 +356,7 @@ func parseAreas(s string, vg *VG) ([]SegmentArea, error) {
 		} else if vg.LV(name) != nil {
 			a.LV = unbracket(name)
 		} else if strings.HasPrefix(name, "/") || name == "[unknown]" {
+			// a PV lvm names but cannot tell apart (several missing)
 			a.PV = name
 		} else {
 			return nil, fmt.Errorf("%w: segment device %q is neither a PV nor an LV of VG %s", ErrBadReport, item, vg.Name)
@@ -365,13 +366,19 @@ func parseAreas(s string, vg *VG) ([]SegmentArea, error) {
 	return out, nil
 }
 
+// pvByName finds the VG's PV lvm prints as name; nil when none or when
+// the name is ambiguous (several missing PVs are all "[unknown]").
 func (vg *VG) pvByName(name string) *VGPV {
+	var found *VGPV
 	for i := range vg.PVs {
-		if vg.PVs[i].Name == name && !vg.PVs[i].Missing {
-			return &vg.PVs[i]
+		if vg.PVs[i].Name == name {
+			if found != nil {
+				return nil
+			}
+			found = &vg.PVs[i]
 		}
 	}
-	return nil
+	return found
 }
 
 func sortSegments(s []PVSegment) {

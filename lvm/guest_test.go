@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,7 +13,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -45,31 +45,92 @@ const envFixtures = "DMCONVERT_LVM_FIXTURES"
 // to activate a thin pool without it.
 const guestConfig = `global { thin_check_executable="" }`
 
-var fixtureSeq atomic.Int64
-
 // guestClient is the Client guest tests use: the guest config, and the
 // fixture recorder when asked for.
 func guestClient(t *testing.T) *Client {
 	c := &Client{Config: guestConfig}
-	dir := os.Getenv(envFixtures)
-	if dir == "" {
-		return c
+	record(t, c)
+	return c
+}
+
+// recorder writes what a Client sees (lvm's argv and outputs, device
+// numbers, label sectors) as numbered files in the directory of the
+// current scene; replay_test.go plays such a directory back. Scenes are
+// named by the guest tests (scene(c, "discover-mixed")).
+type recorder struct {
+	root  string
+	scene string
+	seq   int
+}
+
+var recorders = map[*Client]*recorder{}
+
+func record(t *testing.T, c *Client) {
+	root := os.Getenv(envFixtures)
+	if root == "" {
+		return
 	}
-	if !filepath.IsAbs(dir) {
-		dir = filepath.Join(testvm.GuestFile(""), dir)
+	if !filepath.IsAbs(root) {
+		root = filepath.Join(testvm.GuestFile(""), root)
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
+	r := &recorder{root: root, scene: t.Name()}
+	recorders[c] = r
 	c.Trace = func(args []string, stdout, stderr []byte, code int) {
-		n := fixtureSeq.Add(1)
-		base := filepath.Join(dir, fmt.Sprintf("%s-%03d-%s", t.Name(), n, args[1]))
+		base := r.next("lvm")
 		os.WriteFile(base+".args", []byte(strings.Join(args, "\n")+"\n"), 0o644)
 		os.WriteFile(base+".stdout", stdout, 0o644)
 		os.WriteFile(base+".stderr", stderr, 0o644)
 		os.WriteFile(base+".rc", []byte(strconv.Itoa(code)+"\n"), 0o644)
 	}
-	return c
+	c.statDev = func(path string) (dmtable.Dev, error) {
+		d, err := blockDevice(path)
+		res := d.String()
+		if err != nil {
+			res = "error " + err.Error()
+		}
+		os.WriteFile(r.next("stat")+".txt", []byte(path+"\n"+res+"\n"), 0o644)
+		return d, err
+	}
+	c.readLabel = func(path string) (*Label, error) {
+		base := r.next("label")
+		os.WriteFile(base+".path", []byte(path+"\n"), 0o644)
+		f, err := os.Open(path)
+		if err != nil {
+			os.WriteFile(base+".err", []byte(err.Error()+"\n"), 0o644)
+			return ReadLabel(path)
+		}
+		defer f.Close()
+		buf := make([]byte, labelScanSectors*dmtable.SectorSize)
+		if _, err := io.ReadFull(f, buf); err != nil {
+			os.WriteFile(base+".err", []byte(err.Error()+"\n"), 0o644)
+		} else {
+			os.WriteFile(base+".bin", buf, 0o644)
+		}
+		return ReadLabel(path)
+	}
+}
+
+// scene starts a new fixture directory for c's next calls.
+func scene(c *Client, name string) {
+	if r := recorders[c]; r != nil {
+		r.scene, r.seq = name, 0
+	}
+}
+
+// saveFixture stores extra data (a devices file) in c's current scene.
+func saveFixture(c *Client, name string, data []byte) {
+	if r := recorders[c]; r != nil {
+		dir := filepath.Join(r.root, r.scene)
+		os.MkdirAll(dir, 0o755)
+		os.WriteFile(filepath.Join(dir, name), data, 0o644)
+	}
+}
+
+func (r *recorder) next(kind string) string {
+	dir := filepath.Join(r.root, r.scene)
+	os.MkdirAll(dir, 0o755)
+	r.seq++
+	return filepath.Join(dir, fmt.Sprintf("%03d-%s", r.seq, kind))
 }
 
 // sh runs a tool in the guest and fails the test if it fails.
@@ -180,6 +241,7 @@ func TestGuestDiscover(t *testing.T) {
 	t.Cleanup(func() { exec.Command("lvm", "vgremove", "--config", guestConfig, "-ff", "-y", "dvg").Run() })
 
 	c := guestClient(t)
+	scene(c, "discover-mixed-a")
 	p, err := c.Discover(ctx, a)
 	if err != nil {
 		t.Fatal(err)
@@ -290,6 +352,7 @@ func TestGuestDiscover(t *testing.T) {
 	if got, want := names(p.LVs()), []string{"inact", "lin", "lvol0_pmspare", "pool_tdata", "pool_tmeta", "r1_rimage_0", "r1_rmeta_0", "snap", "striped"}; !slices.Equal(got, want) {
 		t.Errorf("LVs on %s: %v, want %v", a, got, want)
 	}
+	scene(c, "discover-mixed-b")
 	pb, err := c.Discover(ctx, b)
 	if err != nil {
 		t.Fatal(err)
@@ -357,22 +420,27 @@ func TestGuestDiscover(t *testing.T) {
 	}
 
 	// Not a PV: a blank disk; then an orphan PV; then a PV the filter hides.
+	scene(c, "discover-blank")
 	if _, err := c.Discover(ctx, orphan); !errors.Is(err, ErrNotPV) {
 		t.Errorf("blank disk: %v, want ErrNotPV", err)
 	} else if ne := new(NotPVError); !errors.As(err, &ne) || ne.Labelled {
 		t.Errorf("blank disk: %#v", err)
 	}
 	lvmSh(t, "pvcreate", "-q", orphan)
+	scene(c, "discover-orphan")
 	if _, err := c.Discover(ctx, orphan); !errors.Is(err, ErrNoVG) {
 		t.Errorf("orphan PV: %v, want ErrNoVG", err)
 	}
 	hidden := &Client{Config: fmt.Sprintf(`global { thin_check_executable="" } devices { filter=["r|^%s$|","a|.*|"] }`, orphan)}
+	record(t, hidden)
+	scene(hidden, "discover-filtered")
 	_, err = hidden.Discover(ctx, orphan)
 	if ne := new(NotPVError); !errors.As(err, &ne) || !ne.Labelled || !errors.Is(err, ErrNotPV) {
 		t.Errorf("filtered PV: %v, want a NotPVError with Labelled", err)
 	} else {
 		t.Logf("filtered PV: %v", err)
 	}
+	scene(c, "discover-devnull")
 	if _, err := c.Discover(ctx, "/dev/null"); err == nil {
 		t.Error("Discover(/dev/null) succeeded")
 	}
@@ -383,6 +451,7 @@ func TestGuestDiscover(t *testing.T) {
 	n := sectorsOf(t, b)
 	sh(t, "dmsetup", "create", "dcopy", "--table", fmt.Sprintf("0 %d linear %s 0", n, b))
 	defer exec.Command("dmsetup", "remove", "dcopy").Run()
+	scene(c, "discover-duplicate")
 	_, err = c.Discover(ctx, "/dev/mapper/dcopy")
 	var de *DuplicateError
 	if !errors.As(err, &de) || !errors.Is(err, ErrDuplicatePV) || de.Chosen != b || de.UUID != pb.UUID {
@@ -392,12 +461,33 @@ func TestGuestDiscover(t *testing.T) {
 	}
 	rc := *c
 	rc.Devices = []string{"/dev/mapper/dcopy", a}
+	scene(c, "discover-restricted")
 	pc, err := rc.Discover(ctx, "/dev/mapper/dcopy")
 	if err != nil {
 		t.Fatalf("Discover restricted to the copy: %v", err)
 	}
 	if pc.UUID != pb.UUID || pc.Name != "/dev/mapper/dcopy" || pc.Dev != devOf(t, "/dev/mapper/dcopy") {
 		t.Errorf("restricted Discover: %s %s %v", pc.UUID, pc.Name, pc.Dev)
+	}
+	if err := pc.Check(); err != nil {
+		t.Errorf("Check of the VG seen through the copy: %v", err)
+	}
+
+	// Restricted to a alone, the VG is partial: Discover works, Check
+	// refuses.
+	rc.Devices = []string{a}
+	scene(c, "discover-partial")
+	pp, err := rc.Discover(ctx, a)
+	if err != nil {
+		t.Fatalf("Discover of a partial VG: %v", err)
+	}
+	if err := pp.Check(); !errors.Is(err, ErrUnsupportedVG) || !pp.VG.Partial || pp.VG.MissingPVCount != 1 {
+		t.Errorf("partial VG: Check %v, partial %v, missing %d", err, pp.VG.Partial, pp.VG.MissingPVCount)
+	} else {
+		t.Logf("partial VG: %v", err)
+	}
+	if mb := pp.VG.PV(pb.UUID); mb == nil || !mb.Missing || !mb.Dev.IsZero() {
+		t.Errorf("missing PV entry: %+v", mb)
 	}
 }
 
@@ -423,6 +513,7 @@ func TestGuestFence(t *testing.T) {
 	if path != "/run/lock/lvm/V_fvg" {
 		t.Errorf("lock path %s", path)
 	}
+	scene(c, "fence-lock")
 	fe, err := c.LockVG(ctx, "fvg", 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
@@ -469,6 +560,7 @@ func TestGuestFence(t *testing.T) {
 		t.Logf("second LockVG: %v", err)
 	}
 	// Our fenced calls work, with the kernel state.
+	scene(c, "fence-discover")
 	p, err := fe.Discover(ctx, d)
 	if err != nil {
 		t.Fatalf("Fence.Discover: %v", err)
@@ -519,6 +611,7 @@ func TestGuestFence(t *testing.T) {
 	}
 
 	// A VG that does not exist: refused, nothing left behind.
+	scene(c, "fence-novg")
 	if _, err := c.LockVG(ctx, "novg", time.Second); !errors.Is(err, ErrNoSuchVG) {
 		t.Errorf("LockVG(novg): %v", err)
 	}
@@ -548,6 +641,7 @@ func TestGuestShrinkPV(t *testing.T) {
 	t.Cleanup(func() { exec.Command("lvm", "vgremove", "-ff", "-y", "svg").Run() })
 	c := guestClient(t)
 
+	scene(c, "shrink-refused")
 	p, err := c.Discover(ctx, a)
 	if err != nil {
 		t.Fatal(err)
@@ -569,6 +663,7 @@ func TestGuestShrinkPV(t *testing.T) {
 		t.Errorf("refused shrink changed the PV: %v", r)
 	}
 	// lvm refuses the same on its own, with ECMD_FAILED.
+	scene(c, "shrink-lvm-refuses")
 	_, err = c.Run(ctx, "pvresize", "-y", "--setphysicalvolumesize", "300000s", a)
 	var ce *CommandError
 	if !errors.As(err, &ce) || ce.ExitCode != ExitFailed {
@@ -576,6 +671,7 @@ func TestGuestShrinkPV(t *testing.T) {
 	}
 
 	// Exactly the minimum works.
+	scene(c, "shrink-min")
 	if err := c.ShrinkPV(ctx, a, wantMin); err != nil {
 		t.Fatalf("ShrinkPV to the minimum: %v", err)
 	}
@@ -584,6 +680,7 @@ func TestGuestShrinkPV(t *testing.T) {
 	}
 	// Free the tail, fit to a limit, shrink again.
 	lvmSh(t, "lvremove", "-q", "-y", "svg/tail")
+	scene(c, "shrink-fit")
 	p, err = c.Discover(ctx, a)
 	if err != nil {
 		t.Fatal(err)
@@ -607,6 +704,7 @@ func TestGuestShrinkPV(t *testing.T) {
 	}
 
 	// The PV with a second metadata area at its end: pvresize moves it.
+	scene(c, "shrink-2mda")
 	pb, err := c.Discover(ctx, b)
 	if err != nil {
 		t.Fatal(err)
@@ -643,6 +741,7 @@ func TestGuestShrinkPV(t *testing.T) {
 		t.Error("ShrinkPV beyond the device succeeded")
 	}
 	// GrowPV gives the space back.
+	scene(c, "grow")
 	if err := c.GrowPV(ctx, a); err != nil {
 		t.Fatal(err)
 	}
@@ -679,9 +778,7 @@ func TestGuestRefresh(t *testing.T) {
 	lvmSh(t, "lvcreate", "-q", "-y", "-n", "lv", "-L", "8m", "-an", "-Zn", "rvg")
 	t.Cleanup(func() { exec.Command("lvm", "vgremove", "-ff", "-y", "rvg").Run() })
 	c := &Client{Config: withDF}
-	if g := guestClient(t); g.Trace != nil {
-		c.Trace = g.Trace
-	}
+	record(t, c)
 
 	// No devices file yet: Refresh only rescans.
 	path, inUse, err := c.DevicesFile(ctx)
@@ -704,21 +801,25 @@ func TestGuestRefresh(t *testing.T) {
 	if _, err := c.Discover(ctx, newDev); !errors.Is(err, ErrNotPV) {
 		t.Errorf("Discover before Refresh: %v, want ErrNotPV (not in the devices file)", err)
 	}
+	before, _ := os.ReadFile(path)
+	scene(c, "refresh")
+	saveFixture(c, "devices-before", before)
 	if err := c.Refresh(ctx, old, newDev); err != nil {
 		t.Fatal(err)
 	}
 	b, _ := os.ReadFile(path)
+	saveFixture(c, "devices-after", b)
 	t.Logf("devices file after Refresh:\n%s", b)
 	entries, err := ReadDevicesFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if e := findDevicesEntry(entries, newDev); e == nil || e.PVID != strings.ReplaceAll(p.UUID, "-", "") {
+	if e := c.findDevicesEntry(entries, newDev); e == nil || e.PVID != strings.ReplaceAll(p.UUID, "-", "") {
 		t.Errorf("no entry for %s with PVID %s: %+v", newDev, p.UUID, entries)
 	} else {
 		t.Logf("new entry: %+v", *e)
 	}
-	if e := findDevicesEntry(entries, old); e != nil {
+	if e := c.findDevicesEntry(entries, old); e != nil {
 		t.Errorf("entry for %s still there: %+v", old, *e)
 	}
 	q, err := c.Discover(ctx, newDev)
@@ -729,6 +830,7 @@ func TestGuestRefresh(t *testing.T) {
 		t.Errorf("after Refresh: PV %s in %s named %s", q.UUID, q.VG.Name, q.Name)
 	}
 	// A second Refresh is a no-op.
+	scene(c, "refresh-again")
 	if err := c.Refresh(ctx, old, newDev); err != nil {
 		t.Errorf("second Refresh: %v", err)
 	}
@@ -771,6 +873,7 @@ func TestGuestActivate(t *testing.T) {
 
 	// Only the copy: ona comes up on it; onb and both need b and are
 	// refused, which is an error.
+	scene(c, "activate-partial")
 	err := c.Activate(ctx, "avg", []string{"/dev/mapper/acopy"})
 	var ce *CommandError
 	if !errors.As(err, &ce) || ce.ExitCode != ExitFailed {
@@ -790,6 +893,7 @@ func TestGuestActivate(t *testing.T) {
 	lvmSh(t, "vgchange", "-an", "avg")
 
 	// The copy and b: everything comes up, nothing on the raw disk a.
+	scene(c, "activate")
 	if err := c.Activate(ctx, "avg", []string{"/dev/mapper/acopy", b}); err != nil {
 		t.Fatal(err)
 	}

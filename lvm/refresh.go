@@ -89,7 +89,7 @@ func (c *Client) activate(ctx context.Context, vg string, lvs, devices []string,
 // oldDevice may be "" (nothing to remove). Refresh takes no VG lock until
 // the final check, which does: call it after Fence.Release.
 func (c *Client) Refresh(ctx context.Context, oldDevice, newDevice string) error {
-	newDev, err := blockDevice(newDevice)
+	newDev, err := c.blockDevice(newDevice)
 	if err != nil {
 		return fmt.Errorf("refreshing lvm: %w", err)
 	}
@@ -118,9 +118,9 @@ func (c *Client) updateDevicesFile(ctx context.Context, path, oldDevice, newDevi
 	if err != nil {
 		return fmt.Errorf("refreshing lvm: %w", err)
 	}
-	newE := findDevicesEntry(entries, newDevice)
+	newE := c.findDevicesEntry(entries, newDevice)
 	if oldDevice != "" {
-		if oldE := findDevicesEntry(entries, oldDevice); oldE != nil && oldE != newE {
+		if oldE := c.findDevicesEntry(entries, oldDevice); oldE != nil && oldE != newE {
 			args := []string{"-y", "--deldev", oldE.DevName}
 			if oldE.PVID != "" {
 				// --delpvid removes every entry with the PVID, the
@@ -226,14 +226,14 @@ func parseDevicesFile(s string) []DevicesEntry {
 
 // findDevicesEntry finds the entry for device: same DEVNAME, or a DEVNAME
 // that is the same block device (a symlink such as /dev/disk/by-id/...).
-func findDevicesEntry(entries []DevicesEntry, device string) *DevicesEntry {
-	want, werr := blockDevice(device)
+func (c *Client) findDevicesEntry(entries []DevicesEntry, device string) *DevicesEntry {
+	want, werr := c.blockDevice(device)
 	for i, e := range entries {
 		if e.DevName == device {
 			return &entries[i]
 		}
 		if werr == nil && e.DevName != "" {
-			if d, err := blockDevice(e.DevName); err == nil && d == want {
+			if d, err := c.blockDevice(e.DevName); err == nil && d == want {
 				return &entries[i]
 			}
 		}

@@ -9,6 +9,8 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+
+	"github.com/dmconvert/dmconvert/dmtable"
 )
 
 // Client runs the lvm tools. The zero value is ready to use: it runs
@@ -41,8 +43,25 @@ type Client struct {
 	// output and its exit code (-1 when it did not run to an exit).
 	Trace func(args []string, stdout, stderr []byte, exitCode int)
 
-	// exec replaces process execution in unit tests.
-	exec func(ctx context.Context, argv, env []string) (stdout, stderr []byte, exitCode int, err error)
+	// exec, statDev and readLabel replace process execution and device
+	// access in unit tests (nil: the real thing).
+	exec      func(ctx context.Context, argv, env []string) (stdout, stderr []byte, exitCode int, err error)
+	statDev   func(path string) (dmtable.Dev, error)
+	readLabel func(path string) (*Label, error)
+}
+
+func (c *Client) blockDevice(path string) (dmtable.Dev, error) {
+	if c.statDev != nil {
+		return c.statDev(path)
+	}
+	return blockDevice(path)
+}
+
+func (c *Client) label(path string) (*Label, error) {
+	if c.readLabel != nil {
+		return c.readLabel(path)
+	}
+	return ReadLabel(path)
 }
 
 // flags that change how a command takes LVM's locks.
