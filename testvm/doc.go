@@ -56,10 +56,15 @@
 //     that).
 //   - Share: a host directory mounted read-write with 9p (msize 512000) at
 //     /share (GuestShare, $DMCONVERT_GUEST_SHARE); scripts and test
-//     binaries start there. Options.Files land under it (GuestFile). The
+//     binaries start there. Results can be written there. The
 //     host's control files live in /share/.testvm: run.sh (environment and
 //     script), exit (the exit status), dmesg (saved after the script),
 //     test.out (a guest test binary's output).
+//   - Files: RunTestsInGuest copies the test binary to /run/testvm and
+//     Options.Files to /run/testvm/files (GuestFile, GuestFilesDir), both
+//     tmpfs: executing from 9p costs seconds per program start. The
+//     package's testdata directory is copied to /share/testdata, so
+//     relative paths work as on the host.
 //   - Environment: root, DMCONVERT_GUEST=1, DM_DISABLE_UDEV=1 (there is no
 //     udev: libdevmapper creates /dev/mapper nodes itself),
 //     PATH=/usr/sbin:/usr/bin, TMPDIR=/tmp (a tmpfs), LC_ALL=C, plus

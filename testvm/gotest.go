@@ -115,13 +115,20 @@ func RunTestsInGuest(t *testing.T, opts Options) {
 		t.Fatalf("CGO_ENABLED=0 go test -c %s: %v\n%s", pkg, err, out)
 	}
 	buildTime := time.Since(start)
+	files := filepath.Join(share, "files")
 	for name, host := range opts.Files {
-		dst := filepath.Join(share, name)
-		if !strings.HasPrefix(dst, share+string(filepath.Separator)) || strings.HasPrefix(name, ".testvm") {
+		dst := filepath.Join(files, name)
+		if !strings.HasPrefix(dst, files+string(filepath.Separator)) {
 			t.Fatalf("Options.Files: bad guest name %q", name)
 		}
 		if err := copyFile(host, dst); err != nil {
 			t.Fatalf("Options.Files[%q]: %v", name, err)
+		}
+	}
+	// the package's testdata, so relative paths work as on the host
+	if st, err := os.Stat("testdata"); err == nil && st.IsDir() {
+		if err := copyTree("testdata", filepath.Join(share, "testdata")); err != nil {
+			t.Fatalf("copying testdata: %v", err)
 		}
 	}
 	var disks []string
@@ -141,7 +148,9 @@ func RunTestsInGuest(t *testing.T, opts Options) {
 	if guestTimeout < opts.Timeout*9/10 {
 		guestTimeout = opts.Timeout * 9 / 10
 	}
-	args := []string{"./" + bin, "-test.v=test2json", "-test.count=1",
+	// Executing from 9p costs seconds (every page fault is a round trip
+	// to the host): the binary and the files run from a tmpfs copy.
+	args := []string{guestRunDir + "/" + bin, "-test.v=test2json", "-test.count=1",
 		"-test.run", opts.Run, "-test.timeout", guestTimeout.String()}
 	if opts.Bench != "" {
 		args = append(args, "-test.bench", opts.Bench, "-test.benchmem")
@@ -150,7 +159,11 @@ func RunTestsInGuest(t *testing.T, opts Options) {
 	for i, a := range args {
 		quoted[i] = shellQuote(a)
 	}
-	script := "set -o pipefail\n" + strings.Join(quoted, " ") + " 2>&1 | tee .testvm/test.out\n"
+	script := "set -o pipefail\n" +
+		"mkdir -p " + GuestFilesDir + "\n" +
+		"if [ -d files ]; then cp -a files/. " + GuestFilesDir + "/; fi\n" +
+		"cp " + shellQuote(bin) + " " + guestRunDir + "/\n" +
+		strings.Join(quoted, " ") + " 2>&1 | tee .testvm/test.out\n"
 
 	console, err := os.Create(filepath.Join(work, "console.log"))
 	if err != nil {
@@ -391,6 +404,23 @@ func goOutput(ctx context.Context, dir string, args ...string) (string, error) {
 func goCombined(ctx context.Context, dir string, args ...string) (string, error) {
 	out, err := goCmd(ctx, dir, args...).CombinedOutput()
 	return string(out), err
+}
+
+// copyTree copies a directory tree of regular files.
+func copyTree(src, dst string) error {
+	return filepath.WalkDir(src, func(p string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(src, p)
+		if d.IsDir() {
+			return os.MkdirAll(filepath.Join(dst, rel), 0o755)
+		}
+		if !d.Type().IsRegular() {
+			return nil
+		}
+		return copyFile(p, filepath.Join(dst, rel))
+	})
 }
 
 // copyFile copies a host file into the share, keeping its permission

@@ -76,17 +76,20 @@ func GuestDisks() []string {
 	return strings.Split(v, ",")
 }
 
+// GuestFilesDir is where, inside the guest, RunTestsInGuest puts the
+// Options.Files (a tmpfs copy: executing from the 9p share costs seconds).
+const GuestFilesDir = "/run/testvm/files"
+
+// guestRunDir holds the guest's copy of the test binary.
+const guestRunDir = "/run/testvm"
+
 // GuestFile returns the guest path of a file passed in with
 // Options.Files (name is the key used there). On the host it returns "".
 func GuestFile(name string) string {
 	if !InGuest() {
 		return ""
 	}
-	share := os.Getenv(EnvGuestShare)
-	if share == "" {
-		share = GuestShare
-	}
-	return filepath.Join(share, name)
+	return filepath.Join(GuestFilesDir, name)
 }
 
 // guestDiskNames returns the device paths the guest will see for n

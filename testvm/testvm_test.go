@@ -167,7 +167,7 @@ func TestEnvHelpers(t *testing.T) {
 	t.Setenv(EnvGuest, "1")
 	t.Setenv(EnvGuestDisks, "/dev/vda,/dev/vdb")
 	t.Setenv(EnvGuestShare, "/share")
-	if !InGuest() || !reflect.DeepEqual(GuestDisks(), []string{"/dev/vda", "/dev/vdb"}) || GuestFile("bin/x") != "/share/bin/x" {
+	if !InGuest() || !reflect.DeepEqual(GuestDisks(), []string{"/dev/vda", "/dev/vdb"}) || GuestFile("bin/x") != "/run/testvm/files/bin/x" {
 		t.Fatalf("guest helpers: %v %v %q", InGuest(), GuestDisks(), GuestFile("bin/x"))
 	}
 	t.Setenv(EnvVM, "1")

@@ -343,7 +343,7 @@ func TestGuestCryptsetup(t *testing.T) {
 func TestGuestFiles(t *testing.T) {
 	RequireGuest(t)
 	p := GuestFile("bin/testvm")
-	if p != GuestShare+"/bin/testvm" {
+	if p != GuestFilesDir+"/bin/testvm" {
 		t.Errorf("GuestFile = %q", p)
 	}
 	out, err := exec.Command(p, "help").CombinedOutput()
