@@ -33,5 +33,5 @@ echo "== go test ${args[*]} ./...  (DMCONVERT_VM=1: guest tests run inside QEMU)
 rc=0
 go test "${args[@]}" ./... || rc=$?
 echo "== guest tests"
-"$tool/testvm" report "$reports" || rc=1
+"$tool/testvm" report -module . "$reports" || rc=1
 exit $rc

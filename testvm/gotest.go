@@ -318,6 +318,9 @@ func (rep *Report) count(results []*guestResult) {
 			}
 			continue
 		}
+		if r.Action != "" {
+			rep.Tests = append(rep.Tests, r.Name)
+		}
 		switch {
 		case r.Action == "pass" && len(r.Skips) == 0:
 			rep.Ran++

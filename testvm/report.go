@@ -1,8 +1,13 @@
 package testvm
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
+	"go/ast"
+	"go/parser"
+	"go/token"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
@@ -13,17 +18,18 @@ import (
 // $DMCONVERT_VM_REPORT_DIR (one file per run), so make test can print
 // the total of guest tests across packages.
 type Report struct {
-	Package       string  `json:"package"`        // import path of the package under test
-	Test          string  `json:"test"`           // the host test that booted the VM (TestVM)
-	Kernel        string  `json:"kernel"`         // guest uname -r
-	KernelPackage string  `json:"kernel_package"` // Debian package and version
-	Ran           int     `json:"ran"`            // top-level guest tests that reported a result
-	Passed        int     `json:"passed"`
-	Failed        int     `json:"failed"`
-	Skipped       int     `json:"skipped"`
-	Benchmarks    int     `json:"benchmarks"`
-	BootSeconds   float64 `json:"boot_seconds"`  // QEMU start to the guest being ready
-	TotalSeconds  float64 `json:"total_seconds"` // QEMU start to QEMU exit
+	Package       string   `json:"package"`        // import path of the package under test
+	Test          string   `json:"test"`           // the host test that booted the VM (TestVM)
+	Kernel        string   `json:"kernel"`         // guest uname -r
+	KernelPackage string   `json:"kernel_package"` // Debian package and version
+	Ran           int      `json:"ran"`            // top-level guest tests that reported a result
+	Passed        int      `json:"passed"`
+	Failed        int      `json:"failed"`
+	Skipped       int      `json:"skipped"`
+	Benchmarks    int      `json:"benchmarks"`
+	Tests         []string `json:"tests"`         // names of the guest tests that reported a result
+	BootSeconds   float64  `json:"boot_seconds"`  // QEMU start to the guest being ready
+	TotalSeconds  float64  `json:"total_seconds"` // QEMU start to QEMU exit
 }
 
 func (r Report) write(dir string) error {
@@ -66,4 +72,96 @@ func ReadReports(dir string) ([]Report, error) {
 		return out[i].Test < out[j].Test
 	})
 	return out, nil
+}
+
+// DeclaredGuestTests scans a module for guest tests: it returns, per
+// package import path, the names of the TestGuest* functions its test
+// files declare. make test checks each of them ran in some VM (a package
+// whose TestVM is missing or skipped would otherwise go unnoticed).
+func DeclaredGuestTests(moduleRoot string) (map[string][]string, error) {
+	modPath, err := modulePath(filepath.Join(moduleRoot, "go.mod"))
+	if err != nil {
+		return nil, err
+	}
+	out := map[string][]string{}
+	fset := token.NewFileSet()
+	err = filepath.WalkDir(moduleRoot, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		name := d.Name()
+		if d.IsDir() {
+			if p != moduleRoot && (name == "testdata" || name == "vendor" || strings.HasPrefix(name, ".") || strings.HasPrefix(name, "_")) {
+				return filepath.SkipDir
+			}
+			if p != moduleRoot {
+				if _, err := os.Stat(filepath.Join(p, "go.mod")); err == nil {
+					return filepath.SkipDir // another module
+				}
+			}
+			return nil
+		}
+		if !strings.HasSuffix(name, "_test.go") {
+			return nil
+		}
+		f, err := parser.ParseFile(fset, p, nil, parser.SkipObjectResolution)
+		if err != nil {
+			return fmt.Errorf("testvm: %w", err)
+		}
+		rel, _ := filepath.Rel(moduleRoot, filepath.Dir(p))
+		pkg := modPath
+		if rel != "." {
+			pkg += "/" + filepath.ToSlash(rel)
+		}
+		for _, decl := range f.Decls {
+			fn, ok := decl.(*ast.FuncDecl)
+			if ok && fn.Recv == nil && strings.HasPrefix(fn.Name.Name, "TestGuest") {
+				out[pkg] = append(out[pkg], fn.Name.Name)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	for _, names := range out {
+		sort.Strings(names)
+	}
+	return out, nil
+}
+
+func modulePath(gomod string) (string, error) {
+	f, err := os.Open(gomod)
+	if err != nil {
+		return "", fmt.Errorf("testvm: %w", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if m, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "module "); ok {
+			return strings.Trim(strings.TrimSpace(m), `"`), nil
+		}
+	}
+	return "", fmt.Errorf("testvm: %s has no module line", gomod)
+}
+
+// MissingGuestTests returns, sorted, "pkg.TestGuestX" for every declared
+// guest test that no report shows as run.
+func MissingGuestTests(declared map[string][]string, reps []Report) []string {
+	ran := map[string]bool{}
+	for _, r := range reps {
+		for _, n := range r.Tests {
+			ran[r.Package+"."+n] = true
+		}
+	}
+	var missing []string
+	for pkg, names := range declared {
+		for _, n := range names {
+			if !ran[pkg+"."+n] {
+				missing = append(missing, pkg+"."+n)
+			}
+		}
+	}
+	sort.Strings(missing)
+	return missing
 }

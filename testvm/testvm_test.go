@@ -329,7 +329,42 @@ func TestGuestSubSkip(t *testing.T) { t.Run("a", func(t *testing.T) { t.Skip("x"
 		t.Fatal(err)
 	}
 	back, err := ReadReports(rdir)
-	if err != nil || len(back) != 1 || back[0] != rep {
+	if err != nil || len(back) != 1 || !reflect.DeepEqual(back[0], rep) {
 		t.Fatalf("ReadReports = %+v, %v", back, err)
+	}
+}
+
+func TestDeclaredGuestTests(t *testing.T) {
+	root := t.TempDir()
+	files := map[string]string{
+		"go.mod":               "module example.com/m\n\ngo 1.21\n",
+		"a/a_test.go":          "package a\nimport \"testing\"\nfunc TestGuestOne(t *testing.T) {}\nfunc TestGuestTwo(t *testing.T) {}\nfunc TestHost(t *testing.T) {}\n",
+		"a/b/b_test.go":        "package b\nimport \"testing\"\ntype x struct{}\nfunc (x) TestGuestMethod() {}\nfunc TestGuestB(t *testing.T) {}\n",
+		"a/testdata/t_test.go": "package t\nimport \"testing\"\nfunc TestGuestIgnored(t *testing.T) {}\n",
+		"c/c.go":               "package c\nfunc TestGuestNotATestFile() {}\n",
+		"sub/go.mod":           "module example.com/other\n",
+		"sub/s_test.go":        "package s\nimport \"testing\"\nfunc TestGuestOtherModule(t *testing.T) {}\n",
+	}
+	for name, content := range files {
+		p := filepath.Join(root, name)
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := DeclaredGuestTests(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]string{
+		"example.com/m/a":   {"TestGuestOne", "TestGuestTwo"},
+		"example.com/m/a/b": {"TestGuestB"},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("DeclaredGuestTests = %v, want %v", got, want)
+	}
+	reps := []Report{{Package: "example.com/m/a", Tests: []string{"TestGuestOne"}}, {Package: "example.com/m/a", Tests: []string{"TestGuestTwo"}}}
+	if m := MissingGuestTests(got, reps); !reflect.DeepEqual(m, []string{"example.com/m/a/b.TestGuestB"}) {
+		t.Fatalf("MissingGuestTests = %v", m)
 	}
 }

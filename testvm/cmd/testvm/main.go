@@ -261,17 +261,20 @@ func demo(ctx context.Context, args []string) (int, error) {
 }
 
 func report(args []string) error {
-	if len(args) != 1 {
-		return errors.New("usage: testvm report DIR")
+	fs := flag.NewFlagSet("report", flag.ExitOnError)
+	module := fs.String("module", "", "module root: also fail if a TestGuest* function it declares ran in no VM")
+	fs.Parse(args)
+	if fs.NArg() != 1 {
+		return errors.New("usage: testvm report [-module DIR] REPORTDIR")
 	}
-	reps, err := testvm.ReadReports(args[0])
+	reps, err := testvm.ReadReports(fs.Arg(0))
 	if err != nil {
 		return err
 	}
 	var tot testvm.Report
 	for _, r := range reps {
-		fmt.Printf("vm: %-45s %-28s ran %3d: %3d passed, %d failed, %d skipped (boot %.1fs, %d benchmarks)\n",
-			r.Package+"."+r.Test, r.Kernel, r.Ran, r.Passed, r.Failed, r.Skipped, r.BootSeconds, r.Benchmarks)
+		fmt.Printf("vm: %-45s %-16s ran %3d: %3d passed, %d failed, %d skipped (boot %.1fs, VM %.1fs, %d benchmarks)\n",
+			r.Package+"."+r.Test, r.Kernel, r.Ran, r.Passed, r.Failed, r.Skipped, r.BootSeconds, r.TotalSeconds, r.Benchmarks)
 		tot.Ran += r.Ran
 		tot.Passed += r.Passed
 		tot.Failed += r.Failed
@@ -282,11 +285,24 @@ func report(args []string) error {
 	}
 	fmt.Printf("vm total: %d guest tests ran inside %d VM boots (guest kernel %s): %d passed, %d failed, %d skipped\n",
 		tot.Ran, len(reps), tot.Kernel, tot.Passed, tot.Failed, tot.Skipped)
+	var missing []string
+	if *module != "" {
+		declared, err := testvm.DeclaredGuestTests(*module)
+		if err != nil {
+			return err
+		}
+		missing = testvm.MissingGuestTests(declared, reps)
+		for _, m := range missing {
+			fmt.Printf("vm: guest test %s did not run in any VM (no TestVM, or its Options.Run misses it)\n", m)
+		}
+	}
 	switch {
 	case tot.Ran == 0:
 		return errors.New("no guest test ran inside the VM")
 	case tot.Failed > 0 || tot.Skipped > 0:
 		return fmt.Errorf("%d guest tests failed, %d skipped", tot.Failed, tot.Skipped)
+	case len(missing) > 0:
+		return fmt.Errorf("%d declared guest tests did not run", len(missing))
 	}
 	return nil
 }
