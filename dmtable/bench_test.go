@@ -34,14 +34,23 @@ func BenchmarkGuestSwap(b *testing.B) {
 	}
 	defer c.Remove(name)
 
+	// Time spent in each ioctl of the client's swaps, for the breakdown.
+	var tLoad, tSuspend, tResume time.Duration
 	swapClient := func(i int) error {
+		t0 := time.Now()
 		if _, err := c.Load(name, tables[i%2]); err != nil {
 			return err
 		}
+		t1 := time.Now()
 		if _, err := c.Suspend(name, 0); err != nil {
 			return err
 		}
+		t2 := time.Now()
 		_, err := c.Resume(name)
+		t3 := time.Now()
+		tLoad += t1.Sub(t0)
+		tSuspend += t2.Sub(t1)
+		tResume += t3.Sub(t2)
 		return err
 	}
 	swapDmsetup := func(i int) error {
@@ -62,6 +71,7 @@ func BenchmarkGuestSwap(b *testing.B) {
 	}{{"client", swapClient}, {"dmsetup", swapDmsetup}} {
 		for _, load := range []string{"idle", "writer"} {
 			b.Run(tool.name+"/"+load, func(b *testing.B) {
+				tLoad, tSuspend, tResume = 0, 0, 0
 				var stop func() (bytes int64, d time.Duration)
 				if load == "writer" {
 					stop = startWriter(b, c.NodePath(name), n)
@@ -76,6 +86,12 @@ func BenchmarkGuestSwap(b *testing.B) {
 				if stop != nil {
 					bytes, d := stop()
 					b.ReportMetric(float64(bytes)/d.Seconds()/(1<<20), "writer-MiB/s")
+				}
+				if tool.name == "client" {
+					n := float64(b.N)
+					b.ReportMetric(float64(tLoad.Microseconds())/n, "load-µs/op")
+					b.ReportMetric(float64(tSuspend.Microseconds())/n, "suspend-µs/op")
+					b.ReportMetric(float64(tResume.Microseconds())/n, "resume-µs/op")
 				}
 			})
 		}
