@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 	"unsafe"
 
@@ -77,10 +78,14 @@ func Open(o Options) (*Client, error) {
 	switch o.Udev {
 	case UdevOn:
 		c.udev = true
+		if err := semaphoresWork(); err != nil {
+			return nil, &OpError{Op: "open", Device: c.ctlPath, Err: fmt.Errorf("udev synchronisation needs SysV semaphores: %w", err)}
+		}
 	case UdevOff:
 		c.udev = false
 	default:
-		c.udev = UdevRunning()
+		// Like libdevmapper: without working semaphores, no udev sync.
+		c.udev = UdevRunning() && semaphoresWork() == nil
 	}
 	f, err := os.OpenFile(c.ctlPath, os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -608,9 +613,25 @@ func (c *Client) WaitEvent(ctx context.Context, name string, eventNr uint32) (In
 	if err := unix.Pipe2(p[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
 		return Info{}, &OpError{Op: "wait", Device: name, Err: err}
 	}
-	defer unix.Close(p[0])
-	defer unix.Close(p[1])
-	stop := context.AfterFunc(ctx, func() { unix.Write(p[1], []byte{0}) })
+	// The cancellation callback may still be running when we return (stop
+	// does not wait for it): it writes only while the pipe is open, under
+	// the mutex we hold to close it.
+	var mu sync.Mutex
+	closed := false
+	defer func() {
+		mu.Lock()
+		closed = true
+		unix.Close(p[0])
+		unix.Close(p[1])
+		mu.Unlock()
+	}()
+	stop := context.AfterFunc(ctx, func() {
+		mu.Lock()
+		if !closed {
+			unix.Write(p[1], []byte{0})
+		}
+		mu.Unlock()
+	})
 	defer stop()
 	for {
 		if _, err := c.ioctl(fd, &call{op: "wait", dev: name, cmd: cmdDevArmPoll}); err != nil {

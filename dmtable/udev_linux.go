@@ -126,6 +126,16 @@ func newCookie() (*cookie, error) {
 	return nil, errors.New("no free cookie value")
 }
 
+// semaphoresWork checks that SysV semaphores can be created here.
+func semaphoresWork() error {
+	ck, err := newCookie()
+	if err != nil {
+		return err
+	}
+	ck.destroy()
+	return nil
+}
+
 // value is the cookie as `dmsetup udevcomplete` and `dmsetup udevcookies`
 // show it: magic in the upper half.
 func (c *cookie) value() uint32 { return cookieMagic<<16 | uint32(c.base) }
