@@ -229,6 +229,13 @@ func TestGuestDiscover(t *testing.T) {
 	d := disks(t, 4)
 	a, b, orphan := d[0], d[1], d[3]
 	freshDisks(t, d...)
+	// lvm probes for the thin-pool and raid targets with /sbin/modprobe,
+	// which the guest may lack; load them first.
+	for _, m := range []string{"dm-thin-pool", "dm-raid", "raid1"} {
+		if _, err := shErr("modprobe", m); err != nil {
+			t.Logf("modprobe %s: %v", m, err)
+		}
+	}
 	lvmSh(t, "pvcreate", "-q", a, b)
 	lvmSh(t, "vgcreate", "-q", "-s", "4m", "dvg", a, b)
 	lvmSh(t, "lvcreate", "-q", "-y", "-n", "lin", "-L", "40m", "dvg", a)
