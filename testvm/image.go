@@ -475,6 +475,13 @@ func userlandTree() (tree, error) {
 		}
 		t.symlink("usr/bin/"+a, "busybox")
 	}
+	// Module tools where programs exec them: lvm runs /sbin/modprobe for
+	// a missing target (thin-pool, raid), the kernel its modprobe helper.
+	for _, a := range []string{"modprobe", "insmod", "rmmod", "lsmod", "modinfo", "depmod"} {
+		if !have[a] {
+			t.symlink("usr/sbin/"+a, "../bin/busybox")
+		}
+	}
 
 	t.data("init", 0o755, initScript)
 	t.data("etc/lvm/lvm.conf", 0o644, lvmConf)

@@ -32,7 +32,7 @@ t0=$(cut -d' ' -f1 /proc/uptime)
 # one busybox process for all of them (an exec costs ~30 ms under TCG)
 modprobe -a $(cat /etc/testvm/modules) || echo "[testvm] modprobe -a failed"
 # anything else the kernel asks for is loaded on demand
-echo /usr/bin/modprobe > /proc/sys/kernel/modprobe
+echo /usr/sbin/modprobe > /proc/sys/kernel/modprobe
 t1=$(cut -d' ' -f1 /proc/uptime)
 [ -e /dev/mapper/control ] || dmsetup mknodes > /dev/null 2>&1
 
