@@ -45,7 +45,10 @@ type encryptOptions struct {
 }
 
 func (a *app) encryptCommand(mark markFunc) *cobra.Command {
-	o := &encryptOptions{}
+	return a.encryptCommandFor(&encryptOptions{}, mark)
+}
+
+func (a *app) encryptCommandFor(o *encryptOptions, mark markFunc) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "encrypt DEVICE",
 		Short: "encrypt an LVM physical volume in place while its logical volumes are in use",

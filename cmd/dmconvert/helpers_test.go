@@ -111,6 +111,7 @@ type fakeSys struct {
 	t       *testing.T
 	disk    string
 	size    convert.Sectors
+	lbs     uint32 // logical block size
 	dev     dmtable.Dev
 	pv      convert.PV
 	lockDir string
@@ -137,7 +138,7 @@ func (ta *testApp) withDisk() *fakeSys {
 		t.Fatal(err)
 	}
 	ta.sys = &fakeSys{
-		t: t, disk: disk, size: fakeDiskSectors, dev: dmtable.Dev{Major: 252, Minor: 0},
+		t: t, disk: disk, size: fakeDiskSectors, lbs: 512, dev: dmtable.Dev{Major: 252, Minor: 0},
 		pv: convert.PV{
 			Device: disk, UUID: "TYHR1B-XcRp-K5Nz-Du3y-30GV-eqTw-35q5ki", VG: "vg0",
 			Size: fakePVSectors, UsedEnd: fakePVSectors, PEStart: 2048, ExtentSize: 2048,
@@ -187,7 +188,7 @@ func (h fakeHost) Stat(path string) (convert.DiskInfo, error) {
 	if path != h.s.disk {
 		return convert.DiskInfo{}, errors.New("stat " + path + ": no such block device")
 	}
-	return convert.DiskInfo{Path: path, Dev: h.s.dev, Size: h.s.size, LogicalBlockSize: 512}, nil
+	return convert.DiskInfo{Path: path, Dev: h.s.dev, Size: h.s.size, LogicalBlockSize: h.s.lbs}, nil
 }
 
 type fileDisk struct{ *os.File }

@@ -92,10 +92,29 @@ func TestEncryptRefusedWritesNothing(t *testing.T) {
 	if !bytes.Equal(diskBytes(t, sys.disk), before) || sys.created != 0 {
 		t.Fatal("a refused run changed something")
 	}
-	// A header LUKS1 cannot have (sector size): refused by the header
-	// factory, not a failure.
-	ta.mustRun(exitRefused, "encrypt", "--dry-run", "--type", "luks1", "--cipher", "aes-cbc-essiv:sha256", "--key-size", "256",
-		"--header-size", "1M", "--journal", filepath.Join(ta.dir, "j"), sys.disk)
+	// LUKS1's smallest header with checkpoint room (validate's minimum
+	// agrees with the luks package), and one 4 KiB smaller.
+	jp := filepath.Join(ta.dir, "j")
+	ta.mustRun(exitOK, "encrypt", "--dry-run", "--type", "luks1", "--header-size", "2024K", "--journal", jp, sys.disk)
+	ta.mustRun(exitRefused, "encrypt", "--dry-run", "--type", "luks1", "--header-size", "2020K", "--journal", jp, sys.disk)
+
+	// A header LUKS1 cannot have on this disk (4096-byte logical blocks):
+	// refused by the header factory, not a failure.
+	sys.lbs = 4096
+	ta.mustRun(exitRefused, "encrypt", "--dry-run", "--type", "luks1", "--journal", jp, sys.disk)
+	if !strings.Contains(ta.err.String(), "LUKS1 supports only 512-byte sectors") {
+		t.Fatalf("stderr: %q", ta.err.String())
+	}
+	ta.mustRun(exitOK, "encrypt", "--dry-run", "--header-size", "1M", "--journal", jp, sys.disk)
+	if !strings.Contains(ta.out.String(), "4096-byte sectors") {
+		t.Fatalf("LUKS2 on 4K sectors:\n%s", ta.out.String())
+	}
+	// Asking for another sector size than the disk's: refused by the
+	// engine.
+	ta.mustRun(exitRefused, "encrypt", "--dry-run", "--header-size", "1M", "--sector-size", "512", "--journal", jp, sys.disk)
+	if !bytes.Equal(diskBytes(t, sys.disk), before) || sys.created != 0 {
+		t.Fatal("a dry run changed something")
+	}
 }
 
 func TestConfirmation(t *testing.T) {

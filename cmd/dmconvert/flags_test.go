@@ -1,0 +1,153 @@
+package main
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/dmconvert/dmconvert/convert"
+	"github.com/dmconvert/dmconvert/luks"
+)
+
+func TestParseSize(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want uint64
+	}{
+		{"0", 0}, {"4096", 4096}, {"16M", 16 << 20}, {"16m", 16 << 20}, {"16MiB", 16 << 20}, {"16MB", 16 << 20},
+		{"2K", 2048}, {"2k", 2048}, {"1G", 1 << 30}, {"1T", 1 << 40}, {"8S", 4096}, {"8s", 4096}, {"512B", 512}, {" 4K ", 4096},
+	} {
+		got, err := parseSize(c.in)
+		if err != nil || got != c.want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", c.in, got, err, c.want)
+		}
+	}
+	for _, in := range []string{"", "M", "-1", "1.5M", "12Q", "16 MX", "99999999999999999999", "20000000T"} {
+		if got, err := parseSize(in); err == nil {
+			t.Errorf("parseSize(%q) = %d, want an error", in, got)
+		}
+	}
+}
+
+// parseEncrypt parses an encrypt command line into its options the way
+// cobra does for the real command.
+func parseEncrypt(t *testing.T, args ...string) (*encryptConfig, error) {
+	t.Helper()
+	o := &encryptOptions{}
+	cmd := (&app{}).encryptCommandFor(o, func(f func(*cobra.Command, []string) error) func(*cobra.Command, []string) error { return f })
+	if err := cmd.ParseFlags(args); err != nil {
+		return nil, usagef("%v", err)
+	}
+	return o.validate("/etc/crypttab")
+}
+
+// The exact flags the guest end-to-end tests pass.
+func TestEncryptFlagsOfTheGuestTests(t *testing.T) {
+	cfg, err := parseEncrypt(t, "--batch-mode", "--key-file", "/tmp/k", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k := cfg.luks.PBKDF; k.Type != luks.KDFPBKDF2 || k.Iterations != 1000 || k.MemoryKiB != 0 {
+		t.Fatalf("pbkdf2 flags: %+v", k)
+	}
+	if cfg.luks.Version != 2 || cfg.keyBytes != 64 || cfg.headerSectors != 16<<20/512 || cfg.region != convert.DefaultRegionSize || cfg.chunk != 0 {
+		t.Fatalf("defaults: %+v", cfg)
+	}
+	cfg, err = parseEncrypt(t, "--batch-mode", "--key-file", "/tmp/k", "--pbkdf", "argon2id", "--pbkdf-memory", "32768",
+		"--pbkdf-force-iterations", "4", "--pbkdf-parallel", "1", "--type", "luks2", "--crypttab")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k := cfg.luks.PBKDF; k.Type != luks.KDFArgon2id || k.Iterations != 4 || k.MemoryKiB != 32768 || k.Parallel != 1 {
+		t.Fatalf("argon2 flags: %+v", k)
+	}
+	if cfg.crypttab != "/etc/crypttab" {
+		t.Fatalf("--crypttab goes to %q", cfg.crypttab)
+	}
+	cfg, err = parseEncrypt(t, "--type", "luks1", "--cipher", "aes-cbc-essiv:sha256", "--key-size", "256", "--header-size", "4M",
+		"--chunk-size", "512K", "--region-size", "1M", "--iter-time", "500", "--hash", "SHA512", "--crypttab-file", "/x/crypttab", "--uuid", "01234567-89AB-4def-8123-456789abcdef")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := cfg.luks
+	if l.Version != 1 || l.Cipher != "aes-cbc-essiv:sha256" || cfg.keyBytes != 32 || l.HeaderSize != 4<<20 || l.PBKDF.Type != luks.KDFPBKDF2 ||
+		l.PBKDF.IterTime != 500*time.Millisecond || l.Hash != "sha512" || l.PBKDF.Hash != "sha512" || l.UUID != "01234567-89ab-4def-8123-456789abcdef" {
+		t.Fatalf("luks1 options: %+v", l)
+	}
+	if cfg.chunk != 1024 || cfg.region != 2048 || cfg.crypttab != "/x/crypttab" {
+		t.Fatalf("sizes: chunk %d region %d crypttab %q", cfg.chunk, cfg.region, cfg.crypttab)
+	}
+	cfg, err = parseEncrypt(t, "--cipher", "aes-cbc-plain64")
+	if err != nil || cfg.keyBytes != 32 {
+		t.Fatalf("non-XTS default key size: %v %+v", err, cfg)
+	}
+}
+
+func TestEncryptFlagErrors(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--type", "luks3"}, "--type"},
+		{[]string{"--key-size", "100"}, "--key-size"},
+		{[]string{"--key-size", "384"}, "--cipher"},
+		{[]string{"--cipher", "serpent-xts-plain64"}, "--cipher"},
+		{[]string{"--sector-size", "1000"}, "--sector-size"},
+		{[]string{"--sector-size", "4096", "--type", "luks1"}, "LUKS1"},
+		{[]string{"--header-size", "1000"}, "--header-size"},
+		{[]string{"--header-size", "256K"}, "too small"},
+		{[]string{"--header-size", "2M", "--type", "luks1"}, ""},             // fits: 2 MiB is LUKS1's default
+		{[]string{"--header-size", "2020K", "--type", "luks1"}, "too small"}, // keyslots end at 2020K: no room for checkpoints
+		{[]string{"--header-size", "2024K", "--type", "luks1"}, ""},
+		{[]string{"--pbkdf", "scrypt"}, "--pbkdf"},
+		{[]string{"--pbkdf", "pbkdf2", "--pbkdf-memory", "1024"}, "argon2 only"},
+		{[]string{"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "999"}, "minimum"},
+		{[]string{"--pbkdf", "argon2id", "--pbkdf-force-iterations", "3"}, "minimum"},
+		{[]string{"--pbkdf-memory", "16"}, "--pbkdf-memory"},
+		{[]string{"--pbkdf-parallel", "5"}, "--pbkdf-parallel"},
+		{[]string{"--type", "luks1", "--pbkdf", "argon2i"}, "LUKS1"},
+		{[]string{"--type", "luks1", "--label", "x"}, "LUKS2"},
+		{[]string{"--label", strings.Repeat("x", 48)}, "47 bytes"},
+		{[]string{"--uuid", "not-a-uuid"}, "--uuid"},
+		{[]string{"--name", "a/b"}, "--name"},
+		{[]string{"--chunk-size", "1000"}, "--chunk-size"},
+		{[]string{"--chunk-size", "32M"}, "larger than the header"},
+		{[]string{"--region-size", "3M"}, "--region-size"},
+		{[]string{"--region-size", "2K"}, "--region-size"},
+		{[]string{"--keyfile-offset", "-1"}, "negative"},
+	} {
+		_, err := parseEncrypt(t, c.args...)
+		if c.want == "" {
+			if err != nil {
+				t.Errorf("%v: %v", c.args, err)
+			}
+			continue
+		}
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%v: error %v, want one mentioning %q", c.args, err, c.want)
+			continue
+		}
+		if exitCode(err) != exitRefused {
+			t.Errorf("%v: exit code %d, want %d", c.args, exitCode(err), exitRefused)
+		}
+	}
+}
+
+// Bad flags through the whole command line: exit 2, nothing touched.
+func TestEncryptFlagErrorsEndToEnd(t *testing.T) {
+	ta := newTestApp(t)
+	sys := ta.withDisk()
+	for _, args := range [][]string{
+		{"encrypt", "--type", "luks3", sys.disk},
+		{"encrypt", "--header-size", "12Q", sys.disk},
+		{"encrypt", "--pbkdf-memory", "lots", sys.disk},
+		{"encrypt", "--dry-run", "--header-size", "1M", "--journal", ta.dir + "/j", "/dev/nonexistent"},
+	} {
+		ta.mustRun(exitRefused, args...)
+	}
+	if sys.created != 0 {
+		t.Fatal("devices created")
+	}
+}

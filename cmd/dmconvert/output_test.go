@@ -1,0 +1,200 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dmconvert/dmconvert/convert"
+)
+
+func TestJSONEventLines(t *testing.T) {
+	var b bytes.Buffer
+	p := &jsonProgress{w: &b}
+	at := time.Date(2024, 5, 1, 12, 0, 0, 0, time.UTC)
+	p.Event(convert.Event{Kind: convert.EventPhase, Phase: "move [128,3800) disk+0 -> new+0 backward by 128", Done: 65536, Total: 1945600, Time: at})
+	p.Event(convert.Event{Kind: convert.EventChunk, Done: 131072, Total: 1945600, Stall: 3 * time.Millisecond, Time: at})
+	p.note("interrupt: stopping at the next safe point")
+	p.Event(convert.Event{Kind: convert.EventDone, Done: 1945600, Total: 1945600, Time: at})
+	lines := strings.Split(strings.TrimSuffix(b.String(), "\n"), "\n")
+	if len(lines) != 4 {
+		t.Fatalf("%d lines, want 4:\n%s", len(lines), b.String())
+	}
+	want := []string{
+		`{"event":"phase","phase":"move [128,3800) disk+0 -\u003e new+0 backward by 128","done_bytes":65536,"total_bytes":1945600,"time":"2024-05-01T12:00:00Z"}`,
+		`{"event":"chunk","done_bytes":131072,"total_bytes":1945600,"stall_ns":3000000,"time":"2024-05-01T12:00:00Z"}`,
+		"",
+		`{"event":"done","done_bytes":1945600,"total_bytes":1945600,"time":"2024-05-01T12:00:00Z"}`,
+	}
+	for i, l := range lines {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatalf("line %d %q: %v", i, l, err)
+		}
+		if want[i] != "" && l != want[i] {
+			t.Errorf("line %d:\n got %s\nwant %s", i, l, want[i])
+		}
+	}
+	var m map[string]any
+	json.Unmarshal([]byte(lines[2]), &m)
+	if m["event"] != "message" || m["message"] != "interrupt: stopping at the next safe point" {
+		t.Fatalf("note line: %s", lines[2])
+	}
+}
+
+func TestJSONResultLine(t *testing.T) {
+	ta := newTestApp(t)
+	ta.a.json = true
+	ta.a.emitResult(&result{Command: "resume", Device: "/dev/vda", Journal: "/j"}, errors.Join(errors.New("unlocking the header of /dev/vda"), convert.ErrWrongPassphrase))
+	r := ta.jsonResult()
+	if r["command"] != "resume" || r["outcome"] != "wrong-passphrase" || r["exit_code"] != 3.0 || r["device"] != "/dev/vda" || r["journal"] != "/j" ||
+		!strings.Contains(r["error"].(string), "unlocking the header") {
+		t.Fatalf("result: %v", r)
+	}
+	ta.out.Reset()
+	ta.a.emitResult(&result{Command: "encrypt", Outcome: "done", Crypttab: crypttabLine("vda_crypt", "u")}, nil)
+	r = ta.jsonResult()
+	if r["outcome"] != "done" || r["exit_code"] != 0.0 || r["crypttab"] != "vda_crypt UUID=u none luks" {
+		t.Fatalf("result: %v", r)
+	}
+	if _, ok := r["error"]; ok {
+		t.Fatalf("a success carries an error: %v", r)
+	}
+}
+
+func TestPlainProgressIsOccasional(t *testing.T) {
+	var b bytes.Buffer
+	p := &plainProgress{w: &b, every: 10 * time.Second}
+	t0 := time.Date(2024, 5, 1, 12, 0, 0, 0, time.UTC)
+	total := uint64(100 << 20)
+	p.Event(convert.Event{Kind: convert.EventPhase, Phase: "setup", Total: total, Time: t0})
+	for i := 1; i <= 100; i++ {
+		// One chunk a second for 100 seconds.
+		p.Event(convert.Event{Kind: convert.EventChunk, Done: uint64(i) << 20, Total: total, Time: t0.Add(time.Duration(i) * time.Second)})
+	}
+	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
+	if lines[0] != "setting up the mappings (0.0% of 100.0 MiB copied)" {
+		t.Fatalf("phase line %q", lines[0])
+	}
+	// A line every 10 s, and the last chunk.
+	if len(lines) != 11 {
+		t.Fatalf("%d lines for 100 s of chunks, want 11:\n%s", len(lines), b.String())
+	}
+	if !strings.Contains(lines[1], "10.0%") || !strings.Contains(lines[1], "1.0 MiB/s") || !strings.Contains(lines[1], "about 1m30s left") {
+		t.Fatalf("progress line %q", lines[1])
+	}
+	if !strings.Contains(lines[10], "100.0%") {
+		t.Fatalf("last line %q", lines[10])
+	}
+}
+
+func TestBarProgressDoesNotPrintKeyOrPanic(t *testing.T) {
+	var b bytes.Buffer
+	p := &barProgress{w: &b}
+	t0 := time.Now()
+	p.Event(convert.Event{Kind: convert.EventPhase, Phase: "setup", Done: 0, Total: 1 << 20, Time: t0})
+	p.Event(convert.Event{Kind: convert.EventPhase, Phase: "move [0,128) disk+0 -> disk+3968 backward by 128", Total: 1 << 20, Time: t0})
+	p.Event(convert.Event{Kind: convert.EventChunk, Done: 1 << 19, Total: 1 << 20, Time: t0})
+	p.note("interrupt: stopping at the next safe point")
+	p.Event(convert.Event{Kind: convert.EventChunk, Done: 1 << 20, Total: 1 << 20, Time: t0})
+	p.finish(true)
+	out := b.String()
+	if !strings.Contains(out, "copying the start of the disk to its end") || !strings.Contains(out, "interrupt: stopping") || !strings.Contains(out, "100%") {
+		t.Fatalf("bar output:\n%q", out)
+	}
+	// A resumed run: the bar covers what remains.
+	b.Reset()
+	p = &barProgress{w: &b}
+	p.Event(convert.Event{Kind: convert.EventPhase, Phase: "move [128,3800) disk+0 -> new+0 backward by 128", Done: 1 << 19, Total: 1 << 20, Time: t0})
+	if !strings.Contains(b.String(), "encrypting (resumed at 50%)") {
+		t.Fatalf("resumed bar:\n%q", b.String())
+	}
+	// Nothing left to copy (finalize after a crash): no bar, no panic.
+	b.Reset()
+	p = &barProgress{w: &b}
+	p.Event(convert.Event{Kind: convert.EventPhase, Phase: "finalize", Done: 1 << 20, Total: 1 << 20, Time: t0})
+	p.finish(true)
+	if !strings.Contains(b.String(), "finalizing") {
+		t.Fatalf("finalize without a bar:\n%q", b.String())
+	}
+}
+
+func TestCrypttab(t *testing.T) {
+	line := crypttabLine("vda_crypt", "0b8e2c3e-9c7e-4a51-8d35-8e2b9d1c7f00")
+	if line != "vda_crypt UUID=0b8e2c3e-9c7e-4a51-8d35-8e2b9d1c7f00 none luks" {
+		t.Fatalf("crypttab line %q", line)
+	}
+	dir := t.TempDir()
+	p := filepath.Join(dir, "crypttab")
+	// A new file.
+	if added, err := appendCrypttab(p, "vda_crypt", line); err != nil || !added {
+		t.Fatalf("new file: %v %v", added, err)
+	}
+	// The same line again: nothing added.
+	if added, err := appendCrypttab(p, "vda_crypt", line); err != nil || added {
+		t.Fatalf("same line: %v %v", added, err)
+	}
+	b, _ := os.ReadFile(p)
+	if string(b) != line+"\n" {
+		t.Fatalf("file %q", b)
+	}
+	// An existing file without a final newline, with a comment naming
+	// the mapping and another entry.
+	q := filepath.Join(dir, "crypttab2")
+	old := "# vda_crypt was here\nswap /dev/vdb /dev/urandom swap"
+	os.WriteFile(q, []byte(old), 0o644)
+	if added, err := appendCrypttab(q, "vda_crypt", line); err != nil || !added {
+		t.Fatalf("existing file: %v %v", added, err)
+	}
+	b, _ = os.ReadFile(q)
+	if string(b) != old+"\n"+line+"\n" {
+		t.Fatalf("file %q", b)
+	}
+	// Another entry with the name: refused, file unchanged.
+	r := filepath.Join(dir, "crypttab3")
+	other := "vda_crypt UUID=1111 none luks,discard\n"
+	os.WriteFile(r, []byte(other), 0o644)
+	if _, err := appendCrypttab(r, "vda_crypt", line); err == nil || !strings.Contains(err.Error(), "already has an entry for vda_crypt") {
+		t.Fatalf("conflicting entry: %v", err)
+	}
+	b, _ = os.ReadFile(r)
+	if string(b) != other {
+		t.Fatalf("file changed: %q", b)
+	}
+}
+
+func TestFinishEncryptText(t *testing.T) {
+	ta := newTestApp(t)
+	p, err := convert.BuildEncrypt(convert.EncryptGeometry{DiskSize: 65536, Payload: 40960, Header: 2048, Align: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := &convert.Spec{Op: "encrypt", Disk: convert.DiskInfo{Path: "/dev/vda"}, Name: "vda_crypt", VG: "vg0",
+		Crypt: convert.CryptSpec{Cipher: "aes-xts-plain64", KeyBytes: 64, SectorSize: 512}, LUKSVersion: 2, LUKSUUID: "0b8e2c3e-9c7e-4a51-8d35-8e2b9d1c7f00", Forward: p}
+	r := &result{}
+	ta.a.finishEncrypt(r, spec, ta.a.crypttab)
+	out := ta.out.String()
+	for _, want := range []string{
+		"Done: /dev/vda is encrypted (LUKS2, aes-xts-plain64, 512-bit key); volume group vg0 now lives on /dev/mapper/vda_crypt.",
+		"crypttab line (in " + ta.a.crypttab + "):\n  vda_crypt UUID=0b8e2c3e-9c7e-4a51-8d35-8e2b9d1c7f00 none luks",
+		"update-initramfs -u", "dracut -f",
+		// 65536 - 2048 - 40960 sectors = 11.0 MiB
+		"left 11.0 MiB free", "pvresize /dev/mapper/vda_crypt",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if r.FreeBytes != (65536-2048-40960)*512 || r.CrypttabFile != ta.a.crypttab {
+		t.Fatalf("result %+v", r)
+	}
+	b, _ := os.ReadFile(ta.a.crypttab)
+	if string(b) != r.Crypttab+"\n" {
+		t.Fatalf("crypttab %q", b)
+	}
+}
