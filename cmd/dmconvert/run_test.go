@@ -206,9 +206,13 @@ func TestRunExitCodes(t *testing.T) {
 	ta.signal = nil
 	ta.mustRun(exitRefused, ta.encryptArgs()...)
 
-	// Wrong key file.
-	ta.mustRun(exitPassphrase, "resume", "--journal", jp, "--key-file", ta.keyFile("wrong"))
-	ta.mustRun(exitPassphrase, "abort", "--journal", jp, "--key-file", ta.keyFile("wrong"))
+	// Wrong key file (with encrypt's batch flags, which resume and abort
+	// accept).
+	ta.mustRun(exitPassphrase, "resume", "--batch-mode", "--journal", jp, "--key-file", ta.keyFile("wrong"))
+	ta.mustRun(exitPassphrase, "abort", "-q", "--yes", "--json", "--journal", jp, "--key-file", ta.keyFile("wrong"))
+	if r := ta.jsonResult(); r["outcome"] != "wrong-passphrase" || r["exit_code"] != 3.0 || r["command"] != "abort" {
+		t.Fatalf("abort --json: %v", r)
+	}
 
 	// The journal held by another process: busy, for resume and abort.
 	j, err := journal.Open(jp, journal.Options{})

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/dmconvert/dmconvert/convert"
 	"github.com/dmconvert/dmconvert/journal"
@@ -23,6 +24,14 @@ type continueOptions struct {
 	key          keyOptions
 	crypttab     bool
 	crypttabFile string
+	batch        bool // accepted like encrypt's; nothing is asked
+}
+
+// registerBatch accepts encrypt's confirmation flags, so scripts can pass
+// the same flags to every command; resume and abort ask no confirmation.
+func (o *continueOptions) registerBatch(f *pflag.FlagSet) {
+	f.BoolVarP(&o.batch, "batch-mode", "q", false, "accepted for symmetry with encrypt (nothing is asked)")
+	f.BoolVar(&o.batch, "yes", false, "accepted for symmetry with encrypt (nothing is asked)")
 }
 
 const findRunHelp = `The run is found from --journal; else from DEVICE (a LUKS header of a run in
@@ -49,6 +58,7 @@ abort is continued as an abort. The passphrase (or key file) is asked again.
 	o.key.register(f)
 	f.BoolVar(&o.crypttab, "crypttab", false, "when the encryption completes, append the crypttab line to /etc/crypttab (or --crypttab-file)")
 	f.StringVar(&o.crypttabFile, "crypttab-file", "", "crypttab file to append to (implies --crypttab)")
+	o.registerBatch(f)
 	return cmd
 }
 
@@ -70,6 +80,7 @@ file) is asked again.
 	f.StringVar(&o.journal, "journal", "", "journal of the run")
 	f.StringVar(&o.device, "device", "", "the disk's path now, if it changed since the run began")
 	o.key.register(f)
+	o.registerBatch(f)
 	return cmd
 }
 
