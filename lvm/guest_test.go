@@ -543,6 +543,10 @@ func TestGuestFence(t *testing.T) {
 		{"vgchange", "-an", "fvg"},
 		{"lvextend", "-L", "+4m", "fvg/lv"},
 		{"lvs", "fvg"},
+		// VG namespace changes take P_global and V_<vg>: the fence
+		// stops them without holding P_global.
+		{"vgrename", "fvg", "fvg2"},
+		{"vgremove", "-f", "fvg"},
 	} {
 		start := time.Now()
 		_, err := nowait.Run(ctx, cmd[0], cmd[1:]...)

@@ -314,6 +314,16 @@ func (p *PVInfo) MinSize() dmtable.Sectors {
 	return size
 }
 
+// TailFree is how many sectors at the end of the device LVM can be made
+// to leave alone: DevSize - MinSize (0 when the PV already needs all of
+// it).
+func (p *PVInfo) TailFree() dmtable.Sectors {
+	if m := p.MinSize(); m < p.DevSize {
+		return p.DevSize - m
+	}
+	return 0
+}
+
 // extentsFor is lvm's new extent count for a PV resized to size.
 func (p *PVInfo) extentsFor(size dmtable.Sectors) uint64 {
 	reserve := p.PEStart

@@ -141,6 +141,9 @@ func TestShrinkArithmetic(t *testing.T) {
 		Label:    &Label{MetadataAreas: []Area{{Start: 8, Size: 2040}}},
 	}
 	used := dmtable.Sectors(2048 + 60*8192)
+	if p.TailFree() != 40*8192 {
+		t.Errorf("TailFree %d", p.TailFree())
+	}
 	if p.UsedEnd() != used || p.MinSize() != used || p.End() != 2048+100*8192 {
 		t.Errorf("UsedEnd %d MinSize %d End %d", p.UsedEnd(), p.MinSize(), p.End())
 	}
