@@ -39,12 +39,20 @@ func (l *LVMTool) Discover(ctx context.Context, device string) (*PV, error) {
 	case err != nil:
 		return nil, fmt.Errorf("asking LVM about %s: %w", device, err)
 	}
+	// Keep everything LVM keeps on the PV, and at least the size its
+	// metadata records: LVM compares every device carrying the PV with
+	// that and warns when the device is smaller.
 	size := p.End()
-	if p.Label != nil && p.Label.DeviceSize > size {
-		// LVM compares the device with the size it recorded; keep all of
-		// it so the PV on the new mapping is not "smaller than its PV size".
-		size = p.Label.DeviceSize
+	var rec dmtable.Sectors
+	if l.fence != nil && l.fence.Held() {
+		rec, err = l.fence.RecordedSize(ctx, p.UUID)
+	} else {
+		rec, err = l.C.RecordedSize(ctx, p.VG.Name, p.UUID)
 	}
+	if err != nil {
+		return nil, fmt.Errorf("asking LVM about %s: %w", device, err)
+	}
+	size = max(size, rec)
 	pv := &PV{
 		Device: device, UUID: p.UUID, VG: p.VG.Name,
 		Size: Sectors(size), UsedEnd: Sectors(p.MinSize()),
