@@ -225,12 +225,5 @@ func parseBacking(s string) (Backing, bool) {
 // the disk or the journal: journal.ErrLocked, or the engine's refusals for
 // a held disk lock (Host.Lock) or journal.
 func IsBusy(err error) bool {
-	if errors.Is(err, journal.ErrLocked) {
-		return true
-	}
-	var re *RefusalError
-	if errors.As(err, &re) {
-		return strings.Contains(re.Reason, "another dmconvert")
-	}
-	return false
+	return errors.Is(err, journal.ErrLocked) || errors.Is(err, ErrBusy)
 }

@@ -18,11 +18,24 @@ import (
 const DefaultJournalDir = "/var/lib/dmconvert"
 
 // RefusalError is a refusal of bad input: nothing was written. It names
-// the device, says why, and what to do.
+// the device, says why, and what to do. Err, when set, classifies it
+// (ErrBusy).
 type RefusalError struct {
 	Device string
 	Reason string
 	Hint   string
+	Err    error
+}
+
+// ErrBusy classifies refusals because another dmconvert holds the disk or
+// the journal.
+var ErrBusy = errors.New("another dmconvert is working on it")
+
+// Unwrap returns the classification.
+func (e *RefusalError) Unwrap() error { return e.Err }
+
+func busy(dev, format string, args ...any) error {
+	return &RefusalError{Device: dev, Reason: fmt.Sprintf(format, args...), Hint: "wait for it to finish, or see dmconvert status", Err: ErrBusy}
 }
 
 func (e *RefusalError) Error() string {
@@ -197,7 +210,7 @@ func (e *Engine) PlanEncrypt(ctx context.Context, o EncryptOptions) (*EncryptPla
 				"journal %s already records a %s run of %s", jpath, r.Op, r.Device)
 		}
 	} else if errors.Is(err, journal.ErrLocked) {
-		return nil, refuse(dev, "wait for it to finish", "journal %s is in use by another dmconvert", jpath)
+		return nil, busy(dev, "journal %s is in use by another dmconvert", jpath)
 	}
 
 	keyBytes := o.KeyBytes

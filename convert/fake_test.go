@@ -757,7 +757,7 @@ func (h *fakeHost) Lock(d DiskInfo) (func(), error) {
 		h.locked = map[dmtable.Dev]bool{}
 	}
 	if h.locked[d.Dev] {
-		return nil, &RefusalError{Device: d.Path, Reason: "another dmconvert is working on it"}
+		return nil, busy(d.Path, "another dmconvert is working on it")
 	}
 	h.locked[d.Dev] = true
 	return func() {

@@ -37,7 +37,7 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 	j, err := journal.Open(ep.Journal, journal.Options{Create: true})
 	if err != nil {
 		if errors.Is(err, journal.ErrLocked) {
-			return refuse(spec.Disk.Path, "wait for it to finish", "journal %s is in use by another dmconvert", ep.Journal)
+			return busy(spec.Disk.Path, "journal %s is in use by another dmconvert", ep.Journal)
 		}
 		return err
 	}
@@ -149,7 +149,7 @@ func (e *Engine) openRun(ctx context.Context, o ResumeOptions) (r *run, cleanup 
 	j, err := journal.Open(o.Journal, journal.Options{})
 	if err != nil {
 		if errors.Is(err, journal.ErrLocked) {
-			return nil, cleanup, fmt.Errorf("journal %s is in use: another dmconvert is running this conversion: %w", o.Journal, err)
+			return nil, cleanup, busy(o.Journal, "the journal is in use: another dmconvert is running this conversion")
 		}
 		return nil, cleanup, err
 	}
@@ -205,7 +205,10 @@ func (e *Engine) openRun(ctx context.Context, o ResumeOptions) (r *run, cleanup 
 		key[i] = 0
 	}
 	closers = append(closers, r.key.Wipe)
-	if js.Status == journal.StatusAborting && spec.Abort != nil {
+	if spec.Abort != nil {
+		// An abort plan is stored only once an abort began: whatever
+		// stopped it (a signal, a failure, a crash), the run continues
+		// with it.
 		r.plan, r.aborted = spec.Abort, true
 	}
 	r.st = State{Phase: js.Phase, Boundary: Sectors(js.Boundary)}

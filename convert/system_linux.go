@@ -326,7 +326,7 @@ func (h OSHost) Lock(d DiskInfo) (func(), error) {
 	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		unix.Close(fd)
 		if errors.Is(err, unix.EWOULDBLOCK) {
-			return nil, refuse(d.Path, "wait for it to finish or stop it (its journal says how far it is: dmconvert status)", "another dmconvert process is working on it")
+			return nil, busy(d.Path, "another dmconvert process is working on it")
 		}
 		return nil, fmt.Errorf("locking %s: %w", p, err)
 	}
