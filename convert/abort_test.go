@@ -1,6 +1,5 @@
 package convert
 
-
 import (
 	"context"
 	"errors"
