@@ -119,6 +119,12 @@ func (e *Engine) PlanEncrypt(ctx context.Context, o EncryptOptions) (*EncryptPla
 	}
 	align := Sectors(max(ss/512, 8))
 
+	if users, err := e.Host.Users(di.Dev); err != nil {
+		return nil, fmt.Errorf("checking what uses %s: %w", dev, err)
+	} else if len(users) > 0 {
+		return nil, refuse(dev, "a file system or swap directly on the disk has no device-mapper layer to swap under it: convert it offline (unmount, then cryptsetup reencrypt --encrypt --reduce-device-size)",
+			"it is in use outside device-mapper: %s", strings.Join(users, ", "))
+	}
 	pv, err := e.LVM.Discover(ctx, dev)
 	if err != nil {
 		return nil, err
@@ -128,12 +134,6 @@ func (e *Engine) PlanEncrypt(ctx context.Context, o EncryptOptions) (*EncryptPla
 	}
 	if pv.Refusal != "" {
 		return nil, refuse(dev, "", "volume group %s cannot be converted: %s", pv.VG, pv.Refusal)
-	}
-	if users, err := e.Host.Users(di.Dev); err != nil {
-		return nil, fmt.Errorf("checking what uses %s: %w", dev, err)
-	} else if len(users) > 0 {
-		return nil, refuse(dev, "a file system or swap directly on the disk has no device-mapper layer to swap under it: convert it offline (unmount, then cryptsetup reencrypt --encrypt --reduce-device-size)",
-			"it is in use outside device-mapper: %s", strings.Join(users, ", "))
 	}
 
 	// Every dm device on the disk must be restackable: linear or striped
@@ -251,12 +251,12 @@ func (e *Engine) PlanEncrypt(ctx context.Context, o EncryptOptions) (*EncryptPla
 
 // stackedOn lists the dm devices whose tables use disk, refusing any that
 // cannot be restacked onto F.
-func (e *Engine) stackedOn(disk dmtable.Dev, path string, pvSize Sectors) ([]string, error) {
+func (e *Engine) stackedOn(disk dmtable.Dev, path string, pvSize Sectors) (map[string]string, error) {
 	list, err := e.DM.List()
 	if err != nil {
 		return nil, fmt.Errorf("listing device-mapper devices: %w", err)
 	}
-	var out []string
+	out := map[string]string{}
 	for _, d := range list {
 		deps, err := e.DM.Deps(d.Name)
 		if err != nil {
@@ -301,7 +301,7 @@ func (e *Engine) stackedOn(disk dmtable.Dev, path string, pvSize Sectors) ([]str
 				}
 			}
 		}
-		out = append(out, d.Name)
+		out[d.Name] = t.String()
 	}
 	return out, nil
 }

@@ -70,8 +70,9 @@ type Spec struct {
 	PVUUID    string   `json:"pv_uuid,omitempty"`
 	VG        string   `json:"vg,omitempty"`
 	VGDevices []string `json:"vg_devices,omitempty"`
-	// Stacked are the dm devices that mapped the disk at plan time.
-	Stacked []string `json:"stacked,omitempty"`
+	// Stacked are the dm devices that mapped the disk at plan time, with
+	// their tables (linear/striped: no keys).
+	Stacked map[string]string `json:"stacked,omitempty"`
 	// Forward is the plan; Abort is set once an abort began.
 	Forward *Plan `json:"forward"`
 	Abort   *Plan `json:"abort,omitempty"`

@@ -42,6 +42,11 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 		return err
 	}
 	defer j.Close()
+	// Time may have passed since the plan (a confirmation prompt): the
+	// disk and what is stacked on it must be exactly what was planned.
+	if err := e.checkUnchanged(ctx, ep); err != nil {
+		return err
+	}
 	if ep.ShrinkTo > 0 {
 		if err := e.LVM.ShrinkPV(ctx, spec.Disk.Path, ep.ShrinkTo); err != nil {
 			return fmt.Errorf("shrinking the physical volume %s to %d sectors: %w", spec.Disk.Path, ep.ShrinkTo, err)
@@ -82,6 +87,41 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 	defer disk.Close()
 	r.disk = disk
 	return r.execute(ctx, nil)
+}
+
+func (e *Engine) checkUnchanged(ctx context.Context, ep *EncryptPlan) error {
+	spec := ep.Spec
+	dev := spec.Disk.Path
+	changed := func(what string) error {
+		return refuse(dev, "run dmconvert encrypt again to make a new plan", "%s changed since the plan was made", what)
+	}
+	di, err := e.Host.Stat(dev)
+	if err != nil {
+		return err
+	}
+	if di.Dev != spec.Disk.Dev || di.Size != spec.Disk.Size || di.LogicalBlockSize != spec.Disk.LogicalBlockSize {
+		return changed("the disk")
+	}
+	pv, err := e.LVM.Discover(ctx, dev)
+	if err != nil {
+		return err
+	}
+	if pv.UUID != spec.PVUUID || pv.VG != spec.VG || pv.Size != ep.PV.Size {
+		return changed("the physical volume")
+	}
+	stacked, err := e.stackedOn(di.Dev, dev, pv.Size)
+	if err != nil {
+		return err
+	}
+	if len(stacked) != len(spec.Stacked) {
+		return changed("the set of device-mapper devices on the disk")
+	}
+	for n, t := range stacked {
+		if spec.Stacked[n] != t {
+			return changed("the table of " + n)
+		}
+	}
+	return nil
 }
 
 // execute pins memory, fences LVM, runs before (with the fence held) and

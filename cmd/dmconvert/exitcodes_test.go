@@ -43,7 +43,7 @@ func TestExitCodeMapping(t *testing.T) {
 		{fmt.Errorf("unlocking the header of /dev/vda: %w", convert.ErrWrongPassphrase), 3},
 		{fmt.Errorf("x: %w", luks.ErrWrongPassphrase), 3},
 		{fmt.Errorf("journal /x is in use: %w", journal.ErrLocked), 4},
-		{&convert.RefusalError{Device: "/dev/vda", Reason: "another dmconvert process is working on it"}, 4},
+		{&convert.RefusalError{Device: "/dev/vda", Reason: "another dmconvert process is working on it", Err: convert.ErrBusy}, 4},
 		{convert.ErrInterrupted, 5},
 		{fmt.Errorf("run: %w", convert.ErrInterrupted), 5},
 	} {

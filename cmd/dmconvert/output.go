@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"sort"
 	"strings"
 
 	"github.com/dmconvert/dmconvert/convert"
@@ -102,7 +103,12 @@ func (a *app) printPlan(ep *convert.EncryptPlan, cfg *encryptConfig) {
 		s.LUKSVersion, s.Crypt.Cipher, s.Crypt.KeyBytes*8, s.Crypt.SectorSize, humanBytes(g.Header*512), kdf, s.LUKSUUID)
 	fmt.Fprintf(w, "  mapping:       /dev/mapper/%s\n", s.Name)
 	if len(s.Stacked) > 0 {
-		fmt.Fprintf(w, "  moved onto it: %s\n", strings.Join(s.Stacked, ", "))
+		names := make([]string, 0, len(s.Stacked))
+		for n := range s.Stacked {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		fmt.Fprintf(w, "  moved onto it: %s\n", strings.Join(names, ", "))
 	}
 	fmt.Fprintf(w, "  journal:       %s\n", ep.Journal)
 	chunk := g.Header
