@@ -113,6 +113,9 @@ func (r *run) planName() string {
 func (r *run) loop(ctx context.Context) error {
 	for !r.plan.Done(r.st) {
 		if r.stop != nil && r.stop() {
+			if err := r.settle(); err != nil {
+				return err
+			}
 			if err := r.setStatus(journal.StatusInterrupted, ""); err != nil {
 				return err
 			}
@@ -156,6 +159,54 @@ func (r *run) event(ev Event) {
 	ev.Done = r.plan.BytesDone(r.st)
 	ev.Total = r.plan.BytesTotal()
 	r.e.progress().Event(ev)
+}
+
+// settle gives F, if it exists, the table of the committed state without
+// a mirror. After a chunk commits, its mirror stays live until the next
+// step loads the next table; a run that stops there must not leave it:
+// LVM skips every device that contains a mirror target ("Scanning mirror
+// devices is disabled"), so it would not see the PV on F. Routing the
+// committed chunk to its new place is what the next step would do anyway.
+func (r *run) settle() error {
+	if r.plan.Done(r.st) {
+		return nil
+	}
+	info, err := r.e.DM.Info(r.spec.Name)
+	if errors.Is(err, ErrNoDevice) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	r.fdev = info.Dev
+	for id, n := range r.spec.Helpers {
+		if hi, err := r.e.DM.Info(n); err == nil {
+			r.devs[id] = hi.Dev
+		}
+	}
+	st := r.st
+	if i := st.Phase; r.plan.Phases[i].Kind == PhaseToLUKS && i > 0 && r.plan.Phases[i-1].Kind == PhaseMove {
+		// The head is whole on the tail but the label is still on the
+		// disk, so the disk's copy is authoritative (the mirror wrote
+		// both): F maps its head on the disk until the switch itself.
+		st = State{Phase: i - 1, Boundary: r.plan.Phases[i-1].InitialBoundary()}
+	}
+	for _, d := range r.plan.Layout(st) {
+		if _, ok := r.devs[d.On.Dev]; !ok {
+			// A helper the state needs does not exist (yet): the step
+			// that creates it loads F's table too.
+			return nil
+		}
+	}
+	t, err := r.plan.tableFor(st, nil, r.devs, r.e.RegionSize)
+	if err != nil {
+		return err
+	}
+	if cur, err := r.e.DM.Table(r.spec.Name); err == nil && cur.Equal(t) && !info.Suspended {
+		return nil
+	}
+	_, err = r.swap(r.spec.Name, t, nil)
+	return err
 }
 
 // intend durably records what the next step will do (write-ahead).

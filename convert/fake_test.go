@@ -799,6 +799,11 @@ func (l *fakeLVM) Fence(ctx context.Context, vg string) (func() error, error) {
 	if l.fenced {
 		return nil, errors.New("fake lvm: VG already fenced")
 	}
+	// lvm's fence checks the VG exists (vgs): some usable device must
+	// carry the PV.
+	if !l.visible() {
+		return nil, fmt.Errorf("fake lvm: volume group %s: no such volume group", vg)
+	}
 	l.fenced = true
 	return func() error { l.fenced = false; return nil }, nil
 }
@@ -831,12 +836,65 @@ func (l *fakeLVM) Activate(ctx context.Context, vg string, devices []string) err
 		if dev.IsZero() {
 			continue
 		}
+		if l.unusable(dev) {
+			continue
+		}
 		if ok, err := l.hasLabel(dev); err != nil || !ok {
 			continue
 		}
 		return l.activateOn(dev)
 	}
 	return fmt.Errorf("fake lvm: no device among %v carries the PV of %s", devices, vg)
+}
+
+// unusable: a dm device LVM skips (suspended, or with a mirror target).
+func (l *fakeLVM) unusable(dev dmtable.Dev) bool {
+	l.w.mu.Lock()
+	defer l.w.mu.Unlock()
+	d, ok := l.w.byDev(dev)
+	if !ok {
+		return false
+	}
+	if d.suspended {
+		return true
+	}
+	for _, t := range d.live {
+		if _, ok := t.Params.(*dmtable.Mirror); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// visible reports whether LVM would find the PV: on a raw disk, or on a
+// dm device that is usable to LVM (not suspended, no mirror target:
+// "Scanning mirror devices is disabled").
+func (l *fakeLVM) visible() bool {
+	for _, d := range l.w.disks {
+		if ok, _ := l.hasLabel(d.dev); ok {
+			return true
+		}
+	}
+	l.w.mu.Lock()
+	var devs []dmtable.Dev
+	for _, d := range l.w.devs {
+		usable := !d.suspended
+		for _, t := range d.live {
+			if _, ok := t.Params.(*dmtable.Mirror); ok {
+				usable = false
+			}
+		}
+		if usable && !strings.HasPrefix(d.uuid, "LVM-") {
+			devs = append(devs, d.dev)
+		}
+	}
+	l.w.mu.Unlock()
+	for _, dev := range devs {
+		if ok, _ := l.hasLabel(dev); ok {
+			return true
+		}
+	}
+	return false
 }
 
 func (l *fakeLVM) hasLabel(dev dmtable.Dev) (bool, error) {

@@ -100,7 +100,7 @@ func TestGuestEngineEncrypt(t *testing.T) {
 	for _, mp := range st.Mounts {
 		sh(t, "umount", mp)
 	}
-	sh(t, "vgchange", "-an", "vgt")
+	sh(t, "vgchange", "-an", st.VG)
 	sh(t, "dmsetup", "remove", name)
 	if out, err := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", disk); err != nil || strings.TrimSpace(out) != "crypto_LUKS" {
 		t.Fatalf("blkid on %s: %q %v", disk, out, err)
@@ -108,7 +108,7 @@ func TestGuestEngineEncrypt(t *testing.T) {
 	pw := filepath.Join(t.TempDir(), "pw")
 	os.WriteFile(pw, guestPass, 0o600)
 	sh(t, "cryptsetup", "open", "--key-file", pw, disk, "opened")
-	sh(t, "vgchange", "-ay", "vgt")
+	sh(t, "vgchange", "-ay", st.VG)
 	verifyStack(t, st, state)
 }
 

@@ -40,6 +40,7 @@ func shOK(name string, args ...string) (string, error) {
 
 // stack describes the LVM layout a test builds.
 type stack struct {
+	Tag     string   `json:"tag"`
 	Disk    string   `json:"disk"`
 	VG      string   `json:"vg"`
 	PVSize  uint64   `json:"pv_size_sectors"`
@@ -55,19 +56,32 @@ type stack struct {
 // and fills them with files whose checksums go into a manifest on the
 // state directory.
 func buildStack(t testing.TB, disk, state string, header uint64) *stack {
+	return buildStackTag(t, "t", disk, state, header, true)
+}
+
+// buildStackTag builds the stack with VG "vg<tag>", its state files
+// prefixed with the tag; shrunk=false leaves the PV on the whole disk
+// (its last extents free), for --shrink-pv.
+func buildStackTag(t testing.TB, tag, disk, state string, header uint64, shrunk bool) *stack {
 	t.Helper()
 	size := diskSectors(t, disk)
 	pvSize := size - 2*header
-	sh(t, "pvcreate", "-y", "--setphysicalvolumesize", fmt.Sprintf("%ds", pvSize), disk)
-	sh(t, "vgcreate", "-y", "vgt", disk)
-	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "96m", "vgt")
-	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "xfs", "-L", "304m", "vgt")
-	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "24m", "vgt")
-	sh(t, "vgchange", "-ay", "vgt")
-	st := &stack{Disk: disk, VG: "vgt", PVSize: pvSize, RawLV: "/dev/mapper/vgt-raw"}
+	vg := "vg" + tag
+	if shrunk {
+		sh(t, "pvcreate", "-y", "--setphysicalvolumesize", fmt.Sprintf("%ds", pvSize), disk)
+	} else {
+		sh(t, "pvcreate", "-y", disk)
+		pvSize = size
+	}
+	sh(t, "vgcreate", "-y", vg, disk)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "96m", vg)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "xfs", "-L", "304m", vg)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "24m", vg)
+	sh(t, "vgchange", "-ay", vg)
+	st := &stack{Tag: tag, Disk: disk, VG: vg, PVSize: pvSize, RawLV: "/dev/mapper/" + vg + "-raw"}
 	for _, fs := range []struct{ lv, typ string }{{"ext", "ext4"}, {"xfs", "xfs"}} {
-		dev := "/dev/mapper/vgt-" + fs.lv
-		mp := "/mnt/" + fs.lv
+		dev := "/dev/mapper/" + vg + "-" + fs.lv
+		mp := "/mnt/" + tag + "-" + fs.lv
 		if fs.typ == "ext4" {
 			sh(t, "mkfs.ext4", "-q", "-F", dev)
 		} else {
@@ -80,6 +94,15 @@ func buildStack(t testing.TB, disk, state string, header uint64) *stack {
 		st.FSTypes = append(st.FSTypes, fs.typ)
 		st.Sizes = append(st.Sizes, blockDevBytes(t, dev))
 	}
+	writeManifest(t, st, state)
+	return st
+}
+
+// writeManifest fills the mounted file systems with files of random
+// content and records their checksums and the stack description on the
+// state disk.
+func writeManifest(t testing.TB, st *stack, state string) {
+	t.Helper()
 	// Files with known content, spread over the file systems.
 	var manifest []string
 	for i, mp := range st.Mounts {
@@ -93,19 +116,18 @@ func buildStack(t testing.TB, disk, state string, header uint64) *stack {
 				t.Fatal(err)
 			}
 			sum := sha256.Sum256(b)
-			manifest = append(manifest, hex.EncodeToString(sum[:])+"  "+strings.TrimPrefix(p, mp+"/")+"  "+st.FSLVs[i])
+			manifest = append(manifest, hex.EncodeToString(sum[:])+"  "+strings.TrimPrefix(p, mp+"/")+"  "+mp)
 		}
 	}
 	sh(t, "sync")
-	if err := os.WriteFile(filepath.Join(state, "manifest"), []byte(strings.Join(manifest, "\n")+"\n"), 0o644); err != nil {
+	if err := os.WriteFile(st.file(state, "manifest"), []byte(strings.Join(manifest, "\n")+"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	b, _ := json.Marshal(st)
-	if err := os.WriteFile(filepath.Join(state, "stack.json"), b, 0o644); err != nil {
+	if err := os.WriteFile(st.file(state, "stack.json"), b, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	syncDir(t, state)
-	return st
 }
 
 func syncDir(t testing.TB, dir string) {
@@ -116,9 +138,14 @@ func syncDir(t testing.TB, dir string) {
 	}
 }
 
-func loadStack(t testing.TB, state string) *stack {
+// file is the path of one of the stack's state files.
+func (st *stack) file(state, name string) string {
+	return filepath.Join(state, st.Tag+"-"+name)
+}
+
+func loadStack(t testing.TB, state, tag string) *stack {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(state, "stack.json"))
+	b, err := os.ReadFile(filepath.Join(state, tag+"-stack.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -150,11 +177,21 @@ func mountState(t testing.TB, dev string, format bool) string {
 		sh(t, "mkfs.ext4", "-q", "-F", dev)
 	}
 	os.MkdirAll("/state", 0o755)
-	if out, err := shOK("mountpoint", "-q", "/state"); err != nil {
-		_ = out
+	if !isMounted("/state") {
 		sh(t, "mount", dev, "/state")
 	}
 	return "/state"
+}
+
+// isMounted reports whether dir is a mount point (from /proc/mounts).
+func isMounted(dir string) bool {
+	b, _ := os.ReadFile("/proc/mounts")
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) > 1 && f[1] == dir {
+			return true
+		}
+	}
+	return false
 }
 
 // --- the writer ------------------------------------------------------
@@ -204,7 +241,7 @@ type writer struct {
 const rawSlots = 64
 
 func startWriter(t testing.TB, st *stack, state string) *writer {
-	w := &writer{st: st, ackPath: filepath.Join(state, "acks"), stop: make(chan struct{})}
+	w := &writer{st: st, ackPath: st.file(state, "acks"), stop: make(chan struct{})}
 	ack, err := os.OpenFile(w.ackPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		t.Fatal(err)
@@ -286,7 +323,7 @@ func verifyStack(t testing.TB, st *stack, state string) {
 		shOK("umount", mp)
 	}
 	for i, lv := range st.FSLVs {
-		dev := "/dev/mapper/vgt-" + lv
+		dev := "/dev/mapper/" + st.VG + "-" + lv
 		if got := blockDevBytes(t, dev); got != st.Sizes[i] {
 			t.Fatalf("%s is %d bytes, was %d", dev, got, st.Sizes[i])
 		}
@@ -311,14 +348,14 @@ func verifyStack(t testing.TB, st *stack, state string) {
 		sh(t, "mount", dev, st.Mounts[i])
 	}
 	// Files.
-	man, err := os.ReadFile(filepath.Join(state, "manifest"))
+	man, err := os.ReadFile(st.file(state, "manifest"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	nfiles := 0
 	for _, l := range strings.Split(strings.TrimSpace(string(man)), "\n") {
 		f := strings.Fields(l)
-		mp := "/mnt/" + f[2]
+		mp := f[2]
 		b, err := os.ReadFile(filepath.Join(mp, f[1]))
 		if err != nil {
 			t.Fatal(err)
@@ -330,7 +367,7 @@ func verifyStack(t testing.TB, st *stack, state string) {
 		nfiles++
 	}
 	// Records: every acknowledged one is there.
-	acks, _ := os.ReadFile(filepath.Join(state, "acks"))
+	acks, _ := os.ReadFile(st.file(state, "acks"))
 	last := map[uint64]uint64{}    // writer id -> highest acked seq
 	slotAck := map[uint64]uint64{} // raw slot -> highest acked seq
 	hasAck := map[uint64]bool{}    // raw slot acked at all

@@ -152,8 +152,12 @@ func (r *run) execute(ctx context.Context, before func() error) (err error) {
 	err = r.loop(ctx)
 	if err != nil && !errors.Is(err, ErrInterrupted) {
 		// Record the failure for status; the state itself is exactly
-		// where the last commit left it, so resume works.
+		// where the last commit left it, so resume works. Leave F
+		// without a mirror so LVM keeps seeing the PV on it.
 		_ = r.setStatus(journal.StatusFailed, err.Error())
+		if serr := r.settle(); serr != nil {
+			err = errors.Join(err, fmt.Errorf("leaving %s in the committed state: %w", r.spec.Name, serr))
+		}
 		return err
 	}
 	if err == nil {
@@ -361,40 +365,47 @@ func (r *run) rewriteHeader() error {
 
 // rebuild makes the device stack match the reconciled state: helpers and F
 // exist with the right tables (no chunk mirrored: the chunk in flight is
-// redone), nothing is left suspended, and after a reboot the LVs are
-// activated on F.
-func (r *run) rebuild(ctx context.Context) error {
+// redone) and nothing is left suspended. It runs before the LVM fence is
+// taken: after a reboot LVM sees the VG nowhere until F exists (the disk
+// carries the header), and lvm's lock checks the VG. It reports whether F
+// had to be created (then activate puts the LVs back on it).
+func (r *run) rebuild() (fresh bool, err error) {
 	if info, err := r.e.DM.Info(r.spec.Name); err == nil {
 		r.fdev = info.Dev
+	}
+	if err := r.settle(); err != nil {
+		return false, err
 	}
 	restack := r.plan.PhaseIndex(PhaseRestack)
 	if !r.aborted && r.st.Phase <= restack {
 		// Setup has not run (or runs again): it creates everything.
-		return r.resumeSuspendedUsers()
+		return false, r.resumeSuspendedUsers()
 	}
 	if err := r.ensureHelpers(); err != nil {
-		return err
+		return false, err
 	}
 	_, ferr := r.e.DM.Info(r.spec.Name)
-	fresh := errors.Is(ferr, ErrNoDevice)
+	fresh = errors.Is(ferr, ErrNoDevice)
 	if err := r.ensureF(); err != nil {
-		return err
+		return false, err
 	}
-	if err := r.resumeSuspendedUsers(); err != nil {
-		return err
+	return fresh, r.resumeSuspendedUsers()
+}
+
+// activate brings the VG's LVs back on F after a reboot (with the fence
+// held): LVM cannot see the PV on the disk, which carries the header.
+func (r *run) activate(ctx context.Context, fresh bool) error {
+	if !fresh || r.spec.VG == "" || r.ident == IdentityLVM {
+		return nil
 	}
-	if fresh && r.spec.VG != "" && r.ident != IdentityLVM {
-		// After a reboot: LVM cannot see the PV on the disk (it carries
-		// the header), only on F.
-		devs := []string{r.e.Host.NodePath(r.spec.Name)}
-		for _, d := range r.spec.VGDevices {
-			if d != r.spec.Disk.Path {
-				devs = append(devs, d)
-			}
+	devs := []string{r.e.Host.NodePath(r.spec.Name)}
+	for _, d := range r.spec.VGDevices {
+		if d != r.spec.Disk.Path {
+			devs = append(devs, d)
 		}
-		if err := r.e.LVM.Activate(ctx, r.spec.VG, devs); err != nil {
-			return fmt.Errorf("activating volume group %s on %s: %w", r.spec.VG, r.spec.Name, err)
-		}
+	}
+	if err := r.e.LVM.Activate(ctx, r.spec.VG, devs); err != nil {
+		return fmt.Errorf("activating volume group %s on %s: %w", r.spec.VG, r.spec.Name, err)
 	}
 	return nil
 }
@@ -434,8 +445,15 @@ func (e *Engine) Resume(ctx context.Context, o ResumeOptions) error {
 		return err
 	}
 	defer cleanup()
+	// A killed run may have left F with a mirror (LVM then cannot see
+	// the VG, so not even the fence could be taken) or suspended; after
+	// a reboot F does not exist at all.
+	fresh, err := r.rebuild()
+	if err != nil {
+		return err
+	}
 	return r.execute(ctx, func() error {
-		if err := r.rebuild(ctx); err != nil {
+		if err := r.activate(ctx, fresh); err != nil {
 			return err
 		}
 		return r.setStatus(r.status(), "")
@@ -450,8 +468,12 @@ func (e *Engine) Abort(ctx context.Context, o ResumeOptions) error {
 		return err
 	}
 	defer cleanup()
+	fresh, err := r.rebuild()
+	if err != nil {
+		return err
+	}
 	return r.execute(ctx, func() error {
-		if err := r.rebuild(ctx); err != nil {
+		if err := r.activate(ctx, fresh); err != nil {
 			return err
 		}
 		if r.aborted {
@@ -473,6 +495,7 @@ func (e *Engine) Abort(ctx context.Context, o ResumeOptions) error {
 		}
 		// The abort plan's first table may need devices the forward
 		// plan had not created yet (an abort right after a reboot).
-		return r.rebuild(ctx)
+		_, err = r.rebuild()
+		return err
 	})
 }

@@ -1,0 +1,447 @@
+package convert
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/dmconvert/dmconvert/testvm"
+)
+
+// Real-kernel tests of the dmconvert command: signals, kill -9, abort,
+// and every refusal, driving the statically built binary the way an
+// administrator would.
+
+// TestVMCLI boots one VM for the command-line tests: vda, vdb, vdc are
+// converted (one per test), vdd holds journals and acknowledgement logs,
+// vde and vdf are for the refusal cases.
+func TestVMCLI(t *testing.T) {
+	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
+	testvm.RunTestsInGuest(t, testvm.Options{
+		Disks: []testvm.Disk{
+			{Size: 512 * guestMiB}, {Size: 512 * guestMiB}, {Size: 512 * guestMiB},
+			{Size: 64 * guestMiB}, {Size: 128 * guestMiB}, {Size: 64 * guestMiB},
+		},
+		Run:     "^TestGuestCLI",
+		Files:   map[string]string{"dmconvert": bin},
+		Timeout: 20 * time.Minute,
+	})
+}
+
+// guestStateDir mounts the shared state disk, formatting it the first
+// time in this boot.
+func guestStateDir(t testing.TB, dev string) string {
+	t.Helper()
+	if isMounted("/state") {
+		return "/state"
+	}
+	typ, _ := shOK("blkid", "-o", "value", "-s", "TYPE", dev)
+	return mountState(t, dev, strings.TrimSpace(typ) != "ext4")
+}
+
+const pwFile = "/tmp/dmconvert-pw"
+
+var cheapKDFFlags = []string{"--pbkdf", "argon2id", "--pbkdf-memory", "32768", "--pbkdf-force-iterations", "4", "--pbkdf-parallel", "1"}
+
+func writePW(t testing.TB) {
+	if err := os.WriteFile(pwFile, guestPass, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func dmconvertBin(t testing.TB) string {
+	if p := os.Getenv("DMCONVERT_BIN"); p != "" {
+		return p
+	}
+	p := testvm.GuestFile("dmconvert")
+	if p == "" {
+		t.Fatal("the dmconvert binary was not passed into the guest")
+	}
+	return p
+}
+
+// cliRun runs dmconvert to completion and returns its exit code and
+// combined output.
+func cliRun(t testing.TB, args ...string) (int, string) {
+	t.Helper()
+	cmd := exec.Command(dmconvertBin(t), args...)
+	out, err := cmd.CombinedOutput()
+	code := 0
+	if err != nil {
+		ee, ok := err.(*exec.ExitError)
+		if !ok {
+			t.Fatalf("dmconvert %v: %v", args, err)
+		}
+		code = ee.ExitCode()
+	}
+	return code, string(out)
+}
+
+// running is a dmconvert process whose --json progress is followed.
+type running struct {
+	cmd    *exec.Cmd
+	lines  chan map[string]any
+	stderr bytes.Buffer
+	done   chan error
+}
+
+func cliStart(t testing.TB, args ...string) *running {
+	t.Helper()
+	r := &running{lines: make(chan map[string]any, 1024), done: make(chan error, 1)}
+	r.cmd = exec.Command(dmconvertBin(t), args...)
+	r.cmd.Stderr = &r.stderr
+	out, err := r.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			var m map[string]any
+			if json.Unmarshal(sc.Bytes(), &m) == nil {
+				select {
+				case r.lines <- m:
+				default:
+				}
+			}
+		}
+		io.Copy(io.Discard, out)
+		close(r.lines)
+		r.done <- r.cmd.Wait()
+	}()
+	return r
+}
+
+// waitProgress waits until the run reports at least frac of its bytes
+// done (or ends).
+func (r *running) waitProgress(t testing.TB, frac float64) {
+	t.Helper()
+	timeout := time.After(5 * time.Minute)
+	for {
+		select {
+		case m, ok := <-r.lines:
+			if !ok {
+				t.Fatalf("dmconvert ended before reaching %.0f%%: %s", frac*100, r.stderr.String())
+			}
+			done, _ := m["done_bytes"].(float64)
+			total, _ := m["total_bytes"].(float64)
+			if total > 0 && done/total >= frac {
+				return
+			}
+		case <-timeout:
+			t.Fatal("no progress from dmconvert")
+		}
+	}
+}
+
+func (r *running) wait() (int, string) {
+	for range r.lines {
+	}
+	err := <-r.done
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			code = 128 + int(ws.Signal())
+		}
+	} else if err != nil {
+		code = -1
+	}
+	return code, r.stderr.String()
+}
+
+func encryptArgs(st *stack, state string, extra ...string) []string {
+	a := []string{"encrypt", st.Disk, "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal")}
+	a = append(a, cheapKDFFlags...)
+	return append(a, extra...)
+}
+
+// verifyEncryptedCold tears the live stack down and opens the disk the way
+// a fresh boot does: stock cryptsetup, vgchange -ay, then every check.
+func verifyEncryptedCold(t testing.TB, st *stack, state, name string) {
+	t.Helper()
+	for _, mp := range st.Mounts {
+		shOK("umount", mp)
+	}
+	sh(t, "vgchange", "-an", st.VG)
+	sh(t, "dmsetup", "remove", name)
+	if typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", st.Disk); strings.TrimSpace(typ) != "crypto_LUKS" {
+		t.Fatalf("blkid -p %s says %q, want crypto_LUKS", st.Disk, typ)
+	}
+	if out, err := shOK("vgchange", "-ay", st.VG); err == nil && strings.Contains(out, "logical volume(s)") && !strings.Contains(out, " 0 logical") {
+		t.Fatalf("LVM activated %s from the raw encrypted disk: %s", st.VG, out)
+	}
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, st.Disk, name)
+	sh(t, "vgchange", "-ay", st.VG)
+	verifyStack(t, st, state)
+}
+
+func requireExit(t testing.TB, what string, code, want int, out string) {
+	t.Helper()
+	if code != want {
+		t.Fatalf("%s: exit %d, want %d; output:\n%s", what, code, want, out)
+	}
+}
+
+// TestGuestCLIInterruptResume: SIGINT mid-run stops at a safe point
+// (exit 5), status says so, resume finishes; every acknowledged write is
+// there, live and after a cold open.
+func TestGuestCLIInterruptResume(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	st := buildStackTag(t, "int", d[0], state, 32768, true)
+	w := startWriter(t, st, state)
+	r := cliStart(t, encryptArgs(st, state)...)
+	r.waitProgress(t, 0.3)
+	r.cmd.Process.Signal(syscall.SIGINT)
+	code, errOut := r.wait()
+	requireExit(t, "encrypt after SIGINT", code, 5, errOut)
+	code, out := cliRun(t, "status", "--journal", st.file(state, "journal"), "--json")
+	requireExit(t, "status", code, 0, out)
+	if !strings.Contains(out, "interrupted") {
+		t.Fatalf("status after SIGINT does not say interrupted:\n%s", out)
+	}
+	code, out = cliRun(t, "resume", "--journal", st.file(state, "journal"), "--key-file", pwFile, "--json")
+	requireExit(t, "resume", code, 0, out)
+	acks, gap := w.finish(t)
+	t.Logf("writer: %d acknowledged writes, longest write+fsync %v", acks, gap)
+	verifyStack(t, st, state)
+	verifyEncryptedCold(t, st, state, filepath.Base(st.Disk)+"_crypt")
+}
+
+// TestGuestCLIKillResume: kill -9 mid-run (the process dies wherever it
+// is: a device may stay suspended, the writer blocked), then resume.
+func TestGuestCLIKillResume(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	st := buildStackTag(t, "kill", d[1], state, 32768, true)
+	w := startWriter(t, st, state)
+	r := cliStart(t, encryptArgs(st, state)...)
+	r.waitProgress(t, 0.45)
+	r.cmd.Process.Kill()
+	code, _ := r.wait()
+	requireExit(t, "encrypt after kill -9", code, 128+int(syscall.SIGKILL), "")
+	code, out := cliRun(t, "resume", "--journal", st.file(state, "journal"), "--key-file", pwFile)
+	requireExit(t, "resume after kill -9", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyStack(t, st, state)
+	verifyEncryptedCold(t, st, state, filepath.Base(st.Disk)+"_crypt")
+}
+
+// TestGuestCLIAbort: SIGINT mid-run, then abort walks back online to the
+// plaintext layout: the LVs on the raw disk, the disk an LVM PV again.
+func TestGuestCLIAbort(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	st := buildStackTag(t, "abort", d[2], state, 32768, true)
+	w := startWriter(t, st, state)
+	r := cliStart(t, encryptArgs(st, state)...)
+	r.waitProgress(t, 0.5)
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	code, errOut := r.wait()
+	requireExit(t, "encrypt after SIGTERM", code, 5, errOut)
+	code, out := cliRun(t, "abort", "--journal", st.file(state, "journal"), "--key-file", pwFile, "--json")
+	requireExit(t, "abort", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	name := filepath.Base(st.Disk) + "_crypt"
+	if out, err := shOK("dmsetup", "info", name); err == nil {
+		t.Fatalf("%s still exists after abort:\n%s", name, out)
+	}
+	for _, lv := range []string{"ext", "xfs", "raw"} {
+		deps := sh(t, "dmsetup", "deps", "-o", "devname", st.VG+"-"+lv)
+		if !strings.Contains(deps, "("+filepath.Base(st.Disk)+")") {
+			t.Fatalf("%s-%s does not map the raw disk after abort: %s", st.VG, lv, deps)
+		}
+	}
+	verifyStack(t, st, state)
+	// Cold: LVM finds the VG on the raw disk again.
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
+	sh(t, "vgchange", "-an", st.VG)
+	if typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", st.Disk); strings.TrimSpace(typ) != "LVM2_member" {
+		t.Fatalf("blkid -p %s says %q after abort, want LVM2_member", st.Disk, typ)
+	}
+	sh(t, "vgchange", "-ay", st.VG)
+	verifyStack(t, st, state)
+}
+
+// --- refusals ----------------------------------------------------------
+
+func diskSum(t testing.TB, dev string) string {
+	t.Helper()
+	sh(t, "sync")
+	f, err := os.Open(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// refused runs dmconvert and checks: the exit code, that the message
+// names the device and says why, and that the disk is byte for byte what
+// it was.
+func refused(t *testing.T, dev string, want int, reason string, args ...string) {
+	t.Helper()
+	before := diskSum(t, dev)
+	code, out := cliRun(t, args...)
+	if code != want {
+		t.Fatalf("dmconvert %s: exit %d, want %d:\n%s", strings.Join(args, " "), code, want, out)
+	}
+	if !strings.Contains(out, dev) || !strings.Contains(out, reason) {
+		t.Fatalf("dmconvert %s: the message does not name %s and say %q:\n%s", strings.Join(args, " "), dev, reason, out)
+	}
+	if after := diskSum(t, dev); after != before {
+		t.Fatalf("dmconvert %s changed %s although it refused", strings.Join(args, " "), dev)
+	}
+	t.Logf("refused as expected (exit %d): %s", code, strings.TrimSpace(out))
+}
+
+func wipe(t testing.TB, dev string) {
+	t.Helper()
+	for _, vg := range []string{"vgr", "vgr2"} {
+		shOK("vgchange", "-an", vg)
+		shOK("vgremove", "-ff", "-y", vg)
+	}
+	shOK("pvremove", "-ff", "-y", dev)
+	sh(t, "wipefs", "-a", "-q", dev)
+	sh(t, "dd", "if=/dev/zero", "of="+dev, "bs=1M", "count=4", "oflag=direct", "status=none")
+}
+
+// lightStack is a small VG on dev: an ext4 LV (not mounted unless asked)
+// and a raw LV.
+func lightStack(t testing.TB, dev string, shrink bool, mount bool) {
+	t.Helper()
+	size := diskSectors(t, dev)
+	if shrink {
+		sh(t, "pvcreate", "-y", "--setphysicalvolumesize", fmt.Sprintf("%ds", size-2*32768), dev)
+	} else {
+		sh(t, "pvcreate", "-y", dev)
+	}
+	sh(t, "vgcreate", "-y", "vgr", dev)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "32m", "vgr")
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-l", "100%FREE", "vgr")
+	sh(t, "vgchange", "-ay", "vgr")
+	sh(t, "mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", "/dev/mapper/vgr-ext")
+	if mount {
+		os.MkdirAll("/mnt/r-ext", 0o755)
+		sh(t, "mount", "-o", "noatime", "/dev/mapper/vgr-ext", "/mnt/r-ext")
+	}
+}
+
+// TestGuestCLIRefusals: every bad input is refused before anything is
+// written, with a message naming the device and the reason.
+func TestGuestCLIRefusals(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	dev, small := d[4], d[5]
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	j := filepath.Join(state, "refusal.journal")
+	enc := func(extra ...string) []string {
+		a := []string{"encrypt", dev, "--batch-mode", "--key-file", pwFile, "--journal", j}
+		return append(append(a, cheapKDFFlags...), extra...)
+	}
+
+	t.Run("not-a-pv", func(t *testing.T) {
+		wipe(t, dev)
+		refused(t, dev, 2, "not an LVM physical volume", enc()...)
+	})
+	t.Run("pv-in-no-vg", func(t *testing.T) {
+		wipe(t, dev)
+		sh(t, "pvcreate", "-y", dev)
+		refused(t, dev, 2, "no volume group", enc()...)
+	})
+	t.Run("fs-directly-on-disk", func(t *testing.T) {
+		wipe(t, dev)
+		sh(t, "mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)
+		os.MkdirAll("/mnt/direct", 0o755)
+		sh(t, "mount", "-o", "noatime", dev, "/mnt/direct")
+		defer sh(t, "umount", "/mnt/direct")
+		refused(t, dev, 2, "offline", enc()...)
+	})
+	t.Run("no-tail-space", func(t *testing.T) {
+		wipe(t, dev)
+		lightStack(t, dev, false, false) // the raw LV fills the PV to its end
+		refused(t, dev, 2, "short", enc()...)
+		refused(t, dev, 2, "cannot shrink", enc("--shrink-pv")...)
+	})
+	t.Run("unrestackable-mapping", func(t *testing.T) {
+		wipe(t, dev)
+		lightStack(t, dev, true, false)
+		key := strings.Repeat("ab", 64)
+		sh(t, "dmsetup", "create", "odd", "--table", "0 2048 crypt aes-xts-plain64 "+key+" 0 "+dev+" 4096")
+		defer sh(t, "dmsetup", "remove", "odd")
+		refused(t, dev, 2, "odd", enc()...)
+	})
+	t.Run("journal-on-the-stack", func(t *testing.T) {
+		wipe(t, dev)
+		lightStack(t, dev, true, true)
+		defer sh(t, "umount", "/mnt/r-ext")
+		a := []string{"encrypt", dev, "--batch-mode", "--key-file", pwFile, "--journal", "/mnt/r-ext/j.journal"}
+		refused(t, dev, 2, "journal", append(a, cheapKDFFlags...)...)
+	})
+	t.Run("sector-size", func(t *testing.T) {
+		wipe(t, dev)
+		lightStack(t, dev, true, false)
+		refused(t, dev, 2, "logical block size", enc("--sector-size", "4096")...)
+	})
+	t.Run("wrong-passphrase-and-foreign-journal", func(t *testing.T) {
+		wipe(t, dev)
+		lightStack(t, dev, true, false)
+		os.Remove(j)
+		r := cliStart(t, enc("--json", "--chunk-size", "1M")...)
+		r.waitProgress(t, 0.3)
+		r.cmd.Process.Signal(syscall.SIGINT)
+		code, errOut := r.wait()
+		requireExit(t, "encrypt after SIGINT", code, 5, errOut)
+		os.WriteFile("/tmp/wrong-pw", []byte("not the passphrase"), 0o600)
+		refused(t, dev, 3, "passphrase", "resume", "--journal", j, "--key-file", "/tmp/wrong-pw")
+		// The journal belongs to dev, not to the small disk.
+		refused(t, small, 2, "journal", "resume", "--journal", j, "--device", small, "--key-file", pwFile)
+		// A second dmconvert while one works on the disk: start the
+		// resume, then try another one and a new encrypt.
+		r2 := cliStart(t, "resume", "--journal", j, "--key-file", pwFile, "--json")
+		r2.waitProgress(t, 0.4)
+		code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+		if code != 4 || !strings.Contains(out, "another dmconvert") {
+			t.Fatalf("second resume while one runs: exit %d:\n%s", code, out)
+		}
+		code, out = cliRun(t, enc("--journal", filepath.Join(state, "second.journal"))...)
+		if code != 2 && code != 4 {
+			t.Fatalf("second encrypt while one runs: exit %d:\n%s", code, out)
+		}
+		if !strings.Contains(out, dev) && !strings.Contains(out, "vde_crypt") {
+			t.Fatalf("second encrypt refusal does not name the device:\n%s", out)
+		}
+		code, errOut = r2.wait()
+		requireExit(t, "the resume that was running", code, 0, errOut)
+	})
+}
