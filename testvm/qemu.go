@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -187,10 +188,18 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 		vm.cleanup()
 		return nil, err
 	}
+	if cfg.DiskCache == "none" && len(cfg.Disks) > 0 && !directIOWorks(cfg.Disks[0]) {
+		// cache=none needs O_DIRECT on the host file system (tmpfs has it
+		// only since Linux 6.6); writeback still honours guest flushes.
+		cfg.DiskCache = "writeback"
+		vm.cfg.DiskCache = "writeback"
+	}
 	vm.args = qemuArgs(cfg)
 
 	cmd := exec.Command(vm.args[0], vm.args[1:]...)
 	cmd.Stderr = &vm.stderr
+	// QEMU dies with the test process (a go test timeout, a ^C)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if cfg.Shell {
 		cmd.Stdin = os.Stdin
 	}
@@ -288,6 +297,16 @@ var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 
 func shellQuote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// directIOWorks reports whether a disk image can be opened with O_DIRECT.
+func directIOWorks(path string) bool {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		return !errors.Is(err, syscall.EINVAL)
+	}
+	f.Close()
+	return true
 }
 
 // qemuOpt escapes a value inside a QEMU option list (commas double).
