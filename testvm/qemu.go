@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -210,7 +211,18 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 	}
 	vm.cmd = cmd
 	vm.start = time.Now()
-	if err := cmd.Start(); err != nil {
+	// Pdeathsig fires when the *thread* that started QEMU exits, so start
+	// it from a locked thread that lives until QEMU has ended.
+	started := make(chan error)
+	go func() {
+		runtime.LockOSThread()
+		err := cmd.Start()
+		started <- err
+		if err == nil {
+			<-vm.exited
+		}
+	}()
+	if err := <-started; err != nil {
 		vm.cleanup()
 		return nil, fmt.Errorf("testvm: starting %s: %w", vm.args[0], err)
 	}
