@@ -4,7 +4,9 @@
 //	testvm run [flags] SCRIPT      boot, run a bash script in the guest, exit with its status
 //	testvm run [flags] -c 'CMDS'   the same with the script on the command line
 //	testvm demo                    boot with a sample live LVM disk and show it
-//	testvm report DIR              sum up the JSON reports of a make test run
+//	testvm report [-module DIR] R  sum up the JSON reports of a make test run in R;
+//	                               with -module, also fail if a TestGuest* function
+//	                               of that module ran in no VM
 //
 // Run "testvm run -h" for the flags (disks, share, timeout, shell, keep).
 package main
@@ -70,7 +72,7 @@ func usage() {
   testvm run [flags] SCRIPT     boot, run a bash script in the guest, exit with its status
   testvm run [flags] -c 'CMDS'  the same with the script given inline
   testvm demo                   boot with a sample live LVM disk (VG, LVs, mounted fs, writer) and show it
-  testvm report DIR             sum up the JSON reports written by RunTestsInGuest
+  testvm report [-module DIR] R sum up the JSON reports written by RunTestsInGuest into R
 `)
 }
 
