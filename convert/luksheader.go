@@ -49,7 +49,9 @@ func OpenLUKSImage(img []byte, key []byte) (*LUKSHeader, []byte, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	return lh, vk.Bytes(), nil
+	// vk.Bytes is the key's own buffer, which the deferred Wipe zeroes:
+	// hand out a copy.
+	return lh, append([]byte(nil), vk.Bytes()...), nil
 }
 
 // Header is the wrapped luks header.

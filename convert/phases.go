@@ -60,9 +60,12 @@ func (r *run) ensureHelpers() error {
 				return fmt.Errorf("reading the table of %s: %w", name, err)
 			}
 			if !got.Equal(want) {
-				if _, err := r.swap(name, want, nil); err != nil {
-					return err
-				}
+				// A helper's table follows from the run and its key alone.
+				// If the live one differs, the key we hold is not the
+				// key the data was written with (or the device is not
+				// ours): replacing the table would make every converted
+				// sector unreadable.
+				return fmt.Errorf("the live device %s does not match run %s (its table, key included, differs from the one this run computes): refusing to touch it; check the passphrase/key file and the journal", name, r.spec.ID)
 			} else if info.Suspended {
 				if err := r.e.DM.Resume(name); err != nil {
 					return fmt.Errorf("resuming %s: %w", name, err)
