@@ -28,6 +28,9 @@ var (
 var (
 	bucketMeta  = []byte("meta")
 	bucketSteps = []byte("steps")
+	// The header image lives in a bucket of its own: bbolt rewrites a
+	// whole leaf on every change, and the state changes at every step.
+	bucketHeader = []byte("header")
 	keyRun      = []byte("run")
 	keyState    = []byte("state")
 	keyHeader   = []byte("header")
@@ -158,6 +161,9 @@ func Open(path string, opts Options) (*Journal, error) {
 			if _, err := tx.CreateBucketIfNotExists(bucketSteps); err != nil {
 				return err
 			}
+			if _, err := tx.CreateBucketIfNotExists(bucketHeader); err != nil {
+				return err
+			}
 			if v := m.Get(keyVersion); v != nil {
 				if got := binary.BigEndian.Uint32(v); got != formatVersion {
 					return fmt.Errorf("journal format %d is not supported (want %d)", got, formatVersion)
@@ -206,7 +212,7 @@ func (j *Journal) Init(run Run, header []byte, st State) error {
 			return err
 		}
 		if header != nil {
-			if err := m.Put(keyHeader, encodeHeader(header)); err != nil {
+			if err := m.Tx().Bucket(bucketHeader).Put(keyHeader, encodeHeader(header)); err != nil {
 				return err
 			}
 		}
@@ -243,7 +249,11 @@ func (j *Journal) SetPlan(plan json.RawMessage, st State) error {
 func (j *Journal) Header() ([]byte, error) {
 	var h []byte
 	err := j.view(func(m, _ *bolt.Bucket) error {
-		v := m.Get(keyHeader)
+		hb := m.Tx().Bucket(bucketHeader)
+		if hb == nil {
+			return nil
+		}
+		v := hb.Get(keyHeader)
 		if v == nil {
 			return nil
 		}
@@ -257,7 +267,7 @@ func (j *Journal) Header() ([]byte, error) {
 // SetHeader replaces the stored header image (e.g. rekey's new header).
 func (j *Journal) SetHeader(header []byte) error {
 	return j.update("recording the header image", func(m, _ *bolt.Bucket) error {
-		return m.Put(keyHeader, encodeHeader(header))
+		return m.Tx().Bucket(bucketHeader).Put(keyHeader, encodeHeader(header))
 	})
 }
 
