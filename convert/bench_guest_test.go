@@ -526,6 +526,7 @@ type convertResult struct {
 	hwm       int64           // VmHWM of the process, bytes (sampled)
 	peak      memSample       // the sample with the highest VmRSS
 	first     time.Time       // the first event
+	stderr    string
 	maxrss    int64           // rusage ru_maxrss, bytes (includes waited-for children)
 }
 
@@ -638,6 +639,7 @@ func runDMConvert(b testing.TB, args ...string) *convertResult {
 	}
 	res.conv = done.Sub(first)
 	res.first = first
+	res.stderr = stderr.String()
 	return res
 }
 
@@ -748,6 +750,9 @@ func (s *benchSuite) benchDMConvert(b *testing.B, disk, region, chunk string) {
 	}
 	b.Logf("payload %.0f MiB; process %.2fs, conversion %.2fs (KDF, plan and exit %.2fs); %d writes by the writer, longest %v (p99 %v); phases: %s",
 		mib, res.wall.Seconds(), res.conv.Seconds(), (res.wall - res.conv).Seconds(), writes, stall, p99, strings.Join(ph, "; "))
+	if e := strings.TrimSpace(res.stderr); e != "" {
+		b.Logf("dmconvert's stderr:\n%s", e)
+	}
 	b.Logf("memory: VmHWM %.1f MiB, rusage maxrss %.1f MiB; highest VmRSS sample %.1f MiB (anon %.1f, file %.1f) at %+.2fs from the first event",
 		mib2(res.hwm), mib2(res.maxrss), mib2(res.peak.rss), mib2(res.peak.anon), mib2(res.peak.fil), res.peak.at.Sub(res.first).Seconds())
 }
@@ -830,7 +835,9 @@ func (s *benchSuite) summary(b *testing.B) {
 	if best != nil {
 		fmt.Fprintf(&sb, "fastest run on the small disk with the writer's stall under 200 ms: %s (%.2f of dm-crypt)\n", strings.TrimPrefix(best.name, "BenchmarkGuestEncrypt/"), best.rate/best.dmcrypt)
 	}
-	b.Log("\n" + sb.String())
+	// A benchmark with sub-benchmarks prints no log of its own: the
+	// summary goes to stdout, where the guest output keeps it.
+	fmt.Print(sb.String())
 }
 
 func fmtF(v []float64) string {
