@@ -2,7 +2,6 @@ package convert
 
 import (
 	"context"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -18,13 +17,27 @@ import (
 
 const guestMiB = 1 << 20
 
-// TestVM runs this package's guest tests in the VM: disk vda is
-// converted, vdb holds the journal and the writer's acknowledgements.
+// TestVM: the headline conversion in one boot (disk vda converted, vdb
+// holds the journal and the writers' acknowledgements), then a fresh boot
+// of the same disks where stock tools must open it.
 func TestVM(t *testing.T) {
-	testvm.RunTestsInGuest(t, testvm.Options{
-		Disks: []testvm.Disk{{Size: 512 * guestMiB}, {Size: 64 * guestMiB}},
-		Run:   "^TestGuestEngine",
-	})
+	if testvm.VMRequested() {
+		t.Parallel()
+	}
+	dir := t.TempDir()
+	pv, state := filepath.Join(dir, "pv.img"), filepath.Join(dir, "state.img")
+	if err := testvm.CreateDisk(pv, 512*guestMiB); err != nil {
+		t.Fatal(err)
+	}
+	if err := testvm.CreateDisk(state, 256*guestMiB); err != nil {
+		t.Fatal(err)
+	}
+	disks := []testvm.Disk{{Path: pv}, {Path: state}}
+	testvm.RunTestsInGuest(t, testvm.Options{Disks: disks, Run: "^TestGuestEngineEncrypt$"})
+	if t.Failed() {
+		return
+	}
+	testvm.RunTestsInGuest(t, testvm.Options{Disks: disks, Run: "^TestGuestEngineFreshBoot$"})
 }
 
 var guestPass = []byte("correct horse battery staple")
@@ -95,19 +108,35 @@ func TestGuestEngineEncrypt(t *testing.T) {
 		t.Fatalf("LVM does not see the PV on the mapping: %s", pvs)
 	}
 	verifyStack(t, st, state)
-
-	// Tear down and open it like a fresh boot would.
 	for _, mp := range st.Mounts {
 		sh(t, "umount", mp)
 	}
-	sh(t, "vgchange", "-an", st.VG)
-	sh(t, "dmsetup", "remove", name)
+	sh(t, "sync")
+}
+
+// TestGuestEngineFreshBoot (second boot of TestVM): nothing activates the
+// VG from the raw disk; stock cryptsetup opens it with the passphrase;
+// vgchange -ay; fsck clean with sizes checked; every file and every
+// acknowledged record is there.
+func TestGuestEngineFreshBoot(t *testing.T) {
+	testvm.RequireGuest(t)
+	disks := testvm.GuestDisks()
+	disk := disks[0]
+	state := mountState(t, disks[1], false)
+	st := loadStack(t, state, "t")
 	if out, err := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", disk); err != nil || strings.TrimSpace(out) != "crypto_LUKS" {
 		t.Fatalf("blkid on %s: %q %v", disk, out, err)
 	}
-	pw := filepath.Join(t.TempDir(), "pw")
-	os.WriteFile(pw, guestPass, 0o600)
-	sh(t, "cryptsetup", "open", "--key-file", pw, disk, "opened")
+	shOK("pvscan", "--cache", "-aay")
+	shOK("vgchange", "-ay", st.VG)
+	if out, _ := shOK("dmsetup", "ls"); strings.Contains(out, st.VG+"-") {
+		t.Fatalf("LVM activated %s from the raw encrypted disk:\n%s", st.VG, out)
+	}
+	writePW(t)
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, filepath.Base(disk)+"_crypt")
+	if out := sh(t, "cryptsetup", "status", filepath.Base(disk)+"_crypt"); !strings.Contains(out, "LUKS2") {
+		t.Fatalf("cryptsetup status:\n%s", out)
+	}
 	sh(t, "vgchange", "-ay", st.VG)
 	verifyStack(t, st, state)
 }

@@ -59,12 +59,13 @@ func envInt(name string, def int64) int64 {
 	return def
 }
 
-// TestVMPowerCut: DMCONVERT_POWERCUTS cuts (default 1 per run of this
-// test; make crashtest N=... runs more), DMCONVERT_CRASH_SEED to replay.
+// TestVMPowerCut: DMCONVERT_POWERCUTS cuts (default 10, what CI runs;
+// make crashtest N=... runs more), DMCONVERT_CRASH_SEED to replay.
 func TestVMPowerCut(t *testing.T) {
 	testvm.RequireVM(t)
+	t.Parallel()
 	seed := envInt("DMCONVERT_CRASH_SEED", time.Now().UnixNano())
-	cuts := int(envInt("DMCONVERT_POWERCUTS", 1))
+	cuts := int(envInt("DMCONVERT_POWERCUTS", 10))
 	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts", seed, seed, cuts)
 	rng := rand.New(rand.NewSource(seed))
 	ctx := context.Background()

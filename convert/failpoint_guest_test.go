@@ -1,0 +1,193 @@
+package convert
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dmconvert/dmconvert/testvm"
+)
+
+// Every failpoint, for real: dmconvert (built with -tags failpoints) dies
+// at it with no cleanup at all, under a writer; then resume, or abort,
+// must finish with every file and every acknowledged record intact.
+
+// TestVMFailpoints runs the failpoint matrix in its own VM.
+func TestVMFailpoints(t *testing.T) {
+	testvm.RequireVM(t)
+	t.Parallel()
+	dir := t.TempDir()
+	cmd := exec.Command("go", "build", "-tags", "failpoints", "-o", filepath.Join(dir, "dmconvert"), "../cmd/dmconvert")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building dmconvert with failpoints: %v\n%s", err, out)
+	}
+	testvm.RunTestsInGuest(t, testvm.Options{
+		Disks:   []testvm.Disk{{Size: 96 * guestMiB}, {Size: 256 * guestMiB}},
+		Run:     "^TestGuestFailpoints$",
+		Files:   map[string]string{"dmconvert": filepath.Join(dir, "dmconvert")},
+		Timeout: 25 * time.Minute,
+	})
+}
+
+// fpHit picks which hit of a failpoint to die at: per-chunk points die in
+// the middle of the run, the others at their first (often only) hit.
+func fpHit(name string) int {
+	switch name {
+	case "intent:before", "intent:after", "load:before", "load:after", "suspend:after",
+		"resume:before", "resume:after", "sync:after", "flush:after",
+		"checkpoint:before", "checkpoint:after", "commit:before", "commit:after":
+		return 9
+	}
+	return 1
+}
+
+// TestGuestFailpoints: for each failpoint and each of resume/abort, from
+// the same pristine disk image: writer on, encrypt dies at the failpoint
+// (exit 113), recover, verify.
+func TestGuestFailpoints(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	disk := d[0]
+	state := guestStateDir(t, d[1])
+	writePW(t)
+	// One pristine stack, saved, restored before every case.
+	st := buildSmallStack(t, "fp", disk, state, 8192)
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
+	sh(t, "vgchange", "-an", st.VG)
+	pristine := diskBytes(t, disk)
+	man, _ := os.ReadFile(st.file(state, "manifest"))
+	cases, passed := 0, 0
+	for _, fp := range Failpoints {
+		for _, rec := range []string{"resume", "abort"} {
+			cases++
+			ok := t.Run(fp+"/"+rec, func(t *testing.T) {
+				cleanupGuest(st)
+				restoreDisk(t, disk, pristine)
+				os.WriteFile(st.file(state, "manifest"), man, 0o644)
+				os.Remove(st.file(state, "acks"))
+				os.Remove(st.file(state, "journal"))
+				sh(t, "vgchange", "-ay", st.VG)
+				for i, mp := range st.Mounts {
+					sh(t, "mount", "/dev/mapper/"+st.VG+"-"+st.FSLVs[i], mp)
+				}
+				w := startWriter(t, st, state)
+				die := func(fp string, hit int, args ...string) {
+					cmd := exec.Command(dmconvertBin(t), args...)
+					cmd.Env = append(os.Environ(), fmt.Sprintf("DMCONVERT_FAILPOINT=%s:%d", fp, hit))
+					out, _ := cmd.CombinedOutput()
+					if code := cmd.ProcessState.ExitCode(); code != FailpointExitCode {
+						w.finish(t)
+						t.Fatalf("dmconvert %s did not stop at failpoint %s#%d: exit %d\n%s", args[0], fp, hit, code, out)
+					}
+				}
+				args := encryptArgs(st, state, "--header-size", "4M", "--chunk-size", "4M")
+				if abortOnly[fp] {
+					// Reached only while walking back: stop the run in the
+					// middle, then let the abort die there.
+					die("commit:after", 9, args...)
+					die(fp, 1, "abort", "--journal", st.file(state, "journal"), "--key-file", pwFile)
+				} else {
+					die(fp, fpHit(fp), args...)
+				}
+				code, rout := cliRun(t, rec, "--journal", st.file(state, "journal"), "--key-file", pwFile)
+				if code != 0 && strings.Contains(rout, "already") {
+					// The failpoint came after the final commit.
+					code = 0
+				}
+				acks, _ := w.finish(t)
+				if code != 0 {
+					t.Fatalf("%s after dying at %s: exit %d\n%s", rec, fp, code, rout)
+				}
+				verifyStack(t, st, state)
+				name := filepath.Base(disk) + "_crypt"
+				typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", disk)
+				switch {
+				case abortOnly[fp]:
+					if strings.TrimSpace(typ) != "LVM2_member" {
+						t.Fatalf("after an interrupted abort and %s the disk is %q", rec, typ)
+					}
+				case rec == "resume":
+					verifyEncryptedCold(t, st, state, name)
+				default:
+					if strings.TrimSpace(typ) == "crypto_LUKS" {
+						// Died after the run completed: abort says so, the
+						// disk stays encrypted.
+						verifyEncryptedCold(t, st, state, name)
+					} else if strings.TrimSpace(typ) != "LVM2_member" {
+						t.Fatalf("after abort the disk is %q", typ)
+					}
+				}
+				t.Logf("%s/%s: %d acknowledged writes verified", fp, rec, acks)
+				for _, mp := range st.Mounts {
+					shOK("umount", mp)
+				}
+				shOK("vgchange", "-an", st.VG)
+				shOK("dmsetup", "remove", name)
+			})
+			if ok {
+				passed++
+			}
+		}
+	}
+	t.Logf("failpoint cases: %d run, %d passed (%d failpoints x resume/abort)", cases, passed, len(Failpoints))
+}
+
+// abortOnly are the failpoints only a walk back reaches.
+var abortOnly = map[string]bool{"unstack:device-after": true}
+
+// cleanupGuest removes whatever a failed case left behind.
+func cleanupGuest(st *stack) {
+	for _, mp := range st.Mounts {
+		shOK("umount", "-l", mp)
+	}
+	shOK("dmsetup", "resume", "--noflush", "-f")
+	shOK("vgchange", "-an", st.VG)
+	shOK("dmsetup", "remove_all", "--force")
+}
+
+// restoreDisk writes the saved image back over the disk.
+func restoreDisk(t testing.TB, disk string, img []byte) {
+	t.Helper()
+	f, err := os.OpenFile(disk, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(img, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	sh(t, "blockdev", "--flushbufs", disk)
+}
+
+// buildSmallStack: ext4 LV and raw LV on a PV leaving 2*header sectors
+// free at the end.
+func buildSmallStack(t testing.TB, tag, disk, state string, header uint64) *stack {
+	t.Helper()
+	size := diskSectors(t, disk)
+	pvSize := size - 2*header
+	vg := "vg" + tag
+	sh(t, "pvcreate", "-y", "--setphysicalvolumesize", fmt.Sprintf("%ds", pvSize), disk)
+	sh(t, "vgcreate", "-y", vg, disk)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "56m", vg)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", vg)
+	sh(t, "vgchange", "-ay", vg)
+	st := &stack{Tag: tag, Disk: disk, VG: vg, PVSize: pvSize, RawLV: "/dev/mapper/" + vg + "-raw"}
+	dev := "/dev/mapper/" + vg + "-ext"
+	mp := "/mnt/" + tag + "-ext"
+	sh(t, "mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)
+	os.MkdirAll(mp, 0o755)
+	sh(t, "mount", dev, mp)
+	st.Mounts, st.FSLVs, st.FSTypes, st.Sizes = []string{mp}, []string{"ext"}, []string{"ext4"}, []uint64{blockDevBytes(t, dev)}
+	writeManifest(t, st, state)
+	return st
+}
