@@ -57,13 +57,17 @@ const (
 	benchRoundsEnv = "DMCONVERT_BENCH_ROUNDS" // rounds of dmcrypt/cryptsetup/dmconvert on the small disk (default 3)
 	benchSweepEnv  = "DMCONVERT_BENCH_SWEEP"  // region/chunk pairs, e.g. "1M/16M,4M/16M", or "off"
 	benchSizesEnv  = "DMCONVERT_BENCH_SIZES"  // larger disks for the RSS scaling runs, e.g. "1G,2G", or "off"
+	// benchAltEnv, on the host, names another dmconvert binary (an engine
+	// change to evaluate): every round then runs it too, right after the
+	// one built from this tree, on the same disk.
+	benchAltEnv = "DMCONVERT_BENCH_ALT"
 )
 
 const (
 	benchDiskSize    = 256 * guestMiB
 	benchStateSize   = 256 * guestMiB
 	benchHeader      = 32768 // sectors: the LUKS2 default header, 16 MiB
-	defaultSweep     = "1M/4M,4M/4M,1M/8M,4M/8M,8M/8M,1M/16M,2M/16M,4M/16M,8M/16M,16M/16M"
+	defaultSweep     = "1M/16M,2M/16M,8M/16M,16M/16M,1M/4M,4M/4M"
 	defaultSizes     = "1G,2G"
 	maxPairedDMWrite = 512 * guestMiB // bytes the paired dm-crypt measurement writes at most
 )
@@ -93,13 +97,17 @@ func TestVMBench(t *testing.T) {
 	for _, s := range sizes {
 		disks = append(disks, testvm.Disk{Size: s})
 	}
-	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
+	files := map[string]string{"dmconvert": testvm.BuildStatic(t, "./cmd/dmconvert")}
+	if alt := os.Getenv(benchAltEnv); alt != "" {
+		files["dmconvert-alt"] = alt
+		env[benchAltEnv] = "1"
+	}
 	testvm.RunTestsInGuest(t, testvm.Options{
 		Disks:   disks,
 		Run:     "^$", // benchmarks only
 		Bench:   bench,
 		Env:     env,
-		Files:   map[string]string{"dmconvert": bin},
+		Files:   files,
 		Timeout: 50 * time.Minute,
 	})
 }
@@ -163,20 +171,26 @@ type benchSuite struct {
 	disk   string   // the 256 MiB disk
 	state  string   // journals
 	scale  []string // the larger disks
+	alt    string   // another dmconvert binary to compare (DMCONVERT_BENCH_ALT)
 	seq    int      // run counter, for unique VG names and journals
 	dmRate []float64
 	csWall []float64 // cryptsetup MiB/s (process wall time)
+	csConv []float64 // cryptsetup MiB/s without its header creation (KDF)
+	mirror []mirrorResult
 	rows   []benchRow
 }
 
 // benchRow is one dmconvert run, for the summary.
 type benchRow struct {
 	name              string
+	conv              convCase
 	disk              int64
-	region, chunk     string
 	rate, wallRate    float64 // MiB/s of payload: conversion part, process wall
 	dmcrypt           float64 // paired dm-crypt rate
-	stallMs, suspMs   float64
+	bodyRate          float64 // MiB/s of the body phase
+	stallMs, p99Ms    float64 // the writer during the run
+	idleMs, idleP99Ms float64 // the writer alone
+	suspMs            float64
 	rssMiB, rusageMiB float64
 	chunkMs           float64
 }
@@ -192,6 +206,9 @@ func newBenchSuite(b *testing.B) *benchSuite {
 		b.Fatalf("benchmark VM disks: %v", d)
 	}
 	s := &benchSuite{disk: d[0], state: mountState(b, d[1], true), scale: d[2:]}
+	if os.Getenv(benchAltEnv) == "1" {
+		s.alt = testvm.GuestFile("dmconvert-alt")
+	}
 	writePW(b)
 	// Allocate every disk image on the host once, so no run pays for the
 	// host file system filling holes and all runs see the same disk.
@@ -202,18 +219,46 @@ func newBenchSuite(b *testing.B) *benchSuite {
 	return s
 }
 
-// BenchmarkGuestEncrypt: rounds of dm-crypt / cryptsetup / dmconvert on
-// the 256 MiB disk, the region/chunk sweep, then the larger disks.
+// convCase is one configuration of a mirror or dmconvert run.
+type convCase struct {
+	bin           string // dmconvert binary ("" for the mirror ceiling)
+	alt           bool   // bin is DMCONVERT_BENCH_ALT's binary
+	region, chunk string // --region-size, --chunk-size; "" for the defaults
+	writer        bool   // an application writes (and fsyncs) during the run
+}
+
+// BenchmarkGuestEncrypt: rounds of dm-crypt / cryptsetup / mirror ceiling
+// / dmconvert on the 256 MiB disk, the region/chunk sweep, then the
+// larger disks, and a summary with the verdict on each target.
 func BenchmarkGuestEncrypt(b *testing.B) {
 	s := newBenchSuite(b)
 	rounds := int(envInt(benchRoundsEnv, 3))
 	small := fmt.Sprintf("disk=%s", sizeName(benchDiskSize))
 	def := fmt.Sprintf("region=%s,chunk=%s", sizeName(int64(DefaultRegionSize)*512), sizeName(benchHeader*512))
+	bin := dmconvertBin(b)
+	name := func(what, cfg string, c convCase) string {
+		n := small + "/" + what + "/" + cfg
+		if !c.writer {
+			n += ",idle"
+		}
+		return n
+	}
 	for r := 1; r <= rounds; r++ {
-		b.Run(fmt.Sprintf("%s/dmcrypt/run=%d", small, r), func(b *testing.B) { s.benchDMCrypt(b, s.disk) })
-		b.Run(fmt.Sprintf("%s/cryptsetup/run=%d", small, r), func(b *testing.B) { s.benchCryptsetup(b, s.disk) })
-		b.Run(fmt.Sprintf("%s/mirror/%s/run=%d", small, def, r), func(b *testing.B) { s.benchMirror(b, s.disk, "", "") })
-		b.Run(fmt.Sprintf("%s/dmconvert/%s/run=%d", small, def, r), func(b *testing.B) { s.benchDMConvert(b, s.disk, "", "") })
+		run := fmt.Sprintf("/run=%d", r)
+		b.Run(small+"/dmcrypt"+run, func(b *testing.B) { s.benchDMCrypt(b, s.disk) })
+		b.Run(small+"/cryptsetup"+run, func(b *testing.B) { s.benchCryptsetup(b, s.disk) })
+		for _, w := range []bool{false, true} {
+			c := convCase{writer: w}
+			b.Run(name("mirror", def, c)+run, func(b *testing.B) { s.benchMirror(b, s.disk, c) })
+		}
+		for _, w := range []bool{false, true} {
+			c := convCase{bin: bin, writer: w}
+			b.Run(name("dmconvert", def, c)+run, func(b *testing.B) { s.benchDMConvert(b, s.disk, c) })
+			if s.alt != "" {
+				c := convCase{bin: s.alt, alt: true, writer: w}
+				b.Run(name("dmconvert-alt", def, c)+run, func(b *testing.B) { s.benchDMConvert(b, s.disk, c) })
+			}
+		}
 	}
 	sweep := os.Getenv(benchSweepEnv)
 	if sweep == "" {
@@ -225,19 +270,26 @@ func BenchmarkGuestEncrypt(b *testing.B) {
 			if !ok {
 				b.Fatalf("%s: %q is not region/chunk", benchSweepEnv, p)
 			}
-			b.Run(fmt.Sprintf("%s/mirror/region=%s,chunk=%s/sweep", small, region, chunk), func(b *testing.B) {
-				s.benchMirror(b, s.disk, region, chunk)
-			})
-			b.Run(fmt.Sprintf("%s/dmconvert/region=%s,chunk=%s/sweep", small, region, chunk), func(b *testing.B) {
-				s.benchDMConvert(b, s.disk, region, chunk)
-			})
+			cfg := fmt.Sprintf("region=%s,chunk=%s", region, chunk)
+			m := convCase{region: region, chunk: chunk, writer: true}
+			b.Run(name("mirror", cfg, m)+"/sweep", func(b *testing.B) { s.benchMirror(b, s.disk, m) })
+			c := convCase{bin: bin, region: region, chunk: chunk, writer: true}
+			b.Run(name("dmconvert", cfg, c)+"/sweep", func(b *testing.B) { s.benchDMConvert(b, s.disk, c) })
 		}
 	}
 	for _, disk := range s.scale {
 		size := int64(diskSectors(b, disk) * 512)
-		b.Run(fmt.Sprintf("disk=%s/dmconvert/%s", sizeName(size), def), func(b *testing.B) { s.benchDMConvert(b, disk, "", "") })
+		c := convCase{bin: bin, writer: true}
+		b.Run(fmt.Sprintf("disk=%s/dmconvert/%s", sizeName(size), def), func(b *testing.B) { s.benchDMConvert(b, disk, c) })
 	}
-	s.summary(b)
+	// A benchmark with sub-benchmarks prints no log of its own (and what
+	// it writes to stdout is not attributed to it): the summary is the
+	// log of a last sub-benchmark, written once.
+	b.Run("summary", func(b *testing.B) {
+		if b.N == 1 {
+			b.Log("\n" + s.summary())
+		}
+	})
 }
 
 // --- dm-crypt, the physical limit -----------------------------------------
@@ -330,6 +382,190 @@ func dmcryptWrite(b testing.TB, disk string, n int64, writers int) float64 {
 	return float64(per*int64(writers)) / float64(guestMiB) / el.Seconds()
 }
 
+// --- the kernel's mirror copy, without the engine ---------------------------
+
+// benchMirror measures the ceiling of the moving-gap design in this VM:
+// the body of an encrypt (F[H,P) from the disk to a crypt mapping at
+// offset H, walking backward chunk by chunk) done with the engine's
+// table shape and the same ioctls (load, suspend, resume, wait for the
+// mirror's event, status), but no journal, flush, checkpoint or LVM, and
+// no application I/O. dmconvert's body phase divided by this is the
+// engine's own efficiency; this divided by dm-crypt is the kernel's.
+func (s *benchSuite) benchMirror(b *testing.B, disk string, c convCase) {
+	regionS, chunkS := Sectors(DefaultRegionSize), Sectors(benchHeader)
+	if c.region != "" {
+		n, err := parseBenchSize(c.region)
+		if err != nil {
+			b.Fatal(err)
+		}
+		regionS = Sectors(n / 512)
+	}
+	if c.chunk != "" {
+		n, err := parseBenchSize(c.chunk)
+		if err != nil {
+			b.Fatal(err)
+		}
+		chunkS = min(Sectors(n/512), benchHeader)
+	}
+	var res mirrorResult
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		resetDisk(b, disk)
+		b.StartTimer()
+		res = mirrorBody(b, disk, regionS, chunkS, c.writer)
+		b.StopTimer()
+		resetDisk(b, disk)
+		b.StartTimer()
+	}
+	b.ReportMetric(res.rate, "MiB/s")
+	if len(s.dmRate) > 0 {
+		b.ReportMetric(res.rate/s.dmRate[len(s.dmRate)-1], "x_dmcrypt")
+	}
+	b.ReportMetric(res.copyRate, "copy_MiB/s")
+	b.ReportMetric(ms(res.swap)/float64(res.chunks), "swap_ms/chunk")
+	b.ReportMetric(ms(res.sync)/float64(res.chunks), "sync_ms/chunk")
+	b.ReportMetric(ms(res.maxSusp), "suspend_ms")
+	if c.writer {
+		b.ReportMetric(ms(res.stall), "max_stall_ms")
+		b.ReportMetric(ms(res.p99), "p99_stall_ms")
+	}
+	s.mirror = append(s.mirror, res)
+}
+
+type mirrorResult struct {
+	region, chunk Sectors
+	writer        bool
+	stall, p99    time.Duration // the writer's longest write+fsync, and p99
+	rate          float64       // MiB/s of the body, everything included
+	copyRate      float64       // MiB/s while the mirror copied (sync waits only)
+	chunks        int
+	swap, sync    time.Duration // totals
+	maxSusp       time.Duration
+}
+
+func devOf(b testing.TB, path string) dmtable.Dev {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		b.Fatalf("stat %s: %v", path, err)
+	}
+	return dmtable.Dev{Major: unix.Major(st.Rdev), Minor: unix.Minor(st.Rdev)}
+}
+
+func mustParseTable(b testing.TB, lines []string) dmtable.Table {
+	t, err := dmtable.ParseTable(strings.Join(lines, "\n"))
+	if err != nil {
+		b.Fatalf("table %q: %v", lines, err)
+	}
+	return t
+}
+
+func mirrorBody(b testing.TB, disk string, region, chunk Sectors, writer bool) mirrorResult {
+	b.Helper()
+	const H = benchHeader
+	N := Sectors(diskSectors(b, disk))
+	P := N - 2*H
+	c, err := dmtable.Open(dmtable.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	key := make([]byte, 64)
+	rand.Read(key)
+	table := fmt.Sprintf("0 %d crypt aes-xts-plain64 %s 0 %s %d", N-H, hex.EncodeToString(key), disk, H)
+	if out, err := exec.Command("dmsetup", "create", "benchc", "--table", table).CombinedOutput(); err != nil {
+		b.Fatalf("dmsetup create benchc: %v: %s", err, out)
+	}
+	defer sh(b, "dmsetup", "remove", "benchc")
+	D, C := devOf(b, disk), devOf(b, "/dev/mapper/benchc")
+	const F = "benchf"
+	if _, err := c.CreateWithTable(F, "", mustParseTable(b, []string{fmt.Sprintf("0 %d linear %s 0", P, D)})); err != nil {
+		b.Fatalf("creating %s: %v", F, err)
+	}
+	defer c.Remove(F)
+	res := mirrorResult{region: region, chunk: chunk, writer: writer}
+	// The application: the same writer as in the dmconvert runs, on F
+	// itself (random 4 KiB O_DIRECT writes, each followed by fsync).
+	var w *stallWriter
+	if writer {
+		w = startStallWriter(b, "/dev/mapper/"+F, "")
+		defer func() {
+			if w != nil {
+				w.finish(b)
+			}
+		}()
+	}
+	ctx := context.Background()
+	t0 := time.Now()
+	for e := P; e > H; {
+		a := max(H, e-chunk)
+		L := e - a
+		r := Sectors(8)
+		for r*2 <= region && r*2 <= L {
+			r *= 2
+		}
+		lines := []string{fmt.Sprintf("0 %d linear %s 0", a, D),
+			fmt.Sprintf("%d %d mirror core 1 %d 2 %s %d %s %d", a, L, r, D, a, C, a)}
+		if e < P {
+			lines = append(lines, fmt.Sprintf("%d %d linear %s %d", e, P-e, C, e))
+		}
+		ts := time.Now()
+		if _, err := c.Load(F, mustParseTable(b, lines)); err != nil {
+			b.Fatalf("loading %s: %v", F, err)
+		}
+		t1 := time.Now()
+		if _, err := c.Suspend(F, 0); err != nil {
+			b.Fatalf("suspending %s: %v", F, err)
+		}
+		if _, err := c.Resume(F); err != nil {
+			b.Fatalf("resuming %s: %v", F, err)
+		}
+		t2 := time.Now()
+		res.maxSusp = maxDur(res.maxSusp, t2.Sub(t1))
+		for {
+			info, err := c.Info(F)
+			if err != nil {
+				b.Fatal(err)
+			}
+			st, err := c.Status(F)
+			if err != nil {
+				b.Fatal(err)
+			}
+			var ms *dmtable.MirrorStatus
+			for i := range st {
+				if st[i].Mirror != nil {
+					ms = st[i].Mirror
+				}
+			}
+			if ms == nil {
+				b.Fatalf("%s has no mirror: %v", F, st)
+			}
+			if len(ms.Failed()) > 0 {
+				b.Fatalf("mirror leg failed: %s", ms)
+			}
+			if ms.Synced() {
+				break
+			}
+			wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			c.WaitEvent(wctx, F, info.EventNr)
+			cancel()
+		}
+		t3 := time.Now()
+		res.swap += t2.Sub(ts)
+		res.sync += t3.Sub(t2)
+		res.chunks++
+		e = a
+	}
+	el := time.Since(t0)
+	if w != nil {
+		res.stall, res.p99, _ = w.finish(b)
+		w = nil
+	}
+	mib := float64((P-H)*512) / float64(guestMiB)
+	res.rate = mib / el.Seconds()
+	res.copyRate = mib / res.sync.Seconds()
+	return res
+}
+
 // --- the PV and its users ---------------------------------------------------
 
 // benchStack is the live PV a benchmark converts: the PV ends two headers
@@ -387,9 +623,10 @@ func resetDisk(b testing.TB, disk string) {
 }
 
 // stallWriter is the application the benchmark keeps running during a
-// conversion: 4 KiB O_DIRECT writes at random places of the raw LV, each
-// followed by fsync, and 4 KiB writes + fsync to a file on the mounted
-// ext4, 5 ms apart. It records the longest single write+fsync of each.
+// conversion: 4 KiB O_DIRECT writes at random places of a block device
+// (the raw LV), each followed by fsync, and (with fsDir) 4 KiB writes +
+// fsync to a file on the mounted ext4, each writer pausing 5 ms between
+// writes. It records the longest single write+fsync.
 type stallWriter struct {
 	stop   chan struct{}
 	wg     sync.WaitGroup
@@ -400,9 +637,9 @@ type stallWriter struct {
 	errs   []error
 }
 
-func startStallWriter(b testing.TB, st *benchStack) *stallWriter {
+func startStallWriter(b testing.TB, rawDev, fsDir string) *stallWriter {
 	w := &stallWriter{stop: make(chan struct{})}
-	rawSize := int64(blockDevBytes(b, st.raw))
+	rawSize := int64(blockDevBytes(b, rawDev))
 	run := func(open func() (*os.File, error), next func(*mrand.Rand) int64, max *time.Duration) {
 		defer w.wg.Done()
 		f, err := open()
@@ -437,12 +674,15 @@ func startStallWriter(b testing.TB, st *benchStack) *stallWriter {
 			time.Sleep(5 * time.Millisecond)
 		}
 	}
-	w.wg.Add(2)
-	go run(func() (*os.File, error) { return os.OpenFile(st.raw, os.O_WRONLY|syscall.O_DIRECT, 0) },
+	w.wg.Add(1)
+	go run(func() (*os.File, error) { return os.OpenFile(rawDev, os.O_WRONLY|syscall.O_DIRECT, 0) },
 		func(r *mrand.Rand) int64 { return r.Int63n(rawSize/4096) * 4096 }, &w.maxRaw)
-	go run(func() (*os.File, error) {
-		return os.OpenFile(filepath.Join(st.mnt, "writer"), os.O_CREATE|os.O_WRONLY, 0o644)
-	}, func(r *mrand.Rand) int64 { return r.Int63n(2048) * 4096 }, &w.maxFS)
+	if fsDir != "" {
+		w.wg.Add(1)
+		go run(func() (*os.File, error) {
+			return os.OpenFile(filepath.Join(fsDir, "writer"), os.O_CREATE|os.O_WRONLY, 0o644)
+		}, func(r *mrand.Rand) int64 { return r.Int63n(2048) * 4096 }, &w.maxFS)
+	}
 	return w
 }
 
@@ -460,18 +700,27 @@ func (w *stallWriter) fail(err error) {
 }
 
 // finish stops the writers; it returns the longest write+fsync and the
-// 99th percentile.
+// 99th percentile since the last reset.
 func (w *stallWriter) finish(b testing.TB) (maxLat, p99 time.Duration, n int) {
 	close(w.stop)
 	w.wg.Wait()
 	if len(w.errs) > 0 {
 		b.Fatalf("writer failed: %v", w.errs)
 	}
+	return w.reset()
+}
+
+// reset returns what finish returns and starts counting again.
+func (w *stallWriter) reset() (maxLat, p99 time.Duration, n int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
 	slices.Sort(w.lat)
 	if len(w.lat) > 0 {
 		p99 = w.lat[len(w.lat)*99/100]
 	}
-	return maxDur(w.maxRaw, w.maxFS), p99, len(w.lat)
+	maxLat, n = maxDur(w.maxRaw, w.maxFS), len(w.lat)
+	w.maxRaw, w.maxFS, w.lat = 0, 0, nil
+	return maxLat, p99, n
 }
 
 // --- cryptsetup -----------------------------------------------------------
@@ -480,7 +729,8 @@ func (w *stallWriter) finish(b testing.TB) (maxLat, p99 time.Duration, n int) {
 // reencrypt (datashift, a 16 MiB header) and reports payload MiB/s over
 // the process's wall time.
 func (s *benchSuite) benchCryptsetup(b *testing.B, disk string) {
-	var rate float64
+	var rate, conv float64
+	var format time.Duration
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
 		resetDisk(b, disk)
@@ -510,10 +760,23 @@ func (s *benchSuite) benchCryptsetup(b *testing.B, disk string) {
 		}
 		rate = float64(st.payload) / float64(guestMiB) / el.Seconds()
 		resetDisk(b, disk)
+		// What the header creation (KDF, keyslot area wipe) costs
+		// cryptsetup: luksFormat of a file on tmpfs with the same flags.
+		img := "/tmp/bench-kdf.img"
+		sh(b, "truncate", "-s", "32M", img)
+		fa := append([]string{"luksFormat", "--type", "luks2", "-q", "--key-file", pwFile}, cheapKDFFlags...)
+		t1 := time.Now()
+		sh(b, "cryptsetup", append(fa, img)...)
+		format = time.Since(t1)
+		os.Remove(img)
+		conv = float64(st.payload) / float64(guestMiB) / (el - format).Seconds()
 		b.StartTimer()
 	}
 	s.csWall = append(s.csWall, rate)
+	s.csConv = append(s.csConv, conv)
 	b.ReportMetric(rate, "MiB/s")
+	b.ReportMetric(conv, "nokdf_MiB/s")
+	b.ReportMetric(format.Seconds(), "luksFormat_s")
 	if len(s.dmRate) > 0 {
 		b.ReportMetric(rate/s.dmRate[len(s.dmRate)-1], "x_dmcrypt")
 	}
@@ -552,9 +815,9 @@ type jsonEvent struct {
 
 // runDMConvert runs dmconvert encrypt with --json to completion, sampling
 // its VmHWM.
-func runDMConvert(b testing.TB, args ...string) *convertResult {
+func runDMConvert(b testing.TB, bin string, args ...string) *convertResult {
 	b.Helper()
-	cmd := exec.Command(dmconvertBin(b), args...)
+	cmd := exec.Command(bin, args...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.StdoutPipe()
@@ -685,13 +948,13 @@ func readStatus(path string) memSample {
 }
 
 // benchDMConvert measures one dm-crypt baseline (timer stopped) and then
-// dmconvert encrypt of a live PV on disk, with a writer running. region
-// and chunk are --region-size and --chunk-size ("" for the defaults).
-func (s *benchSuite) benchDMConvert(b *testing.B, disk, region, chunk string) {
+// dmconvert encrypt of a live PV on disk (with c.writer, an application
+// writing to its LVs the whole time).
+func (s *benchSuite) benchDMConvert(b *testing.B, disk string, c convCase) {
 	var res *convertResult
 	var st *benchStack
 	var dm float64
-	var stall, p99 time.Duration
+	var stall, p99, idle, idleP99 time.Duration
 	var writes int
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
@@ -701,24 +964,35 @@ func (s *benchSuite) benchDMConvert(b *testing.B, disk, region, chunk string) {
 		journal := filepath.Join(s.state, fmt.Sprintf("bench%d.journal", s.seq))
 		args := []string{"encrypt", disk, "--batch-mode", "--json", "--key-file", pwFile, "--journal", journal}
 		args = append(args, cheapKDFFlags...)
-		if region != "" {
-			args = append(args, "--region-size", region)
+		if c.region != "" {
+			args = append(args, "--region-size", c.region)
 		}
-		if chunk != "" {
-			args = append(args, "--chunk-size", chunk)
+		if c.chunk != "" {
+			args = append(args, "--chunk-size", c.chunk)
 		}
-		w := startStallWriter(b, st)
-		time.Sleep(200 * time.Millisecond) // the writers are in their loop
+		var w *stallWriter
+		if c.writer {
+			// The writer alone first: its latency without a conversion
+			// is the floor the stalls below are measured against.
+			w = startStallWriter(b, st.raw, st.mnt)
+			time.Sleep(3 * time.Second)
+			idle, idleP99, _ = w.reset()
+		}
 		b.StartTimer()
-		res = runDMConvert(b, args...)
+		res = runDMConvert(b, c.bin, args...)
 		b.StopTimer()
-		time.Sleep(200 * time.Millisecond)
-		stall, p99, writes = w.finish(b)
+		if w != nil {
+			time.Sleep(200 * time.Millisecond)
+			stall, p99, writes = w.finish(b)
+		}
 		// The conversion must have produced what it claims: F is the
 		// final crypt mapping, LVM sees the PV on it, ext4 is clean.
 		name := filepath.Base(disk) + "_crypt"
 		if tab := sh(b, "dmsetup", "table", name); !strings.Contains(tab, "crypt aes-xts-plain64") || strings.Count(strings.TrimSpace(tab), "\n") != 0 {
 			b.Fatalf("final table of %s: %s", name, tab)
+		}
+		if pvs := sh(b, "pvs", "--noheadings", "-o", "pv_name,vg_name"); !strings.Contains(pvs, "/dev/mapper/"+name) {
+			b.Fatalf("LVM does not see the PV on %s: %s", name, pvs)
 		}
 		sh(b, "umount", st.mnt)
 		sh(b, "e2fsck", "-f", "-n", "/dev/mapper/"+st.vg+"-ext")
@@ -731,23 +1005,38 @@ func (s *benchSuite) benchDMConvert(b *testing.B, disk, region, chunk string) {
 	mib := float64(st.payload) / float64(guestMiB)
 	rate := mib / res.conv.Seconds()
 	wallRate := mib / res.wall.Seconds()
-	row := benchRow{name: b.Name(), disk: int64(diskSectors(b, disk) * 512), region: region, chunk: chunk,
+	row := benchRow{name: b.Name(), conv: c, disk: int64(diskSectors(b, disk) * 512),
 		rate: rate, wallRate: wallRate, dmcrypt: dm,
-		stallMs: ms(stall), suspMs: ms(res.maxSusp),
-		rssMiB: float64(res.hwm) / float64(guestMiB), rusageMiB: float64(res.maxrss) / float64(guestMiB)}
+		stallMs: ms(stall), p99Ms: ms(p99), idleMs: ms(idle), idleP99Ms: ms(idleP99), suspMs: ms(res.maxSusp),
+		rssMiB: mib2(res.hwm), rusageMiB: mib2(res.maxrss)}
 	if len(res.chunkGaps) > 0 {
 		row.chunkMs = ms(median(res.chunkGaps))
+	}
+	// The body phase (F[H,P) into the crypt mapping) is the steady state
+	// a large disk spends nearly all its time in.
+	bodyPrefix := fmt.Sprintf("move [%d,", benchHeader)
+	for _, p := range res.phases {
+		if strings.HasPrefix(p.name, bodyPrefix) && p.d > 0 {
+			row.bodyRate = (mib - float64(benchHeader*512)/float64(guestMiB)) / p.d.Seconds()
+		}
 	}
 	s.rows = append(s.rows, row)
 	b.ReportMetric(rate, "MiB/s")
 	b.ReportMetric(wallRate, "wall_MiB/s")
+	b.ReportMetric(row.bodyRate, "body_MiB/s")
 	b.ReportMetric(dm, "dmcrypt_MiB/s")
 	b.ReportMetric(rate/dm, "x_dmcrypt")
-	if cs := medianF(s.csWall); cs > 0 {
-		b.ReportMetric(wallRate/cs, "x_cryptsetup")
+	b.ReportMetric(row.bodyRate/dm, "body_x_dmcrypt")
+	if cs := medianF(s.csConv); cs > 0 {
+		b.ReportMetric(rate/cs, "x_cryptsetup")
+		b.ReportMetric(wallRate/medianF(s.csWall), "x_cryptsetup_wall")
 	}
-	b.ReportMetric(row.stallMs, "max_stall_ms")
-	b.ReportMetric(ms(p99), "p99_stall_ms")
+	if c.writer {
+		b.ReportMetric(row.stallMs, "max_stall_ms")
+		b.ReportMetric(row.p99Ms, "p99_stall_ms")
+		b.ReportMetric(row.idleMs, "idle_max_ms")
+		b.ReportMetric(row.idleP99Ms, "idle_p99_ms")
+	}
 	b.ReportMetric(row.suspMs, "suspend_ms")
 	b.ReportMetric(row.rssMiB, "rss_MiB")
 	b.ReportMetric(row.rusageMiB, "rusage_rss_MiB")
@@ -757,8 +1046,8 @@ func (s *benchSuite) benchDMConvert(b *testing.B, disk, region, chunk string) {
 	for _, p := range res.phases {
 		ph = append(ph, fmt.Sprintf("%s: %.2fs", p.name, p.d.Seconds()))
 	}
-	b.Logf("payload %.0f MiB; process %.2fs, conversion %.2fs (KDF, plan and exit %.2fs); %d writes by the writer, longest %v (p99 %v); phases: %s",
-		mib, res.wall.Seconds(), res.conv.Seconds(), (res.wall - res.conv).Seconds(), writes, stall, p99, strings.Join(ph, "; "))
+	b.Logf("payload %.0f MiB; process %.2fs, conversion %.2fs (before the first event and after the last %.2fs); writer: %d writes during the run, longest %v (p99 %v); alone before the run: longest %v (p99 %v); phases: %s",
+		mib, res.wall.Seconds(), res.conv.Seconds(), (res.wall - res.conv).Seconds(), writes, stall, p99, idle, idleP99, strings.Join(ph, "; "))
 	if e := strings.TrimSpace(res.stderr); e != "" {
 		b.Logf("dmconvert's stderr:\n%s", e)
 	}
@@ -788,53 +1077,91 @@ func medianF(v []float64) float64 {
 	return c[len(c)/2]
 }
 
-// summary logs the medians of the run and the verdict on each target.
-func (s *benchSuite) summary(b *testing.B) {
-	if len(s.rows) == 0 {
-		return
-	}
-	cs := medianF(s.csWall)
+// summary describes every run of this VM boot, the medians of the
+// default settings and the verdict on each target of issue 5.
+func (s *benchSuite) summary() string {
 	var sb strings.Builder
-	fmt.Fprintf(&sb, "summary (one VM run): dm-crypt %v MiB/s (median %.1f), cryptsetup reencrypt %v MiB/s (median %.1f)\n",
-		fmtF(s.dmRate), medianF(s.dmRate), fmtF(s.csWall), cs)
-	fmt.Fprintf(&sb, "%-62s %7s %7s %7s %7s %8s %8s %7s %7s %8s\n", "run", "MiB/s", "wall", "x_dmc", "x_cs", "stall", "suspend", "rss", "rusage", "ms/chunk")
-	for _, r := range s.rows {
-		xcs := 0.0
-		if cs > 0 {
-			xcs = r.wallRate / cs
+	csConv, csWall := medianF(s.csConv), medianF(s.csWall)
+	fmt.Fprintf(&sb, "summary of this VM run\n")
+	fmt.Fprintf(&sb, "dm-crypt O_DIRECT write (best of 1 and 2 writers): %v MiB/s, median %.1f\n", fmtF(s.dmRate), medianF(s.dmRate))
+	fmt.Fprintf(&sb, "cryptsetup reencrypt --encrypt, process wall: %v MiB/s, median %.1f; without its header creation (luksFormat time): %v, median %.1f\n",
+		fmtF(s.csWall), csWall, fmtF(s.csConv), csConv)
+	for _, m := range s.mirror {
+		w := "idle"
+		if m.writer {
+			w = fmt.Sprintf("writer: longest %.0f ms, p99 %.0f ms", ms(m.stall), ms(m.p99))
 		}
-		fmt.Fprintf(&sb, "%-62s %7.1f %7.1f %7.2f %7.2f %6.0fms %6.0fms %5.1fMi %5.1fMi %8.0f\n",
-			strings.TrimPrefix(r.name, "BenchmarkGuestEncrypt/"), r.rate, r.wallRate, r.rate/r.dmcrypt, xcs, r.stallMs, r.suspMs, r.rssMiB, r.rusageMiB, r.chunkMs)
+		fmt.Fprintf(&sb, "mirror ceiling region=%s chunk=%s (%s): %.1f MiB/s (copy alone %.1f; per chunk: swap %.0f ms, copy %.0f ms; longest suspend %.0f ms)\n",
+			sizeName(int64(m.region)*512), sizeName(int64(m.chunk)*512), w, m.rate, m.copyRate, ms(m.swap)/float64(m.chunks), ms(m.sync)/float64(m.chunks), ms(m.maxSusp))
 	}
-	// The default configuration's rounds on the small disk.
-	var rates, xdm, xcs, stalls []float64
+	if len(s.rows) == 0 {
+		return sb.String()
+	}
+	fmt.Fprintf(&sb, "%-52s %6s %6s %6s %6s %6s %6s %7s %7s %7s %7s %6s %6s\n",
+		"dmconvert run", "MiB/s", "body", "dmcrpt", "x_dmc", "x_cs", "x_csw", "stall", "p99", "idle", "suspnd", "rss", "ms/chk")
+	for _, r := range s.rows {
+		xcs, xcsw := 0.0, 0.0
+		if csConv > 0 {
+			xcs, xcsw = r.rate/csConv, r.wallRate/csWall
+		}
+		fmt.Fprintf(&sb, "%-52s %6.1f %6.1f %6.1f %6.2f %6.2f %6.2f %5.0fms %5.0fms %5.0fms %5.0fms %6.1f %6.0f\n",
+			strings.TrimPrefix(r.name, "BenchmarkGuestEncrypt/"), r.rate, r.bodyRate, r.dmcrypt, r.rate/r.dmcrypt, xcs, xcsw,
+			r.stallMs, r.p99Ms, r.idleMs, r.suspMs, r.rssMiB, r.chunkMs)
+	}
+	verdict := func(ok bool) string {
+		if ok {
+			return "met"
+		}
+		return "NOT met"
+	}
 	var rss float64
+	for _, alt := range []bool{false, true} {
+		for _, writer := range []bool{true, false} {
+			var rates, body, xdm, xbody, xcs, xcsw, stalls []float64
+			for _, r := range s.rows {
+				if r.conv.alt != alt || r.conv.writer != writer || r.conv.region != "" || r.conv.chunk != "" || r.disk != benchDiskSize {
+					continue
+				}
+				rates = append(rates, r.rate)
+				body = append(body, r.bodyRate)
+				xdm = append(xdm, r.rate/r.dmcrypt)
+				xbody = append(xbody, r.bodyRate/r.dmcrypt)
+				if csConv > 0 {
+					xcs = append(xcs, r.rate/csConv)
+					xcsw = append(xcsw, r.wallRate/csWall)
+				}
+				stalls = append(stalls, r.stallMs)
+			}
+			if len(rates) == 0 {
+				continue
+			}
+			what := "dmconvert"
+			if alt {
+				what = "dmconvert-alt (" + benchAltEnv + ")"
+			}
+			load := "no application I/O"
+			if writer {
+				load = "writer running"
+			}
+			fmt.Fprintf(&sb, "%s, default settings, %s, medians of %d runs: %.1f MiB/s (body phase %.1f)\n", what, load, len(rates), medianF(rates), medianF(body))
+			fmt.Fprintf(&sb, "  >= 0.85 of dm-crypt: %.2f (body phase %.2f): %s\n", medianF(xdm), medianF(xbody), verdict(medianF(xdm) >= 0.85))
+			if len(xcs) > 0 {
+				fmt.Fprintf(&sb, "  >= 3x cryptsetup: %.2fx without header creation on both sides (%.2fx process wall): %s\n", medianF(xcs), medianF(xcsw), verdict(medianF(xcs) >= 3))
+			}
+			if writer {
+				fmt.Fprintf(&sb, "  writer stall < 200 ms: median of the longest %.0f ms, worst %.0f ms: %s\n", medianF(stalls), slices.Max(stalls), verdict(slices.Max(stalls) < 200))
+			}
+		}
+	}
 	for _, r := range s.rows {
-		rss = max(rss, r.rssMiB)
-		if r.region == "" && r.disk == benchDiskSize {
-			rates = append(rates, r.rate)
-			xdm = append(xdm, r.rate/r.dmcrypt)
-			if cs > 0 {
-				xcs = append(xcs, r.wallRate/cs)
-			}
-			stalls = append(stalls, r.stallMs)
+		if !r.conv.alt {
+			rss = max(rss, r.rssMiB)
 		}
 	}
-	if len(rates) > 0 {
-		verdict := func(ok bool) string {
-			if ok {
-				return "met"
-			}
-			return "NOT met"
-		}
-		fmt.Fprintf(&sb, "default settings, median of %d: %.1f MiB/s; %.2f of dm-crypt (target 0.85: %s); %.2fx cryptsetup (target 3x: %s); longest writer stall %.0f ms, worst %.0f ms (target <200 ms: %s); peak RSS over all runs %.1f MiB (target <64 MiB: %s)\n",
-			len(rates), medianF(rates), medianF(xdm), verdict(medianF(xdm) >= 0.85), medianF(xcs), verdict(medianF(xcs) >= 3),
-			medianF(stalls), slices.Max(stalls), verdict(slices.Max(stalls) < 200), rss, verdict(rss < 64))
-	}
-	// The best sweep setting with stalls under 200 ms.
+	fmt.Fprintf(&sb, "peak RSS < 64 MiB (every dmconvert run, every disk size): %.1f MiB: %s\n", rss, verdict(rss < 64))
 	var best *benchRow
 	for i, r := range s.rows {
-		if r.disk != benchDiskSize || r.stallMs >= 200 {
+		if r.disk != benchDiskSize || !r.conv.writer || r.conv.alt || r.stallMs >= 200 {
 			continue
 		}
 		if best == nil || r.rate/r.dmcrypt > best.rate/best.dmcrypt {
@@ -842,11 +1169,11 @@ func (s *benchSuite) summary(b *testing.B) {
 		}
 	}
 	if best != nil {
-		fmt.Fprintf(&sb, "fastest run on the small disk with the writer's stall under 200 ms: %s (%.2f of dm-crypt)\n", strings.TrimPrefix(best.name, "BenchmarkGuestEncrypt/"), best.rate/best.dmcrypt)
+		fmt.Fprintf(&sb, "fastest run with a writer on the small disk whose longest stall was under 200 ms: %s (%.2f of dm-crypt)\n", strings.TrimPrefix(best.name, "BenchmarkGuestEncrypt/"), best.rate/best.dmcrypt)
+	} else {
+		fmt.Fprintf(&sb, "no run with a writer on the small disk kept the longest stall under 200 ms\n")
 	}
-	// A benchmark with sub-benchmarks prints no log of its own: the
-	// summary goes to stdout, where the guest output keeps it.
-	fmt.Print(sb.String())
+	return sb.String()
 }
 
 func fmtF(v []float64) string {

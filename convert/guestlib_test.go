@@ -120,14 +120,27 @@ func writeManifest(t testing.TB, st *stack, state string) {
 		}
 	}
 	sh(t, "sync")
-	if err := os.WriteFile(st.file(state, "manifest"), []byte(strings.Join(manifest, "\n")+"\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	writeFileSync(t, st.file(state, "manifest"), []byte(strings.Join(manifest, "\n")+"\n"))
 	b, _ := json.Marshal(st)
-	if err := os.WriteFile(st.file(state, "stack.json"), b, 0o644); err != nil {
+	writeFileSync(t, st.file(state, "stack.json"), b)
+	syncDir(t, state)
+}
+
+// writeFileSync writes a file and fsyncs it: the next boot may follow a
+// power cut.
+func writeFileSync(t testing.TB, path string, b []byte) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
 		t.Fatal(err)
 	}
-	syncDir(t, state)
+	if _, err := f.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
 }
 
 func syncDir(t testing.TB, dir string) {
@@ -345,6 +358,7 @@ func verifyStack(t testing.TB, st *stack, state string) {
 		} else {
 			sh(t, "xfs_repair", "-n", dev)
 		}
+		os.MkdirAll(st.Mounts[i], 0o755) // a fresh boot starts with an empty root
 		sh(t, "mount", dev, st.Mounts[i])
 	}
 	// Files.

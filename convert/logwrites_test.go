@@ -32,11 +32,11 @@ import (
 // LV's pattern must be intact.
 //
 // DMCONVERT_LW_SEED replays a sample (the seed is printed),
-// DMCONVERT_LW_SAMPLES sets how many in-between points (default 12).
+// DMCONVERT_LW_SAMPLES sets how many in-between points (default 8).
 
 const (
-	lwDiskBytes    = 48 << 20 // D
-	lwJournalBytes = 32 << 20 // J, after D on the same data disk
+	lwDiskBytes    = 24 << 20 // D: a 16 MiB PV, then two header sizes
+	lwJournalBytes = 16 << 20 // J, after D on the same data disk
 	lwDataBytes    = lwDiskBytes + lwJournalBytes
 	lwLogBytes     = 512 << 20
 	lwHeader       = 4 << 20
@@ -179,8 +179,8 @@ func lwBuild(t testing.TB) *stack {
 	vg := "vg" + lwTag
 	sh(t, "pvcreate", "-y", "--setphysicalvolumesize", fmt.Sprintf("%ds", pvSize), disk)
 	sh(t, "vgcreate", "-y", "-s", "1m", vg, disk)
-	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "24m", vg)
-	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", vg)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "8m", vg)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "4m", vg)
 	sh(t, "vgchange", "-ay", vg)
 	st := &stack{Tag: lwTag, Disk: disk, VG: vg, PVSize: pvSize, RawLV: "/dev/mapper/" + vg + "-raw"}
 	dev := "/dev/mapper/" + vg + "-ext"
@@ -261,7 +261,6 @@ func lwTeardown(t testing.TB, loop string) error {
 			}
 		}
 	}
-	shOK("vgchange", "-an", "vg"+lwTag)
 	ours := func(n string) bool {
 		return n == lwDisk || n == lwJ || n == lwMapping || n == "lwopen" || strings.HasPrefix(n, "vg"+lwTag+"-") || strings.HasPrefix(n, "dmconvert-")
 	}
@@ -279,6 +278,8 @@ func lwTeardown(t testing.TB, loop string) error {
 		if pass == 5 {
 			return fmt.Errorf("device-mapper devices left: %v", left)
 		}
+		// Top down: LVs, then the final mapping and helpers, then D, J.
+		sort.Slice(left, func(i, j int) bool { return lwRank(left[i]) < lwRank(left[j]) })
 		for _, n := range left {
 			shOK("dmsetup", "resume", n)
 			shOK("dmsetup", "remove", n)
@@ -293,6 +294,18 @@ func lwTeardown(t testing.TB, loop string) error {
 		os.RemoveAll(d)
 	}
 	return nil
+}
+
+func lwRank(name string) int {
+	switch {
+	case strings.HasPrefix(name, "vg"+lwTag+"-"):
+		return 0
+	case name == lwMapping || name == "lwopen":
+		return 1
+	case strings.HasPrefix(name, "dmconvert-"):
+		return 2
+	}
+	return 3
 }
 
 // lwRecording is what the recorded run left.
@@ -354,7 +367,8 @@ func lwRecord(t *testing.T, data string) *lwRecording {
 // lwPoint is one replayed crash point.
 type lwPoint struct {
 	entry  int
-	kind   string // "flush", "between", "start", "end"
+	kind   string // "flush", "between", "start", "done"
+	cmd    string // "resume" or "abort"; "" when there was nothing to run
 	abort  bool
 	status lwStatus
 	ident  Identity
@@ -363,17 +377,18 @@ type lwPoint struct {
 }
 
 func (p *lwPoint) String() string {
-	what := "resume"
-	if p.abort {
-		what = "abort"
+	what := ""
+	if p.cmd != "" {
+		what = p.cmd + " -> "
 	}
-	return fmt.Sprintf("entry %d (%s, %s): disk shows %v; journal: %v; %s -> %s in %v",
-		p.entry, p.kind, what, p.ident, p.status, what, p.result, p.took.Round(time.Millisecond))
+	return fmt.Sprintf("entry %d (%s): disk shows %v; journal: %v; %s%s in %v",
+		p.entry, p.kind, p.ident, p.status, what, p.result, p.took.Round(time.Millisecond))
 }
 
 // lwCheck materialises the replayed image on a loop device, looks at it
 // the way a boot does, then resumes or aborts and verifies.
-func lwCheck(t *testing.T, st *stack, img logwrites.Image, p *lwPoint) {
+// abort says, for a point that needs resume or abort, which one.
+func lwCheck(t *testing.T, st *stack, img logwrites.Image, p *lwPoint, abort func() bool) {
 	if err := os.WriteFile(lwScratch, img, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -438,10 +453,12 @@ func lwCheck(t *testing.T, st *stack, img logwrites.Image, p *lwPoint) {
 		p.result = "already done: opened with stock cryptsetup, verified"
 		return
 	}
+	p.abort = abort()
 	cmd := "resume"
 	if p.abort {
 		cmd = "abort"
 	}
+	p.cmd = cmd
 	code, out := cliRun(t, cmd, "--journal", lwJournal, "--device", st.Disk, "--key-file", pwFile)
 	if code != 0 {
 		t.Fatalf("dmconvert %s at entry %d (disk shows %v; journal: %v): exit %d:\n%s", cmd, p.entry, p.ident, p.status, code, out)
@@ -449,35 +466,44 @@ func lwCheck(t *testing.T, st *stack, img logwrites.Image, p *lwPoint) {
 	if helpers, _ := shOK("dmsetup", "ls"); strings.Contains(helpers, "dmconvert-") {
 		t.Fatalf("helper devices left after %s:\n%s", cmd, helpers)
 	}
-	if !p.abort {
-		deps := sh(t, "dmsetup", "deps", "-o", "devname", st.VG+"-ext")
-		if !strings.Contains(deps, "("+lwMapping+")") {
-			t.Fatalf("after resume %s-ext does not map %s: %s", st.VG, lwMapping, deps)
+	// Live: the LVs are on the mapping the run ends with; then cold, as
+	// the next boot sees the disk.
+	want, typ := lwMapping, "crypto_LUKS"
+	if p.abort {
+		want, typ = lwDisk, "LVM2_member"
+	}
+	for _, lv := range []string{"ext", "raw"} {
+		deps := sh(t, "dmsetup", "deps", "-o", "devname", st.VG+"-"+lv)
+		if !strings.Contains(deps, "("+want+")") {
+			t.Fatalf("after %s %s-%s does not map %s: %s", cmd, st.VG, lv, want, deps)
 		}
-		lwVerify(t, st)
-		verifyEncryptedCold(t, st, lwState, lwMapping)
-		lwCheckRaw(t, st.RawLV)
-		p.result = "resumed: verified live and through stock cryptsetup"
-		return
 	}
-	if out, err := shOK("dmsetup", "info", lwMapping); err == nil {
-		t.Fatalf("%s still exists after abort:\n%s", lwMapping, out)
-	}
-	deps := sh(t, "dmsetup", "deps", "-o", "devname", st.VG+"-ext")
-	if !strings.Contains(deps, "("+lwDisk+")") {
-		t.Fatalf("after abort %s-ext does not map %s: %s", st.VG, lwDisk, deps)
-	}
-	lwVerify(t, st)
 	for _, mp := range st.Mounts {
-		sh(t, "umount", mp)
+		if isMounted(mp) {
+			sh(t, "umount", mp)
+		}
 	}
-	sh(t, "vgchange", "-an", st.VG)
-	if typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", st.Disk); strings.TrimSpace(typ) != "LVM2_member" {
-		t.Fatalf("blkid -p %s says %q after abort, want LVM2_member", st.Disk, typ)
+	sh(t, "dmsetup", "remove", st.VG+"-ext", st.VG+"-raw")
+	if p.abort {
+		if out, err := shOK("dmsetup", "info", lwMapping); err == nil {
+			t.Fatalf("%s still exists after abort:\n%s", lwMapping, out)
+		}
+	} else {
+		sh(t, "dmsetup", "remove", lwMapping)
+	}
+	if got, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", st.Disk); strings.TrimSpace(got) != typ {
+		t.Fatalf("blkid -p %s says %q after %s, want %s", st.Disk, got, cmd, typ)
+	}
+	if !p.abort {
+		sh(t, "cryptsetup", "open", "--key-file", pwFile, st.Disk, lwMapping)
 	}
 	sh(t, "vgchange", "-ay", st.VG)
 	lwVerify(t, st)
-	p.result = "aborted: plain PV verified live and cold"
+	if p.abort {
+		p.result = "aborted: plain PV verified cold"
+	} else {
+		p.result = "resumed: verified cold through stock cryptsetup"
+	}
 }
 
 func lwEnvInt(name string, def int64) int64 {
@@ -546,7 +572,7 @@ func TestGuestLogWritesEncrypt(t *testing.T) {
 	// The points: the start mark (nothing ran), every FLUSH/FUA of the
 	// run, a seeded sample between them, and the done mark.
 	seed := lwEnvInt("DMCONVERT_LW_SEED", time.Now().UnixNano())
-	samples := int(lwEnvInt("DMCONVERT_LW_SAMPLES", 12))
+	samples := int(lwEnvInt("DMCONVERT_LW_SAMPLES", 8))
 	t.Logf("in-between points: %d, seed %d (DMCONVERT_LW_SEED=%d to replay)", samples, seed, seed)
 	rng := rand.New(rand.NewSource(seed))
 	kind := map[int]string{start: "start", done: "done"}
@@ -566,7 +592,7 @@ func TestGuestLogWritesEncrypt(t *testing.T) {
 	rp := logwrites.NewReplayer(l, entries, img, lwDataBytes)
 	var points []*lwPoint
 	counts := map[string]int{}
-	dup, failed, last := 0, 0, -1
+	dup, failed, last, actioned := 0, 0, -1, 0
 	for _, i := range order {
 		if failed >= 3 {
 			counts["not replayed after 3 failures"]++
@@ -586,11 +612,14 @@ func TestGuestLogWritesEncrypt(t *testing.T) {
 			continue
 		}
 		last = i
-		p := &lwPoint{entry: i, kind: kind[i], abort: len(points)%3 == 2}
+		p := &lwPoint{entry: i, kind: kind[i]}
 		points = append(points, p)
 		t0 := time.Now()
 		ok := t.Run(fmt.Sprintf("entry%06d-%s", i, p.kind), func(t *testing.T) {
-			lwCheck(t, rec.st, img, p)
+			lwCheck(t, rec.st, img, p, func() bool {
+				actioned++
+				return actioned%3 == 0 // every third point that needs one is an abort
+			})
 		})
 		p.took = time.Since(t0)
 		if !ok {

@@ -105,7 +105,7 @@ func TestVMPowerCut(t *testing.T) {
 			t.Logf("cut %v after the first progress event (conversion finished before the cut: %v)", delay, finished)
 			res, err = testvm.Run(ctx, testvm.Config{Image: img, Disks: disks, Share: share, Script: bootScript("TestBootPowerCutResume"), Timeout: 5 * time.Minute})
 			if err != nil || res.ExitCode != 0 {
-				t.Fatalf("after the power cut (seed %d, cut %d, delay %v): exit %d, %v\n%s", seed, i, delay, res.ExitCode, err, res.Report())
+				t.Fatalf("after the power cut (seed %d, cut %d, delay %v): exit %d, %v\n%s\nconsole:\n%s", seed, i, delay, res.ExitCode, err, res.Report(), tail(res.Console, 80))
 			}
 			for _, l := range strings.Split(string(res.Console), "\n") {
 				if k, ok := strings.CutPrefix(strings.TrimSpace(l), "DMCONVERT-CUT-STATE "); ok {
@@ -229,3 +229,12 @@ func buildLightTagged(t testing.TB, tag, disk, state string) *stack {
 }
 
 var _ = syscall.SIGINT
+
+// tail returns the last n lines of b.
+func tail(b []byte, n int) string {
+	l := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(l) > n {
+		l = l[len(l)-n:]
+	}
+	return strings.Join(l, "\n")
+}
