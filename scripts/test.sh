@@ -4,7 +4,8 @@
 # each package's TestVM runs inside the QEMU guest), then the guest totals.
 # It fails if any test fails or if no guest test ran inside the VM.
 #   scripts/test.sh         the whole suite (make test)
-#   scripts/test.sh bench   guest benchmarks too (make bench)
+#   scripts/test.sh bench   guest benchmarks too (make bench): each TestVM with
+#                           -test.bench, and TestVMBench (convert: docs/benchmarks.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +28,7 @@ export DMCONVERT_VM=1 DMCONVERT_VM_REPORT_DIR=$reports
 args=(-p 2 -count=1 -timeout 60m)
 if [ "${1:-}" = bench ]; then
 	export DMCONVERT_VM_BENCH=${DMCONVERT_VM_BENCH:-.}
-	args+=(-run '^TestVM$' -v)
+	args+=(-run '^TestVM(Bench)?$' -v)
 fi
 echo "== go test ${args[*]} ./...  (DMCONVERT_VM=1: guest tests run inside QEMU)"
 rc=0
