@@ -189,3 +189,79 @@ func (p *Plan) BuildAbort(st State) (*Plan, error) {
 	}
 	return ab, nil
 }
+
+// DecryptGeometry is what the decrypt builder needs to know.
+type DecryptGeometry struct {
+	DiskSize Sectors // N
+	Payload  Sectors // P, rounded up to the crypt sector size
+	Header   Sectors // H: the LUKS data offset
+	Chunk    Sectors
+	Align    Sectors
+}
+
+// BuildDecrypt returns the plan that turns a LUKS disk whose mapping F
+// carries the payload back into plaintext on the disk, online: the exact
+// reverse of BuildEncrypt (docs/design.md, "Decrypt"). The header stays
+// valid, marked in progress, until the head's way back destroys it; the
+// first 4 KiB (the LVM label) come back last.
+func BuildDecrypt(dg DecryptGeometry) (*Plan, error) {
+	N, P, H := dg.DiskSize, dg.Payload, dg.Header
+	a := dg.Align
+	if a == 0 {
+		a = 1
+	}
+	switch {
+	case H == 0 || H%labelSectors != 0 || H%a != 0:
+		return nil, fmt.Errorf("data offset %d sectors must be a non-zero multiple of 4 KiB and of the sector size", H)
+	case P == 0 || P%a != 0:
+		return nil, fmt.Errorf("payload size %d sectors must be a non-zero multiple of the sector size", P)
+	case TailNeeded(P, H) > N:
+		return nil, fmt.Errorf("disk of %d sectors is %d sectors short of header + payload + head space (%d)", N, TailNeeded(P, H)-N, TailNeeded(P, H))
+	}
+	chunk := roundDown(min(dg.Chunk, H), a)
+	if dg.Chunk == 0 {
+		chunk = H
+	}
+	if chunk == 0 {
+		return nil, fmt.Errorf("chunk size is smaller than the sector size")
+	}
+	tail := roundDown(N-H, a)
+	g := Geometry{
+		DiskSize: N, Payload: P, Header: H, Tail: tail,
+		Devices: []Device{
+			{ID: DiskID, Phys: 0, Size: N},
+			{ID: OldID, Phys: H, Size: N - H},
+		},
+	}
+	disk := Backing{Dev: DiskID}
+	tailB := Backing{Dev: DiskID, Delta: int64(tail)}
+	old := Backing{Dev: OldID}
+	head := min(H, P)
+	phases := []Phase{
+		{Kind: PhaseSetup},
+		{Kind: PhaseMark},
+		{Kind: PhaseMove, Start: 0, End: head, From: old, To: tailB, Chunk: chunk},
+	}
+	if P > H {
+		phases = append(phases, Phase{Kind: PhaseMove, Start: H, End: P, From: old, To: disk, Chunk: chunk})
+	}
+	if head > labelSectors {
+		phases = append(phases, Phase{Kind: PhaseMove, Start: labelSectors, End: head, From: tailB, To: disk, Chunk: chunk, DestroysHeader: true})
+	}
+	phases = append(phases,
+		Phase{Kind: PhaseToLabel, Start: 0, End: min(labelSectors, head), From: tailB, To: disk},
+		Phase{Kind: PhaseUnstack},
+	)
+	p := &Plan{
+		Version: PlanVersion, Op: "decrypt", Geometry: g, Phases: phases,
+		Initial:       Layout{{Start: 0, End: P, On: old}},
+		HeaderAtStart: true,
+	}
+	if err := p.setDirections(); err != nil {
+		return nil, err
+	}
+	if err := p.Verify(); err != nil {
+		return nil, fmt.Errorf("internal error: decrypt plan fails verification: %w", err)
+	}
+	return p, nil
+}

@@ -191,7 +191,7 @@ func TestInspectJournal(t *testing.T) {
 	if ri.Status != journal.StatusInterrupted || ri.Finished() || ri.Aborting {
 		t.Fatalf("status %q finished %v aborting %v", ri.Status, ri.Finished(), ri.Aborting)
 	}
-	if ri.Device != diskPath || ri.Name != "vda_crypt" || ri.Op != "encrypt" || ri.ID != ep.Spec.ID || ri.VG != "vg" {
+	if ri.Device != fakeDiskPath || ri.Name != "vda_crypt" || ri.Op != "encrypt" || ri.ID != ep.Spec.ID || ri.VG != "vg" {
 		t.Fatalf("run facts: %+v", ri)
 	}
 	p := ep.Spec.Forward

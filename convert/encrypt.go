@@ -86,13 +86,15 @@ type EncryptPlan struct {
 	ShrinkTo Sectors
 	// Header is the new header (keyslots wrapped by the passphrase).
 	Header HeaderFormat
-	key    []byte
+	keys   map[BackingID][]byte
 }
 
-// Wipe forgets the volume key held by an unexecuted plan.
+// Wipe forgets the volume keys held by an unexecuted plan.
 func (ep *EncryptPlan) Wipe() {
-	for i := range ep.key {
-		ep.key[i] = 0
+	for _, k := range ep.keys {
+		for i := range k {
+			k[i] = 0
+		}
 	}
 }
 
@@ -242,11 +244,11 @@ func (e *Engine) PlanEncrypt(ctx context.Context, o EncryptOptions) (*EncryptPla
 		Helpers:     map[BackingID]string{NewID: "dmconvert-" + runID + "-new"},
 		Crypt:       hdr.Crypt(),
 		LUKSVersion: hdr.Version(), LUKSUUID: hdr.UUID(),
-		PVUUID: pv.UUID, VG: pv.VG, VGDevices: pv.VGDevices,
+		PVUUID: pv.UUID, VG: pv.VG, VGDevices: pv.VGDevices, PVDevice: dev,
 		Stacked: stacked,
 		Forward: plan,
 	}
-	return &EncryptPlan{Spec: spec, Journal: jpath, PV: pv, ShrinkTo: shrinkTo, Header: hdr, key: key}, nil
+	return &EncryptPlan{Spec: spec, Journal: jpath, PV: pv, ShrinkTo: shrinkTo, Header: hdr, keys: map[BackingID][]byte{NewID: key}}, nil
 }
 
 // stackedOn lists the dm devices whose tables use disk, refusing any that

@@ -62,7 +62,13 @@ type Spec struct {
 	Name string `json:"name"`
 	// Helpers are the private devices by backing (e.g. "new" -> C).
 	Helpers map[BackingID]string `json:"helpers"`
-	Crypt   CryptSpec            `json:"crypt"`
+	// Crypt is the target layout's encryption (encrypt, rekey), OldCrypt
+	// the source's (decrypt, rekey).
+	Crypt    CryptSpec `json:"crypt"`
+	OldCrypt CryptSpec `json:"old_crypt,omitzero"`
+	// PVDevice is where LVM saw the PV at plan time: the disk (encrypt)
+	// or the LUKS mapping (decrypt, rekey).
+	PVDevice string `json:"pv_device,omitempty"`
 	// LUKS header facts.
 	LUKSVersion int    `json:"luks_version"`
 	LUKSUUID    string `json:"luks_uuid"`
@@ -88,13 +94,43 @@ type run struct {
 	st      State
 	disk    Disk
 	hdr     HeaderFormat
-	key     dmtable.Key
+	keys    map[BackingID]dmtable.Key
 	devs    map[BackingID]dmtable.Dev
 	fdev    dmtable.Dev
 	release func() error
 	stop    func() bool // true once the user asked to stop
 	ident   Identity    // what the disk's first 4 KiB said at reconcile
 	lastEv  time.Time
+}
+
+// setKeys takes copies of the volume keys by role (NewID: the key of the
+// target layout, OldID: of the source layout).
+func (r *run) setKeys(k map[BackingID][]byte) {
+	r.keys = map[BackingID]dmtable.Key{}
+	for id, b := range k {
+		if len(b) > 0 {
+			r.keys[id] = dmtable.HexKey(b)
+		}
+	}
+}
+
+func (r *run) wipeKeys() {
+	for _, k := range r.keys {
+		k.Wipe()
+	}
+}
+
+// roles says which of a header's keys plays which role in this run: the
+// header's data segment key is the target's for encrypt and the source's
+// for decrypt and rekey; rekey's new key waits in an unbound keyslot.
+func (s *Spec) roles(k Keys) map[BackingID][]byte {
+	switch s.Op {
+	case "encrypt":
+		return map[BackingID][]byte{NewID: k.Bound}
+	case "decrypt":
+		return map[BackingID][]byte{OldID: k.Bound}
+	}
+	return map[BackingID][]byte{OldID: k.Bound, NewID: k.Unbound}
 }
 
 // ErrInterrupted is returned when a run stopped at a step boundary because
@@ -150,6 +186,8 @@ func (r *run) step(ctx context.Context) error {
 		return r.doFinalize(ctx)
 	case PhaseUnstack:
 		return r.doUnstack(ctx)
+	case PhaseMark:
+		return r.doMark(ctx)
 	}
 	return fmt.Errorf("internal error: unknown phase kind %q", ph.Kind)
 }
@@ -464,6 +502,26 @@ func (r *run) writeHeaderRest(img []byte) error {
 		return fmt.Errorf("writing the header to %s: %w", r.spec.Disk.Path, err)
 	}
 	return nil
+}
+
+// doMark marks the header of a decrypt or rekey as in progress, before
+// anything moves: from then on stock cryptsetup refuses to open the disk
+// (its data no longer matches one key and one offset), and the header
+// carries the run's checkpoint.
+func (r *run) doMark(ctx context.Context) error {
+	next := r.plan.Advance(r.st)
+	seq, err := r.intend("mark", 0, 0)
+	if err != nil {
+		return err
+	}
+	ws, err := r.hdr.MarkWrites(r.cp(next))
+	if err != nil {
+		return err
+	}
+	if err := r.writeDisk(ws); err != nil {
+		return fmt.Errorf("marking the header of %s: %w", r.spec.Disk.Path, err)
+	}
+	return r.commit(seq, next)
 }
 
 // doToLabel is the identity switch header -> label: every other sector of

@@ -48,7 +48,7 @@ type scenario struct {
 	quiet bool
 }
 
-const diskPath = "/dev/vda"
+const fakeDiskPath = "/dev/vda"
 
 func newScenario(t *testing.T, seed int64) *scenario {
 	sc := &scenario{
@@ -71,7 +71,7 @@ func newScenario(t *testing.T, seed int64) *scenario {
 // PV label and random data, the LVs active on it.
 func (sc *scenario) world() *fakeWorld {
 	w := newFakeWorld()
-	d := w.addDisk(diskPath, sc.disk, sc.N)
+	d := w.addDisk(fakeDiskPath, sc.disk, sc.N)
 	sc.rng.Read(d.durable)
 	label, err := os.ReadFile("testdata/pv-head-4k.bin")
 	if err != nil {
@@ -94,8 +94,8 @@ func (sc *scenario) world() *fakeWorld {
 
 func (sc *scenario) lvm(w *fakeWorld) *fakeLVM {
 	return &fakeLVM{w: w, lvs: sc.lvs, pv: PV{
-		Device: diskPath, UUID: "pvuuid", VG: "vg", Size: sc.pvSize, UsedEnd: sc.pvSize,
-		PEStart: 8, ExtentSize: 8, VGDevices: []string{diskPath},
+		Device: fakeDiskPath, UUID: "pvuuid", VG: "vg", Size: sc.pvSize, UsedEnd: sc.pvSize,
+		PEStart: 8, ExtentSize: 8, VGDevices: []string{fakeDiskPath},
 	}}
 }
 
@@ -109,14 +109,14 @@ func (sc *scenario) engine(w *fakeWorld) *Engine {
 	}
 	return &Engine{
 		DM:   fakeDM{w},
-		Host: &fakeHost{w: w, fileDev: dmtable.Dev{Major: 8, Minor: 0}, diskByPt: map[string]dmtable.Dev{diskPath: sc.disk}},
+		Host: &fakeHost{w: w, fileDev: dmtable.Dev{Major: 8, Minor: 0}, diskByPt: map[string]dmtable.Dev{fakeDiskPath: sc.disk, "/dev/block/" + sc.disk.String(): sc.disk}},
 		LVM:  w.lvm, RegionSize: 32, PollInterval: 1,
 	}
 }
 
 func (sc *scenario) options() EncryptOptions {
 	return EncryptOptions{
-		Device: diskPath, Journal: sc.journal, HeaderSectors: sc.H, KeyBytes: 64, Chunk: sc.H,
+		Device: fakeDiskPath, Journal: sc.journal, HeaderSectors: sc.H, KeyBytes: 64, Chunk: sc.H,
 		NewHeader: func(key []byte, ss uint32) (HeaderFormat, error) {
 			copy(key, sc.key) // the test knows the key, to check the disk
 			return &fakeHeader{h: sc.H, key: sc.key}, nil
@@ -125,8 +125,8 @@ func (sc *scenario) options() EncryptOptions {
 }
 
 func (sc *scenario) opener() HeaderOpener {
-	return func(img []byte) (HeaderFormat, []byte, error) {
-		return &fakeHeader{h: sc.H, key: sc.key}, append([]byte(nil), sc.key...), nil
+	return func(img []byte) (HeaderFormat, Keys, error) {
+		return &fakeHeader{h: sc.H, key: sc.key}, Keys{Bound: append([]byte(nil), sc.key...)}, nil
 	}
 }
 

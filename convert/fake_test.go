@@ -992,6 +992,13 @@ func (f *fakeHeader) FinalWrites() ([]Write, error) {
 	return []Write{{Off: 0, Data: b}, {Off: 4096, Data: make([]byte, 4096)}}, nil
 }
 
+func (f *fakeHeader) MarkWrites(cp Checkpoint) ([]Write, error) {
+	b := make([]byte, 512)
+	copy(b, "LUKS\xba\xbe")
+	copy(b[8:], "INPROGRESS")
+	return []Write{{Off: 4096, Data: f.cpBlock(cp), Flush: true}, {Off: 0, Data: b, Flush: true}}, nil
+}
+
 func (f *fakeHeader) ReadCheckpoint(r io.ReaderAt) (Checkpoint, bool, error) {
 	b := make([]byte, 4096)
 	if _, err := r.ReadAt(b, 4096); err != nil {

@@ -44,6 +44,10 @@ type HeaderFormat interface {
 	// FinalWrites turn the in-progress header on disk into a plain LUKS
 	// header that stock cryptsetup opens.
 	FinalWrites() ([]Write, error)
+	// MarkWrites mark a plain header already on disk as in progress
+	// (requirement and token, or LUKS1's disguised magic and a record),
+	// carrying cp: the first writes of a decrypt or rekey.
+	MarkWrites(cp Checkpoint) ([]Write, error)
 	// ReadCheckpoint reads the checkpoint from a header on disk.
 	ReadCheckpoint(r io.ReaderAt) (Checkpoint, bool, error)
 	// UUID of the LUKS header (for crypttab and the dm UUID).

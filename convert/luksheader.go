@@ -29,29 +29,55 @@ func NewLUKSHeader(h *luks.Header) (*LUKSHeader, error) {
 	return &LUKSHeader{h: h}, nil
 }
 
-// OpenLUKSImage reads a header image (from a journal) and unlocks it with
-// key (a passphrase or key file contents). It returns the header, marked
-// in progress, and the volume key bytes (the caller wipes them).
-func OpenLUKSImage(img []byte, key []byte) (*LUKSHeader, []byte, error) {
+// OpenLUKSImage reads a header image (from a journal or the disk) and
+// unlocks it with key (a passphrase or key file contents). It returns the
+// header, marked in progress, and the volume keys: the one of the data
+// segment (Bound) and, if the header has an unbound keyslot this key
+// opens, that one (Unbound). The caller wipes them.
+func OpenLUKSImage(img []byte, key []byte) (*LUKSHeader, Keys, error) {
 	h, err := luks.Read(bytes.NewReader(img))
 	if err != nil {
-		return nil, nil, fmt.Errorf("reading the header image: %w", err)
+		return nil, Keys{}, fmt.Errorf("reading the header image: %w", err)
 	}
 	vk, _, err := h.Unlock(key)
 	if err != nil {
 		if errors.Is(err, luks.ErrWrongPassphrase) {
-			return nil, nil, fmt.Errorf("%w", ErrWrongPassphrase)
+			return nil, Keys{}, fmt.Errorf("%w", ErrWrongPassphrase)
 		}
-		return nil, nil, err
+		return nil, Keys{}, err
 	}
 	defer vk.Wipe()
+	var ks Keys
+	// vk.Bytes is the key's own buffer, which the deferred Wipe zeroes:
+	// hand out copies.
+	ks.Bound = append([]byte(nil), vk.Bytes()...)
+	if h.Version() == 2 {
+		if uk, _, err := h.UnlockUnbound(key); err == nil {
+			ks.Unbound = append([]byte(nil), uk.Bytes()...)
+			uk.Wipe()
+		}
+	}
 	lh, err := NewLUKSHeader(h)
 	if err != nil {
-		return nil, nil, err
+		ks.Wipe()
+		return nil, Keys{}, err
 	}
-	// vk.Bytes is the key's own buffer, which the deferred Wipe zeroes:
-	// hand out a copy.
-	return lh, append([]byte(nil), vk.Bytes()...), nil
+	return lh, ks, nil
+}
+
+// Keys are the volume keys a header gives: the data segment's and an
+// unbound keyslot's (rekey keeps the new key there during a run).
+type Keys struct {
+	Bound, Unbound []byte
+}
+
+// Wipe zeroes both keys.
+func (k Keys) Wipe() {
+	for _, b := range [][]byte{k.Bound, k.Unbound} {
+		for i := range b {
+			b[i] = 0
+		}
+	}
 }
 
 // Header is the wrapped luks header.
@@ -129,6 +155,25 @@ func (l *LUKSHeader) metadataWrites() ([]Write, error) {
 	}
 	half := len(m) / 2
 	return []Write{{Off: 0, Data: m[:half], Flush: true}, {Off: int64(half), Data: m[half:], Flush: true}}, nil
+}
+
+// MarkWrites implements HeaderFormat. The header already carries the
+// marks in memory (NewLUKSHeader); this writes them: LUKS2 metadata (both
+// copies, a flush between), or LUKS1's record then its disguised first
+// block.
+func (l *LUKSHeader) MarkWrites(cp Checkpoint) ([]Write, error) {
+	ws, err := l.CheckpointWrites(cp)
+	if err != nil {
+		return nil, err
+	}
+	if l.h.Version() == 1 {
+		first, err := l.h.FirstBlock()
+		if err != nil {
+			return nil, err
+		}
+		ws = append(ws, Write{Off: 0, Data: first, Flush: true})
+	}
+	return ws, nil
 }
 
 // FinalWrites implements HeaderFormat: the requirement and the token go

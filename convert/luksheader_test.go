@@ -32,12 +32,12 @@ func TestOpenLUKSImageReturnsTheKey(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		got, got2 := []byte(nil), []byte(nil)
-		_, got, err = OpenLUKSImage(img, []byte("pass"))
+		_, ks, err := OpenLUKSImage(img, []byte("pass"))
 		if err != nil {
 			t.Fatal(err)
 		}
-		got2 = append(got2, got...)
+		got := ks.Bound
+		got2 := append([]byte(nil), got...)
 		if !bytes.Equal(got, key) || !bytes.Equal(got2, key) {
 			t.Fatalf("LUKS%d: OpenLUKSImage returned %x, want %x", version, got, key)
 		}

@@ -20,9 +20,15 @@ func (r *run) helperTable(id BackingID) (dmtable.Table, error) {
 	if !ok {
 		return nil, fmt.Errorf("internal error: no geometry for helper %q", id)
 	}
+	key, ok := r.keys[id]
+	if !ok {
+		return nil, fmt.Errorf("internal error: no key for helper %q", id)
+	}
 	switch id {
 	case NewID:
-		return dmtable.Table{cryptTarget(0, d.Size, r.spec.Crypt, r.key, 0, r.spec.Disk.Dev, d.Phys)}, nil
+		return dmtable.Table{cryptTarget(0, d.Size, r.spec.Crypt, key, 0, r.spec.Disk.Dev, d.Phys)}, nil
+	case OldID:
+		return dmtable.Table{cryptTarget(0, d.Size, r.spec.OldCrypt, key, 0, r.spec.Disk.Dev, d.Phys)}, nil
 	}
 	return nil, fmt.Errorf("internal error: no table for helper %q", id)
 }
@@ -273,7 +279,7 @@ func (r *run) doFinalize(ctx context.Context) error {
 	if !ok {
 		return fmt.Errorf("internal error: finalize without a new device")
 	}
-	final := dmtable.Table{cryptTarget(0, nd.Size, r.spec.Crypt, r.key, 0, r.spec.Disk.Dev, nd.Phys)}
+	final := dmtable.Table{cryptTarget(0, nd.Size, r.spec.Crypt, r.keys[NewID], 0, r.spec.Disk.Dev, nd.Phys)}
 	if _, err := r.swap(r.spec.Name, final, nil); err != nil {
 		return err
 	}

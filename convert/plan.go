@@ -46,6 +46,7 @@ const (
 	PhaseToLabel  PhaseKind = "to-label" // identity switch: header -> LVM label
 	PhaseFinalize PhaseKind = "finalize" // final table, clear marks, refresh
 	PhaseUnstack  PhaseKind = "unstack"  // dm devices on F -> on the disk, F removed
+	PhaseMark     PhaseKind = "mark"     // mark the live header "conversion in progress"
 )
 
 // Phase is one step of a plan. Move phases relocate F[Start,End) from From

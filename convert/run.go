@@ -10,11 +10,11 @@ import (
 	"github.com/dmconvert/dmconvert/journal"
 )
 
-// HeaderOpener turns the header image stored in a journal back into a
-// HeaderFormat and recovers the volume key from it (the CLI closes over
-// the passphrase or key file). It fails with an error that wraps
-// ErrWrongPassphrase when no keyslot opens.
-type HeaderOpener func(image []byte) (HeaderFormat, []byte, error)
+// HeaderOpener turns a header image (stored in a journal, or read from the
+// disk) into a HeaderFormat and recovers the volume keys from it (the CLI
+// closes over the passphrase or key file; OpenLUKSImage does the work). It
+// fails with an error that wraps ErrWrongPassphrase when no keyslot opens.
+type HeaderOpener func(image []byte) (HeaderFormat, Keys, error)
 
 // ErrWrongPassphrase: no keyslot of the header opens with what was given.
 var ErrWrongPassphrase = errors.New("no key slot of the header opens with this passphrase or key file")
@@ -48,15 +48,15 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 		return err
 	}
 	if ep.ShrinkTo > 0 {
-		if err := e.LVM.ShrinkPV(ctx, spec.Disk.Path, ep.ShrinkTo); err != nil {
-			return fmt.Errorf("shrinking the physical volume %s to %d sectors: %w", spec.Disk.Path, ep.ShrinkTo, err)
+		if err := e.LVM.ShrinkPV(ctx, spec.PVDevice, ep.ShrinkTo); err != nil {
+			return fmt.Errorf("shrinking the physical volume %s to %d sectors: %w", spec.PVDevice, ep.ShrinkTo, err)
 		}
-		pv, err := e.LVM.Discover(ctx, spec.Disk.Path)
+		pv, err := e.LVM.Discover(ctx, spec.PVDevice)
 		if err != nil {
 			return err
 		}
 		if pv.Size > spec.Forward.Geometry.Payload {
-			return fmt.Errorf("physical volume %s is still %d sectors after pvresize, more than the planned %d", spec.Disk.Path, pv.Size, spec.Forward.Geometry.Payload)
+			return fmt.Errorf("physical volume %s is still %d sectors after pvresize, more than the planned %d", spec.PVDevice, pv.Size, spec.Forward.Geometry.Payload)
 		}
 	}
 	r := &run{e: e, j: j, spec: spec, plan: spec.Forward, hdr: ep.Header, devs: map[BackingID]dmtable.Dev{DiskID: spec.Disk.Dev}, stop: o.Stop}
@@ -77,9 +77,9 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 		}
 		return err
 	}
-	r.key = dmtable.HexKey(ep.key)
+	r.setKeys(ep.keys)
 	ep.Wipe()
-	defer r.key.Wipe()
+	defer r.wipeKeys()
 	disk, err := e.Host.OpenDisk(spec.Disk.Path)
 	if err != nil {
 		return fmt.Errorf("opening %s: %w", spec.Disk.Path, err)
@@ -102,12 +102,15 @@ func (e *Engine) checkUnchanged(ctx context.Context, ep *EncryptPlan) error {
 	if di.Dev != spec.Disk.Dev || di.Size != spec.Disk.Size || di.LogicalBlockSize != spec.Disk.LogicalBlockSize {
 		return changed("the disk")
 	}
-	pv, err := e.LVM.Discover(ctx, dev)
+	pv, err := e.LVM.Discover(ctx, spec.PVDevice)
 	if err != nil {
 		return err
 	}
 	if pv.UUID != spec.PVUUID || pv.VG != spec.VG || pv.Size != ep.PV.Size {
 		return changed("the physical volume")
+	}
+	if spec.Op != "encrypt" {
+		return nil
 	}
 	stacked, err := e.stackedOn(di.Dev, dev, pv.Size)
 	if err != nil {
@@ -238,17 +241,15 @@ func (e *Engine) openRun(ctx context.Context, o ResumeOptions) (r *run, cleanup 
 	if err != nil {
 		return nil, cleanup, err
 	}
-	hdr, key, err := o.Open(img)
+	hdr, keys, err := o.Open(img)
 	if err != nil {
 		return nil, cleanup, fmt.Errorf("unlocking the header of %s: %w", spec.Disk.Path, err)
 	}
 	r = &run{e: e, j: j, spec: &spec, plan: spec.Forward, hdr: hdr, stop: o.Stop,
 		devs: map[BackingID]dmtable.Dev{DiskID: di.Dev}}
-	r.key = dmtable.HexKey(key)
-	for i := range key {
-		key[i] = 0
-	}
-	closers = append(closers, r.key.Wipe)
+	r.setKeys(spec.roles(keys))
+	keys.Wipe()
+	closers = append(closers, r.wipeKeys)
 	if spec.Abort != nil {
 		// An abort plan is stored only once an abort began: whatever
 		// stopped it (a signal, a failure, a crash), the run continues
@@ -288,8 +289,7 @@ func (r *run) reconcile() error {
 	r.ident = id
 	p := r.plan
 	dev := r.spec.Disk.Path
-	if !r.aborted {
-		sw := p.PhaseIndex(PhaseToLUKS)
+	if sw := p.PhaseIndex(PhaseToLUKS); sw >= 0 {
 		switch {
 		case id == IdentityLVM && p.Switched(r.st):
 			return refuse(dev, "the disk was changed outside dmconvert; do not write to it and restore it from a backup of its header if needed",
@@ -376,9 +376,9 @@ func (r *run) rebuild() (fresh bool, err error) {
 	if err := r.settle(); err != nil {
 		return false, err
 	}
-	restack := r.plan.PhaseIndex(PhaseRestack)
-	if !r.aborted && r.st.Phase <= restack {
-		// Setup has not run (or runs again): it creates everything.
+	if setup := r.plan.PhaseIndex(PhaseSetup); r.ident == IdentityLVM && setup >= 0 && r.st.Phase <= max(setup, r.plan.PhaseIndex(PhaseRestack)) {
+		// Setup has not run (or runs again) and LVM sees the PV on the
+		// disk itself: setup creates everything, under the fence.
 		return false, r.resumeSuspendedUsers()
 	}
 	if err := r.ensureHelpers(); err != nil {

@@ -103,12 +103,12 @@ func headerFactory(device string, lo luks.Options, pass []byte) convert.HeaderFa
 
 // opener unlocks the header image a journal holds with key.
 func opener(key []byte) convert.HeaderOpener {
-	return func(img []byte) (convert.HeaderFormat, []byte, error) {
-		h, vk, err := convert.OpenLUKSImage(img, key)
+	return func(img []byte) (convert.HeaderFormat, convert.Keys, error) {
+		h, ks, err := convert.OpenLUKSImage(img, key)
 		if err != nil {
-			return nil, nil, err
+			return nil, convert.Keys{}, err
 		}
-		return h, vk, nil
+		return h, ks, nil
 	}
 }
 

@@ -1,0 +1,257 @@
+package convert
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/dmconvert/dmconvert/dmtable"
+	"github.com/dmconvert/dmconvert/journal"
+)
+
+// DecryptOptions are the inputs of PlanDecrypt.
+type DecryptOptions struct {
+	// Target is the open LUKS mapping (its name or /dev/mapper path) or
+	// the LUKS device under it.
+	Target string
+	// Journal path; default DefaultJournalDir/<pv uuid>.journal.
+	Journal string
+	// Chunk bounds a chunk (sectors); 0 means the data offset.
+	Chunk Sectors
+	// ShrinkPV lets the plan shrink the PV on the mapping when its last
+	// extents are free.
+	ShrinkPV bool
+	// Open unlocks the header with the user's passphrase or key file.
+	Open HeaderOpener
+}
+
+// cryptMapping is an open dm-crypt mapping of a whole LUKS data area.
+type cryptMapping struct {
+	name  string
+	info  DevInfo
+	crypt *dmtable.Crypt
+	size  Sectors
+	disk  dmtable.Dev
+}
+
+// findMapping resolves target to the dm-crypt mapping and its disk.
+func (e *Engine) findMapping(target string) (*cryptMapping, error) {
+	name := strings.TrimPrefix(target, "/dev/mapper/")
+	if _, err := e.DM.Info(name); err != nil {
+		// A device path: find the mapping whose table is crypt over it.
+		di, serr := e.Host.Stat(target)
+		if serr != nil {
+			return nil, refuse(target, "give the open LUKS mapping (/dev/mapper/NAME) or the device under it", "neither a device-mapper device nor a block device: %v", serr)
+		}
+		list, err := e.DM.List()
+		if err != nil {
+			return nil, err
+		}
+		name = ""
+		for _, d := range list {
+			t, err := e.DM.Table(d.Name)
+			if err != nil || len(t) != 1 {
+				continue
+			}
+			if c, ok := t[0].Params.(*dmtable.Crypt); ok {
+				if n, ok := c.Dev.Dev(); ok && n == di.Dev {
+					name = d.Name
+				}
+			}
+		}
+		if name == "" {
+			return nil, refuse(target, "open it first (cryptsetup open), or decrypt it offline with cryptsetup reencrypt --decrypt", "no open dm-crypt mapping uses it")
+		}
+	}
+	info, err := e.DM.Info(name)
+	if err != nil {
+		return nil, err
+	}
+	t, err := e.DM.Table(name)
+	if err != nil {
+		return nil, fmt.Errorf("reading the table of %s: %w", name, err)
+	}
+	var c *dmtable.Crypt
+	if len(t) == 1 {
+		c, _ = t[0].Params.(*dmtable.Crypt)
+	}
+	if c == nil || t[0].Start != 0 {
+		return nil, refuse(name, "", "not a dm-crypt mapping of one whole device (table: %s)", t)
+	}
+	if c.IntegrityTagSize > 0 || c.IntegrityType != "" {
+		return nil, refuse(name, "", "dm-crypt with integrity (authenticated encryption) is not supported")
+	}
+	d, ok := c.Dev.Dev()
+	if !ok {
+		return nil, refuse(name, "", "its table names its device by path, not number")
+	}
+	return &cryptMapping{name: name, info: info, crypt: c, size: Sectors(t[0].Length), disk: d}, nil
+}
+
+// diskPath finds the block device node of dev for a path-less mapping:
+// /dev/block/M:m, which udev and devtmpfs both provide.
+func diskPath(dev dmtable.Dev) string { return "/dev/block/" + dev.String() }
+
+// PlanDecrypt inspects an open LUKS mapping with an LVM PV on it and
+// returns a verified decrypt plan. It writes nothing.
+func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPlan, error) {
+	m, err := e.findMapping(o.Target)
+	if err != nil {
+		return nil, err
+	}
+	dpath := diskPath(m.disk)
+	if p, err := e.resolveDiskPath(m.disk, o.Target); err == nil {
+		dpath = p
+	}
+	di, err := e.Host.Stat(dpath)
+	if err != nil {
+		return nil, refuse(dpath, "", "the device under %s: %v", m.name, err)
+	}
+	H := Sectors(m.crypt.Offset)
+	if m.crypt.IVOffset != 0 || H == 0 || H+m.size != di.Size {
+		return nil, refuse(m.name, "", "its table (offset %d, iv offset %d, %d sectors on a %d-sector disk) is not the whole data area of a LUKS device with its header in front", H, m.crypt.IVOffset, m.size, di.Size)
+	}
+	// The header: read it and unlock it.
+	disk, err := e.Host.OpenDisk(dpath)
+	if err != nil {
+		return nil, fmt.Errorf("opening %s: %w", dpath, err)
+	}
+	img := make([]byte, H*512)
+	_, rerr := disk.ReadAt(img, 0)
+	disk.Close()
+	if rerr != nil {
+		return nil, fmt.Errorf("reading the header of %s: %w", dpath, rerr)
+	}
+	switch Identify(img[:labelSectors*512]) {
+	case IdentityLUKS:
+	case IdentityDisguisedLUKS1:
+		return nil, refuse(dpath, "run dmconvert status, then resume or abort it", "a dmconvert conversion is in progress on it")
+	default:
+		return nil, refuse(dpath, "", "it does not start with a LUKS header")
+	}
+	hdr, keys, err := o.Open(img)
+	if err != nil {
+		return nil, fmt.Errorf("unlocking the header of %s: %w", dpath, err)
+	}
+	if hdr.Sectors() != H {
+		keys.Wipe()
+		return nil, refuse(dpath, "", "the header's data offset (%d sectors) differs from the mapping's (%d)", hdr.Sectors(), H)
+	}
+	cs := hdr.Crypt()
+	if cs.Cipher != string(m.crypt.Cipher) {
+		keys.Wipe()
+		return nil, refuse(m.name, "", "the mapping uses %s but the header says %s", m.crypt.Cipher, cs.Cipher)
+	}
+	if m.crypt.SectorSize > 512 {
+		cs.SectorSize = m.crypt.SectorSize
+		cs.IVLargeSectors = m.crypt.IVLargeSectors
+	}
+	if !m.crypt.Key.IsKeyring() && !m.crypt.Key.Equal(dmtable.HexKey(keys.Bound)) {
+		keys.Wipe()
+		return nil, refuse(m.name, "", "the key in the live table is not the key the header gives for this passphrase")
+	}
+	fail := func(err error) (*EncryptPlan, error) {
+		keys.Wipe()
+		return nil, err
+	}
+	align := Sectors(max(cs.SectorSize/512, 8))
+
+	// What is on the mapping: an LVM PV.
+	node := e.Host.NodePath(m.name)
+	if users, err := e.Host.Users(m.info.Dev); err != nil {
+		return fail(err)
+	} else if len(users) > 0 {
+		return fail(refuse(m.name, "a file system directly on the mapping cannot move toward the start of the disk while mounted; decrypt it offline (cryptsetup reencrypt --decrypt)", "it is used directly: %s", strings.Join(users, ", ")))
+	}
+	pv, err := e.LVM.Discover(ctx, node)
+	if err != nil {
+		return fail(err)
+	}
+	if pv.VG == "" {
+		return fail(refuse(node, "", "the physical volume belongs to no volume group"))
+	}
+	if pv.Refusal != "" {
+		return fail(refuse(node, "", "volume group %s cannot be converted: %s", pv.VG, pv.Refusal))
+	}
+	P := (pv.Size + align - 1) / align * align
+	var shrinkTo Sectors
+	if need := TailNeeded(P, H); need > di.Size {
+		room := roundDown(di.Size-2*H, align)
+		target := room
+		free := pv.UsedEnd <= target
+		var fitErr error
+		if pv.FitSize != nil {
+			if t, err := pv.FitSize(room); err == nil {
+				target = t
+			} else {
+				free, fitErr = false, err
+			}
+		}
+		hint := fmt.Sprintf("make room: pvresize --setphysicalvolumesize %ds %s, or rerun with --shrink-pv", target, node)
+		if !free {
+			why := fmt.Sprintf("the PV's extents up to sector %d are in use", pv.UsedEnd)
+			if fitErr != nil {
+				why = fitErr.Error()
+			}
+			hint = fmt.Sprintf("%s: move or reduce the LVs at its end, then pvresize --setphysicalvolumesize %ds %s", why, room, node)
+		}
+		if !o.ShrinkPV || !free {
+			return fail(refuse(node, hint, "moving the data to the start of the disk needs %d sectors of working space after the physical volume, but it ends %d sectors short of that", H, need-di.Size))
+		}
+		shrinkTo = target
+		P = (target + align - 1) / align * align
+	}
+	jpath := o.Journal
+	if jpath == "" {
+		jpath = filepath.Join(DefaultJournalDir, pv.UUID+".journal")
+	}
+	if err := e.checkJournalPlace(jpath, di.Dev, dpath); err != nil {
+		return fail(err)
+	}
+	if j, err := journal.Open(jpath, journal.Options{ReadOnly: true}); err == nil {
+		r, rerr := j.Run()
+		j.Close()
+		if rerr == nil {
+			return fail(refuse(dpath, "run `dmconvert status --journal "+jpath+"`, then resume or abort it, or use another --journal",
+				"journal %s already records a %s run of %s", jpath, r.Op, r.Device))
+		}
+	} else if errors.Is(err, journal.ErrLocked) {
+		return fail(busy(dpath, "journal %s is in use by another dmconvert", jpath))
+	}
+	plan, err := BuildDecrypt(DecryptGeometry{DiskSize: di.Size, Payload: P, Header: H, Chunk: o.Chunk, Align: align})
+	if err != nil {
+		return fail(refuse(dpath, "", "%v", err))
+	}
+	id := make([]byte, 8)
+	if _, err := rand.Read(id); err != nil {
+		return fail(err)
+	}
+	runID := hex.EncodeToString(id)
+	spec := &Spec{
+		Version: PlanVersion, ID: runID, Op: "decrypt", Disk: di, Name: m.name,
+		Helpers:     map[BackingID]string{OldID: "dmconvert-" + runID + "-old"},
+		OldCrypt:    cs,
+		LUKSVersion: hdr.Version(), LUKSUUID: hdr.UUID(),
+		PVUUID: pv.UUID, VG: pv.VG, VGDevices: pv.VGDevices, PVDevice: node,
+		Forward: plan,
+	}
+	return &EncryptPlan{Spec: spec, Journal: jpath, PV: pv, ShrinkTo: shrinkTo, Header: hdr,
+		keys: map[BackingID][]byte{OldID: keys.Bound}}, nil
+}
+
+// resolveDiskPath finds a path for the disk dev: the target itself if it
+// is that device, else /dev/block/M:m.
+func (e *Engine) resolveDiskPath(dev dmtable.Dev, target string) (string, error) {
+	if di, err := e.Host.Stat(target); err == nil && di.Dev == dev {
+		return target, nil
+	}
+	p := diskPath(dev)
+	if di, err := e.Host.Stat(p); err == nil && di.Dev == dev {
+		return p, nil
+	}
+	return "", fmt.Errorf("no path for %v", dev)
+}

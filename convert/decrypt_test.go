@@ -1,0 +1,148 @@
+package convert
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+)
+
+// encrypted returns a world whose disk was encrypted by a full (fake) run,
+// with the LVs live on vda_crypt, and the scenario's expectations.
+func encryptedWorld(t *testing.T, seed int64) (*scenario, *fakeWorld) {
+	t.Helper()
+	sc := newScenario(t, seed)
+	w := sc.world()
+	e := sc.engine(w)
+	ep, err := e.PlanEncrypt(context.Background(), sc.options())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Execute(context.Background(), ep, RunOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	sc.journal = fastTempDir(t) + "/decrypt.journal"
+	return sc, w
+}
+
+func (sc *scenario) decryptOptions() DecryptOptions {
+	return DecryptOptions{Target: "vda_crypt", Journal: sc.journal, Chunk: sc.H, Open: sc.opener()}
+}
+
+func TestDecryptEndToEnd(t *testing.T) {
+	sc, w := encryptedWorld(t, 11)
+	e := sc.engine(w)
+	e.FailHook = func(string) { sc.write(w) }
+	ep, err := e.PlanDecrypt(context.Background(), sc.decryptOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Execute(context.Background(), ep, RunOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	sc.verifyPlain(w, e)
+}
+
+func TestDecryptRefusals(t *testing.T) {
+	sc, w := encryptedWorld(t, 12)
+	e := sc.engine(w)
+	for _, c := range []struct {
+		name string
+		mod  func(*DecryptOptions)
+		want string
+	}{
+		{"unknown mapping", func(o *DecryptOptions) { o.Target = "nosuch" }, "neither a device-mapper device"},
+		{"wrong passphrase", func(o *DecryptOptions) {
+			o.Open = func([]byte) (HeaderFormat, Keys, error) { return nil, Keys{}, fmt.Errorf("x: %w", ErrWrongPassphrase) }
+		}, "no key slot"},
+		{"not the key of the mapping", func(o *DecryptOptions) {
+			o.Open = func([]byte) (HeaderFormat, Keys, error) {
+				k := make([]byte, 64)
+				return &fakeHeader{h: sc.H, key: k}, Keys{Bound: k}, nil
+			}
+		}, "not the key"},
+	} {
+		o := sc.decryptOptions()
+		c.mod(&o)
+		before := w.snapshot()
+		_, err := e.PlanDecrypt(context.Background(), o)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Fatalf("%s: got %v, want %q", c.name, err, c.want)
+		}
+		for dev, d := range before.disks {
+			if string(d.durable) != string(w.disks[dev].durable) || len(w.disks[dev].cache) != len(d.cache) {
+				t.Fatalf("%s: the disk changed", c.name)
+			}
+		}
+	}
+}
+
+// TestDecryptCrashAtEveryFailpoint: the decrypt dies at every failpoint
+// (a spread of hits), by process kill or power cut (with and without the
+// disk's cache), then resume finishes with every write intact.
+func TestDecryptCrashAtEveryFailpoint(t *testing.T) {
+	sc, w := encryptedWorld(t, 13)
+	e := sc.engine(w)
+	_, hits := sc.runUntil(e, w, "", 0, func() error {
+		ep, err := e.PlanDecrypt(context.Background(), sc.decryptOptions())
+		if err != nil {
+			return err
+		}
+		return e.Execute(context.Background(), ep, RunOptions{})
+	})
+	cases := 0
+	for _, fp := range Failpoints {
+		for _, nth := range occurrences(hits[fp]) {
+			for _, rec := range []recovery{recoverResume, recoverPowerResume, recoverLostCacheResume} {
+				cases++
+				seed := int64(1000 + cases)
+				t.Run(fmt.Sprintf("%s#%d/%s", fp, nth, rec), func(t *testing.T) {
+					t.Parallel()
+					decryptCrashAndRecover(t, fp, nth, rec, seed)
+				})
+			}
+		}
+	}
+	t.Logf("%d decrypt crash cases", cases)
+}
+
+func decryptCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed int64) {
+	sc, w := encryptedWorld(t, seed)
+	sc.quiet = rec == recoverLostCacheResume
+	e := sc.engine(w)
+	crashed, _ := sc.runUntil(e, w, fp, nth, func() error {
+		ep, err := e.PlanDecrypt(context.Background(), sc.decryptOptions())
+		if err != nil {
+			return err
+		}
+		return e.Execute(context.Background(), ep, RunOptions{})
+	})
+	if crashed == nil {
+		t.Skipf("the run never reached %s#%d", fp, nth)
+	}
+	w = crashed
+	if rec != recoverResume {
+		w.powerCut(rec == recoverLostCacheResume)
+		l := sc.lvm(w)
+		if err := l.boot(); err != nil {
+			t.Fatal(err)
+		}
+		if len(w.devs) > 0 {
+			// LVM found a PV on the raw disk: only after the last 4 KiB
+			// came back, so everything must be there.
+			sc.verifyLVs(w, "boot-time activation on the raw disk")
+		}
+	}
+	e = sc.engine(w)
+	sc.quiet = false
+	e.FailHook = func(string) { sc.write(w) }
+	err := e.Resume(context.Background(), ResumeOptions{Journal: sc.journal, Open: sc.opener()})
+	if err != nil {
+		if strings.Contains(err.Error(), "already done") {
+			sc.verifyPlain(w, e)
+			return
+		}
+		t.Fatalf("resume after a crash at %s#%d (%s): %v", fp, nth, rec, err)
+	}
+	sc.verifyPlain(w, e)
+}
