@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"math"
 	mrand "math/rand"
 	"os"
 	"os/exec"
@@ -61,6 +62,9 @@ const (
 	// change to evaluate): every round then runs it too, right after the
 	// one built from this tree, on the same disk.
 	benchAltEnv = "DMCONVERT_BENCH_ALT"
+	// benchKcopydEnv lists dm_mod.kcopyd_subjob_size_kb values (e.g.
+	// "1024") for extra idle mirror-ceiling runs in every round.
+	benchKcopydEnv = "DMCONVERT_BENCH_KCOPYD"
 )
 
 const (
@@ -84,7 +88,7 @@ func TestVMBench(t *testing.T) {
 		t.Skip("benchmarks not requested (set DMCONVERT_VM_BENCH, as make bench does)")
 	}
 	env := map[string]string{benchVMEnv: "1"}
-	for _, k := range []string{benchRoundsEnv, benchSweepEnv, benchSizesEnv} {
+	for _, k := range []string{benchRoundsEnv, benchSweepEnv, benchSizesEnv, benchKcopydEnv} {
 		if v, ok := os.LookupEnv(k); ok {
 			env[k] = v
 		}
@@ -186,7 +190,7 @@ type benchRow struct {
 	conv              convCase
 	disk              int64
 	rate, wallRate    float64 // MiB/s of payload: conversion part, process wall
-	dmcrypt           float64 // paired dm-crypt rate
+	dmcrypt, dmcrypt1 float64 // paired dm-crypt rate: best, one writer
 	bodyRate          float64 // MiB/s of the body phase
 	stallMs, p99Ms    float64 // the writer during the run
 	idleMs, idleP99Ms float64 // the writer alone
@@ -236,6 +240,10 @@ func BenchmarkGuestEncrypt(b *testing.B) {
 	small := fmt.Sprintf("disk=%s", sizeName(benchDiskSize))
 	def := fmt.Sprintf("region=%s,chunk=%s", sizeName(int64(DefaultRegionSize)*512), sizeName(benchHeader*512))
 	bin := dmconvertBin(b)
+	var kcopyd []string
+	if v := os.Getenv(benchKcopydEnv); v != "" {
+		kcopyd = strings.Split(v, ",")
+	}
 	name := func(what, cfg string, c convCase) string {
 		n := small + "/" + what + "/" + cfg
 		if !c.writer {
@@ -247,9 +255,24 @@ func BenchmarkGuestEncrypt(b *testing.B) {
 		run := fmt.Sprintf("/run=%d", r)
 		b.Run(small+"/dmcrypt"+run, func(b *testing.B) { s.benchDMCrypt(b, s.disk) })
 		b.Run(small+"/cryptsetup"+run, func(b *testing.B) { s.benchCryptsetup(b, s.disk) })
-		for _, w := range []bool{false, true} {
-			c := convCase{writer: w}
-			b.Run(name("mirror", def, c)+run, func(b *testing.B) { s.benchMirror(b, s.disk, c) })
+		// The kernel's part: the mirror ceiling idle, and with the
+		// writer for three region sizes (a write into the region being
+		// copied waits for that region).
+		idle := convCase{}
+		b.Run(name("mirror", def, idle)+run, func(b *testing.B) { s.benchMirror(b, s.disk, idle) })
+		for _, kb := range kcopyd {
+			b.Run(name("mirror", def+",kcopyd="+kb+"K", idle)+run, func(b *testing.B) {
+				defer setKcopydSubjob(b, kb)()
+				s.benchMirror(b, s.disk, idle)
+			})
+		}
+		for _, region := range []string{"1M", "", "16M"} {
+			c := convCase{region: region, writer: true}
+			cfg := def
+			if region != "" {
+				cfg = fmt.Sprintf("region=%s,chunk=%s", region, sizeName(benchHeader*512))
+			}
+			b.Run(name("mirror", cfg, c)+run, func(b *testing.B) { s.benchMirror(b, s.disk, c) })
 		}
 		for _, w := range []bool{false, true} {
 			c := convCase{bin: bin, writer: w}
@@ -313,11 +336,13 @@ func (s *benchSuite) benchDMCrypt(b *testing.B, disk string) {
 	b.ReportMetric(two, "2writers_MiB/s")
 }
 
-// pairedDMCrypt measures the dm-crypt limit right before a conversion
+// pairedDMCrypt measures the dm-crypt limit next to a conversion
 // (best of one and two writers).
-func pairedDMCrypt(b *testing.B, disk string) float64 {
+// (best of one and two writers, and the one-writer rate).
+func pairedDMCrypt(b *testing.B, disk string) (best, one float64) {
 	n := min(int64(diskSectors(b, disk)*512)-2*benchHeader*512, maxPairedDMWrite)
-	return max(dmcryptWrite(b, disk, n, 1), dmcryptWrite(b, disk, n, 2))
+	one = dmcryptWrite(b, disk, n, 1)
+	return max(one, dmcryptWrite(b, disk, n, 2)), one
 }
 
 // alignedBuf returns n bytes of anonymous memory (page aligned, for
@@ -429,10 +454,32 @@ func (s *benchSuite) benchMirror(b *testing.B, disk string, c convCase) {
 		b.ReportMetric(ms(res.stall), "max_stall_ms")
 		b.ReportMetric(ms(res.p99), "p99_stall_ms")
 	}
+	res.label = strings.TrimPrefix(b.Name(), "BenchmarkGuestEncrypt/")
+	if i := strings.LastIndex(res.label, "/run="); i >= 0 {
+		res.label = res.label[:i]
+	}
+	if len(s.dmRate) > 0 {
+		res.xdm = res.rate / s.dmRate[len(s.dmRate)-1]
+	}
 	s.mirror = append(s.mirror, res)
 }
 
+// setKcopydSubjob sets dm_mod.kcopyd_subjob_size_kb (read when a mirror
+// table is loaded) and returns the function that restores it.
+func setKcopydSubjob(b testing.TB, kb string) func() {
+	const p = "/sys/module/dm_mod/parameters/kcopyd_subjob_size_kb"
+	old, err := os.ReadFile(p)
+	if err != nil {
+		b.Fatalf("kcopyd sub-job size: %v", err)
+	}
+	if err := os.WriteFile(p, []byte(kb), 0o644); err != nil {
+		b.Fatalf("setting %s to %s: %v", p, kb, err)
+	}
+	return func() { os.WriteFile(p, bytes.TrimSpace(old), 0o644) }
+}
+
 type mirrorResult struct {
+	label         string // the sub-benchmark, without the run number
 	region, chunk Sectors
 	writer        bool
 	stall, p99    time.Duration // the writer's longest write+fsync, and p99
@@ -441,6 +488,7 @@ type mirrorResult struct {
 	chunks        int
 	swap, sync    time.Duration // totals
 	maxSusp       time.Duration
+	xdm           float64 // rate over the round's dm-crypt rate
 }
 
 func devOf(b testing.TB, path string) dmtable.Dev {
@@ -953,13 +1001,16 @@ func readStatus(path string) memSample {
 func (s *benchSuite) benchDMConvert(b *testing.B, disk string, c convCase) {
 	var res *convertResult
 	var st *benchStack
-	var dm float64
+	var dm, dm1, dmSpread float64
 	var stall, p99, idle, idleP99 time.Duration
 	var writes int
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
 		resetDisk(b, disk)
-		dm = pairedDMCrypt(b, disk)
+		// dm-crypt right before and right after the conversion: the
+		// host's load drifts, the mean of the two is what the
+		// conversion is compared with.
+		dmBefore, dm1Before := pairedDMCrypt(b, disk)
 		st = s.buildBenchStack(b, disk)
 		journal := filepath.Join(s.state, fmt.Sprintf("bench%d.journal", s.seq))
 		args := []string{"encrypt", disk, "--batch-mode", "--json", "--key-file", pwFile, "--journal", journal}
@@ -1000,13 +1051,16 @@ func (s *benchSuite) benchDMConvert(b *testing.B, disk string, c convCase) {
 		// A finished run's journal holds the 16 MiB header image: drop it
 		// so the runs of one boot fit on the state disk.
 		os.Remove(journal)
+		dmAfter, dm1After := pairedDMCrypt(b, disk)
+		dm, dm1 = (dmBefore+dmAfter)/2, (dm1Before+dm1After)/2
+		dmSpread = math.Abs(dmBefore-dmAfter) / dm
 		b.StartTimer()
 	}
 	mib := float64(st.payload) / float64(guestMiB)
 	rate := mib / res.conv.Seconds()
 	wallRate := mib / res.wall.Seconds()
 	row := benchRow{name: b.Name(), conv: c, disk: int64(diskSectors(b, disk) * 512),
-		rate: rate, wallRate: wallRate, dmcrypt: dm,
+		rate: rate, wallRate: wallRate, dmcrypt: dm, dmcrypt1: dm1,
 		stallMs: ms(stall), p99Ms: ms(p99), idleMs: ms(idle), idleP99Ms: ms(idleP99), suspMs: ms(res.maxSusp),
 		rssMiB: mib2(res.hwm), rusageMiB: mib2(res.maxrss)}
 	if len(res.chunkGaps) > 0 {
@@ -1025,8 +1079,11 @@ func (s *benchSuite) benchDMConvert(b *testing.B, disk string, c convCase) {
 	b.ReportMetric(wallRate, "wall_MiB/s")
 	b.ReportMetric(row.bodyRate, "body_MiB/s")
 	b.ReportMetric(dm, "dmcrypt_MiB/s")
+	b.ReportMetric(dm1, "dmcrypt1_MiB/s")
+	b.ReportMetric(dmSpread, "dmcrypt_drift")
 	b.ReportMetric(rate/dm, "x_dmcrypt")
 	b.ReportMetric(row.bodyRate/dm, "body_x_dmcrypt")
+	b.ReportMetric(row.bodyRate/dm1, "body_x_dmcrypt1")
 	if cs := medianF(s.csConv); cs > 0 {
 		b.ReportMetric(rate/cs, "x_cryptsetup")
 		b.ReportMetric(wallRate/medianF(s.csWall), "x_cryptsetup_wall")
@@ -1086,13 +1143,31 @@ func (s *benchSuite) summary() string {
 	fmt.Fprintf(&sb, "dm-crypt O_DIRECT write (best of 1 and 2 writers): %v MiB/s, median %.1f\n", fmtF(s.dmRate), medianF(s.dmRate))
 	fmt.Fprintf(&sb, "cryptsetup reencrypt --encrypt, process wall: %v MiB/s, median %.1f; without its header creation (luksFormat time): %v, median %.1f\n",
 		fmtF(s.csWall), csWall, fmtF(s.csConv), csConv)
+	var labels []string
+	groups := map[string][]mirrorResult{}
 	for _, m := range s.mirror {
-		w := "idle"
-		if m.writer {
-			w = fmt.Sprintf("writer: longest %.0f ms, p99 %.0f ms", ms(m.stall), ms(m.p99))
+		if groups[m.label] == nil {
+			labels = append(labels, m.label)
 		}
-		fmt.Fprintf(&sb, "mirror ceiling region=%s chunk=%s (%s): %.1f MiB/s (copy alone %.1f; per chunk: swap %.0f ms, copy %.0f ms; longest suspend %.0f ms)\n",
-			sizeName(int64(m.region)*512), sizeName(int64(m.chunk)*512), w, m.rate, m.copyRate, ms(m.swap)/float64(m.chunks), ms(m.sync)/float64(m.chunks), ms(m.maxSusp))
+		groups[m.label] = append(groups[m.label], m)
+	}
+	for _, l := range labels {
+		var rate, copyR, xdm, swap, sync, stall, p99 []float64
+		for _, m := range groups[l] {
+			rate = append(rate, m.rate)
+			copyR = append(copyR, m.copyRate)
+			xdm = append(xdm, m.xdm)
+			swap = append(swap, ms(m.swap)/float64(m.chunks))
+			sync = append(sync, ms(m.sync)/float64(m.chunks))
+			stall = append(stall, ms(m.stall))
+			p99 = append(p99, ms(m.p99))
+		}
+		fmt.Fprintf(&sb, "mirror ceiling %s, medians of %d: %.1f MiB/s (%.2f of the round's dm-crypt; copy alone %.1f; per chunk swap %.0f ms, copy %.0f ms)",
+			l, len(rate), medianF(rate), medianF(xdm), medianF(copyR), medianF(swap), medianF(sync))
+		if groups[l][0].writer {
+			fmt.Fprintf(&sb, "; writer: longest %.0f ms (runs %v), p99 %.0f ms", medianF(stall), fmtF(stall), medianF(p99))
+		}
+		sb.WriteString("\n")
 	}
 	if len(s.rows) == 0 {
 		return sb.String()

@@ -1,6 +1,7 @@
 package convert
 
 import (
+	"errors"
 	"fmt"
 )
 
@@ -135,7 +136,11 @@ func (p *Plan) Switched(st State) bool {
 // before st.Phase is complete and a non-move phase at st.Phase has not
 // started. The abort plan starts from F's layout at st.
 func (p *Plan) BuildAbort(st State) (*Plan, error) {
-	if p.Op != "encrypt" {
+	switch p.Op {
+	case "encrypt":
+	case "decrypt":
+		return p.buildDecryptAbort(st)
+	default:
 		return nil, fmt.Errorf("abort of %s is not supported", p.Op)
 	}
 	g := p.Geometry
@@ -264,4 +269,47 @@ func BuildDecrypt(dg DecryptGeometry) (*Plan, error) {
 		return nil, fmt.Errorf("internal error: decrypt plan fails verification: %w", err)
 	}
 	return p, nil
+}
+
+// ErrTooLateToAbort: a decrypt past the point where the header is
+// overwritten cannot be walked back; it can only be finished.
+var ErrTooLateToAbort = errors.New("too late to abort: the LUKS header is already being overwritten; run dmconvert resume to finish")
+
+// buildDecryptAbort walks a decrypt back to the LUKS layout: the moved
+// parts of the body and of the head go back into the crypt mapping, then
+// finalize makes F the crypt mapping again and clears the header's marks.
+func (p *Plan) buildDecryptAbort(st State) (*Plan, error) {
+	for i := 0; i <= min(st.Phase, len(p.Phases)-1); i++ {
+		ph := p.Phases[i]
+		if ph.DestroysHeader && (i < st.Phase || st.Boundary != ph.InitialBoundary()) || ph.Kind == PhaseToLabel && i < st.Phase {
+			return nil, ErrTooLateToAbort
+		}
+	}
+	ab := &Plan{
+		Version: PlanVersion, Op: "abort-decrypt", Geometry: p.Geometry,
+		Initial: p.Layout(st), HeaderAtStart: true,
+	}
+	var phases []Phase
+	for j := min(st.Phase, len(p.Phases)-1); j >= 0; j-- {
+		ph := p.Phases[j]
+		if ph.Kind != PhaseMove || ph.DestroysHeader {
+			continue
+		}
+		s, e := ph.Start, ph.End
+		if j == st.Phase {
+			s, e = ph.Moved(st.Boundary)
+		}
+		if s >= e {
+			continue
+		}
+		phases = append(phases, Phase{Kind: PhaseMove, Start: s, End: e, From: ph.To, To: ph.From, Chunk: ph.Chunk})
+	}
+	ab.Phases = append(phases, Phase{Kind: PhaseFinalize})
+	if err := ab.setDirections(); err != nil {
+		return nil, err
+	}
+	if err := ab.Verify(); err != nil {
+		return nil, fmt.Errorf("internal error: abort plan fails verification: %w", err)
+	}
+	return ab, nil
 }

@@ -2,6 +2,7 @@ package convert
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -93,7 +94,7 @@ func TestDecryptCrashAtEveryFailpoint(t *testing.T) {
 	cases := 0
 	for _, fp := range Failpoints {
 		for _, nth := range occurrences(hits[fp]) {
-			for _, rec := range []recovery{recoverResume, recoverPowerResume, recoverLostCacheResume} {
+			for _, rec := range []recovery{recoverResume, recoverAbort, recoverPowerResume, recoverLostCacheResume, recoverLostCacheAbort} {
 				cases++
 				seed := int64(1000 + cases)
 				t.Run(fmt.Sprintf("%s#%d/%s", fp, nth, rec), func(t *testing.T) {
@@ -108,7 +109,7 @@ func TestDecryptCrashAtEveryFailpoint(t *testing.T) {
 
 func decryptCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed int64) {
 	sc, w := encryptedWorld(t, seed)
-	sc.quiet = rec == recoverLostCacheResume
+	sc.quiet = rec == recoverLostCacheResume || rec == recoverLostCacheAbort
 	e := sc.engine(w)
 	crashed, _ := sc.runUntil(e, w, fp, nth, func() error {
 		ep, err := e.PlanDecrypt(context.Background(), sc.decryptOptions())
@@ -121,8 +122,8 @@ func decryptCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed
 		t.Skipf("the run never reached %s#%d", fp, nth)
 	}
 	w = crashed
-	if rec != recoverResume {
-		w.powerCut(rec == recoverLostCacheResume)
+	if rec != recoverResume && rec != recoverAbort {
+		w.powerCut(rec != recoverPowerResume)
 		l := sc.lvm(w)
 		if err := l.boot(); err != nil {
 			t.Fatal(err)
@@ -136,7 +137,23 @@ func decryptCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed
 	e = sc.engine(w)
 	sc.quiet = false
 	e.FailHook = func(string) { sc.write(w) }
-	err := e.Resume(context.Background(), ResumeOptions{Journal: sc.journal, Open: sc.opener()})
+	o := ResumeOptions{Journal: sc.journal, Open: sc.opener()}
+	if rec == recoverAbort || rec == recoverLostCacheAbort {
+		err := e.Abort(context.Background(), o)
+		switch {
+		case err == nil:
+			sc.verifyEncrypted(w, e)
+			return
+		case errors.Is(err, ErrTooLateToAbort):
+			// Past the point of no return: finish instead.
+		case strings.Contains(err.Error(), "already done"):
+			sc.verifyPlain(w, e)
+			return
+		default:
+			t.Fatalf("abort after a crash at %s#%d (%s): %v", fp, nth, rec, err)
+		}
+	}
+	err := e.Resume(context.Background(), o)
 	if err != nil {
 		if strings.Contains(err.Error(), "already done") {
 			sc.verifyPlain(w, e)

@@ -274,12 +274,21 @@ func (r *run) doFinalize(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The final layout is the whole payload on one crypt helper: F
+	// becomes that crypt mapping of the disk directly, as `cryptsetup
+	// open` maps it.
 	g := r.plan.Geometry
-	nd, ok := g.device(NewID)
-	if !ok {
-		return fmt.Errorf("internal error: finalize without a new device")
+	fl := r.plan.Layout(State{Phase: len(r.plan.Phases)})
+	if len(fl) != 1 || fl[0].On.Delta != 0 || (fl[0].On.Dev != NewID && fl[0].On.Dev != OldID) {
+		return fmt.Errorf("internal error: finalize with a final layout of %v", fl)
 	}
-	final := dmtable.Table{cryptTarget(0, nd.Size, r.spec.Crypt, r.keys[NewID], 0, r.spec.Disk.Dev, nd.Phys)}
+	id := fl[0].On.Dev
+	nd, _ := g.device(id)
+	cs := r.spec.Crypt
+	if id == OldID {
+		cs = r.spec.OldCrypt
+	}
+	final := dmtable.Table{cryptTarget(0, nd.Size, cs, r.keys[id], 0, r.spec.Disk.Dev, nd.Phys)}
 	if _, err := r.swap(r.spec.Name, final, nil); err != nil {
 		return err
 	}
