@@ -374,19 +374,7 @@ func (a *app) runEncrypt(ctx context.Context, o *encryptOptions, args []string) 
 }
 
 // confirm asks the user to type YES in capitals, as cryptsetup does.
-func (a *app) confirm(dev string) error {
-	fmt.Fprintf(a.stderr, "\nWARNING!\n========\nThis will encrypt %s in place while it is in use.\n"+
-		"Back up its data first; an interrupted run must be resumed or aborted with dmconvert.\n\n"+
-		"Are you sure? (Type 'yes' in capital letters): ", dev)
-	line, err := readLine(a.stdin)
-	if err != nil {
-		return usagef("no confirmation: %v", err)
-	}
-	if line != "YES" {
-		return usagef("operation aborted: the confirmation was not 'YES'; nothing was changed")
-	}
-	return nil
-}
+func (a *app) confirm(dev string) error { return a.confirmVerb("encrypt", dev) }
 
 // readLine reads one line byte by byte, so nothing after it is consumed
 // (a passphrase may follow on the same input).

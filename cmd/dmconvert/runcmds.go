@@ -185,11 +185,20 @@ func (a *app) continueRun(ctx context.Context, o *continueOptions, args []string
 	if override != "" {
 		spec.Disk.Path = override
 	}
-	switch final.Status {
-	case journal.StatusDone:
+	switch {
+	case final.Status == journal.StatusDone && spec.Op == "decrypt":
+		res.Outcome = "done"
+		a.finishDecrypt(res, &spec)
+	case final.Status == journal.StatusDone:
 		res.Outcome = "done"
 		a.finishEncrypt(res, &spec, crypttab)
-	case journal.StatusAborted:
+	case final.Status == journal.StatusAborted && spec.Op == "decrypt":
+		res.Outcome = "aborted"
+		res.fromSpec(&spec)
+		if !a.quiet && !a.json {
+			fmt.Fprintf(a.stdout, "\nAborted: %s is LUKS again, open as /dev/mapper/%s with volume group %s on it.\n", spec.Disk.Path, spec.Name, spec.VG)
+		}
+	case final.Status == journal.StatusAborted:
 		res.Outcome = "aborted"
 		a.finishAbort(res, &spec)
 	default:

@@ -1,0 +1,178 @@
+package main
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/dmconvert/dmconvert/convert"
+	"github.com/dmconvert/dmconvert/luks"
+)
+
+// decryptOptions are the flags of `dmconvert decrypt`.
+type decryptOptions struct {
+	key        keyOptions
+	journal    string
+	chunkSize  sizeFlag
+	regionSize sizeFlag
+	dryRun     bool
+	yes        bool
+	batch      bool
+	shrinkPV   bool
+}
+
+func (a *app) decryptCommand(mark markFunc) *cobra.Command {
+	o := &decryptOptions{}
+	cmd := &cobra.Command{
+		Use:   "decrypt TARGET",
+		Short: "decrypt a LUKS device with LVM on it in place while its logical volumes are in use",
+		Long: `Decrypt TARGET, an open LUKS mapping (its name, /dev/mapper/NAME, or the
+device under it) that is an LVM physical volume whose logical volumes may be
+active and mounted, back to a plain physical volume on the device, online:
+the exact reverse of encrypt. The data moves toward the start of the device
+by the LUKS header size; the header stays valid (marked "conversion in
+progress", so stock cryptsetup refuses to open it) until the last step, which
+writes the LVM label back.
+
+The physical volume must end at least one header size before the end of the
+mapping (working space; see --shrink-pv). The passphrase or key file is
+needed to read the volume key from the header (the kernel keeps cryptsetup's
+keys where no other program can read them).`,
+		Args: exactArgs(1),
+		RunE: mark(func(cmd *cobra.Command, args []string) error { return a.runDecrypt(cmd.Context(), o, args) }),
+	}
+	f := cmd.Flags()
+	o.key.register(f)
+	f.StringVar(&o.journal, "journal", "", "journal file (default /var/lib/dmconvert/<PV UUID>.journal); must not live on TARGET")
+	f.Var(&o.chunkSize, "chunk-size", "bytes copied per step, with K/M/G suffix (default and maximum: the header size)")
+	f.Var(&o.regionSize, "region-size", "dm-mirror region size, a power of two (default 4.0 MiB)")
+	f.BoolVar(&o.dryRun, "dry-run", false, "print the plan and change nothing (the passphrase is still checked)")
+	f.BoolVar(&o.yes, "yes", false, "do not ask for confirmation")
+	f.BoolVarP(&o.batch, "batch-mode", "q", false, "do not ask for confirmation (as cryptsetup's --batch-mode)")
+	f.BoolVar(&o.shrinkPV, "shrink-pv", false, "shrink the physical volume first when its last extents are free and it is too large")
+	return cmd
+}
+
+// runDecrypt is `dmconvert decrypt`.
+func (a *app) runDecrypt(ctx context.Context, o *decryptOptions, args []string) (err error) {
+	res := &result{Command: "decrypt"}
+	defer func() { a.emitResult(res, err) }()
+	if len(args) != 1 {
+		return usagef("decrypt takes one TARGET")
+	}
+	target := args[0]
+	res.Device = target
+	if err := o.key.validate(); err != nil {
+		return err
+	}
+	var chunk, region convert.Sectors
+	if o.chunkSize.set {
+		if o.chunkSize.v == 0 || o.chunkSize.v%4096 != 0 {
+			return usagef("--chunk-size %d is not a non-zero multiple of 4096 bytes", o.chunkSize.v)
+		}
+		chunk = convert.Sectors(o.chunkSize.v / 512)
+	}
+	if o.regionSize.set {
+		rs := o.regionSize.v
+		if rs < 4096 || rs&(rs-1) != 0 {
+			return usagef("--region-size %d is not a power of two of at least 4096 bytes", rs)
+		}
+		region = convert.Sectors(rs / 512)
+	}
+	if !o.dryRun && a.reexec != nil {
+		if err := a.reexec(); err != nil {
+			return fmt.Errorf("re-executing dmconvert from memory: %w", err)
+		}
+	}
+	e, closeEngine, err := a.engine(region)
+	if err != nil {
+		return err
+	}
+	defer closeEngine()
+	pass, err := a.readKey(o.key, target)
+	if err != nil {
+		return err
+	}
+	defer luks.WipeBytes(pass)
+	ep, err := e.PlanDecrypt(ctx, convert.DecryptOptions{Target: target, Journal: o.journal, Chunk: chunk, ShrinkPV: o.shrinkPV, Open: opener(pass)})
+	if err != nil {
+		return err
+	}
+	defer ep.Wipe()
+	res.fromPlan(ep)
+	if !a.json && !a.quiet {
+		a.printDecryptPlan(ep)
+	}
+	if o.dryRun {
+		res.Outcome = "planned"
+		res.Plan = ep.Spec
+		if !a.json && !a.quiet {
+			fmt.Fprintln(a.stdout, "Dry run: nothing was changed.")
+		}
+		return nil
+	}
+	if !o.yes && !o.batch {
+		if err := a.confirmVerb("decrypt", ep.Spec.Disk.Path); err != nil {
+			return err
+		}
+	}
+	pr := a.newProgress()
+	e.Progress = pr
+	st := a.startStopper(pr.note)
+	err = e.Execute(ctx, ep, convert.RunOptions{Stop: st.requested})
+	st.close()
+	pr.finish(err == nil)
+	if err != nil {
+		a.noteKeptState(ep.Journal, err)
+		return err
+	}
+	res.Outcome = "done"
+	a.finishDecrypt(res, ep.Spec)
+	return nil
+}
+
+func (a *app) printDecryptPlan(ep *convert.EncryptPlan) {
+	s, g := ep.Spec, ep.Spec.Forward.Geometry
+	w := a.stdout
+	fmt.Fprintf(w, "Plan: decrypt %s (LUKS%d, %s, UUID %s), open as /dev/mapper/%s, in place and online\n",
+		s.Disk.Path, s.LUKSVersion, s.OldCrypt.Cipher, s.LUKSUUID, s.Name)
+	fmt.Fprintf(w, "  volume group:  %s (PV %s)\n", s.VG, s.PVDevice)
+	fmt.Fprintf(w, "  data:          %s (%d sectors) move %s toward the start of the disk", humanBytes(g.Payload*512), g.Payload, humanBytes(g.Header*512))
+	if ep.ShrinkTo > 0 && ep.PV != nil {
+		fmt.Fprintf(w, "; the PV is first shrunk from %d to %d sectors (pvresize)", ep.PV.Size, ep.ShrinkTo)
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintf(w, "  journal:       %s\n", ep.Journal)
+	fmt.Fprintln(w, "  phases:")
+	for i, ph := range s.Forward.Phases {
+		fmt.Fprintf(w, "    %d. %s\n", i+1, convert.DescribePhase(ph))
+	}
+}
+
+// confirmVerb asks for YES before a destructive command.
+func (a *app) confirmVerb(verb, dev string) error {
+	fmt.Fprintf(a.stderr, "\nWARNING!\n========\nThis will %s %s in place while it is in use.\n"+
+		"Back up its data first; an interrupted run must be resumed or aborted with dmconvert.\n\n"+
+		"Are you sure? (Type 'yes' in capital letters): ", verb, dev)
+	line, err := readLine(a.stdin)
+	if err != nil {
+		return usagef("no confirmation: %v", err)
+	}
+	if line != "YES" {
+		return usagef("operation aborted: the confirmation was not 'YES'; nothing was changed")
+	}
+	return nil
+}
+
+// finishDecrypt reports a completed decrypt.
+func (a *app) finishDecrypt(r *result, s *convert.Spec) {
+	r.fromSpec(s)
+	r.Mapping = ""
+	if a.quiet || a.json {
+		return
+	}
+	fmt.Fprintf(a.stdout, "\nDone: %s is a plain LVM physical volume again; volume group %s is on it.\n", s.Disk.Path, s.VG)
+	fmt.Fprintf(a.stdout, "Remove the line for %s from /etc/crypttab (e.g. sed -i '/^%s[[:space:]]/d' /etc/crypttab),\n"+
+		"and rebuild the initramfs if the volume group is needed at boot (update-initramfs -u, or dracut -f).\n", s.Name, s.Name)
+}
