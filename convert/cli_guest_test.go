@@ -33,6 +33,7 @@ func TestVMCLI(t *testing.T) {
 		Disks: []testvm.Disk{
 			{Size: 512 * guestMiB}, {Size: 192 * guestMiB}, {Size: 192 * guestMiB},
 			{Size: 256 * guestMiB}, {Size: 128 * guestMiB}, {Size: 64 * guestMiB},
+			{Size: 160 * guestMiB}, {Size: 160 * guestMiB},
 		},
 		Run:     "^TestGuestCLI",
 		Files:   map[string]string{"dmconvert": bin},
@@ -458,4 +459,109 @@ func TestGuestCLIRefusals(t *testing.T) {
 		code, errOut = r2.wait()
 		requireExit(t, "the resume that was running", code, 0, errOut)
 	})
+}
+
+// luksStack makes what a distribution installer makes: cryptsetup
+// luksFormat, open, an LVM PV on the mapping (filling it, as installers
+// do), LVs, a mounted ext4.
+func luksStack(t testing.TB, tag, disk, state string) (*stack, string) {
+	t.Helper()
+	name := filepath.Base(disk) + "_crypt"
+	sh(t, "cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+		"--sector-size", "512", "--key-file", pwFile, disk)
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
+	m := "/dev/mapper/" + name
+	vg := "vg" + tag
+	sh(t, "pvcreate", "-y", m)
+	sh(t, "vgcreate", "-y", vg, m)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "56m", vg)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", vg)
+	sh(t, "vgchange", "-ay", vg)
+	st := &stack{Tag: tag, Disk: disk, VG: vg, RawLV: "/dev/mapper/" + vg + "-raw"}
+	dev := "/dev/mapper/" + vg + "-ext"
+	mp := "/mnt/" + tag + "-ext"
+	sh(t, "mkfs.ext4", "-q", "-F", dev)
+	os.MkdirAll(mp, 0o755)
+	sh(t, "mount", dev, mp)
+	st.Mounts, st.FSLVs, st.FSTypes, st.Sizes = []string{mp}, []string{"ext"}, []string{"ext4"}, []uint64{blockDevBytes(t, dev)}
+	writeManifest(t, st, state)
+	return st, name
+}
+
+// verifyPlainCold checks a decrypted (or aborted-encrypt) disk: the LVs map
+// the raw disk, no crypt mapping is left, and LVM activates the VG from the
+// raw disk after everything is closed.
+func verifyPlainCold(t testing.TB, st *stack, state, name string) {
+	t.Helper()
+	if out, err := shOK("dmsetup", "info", name); err == nil {
+		t.Fatalf("%s still exists:\n%s", name, out)
+	}
+	for _, lv := range append(append([]string{}, st.FSLVs...), "raw") {
+		deps := sh(t, "dmsetup", "deps", "-o", "devname", st.VG+"-"+lv)
+		if !strings.Contains(deps, "("+filepath.Base(st.Disk)+")") {
+			t.Fatalf("%s-%s does not map the raw disk: %s", st.VG, lv, deps)
+		}
+	}
+	verifyStack(t, st, state)
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
+	sh(t, "vgchange", "-an", st.VG)
+	if typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", st.Disk); strings.TrimSpace(typ) != "LVM2_member" {
+		t.Fatalf("blkid -p %s says %q, want LVM2_member", st.Disk, typ)
+	}
+	sh(t, "vgchange", "-ay", st.VG)
+	verifyStack(t, st, state)
+}
+
+// TestGuestCLIDecrypt: a disk set up by cryptsetup and LVM the way an
+// installer does is decrypted online under a writer (--shrink-pv makes the
+// working space), interrupted with SIGINT, resumed; the result is a plain
+// PV with every acknowledged write.
+func TestGuestCLIDecrypt(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	st, name := luksStack(t, "dec", d[6], state)
+	w := startWriter(t, st, state)
+	args := []string{"decrypt", name, "--shrink-pv", "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal"), "--chunk-size", "4M"}
+	r := cliStart(t, args...)
+	r.waitProgress(t, 0.4)
+	r.cmd.Process.Signal(syscall.SIGINT)
+	code, errOut := r.wait()
+	requireExit(t, "decrypt after SIGINT", code, 5, errOut)
+	code, out := cliRun(t, "resume", "--journal", st.file(state, "journal"), "--key-file", pwFile)
+	requireExit(t, "resume of the decrypt", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyPlainCold(t, st, state, name)
+}
+
+// TestGuestCLIDecryptAbort: a decrypt stopped half way and aborted is a
+// LUKS disk again that stock cryptsetup opens, with every write.
+func TestGuestCLIDecryptAbort(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	st, name := luksStack(t, "deca", d[7], state)
+	w := startWriter(t, st, state)
+	args := []string{"decrypt", name, "--shrink-pv", "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal"), "--chunk-size", "4M"}
+	r := cliStart(t, args...)
+	r.waitProgress(t, 0.5)
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	code, errOut := r.wait()
+	requireExit(t, "decrypt after SIGTERM", code, 5, errOut)
+	// The header says a conversion is in progress: stock cryptsetup will
+	// not activate it (luks TestGuestRequirementBlocksActivation).
+	if out := sh(t, "cryptsetup", "luksDump", st.Disk); !strings.Contains(out, "dmconvert") {
+		t.Fatalf("the half-decrypted disk's header carries no dmconvert requirement:\n%s", out)
+	}
+	code, out := cliRun(t, "abort", "--journal", st.file(state, "journal"), "--key-file", pwFile)
+	requireExit(t, "abort of the decrypt", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyStack(t, st, state)
+	verifyEncryptedCold(t, st, state, name)
 }
