@@ -92,10 +92,6 @@ func (e *Engine) findMapping(target string) (*cryptMapping, error) {
 	return &cryptMapping{name: name, info: info, crypt: c, size: Sectors(t[0].Length), disk: d}, nil
 }
 
-// diskPath finds the block device node of dev for a path-less mapping:
-// /dev/block/M:m, which udev and devtmpfs both provide.
-func diskPath(dev dmtable.Dev) string { return "/dev/block/" + dev.String() }
-
 // PlanDecrypt inspects an open LUKS mapping with an LVM PV on it and
 // returns a verified decrypt plan. It writes nothing.
 func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPlan, error) {
@@ -103,9 +99,9 @@ func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPla
 	if err != nil {
 		return nil, err
 	}
-	dpath := diskPath(m.disk)
-	if p, err := e.resolveDiskPath(m.disk, o.Target); err == nil {
-		dpath = p
+	dpath, err := e.resolveDiskPath(m.disk, o.Target)
+	if err != nil {
+		return nil, refuse(m.name, "", "cannot find the device under it (%v): %v", m.disk, err)
 	}
 	di, err := e.Host.Stat(dpath)
 	if err != nil {
@@ -244,14 +240,10 @@ func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPla
 }
 
 // resolveDiskPath finds a path for the disk dev: the target itself if it
-// is that device, else /dev/block/M:m.
+// is that device, else what the host knows.
 func (e *Engine) resolveDiskPath(dev dmtable.Dev, target string) (string, error) {
 	if di, err := e.Host.Stat(target); err == nil && di.Dev == dev {
 		return target, nil
 	}
-	p := diskPath(dev)
-	if di, err := e.Host.Stat(p); err == nil && di.Dev == dev {
-		return p, nil
-	}
-	return "", fmt.Errorf("no path for %v", dev)
+	return e.Host.DevicePath(dev)
 }

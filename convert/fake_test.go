@@ -747,6 +747,15 @@ func (h *fakeHost) OpenDisk(path string) (Disk, error) {
 	return fakeDiskIO{w: h.w, dev: dev}, nil
 }
 
+func (h *fakeHost) DevicePath(dev dmtable.Dev) (string, error) {
+	for p, d := range h.diskByPt {
+		if d == dev && !strings.HasPrefix(p, "/dev/block/") {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("no device %v", dev)
+}
+
 func (h *fakeHost) FileDevice(path string) (dmtable.Dev, error) { return h.fileDev, nil }
 func (h *fakeHost) Users(dev dmtable.Dev) ([]string, error)     { return h.users[dev], nil }
 func (h *fakeHost) NodePath(name string) string                 { return "/dev/mapper/" + name }

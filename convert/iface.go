@@ -92,6 +92,8 @@ type Host interface {
 	// Lock takes an exclusive, non-blocking lock on the disk so two
 	// dmconvert processes never work on it at once.
 	Lock(d DiskInfo) (unlock func(), err error)
+	// DevicePath finds a /dev path for a block device number.
+	DevicePath(dev dmtable.Dev) (string, error)
 }
 
 // PV is what the engine needs to know about an LVM physical volume.

@@ -333,6 +333,26 @@ func (h OSHost) Lock(d DiskInfo) (func(), error) {
 	return func() { unix.Close(fd) }, nil
 }
 
+// DevicePath implements Host: the DEVNAME sysfs gives the device (udev's
+// /dev/block/M:m links may not exist).
+func (h OSHost) DevicePath(dev dmtable.Dev) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%s/uevent", dev))
+	if err != nil {
+		return "", fmt.Errorf("no block device %s: %w", dev, err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "DEVNAME="); ok {
+			p := "/dev/" + v
+			var st unix.Stat_t
+			if unix.Stat(p, &st) == nil && unix.Major(st.Rdev) == dev.Major && unix.Minor(st.Rdev) == dev.Minor {
+				return p, nil
+			}
+			return "", fmt.Errorf("%s is not block device %s", p, dev)
+		}
+	}
+	return "", fmt.Errorf("sysfs names no device node for %s", dev)
+}
+
 func ioctlPtr(fd int, req uint, v *uint64) error {
 	_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(req), uintptrOf(v))
 	if e != 0 {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -205,6 +206,10 @@ func (h fakeHost) OpenDisk(path string) (convert.Disk, error) {
 func (fakeHost) FileDevice(string) (dmtable.Dev, error) { return dmtable.Dev{Major: 8, Minor: 1}, nil }
 func (fakeHost) Users(dmtable.Dev) ([]string, error)    { return nil, nil }
 func (fakeHost) NodePath(name string) string            { return "/dev/mapper/" + name }
+func (h fakeHost) DevicePath(dev dmtable.Dev) (string, error) {
+	return "", fmt.Errorf("fake host: no path for %v", dev)
+}
+
 func (h fakeHost) Lock(d convert.DiskInfo) (func(), error) {
 	return convert.OSHost{LockDir: h.s.lockDir}.Lock(d)
 }
