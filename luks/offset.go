@@ -1,0 +1,70 @@
+package luks
+
+import (
+	"fmt"
+	"strconv"
+)
+
+// KeyslotAreasEnd is the byte offset where the last keyslot area ends
+// (LUKS2), or where the last keyslot's key material ends (LUKS1): no data
+// may start below it.
+func (h *Header) KeyslotAreasEnd() int64 {
+	if h.v1 != nil {
+		return int64(h.v1.materialEnd())
+	}
+	l := h.v2
+	end := uint64(2 * l.hdrSize)
+	for _, id := range l.activeKeyslots() {
+		o, _ := l.sec("keyslots").getObject(strconv.Itoa(id))
+		a, _ := needObject(o, "area", "keyslot")
+		if a == nil {
+			continue
+		}
+		off, _ := needU64(a, "offset", "area")
+		size, _ := needU64(a, "size", "area")
+		end = max(end, off+size)
+	}
+	return int64(end)
+}
+
+// SetDataOffset moves the LUKS2 data segment to start at off bytes and
+// sizes the keyslots area to fill the space before it, in memory (written
+// by the next WriteMetadata or Image). Every keyslot area must end at or
+// before off. Online rekey uses it: the data moves toward the start of the
+// device by a gap taken from the unused end of the keyslots area.
+func (h *Header) SetDataOffset(off int64) error {
+	if h.v2 == nil {
+		return fmt.Errorf("moving the data offset needs LUKS2: %w", ErrUnsupported)
+	}
+	l := h.v2
+	if off <= 0 || off%luks2AreaAlign != 0 {
+		return fmt.Errorf("data offset %d is not a positive multiple of %d: %w", off, luks2AreaAlign, ErrInvalidArgument)
+	}
+	if end := h.KeyslotAreasEnd(); off < end {
+		return fmt.Errorf("data offset %d would cut keyslot areas that end at %d: %w", off, end, ErrNoSpace)
+	}
+	ks := uint64(off) - 2*l.hdrSize
+	if ks > luks2MaxKeyslotsSize {
+		ks = luks2MaxKeyslotsSize
+	}
+	seg, err := l.dataSegment()
+	if err != nil {
+		return err
+	}
+	// Sections and their objects are parsed copies: set them back.
+	segs := l.sec("segments")
+	s, err := segs.getObject(strconv.Itoa(seg.id))
+	if err != nil || s == nil {
+		return corruptf("segment %d", seg.id)
+	}
+	s.set("offset", jsonRaw(strconv.FormatInt(off, 10)))
+	segs.setObject(strconv.Itoa(seg.id), s)
+	l.setSec("segments", segs)
+	cfg := l.sec("config")
+	cfg.set("keyslots_size", jsonRaw(strconv.FormatUint(ks, 10)))
+	l.setSec("config", cfg)
+	area := make([]byte, ks)
+	copy(area, l.area)
+	l.area = area
+	return nil
+}
