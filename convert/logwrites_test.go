@@ -28,14 +28,19 @@ import (
 // of the log that ends at a FLUSH or FUA entry is the disk as a power cut
 // at that instant leaves it, cache lost. Every such prefix after the
 // "start" mark (and a seeded sample of prefixes between flushes: the
-// cache partly written back) is replayed onto a copy; there, what a boot
+// cache partly written back) can be replayed onto a copy; there, what a boot
 // does (pvscan, vgchange -ay, cryptsetup open) must not map the disk
 // wrongly, `dmconvert resume` (or `abort`, every third point that needs
 // one) must finish, and the files and the raw LV's pattern must be
 // intact.
 //
-// DMCONVERT_LW_SEED replays a sample (the seed is printed),
-// DMCONVERT_LW_SAMPLES sets how many in-between points (default 8).
+// Replaying a point costs 5-15 s under emulation (most of it the resume)
+// and a run has some 70 flush points that change the disk, so by default
+// 24 of them are replayed, one from each stretch of the run, chosen with
+// a seed that is printed: DMCONVERT_LW_POINTS=all replays every one (some
+// 12-15 minutes; give go test -timeout 30m), DMCONVERT_LW_POINTS=n that
+// many; DMCONVERT_LW_SEED=s replays a sample, DMCONVERT_LW_SAMPLES sets
+// how many in-between points (default 4).
 // The guest test stops replaying when its budget runs out: by default
 // what go test's -timeout leaves (10m unless set; under host load the
 // points need more, e.g. -timeout 30m), or DMCONVERT_LW_BUDGET (a Go
@@ -73,7 +78,7 @@ func TestVMLogWrites(t *testing.T) {
 	testvm.RequireVM(t)
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	env := map[string]string{}
-	for _, k := range []string{"DMCONVERT_LW_SEED", "DMCONVERT_LW_SAMPLES", "DMCONVERT_LW_BUDGET"} {
+	for _, k := range []string{"DMCONVERT_LW_SEED", "DMCONVERT_LW_SAMPLES", "DMCONVERT_LW_POINTS", "DMCONVERT_LW_BUDGET"} {
 		if v := os.Getenv(k); v != "" {
 			env[k] = v
 		}
@@ -595,7 +600,7 @@ func lwEnvInt(name string, def int64) int64 {
 }
 
 // TestGuestLogWritesEncrypt records an encryption through dm-log-writes
-// and replays every flush point of it (see the top of this file).
+// and replays its flush points (see the top of this file).
 func TestGuestLogWritesEncrypt(t *testing.T) {
 	testvm.RequireGuest(t)
 	began := time.Now()
@@ -661,15 +666,23 @@ func TestGuestLogWritesEncrypt(t *testing.T) {
 	t.Logf("log: %d entries, sector size %d; the run (entries %d..%d): %d writes (%.1f MiB on D, %.1f MiB on J), %d FLUSH, %d FUA, %d discards, %d REQ_META",
 		len(entries), l.SectorSize, start, done, nWrites, float64(onD)/(1<<20), float64(onJ)/(1<<20), nFlush, nFUA, nDiscard, nMeta)
 
-	// The points: the start mark (nothing ran), every FLUSH/FUA of the
-	// run, a seeded sample between them, and the done mark.
+	// The points: the start mark (nothing ran), the FLUSH/FUA points of
+	// the run (all, or a seeded sample spread over the run), a seeded
+	// sample between them, and the done mark.
 	seed := lwEnvInt("DMCONVERT_LW_SEED", time.Now().UnixNano())
-	samples := int(lwEnvInt("DMCONVERT_LW_SAMPLES", 8))
-	t.Logf("in-between points: %d, seed %d (DMCONVERT_LW_SEED=%d to replay); budget %v", samples, seed, seed, budget)
-	rng := mrand.New(mrand.NewSource(seed))
-	kind := map[int]string{start: "start", done: "done"}
+	samples := int(lwEnvInt("DMCONVERT_LW_SAMPLES", 4))
 	flushes := logwrites.FlushPoints(entries, start+1, done)
-	for _, i := range flushes {
+	distinct := logwrites.DistinctFlushPoints(entries, start+1, done)
+	nflush := int(lwEnvInt("DMCONVERT_LW_POINTS", 24))
+	if os.Getenv("DMCONVERT_LW_POINTS") == "all" {
+		nflush = len(distinct)
+	}
+	rng := mrand.New(mrand.NewSource(seed))
+	chosen := logwrites.Spread(distinct, nflush, rng.Intn)
+	t.Logf("%d FLUSH/FUA entries in the run, %d of them change the disk; replaying %d of those (DMCONVERT_LW_POINTS=all for every one) and %d points between flushes; seed %d (DMCONVERT_LW_SEED=%d to replay); budget %v",
+		len(flushes), len(distinct), len(chosen), samples, seed, seed, budget)
+	kind := map[int]string{start: "start", done: "done"}
+	for _, i := range chosen {
 		kind[i] = "flush"
 	}
 	for _, i := range logwrites.SamplePoints(entries, start+1, done, samples, rng.Intn) {
@@ -772,8 +785,8 @@ func TestGuestLogWritesEncrypt(t *testing.T) {
 		}
 		return strings.Join(out, ", ")
 	}
-	t.Logf("%d FLUSH/FUA entries in the run; %d crash points replayed (%d flush points identical to the previous point not replayed again): %s",
-		len(flushes), len(points), dup, summary(counts))
+	t.Logf("%d crash points replayed (%d of the %d flush points that change the disk; %d chosen flush points identical to the previous point not replayed again): %s",
+		len(points), counts["flush points"], len(distinct), dup, summary(counts))
 	t.Logf("points by the journal's phase before replay / command run: %s", summary(phases))
 	t.Logf("time: recording %v (encrypt %v), replays %v, total %v",
 		recorded.Round(time.Second), rec.encrypt.Round(time.Second), (time.Since(began) - recorded).Round(time.Second), time.Since(began).Round(time.Second))

@@ -331,3 +331,41 @@ func SamplePoints(entries []Entry, from, to, n int, pick func(int) int) []int {
 	slices.Sort(out)
 	return out
 }
+
+// DistinctFlushPoints is FlushPoints without the points whose disk equals
+// the previous point's: a FLUSH or FUA entry counts only if some entry
+// since the previous one (or since from) wrote data.
+func DistinctFlushPoints(entries []Entry, from, to int) []int {
+	var out []int
+	wrote := false
+	for i := max(from, 0); i < min(to, len(entries)); i++ {
+		e := entries[i]
+		if e.Writes() {
+			wrote = true
+		}
+		if e.IsFlush() && wrote {
+			out = append(out, i)
+			wrote = false
+		}
+	}
+	return out
+}
+
+// Spread picks n of points (in increasing order) spread over the whole
+// list: it cuts the list into n stretches of (nearly) equal length and
+// takes one point of each at random (pick(k) returns a number in [0, k)).
+// With n >= len(points) it returns them all.
+func Spread(points []int, n int, pick func(int) int) []int {
+	if n >= len(points) {
+		return append([]int(nil), points...)
+	}
+	if n <= 0 {
+		return nil
+	}
+	out := make([]int, 0, n)
+	for b := 0; b < n; b++ {
+		lo, hi := b*len(points)/n, (b+1)*len(points)/n
+		out = append(out, points[lo+pick(hi-lo)])
+	}
+	return out
+}

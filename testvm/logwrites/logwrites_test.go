@@ -355,3 +355,44 @@ func TestSamplePoints(t *testing.T) {
 		t.Fatalf("FlushPoints: %d", len(fp))
 	}
 }
+
+func TestDistinctFlushPointsAndSpread(t *testing.T) {
+	b := newBuilder(512)
+	b.add(0, 0, FlagFlush, "", nil)         // 0: nothing written before: not distinct
+	b.write(1, 0, fill(512, 1))             // 1
+	b.add(0, 0, FlagFlush, "", nil)         // 2: distinct
+	b.add(0, 0, FlagFlush, "", nil)         // 3: same disk as 2
+	b.mark("m")                             // 4
+	b.write(2, FlagFUA, fill(512, 2))       // 5: FUA with data: distinct
+	b.add(3, 1, FlagDiscard, "", nil)       // 6
+	b.add(0, 0, FlagFlush|FlagFUA, "", nil) // 7: distinct (the discard)
+	b.write(4, FlagFlush, fill(512, 3))     // 8: flush with data: distinct
+	_, es := openBytes(t, b.bytes(0))
+	if got := DistinctFlushPoints(es, 0, len(es)); !slices.Equal(got, []int{2, 5, 7, 8}) {
+		t.Fatalf("DistinctFlushPoints = %v", got)
+	}
+	if got := DistinctFlushPoints(es, 3, 8); !slices.Equal(got, []int{5, 7}) {
+		t.Fatalf("DistinctFlushPoints(3, 8) = %v", got)
+	}
+	pts := make([]int, 100)
+	for i := range pts {
+		pts[i] = 3 * i
+	}
+	rng := rand.New(rand.NewSource(7))
+	got := Spread(pts, 10, rng.Intn)
+	if len(got) != 10 || !slices.IsSorted(got) {
+		t.Fatalf("Spread = %v", got)
+	}
+	for k, p := range got {
+		// one per stretch of ten points
+		if p < 30*k || p >= 30*(k+1) || p%3 != 0 {
+			t.Fatalf("Spread: point %d (%d) outside its stretch: %v", k, p, got)
+		}
+	}
+	if got := Spread(pts[:5], 10, rng.Intn); !slices.Equal(got, pts[:5]) {
+		t.Fatalf("Spread of fewer points than asked: %v", got)
+	}
+	if got := Spread(pts, 0, rng.Intn); got != nil {
+		t.Fatalf("Spread of 0: %v", got)
+	}
+}
