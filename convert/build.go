@@ -138,7 +138,7 @@ func (p *Plan) Switched(st State) bool {
 func (p *Plan) BuildAbort(st State) (*Plan, error) {
 	switch p.Op {
 	case "encrypt":
-	case "decrypt":
+	case "decrypt", "rekey":
 		return p.buildDecryptAbort(st)
 	default:
 		return nil, fmt.Errorf("abort of %s is not supported", p.Op)
@@ -286,7 +286,7 @@ func (p *Plan) buildDecryptAbort(st State) (*Plan, error) {
 		}
 	}
 	ab := &Plan{
-		Version: PlanVersion, Op: "abort-decrypt", Geometry: p.Geometry,
+		Version: PlanVersion, Op: "abort-" + p.Op, Geometry: p.Geometry,
 		Initial: p.Layout(st), HeaderAtStart: true,
 	}
 	var phases []Phase
@@ -312,4 +312,69 @@ func (p *Plan) buildDecryptAbort(st State) (*Plan, error) {
 		return nil, fmt.Errorf("internal error: abort plan fails verification: %w", err)
 	}
 	return ab, nil
+}
+
+// RekeyGeometry is what the rekey builder needs to know.
+type RekeyGeometry struct {
+	DiskSize Sectors // N
+	Header   Sectors // H: the data offset now
+	Gap      Sectors // G: how far the data moves toward the start
+	Chunk    Sectors
+	Align    Sectors
+}
+
+// BuildRekey returns the plan that re-encrypts a LUKS2 data area with a
+// new key, online: the whole data area F[0,N-H) moves G sectors toward
+// the start of the disk (into the unused end of the keyslots area),
+// chunk by chunk through mirrors whose two legs are distinct sectors (the
+// old key's crypt mapping at H, the new key's at H-G). Then the header
+// switches to the new key and offset.
+func BuildRekey(rg RekeyGeometry) (*Plan, error) {
+	N, H, G := rg.DiskSize, rg.Header, rg.Gap
+	a := rg.Align
+	if a == 0 {
+		a = 1
+	}
+	switch {
+	case H == 0 || H%labelSectors != 0 || H%a != 0:
+		return nil, fmt.Errorf("data offset %d sectors must be a non-zero multiple of 4 KiB and of the sector size", H)
+	case G == 0 || G%labelSectors != 0 || G%a != 0 || G >= H:
+		return nil, fmt.Errorf("gap of %d sectors must be a non-zero multiple of 4 KiB and of the sector size, below the data offset %d", G, H)
+	case N <= H:
+		return nil, fmt.Errorf("disk of %d sectors has no data area after a %d-sector header", N, H)
+	}
+	P := roundDown(N-H, a)
+	chunk := roundDown(min(rg.Chunk, G), a)
+	if rg.Chunk == 0 {
+		chunk = G
+	}
+	if chunk == 0 {
+		return nil, fmt.Errorf("chunk size is smaller than the sector size")
+	}
+	g := Geometry{
+		DiskSize: N, Payload: P, Header: H, HeaderUsed: H - G,
+		Devices: []Device{
+			{ID: DiskID, Phys: 0, Size: N},
+			{ID: OldID, Phys: H, Size: N - H},
+			{ID: NewID, Phys: H - G, Size: N - H + G},
+		},
+	}
+	p := &Plan{
+		Version: PlanVersion, Op: "rekey", Geometry: g,
+		Phases: []Phase{
+			{Kind: PhaseSetup},
+			{Kind: PhaseMark},
+			{Kind: PhaseMove, Start: 0, End: P, From: Backing{Dev: OldID}, To: Backing{Dev: NewID}, Chunk: chunk},
+			{Kind: PhaseFinalize},
+		},
+		Initial:       Layout{{Start: 0, End: P, On: Backing{Dev: OldID}}},
+		HeaderAtStart: true,
+	}
+	if err := p.setDirections(); err != nil {
+		return nil, err
+	}
+	if err := p.Verify(); err != nil {
+		return nil, fmt.Errorf("internal error: rekey plan fails verification: %w", err)
+	}
+	return p, nil
 }

@@ -92,14 +92,26 @@ func (e *Engine) findMapping(target string) (*cryptMapping, error) {
 	return &cryptMapping{name: name, info: info, crypt: c, size: Sectors(t[0].Length), disk: d}, nil
 }
 
-// PlanDecrypt inspects an open LUKS mapping with an LVM PV on it and
-// returns a verified decrypt plan. It writes nothing.
-func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPlan, error) {
-	m, err := e.findMapping(o.Target)
+// luksSource is an open LUKS mapping, its disk and its unlocked header.
+type luksSource struct {
+	m     *cryptMapping
+	dpath string
+	di    DiskInfo
+	H     Sectors
+	hdr   HeaderFormat
+	keys  Keys
+	cs    CryptSpec
+	align Sectors
+}
+
+// inspectLUKS resolves target to an open LUKS mapping, reads its header
+// from the disk and unlocks it. It writes nothing.
+func (e *Engine) inspectLUKS(target string, open HeaderOpener) (*luksSource, error) {
+	m, err := e.findMapping(target)
 	if err != nil {
 		return nil, err
 	}
-	dpath, err := e.resolveDiskPath(m.disk, o.Target)
+	dpath, err := e.resolveDiskPath(m.disk, target)
 	if err != nil {
 		return nil, refuse(m.name, "", "cannot find the device under it (%v): %v", m.disk, err)
 	}
@@ -111,7 +123,6 @@ func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPla
 	if m.crypt.IVOffset != 0 || H == 0 || H+m.size != di.Size {
 		return nil, refuse(m.name, "", "its table (offset %d, iv offset %d, %d sectors on a %d-sector disk) is not the whole data area of a LUKS device with its header in front", H, m.crypt.IVOffset, m.size, di.Size)
 	}
-	// The header: read it and unlock it.
 	disk, err := e.Host.OpenDisk(dpath)
 	if err != nil {
 		return nil, fmt.Errorf("opening %s: %w", dpath, err)
@@ -129,32 +140,73 @@ func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPla
 	default:
 		return nil, refuse(dpath, "", "it does not start with a LUKS header")
 	}
-	hdr, keys, err := o.Open(img)
+	hdr, keys, err := open(img)
 	if err != nil {
 		return nil, fmt.Errorf("unlocking the header of %s: %w", dpath, err)
 	}
-	if hdr.Sectors() != H {
+	bad := func(err error) (*luksSource, error) {
 		keys.Wipe()
-		return nil, refuse(dpath, "", "the header's data offset (%d sectors) differs from the mapping's (%d)", hdr.Sectors(), H)
+		return nil, err
+	}
+	if len(keys.Unbound) > 0 {
+		return bad(refuse(dpath, "run dmconvert status; if a conversion was interrupted, resume it", "its header holds an unbound keyslot this passphrase opens (an unfinished rekey?)"))
+	}
+	if hdr.Sectors() != H {
+		return bad(refuse(dpath, "", "the header's data offset (%d sectors) differs from the mapping's (%d)", hdr.Sectors(), H))
 	}
 	cs := hdr.Crypt()
 	if cs.Cipher != string(m.crypt.Cipher) {
-		keys.Wipe()
-		return nil, refuse(m.name, "", "the mapping uses %s but the header says %s", m.crypt.Cipher, cs.Cipher)
+		return bad(refuse(m.name, "", "the mapping uses %s but the header says %s", m.crypt.Cipher, cs.Cipher))
 	}
 	if m.crypt.SectorSize > 512 {
 		cs.SectorSize = m.crypt.SectorSize
 		cs.IVLargeSectors = m.crypt.IVLargeSectors
 	}
 	if !m.crypt.Key.IsKeyring() && !m.crypt.Key.Equal(dmtable.HexKey(keys.Bound)) {
-		keys.Wipe()
-		return nil, refuse(m.name, "", "the key in the live table is not the key the header gives for this passphrase")
+		return bad(refuse(m.name, "", "the key in the live table is not the key the header gives for this passphrase"))
 	}
+	return &luksSource{m: m, dpath: dpath, di: di, H: H, hdr: hdr, keys: keys, cs: cs, align: Sectors(max(cs.SectorSize/512, 8))}, nil
+}
+
+// checkNewJournal refuses a journal on the disk's stack or one that
+// already records a run.
+func (e *Engine) checkNewJournal(jpath string, disk dmtable.Dev, dpath string) error {
+	if err := e.checkJournalPlace(jpath, disk, dpath); err != nil {
+		return err
+	}
+	if j, err := journal.Open(jpath, journal.Options{ReadOnly: true}); err == nil {
+		r, rerr := j.Run()
+		j.Close()
+		if rerr == nil {
+			return refuse(dpath, "run `dmconvert status --journal "+jpath+"`, then resume or abort it, or use another --journal",
+				"journal %s already records a %s run of %s", jpath, r.Op, r.Device)
+		}
+	} else if errors.Is(err, journal.ErrLocked) {
+		return busy(dpath, "journal %s is in use by another dmconvert", jpath)
+	}
+	return nil
+}
+
+func newRunID() (string, error) {
+	id := make([]byte, 8)
+	if _, err := rand.Read(id); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(id), nil
+}
+
+// PlanDecrypt inspects an open LUKS mapping with an LVM PV on it and
+// returns a verified decrypt plan. It writes nothing.
+func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPlan, error) {
+	src, err := e.inspectLUKS(o.Target, o.Open)
+	if err != nil {
+		return nil, err
+	}
+	m, dpath, di, H, hdr, keys, cs, align := src.m, src.dpath, src.di, src.H, src.hdr, src.keys, src.cs, src.align
 	fail := func(err error) (*EncryptPlan, error) {
 		keys.Wipe()
 		return nil, err
 	}
-	align := Sectors(max(cs.SectorSize/512, 8))
 
 	// What is on the mapping: an LVM PV.
 	node := e.Host.NodePath(m.name)
@@ -205,28 +257,17 @@ func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPla
 	if jpath == "" {
 		jpath = filepath.Join(DefaultJournalDir, pv.UUID+".journal")
 	}
-	if err := e.checkJournalPlace(jpath, di.Dev, dpath); err != nil {
+	if err := e.checkNewJournal(jpath, di.Dev, dpath); err != nil {
 		return fail(err)
-	}
-	if j, err := journal.Open(jpath, journal.Options{ReadOnly: true}); err == nil {
-		r, rerr := j.Run()
-		j.Close()
-		if rerr == nil {
-			return fail(refuse(dpath, "run `dmconvert status --journal "+jpath+"`, then resume or abort it, or use another --journal",
-				"journal %s already records a %s run of %s", jpath, r.Op, r.Device))
-		}
-	} else if errors.Is(err, journal.ErrLocked) {
-		return fail(busy(dpath, "journal %s is in use by another dmconvert", jpath))
 	}
 	plan, err := BuildDecrypt(DecryptGeometry{DiskSize: di.Size, Payload: P, Header: H, Chunk: o.Chunk, Align: align})
 	if err != nil {
 		return fail(refuse(dpath, "", "%v", err))
 	}
-	id := make([]byte, 8)
-	if _, err := rand.Read(id); err != nil {
+	runID, err := newRunID()
+	if err != nil {
 		return fail(err)
 	}
-	runID := hex.EncodeToString(id)
 	spec := &Spec{
 		Version: PlanVersion, ID: runID, Op: "decrypt", Disk: di, Name: m.name,
 		Helpers:     map[BackingID]string{OldID: "dmconvert-" + runID + "-old"},

@@ -961,6 +961,32 @@ func (l *fakeLVM) Refresh(ctx context.Context, oldDev, newDev string) error {
 type fakeHeader struct {
 	h   Sectors
 	key []byte
+	// A rekey: the staged new key (kept in the fake image, in clear: a
+	// test stand-in) and, with others, keyslots the passphrase does not
+	// open.
+	newKey []byte
+	others []int
+}
+
+// fakeKeyslotsEnd is where the fake header's keyslots end (sectors).
+const fakeKeyslotsEnd = 32
+
+func (f *fakeHeader) StageRekey(newKey, pass []byte) error {
+	if f.newKey != nil {
+		return errors.New("already staged")
+	}
+	f.newKey = append([]byte(nil), newKey...)
+	return nil
+}
+func (f *fakeHeader) KeyslotsEnd() Sectors { return fakeKeyslotsEnd }
+func (f *fakeHeader) OtherKeyslots() []int { return f.others }
+
+// fakeStaged returns the new key a fake header image holds, if any.
+func fakeStaged(img []byte) []byte {
+	if len(img) < 8192+16+64 || string(img[8192+8:8192+16]) != "NEWKEY00" {
+		return nil
+	}
+	return append([]byte(nil), img[8192+16:8192+16+64]...)
 }
 
 var errFakeNoCheckpoint = errors.New("no checkpoint")
@@ -987,6 +1013,10 @@ func (f *fakeHeader) Image(cp Checkpoint) ([]byte, error) {
 	copy(img[8:], "INPROGRESS")
 	copy(img[4096:], f.cpBlock(cp))
 	copy(img[8192:], "keyslots")
+	if f.newKey != nil {
+		copy(img[8192+8:], "NEWKEY00")
+		copy(img[8192+16:], f.newKey)
+	}
 	return img, nil
 }
 
@@ -994,18 +1024,46 @@ func (f *fakeHeader) CheckpointWrites(cp Checkpoint) ([]Write, error) {
 	return []Write{{Off: 4096, Data: f.cpBlock(cp)}}, nil
 }
 
-func (f *fakeHeader) FinalWrites() ([]Write, error) {
+func (f *fakeHeader) FinalWrites(fin Final) ([]Write, error) {
 	b := make([]byte, 512)
 	copy(b, "LUKS\xba\xbe")
 	copy(b[8:], "FINAL")
-	return []Write{{Off: 0, Data: b}, {Off: 4096, Data: make([]byte, 4096)}}, nil
+	if fin.Rekey {
+		// The data segment now has the new key at a new offset.
+		copy(b[16:], fmt.Sprintf("REKEY %d", fin.DataOffset))
+		copy(b[64:], f.newKey)
+	}
+	// The staged key's slot goes (rekeyed: the old key's goes, and the
+	// new key is the data's).
+	ws := []Write{{Off: 0, Data: b}, {Off: 4096, Data: make([]byte, 4096)}}
+	if f.newKey != nil {
+		ws = append(ws, Write{Off: 8192, Data: make([]byte, 512)})
+	}
+	return ws, nil
+}
+
+// fakeFinalRekey reads a final fake header: the data offset and key of a
+// finished rekey (ok false: not a rekeyed header).
+func fakeFinalRekey(r io.ReaderAt) (off Sectors, key []byte, ok bool) {
+	b := make([]byte, 512)
+	r.ReadAt(b, 0)
+	var o int64
+	if _, err := fmt.Sscanf(string(bytes.TrimRight(b[16:64], "\x00")), "REKEY %d", &o); err != nil {
+		return 0, nil, false
+	}
+	return Sectors(o), append([]byte(nil), b[64:128]...), true
 }
 
 func (f *fakeHeader) MarkWrites(cp Checkpoint) ([]Write, error) {
 	b := make([]byte, 512)
 	copy(b, "LUKS\xba\xbe")
 	copy(b[8:], "INPROGRESS")
-	return []Write{{Off: 4096, Data: f.cpBlock(cp), Flush: true}, {Off: 0, Data: b, Flush: true}}, nil
+	var ws []Write
+	if f.newKey != nil {
+		img, _ := f.Image(cp)
+		ws = append(ws, Write{Off: 8192, Data: img[8192 : 8192+512], Flush: true})
+	}
+	return append(ws, Write{Off: 4096, Data: f.cpBlock(cp), Flush: true}, Write{Off: 0, Data: b, Flush: true}), nil
 }
 
 func (f *fakeHeader) ReadCheckpoint(r io.ReaderAt) (Checkpoint, bool, error) {

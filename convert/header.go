@@ -42,8 +42,9 @@ type HeaderFormat interface {
 	// on disk. They never touch keyslot material.
 	CheckpointWrites(cp Checkpoint) ([]Write, error)
 	// FinalWrites turn the in-progress header on disk into a plain LUKS
-	// header that stock cryptsetup opens.
-	FinalWrites() ([]Write, error)
+	// header that stock cryptsetup opens: as it is (encrypt, and aborts
+	// back to it), or switched to the rekey's new key and data offset.
+	FinalWrites(f Final) ([]Write, error)
 	// MarkWrites mark a plain header already on disk as in progress
 	// (requirement and token, or LUKS1's disguised magic and a record),
 	// carrying cp: the first writes of a decrypt or rekey.
@@ -57,6 +58,16 @@ type HeaderFormat interface {
 	// Crypt is how the data area is encrypted (cipher, key size, sector
 	// size), as cryptsetup would map it.
 	Crypt() CryptSpec
+}
+
+// Final says how a run ends its header.
+type Final struct {
+	// Rekey: bind the data segment to the unbound keyslot's key, remove
+	// every keyslot of the old key, and move the data offset.
+	Rekey      bool
+	DataOffset Sectors
+	// DropUnbound: remove the unbound keyslot (an aborted rekey).
+	DropUnbound bool
 }
 
 func marshalCheckpoint(cp Checkpoint) ([]byte, error) { return json.Marshal(cp) }

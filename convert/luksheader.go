@@ -15,6 +15,10 @@ import (
 // stock cryptsetup refuses the half-converted disk.
 type LUKSHeader struct {
 	h *luks.Header
+	// unbound is the keyslot holding a rekey's new key (-1: none).
+	unbound int
+	// opened is the bound keyslot the passphrase opened (-1: unknown).
+	opened int
 }
 
 // NewLUKSHeader wraps h and marks it in progress.
@@ -26,7 +30,7 @@ func NewLUKSHeader(h *luks.Header) (*LUKSHeader, error) {
 	} else if err := h.SetRequirement(luks.RequirementDmconvert); err != nil {
 		return nil, err
 	}
-	return &LUKSHeader{h: h}, nil
+	return &LUKSHeader{h: h, unbound: -1, opened: -1}, nil
 }
 
 // OpenLUKSImage reads a header image (from a journal or the disk) and
@@ -39,7 +43,7 @@ func OpenLUKSImage(img []byte, key []byte) (*LUKSHeader, Keys, error) {
 	if err != nil {
 		return nil, Keys{}, fmt.Errorf("reading the header image: %w", err)
 	}
-	vk, _, err := h.Unlock(key)
+	vk, opened, err := h.Unlock(key)
 	if err != nil {
 		if errors.Is(err, luks.ErrWrongPassphrase) {
 			return nil, Keys{}, fmt.Errorf("%w", ErrWrongPassphrase)
@@ -51,10 +55,12 @@ func OpenLUKSImage(img []byte, key []byte) (*LUKSHeader, Keys, error) {
 	// vk.Bytes is the key's own buffer, which the deferred Wipe zeroes:
 	// hand out copies.
 	ks.Bound = append([]byte(nil), vk.Bytes()...)
+	unbound := -1
 	if h.Version() == 2 {
-		if uk, _, err := h.UnlockUnbound(key); err == nil {
+		if uk, slot, err := h.UnlockUnbound(key); err == nil {
 			ks.Unbound = append([]byte(nil), uk.Bytes()...)
 			uk.Wipe()
+			unbound = slot
 		}
 	}
 	lh, err := NewLUKSHeader(h)
@@ -62,6 +68,7 @@ func OpenLUKSImage(img []byte, key []byte) (*LUKSHeader, Keys, error) {
 		ks.Wipe()
 		return nil, Keys{}, err
 	}
+	lh.unbound, lh.opened = unbound, opened
 	return lh, ks, nil
 }
 
@@ -158,14 +165,31 @@ func (l *LUKSHeader) metadataWrites() ([]Write, error) {
 }
 
 // MarkWrites implements HeaderFormat. The header already carries the
-// marks in memory (NewLUKSHeader); this writes them: LUKS2 metadata (both
-// copies, a flush between), or LUKS1's record then its disguised first
-// block.
+// marks in memory (NewLUKSHeader, StageRekey); this writes them: LUKS2
+// keyslot material added since the header was read, then the metadata
+// (both copies, a flush between), or LUKS1's record then its disguised
+// first block.
 func (l *LUKSHeader) MarkWrites(cp Checkpoint) ([]Write, error) {
-	ws, err := l.CheckpointWrites(cp)
+	var ws []Write
+	if l.unbound >= 0 {
+		// The new key's keyslot material goes first, into an area the
+		// metadata on disk does not reference yet. Written from the
+		// image, so a resume that redoes the mark writes it too.
+		img, err := l.h.Image()
+		if err != nil {
+			return nil, err
+		}
+		for _, ks := range l.h.Keyslots() {
+			if ks.ID == l.unbound {
+				ws = append(ws, Write{Off: ks.AreaOffset, Data: img[ks.AreaOffset : ks.AreaOffset+ks.AreaSize], Flush: true})
+			}
+		}
+	}
+	cw, err := l.CheckpointWrites(cp)
 	if err != nil {
 		return nil, err
 	}
+	ws = append(ws, cw...)
 	if l.h.Version() == 1 {
 		first, err := l.h.FirstBlock()
 		if err != nil {
@@ -176,10 +200,103 @@ func (l *LUKSHeader) MarkWrites(cp Checkpoint) ([]Write, error) {
 	return ws, nil
 }
 
+// StageRekey implements Rekeyable: an unbound keyslot holding newKey,
+// opened by pass with the key derivation (type and cost) of the keyslot
+// pass opened; MarkWrites then writes its material with the marks.
+func (l *LUKSHeader) StageRekey(newKey, pass []byte) error {
+	if l.unbound >= 0 {
+		return fmt.Errorf("the header already holds a staged key in keyslot %d", l.unbound)
+	}
+	var p luks.PBKDF
+	found := false
+	for _, ks := range l.h.Keyslots() {
+		if ks.ID == l.opened {
+			p, found = ks.PBKDF, true
+		}
+	}
+	if !found {
+		return fmt.Errorf("internal error: the keyslot the passphrase opened is unknown")
+	}
+	vk := luks.NewVolumeKeyFromBytes(newKey)
+	defer vk.Wipe()
+	slot, err := l.h.AddUnboundKeyslot(vk, pass, p)
+	if err != nil {
+		return err
+	}
+	l.unbound = slot
+	return nil
+}
+
+// KeyslotsEnd implements Rekeyable.
+func (l *LUKSHeader) KeyslotsEnd() Sectors {
+	return Sectors((l.h.KeyslotAreasEnd() + 511) / 512)
+}
+
+// OtherKeyslots implements Rekeyable: the keyslots other than the one the
+// passphrase opened and the staged one.
+func (l *LUKSHeader) OtherKeyslots() []int {
+	var out []int
+	for _, ks := range l.h.Keyslots() {
+		if ks.ID != l.opened && ks.ID != l.unbound {
+			out = append(out, ks.ID)
+		}
+	}
+	return out
+}
+
+// recorder collects the writes of a luks Commit as engine Writes.
+type recorder struct{ ws []Write }
+
+func (r *recorder) WriteAt(p []byte, off int64) (int, error) {
+	r.ws = append(r.ws, Write{Off: off, Data: append([]byte(nil), p...)})
+	return len(p), nil
+}
+
+// Sync marks a flush after the last write.
+func (r *recorder) Sync() error {
+	if n := len(r.ws); n > 0 {
+		r.ws[n-1].Flush = true
+	}
+	return nil
+}
+
 // FinalWrites implements HeaderFormat: the requirement and the token go
 // (LUKS2), or the checkpoint records are zeroed and the real magic written
-// last (LUKS1).
-func (l *LUKSHeader) FinalWrites() ([]Write, error) {
+// last (LUKS1). For a rekey the data segment switches to the new key and
+// offset and the old key's keyslots are removed (their material wiped
+// after the metadata no longer names them).
+func (l *LUKSHeader) FinalWrites(f Final) ([]Write, error) {
+	if f.Rekey || f.DropUnbound {
+		if l.unbound < 0 {
+			return nil, fmt.Errorf("internal error: the header has no unbound keyslot for the new key")
+		}
+		l.h.RemoveCheckpoint()
+		if err := l.h.ClearRequirement(luks.RequirementDmconvert); err != nil {
+			return nil, err
+		}
+		if f.Rekey {
+			if err := l.h.BindSegment(l.unbound); err != nil {
+				return nil, err
+			}
+			for _, ks := range l.h.Keyslots() {
+				if ks.ID != l.unbound {
+					if err := l.h.RemoveKeyslot(ks.ID); err != nil {
+						return nil, err
+					}
+				}
+			}
+			if err := l.h.SetDataOffset(int64(f.DataOffset) * 512); err != nil {
+				return nil, err
+			}
+		} else if err := l.h.RemoveKeyslot(l.unbound); err != nil {
+			return nil, err
+		}
+		rec := &recorder{}
+		if err := l.h.Commit(rec); err != nil {
+			return nil, err
+		}
+		return rec.ws, nil
+	}
 	l.h.RemoveCheckpoint()
 	if l.h.Version() == 1 {
 		area, err := l.h.CheckpointArea()

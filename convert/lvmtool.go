@@ -31,7 +31,8 @@ func (l *LVMTool) Discover(ctx context.Context, device string) (*PV, error) {
 	}
 	switch {
 	case errors.Is(err, lvm.ErrNotPV):
-		return nil, refuse(device, "dmconvert encrypts LVM physical volumes in place; for a plain file system use cryptsetup reencrypt --encrypt offline", "not an LVM physical volume (%v)", err)
+		return nil, &RefusalError{Device: device, Hint: "dmconvert encrypts LVM physical volumes in place; for a plain file system use cryptsetup reencrypt --encrypt offline",
+			Reason: fmt.Sprintf("not an LVM physical volume (%v)", err), Err: ErrNotPV}
 	case errors.Is(err, lvm.ErrNoVG):
 		return &PV{Device: device}, nil
 	case errors.Is(err, lvm.ErrDuplicatePV):

@@ -293,7 +293,14 @@ func (r *run) doFinalize(ctx context.Context) error {
 		return err
 	}
 	r.hit("finalize:table-after")
-	ws, err := r.hdr.FinalWrites()
+	f := Final{}
+	switch {
+	case r.spec.Op == "rekey" && id == NewID:
+		f = Final{Rekey: true, DataOffset: nd.Phys}
+	case r.spec.Op == "rekey":
+		f = Final{DropUnbound: true}
+	}
+	ws, err := r.hdr.FinalWrites(f)
 	if err != nil {
 		return err
 	}

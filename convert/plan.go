@@ -143,6 +143,9 @@ type Geometry struct {
 	Payload  Sectors `json:"payload"`   // P: sectors of F that hold data
 	Header   Sectors `json:"header"`    // H
 	Tail     Sectors `json:"tail"`      // disk sector where the head waits
+	// HeaderUsed, when set, is how much of [0,Header) a live header
+	// occupies (rekey borrows the unused end of the keyslots area).
+	HeaderUsed Sectors `json:"header_used,omitempty"`
 	// HeaderLive lists the phase indexes during which D[0,Header) holds a
 	// header that must not be overwritten (computed by the builders).
 	Devices []Device `json:"devices"`
@@ -435,7 +438,11 @@ func (p *Plan) Verify() error {
 					st.Phase, ph, s, e, ds, de, ext.Start, ext.End, ps, pe)
 			}
 		}
-		if p.headerLiveAt(st.Phase) && overlaps(ds, de, 0, g.Header) {
+		hdrEnd := g.Header
+		if g.HeaderUsed > 0 {
+			hdrEnd = g.HeaderUsed
+		}
+		if p.headerLiveAt(st.Phase) && overlaps(ds, de, 0, hdrEnd) {
 			return fmt.Errorf("phase %d (%s) chunk [%d,%d): destination [%d,%d) overlaps the live header", st.Phase, ph, s, e, ds, de)
 		}
 		st = p.Advance(st)

@@ -102,6 +102,9 @@ func (e *Engine) checkUnchanged(ctx context.Context, ep *EncryptPlan) error {
 	if di.Dev != spec.Disk.Dev || di.Size != spec.Disk.Size || di.LogicalBlockSize != spec.Disk.LogicalBlockSize {
 		return changed("the disk")
 	}
+	if spec.PVDevice == "" {
+		return nil
+	}
 	pv, err := e.LVM.Discover(ctx, spec.PVDevice)
 	if err != nil {
 		return err
@@ -356,6 +359,10 @@ func (r *run) rewriteHeader() error {
 	img, err := r.hdr.Image(r.cp(r.st))
 	if err != nil {
 		return err
+	}
+	if u := r.plan.Geometry.HeaderUsed; u > 0 && int(u*512) < len(img) {
+		// A rekey's data already lives in the end of the header area.
+		img = img[:u*512]
 	}
 	if err := r.writeDisk([]Write{{Off: 0, Data: img}}); err != nil {
 		return fmt.Errorf("rewriting the header of %s: %w", r.spec.Disk.Path, err)

@@ -1,0 +1,179 @@
+package convert
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+)
+
+// Online rekey of a LUKS2 volume (docs/design.md section 8).
+//
+// The dm mirror cannot re-encrypt sectors in place: its two legs would be
+// the same disk sectors under two keys, and a crash between the legs'
+// writes would leave sectors no key decrypts. So the data area moves, by
+// a small gap G, toward the start of the disk, into the unused end of the
+// keyslots area: chunk k is mirrored from the old key's mapping at offset
+// H onto the new key's mapping at offset H-G. A chunk never exceeds G, so
+// a chunk's destination only overlaps sectors whose data was already
+// copied (and committed) by the chunks before it, exactly as encrypt's
+// moving gap; the old ciphertext of the chunk in flight is never
+// overwritten before the journal says the chunk is done. The header stays
+// valid and marked in progress (a LUKS2 requirement: stock cryptsetup
+// refuses it) with the new key waiting in an unbound keyslot opened by the
+// same passphrase; the last step binds the data segment to the new key,
+// sets the data offset to H-G, and removes the old key's keyslots.
+
+// RekeyOptions are the inputs of PlanRekey.
+type RekeyOptions struct {
+	// Target is the open LUKS2 mapping (its name or /dev/mapper path) or
+	// the device under it.
+	Target string
+	// Journal path; default DefaultJournalDir/<LUKS UUID>.journal.
+	Journal string
+	// Chunk is the gap the data moves by, and so the largest chunk
+	// (sectors); 0 means 4 MiB. It is capped by the unused end of the
+	// keyslots area.
+	Chunk Sectors
+	// Open unlocks the header with the user's passphrase or key file.
+	Open HeaderOpener
+	// Passphrase is what Open used: the new key's keyslot is opened by it.
+	Passphrase []byte
+	// RemoveOtherKeyslots allows keyslots the passphrase does not open
+	// to be removed (they hold the old key, which stops being of use).
+	RemoveOtherKeyslots bool
+}
+
+// DefaultRekeyGap is the default distance the data moves in a rekey.
+const DefaultRekeyGap Sectors = 4 << 20 / 512
+
+// Rekeyable is a header a rekey can stage its new key in.
+type Rekeyable interface {
+	// StageRekey adds an unbound keyslot holding newKey, opened by pass
+	// with the key derivation of the keyslot pass opened.
+	StageRekey(newKey, pass []byte) error
+	// KeyslotsEnd is the sector after the last keyslot area in use.
+	KeyslotsEnd() Sectors
+	// OtherKeyslots lists the keyslots pass does not open.
+	OtherKeyslots() []int
+}
+
+// ErrNotPV classifies refusals because a device is not an LVM PV.
+var ErrNotPV = errors.New("not an LVM physical volume")
+
+// PlanRekey inspects an open LUKS2 mapping (a file system on it, or an
+// LVM PV with live LVs) and returns a verified rekey plan, the new key
+// already staged in the header image the journal will hold. It writes
+// nothing.
+func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, error) {
+	src, err := e.inspectLUKS(o.Target, o.Open)
+	if err != nil {
+		return nil, err
+	}
+	m, dpath, di, H, hdr, keys, cs, align := src.m, src.dpath, src.di, src.H, src.hdr, src.keys, src.cs, src.align
+	var newKey []byte
+	fail := func(err error) (*EncryptPlan, error) {
+		keys.Wipe()
+		for i := range newKey {
+			newKey[i] = 0
+		}
+		return nil, err
+	}
+	rk, ok := hdr.(Rekeyable)
+	if !ok || hdr.Version() != 2 {
+		return fail(refuse(dpath, "convert it first with cryptsetup convert --type luks2 (offline), or decrypt and encrypt it again with dmconvert",
+			"online rekey supports LUKS2 headers; this one is LUKS%d", hdr.Version()))
+	}
+	if others := rk.OtherKeyslots(); len(others) > 0 && !o.RemoveOtherKeyslots {
+		return fail(refuse(dpath, "rerun with --remove-other-keyslots to drop them (their passphrases stop working), or remove them first with cryptsetup luksKillSlot",
+			"keyslots %v are not opened by the passphrase given and would lose their key", others))
+	}
+
+	// What is on the mapping: an LVM PV (its VG is fenced during the
+	// run), or anything else (a mounted file system): the mapping keeps
+	// its name, size and contents, so nothing above it changes.
+	node := e.Host.NodePath(m.name)
+	pv, err := e.LVM.Discover(ctx, node)
+	switch {
+	case errors.Is(err, ErrNotPV):
+		pv = nil
+	case err != nil:
+		return fail(err)
+	case pv.VG == "":
+		pv = nil
+	case pv.Refusal != "":
+		return fail(refuse(node, "", "volume group %s cannot be converted: %s", pv.VG, pv.Refusal))
+	}
+
+	// The new key, staged in an unbound keyslot; then the gap: what the
+	// keyslot areas leave free before the data.
+	newKey = make([]byte, cs.KeyBytes)
+	if _, err := rand.Read(newKey); err != nil {
+		return fail(err)
+	}
+	if err := rk.StageRekey(newKey, o.Passphrase); err != nil {
+		return fail(refuse(dpath, "free a keyslot, or make room in the keyslots area", "cannot add a keyslot for the new key: %v", err))
+	}
+	room := roundDown(H-min(rk.KeyslotsEnd(), H), align)
+	gap := o.Chunk
+	if gap == 0 {
+		gap = DefaultRekeyGap
+	}
+	gap = min(roundDown(gap, align), room)
+	if gap == 0 {
+		return fail(refuse(dpath, "remove an unused keyslot (cryptsetup luksKillSlot), or rekey offline with cryptsetup reencrypt",
+			"the keyslots area leaves no room before the data (keyslots end at sector %d, data at %d): the data has nowhere to move", rk.KeyslotsEnd(), H))
+	}
+	plan, err := BuildRekey(RekeyGeometry{DiskSize: di.Size, Header: H, Gap: gap, Chunk: gap, Align: align})
+	if err != nil {
+		return fail(refuse(dpath, "", "%v", err))
+	}
+	jpath := o.Journal
+	if jpath == "" {
+		jpath = filepath.Join(DefaultJournalDir, hdr.UUID()+".journal")
+	}
+	if err := e.checkNewJournal(jpath, di.Dev, dpath); err != nil {
+		return fail(err)
+	}
+	runID, err := newRunID()
+	if err != nil {
+		return fail(err)
+	}
+	spec := &Spec{
+		Version: PlanVersion, ID: runID, Op: "rekey", Disk: di, Name: m.name,
+		Helpers: map[BackingID]string{
+			OldID: "dmconvert-" + runID + "-old",
+			NewID: "dmconvert-" + runID + "-new",
+		},
+		Crypt: cs, OldCrypt: cs,
+		LUKSVersion: hdr.Version(), LUKSUUID: hdr.UUID(),
+		Forward: plan,
+	}
+	ep := &EncryptPlan{Spec: spec, Journal: jpath, Header: hdr,
+		keys: map[BackingID][]byte{OldID: keys.Bound, NewID: newKey}}
+	if pv != nil {
+		spec.PVUUID, spec.VG, spec.VGDevices, spec.PVDevice = pv.UUID, pv.VG, pv.VGDevices, node
+		ep.PV = pv
+	}
+	return ep, nil
+}
+
+// OtherKeyslotsNote describes what a rekey does to the keyslots it was not
+// given a passphrase for (for plan printing).
+func OtherKeyslotsNote(h HeaderFormat) string {
+	rk, ok := h.(Rekeyable)
+	if !ok {
+		return ""
+	}
+	others := rk.OtherKeyslots()
+	if len(others) == 0 {
+		return ""
+	}
+	s := make([]string, len(others))
+	for i, o := range others {
+		s[i] = fmt.Sprint(o)
+	}
+	return "keyslots " + strings.Join(s, ", ") + " are removed (their passphrases were not given)"
+}
