@@ -2,7 +2,13 @@ package convert
 
 import (
 	"bytes"
+	"encoding/hex"
 	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/dmconvert/dmconvert/luks"
@@ -44,5 +50,160 @@ func TestOpenLUKSImageReturnsTheKey(t *testing.T) {
 		if _, _, err := OpenLUKSImage(img, []byte("wrong")); !errors.Is(err, ErrWrongPassphrase) {
 			t.Fatalf("LUKS%d: wrong passphrase gave %v", version, err)
 		}
+	}
+}
+
+// applyWrites writes ws into the file at path.
+func applyWrites(t *testing.T, path string, ws []Write) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, w := range ws {
+		if _, err := f.WriteAt(w.Data, w.Off); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// dumpVolumeKey asks cryptsetup for the volume key of the LUKS header in
+// path, opened with pass.
+func dumpVolumeKey(t *testing.T, path, pass string) (string, string) {
+	t.Helper()
+	kf := filepath.Join(t.TempDir(), "kf")
+	os.WriteFile(kf, []byte(pass), 0o600)
+	out, err := exec.Command("cryptsetup", "luksDump", "--batch-mode", "--dump-volume-key", "--key-file", kf, path).CombinedOutput()
+	if err != nil {
+		return "", string(out)
+	}
+	var hexKey strings.Builder
+	in := false
+	for _, l := range strings.Split(string(out), "\n") {
+		switch {
+		case strings.HasPrefix(l, "MK dump:"):
+			in = true
+			l = strings.TrimPrefix(l, "MK dump:")
+		case in && !strings.HasPrefix(l, "\t") && !strings.HasPrefix(l, " "):
+			in = false
+		}
+		if in {
+			hexKey.WriteString(strings.ReplaceAll(strings.TrimSpace(l), " ", ""))
+		}
+	}
+	return hexKey.String(), string(out)
+}
+
+// The rekey header steps, checked by stock cryptsetup: the marked header
+// with the staged key is refused (requirement); the final header opens
+// with the passphrase to the new key at the new data offset, and the
+// keyslot of a passphrase that was not given is gone; an aborted rekey's
+// header opens to the old key with its keyslots intact.
+func TestLUKSHeaderRekeyAgainstCryptsetup(t *testing.T) {
+	if _, err := exec.LookPath("cryptsetup"); err != nil {
+		t.Fatal("cryptsetup is needed (make test installs it)")
+	}
+	for _, abort := range []bool{false, true} {
+		oldKey := bytes.Repeat([]byte{0x11}, 64)
+		newKey := bytes.Repeat([]byte{0x22}, 64)
+		vk := luks.NewVolumeKeyFromBytes(oldKey)
+		kdf := luks.PBKDF{Type: luks.KDFPBKDF2, Iterations: luks.MinPBKDF2Iterations}
+		h, err := luks.Create(luks.Options{Version: 2, HeaderSize: 16 << 20, PBKDF: kdf}, vk, []byte("pass"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := h.AddKeyslot(vk, []byte("other"), kdf); err != nil {
+			t.Fatal(err)
+		}
+		vk.Wipe()
+		path := filepath.Join(t.TempDir(), "disk")
+		img0, err := h.Image()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, append(img0, make([]byte, 8<<20)...), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		lh, ks, err := OpenLUKSImage(img0, []byte("pass"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(ks.Bound, oldKey) || ks.Unbound != nil {
+			t.Fatalf("keys before staging: %x / %x", ks.Bound, ks.Unbound)
+		}
+		if o := lh.OtherKeyslots(); len(o) != 1 || o[0] != 1 {
+			t.Fatalf("other keyslots %v, want [1]", o)
+		}
+		if err := lh.StageRekey(newKey, []byte("pass")); err != nil {
+			t.Fatal(err)
+		}
+		end := lh.KeyslotsEnd()
+		if end == 0 || end >= 16<<20/512 {
+			t.Fatalf("keyslots end at sector %d", end)
+		}
+		ws, err := lh.MarkWrites(Checkpoint{Run: "r", Phase: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		applyWrites(t, path, ws)
+		// (A requirement blocks activation; luksDump still reads it.)
+		if dump, _ := exec.Command("cryptsetup", "luksDump", path).CombinedOutput(); !strings.Contains(string(dump), "dmconvert") {
+			t.Fatalf("luksDump of the marked header shows no dmconvert requirement:\n%s", dump)
+		}
+		// The journal's image opens to both keys.
+		img, err := lh.Image(Checkpoint{Run: "r"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		lh2, ks2, err := OpenLUKSImage(img, []byte("pass"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(ks2.Bound, oldKey) || !bytes.Equal(ks2.Unbound, newKey) {
+			t.Fatal("the staged image does not give the old key bound and the new key unbound")
+		}
+		gap := Sectors(4 << 20 / 512)
+		off := Sectors(16<<20/512) - gap
+		if end > off {
+			t.Fatalf("keyslots end at %d, past the new data offset %d", end, off)
+		}
+		fin := Final{Rekey: true, DataOffset: off}
+		if abort {
+			fin = Final{DropUnbound: true}
+		}
+		ws, err = lh2.FinalWrites(fin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, w := range ws {
+			if w.Off+int64(len(w.Data)) > int64(off)*512 {
+				t.Fatalf("a final header write [%d,+%d) reaches into the data at %d", w.Off, len(w.Data), off*512)
+			}
+		}
+		applyWrites(t, path, ws)
+		got, out := dumpVolumeKey(t, path, "pass")
+		want := hex.EncodeToString(newKey)
+		if abort {
+			want = hex.EncodeToString(oldKey)
+		}
+		if got != want {
+			t.Fatalf("abort=%v: cryptsetup gives volume key %s, want %s:\n%s", abort, got, want, out)
+		}
+		dump, _ := exec.Command("cryptsetup", "luksDump", path).CombinedOutput()
+		wantOff := fmt.Sprintf("offset: %d [bytes]", off*512)
+		if abort {
+			wantOff = fmt.Sprintf("offset: %d [bytes]", 16<<20)
+		}
+		if !strings.Contains(string(dump), wantOff) || strings.Contains(string(dump), "dmconvert") {
+			t.Fatalf("abort=%v: luksDump lacks %q or still shows the marks:\n%s", abort, wantOff, dump)
+		}
+		_, other := dumpVolumeKey(t, path, "other")
+		otherOpens := !strings.Contains(other, "No key available")
+		if otherOpens == !abort {
+			t.Fatalf("abort=%v: the passphrase that was not given opens the header: %v\n%s", abort, otherOpens, other)
+		}
+		ks.Wipe()
+		ks2.Wipe()
 	}
 }

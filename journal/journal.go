@@ -31,10 +31,10 @@ var (
 	// The header image lives in a bucket of its own: bbolt rewrites a
 	// whole leaf on every change, and the state changes at every step.
 	bucketHeader = []byte("header")
-	keyRun      = []byte("run")
-	keyState    = []byte("state")
-	keyHeader   = []byte("header")
-	keyVersion  = []byte("version")
+	keyRun       = []byte("run")
+	keyState     = []byte("state")
+	keyHeader    = []byte("header")
+	keyVersion   = []byte("version")
 )
 
 // formatVersion is bumped when the on-disk layout changes incompatibly.
