@@ -66,19 +66,9 @@ func (a *app) runDecrypt(ctx context.Context, o *decryptOptions, args []string) 
 	if err := o.key.validate(); err != nil {
 		return err
 	}
-	var chunk, region convert.Sectors
-	if o.chunkSize.set {
-		if o.chunkSize.v == 0 || o.chunkSize.v%4096 != 0 {
-			return usagef("--chunk-size %d is not a non-zero multiple of 4096 bytes", o.chunkSize.v)
-		}
-		chunk = convert.Sectors(o.chunkSize.v / 512)
-	}
-	if o.regionSize.set {
-		rs := o.regionSize.v
-		if rs < 4096 || rs&(rs-1) != 0 {
-			return usagef("--region-size %d is not a power of two of at least 4096 bytes", rs)
-		}
-		region = convert.Sectors(rs / 512)
+	chunk, region, err := chunkAndRegion(o.chunkSize, o.regionSize)
+	if err != nil {
+		return err
 	}
 	if !o.dryRun && a.reexec != nil {
 		if err := a.reexec(); err != nil {

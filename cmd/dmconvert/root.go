@@ -129,7 +129,7 @@ func (a *app) rootCommand(ran *bool) *cobra.Command {
 			return f(cmd, args)
 		}
 	}
-	root.AddCommand(a.encryptCommand(mark), a.decryptCommand(mark), a.resumeCommand(mark), a.abortCommand(mark), a.statusCommand(mark))
+	root.AddCommand(a.encryptCommand(mark), a.decryptCommand(mark), a.rekeyCommand(mark), a.resumeCommand(mark), a.abortCommand(mark), a.statusCommand(mark))
 	return root
 }
 

@@ -189,9 +189,18 @@ func (a *app) continueRun(ctx context.Context, o *continueOptions, args []string
 	case final.Status == journal.StatusDone && spec.Op == "decrypt":
 		res.Outcome = "done"
 		a.finishDecrypt(res, &spec)
+	case final.Status == journal.StatusDone && spec.Op == "rekey":
+		res.Outcome = "done"
+		a.finishRekey(res, &spec)
 	case final.Status == journal.StatusDone:
 		res.Outcome = "done"
 		a.finishEncrypt(res, &spec, crypttab)
+	case final.Status == journal.StatusAborted && spec.Op == "rekey":
+		res.Outcome = "aborted"
+		res.fromSpec(&spec)
+		if !a.quiet && !a.json {
+			fmt.Fprintf(a.stdout, "\nAborted: %s keeps its old volume key, open as /dev/mapper/%s.\n", spec.Disk.Path, spec.Name)
+		}
 	case final.Status == journal.StatusAborted && spec.Op == "decrypt":
 		res.Outcome = "aborted"
 		res.fromSpec(&spec)

@@ -5,6 +5,8 @@ import (
 	"math"
 	"strconv"
 	"strings"
+
+	"github.com/dmconvert/dmconvert/convert"
 )
 
 // parseSize reads a byte count: a plain number of bytes, or a number with
@@ -85,4 +87,23 @@ func humanBytes(n uint64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
+}
+
+// chunkAndRegion checks --chunk-size and --region-size of decrypt and
+// rekey and returns them in sectors (0: the default).
+func chunkAndRegion(chunkSize, regionSize sizeFlag) (chunk, region convert.Sectors, err error) {
+	if chunkSize.set {
+		if chunkSize.v == 0 || chunkSize.v%4096 != 0 {
+			return 0, 0, usagef("--chunk-size %d is not a non-zero multiple of 4096 bytes", chunkSize.v)
+		}
+		chunk = convert.Sectors(chunkSize.v / 512)
+	}
+	if regionSize.set {
+		rs := regionSize.v
+		if rs < 4096 || rs&(rs-1) != 0 {
+			return 0, 0, usagef("--region-size %d is not a power of two of at least 4096 bytes", rs)
+		}
+		region = convert.Sectors(rs / 512)
+	}
+	return chunk, region, nil
 }

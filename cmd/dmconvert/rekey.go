@@ -1,0 +1,161 @@
+package main
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/dmconvert/dmconvert/convert"
+	"github.com/dmconvert/dmconvert/luks"
+)
+
+// rekeyOptions are the flags of `dmconvert rekey`.
+type rekeyOptions struct {
+	key          keyOptions
+	journal      string
+	chunkSize    sizeFlag
+	regionSize   sizeFlag
+	dryRun       bool
+	yes          bool
+	batch        bool
+	removeOthers bool
+}
+
+func (a *app) rekeyCommand(mark markFunc) *cobra.Command {
+	o := &rekeyOptions{}
+	cmd := &cobra.Command{
+		Use:   "rekey TARGET",
+		Short: "give an open LUKS2 volume a new volume key in place while it is in use",
+		Long: `Re-encrypt TARGET, an open LUKS2 mapping (its name, /dev/mapper/NAME, or the
+device under it), with a new random volume key, online: a file system may be
+mounted on it, or it may be an LVM physical volume with active logical
+volumes. The cipher, key size and sector size stay as they are.
+
+The data area moves toward the start of the device by a small gap (--chunk-size,
+default 4 MiB, at most what the keyslots area leaves unused) while it is
+re-encrypted, so no sector is ever overwritten before its new copy is safe;
+the keyslots area shrinks by that much. The new key waits in a keyslot opened
+by the same passphrase until the last step switches the header over and
+removes the old key's keyslots. Until then stock cryptsetup refuses to open
+the device (a LUKS2 requirement marks it); resume or abort with dmconvert.
+
+The passphrase or key file is needed to read the volume key from the header
+(the kernel keeps cryptsetup's keys where no other program can read them),
+and it opens the new key afterwards. Keyslots it does not open would lose
+their key: they are refused unless --remove-other-keyslots.`,
+		Args: exactArgs(1),
+		RunE: mark(func(cmd *cobra.Command, args []string) error { return a.runRekey(cmd.Context(), o, args) }),
+	}
+	f := cmd.Flags()
+	o.key.register(f)
+	f.StringVar(&o.journal, "journal", "", "journal file (default /var/lib/dmconvert/<LUKS UUID>.journal); must not live on TARGET")
+	f.Var(&o.chunkSize, "chunk-size", "how far the data moves and the most copied per step, with K/M/G suffix (default 4M)")
+	f.Var(&o.regionSize, "region-size", "dm-mirror region size, a power of two (default 4.0 MiB)")
+	f.BoolVar(&o.dryRun, "dry-run", false, "print the plan and change nothing (the passphrase is still checked)")
+	f.BoolVar(&o.yes, "yes", false, "do not ask for confirmation")
+	f.BoolVarP(&o.batch, "batch-mode", "q", false, "do not ask for confirmation (as cryptsetup's --batch-mode)")
+	f.BoolVar(&o.removeOthers, "remove-other-keyslots", false, "remove the keyslots the given passphrase does not open (their passphrases stop working)")
+	return cmd
+}
+
+// runRekey is `dmconvert rekey`.
+func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err error) {
+	res := &result{Command: "rekey"}
+	defer func() { a.emitResult(res, err) }()
+	if len(args) != 1 {
+		return usagef("rekey takes one TARGET")
+	}
+	target := args[0]
+	res.Device = target
+	if err := o.key.validate(); err != nil {
+		return err
+	}
+	chunk, region, err := chunkAndRegion(o.chunkSize, o.regionSize)
+	if err != nil {
+		return err
+	}
+	if !o.dryRun && a.reexec != nil {
+		if err := a.reexec(); err != nil {
+			return fmt.Errorf("re-executing dmconvert from memory: %w", err)
+		}
+	}
+	e, closeEngine, err := a.engine(region)
+	if err != nil {
+		return err
+	}
+	defer closeEngine()
+	pass, err := a.readKey(o.key, target)
+	if err != nil {
+		return err
+	}
+	defer luks.WipeBytes(pass)
+	ep, err := e.PlanRekey(ctx, convert.RekeyOptions{Target: target, Journal: o.journal, Chunk: chunk,
+		Open: opener(pass), Passphrase: pass, RemoveOtherKeyslots: o.removeOthers})
+	if err != nil {
+		return err
+	}
+	defer ep.Wipe()
+	res.fromPlan(ep)
+	if !a.json && !a.quiet {
+		a.printRekeyPlan(ep)
+	}
+	if o.dryRun {
+		res.Outcome = "planned"
+		res.Plan = ep.Spec
+		if !a.json && !a.quiet {
+			fmt.Fprintln(a.stdout, "Dry run: nothing was changed.")
+		}
+		return nil
+	}
+	if !o.yes && !o.batch {
+		if err := a.confirmVerb("re-encrypt with a new volume key", ep.Spec.Disk.Path); err != nil {
+			return err
+		}
+	}
+	pr := a.newProgress()
+	e.Progress = pr
+	st := a.startStopper(pr.note)
+	err = e.Execute(ctx, ep, convert.RunOptions{Stop: st.requested})
+	st.close()
+	pr.finish(err == nil)
+	if err != nil {
+		a.noteKeptState(ep.Journal, err)
+		return err
+	}
+	res.Outcome = "done"
+	a.finishRekey(res, ep.Spec)
+	return nil
+}
+
+func (a *app) printRekeyPlan(ep *convert.EncryptPlan) {
+	s, g := ep.Spec, ep.Spec.Forward.Geometry
+	w := a.stdout
+	fmt.Fprintf(w, "Plan: rekey %s (LUKS%d, %s, UUID %s), open as /dev/mapper/%s, in place and online\n",
+		s.Disk.Path, s.LUKSVersion, s.Crypt.Cipher, s.LUKSUUID, s.Name)
+	if s.VG != "" {
+		fmt.Fprintf(w, "  volume group:  %s (PV %s)\n", s.VG, s.PVDevice)
+	}
+	gap := g.Header - g.HeaderUsed
+	fmt.Fprintf(w, "  data:          %s (%d sectors) re-encrypted with a new random key, moving %s toward the start of the disk (data offset %s -> %s)\n",
+		humanBytes(g.Payload*512), g.Payload, humanBytes(gap*512), humanBytes(g.Header*512), humanBytes(g.HeaderUsed*512))
+	if note := convert.OtherKeyslotsNote(ep.Header); note != "" {
+		fmt.Fprintf(w, "  keyslots:      %s\n", note)
+	}
+	fmt.Fprintf(w, "  journal:       %s\n", ep.Journal)
+	fmt.Fprintln(w, "  phases:")
+	for i, ph := range s.Forward.Phases {
+		fmt.Fprintf(w, "    %d. %s\n", i+1, convert.DescribePhase(ph))
+	}
+}
+
+// finishRekey reports a completed rekey.
+func (a *app) finishRekey(r *result, s *convert.Spec) {
+	r.fromSpec(s)
+	if a.quiet || a.json {
+		return
+	}
+	fmt.Fprintf(a.stdout, "\nDone: %s has a new volume key and its data starts %s into the disk; /dev/mapper/%s uses it.\n",
+		s.Disk.Path, humanBytes(s.Forward.Geometry.HeaderUsed*512), s.Name)
+	fmt.Fprintf(a.stdout, "Header backups made before now hold the old key: make a new one (cryptsetup luksHeaderBackup) and destroy the old ones.\n")
+}
