@@ -1,0 +1,228 @@
+package convert
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/dmconvert/dmconvert/testvm"
+)
+
+// Real-kernel tests of `dmconvert rekey`: a LUKS2 volume made by stock
+// cryptsetup, in use (LVM with a mounted ext4 and a raw LV, or an ext4
+// mounted on the mapping itself), under a writer; interrupted (SIGINT,
+// kill -9) and resumed, or aborted; then every file and acknowledged
+// record is checked, stock cryptsetup opens the volume with the
+// passphrase, and the old volume key no longer opens it.
+
+// TestVMRekey boots one VM for the rekey guest tests.
+func TestVMRekey(t *testing.T) {
+	if testvm.VMRequested() {
+		t.Parallel()
+	}
+	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
+	testvm.RunTestsInGuest(t, testvm.Options{
+		Disks:   []testvm.Disk{{Size: 128 * guestMiB}, {Size: 96 * guestMiB}, {Size: 128 * guestMiB}, {Size: 64 * guestMiB}},
+		Run:     "^TestGuestRekey",
+		Files:   map[string]string{"dmconvert": bin},
+		Timeout: 20 * time.Minute,
+	})
+}
+
+// saveVolumeKey writes the volume key of the LUKS device dev (opened by
+// the passphrase file) to path, with cryptsetup.
+func saveVolumeKey(t testing.TB, dev, path string) []byte {
+	t.Helper()
+	sh(t, "cryptsetup", "luksDump", "-q", "--dump-volume-key", "--volume-key-file", path, "--key-file", pwFile, dev)
+	b, err := os.ReadFile(path)
+	if err != nil || len(b) == 0 {
+		t.Fatalf("cryptsetup saved no volume key of %s: %v", dev, err)
+	}
+	return b
+}
+
+// checkRekeyed: the old volume key no longer opens dev, the passphrase
+// opens it to a different key, and the header's data offset moved.
+func checkRekeyed(t testing.TB, dev string, oldKey []byte, oldKeyFile string) {
+	t.Helper()
+	if out, err := shOK("cryptsetup", "open", "--test-passphrase", "--volume-key-file", oldKeyFile, dev); err == nil {
+		t.Fatalf("the old volume key still opens %s:\n%s", dev, out)
+	}
+	if out, err := shOK("cryptsetup", "open", "--volume-key-file", oldKeyFile, dev, "rekey-oldkey"); err == nil {
+		shOK("cryptsetup", "close", "rekey-oldkey")
+		t.Fatalf("cryptsetup opened %s with the old volume key:\n%s", dev, out)
+	}
+	nk := saveVolumeKey(t, dev, "/tmp/rekey-new.key")
+	if bytes.Equal(nk, oldKey) {
+		t.Fatalf("%s still has its old volume key", dev)
+	}
+	dump := sh(t, "cryptsetup", "luksDump", dev)
+	if strings.Contains(dump, "dmconvert") {
+		t.Fatalf("the header of %s still carries dmconvert's marks:\n%s", dev, dump)
+	}
+	t.Logf("%s: new volume key; segment: %s", dev, segmentLine(dump))
+}
+
+func segmentLine(dump string) string {
+	i := strings.Index(dump, "Data segments:")
+	if i < 0 {
+		return "?"
+	}
+	for _, l := range strings.Split(dump[i:], "\n") {
+		if s := strings.TrimSpace(l); strings.HasPrefix(s, "offset:") {
+			return s
+		}
+	}
+	return "?"
+}
+
+// TestGuestRekeyLVM: an installer-style LUKS2+LVM disk with a second
+// passphrase; rekey is refused until --remove-other-keyslots, then runs
+// under a writer, is stopped with SIGINT, resumed, and checked live and
+// cold.
+func TestGuestRekeyLVM(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	st, name := luksStack(t, "rkl", d[0], state)
+	os.WriteFile("/tmp/other-pw", []byte("another passphrase"), 0o600)
+	sh(t, "cryptsetup", "luksAddKey", "-q", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+		"--key-file", pwFile, st.Disk, "/tmp/other-pw")
+	oldKey := saveVolumeKey(t, st.Disk, "/tmp/rkl-old.key")
+	j := st.file(state, "journal")
+	refused(t, st.Disk, 2, "keyslots", "rekey", name, "--batch-mode", "--key-file", pwFile, "--journal", j)
+	// A dry run prints the plan and writes nothing.
+	before := diskBytes(t, st.Disk)
+	code, out := cliRun(t, "rekey", name, "--dry-run", "--remove-other-keyslots", "--key-file", pwFile, "--journal", j)
+	requireExit(t, "rekey --dry-run", code, 0, out)
+	if !bytes.Equal(before, diskBytes(t, st.Disk)) || !strings.Contains(out, "Dry run") {
+		t.Fatalf("rekey --dry-run changed the disk or printed no plan:\n%s", out)
+	}
+	if _, err := os.Stat(j); err == nil {
+		t.Fatal("rekey --dry-run created the journal")
+	}
+	w := startWriter(t, st, state)
+	r := cliStart(t, "rekey", name, "--remove-other-keyslots", "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "1M")
+	r.waitProgress(t, 0.4)
+	r.cmd.Process.Signal(syscall.SIGINT)
+	code, errOut := r.wait()
+	requireExit(t, "rekey after SIGINT", code, 5, errOut)
+	if out, err := shOK("cryptsetup", "open", "--key-file", pwFile, st.Disk, "rkl-second"); err == nil {
+		shOK("cryptsetup", "close", "rkl-second")
+		t.Fatalf("stock cryptsetup opened the half-rekeyed disk:\n%s", out)
+	}
+	code, out = cliRun(t, "status", "--journal", j)
+	requireExit(t, "status of the interrupted rekey", code, 0, out)
+	code, out = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+	requireExit(t, "resume of the rekey", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyStack(t, st, state)
+	verifyEncryptedCold(t, st, state, name)
+	checkRekeyed(t, st.Disk, oldKey, "/tmp/rkl-old.key")
+	if out, err := shOK("cryptsetup", "open", "--test-passphrase", "--key-file", "/tmp/other-pw", st.Disk); err == nil {
+		t.Fatalf("the removed keyslot's passphrase still opens %s:\n%s", st.Disk, out)
+	}
+}
+
+// fsOnMapping makes a LUKS2 device with an ext4 mounted on the mapping
+// itself; the raw writer writes into a preallocated file on it.
+func fsOnMapping(t testing.TB, tag, disk, state string) (*stack, string) {
+	t.Helper()
+	// verifyStack finds a file system at /dev/mapper/<VG>-<LV>: the
+	// mapping's name has that shape.
+	name := tag + "-crypt"
+	sh(t, "cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+		"--key-file", pwFile, disk)
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
+	dev := "/dev/mapper/" + name
+	sh(t, "mkfs.ext4", "-q", "-F", dev)
+	mp := "/mnt/" + tag
+	os.MkdirAll(mp, 0o755)
+	sh(t, "mount", dev, mp)
+	raw := filepath.Join(mp, "rawslots")
+	if err := os.WriteFile(raw, make([]byte, rawSlots*recSize), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	st := &stack{Tag: tag, Disk: disk, VG: tag, RawLV: raw, Mounts: []string{mp}, FSLVs: []string{"crypt"}, FSTypes: []string{"ext4"},
+		Sizes: []uint64{blockDevBytes(t, dev)}}
+	writeManifest(t, st, state)
+	return st, name
+}
+
+// TestGuestRekeyFS: an ext4 mounted directly on the LUKS2 mapping is
+// rekeyed under a writer, the process killed with SIGKILL mid-run, then
+// resumed; checked live and after a cold open with the passphrase.
+func TestGuestRekeyFS(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	st, name := fsOnMapping(t, "rkfs", d[1], state)
+	oldKey := saveVolumeKey(t, st.Disk, "/tmp/rkfs-old.key")
+	j := st.file(state, "journal")
+	w := startWriter(t, st, state)
+	r := cliStart(t, "rekey", "/dev/mapper/"+name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "2M")
+	r.waitProgress(t, 0.3)
+	r.cmd.Process.Kill()
+	code, _ := r.wait()
+	requireExit(t, "rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
+	code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+	requireExit(t, "resume of the rekey", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	// The data area now starts 2 MiB earlier and ends where it did: the
+	// mapping is 2 MiB larger (as cryptsetup open maps it); the file
+	// system is the same.
+	if got := blockDevBytes(t, "/dev/mapper/"+name); got != st.Sizes[0]+2<<20 {
+		t.Fatalf("the rekeyed mapping is %d bytes, want %d", got, st.Sizes[0]+2<<20)
+	}
+	st.Sizes[0] += 2 << 20
+	verifyStack(t, st, state)
+	// Cold: close, open with stock cryptsetup and the passphrase.
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
+	sh(t, "cryptsetup", "close", name)
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, st.Disk, name)
+	verifyStack(t, st, state)
+	checkRekeyed(t, st.Disk, oldKey, "/tmp/rkfs-old.key")
+}
+
+
+// TestGuestRekeyAbort: a rekey stopped half way with SIGTERM and aborted
+// walks back online to the old key: every write is there and the old
+// volume key opens the disk.
+func TestGuestRekeyAbort(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	st, name := luksStack(t, "rka", d[2], state)
+	oldKey := saveVolumeKey(t, st.Disk, "/tmp/rka-old.key")
+	j := st.file(state, "journal")
+	w := startWriter(t, st, state)
+	r := cliStart(t, "rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "1M")
+	r.waitProgress(t, 0.5)
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	code, errOut := r.wait()
+	requireExit(t, "rekey after SIGTERM", code, 5, errOut)
+	code, out := cliRun(t, "abort", "--journal", j, "--key-file", pwFile)
+	requireExit(t, "abort of the rekey", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyStack(t, st, state)
+	verifyEncryptedCold(t, st, state, name)
+	if k := saveVolumeKey(t, st.Disk, "/tmp/rka-after.key"); !bytes.Equal(k, oldKey) {
+		t.Fatal("the aborted rekey changed the volume key")
+	}
+	sh(t, "cryptsetup", "open", "--test-passphrase", "--volume-key-file", "/tmp/rka-old.key", st.Disk)
+	if dump := sh(t, "cryptsetup", "luksDump", st.Disk); strings.Contains(dump, "dmconvert") || strings.Contains(dump, "unbound") {
+		t.Fatalf("the aborted rekey left marks or the staged keyslot:\n%s", dump)
+	}
+}
