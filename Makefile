@@ -3,7 +3,7 @@
 #   make test   everything CI runs: host packages, Go, vet, unit and guest tests
 SHELL := /bin/bash
 
-.PHONY: test demo bench unit vm prepare deps
+.PHONY: test demo bench unit vm prepare deps crashtest
 
 test:
 	@scripts/test.sh
@@ -24,6 +24,12 @@ PKG ?= ./...
 vm:
 	@scripts/host-deps.sh
 	@PATH="$$(scripts/go.sh):$$PATH" DMCONVERT_VM=1 go test -count=1 -v -run '^TestVM' $(PKG)
+
+# power cuts: make crashtest N=50 (DMCONVERT_CRASH_SEED=s replays a run)
+N ?= 10
+crashtest:
+	@scripts/host-deps.sh
+	@PATH="$$(scripts/go.sh):$$PATH" DMCONVERT_VM=1 DMCONVERT_POWERCUTS=$(N) go test -count=1 -v -timeout 0 -run '^TestVMPowerCut$$' ./convert
 
 # build (or find) the cached guest image
 prepare:

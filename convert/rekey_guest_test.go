@@ -37,6 +37,7 @@ func TestVMRekey(t *testing.T) {
 // the passphrase file) to path, with cryptsetup.
 func saveVolumeKey(t testing.TB, dev, path string) []byte {
 	t.Helper()
+	os.Remove(path) // cryptsetup does not overwrite a key file
 	sh(t, "cryptsetup", "luksDump", "-q", "--dump-volume-key", "--volume-key-file", path, "--key-file", pwFile, dev)
 	b, err := os.ReadFile(path)
 	if err != nil || len(b) == 0 {
@@ -95,6 +96,11 @@ func TestGuestRekeyLVM(t *testing.T) {
 		"--key-file", pwFile, st.Disk, "/tmp/other-pw")
 	oldKey := saveVolumeKey(t, st.Disk, "/tmp/rkl-old.key")
 	j := st.file(state, "journal")
+	// Quiet the disk (ext4 initialises its tables in the background) to
+	// check that a refused or dry run writes nothing.
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
 	refused(t, st.Disk, 2, "keyslots", "rekey", name, "--batch-mode", "--key-file", pwFile, "--journal", j)
 	// A dry run prints the plan and writes nothing.
 	before := diskBytes(t, st.Disk)
@@ -105,6 +111,9 @@ func TestGuestRekeyLVM(t *testing.T) {
 	}
 	if _, err := os.Stat(j); err == nil {
 		t.Fatal("rekey --dry-run created the journal")
+	}
+	for i, mp := range st.Mounts {
+		sh(t, "mount", "/dev/mapper/"+st.VG+"-"+st.FSLVs[i], mp)
 	}
 	w := startWriter(t, st, state)
 	r := cliStart(t, "rekey", name, "--remove-other-keyslots", "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "1M")
