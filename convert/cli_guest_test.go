@@ -466,6 +466,11 @@ func TestGuestCLIRefusals(t *testing.T) {
 // do), LVs, a mounted ext4.
 func luksStack(t testing.TB, tag, disk, state string) (*stack, string) {
 	t.Helper()
+	return luksStackSized(t, tag, disk, state, "56m", "8m")
+}
+
+func luksStackSized(t testing.TB, tag, disk, state, extSize, rawSize string) (*stack, string) {
+	t.Helper()
 	name := filepath.Base(disk) + "_crypt"
 	sh(t, "cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
 		"--sector-size", "512", "--key-file", pwFile, disk)
@@ -474,13 +479,13 @@ func luksStack(t testing.TB, tag, disk, state string) (*stack, string) {
 	vg := "vg" + tag
 	sh(t, "pvcreate", "-y", m)
 	sh(t, "vgcreate", "-y", vg, m)
-	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "56m", vg)
-	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", vg)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", extSize, vg)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", rawSize, vg)
 	sh(t, "vgchange", "-ay", vg)
 	st := &stack{Tag: tag, Disk: disk, VG: vg, RawLV: "/dev/mapper/" + vg + "-raw"}
 	dev := "/dev/mapper/" + vg + "-ext"
 	mp := "/mnt/" + tag + "-ext"
-	sh(t, "mkfs.ext4", "-q", "-F", dev)
+	sh(t, "mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)
 	os.MkdirAll(mp, 0o755)
 	sh(t, "mount", dev, mp)
 	st.Mounts, st.FSLVs, st.FSTypes, st.Sizes = []string{mp}, []string{"ext"}, []string{"ext4"}, []uint64{blockDevBytes(t, dev)}
