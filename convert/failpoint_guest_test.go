@@ -31,8 +31,14 @@ func TestVMFailpoints(t *testing.T) {
 	for _, rec := range []string{"Resume", "Abort", "Rekey"} {
 		t.Run(rec, func(t *testing.T) {
 			t.Parallel()
+			// Small disks: the cases copy the whole PV (or data area) again
+			// and again; 40 MiB of data is 20 chunks of 2 MiB.
+			size := int64(48 * guestMiB)
+			if rec == "Rekey" {
+				size = int64(56 * guestMiB) // 16 MiB of LUKS2 header in front
+			}
 			testvm.RunTestsInGuest(t, testvm.Options{
-				Disks:   []testvm.Disk{{Size: 96 * guestMiB}, {Size: 128 * guestMiB}},
+				Disks:   []testvm.Disk{{Size: size}, {Size: 64 * guestMiB}},
 				Run:     "^TestGuestFailpoints" + rec + "$",
 				Files:   map[string]string{"dmconvert": filepath.Join(dir, "dmconvert")},
 				Timeout: 40 * time.Minute,
@@ -94,7 +100,7 @@ func TestGuestFailpointsRekey(t *testing.T) {
 			}
 			w := startWriter(t, st, state)
 			j := st.file(state, "journal")
-			cmd := exec.Command(dmconvertBin(t), "rekey", name, "--batch-mode", "--key-file", pwFile, "--journal", j, "--chunk-size", "1M")
+			cmd := exec.Command(dmconvertBin(t), "rekey", name, "--batch-mode", "--key-file", pwFile, "--journal", j, "--chunk-size", "2M")
 			cmd.Env = append(os.Environ(), fmt.Sprintf("DMCONVERT_FAILPOINT=%s:%d", fp, fpHit(fp)))
 			out, _ := cmd.CombinedOutput()
 			if code := cmd.ProcessState.ExitCode(); code != FailpointExitCode {
@@ -156,7 +162,7 @@ func guestFailpoints(t *testing.T, rec string) {
 	state := guestStateDir(t, d[1])
 	writePW(t)
 	// One pristine stack, saved, restored before every case.
-	st := buildSmallStack(t, "fp", disk, state, 8192)
+	st := buildSmallStack(t, "fp", disk, state, 8192, "24m")
 	for _, mp := range st.Mounts {
 		sh(t, "umount", mp)
 	}
@@ -188,7 +194,7 @@ func guestFailpoints(t *testing.T, rec string) {
 					}
 				}
 				args := []string{"encrypt", st.Disk, "--batch-mode", "--key-file", pwFile, "--journal", st.file(state, "journal"),
-					"--header-size", "4M", "--chunk-size", "4M", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"}
+					"--header-size", "4M", "--chunk-size", "2M", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"}
 				if abortOnly[fp] {
 					// Reached only while walking back: stop the run in the
 					// middle, then let the abort die there.
@@ -272,14 +278,14 @@ func restoreDisk(t testing.TB, disk string, img []byte) {
 
 // buildSmallStack: ext4 LV and raw LV on a PV leaving 2*header sectors
 // free at the end.
-func buildSmallStack(t testing.TB, tag, disk, state string, header uint64) *stack {
+func buildSmallStack(t testing.TB, tag, disk, state string, header uint64, extSize string) *stack {
 	t.Helper()
 	size := diskSectors(t, disk)
 	pvSize := size - 2*header
 	vg := "vg" + tag
 	sh(t, "pvcreate", "-y", "--setphysicalvolumesize", fmt.Sprintf("%ds", pvSize), disk)
 	sh(t, "vgcreate", "-y", vg, disk)
-	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "56m", vg)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", extSize, vg)
 	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", vg)
 	sh(t, "vgchange", "-ay", vg)
 	st := &stack{Tag: tag, Disk: disk, VG: vg, PVSize: pvSize, RawLV: "/dev/mapper/" + vg + "-raw"}

@@ -109,6 +109,7 @@ type VM struct {
 	cmd      *exec.Cmd
 	start    time.Time
 	ownShare bool
+	claimed  string // the share it holds in sharesInUse
 	stderr   bytes.Buffer
 
 	mu      sync.Mutex
@@ -171,15 +172,25 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 		return nil, fmt.Errorf("testvm: share %s: %w", cfg.Share, err)
 	}
 	cfg.Share = share
+	// The guest reads its script from the share: two VMs running on one
+	// share would run each other's scripts.
+	if err := claimShare(share); err != nil {
+		vm.cleanup()
+		return nil, err
+	}
+	vm.claimed = share
 	cfg.Disks = append([]string(nil), cfg.Disks...)
 	for i, d := range cfg.Disks {
 		abs, err := filepath.Abs(d)
 		if err != nil {
+			vm.cleanup()
 			return nil, fmt.Errorf("testvm: disk %s: %w", d, err)
 		}
 		if st, err := os.Stat(abs); err != nil {
+			vm.cleanup()
 			return nil, fmt.Errorf("testvm: disk %s: %w", d, err)
 		} else if !st.Mode().IsRegular() {
+			vm.cleanup()
 			return nil, fmt.Errorf("testvm: disk %s: not a regular file", d)
 		}
 		cfg.Disks[i] = abs
@@ -534,7 +545,30 @@ func (vm *VM) collect() (Result, error) {
 
 var exitMarker = regexp.MustCompile(`(?m)^TESTVM-EXIT=(\d+)`)
 
+// sharesInUse are the share directories of the VMs of this process that
+// have not ended.
+var (
+	sharesMu    sync.Mutex
+	sharesInUse = map[string]bool{}
+)
+
+func claimShare(dir string) error {
+	sharesMu.Lock()
+	defer sharesMu.Unlock()
+	if sharesInUse[dir] {
+		return fmt.Errorf("testvm: share %s is in use by another VM that has not ended (give each running VM its own share)", dir)
+	}
+	sharesInUse[dir] = true
+	return nil
+}
+
 func (vm *VM) cleanup() {
+	if vm.claimed != "" {
+		sharesMu.Lock()
+		delete(sharesInUse, vm.claimed)
+		sharesMu.Unlock()
+		vm.claimed = ""
+	}
 	if vm.ownShare {
 		os.RemoveAll(vm.cfg.Share)
 	}

@@ -368,3 +368,21 @@ func TestDeclaredGuestTests(t *testing.T) {
 		t.Fatalf("MissingGuestTests = %v", m)
 	}
 }
+
+// Two running VMs on one share would run each other's scripts (the power
+// cut test once did): the second claim is refused until the first ends.
+func TestShareClaimedOnce(t *testing.T) {
+	dir := t.TempDir()
+	if err := claimShare(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := claimShare(dir); err == nil {
+		t.Fatal("a share in use was claimed again")
+	}
+	vm := &VM{claimed: dir}
+	vm.cleanup()
+	if err := claimShare(dir); err != nil {
+		t.Fatalf("after the VM ended: %v", err)
+	}
+	(&VM{claimed: dir}).cleanup()
+}
