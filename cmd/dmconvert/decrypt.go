@@ -90,11 +90,29 @@ func (a *app) runDecrypt(ctx context.Context, o *decryptOptions, args []string) 
 		return err
 	}
 	defer ep.Wipe()
+	return a.runPlan(ctx, e, ep, res, planned{
+		dryRun: o.dryRun, confirmed: o.yes || o.batch, verb: "decrypt",
+		print: a.printDecryptPlan, finish: a.finishDecrypt,
+	})
+}
+
+// planned says how runPlan shows, confirms and reports a plan.
+type planned struct {
+	dryRun, confirmed bool
+	verb              string // what the confirmation says will happen
+	print             func(*convert.EncryptPlan)
+	finish            func(*result, *convert.Spec)
+}
+
+// runPlan prints the plan (or only that with --dry-run), asks for
+// confirmation, executes it with progress and signal handling, and
+// reports the outcome.
+func (a *app) runPlan(ctx context.Context, e *convert.Engine, ep *convert.EncryptPlan, res *result, p planned) error {
 	res.fromPlan(ep)
 	if !a.json && !a.quiet {
-		a.printDecryptPlan(ep)
+		p.print(ep)
 	}
-	if o.dryRun {
+	if p.dryRun {
 		res.Outcome = "planned"
 		res.Plan = ep.Spec
 		if !a.json && !a.quiet {
@@ -102,24 +120,32 @@ func (a *app) runDecrypt(ctx context.Context, o *decryptOptions, args []string) 
 		}
 		return nil
 	}
-	if !o.yes && !o.batch {
-		if err := a.confirmVerb("decrypt", ep.Spec.Disk.Path); err != nil {
+	if !p.confirmed {
+		if err := a.confirmVerb(p.verb, ep.Spec.Disk.Path); err != nil {
 			return err
 		}
 	}
+	if err := a.execute(ctx, e, ep); err != nil {
+		return err
+	}
+	res.Outcome = "done"
+	p.finish(res, ep.Spec)
+	return nil
+}
+
+// execute runs a plan with a progress display and SIGINT/SIGTERM handling;
+// on failure it says where the state is kept.
+func (a *app) execute(ctx context.Context, e *convert.Engine, ep *convert.EncryptPlan) error {
 	pr := a.newProgress()
 	e.Progress = pr
 	st := a.startStopper(pr.note)
-	err = e.Execute(ctx, ep, convert.RunOptions{Stop: st.requested})
+	err := e.Execute(ctx, ep, convert.RunOptions{Stop: st.requested})
 	st.close()
 	pr.finish(err == nil)
 	if err != nil {
 		a.noteKeptState(ep.Journal, err)
-		return err
 	}
-	res.Outcome = "done"
-	a.finishDecrypt(res, ep.Spec)
-	return nil
+	return err
 }
 
 func (a *app) printDecryptPlan(ep *convert.EncryptPlan) {

@@ -358,14 +358,7 @@ func (a *app) runEncrypt(ctx context.Context, o *encryptOptions, args []string) 
 		a.printPlan(ep, cfg)
 	}
 
-	pr := a.newProgress()
-	e.Progress = pr
-	st := a.startStopper(pr.note)
-	err = e.Execute(ctx, ep, convert.RunOptions{Stop: st.requested})
-	st.close()
-	pr.finish(err == nil)
-	if err != nil {
-		a.noteKeptState(ep.Journal, err)
+	if err := a.execute(ctx, e, ep); err != nil {
 		return err
 	}
 	res.Outcome = "done"

@@ -96,36 +96,10 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 		return err
 	}
 	defer ep.Wipe()
-	res.fromPlan(ep)
-	if !a.json && !a.quiet {
-		a.printRekeyPlan(ep)
-	}
-	if o.dryRun {
-		res.Outcome = "planned"
-		res.Plan = ep.Spec
-		if !a.json && !a.quiet {
-			fmt.Fprintln(a.stdout, "Dry run: nothing was changed.")
-		}
-		return nil
-	}
-	if !o.yes && !o.batch {
-		if err := a.confirmVerb("re-encrypt with a new volume key", ep.Spec.Disk.Path); err != nil {
-			return err
-		}
-	}
-	pr := a.newProgress()
-	e.Progress = pr
-	st := a.startStopper(pr.note)
-	err = e.Execute(ctx, ep, convert.RunOptions{Stop: st.requested})
-	st.close()
-	pr.finish(err == nil)
-	if err != nil {
-		a.noteKeptState(ep.Journal, err)
-		return err
-	}
-	res.Outcome = "done"
-	a.finishRekey(res, ep.Spec)
-	return nil
+	return a.runPlan(ctx, e, ep, res, planned{
+		dryRun: o.dryRun, confirmed: o.yes || o.batch, verb: "re-encrypt with a new volume key",
+		print: a.printRekeyPlan, finish: a.finishRekey,
+	})
 }
 
 func (a *app) printRekeyPlan(ep *convert.EncryptPlan) {
