@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/dmconvert/dmconvert/convert"
 	"github.com/dmconvert/dmconvert/luks"
@@ -12,6 +13,12 @@ import (
 
 // decryptOptions are the flags of `dmconvert decrypt`.
 type decryptOptions struct {
+	onlineOptions
+	shrinkPV bool
+}
+
+// onlineOptions are the flags decrypt and rekey share.
+type onlineOptions struct {
 	key        keyOptions
 	journal    string
 	chunkSize  sizeFlag
@@ -19,7 +26,44 @@ type decryptOptions struct {
 	dryRun     bool
 	yes        bool
 	batch      bool
-	shrinkPV   bool
+}
+
+func (o *onlineOptions) register(f *pflag.FlagSet, journalDefault, chunkHelp string) {
+	o.key.register(f)
+	f.StringVar(&o.journal, "journal", "", "journal file (default "+journalDefault+"); must not live on TARGET")
+	f.Var(&o.chunkSize, "chunk-size", chunkHelp)
+	f.Var(&o.regionSize, "region-size", "dm-mirror region size, a power of two (default 4.0 MiB)")
+	f.BoolVar(&o.dryRun, "dry-run", false, "print the plan and change nothing (the passphrase is still checked)")
+	f.BoolVar(&o.yes, "yes", false, "do not ask for confirmation")
+	f.BoolVarP(&o.batch, "batch-mode", "q", false, "do not ask for confirmation (as cryptsetup's --batch-mode)")
+}
+
+// openOnline checks the shared flags, re-executes from memory (not for a
+// dry run), opens the engine and reads the passphrase of TARGET. done
+// wipes the passphrase and closes the engine.
+func (a *app) openOnline(o *onlineOptions, target string) (e *convert.Engine, pass []byte, chunk convert.Sectors, done func(), err error) {
+	if err := o.key.validate(); err != nil {
+		return nil, nil, 0, nil, err
+	}
+	chunk, region, err := chunkAndRegion(o.chunkSize, o.regionSize)
+	if err != nil {
+		return nil, nil, 0, nil, err
+	}
+	if !o.dryRun && a.reexec != nil {
+		if err := a.reexec(); err != nil {
+			return nil, nil, 0, nil, fmt.Errorf("re-executing dmconvert from memory: %w", err)
+		}
+	}
+	e, closeEngine, err := a.engine(region)
+	if err != nil {
+		return nil, nil, 0, nil, err
+	}
+	pass, err = a.readKey(o.key, target)
+	if err != nil {
+		closeEngine()
+		return nil, nil, 0, nil, err
+	}
+	return e, pass, chunk, func() { luks.WipeBytes(pass); closeEngine() }, nil
 }
 
 func (a *app) decryptCommand(mark markFunc) *cobra.Command {
@@ -43,13 +87,7 @@ keys where no other program can read them).`,
 		RunE: mark(func(cmd *cobra.Command, args []string) error { return a.runDecrypt(cmd.Context(), o, args) }),
 	}
 	f := cmd.Flags()
-	o.key.register(f)
-	f.StringVar(&o.journal, "journal", "", "journal file (default /var/lib/dmconvert/<PV UUID>.journal); must not live on TARGET")
-	f.Var(&o.chunkSize, "chunk-size", "bytes copied per step, with K/M/G suffix (default and maximum: the header size)")
-	f.Var(&o.regionSize, "region-size", "dm-mirror region size, a power of two (default 4.0 MiB)")
-	f.BoolVar(&o.dryRun, "dry-run", false, "print the plan and change nothing (the passphrase is still checked)")
-	f.BoolVar(&o.yes, "yes", false, "do not ask for confirmation")
-	f.BoolVarP(&o.batch, "batch-mode", "q", false, "do not ask for confirmation (as cryptsetup's --batch-mode)")
+	o.register(f, "/var/lib/dmconvert/<PV UUID>.journal", "bytes copied per step, with K/M/G suffix (default and maximum: the header size)")
 	f.BoolVar(&o.shrinkPV, "shrink-pv", false, "shrink the physical volume first when its last extents are free and it is too large")
 	return cmd
 }
@@ -63,28 +101,11 @@ func (a *app) runDecrypt(ctx context.Context, o *decryptOptions, args []string) 
 	}
 	target := args[0]
 	res.Device = target
-	if err := o.key.validate(); err != nil {
-		return err
-	}
-	chunk, region, err := chunkAndRegion(o.chunkSize, o.regionSize)
+	e, pass, chunk, done, err := a.openOnline(&o.onlineOptions, target)
 	if err != nil {
 		return err
 	}
-	if !o.dryRun && a.reexec != nil {
-		if err := a.reexec(); err != nil {
-			return fmt.Errorf("re-executing dmconvert from memory: %w", err)
-		}
-	}
-	e, closeEngine, err := a.engine(region)
-	if err != nil {
-		return err
-	}
-	defer closeEngine()
-	pass, err := a.readKey(o.key, target)
-	if err != nil {
-		return err
-	}
-	defer luks.WipeBytes(pass)
+	defer done()
 	ep, err := e.PlanDecrypt(ctx, convert.DecryptOptions{Target: target, Journal: o.journal, Chunk: chunk, ShrinkPV: o.shrinkPV, Open: opener(pass)})
 	if err != nil {
 		return err

@@ -7,18 +7,11 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/dmconvert/dmconvert/convert"
-	"github.com/dmconvert/dmconvert/luks"
 )
 
 // rekeyOptions are the flags of `dmconvert rekey`.
 type rekeyOptions struct {
-	key          keyOptions
-	journal      string
-	chunkSize    sizeFlag
-	regionSize   sizeFlag
-	dryRun       bool
-	yes          bool
-	batch        bool
+	onlineOptions
 	removeOthers bool
 }
 
@@ -48,13 +41,7 @@ their key: they are refused unless --remove-other-keyslots.`,
 		RunE: mark(func(cmd *cobra.Command, args []string) error { return a.runRekey(cmd.Context(), o, args) }),
 	}
 	f := cmd.Flags()
-	o.key.register(f)
-	f.StringVar(&o.journal, "journal", "", "journal file (default /var/lib/dmconvert/<LUKS UUID>.journal); must not live on TARGET")
-	f.Var(&o.chunkSize, "chunk-size", "how far the data moves and the most copied per step, with K/M/G suffix (default 4M)")
-	f.Var(&o.regionSize, "region-size", "dm-mirror region size, a power of two (default 4.0 MiB)")
-	f.BoolVar(&o.dryRun, "dry-run", false, "print the plan and change nothing (the passphrase is still checked)")
-	f.BoolVar(&o.yes, "yes", false, "do not ask for confirmation")
-	f.BoolVarP(&o.batch, "batch-mode", "q", false, "do not ask for confirmation (as cryptsetup's --batch-mode)")
+	o.register(f, "/var/lib/dmconvert/<LUKS UUID>.journal", "how far the data moves and the most copied per step, with K/M/G suffix (default 4M)")
 	f.BoolVar(&o.removeOthers, "remove-other-keyslots", false, "remove the keyslots the given passphrase does not open (their passphrases stop working)")
 	return cmd
 }
@@ -68,28 +55,11 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 	}
 	target := args[0]
 	res.Device = target
-	if err := o.key.validate(); err != nil {
-		return err
-	}
-	chunk, region, err := chunkAndRegion(o.chunkSize, o.regionSize)
+	e, pass, chunk, done, err := a.openOnline(&o.onlineOptions, target)
 	if err != nil {
 		return err
 	}
-	if !o.dryRun && a.reexec != nil {
-		if err := a.reexec(); err != nil {
-			return fmt.Errorf("re-executing dmconvert from memory: %w", err)
-		}
-	}
-	e, closeEngine, err := a.engine(region)
-	if err != nil {
-		return err
-	}
-	defer closeEngine()
-	pass, err := a.readKey(o.key, target)
-	if err != nil {
-		return err
-	}
-	defer luks.WipeBytes(pass)
+	defer done()
 	ep, err := e.PlanRekey(ctx, convert.RekeyOptions{Target: target, Journal: o.journal, Chunk: chunk,
 		Open: opener(pass), Passphrase: pass, RemoveOtherKeyslots: o.removeOthers})
 	if err != nil {
