@@ -36,7 +36,7 @@ import (
 //
 // Replaying a point costs 5-15 s under emulation (most of it the resume)
 // and a run has some 70 flush points that change the disk, so by default
-// 24 of them are replayed, one from each stretch of the run, chosen with
+// 16 of them are replayed, one from each stretch of the run, chosen with
 // a seed that is printed: DMCONVERT_LW_POINTS=all replays every one (some
 // 12-15 minutes; give go test -timeout 30m), DMCONVERT_LW_POINTS=n that
 // many; DMCONVERT_LW_SEED=s replays a sample, DMCONVERT_LW_SAMPLES sets
@@ -673,7 +673,7 @@ func TestGuestLogWritesEncrypt(t *testing.T) {
 	samples := int(lwEnvInt("DMCONVERT_LW_SAMPLES", 4))
 	flushes := logwrites.FlushPoints(entries, start+1, done)
 	distinct := logwrites.DistinctFlushPoints(entries, start+1, done)
-	nflush := int(lwEnvInt("DMCONVERT_LW_POINTS", 24))
+	nflush := int(lwEnvInt("DMCONVERT_LW_POINTS", 16))
 	if os.Getenv("DMCONVERT_LW_POINTS") == "all" {
 		nflush = len(distinct)
 	}
