@@ -49,6 +49,13 @@ import (
 // of the dm-crypt rate, at least 3x cryptsetup, writer stalls under
 // 200 ms, peak RSS under 64 MiB whatever the disk size. The benchmarks
 // report the numbers; docs/benchmarks.md says which targets are met.
+//
+// BenchmarkGuestRekey (bench_rekey_guest_test.go) runs in the same boot:
+// dm-crypt, online `cryptsetup reencrypt` and `dmconvert rekey` of a
+// mounted LUKS2+LVM volume on the 256 MiB disk (DMCONVERT_BENCH_ROUNDS
+// rounds). DMCONVERT_VM_BENCH selects the benchmarks, e.g.
+// '^BenchmarkGuestRekey$' for the rekey one alone (it needs nothing from
+// the others).
 
 // Environment of the benchmark VM. TestVMBench sets benchVMEnv in the
 // guest; the benchmarks skip anywhere else (convert's TestVM also runs
@@ -88,7 +95,7 @@ func TestVMBench(t *testing.T) {
 		t.Skip("benchmarks not requested (set DMCONVERT_VM_BENCH, as make bench does)")
 	}
 	env := map[string]string{benchVMEnv: "1"}
-	for _, k := range []string{benchRoundsEnv, benchSweepEnv, benchSizesEnv, benchKcopydEnv} {
+	for _, k := range []string{benchRoundsEnv, benchSweepEnv, benchSizesEnv, benchKcopydEnv, benchRekeyChunksEnv} {
 		if v, ok := os.LookupEnv(k); ok {
 			env[k] = v
 		}
@@ -209,19 +216,28 @@ func newBenchSuite(b *testing.B) *benchSuite {
 	if len(d) < 2 {
 		b.Fatalf("benchmark VM disks: %v", d)
 	}
-	s := &benchSuite{disk: d[0], state: mountState(b, d[1], true), scale: d[2:]}
+	// Several benchmarks of one boot (encrypt, rekey) each make a suite:
+	// the state disk is formatted and the disks allocated by the first.
+	s := &benchSuite{disk: d[0], state: mountState(b, d[1], !isMounted("/state")), scale: d[2:]}
 	if os.Getenv(benchAltEnv) == "1" {
 		s.alt = testvm.GuestFile("dmconvert-alt")
 	}
 	writePW(b)
 	// Allocate every disk image on the host once, so no run pays for the
 	// host file system filling holes and all runs see the same disk.
-	for _, disk := range append([]string{s.disk}, s.scale...) {
-		mib := diskSectors(b, disk) * 512 / guestMiB
-		sh(b, "dd", "if=/dev/zero", "of="+disk, "bs=1M", fmt.Sprintf("count=%d", mib), "oflag=direct", "status=none")
+	if !benchDisksAllocated {
+		for _, disk := range append([]string{s.disk}, s.scale...) {
+			mib := diskSectors(b, disk) * 512 / guestMiB
+			sh(b, "dd", "if=/dev/zero", "of="+disk, "bs=1M", fmt.Sprintf("count=%d", mib), "oflag=direct", "status=none")
+		}
+		benchDisksAllocated = true
 	}
 	return s
 }
+
+// benchDisksAllocated: newBenchSuite has written every disk once in this
+// boot.
+var benchDisksAllocated bool
 
 // convCase is one configuration of a mirror or dmconvert run.
 type convCase struct {

@@ -78,7 +78,25 @@ func dmconvertBin(t testing.TB) string {
 func cliRun(t testing.TB, args ...string) (int, string) {
 	t.Helper()
 	cmd := exec.Command(dmconvertBin(t), args...)
-	out, err := cmd.CombinedOutput()
+	var buf bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &buf, &buf
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("dmconvert %v: %v", args, err)
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- cmd.Wait() }()
+	var err error
+	select {
+	case err = <-waited:
+	case <-time.After(10 * time.Minute):
+		// Hung: say where before killing it.
+		info, _ := shOK("dmsetup", "info", "-c", "-o", "name,attr,open,uuid")
+		tasks := blockedTasks()
+		cmd.Process.Kill()
+		<-waited
+		t.Fatalf("dmconvert %v did not finish in 10 minutes\n%s\n%s\nblocked tasks:\n%s", args, buf.String(), info, tasks)
+	}
+	out := buf.Bytes()
 	code := 0
 	if err != nil {
 		ee, ok := err.(*exec.ExitError)

@@ -320,7 +320,18 @@ func (w *writer) fail(err error) {
 
 func (w *writer) finish(t testing.TB) (acks int, maxGap time.Duration) {
 	close(w.stop)
-	w.wg.Wait()
+	done := make(chan struct{})
+	go func() { w.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(3 * time.Minute):
+		// A write that never returns: a device left suspended, or I/O
+		// stuck below it. Say which, instead of hanging until the VM's
+		// timeout.
+		info, _ := shOK("dmsetup", "info", "-c", "-o", "name,attr,open,uuid")
+		table, _ := shOK("dmsetup", "table")
+		t.Fatalf("the writer is blocked 3 minutes after it was told to stop (a device left suspended?)\n%s\n%s\nblocked tasks:\n%s", info, table, blockedTasks())
+	}
 	if len(w.errs) > 0 {
 		t.Fatalf("writer failed: %v", w.errs)
 	}
@@ -433,4 +444,40 @@ func verifyStack(t testing.TB, st *stack, state string) {
 		nrec++
 	}
 	t.Logf("verified %d files and %d acknowledged records", nfiles, nrec)
+}
+
+// blockedTasks describes the processes in uninterruptible sleep: command
+// line and kernel stack.
+func blockedTasks() string {
+	var b strings.Builder
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid := e.Name()
+		if pid[0] < '0' || pid[0] > '9' {
+			continue
+		}
+		st, err := os.ReadFile("/proc/" + pid + "/stat")
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+1:]))
+		if len(f) == 0 || f[0] != "D" {
+			continue
+		}
+		cmd, _ := os.ReadFile("/proc/" + pid + "/cmdline")
+		stack, _ := os.ReadFile("/proc/" + pid + "/stack")
+		fmt.Fprintf(&b, "pid %s: %s\n%s\n", pid, strings.ReplaceAll(string(cmd), "\x00", " "), stack)
+		tasks, _ := os.ReadDir("/proc/" + pid + "/task")
+		for _, tk := range tasks {
+			if tk.Name() == pid {
+				continue
+			}
+			ts, _ := os.ReadFile("/proc/" + pid + "/task/" + tk.Name() + "/stat")
+			if tf := strings.Fields(string(ts[strings.LastIndexByte(string(ts), ')')+1:])); len(tf) > 0 && tf[0] == "D" {
+				s, _ := os.ReadFile("/proc/" + pid + "/task/" + tk.Name() + "/stack")
+				fmt.Fprintf(&b, "  thread %s:\n%s\n", tk.Name(), s)
+			}
+		}
+	}
+	return b.String()
 }
