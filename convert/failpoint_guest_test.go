@@ -34,7 +34,8 @@ func TestVMFailpoints(t *testing.T) {
 		t.Run(rec, func(t *testing.T) {
 			t.Parallel()
 			// Small disks: the cases copy the whole PV (or data area) again
-			// and again; 40 MiB of data is 20 chunks of 2 MiB.
+			// and again; 40 MiB of data is 10 chunks of 4 MiB (every per-chunk
+			// failpoint still has a 9th hit).
 			size := int64(48 * guestMiB)
 			if rec == "Rekey" {
 				size = int64(56 * guestMiB) // 16 MiB of LUKS2 header in front
@@ -135,7 +136,7 @@ func TestGuestFailpointsRekey(t *testing.T) {
 			}
 			w := startWriter(t, st, state)
 			j := st.file(state, "journal")
-			cmd := exec.Command(dmconvertBin(t), "rekey", name, "--batch-mode", "--key-file", pwFile, "--journal", j, "--chunk-size", "2M")
+			cmd := exec.Command(dmconvertBin(t), "rekey", name, "--batch-mode", "--key-file", pwFile, "--journal", j, "--chunk-size", "4M")
 			cmd.Env = append(os.Environ(), fmt.Sprintf("DMCONVERT_FAILPOINT=%s:%d", fp, fpHit(fp)))
 			out, _ := cmd.CombinedOutput()
 			if code := cmd.ProcessState.ExitCode(); code != FailpointExitCode {
@@ -230,7 +231,7 @@ func guestFailpoints(t *testing.T, rec string) {
 					}
 				}
 				args := []string{"encrypt", st.Disk, "--batch-mode", "--key-file", pwFile, "--journal", st.file(state, "journal"),
-					"--header-size", "4M", "--chunk-size", "2M", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"}
+					"--header-size", "4M", "--chunk-size", "4M", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"}
 				if abortOnly[fp] {
 					// Reached only while walking back: stop the run in the
 					// middle, then let the abort die there.

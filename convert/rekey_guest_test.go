@@ -203,7 +203,6 @@ func TestGuestRekeyFS(t *testing.T) {
 	checkRekeyed(t, st.Disk, oldKey, "/tmp/rkfs-old.key")
 }
 
-
 // TestGuestRekeyAbort: a rekey stopped half way with SIGTERM and aborted
 // walks back online to the old key: every write is there and the old
 // volume key opens the disk.
