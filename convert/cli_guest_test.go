@@ -77,7 +77,16 @@ func dmconvertBin(t testing.TB) string {
 // combined output.
 func cliRun(t testing.TB, args ...string) (int, string) {
 	t.Helper()
+	return cliRunEnv(t, nil, args...)
+}
+
+// cliRunEnv is cliRun with extra environment variables.
+func cliRunEnv(t testing.TB, env []string, args ...string) (int, string) {
+	t.Helper()
 	cmd := exec.Command(dmconvertBin(t), args...)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	var buf bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &buf, &buf
 	if err := cmd.Start(); err != nil {

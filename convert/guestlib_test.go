@@ -481,3 +481,43 @@ func blockedTasks() string {
 	}
 	return b.String()
 }
+
+// watchBlocked reports, once, tasks that stay in uninterruptible sleep
+// for a minute (a hang under a suspended device), with their kernel
+// stacks and the device states, while a guest test runs. Stop it with
+// the returned function.
+func watchBlocked(t testing.TB) func() {
+	stop := make(chan struct{})
+	go func() {
+		seen := map[string]int{}
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(20 * time.Second):
+			}
+			now := map[string]int{}
+			ents, _ := os.ReadDir("/proc")
+			for _, e := range ents {
+				st, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+				if err != nil || e.Name()[0] < '0' || e.Name()[0] > '9' {
+					continue
+				}
+				if f := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+1:])); len(f) > 0 && f[0] == "D" {
+					now[e.Name()] = seen[e.Name()] + 1
+				}
+			}
+			seen = now
+			for _, n := range now {
+				if n >= 3 {
+					info, _ := shOK("dmsetup", "info", "-c", "-o", "name,attr,open,uuid")
+					table, _ := shOK("dmsetup", "table")
+					fmt.Printf("WATCHDOG: tasks blocked for a minute:\n%s\n%s\n%s\n", blockedTasks(), info, table)
+					os.Stdout.Sync()
+					return
+				}
+			}
+		}
+	}()
+	return func() { close(stop) }
+}
