@@ -3,6 +3,7 @@ package testvm
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"go/ast"
 	"go/parser"
@@ -36,15 +37,34 @@ func (r Report) write(dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("testvm report: %w", err)
 	}
-	name := strings.NewReplacer("/", "_", ".", "_").Replace(r.Package+"."+r.Test) + ".json"
+	base := strings.NewReplacer("/", "_", ".", "_").Replace(r.Package + "." + r.Test)
 	data, err := json.MarshalIndent(r, "", "  ")
 	if err != nil {
 		return fmt.Errorf("testvm report: %w", err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, name), append(data, '\n'), 0o644); err != nil {
-		return fmt.Errorf("testvm report: %w", err)
+	// One host test may boot several VMs (TestVM of convert boots twice):
+	// each boot gets a file of its own.
+	for i := 1; ; i++ {
+		name := base + ".json"
+		if i > 1 {
+			name = fmt.Sprintf("%s.%d.json", base, i)
+		}
+		f, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+		if errors.Is(err, os.ErrExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("testvm report: %w", err)
+		}
+		_, werr := f.Write(append(data, '\n'))
+		if cerr := f.Close(); werr == nil {
+			werr = cerr
+		}
+		if werr != nil {
+			return fmt.Errorf("testvm report: %w", werr)
+		}
+		return nil
 	}
-	return nil
 }
 
 // ReadReports reads every report in dir, sorted by package and test.

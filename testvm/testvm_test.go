@@ -386,3 +386,24 @@ func TestShareClaimedOnce(t *testing.T) {
 	}
 	(&VM{claimed: dir}).cleanup()
 }
+
+// A host test that boots twice (convert's TestVM: convert, then a fresh
+// boot) leaves two reports, and the guest tests of both count as run.
+func TestReportsOfTwoBootsOfOneTest(t *testing.T) {
+	dir := t.TempDir()
+	for _, name := range []string{"TestGuestA", "TestGuestB"} {
+		if err := (Report{Package: "example.com/p", Test: "TestVM", Ran: 1, Passed: 1, Tests: []string{name}}).write(dir); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reps, err := ReadReports(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(reps) != 2 {
+		t.Fatalf("%d reports, want 2", len(reps))
+	}
+	if m := MissingGuestTests(map[string][]string{"example.com/p": {"TestGuestA", "TestGuestB"}}, reps); len(m) != 0 {
+		t.Fatalf("missing %v although both ran", m)
+	}
+}
