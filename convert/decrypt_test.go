@@ -65,15 +65,24 @@ func TestDecryptRefusals(t *testing.T) {
 	} {
 		o := sc.decryptOptions()
 		c.mod(&o)
-		before := w.snapshot()
-		_, err := e.PlanDecrypt(context.Background(), o)
-		if err == nil || !strings.Contains(err.Error(), c.want) {
-			t.Fatalf("%s: got %v, want %q", c.name, err, c.want)
-		}
-		for dev, d := range before.disks {
-			if string(d.durable) != string(w.disks[dev].durable) || len(w.disks[dev].cache) != len(d.cache) {
-				t.Fatalf("%s: the disk changed", c.name)
-			}
+		requireRefused(t, w, c.name, c.want, func() error {
+			_, err := e.PlanDecrypt(context.Background(), o)
+			return err
+		})
+	}
+}
+
+// requireRefused runs plan, which must fail with an error containing
+// want and leave every disk of w exactly as it was.
+func requireRefused(t *testing.T, w *fakeWorld, name, want string, plan func() error) {
+	t.Helper()
+	before := w.snapshot()
+	if err := plan(); err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("%s: got %v, want %q", name, err, want)
+	}
+	for dev, d := range before.disks {
+		if string(d.durable) != string(w.disks[dev].durable) || len(w.disks[dev].cache) != len(d.cache) {
+			t.Fatalf("%s: the disk changed", name)
 		}
 	}
 }

@@ -140,16 +140,10 @@ func TestRekeyRefusals(t *testing.T) {
 	} {
 		o := sc.rekeyOptions()
 		c.mod(&o)
-		before := w.snapshot()
-		_, err := e.PlanRekey(context.Background(), o)
-		if err == nil || !strings.Contains(err.Error(), c.want) {
-			t.Fatalf("%s: got %v, want %q", c.name, err, c.want)
-		}
-		for dev, d := range before.disks {
-			if string(d.durable) != string(w.disks[dev].durable) || len(w.disks[dev].cache) != len(d.cache) {
-				t.Fatalf("%s: the disk changed", c.name)
-			}
-		}
+		requireRefused(t, w, c.name, c.want, func() error {
+			_, err := e.PlanRekey(context.Background(), o)
+			return err
+		})
 	}
 	// Other keyslots are dropped when asked.
 	o := sc.rekeyOptions()
