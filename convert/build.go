@@ -215,9 +215,10 @@ func BuildDecrypt(dg DecryptGeometry) (*Plan, error) {
 	if a == 0 {
 		a = 1
 	}
+	if err := checkDataOffset(H, a); err != nil {
+		return nil, err
+	}
 	switch {
-	case H == 0 || H%labelSectors != 0 || H%a != 0:
-		return nil, fmt.Errorf("data offset %d sectors must be a non-zero multiple of 4 KiB and of the sector size", H)
 	case P == 0 || P%a != 0:
 		return nil, fmt.Errorf("payload size %d sectors must be a non-zero multiple of the sector size", P)
 	case TailNeeded(P, H) > N:
@@ -335,9 +336,10 @@ func BuildRekey(rg RekeyGeometry) (*Plan, error) {
 	if a == 0 {
 		a = 1
 	}
+	if err := checkDataOffset(H, a); err != nil {
+		return nil, err
+	}
 	switch {
-	case H == 0 || H%labelSectors != 0 || H%a != 0:
-		return nil, fmt.Errorf("data offset %d sectors must be a non-zero multiple of 4 KiB and of the sector size", H)
 	case G == 0 || G%labelSectors != 0 || G%a != 0 || G >= H:
 		return nil, fmt.Errorf("gap of %d sectors must be a non-zero multiple of 4 KiB and of the sector size, below the data offset %d", G, H)
 	case N <= H:
@@ -377,4 +379,13 @@ func BuildRekey(rg RekeyGeometry) (*Plan, error) {
 		return nil, fmt.Errorf("internal error: rekey plan fails verification: %w", err)
 	}
 	return p, nil
+}
+
+// checkDataOffset checks a LUKS data offset H against the alignment a
+// (the crypt sector size in sectors).
+func checkDataOffset(H, a Sectors) error {
+	if H == 0 || H%labelSectors != 0 || H%a != 0 {
+		return fmt.Errorf("data offset %d sectors must be a non-zero multiple of 4 KiB and of the sector size", H)
+	}
+	return nil
 }
