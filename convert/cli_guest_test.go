@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -37,6 +38,7 @@ func TestVMCLI(t *testing.T) {
 		},
 		Run:     "^TestGuestCLI",
 		Files:   map[string]string{"dmconvert": bin},
+		Env:     map[string]string{loopEnv: os.Getenv(loopEnv)},
 		Timeout: 20 * time.Minute,
 	})
 }
@@ -172,7 +174,9 @@ func (r *running) waitProgress(t testing.TB, frac float64) {
 				return
 			}
 		case <-timeout:
-			t.Fatal("no progress from dmconvert")
+			info, _ := shOK("dmsetup", "info", "-c", "-o", "name,attr,open,uuid")
+			table, _ := shOK("dmsetup", "table")
+			t.Fatalf("no progress from dmconvert in 5 minutes\n%s\n%s\nblocked tasks:\n%s", info, table, blockedTasks())
 		}
 	}
 }
@@ -596,4 +600,52 @@ func TestGuestCLIDecryptAbort(t *testing.T) {
 	t.Logf("writer: %d acknowledged writes", acks)
 	verifyStack(t, st, state)
 	verifyEncryptedCold(t, st, state, name)
+}
+
+// loopEnv, when set to N, makes TestOptInGuestDecryptLoop run the
+// decrypt-with-interrupt cycle N times in one boot (to catch rare hangs).
+const loopEnv = "DMCONVERT_LOOP"
+
+// TestOptInGuestDecryptLoop repeats TestGuestCLIDecrypt's cycle on one
+// disk: set up LUKS+LVM with a writer, decrypt, SIGINT, resume, verify,
+// tear down. Run it with DMCONVERT_VM_RUN=^TestOptInGuestDecryptLoop$.
+func TestOptInGuestDecryptLoop(t *testing.T) {
+	testvm.RequireGuest(t)
+	n, _ := strconv.Atoi(os.Getenv(loopEnv))
+	if n <= 0 {
+		t.Skip("set DMCONVERT_LOOP=N")
+	}
+	defer watchBlocked(t)()
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	for i := 0; i < n; i++ {
+		ok := t.Run(fmt.Sprintf("cycle%d", i), func(t *testing.T) {
+			tag := fmt.Sprintf("lp%d", i)
+			st, name := luksStack(t, tag, d[6], state)
+			w := startWriter(t, st, state)
+			args := []string{"decrypt", name, "--shrink-pv", "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal"), "--chunk-size", "4M"}
+			r := cliStart(t, args...)
+			r.waitProgress(t, 0.4)
+			r.cmd.Process.Signal(syscall.SIGINT)
+			code, errOut := r.wait()
+			requireExit(t, "decrypt after SIGINT", code, 5, errOut)
+			code, out := cliRun(t, "resume", "--journal", st.file(state, "journal"), "--key-file", pwFile)
+			requireExit(t, "resume of the decrypt", code, 0, out)
+			w.finish(t)
+			verifyPlainCold(t, st, state, name)
+			for _, mp := range st.Mounts {
+				shOK("umount", mp)
+			}
+			sh(t, "vgremove", "-ff", "-y", st.VG)
+			sh(t, "wipefs", "-a", "-q", st.Disk)
+			old, _ := filepath.Glob(st.file(state, "*"))
+			for _, f := range old {
+				os.RemoveAll(f)
+			}
+		})
+		if !ok {
+			break
+		}
+	}
 }

@@ -229,24 +229,7 @@ func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPla
 	var shrinkTo Sectors
 	if need := TailNeeded(P, H); need > di.Size {
 		room := roundDown(di.Size-2*H, align)
-		target := room
-		free := pv.UsedEnd <= target
-		var fitErr error
-		if pv.FitSize != nil {
-			if t, err := pv.FitSize(room); err == nil {
-				target = t
-			} else {
-				free, fitErr = false, err
-			}
-		}
-		hint := fmt.Sprintf("make room: pvresize --setphysicalvolumesize %ds %s, or rerun with --shrink-pv", target, node)
-		if !free {
-			why := fmt.Sprintf("the PV's extents up to sector %d are in use", pv.UsedEnd)
-			if fitErr != nil {
-				why = fitErr.Error()
-			}
-			hint = fmt.Sprintf("%s: move or reduce the LVs at its end, then pvresize --setphysicalvolumesize %ds %s", why, room, node)
-		}
+		target, hint, free := pv.shrinkTarget(room, node)
 		if !o.ShrinkPV || !free {
 			return fail(refuse(node, hint, "moving the data to the start of the disk needs %d sectors of working space after the physical volume, but it ends %d sectors short of that", H, need-di.Size))
 		}

@@ -154,28 +154,7 @@ func (e *Engine) PlanEncrypt(ctx context.Context, o EncryptOptions) (*EncryptPla
 	if need := TailNeeded(P, H); need > di.Size {
 		short := need - di.Size
 		room := roundDown(di.Size-2*H, align)
-		target := room
-		if pv.ExtentSize > 0 && target > pv.PEStart {
-			// The PV keeps whole extents.
-			target = pv.PEStart + (target-pv.PEStart)/pv.ExtentSize*pv.ExtentSize
-		}
-		free := pv.UsedEnd <= target
-		var fitErr error
-		if pv.FitSize != nil {
-			if t, err := pv.FitSize(room); err == nil {
-				target = t
-			} else {
-				free, fitErr = false, err
-			}
-		}
-		hint := fmt.Sprintf("make room: pvresize --setphysicalvolumesize %ds %s, or rerun with --shrink-pv", target, dev)
-		if !free {
-			why := fmt.Sprintf("the PV's extents up to sector %d are in use", pv.UsedEnd)
-			if fitErr != nil {
-				why = fitErr.Error()
-			}
-			hint = fmt.Sprintf("%s, so it cannot shrink to %d sectors: move or reduce the LVs at its end (pvmove, lvreduce), then pvresize --setphysicalvolumesize %ds %s", why, room, room, dev)
-		}
+		target, hint, free := pv.shrinkTarget(room, dev)
 		if !o.ShrinkPV || !free {
 			return nil, refuse(dev, hint, "the LUKS header needs %d sectors before the data and %d sectors of working space after it, but the PV ends %d sectors short of that (PV %d sectors, disk %d sectors)",
 				H, H, short, pv.Size, di.Size)

@@ -479,6 +479,29 @@ func blockedTasks() string {
 			}
 		}
 	}
+	b.WriteString(inflight())
+	return b.String()
+}
+
+// inflight lists the block devices with requests in flight (reads,
+// writes): it tells a request lost below (the virtio disk) from one held
+// in a dm device.
+func inflight() string {
+	var b strings.Builder
+	ents, _ := os.ReadDir("/sys/block")
+	for _, e := range ents {
+		raw, err := os.ReadFile("/sys/block/" + e.Name() + "/inflight")
+		if err != nil {
+			continue
+		}
+		if f := strings.Fields(string(raw)); len(f) == 2 && (f[0] != "0" || f[1] != "0") {
+			name, _ := os.ReadFile("/sys/block/" + e.Name() + "/dm/name")
+			fmt.Fprintf(&b, "in flight on %s %s: %s reads, %s writes\n", e.Name(), strings.TrimSpace(string(name)), f[0], f[1])
+		}
+	}
+	if b.Len() == 0 {
+		return "no block device has requests in flight\n"
+	}
 	return b.String()
 }
 
@@ -489,14 +512,21 @@ func blockedTasks() string {
 func watchBlocked(t testing.TB) func() {
 	stop := make(chan struct{})
 	go func() {
-		seen := map[string]int{}
+		// pid -> consecutive samples in D with the same context-switch
+		// counts (a busy task in D, like jbd2 under an fsync loop,
+		// switches; a blocked one does not).
+		type mark struct {
+			n   int
+			ctx string
+		}
+		seen := map[string]mark{}
 		for {
 			select {
 			case <-stop:
 				return
 			case <-time.After(20 * time.Second):
 			}
-			now := map[string]int{}
+			now := map[string]mark{}
 			ents, _ := os.ReadDir("/proc")
 			for _, e := range ents {
 				st, err := os.ReadFile("/proc/" + e.Name() + "/stat")
@@ -504,12 +534,23 @@ func watchBlocked(t testing.TB) func() {
 					continue
 				}
 				if f := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+1:])); len(f) > 0 && f[0] == "D" {
-					now[e.Name()] = seen[e.Name()] + 1
+					status, _ := os.ReadFile("/proc/" + e.Name() + "/status")
+					var ctx []string
+					for _, l := range strings.Split(string(status), "\n") {
+						if strings.Contains(l, "ctxt_switches") {
+							ctx = append(ctx, l)
+						}
+					}
+					m := mark{n: 1, ctx: strings.Join(ctx, " ")}
+					if old, ok := seen[e.Name()]; ok && old.ctx == m.ctx {
+						m.n = old.n + 1
+					}
+					now[e.Name()] = m
 				}
 			}
 			seen = now
-			for _, n := range now {
-				if n >= 3 {
+			for _, m := range now {
+				if m.n >= 3 {
 					info, _ := shOK("dmsetup", "info", "-c", "-o", "name,attr,open,uuid")
 					table, _ := shOK("dmsetup", "table")
 					fmt.Printf("WATCHDOG: tasks blocked for a minute:\n%s\n%s\n%s\n", blockedTasks(), info, table)

@@ -3,6 +3,7 @@ package convert
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"time"
 
@@ -119,6 +120,34 @@ type PV struct {
 	// whole extents and every allocated one, or an error naming the LV
 	// in the way. Nil when unknown.
 	FitSize func(limit Sectors) (Sectors, error) `json:"-"`
+}
+
+// shrinkTarget is the size (sectors) to shrink the PV on dev to so that
+// it fits in room: whole extents, never below an allocated one. When the
+// PV can shrink that far, free is true and hint says how to do it by
+// hand; when it cannot, hint says what is in the way.
+func (pv *PV) shrinkTarget(room Sectors, dev string) (target Sectors, hint string, free bool) {
+	target = room
+	if pv.ExtentSize > 0 && target > pv.PEStart {
+		target = pv.PEStart + (target-pv.PEStart)/pv.ExtentSize*pv.ExtentSize
+	}
+	free = pv.UsedEnd <= target
+	var fitErr error
+	if pv.FitSize != nil {
+		if t, err := pv.FitSize(room); err == nil {
+			target = t
+		} else {
+			free, fitErr = false, err
+		}
+	}
+	if free {
+		return target, fmt.Sprintf("make room: pvresize --setphysicalvolumesize %ds %s, or rerun with --shrink-pv", target, dev), true
+	}
+	why := fmt.Sprintf("the PV's extents up to sector %d are in use", pv.UsedEnd)
+	if fitErr != nil {
+		why = fitErr.Error()
+	}
+	return target, fmt.Sprintf("%s, so it cannot shrink to %d sectors: move or reduce the LVs at its end (pvmove, lvreduce), then pvresize --setphysicalvolumesize %ds %s", why, room, room, dev), false
 }
 
 // LVInfo describes a logical volume for the plan's description.

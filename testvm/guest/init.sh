@@ -36,6 +36,28 @@ echo /usr/sbin/modprobe > /proc/sys/kernel/modprobe
 t1=$(cut -d' ' -f1 /proc/uptime)
 [ -e /dev/mapper/control ] || dmsetup mknodes > /dev/null 2>&1
 
+# A task stuck in uninterruptible sleep (the kernel's hung-task
+# warning) gets its kernel stack, every blocked task's and the block
+# devices' in-flight counts on the console once: the console shows only
+# warnings, and a VM killed at its timeout never writes its dmesg.
+echo 60 > /proc/sys/kernel/hung_task_timeout_secs 2>/dev/null
+(
+	while sleep 20; do
+		dmesg | grep -q 'blocked for more than' || continue
+		echo "[testvm] HUNG TASK: kernel log follows"
+		echo w > /proc/sysrq-trigger 2>/dev/null
+		sleep 1
+		dmesg | grep -v -e '^\[[ 0-9.]*\] *$' | tail -n 200
+		for f in /sys/block/*/inflight; do
+			read r w < "$f"
+			[ "$r$w" = 00 ] || echo "[testvm] in flight on ${f%/inflight}: $r reads, $w writes"
+		done
+		dmsetup info -c -o name,attr,open 2>&1
+		echo "[testvm] HUNG TASK: end"
+		break
+	done
+) &
+
 rc=125
 if mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none testvm /share; then
 	if [ -f /share/.testvm/run.sh ]; then
