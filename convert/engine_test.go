@@ -46,6 +46,9 @@ type scenario struct {
 	// the disk's whole cache, which would hide a missing flush of the
 	// engine's own; lost-cache cases run quiet to catch that.
 	quiet bool
+	// rekeyTo is the cipher and key size a rekey asks for (zero: keep
+	// the source's, aes-xts-plain64 with the 512-bit key).
+	rekeyTo rekeyTarget
 }
 
 const fakeDiskPath = "/dev/vda"

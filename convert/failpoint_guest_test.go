@@ -19,8 +19,10 @@ import (
 // at it with no cleanup at all, under a writer; then resume, or abort,
 // must finish with every file and every acknowledged record intact.
 
-// TestVMFailpoints runs the failpoint matrix: every failpoint followed by
-// resume in one VM, by abort in another (the two run in parallel).
+// TestVMFailpoints runs the failpoint matrices, one VM each, in parallel:
+// encrypt with every failpoint followed by resume (Resume), the same
+// followed by abort (Abort), and every failpoint a rekey (Rekey) or a
+// decrypt (Decrypt) reaches, followed by resume or abort in turn.
 func TestVMFailpoints(t *testing.T) {
 	testvm.RequireVM(t)
 	t.Parallel()
@@ -30,12 +32,7 @@ func TestVMFailpoints(t *testing.T) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("building dmconvert with failpoints: %v\n%s", err, out)
 	}
-	recs := []string{"Resume", "Abort"}
-	if os.Getenv("DMCONVERT_FP_REKEY") != "" {
-		recs = append(recs, "Rekey")
-	} else {
-		t.Log("rekey failpoints are opt-in (DMCONVERT_FP_REKEY=n or all): see TestOptInGuestFailpointsRekey")
-	}
+	recs := []string{"Resume", "Abort", "Rekey", "Decrypt"}
 	for _, rec := range recs {
 		t.Run(rec, func(t *testing.T) {
 			t.Parallel()
@@ -43,11 +40,14 @@ func TestVMFailpoints(t *testing.T) {
 			// and again; 40 MiB of data is 10 chunks of 4 MiB (every per-chunk
 			// failpoint still has a 9th hit).
 			size := int64(48 * guestMiB)
-			if rec == "Rekey" {
+			switch rec {
+			case "Rekey":
 				size = int64(56 * guestMiB) // 16 MiB of LUKS2 header in front
+			case "Decrypt":
+				size = int64(64 * guestMiB) // header, 25 MiB PV, room for the head
 			}
 			env := map[string]string{}
-			for _, k := range []string{"DMCONVERT_FP_REKEY", "DMCONVERT_FP_SEED", "DMCONVERT_FP_ONLY"} {
+			for _, k := range []string{"DMCONVERT_FP_N", "DMCONVERT_FP_SEED", "DMCONVERT_FP_ONLY"} {
 				if v := os.Getenv(k); v != "" {
 					env[k] = v
 				}
@@ -55,7 +55,7 @@ func TestVMFailpoints(t *testing.T) {
 			testvm.RunTestsInGuest(t, testvm.Options{
 				Env:     env,
 				Disks:   []testvm.Disk{{Size: size}, {Size: 64 * guestMiB}},
-				Run:     "^Test(OptIn)?GuestFailpoints" + rec + "$",
+				Run:     "^TestGuestFailpoints" + rec + "$",
 				Files:   map[string]string{"dmconvert": filepath.Join(dir, "dmconvert")},
 				Timeout: 40 * time.Minute,
 			})
@@ -66,72 +66,76 @@ func TestVMFailpoints(t *testing.T) {
 func TestGuestFailpointsResume(t *testing.T) { guestFailpoints(t, "resume") }
 func TestGuestFailpointsAbort(t *testing.T)  { guestFailpoints(t, "abort") }
 
-// rekeyMisses are the failpoints a rekey never reaches (it has no
-// identity switch and never restacks: the mapping stays where it is).
-var rekeyMisses = map[string]bool{
-	"restack:device-after": true, "unstack:device-after": true,
-	"switch:label-written": true, "switch:header-written": true,
+// opMisses are the failpoints an operation never reaches. A rekey has no
+// identity switch and never restacks (the mapping stays where it is); a
+// decrypt starts on the user's mapping (nothing to restack), ends by
+// unstacking (not by loading a final table and header).
+var opMisses = map[string]map[string]bool{
+	"rekey": {
+		"restack:device-after": true, "unstack:device-after": true,
+		"switch:label-written": true, "switch:header-written": true,
+	},
+	"decrypt": {
+		"restack:device-after": true, "switch:header-written": true,
+		"finalize:table-after": true, "finalize:header-after": true,
+	},
 }
 
-// TestOptInGuestFailpointsRekey: a LUKS2 disk with LVM on it, in use; for
-// each failpoint a rekey reaches, from the same pristine disk: writer on,
-// rekey dies at the failpoint, then resume (even cases) or abort (odd
-// cases; resume when too late), verify every file and acknowledged
-// record, and which key opens the disk.
+func TestGuestFailpointsRekey(t *testing.T)   { guestOpFailpoints(t, "rekey") }
+func TestGuestFailpointsDecrypt(t *testing.T) { guestOpFailpoints(t, "decrypt") }
+
+// guestOpFailpoints: a LUKS2 disk with LVM on it, in use; for each
+// failpoint the operation (rekey or decrypt) reaches, from the same
+// pristine disk: writer on, the operation dies at the failpoint, then
+// resume (even cases) or abort (odd cases; resume when too late), verify
+// every file and acknowledged record, and what the disk is afterwards.
 //
-// Opt-in (DMCONVERT_FP_REKEY=n|all), not part of make test: in 2 of
-// about 45 cases run in sequence (and 0 of 2 run alone) the dying
-// `dmconvert rekey` (at resume:before#9 and at finalize:helpers-removed)
-// hung in the kernel (hung-task warnings for the process; its kernel
-// stack was not captured), leaving the VM stuck. watchBlocked and the
-// command timeouts now print the stacks and device states when it
-// happens. Until that is understood and fixed, the rekey's crash safety
-// rests on the unit crash matrix and the CLI interrupt/kill/abort tests.
-func TestOptInGuestFailpointsRekey(t *testing.T) {
+// Every point runs (one recovery each, alternating from a printed seed;
+// DMCONVERT_FP_SEED replays, DMCONVERT_FP_N=n runs a sample of n,
+// DMCONVERT_FP_ONLY=name one point).
+func guestOpFailpoints(t *testing.T, op string) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
 	disk := d[0]
 	state := guestStateDir(t, d[1])
 	writePW(t)
 	defer watchBlocked(t)()
-	st, name := luksStackSized(t, "fpr", disk, state, "24m", "8m")
+	var st *stack
+	var name string
+	if op == "rekey" {
+		st, name = luksStackSized(t, "fpr", disk, state, "24m", "8m")
+	} else {
+		st, name = luksStackSized(t, "fpd", disk, state, "20m", "4m")
+	}
 	for _, mp := range st.Mounts {
 		sh(t, "umount", mp)
 	}
 	sh(t, "vgchange", "-an", st.VG)
-	oldKey := saveVolumeKey(t, disk, "/tmp/fpr-old.key")
+	oldKeyFile := "/tmp/fp-old.key"
+	oldKey := saveVolumeKey(t, disk, oldKeyFile)
 	sh(t, "cryptsetup", "close", name)
 	pristine := diskBytes(t, disk)
 	man, _ := os.ReadFile(st.file(state, "manifest"))
 	var points []string
 	for _, fp := range Failpoints {
-		if !rekeyMisses[fp] {
+		if !opMisses[op][fp] {
 			points = append(points, fp)
 		}
 	}
-	// CI runs a seeded sample (the rekey's crash safety is proven point
-	// by point by the unit crash matrix; this proves it on the kernel);
-	// DMCONVERT_FP_REKEY=all runs every point, =n that many.
 	all := len(points)
-	n := 6
-	if v := os.Getenv("DMCONVERT_FP_REKEY"); v == "all" {
-		n = all
-	} else if k, err := strconv.Atoi(v); err == nil && k > 0 {
-		n = min(k, all)
-	}
 	seed := time.Now().UnixNano()
 	if v, err := strconv.ParseInt(os.Getenv("DMCONVERT_FP_SEED"), 10, 64); err == nil {
 		seed = v
 	}
-	rng := mrand.New(mrand.NewSource(seed))
-	if n < all {
+	if k, err := strconv.Atoi(os.Getenv("DMCONVERT_FP_N")); err == nil && k > 0 && k < all {
+		rng := mrand.New(mrand.NewSource(seed))
 		rng.Shuffle(len(points), func(i, j int) { points[i], points[j] = points[j], points[i] })
-		points = points[:n]
+		points = points[:k]
 	}
 	if v := os.Getenv("DMCONVERT_FP_ONLY"); v != "" {
-		points = []string{v} // one failpoint (with DMCONVERT_FP_SEED: odd = abort first)
+		points = []string{v}
 	}
-	t.Logf("rekey failpoints: %d of %d, seed %d (DMCONVERT_FP_SEED to replay, DMCONVERT_FP_REKEY=all for every one)", n, all, seed)
+	t.Logf("%s failpoints: %d of %d, seed %d (DMCONVERT_FP_SEED to replay)", op, len(points), all, seed)
 	cases, passed := 0, 0
 	for i, fp := range points {
 		rec := "resume"
@@ -152,18 +156,24 @@ func TestOptInGuestFailpointsRekey(t *testing.T) {
 			}
 			w := startWriter(t, st, state)
 			j := st.file(state, "journal")
-			code, out := cliRunEnv(t, []string{fmt.Sprintf("DMCONVERT_FAILPOINT=%s:%d", fp, fpHit(fp))},
-				"rekey", name, "--batch-mode", "--key-file", pwFile, "--journal", j, "--chunk-size", "4M")
+			args := []string{op, name, "--batch-mode", "--key-file", pwFile, "--journal", j, "--chunk-size", "4M"}
+			if op == "decrypt" {
+				// 2 MiB chunks: 16 of them, every per-chunk point has a 9th hit
+				args = []string{op, name, "--batch-mode", "--key-file", pwFile, "--journal", j, "--chunk-size", "2M", "--shrink-pv"}
+			}
+			code, out := cliRunEnv(t, []string{fmt.Sprintf("DMCONVERT_FAILPOINT=%s:%d", fp, fpHit(fp))}, args...)
 			if code != FailpointExitCode {
 				w.finish(t)
-				t.Fatalf("dmconvert rekey did not stop at failpoint %s#%d: exit %d\n%s", fp, fpHit(fp), code, out)
+				t.Fatalf("dmconvert %s did not stop at failpoint %s#%d: exit %d\n%s", op, fp, fpHit(fp), code, out)
 			}
 			code, rout := cliRun(t, rec, "--journal", j, "--key-file", pwFile)
+			done := rec == "resume"
 			switch {
 			case code != 0 && strings.Contains(rout, "already"):
-				code = 0 // the failpoint came after the final commit
+				code, done = 0, true // the failpoint came after the final commit
 			case code != 0 && rec == "abort" && strings.Contains(rout, "too late"):
 				code, rout = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+				done = true
 			}
 			t.Logf("dmconvert %s after dying at %s: exit %d\n%s", rec, fp, code, rout)
 			acks, _ := w.finish(t)
@@ -171,25 +181,43 @@ func TestOptInGuestFailpointsRekey(t *testing.T) {
 				t.Fatalf("%s after dying at %s: exit %d", rec, fp, code)
 			}
 			verifyStack(t, st, state)
-			if dump := sh(t, "cryptsetup", "luksDump", disk); strings.Contains(dump, "dmconvert") {
-				t.Fatalf("after %s the header still carries dmconvert's marks:\n%s", rec, dump)
+			typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", disk)
+			typ = strings.TrimSpace(typ)
+			switch {
+			case op == "decrypt" && done:
+				if typ != "LVM2_member" {
+					t.Fatalf("after the decrypt and %s the disk is %q, want LVM2_member", rec, typ)
+				}
+				if out, err := shOK("dmsetup", "info", name); err == nil {
+					t.Fatalf("after the decrypt and %s, %s still exists:\n%s", rec, name, out)
+				}
+			case typ != "crypto_LUKS":
+				t.Fatalf("after the %s and %s the disk is %q, want crypto_LUKS", op, rec, typ)
+			default:
+				if dump := sh(t, "cryptsetup", "luksDump", disk); strings.Contains(dump, "dmconvert") {
+					t.Fatalf("after %s the header still carries dmconvert's marks:\n%s", rec, dump)
+				}
+				nk := saveVolumeKey(t, disk, "/tmp/fp-now.key")
+				changed := !bytes.Equal(nk, oldKey)
+				if op == "rekey" && done && !changed {
+					t.Fatal("the rekey finished, but the disk still has the old key")
+				}
+				if op == "decrypt" && changed {
+					t.Fatal("the aborted decrypt left a disk with another volume key")
+				}
 			}
-			nk := saveVolumeKey(t, disk, "/tmp/fpr-now.key")
-			t.Logf("%s/%s: %d acknowledged writes verified; volume key changed: %v", fp, rec, acks, !bytes.Equal(nk, oldKey))
-			if rec == "resume" && bytes.Equal(nk, oldKey) {
-				t.Fatal("resume finished, but the disk still has the old key")
-			}
+			t.Logf("%s/%s: %d acknowledged writes verified; disk is %s", fp, rec, acks, typ)
 			for _, mp := range st.Mounts {
 				shOK("umount", mp)
 			}
 			shOK("vgchange", "-an", st.VG)
-			shOK("cryptsetup", "close", name)
+			shOK("dmsetup", "remove", name)
 		})
 		if ok {
 			passed++
 		}
 	}
-	t.Logf("rekey failpoint cases: %d run, %d passed", cases, passed)
+	t.Logf("%s failpoint cases: %d run, %d passed", op, cases, passed)
 }
 
 // fpHit picks which hit of a failpoint to die at: per-chunk points die in

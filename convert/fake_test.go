@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/aes"
+	"crypto/sha512"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -11,6 +12,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -22,8 +24,9 @@ import (
 )
 
 // A fake kernel for unit tests: disks as byte slices with a volatile write
-// cache, device-mapper devices with linear, striped, crypt (real AES-XTS)
-// and mirror targets, suspend semantics (writes to a suspended stack wait
+// cache, device-mapper devices with linear, striped, crypt (real AES-XTS;
+// the other ciphers it offers are stand-ins that differ from it and from
+// each other) and mirror targets, suspend semantics (writes to a suspended stack wait
 // for the resume), and a fake LVM that activates logical volumes on
 // whichever device carries the PV label, as boot-time activation would.
 
@@ -226,11 +229,43 @@ func (w *fakeWorld) io(dev dmtable.Dev, s Sectors, buf []byte, write bool) error
 	return fmt.Errorf("sector %d beyond the end of %s", s, fd.name)
 }
 
+// fakeCiphers are the ciphers the fake kernel's dm-crypt offers, with the
+// key sizes (bytes) it takes for each. aes-xts-plain64 is real AES-XTS;
+// the others are stand-ins: AES-XTS under a key derived from the cipher
+// name and the key, so data written under one cipher reads back as
+// garbage under any other (a run that loads the wrong cipher anywhere
+// loses data the tests then miss).
+var fakeCiphers = map[string][]int{
+	"aes-xts-plain64":      {32, 64},
+	"serpent-xts-plain64":  {32, 64},
+	"aes-cbc-essiv:sha256": {16, 24, 32},
+}
+
+// checkFakeCrypt is the fake dm-crypt constructor's check of a crypt
+// target: a cipher it offers and a key size that cipher takes.
+func checkFakeCrypt(t dmtable.Table) error {
+	for _, tg := range t {
+		c, ok := tg.Params.(*dmtable.Crypt)
+		if !ok {
+			continue
+		}
+		sizes, ok := fakeCiphers[string(c.Cipher)]
+		if !ok {
+			return fmt.Errorf("fake kernel: crypt: unknown cipher %s: invalid argument", c.Cipher)
+		}
+		n := len(c.Key.Payload()) / 2
+		if !slices.Contains(sizes, n) {
+			return fmt.Errorf("fake kernel: crypt: cipher %s takes no %d-byte key: invalid argument", c.Cipher, n)
+		}
+	}
+	return nil
+}
+
 func (w *fakeWorld) cryptIO(p *dmtable.Crypt, rel Sectors, buf []byte, write bool) error {
-	if p.Cipher != "aes-xts-plain64" {
+	if _, ok := fakeCiphers[string(p.Cipher)]; !ok {
 		return fmt.Errorf("fake kernel: cipher %s", p.Cipher)
 	}
-	c, err := w.cipher(p.Key.Payload())
+	c, err := w.cipher(string(p.Cipher), p.Key.Payload())
 	if err != nil {
 		return err
 	}
@@ -254,21 +289,25 @@ var (
 	cipherCache = map[string]*xts.Cipher{}
 )
 
-func (w *fakeWorld) cipher(hexKey string) (*xts.Cipher, error) {
+func (w *fakeWorld) cipher(name, hexKey string) (*xts.Cipher, error) {
 	cipherMu.Lock()
 	defer cipherMu.Unlock()
-	if c, ok := cipherCache[hexKey]; ok {
+	if c, ok := cipherCache[name+" "+hexKey]; ok {
 		return c, nil
 	}
 	key, err := hex.DecodeString(hexKey)
 	if err != nil {
 		return nil, err
 	}
+	if name != "aes-xts-plain64" {
+		k := sha512.Sum512(append([]byte(name+"\x00"), key...))
+		key = k[:]
+	}
 	c, err := xts.NewCipher(aes.NewCipher, key)
 	if err != nil {
 		return nil, err
 	}
-	cipherCache[hexKey] = c
+	cipherCache[name+" "+hexKey] = c
 	return c, nil
 }
 
@@ -386,6 +425,9 @@ func (f fakeDM) checkRefs(t dmtable.Table) error {
 		if _, ok := f.w.byDev(n); !ok {
 			return fmt.Errorf("fake kernel: table references missing device %v", n)
 		}
+	}
+	if err := checkFakeCrypt(t); err != nil {
+		return err
 	}
 	return t.Validate()
 }
@@ -966,27 +1008,33 @@ type fakeHeader struct {
 	// open.
 	newKey []byte
 	others []int
+	// staged is the cipher StageRekey was given (the image does not keep
+	// it: the final header takes the cipher from Final, as LUKSHeader).
+	staged string
 }
 
 // fakeKeyslotsEnd is where the fake header's keyslots end (sectors).
 const fakeKeyslotsEnd = 32
 
-func (f *fakeHeader) StageRekey(newKey, pass []byte) error {
+func (f *fakeHeader) StageRekey(newKey, pass []byte, cipher string) error {
 	if f.newKey != nil {
 		return errors.New("already staged")
 	}
 	f.newKey = append([]byte(nil), newKey...)
+	f.staged = cipher
 	return nil
 }
 func (f *fakeHeader) KeyslotsEnd() Sectors { return fakeKeyslotsEnd }
 func (f *fakeHeader) OtherKeyslots() []int { return f.others }
 
-// fakeStaged returns the new key a fake header image holds, if any.
+// fakeStaged returns the new key a fake header image holds, if any: its
+// length in the byte after the "NEWKEY00" mark, then the key.
 func fakeStaged(img []byte) []byte {
-	if len(img) < 8192+16+64 || string(img[8192+8:8192+16]) != "NEWKEY00" {
+	if len(img) < 8192+17 || string(img[8192+8:8192+16]) != "NEWKEY00" {
 		return nil
 	}
-	return append([]byte(nil), img[8192+16:8192+16+64]...)
+	n := int(img[8192+16])
+	return append([]byte(nil), img[8192+17:8192+17+n]...)
 }
 
 var errFakeNoCheckpoint = errors.New("no checkpoint")
@@ -1015,7 +1063,8 @@ func (f *fakeHeader) Image(cp Checkpoint) ([]byte, error) {
 	copy(img[8192:], "keyslots")
 	if f.newKey != nil {
 		copy(img[8192+8:], "NEWKEY00")
-		copy(img[8192+16:], f.newKey)
+		img[8192+16] = byte(len(f.newKey))
+		copy(img[8192+17:], f.newKey)
 	}
 	return img, nil
 }
@@ -1029,9 +1078,14 @@ func (f *fakeHeader) FinalWrites(fin Final) ([]Write, error) {
 	copy(b, "LUKS\xba\xbe")
 	copy(b[8:], "FINAL")
 	if fin.Rekey {
-		// The data segment now has the new key at a new offset.
-		copy(b[16:], fmt.Sprintf("REKEY %d", fin.DataOffset))
-		copy(b[64:], f.newKey)
+		// The data segment now has the new key at a new offset, and
+		// the cipher Final names (the header's own when empty).
+		cipher := fin.Cipher
+		if cipher == "" {
+			cipher = f.Crypt().Cipher
+		}
+		copy(b[16:], fmt.Sprintf("REKEY %d %d %s", fin.DataOffset, len(f.newKey), cipher))
+		copy(b[96:], f.newKey)
 	}
 	// The staged key's slot goes (rekeyed: the old key's goes, and the
 	// new key is the data's).
@@ -1042,16 +1096,25 @@ func (f *fakeHeader) FinalWrites(fin Final) ([]Write, error) {
 	return ws, nil
 }
 
-// fakeFinalRekey reads a final fake header: the data offset and key of a
-// finished rekey (ok false: not a rekeyed header).
-func fakeFinalRekey(r io.ReaderAt) (off Sectors, key []byte, ok bool) {
+// fakeRekeyed is what a final fake header says of a finished rekey.
+type fakeRekeyed struct {
+	off    Sectors
+	key    []byte
+	cipher string
+}
+
+// fakeFinalRekey reads a final fake header: the data offset, key and
+// cipher of a finished rekey (ok false: not a rekeyed header).
+func fakeFinalRekey(r io.ReaderAt) (fr fakeRekeyed, ok bool) {
 	b := make([]byte, 512)
 	r.ReadAt(b, 0)
 	var o int64
-	if _, err := fmt.Sscanf(string(bytes.TrimRight(b[16:64], "\x00")), "REKEY %d", &o); err != nil {
-		return 0, nil, false
+	var n int
+	if _, err := fmt.Sscanf(string(bytes.TrimRight(b[16:96], "\x00")), "REKEY %d %d %s", &o, &n, &fr.cipher); err != nil || n <= 0 || n > 128 {
+		return fakeRekeyed{}, false
 	}
-	return Sectors(o), append([]byte(nil), b[64:128]...), true
+	fr.off, fr.key = Sectors(o), append([]byte(nil), b[96:96+n]...)
+	return fr, true
 }
 
 func (f *fakeHeader) MarkWrites(cp Checkpoint) ([]Write, error) {

@@ -66,6 +66,9 @@ type Final struct {
 	// every keyslot of the old key, and move the data offset.
 	Rekey      bool
 	DataOffset Sectors
+	// Cipher is the data segment's cipher spec from then on (the new
+	// key's, from the run's plan); empty keeps the header's.
+	Cipher string
 	// DropUnbound: remove the unbound keyslot (an aborted rekey).
 	DropUnbound bool
 }

@@ -202,8 +202,10 @@ func (l *LUKSHeader) MarkWrites(cp Checkpoint) ([]Write, error) {
 
 // StageRekey implements Rekeyable: an unbound keyslot holding newKey,
 // opened by pass with the key derivation (type and cost) of the keyslot
-// pass opened; MarkWrites then writes its material with the marks.
-func (l *LUKSHeader) StageRekey(newKey, pass []byte) error {
+// pass opened, its area encrypted as cryptsetup would encrypt a keyslot
+// of a segment with cipher and newKey's size (luks.KeyslotEncryption);
+// MarkWrites then writes its material with the marks.
+func (l *LUKSHeader) StageRekey(newKey, pass []byte, cipher string) error {
 	if l.unbound >= 0 {
 		return fmt.Errorf("the header already holds a staged key in keyslot %d", l.unbound)
 	}
@@ -219,7 +221,7 @@ func (l *LUKSHeader) StageRekey(newKey, pass []byte) error {
 	}
 	vk := luks.NewVolumeKeyFromBytes(newKey)
 	defer vk.Wipe()
-	slot, err := l.h.AddUnboundKeyslot(vk, pass, p)
+	slot, err := l.h.AddUnboundKeyslotFor(vk, pass, p, cipher)
 	if err != nil {
 		return err
 	}
@@ -263,8 +265,8 @@ func (r *recorder) Sync() error {
 // FinalWrites implements HeaderFormat: the requirement and the token go
 // (LUKS2), or the checkpoint records are zeroed and the real magic written
 // last (LUKS1). For a rekey the data segment switches to the new key and
-// offset and the old key's keyslots are removed (their material wiped
-// after the metadata no longer names them).
+// offset (and to f.Cipher, when given) and the old key's keyslots are
+// removed (their material wiped after the metadata no longer names them).
 func (l *LUKSHeader) FinalWrites(f Final) ([]Write, error) {
 	if f.Rekey || f.DropUnbound {
 		if l.unbound < 0 {
@@ -275,7 +277,7 @@ func (l *LUKSHeader) FinalWrites(f Final) ([]Write, error) {
 			return nil, err
 		}
 		if f.Rekey {
-			if err := l.h.BindSegment(l.unbound); err != nil {
+			if err := l.h.BindSegmentCipher(l.unbound, f.Cipher); err != nil {
 				return nil, err
 			}
 			for _, ks := range l.h.Keyslots() {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -97,16 +98,39 @@ func dumpVolumeKey(t *testing.T, path, pass string) (string, string) {
 
 // The rekey header steps, checked by stock cryptsetup: the marked header
 // with the staged key is refused (requirement); the final header opens
-// with the passphrase to the new key at the new data offset, and the
-// keyslot of a passphrase that was not given is gone; an aborted rekey's
-// header opens to the old key with its keyslots intact.
+// with the passphrase to the new key at the new data offset, with the new
+// cipher and key size in the segment and the keyslot, and the keyslot of
+// a passphrase that was not given is gone; an aborted rekey's header
+// opens to the old key with its cipher and keyslots intact.
 func TestLUKSHeaderRekeyAgainstCryptsetup(t *testing.T) {
 	if _, err := exec.LookPath("cryptsetup"); err != nil {
 		t.Fatal("cryptsetup is needed (make test installs it)")
 	}
-	for _, abort := range []bool{false, true} {
+	for _, c := range []struct {
+		abort  bool
+		cipher string // "": unchanged
+		keyLen int
+		// The new keyslot's area encryption: the new cipher when the
+		// luks package runs it, else cryptsetup's fallback.
+		area    string
+		areaLen int
+	}{
+		{false, "", 64, "aes-xts-plain64", 64},
+		{true, "", 64, "aes-xts-plain64", 64},
+		{false, "serpent-xts-plain64", 32, "aes-xts-plain64", 64},
+		{true, "serpent-xts-plain64", 32, "aes-xts-plain64", 64},
+		{false, "aes-cbc-essiv:sha256", 32, "aes-cbc-essiv:sha256", 32},
+		{false, "aes-xts-plain64", 32, "aes-xts-plain64", 32},
+	} {
+		t.Logf("abort=%v cipher=%q key=%d bits", c.abort, c.cipher, c.keyLen*8)
+		rekeyHeaderAgainstCryptsetup(t, c.abort, c.cipher, c.keyLen, c.area, c.areaLen)
+	}
+}
+
+func rekeyHeaderAgainstCryptsetup(t *testing.T, abort bool, cipher string, keyLen int, area string, areaLen int) {
+	{
 		oldKey := bytes.Repeat([]byte{0x11}, 64)
-		newKey := bytes.Repeat([]byte{0x22}, 64)
+		newKey := bytes.Repeat([]byte{0x22}, keyLen)
 		vk := luks.NewVolumeKeyFromBytes(oldKey)
 		kdf := luks.PBKDF{Type: luks.KDFPBKDF2, Iterations: luks.MinPBKDF2Iterations}
 		h, err := luks.Create(luks.Options{Version: 2, HeaderSize: 16 << 20, PBKDF: kdf}, vk, []byte("pass"))
@@ -135,8 +159,17 @@ func TestLUKSHeaderRekeyAgainstCryptsetup(t *testing.T) {
 		if o := lh.OtherKeyslots(); len(o) != 1 || o[0] != 1 {
 			t.Fatalf("other keyslots %v, want [1]", o)
 		}
-		if err := lh.StageRekey(newKey, []byte("pass")); err != nil {
+		newCipher := cipher
+		if newCipher == "" {
+			newCipher = "aes-xts-plain64"
+		}
+		if err := lh.StageRekey(newKey, []byte("pass"), newCipher); err != nil {
 			t.Fatal(err)
+		}
+		for _, k := range lh.Header().Keyslots() {
+			if !k.Bound && (k.KeySize != keyLen || k.Cipher != area || k.AreaKey != areaLen) {
+				t.Fatalf("staged keyslot: %d-byte key, area %s/%d; want %d, %s/%d", k.KeySize, k.Cipher, k.AreaKey, keyLen, area, areaLen)
+			}
 		}
 		end := lh.KeyslotsEnd()
 		if end == 0 || end >= 16<<20/512 {
@@ -168,7 +201,7 @@ func TestLUKSHeaderRekeyAgainstCryptsetup(t *testing.T) {
 		if end > off {
 			t.Fatalf("keyslots end at %d, past the new data offset %d", end, off)
 		}
-		fin := Final{Rekey: true, DataOffset: off}
+		fin := Final{Rekey: true, DataOffset: off, Cipher: cipher}
 		if abort {
 			fin = Final{DropUnbound: true}
 		}
@@ -197,6 +230,24 @@ func TestLUKSHeaderRekeyAgainstCryptsetup(t *testing.T) {
 		}
 		if !strings.Contains(string(dump), wantOff) || strings.Contains(string(dump), "dmconvert") {
 			t.Fatalf("abort=%v: luksDump lacks %q or still shows the marks:\n%s", abort, wantOff, dump)
+		}
+		// The segment's cipher, and the one keyslot's key and area.
+		segCipher, ksKey, ksArea, ksAreaKey := newCipher, keyLen, area, areaLen
+		if abort {
+			segCipher, ksKey, ksArea, ksAreaKey = "aes-xts-plain64", 64, "aes-xts-plain64", 64
+		}
+		for _, re := range []string{
+			`(?m)^Data segments:\n(?:[ \t]+.*\n)*?[ \t]+cipher:[ \t]+` + regexp.QuoteMeta(segCipher) + `\n`,
+			`(?m)^Keyslots:\n[ \t]+\d+: luks2\n[ \t]+Key:[ \t]+` + fmt.Sprint(ksKey*8) + ` bits\n(?:[ \t]+.*\n)*?[ \t]+Cipher:[ \t]+` + regexp.QuoteMeta(ksArea) + `\n[ \t]+Cipher key:[ \t]+` + fmt.Sprint(ksAreaKey*8) + ` bits\n`,
+		} {
+			if !regexp.MustCompile(re).Match(dump) {
+				t.Fatalf("abort=%v: luksDump does not match %s:\n%s", abort, re, dump)
+			}
+		}
+		kf := filepath.Join(t.TempDir(), "pass")
+		os.WriteFile(kf, []byte("pass"), 0o600)
+		if out, err := exec.Command("cryptsetup", "open", "--test-passphrase", "--key-file", kf, path).CombinedOutput(); err != nil {
+			t.Fatalf("abort=%v: cryptsetup open --test-passphrase: %v\n%s", abort, err, out)
 		}
 		_, other := dumpVolumeKey(t, path, "other")
 		otherOpens := !strings.Contains(other, "No key available")

@@ -296,7 +296,7 @@ func (r *run) doFinalize(ctx context.Context) error {
 	f := Final{}
 	switch {
 	case r.spec.Op == "rekey" && id == NewID:
-		f = Final{Rekey: true, DataOffset: nd.Phys}
+		f = Final{Rekey: true, DataOffset: nd.Phys, Cipher: cs.Cipher}
 	case r.spec.Op == "rekey":
 		f = Final{DropUnbound: true}
 	}

@@ -45,13 +45,25 @@ func buildGuestBinaries(t *testing.T, dir string, tags string) {
 
 // bootScript runs one guest test function of convert.test from a tmpfs
 // copy (running from 9p is slow), with dmconvert next to it.
-func bootScript(test string) string {
+func bootScript(test string) string { return bootScriptEnv(test, "") }
+
+// bootScriptEnv is bootScript with one more environment assignment
+// (NAME=value, or "").
+func bootScriptEnv(test, env string) string {
+	export := ""
+	if env != "" {
+		export = "export " + env + "\n"
+	}
 	return fmt.Sprintf(`set -e
 cp convert.test dmconvert /tmp/
 export DMCONVERT_BIN=/tmp/dmconvert
-exec /tmp/convert.test -test.run '^%s$' -test.v -test.count=1
-`, test)
+%sexec /tmp/convert.test -test.run '^%s$' -test.v -test.count=1
+`, export, test)
 }
+
+// pcOpEnv names the operation a power-cut boot runs: encrypt (the
+// default), decrypt or rekey.
+const pcOpEnv = "DMCONVERT_PC_OP"
 
 func envInt(name string, def int64) int64 {
 	if v, err := strconv.ParseInt(os.Getenv(name), 10, 64); err == nil {
@@ -60,14 +72,24 @@ func envInt(name string, def int64) int64 {
 	return def
 }
 
-// TestVMPowerCut: DMCONVERT_POWERCUTS cuts (default 10, what CI runs;
-// make crashtest N=... runs more), DMCONVERT_CRASH_SEED to replay.
+// TestVMPowerCut: DMCONVERT_POWERCUTS cuts of an encrypt (default 10,
+// what CI runs; make crashtest N=... runs more) and DMCONVERT_POWERCUTS_OPS
+// cuts each of a decrypt and of a rekey (default 3), DMCONVERT_CRASH_SEED
+// to replay.
 func TestVMPowerCut(t *testing.T) {
 	testvm.RequireVM(t)
 	t.Parallel()
 	seed := envInt("DMCONVERT_CRASH_SEED", time.Now().UnixNano())
 	cuts := int(envInt("DMCONVERT_POWERCUTS", 10))
-	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts", seed, seed, cuts)
+	opCuts := int(envInt("DMCONVERT_POWERCUTS_OPS", 3))
+	ops := make([]string, 0, cuts+2*opCuts)
+	for i := 0; i < cuts; i++ {
+		ops = append(ops, "encrypt")
+	}
+	for i := 0; i < opCuts; i++ {
+		ops = append(ops, "decrypt", "rekey")
+	}
+	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts of an encrypt, %d each of a decrypt and a rekey", seed, seed, cuts, opCuts)
 	rng := rand.New(rand.NewSource(seed))
 	ctx := context.Background()
 	img, err := testvm.Prepare(ctx)
@@ -79,11 +101,15 @@ func TestVMPowerCut(t *testing.T) {
 	var mu sync.Mutex
 	results := map[string]int{}
 	t.Cleanup(func() { t.Logf("power cuts by state found afterwards: %v", results) })
-	for i := 0; i < cuts; i++ {
+	for i, op := range ops {
 		// Delay after the first progress event: anywhere in the run, and
 		// a little past its end.
 		delay := time.Duration(rng.Int63n(int64(6 * time.Second)))
 		name := fmt.Sprintf("cut%d", i)
+		if op != "encrypt" {
+			name = fmt.Sprintf("cut%d-%s", i, op)
+		}
+		env := pcOpEnv + "=" + op
 		i := i
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
@@ -103,7 +129,7 @@ func TestVMPowerCut(t *testing.T) {
 			testvm.CreateDisk(pv, 80*guestMiB)
 			testvm.CreateDisk(state, 64*guestMiB)
 			disks := []string{pv, state}
-			vm, err := testvm.Start(ctx, testvm.Config{Image: img, Disks: disks, Share: share, Script: bootScript("TestBootPowerCutStart"), Timeout: 5 * time.Minute})
+			vm, err := testvm.Start(ctx, testvm.Config{Image: img, Disks: disks, Share: share, Script: bootScriptEnv("TestBootPowerCutStart", env), Timeout: 5 * time.Minute})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -118,10 +144,10 @@ func TestVMPowerCut(t *testing.T) {
 			vm.Kill()
 			res, _ := vm.Wait()
 			finished := strings.Contains(string(res.Console), "DMCONVERT-FINISHED")
-			t.Logf("cut %v after the first progress event (conversion finished before the cut: %v)", delay, finished)
-			res, err = testvm.Run(ctx, testvm.Config{Image: img, Disks: disks, Share: share, Script: bootScript("TestBootPowerCutResume"), Timeout: 5 * time.Minute})
+			t.Logf("%s: cut %v after the first progress event (conversion finished before the cut: %v)", op, delay, finished)
+			res, err = testvm.Run(ctx, testvm.Config{Image: img, Disks: disks, Share: share, Script: bootScriptEnv("TestBootPowerCutResume", env), Timeout: 5 * time.Minute})
 			if err != nil || res.ExitCode != 0 {
-				t.Fatalf("after the power cut (seed %d, cut %d, delay %v): exit %d, %v\n%s\nconsole:\n%s", seed, i, delay, res.ExitCode, err, res.Report(), tail(res.Console, 80))
+				t.Fatalf("after the power cut of %s (seed %d, cut %d, delay %v): exit %d, %v\n%s\nconsole:\n%s", op, seed, i, delay, res.ExitCode, err, res.Report(), tail(res.Console, 80))
 			}
 			for _, l := range strings.Split(string(res.Console), "\n") {
 				if k, ok := strings.CutPrefix(strings.TrimSpace(l), "DMCONVERT-CUT-STATE "); ok {
@@ -137,24 +163,47 @@ func TestVMPowerCut(t *testing.T) {
 
 const pcTag = "pc"
 
+// pcOp is the operation of this power-cut boot.
+func pcOp() string {
+	if op := os.Getenv(pcOpEnv); op != "" {
+		return op
+	}
+	return "encrypt"
+}
+
 // TestBootPowerCutStart (first boot): a live stack with writers, then
-// dmconvert encrypt; it prints DMCONVERT-CONVERTING at the first
-// progress event and waits to be killed.
+// dmconvert encrypt (or decrypt, or rekey: DMCONVERT_PC_OP); it prints
+// DMCONVERT-CONVERTING at the first progress event and waits to be killed.
 func TestBootPowerCutStart(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
 	state := mountState(t, d[1], true)
 	writePW(t)
-	st := buildLightSized(t, pcTag, d[0], state, "32m", "8m")
+	var st *stack
+	var args []string
+	switch op := pcOp(); op {
+	case "encrypt":
+		st = buildLightSized(t, pcTag, d[0], state, "32m", "8m")
+		args = encryptArgs(st, state, "--chunk-size", "4M")
+	case "decrypt", "rekey":
+		var name string
+		st, name = luksStackSized(t, pcTag, d[0], state, "32m", "8m")
+		args = []string{op, name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal"), "--chunk-size", "4M"}
+		if op == "decrypt" {
+			args = append(args, "--shrink-pv")
+		}
+	default:
+		t.Fatalf("%s=%q: not an operation", pcOpEnv, op)
+	}
 	w := startWriter(t, st, state)
 	_ = w
-	r := cliStart(t, encryptArgs(st, state, "--chunk-size", "4M")...)
+	r := cliStart(t, args...)
 	r.waitProgress(t, 0)
 	fmt.Println("DMCONVERT-CONVERTING")
 	os.Stdout.Sync()
 	code, errOut := r.wait()
 	if code != 0 {
-		t.Fatalf("encrypt: exit %d: %s", code, errOut)
+		t.Fatalf("%s: exit %d: %s", args[0], code, errOut)
 	}
 	fmt.Println("DMCONVERT-FINISHED")
 	os.Stdout.Sync()
@@ -168,6 +217,7 @@ func TestBootPowerCutResume(t *testing.T) {
 	d := testvm.GuestDisks()
 	state := mountState(t, d[1], false)
 	writePW(t)
+	op := pcOp()
 	st := loadStack(t, state, pcTag)
 	jpath := st.file(state, "journal")
 	name := filepath.Base(st.Disk) + "_crypt"
@@ -177,14 +227,15 @@ func TestBootPowerCutResume(t *testing.T) {
 		f.Close()
 	}
 	id := Identify(first)
-	fmt.Println("DMCONVERT-CUT-STATE", strings.ReplaceAll(id.String(), " ", "-"))
+	fmt.Println("DMCONVERT-CUT-STATE", op+"-"+strings.ReplaceAll(id.String(), " ", "-"))
 	// What a boot does: pvscan autoactivation, vgchange -ay, and a
-	// cryptsetup open by a crypttab entry someone may already have.
+	// cryptsetup open by a crypttab entry.
 	shOK("pvscan", "--cache", "-aay")
 	shOK("vgchange", "-ay", st.VG)
 	if id == IdentityLVM {
-		// The disk is still a plain PV: whatever LVM activated on it must
-		// hold every acknowledged write (invariant 3).
+		// The disk carries a PV label (encrypt: not switched yet;
+		// decrypt: switched back): whatever LVM activated on it must hold
+		// every acknowledged write (invariant 3).
 		if _, err := os.Stat("/dev/mapper/" + st.VG + "-ext"); err == nil {
 			verifyStack(t, st, state)
 			for _, mp := range st.Mounts {
@@ -196,13 +247,14 @@ func TestBootPowerCutResume(t *testing.T) {
 			t.Fatalf("LVM activated LVs of the half-converted disk %s:\n%s", st.Disk, out)
 		}
 		if _, err := shOK("cryptsetup", "open", "--key-file", pwFile, st.Disk, "crashopen"); err == nil {
-			// Only a final header opens (the cut came after the last
-			// header write; the journal may not say done yet): then
-			// every sector must be in place under it.
+			// Only an unmarked header opens (encrypt and rekey: the cut
+			// came after the last header write; decrypt and rekey: before
+			// the run marked it): then every sector must be in place
+			// under it.
 			if dump := sh(t, "cryptsetup", "luksDump", st.Disk); strings.Contains(dump, "dmconvert") {
 				t.Fatalf("stock cryptsetup opened the half-converted disk %s although its header is marked:\n%s", st.Disk, dump)
 			}
-			fmt.Println("DMCONVERT-CUT-STATE final-header")
+			fmt.Println("DMCONVERT-CUT-STATE", op+"-unmarked-header")
 			sh(t, "vgchange", "-ay", st.VG)
 			verifyStack(t, st, state)
 			for _, mp := range st.Mounts {
@@ -216,8 +268,15 @@ func TestBootPowerCutResume(t *testing.T) {
 	switch {
 	case code != 0 && strings.Contains(out, "does not exist"):
 		// Cut before the run recorded anything: the disk is untouched.
-		if id != IdentityLVM {
+		want := IdentityLUKS
+		if op == "encrypt" {
+			want = IdentityLVM
+		}
+		if id != want {
 			t.Fatalf("no journal but the disk shows %v", id)
+		}
+		if op != "encrypt" {
+			sh(t, "cryptsetup", "open", "--key-file", pwFile, st.Disk, name)
 		}
 		shOK("vgchange", "-ay", st.VG)
 		verifyStack(t, st, state)
@@ -225,15 +284,26 @@ func TestBootPowerCutResume(t *testing.T) {
 	case code != 0:
 		t.Fatalf("status after the cut: exit %d:\n%s", code, out)
 	case strings.Contains(out, `"done"`):
-		sh(t, "cryptsetup", "open", "--key-file", pwFile, st.Disk, name)
+		if op != "decrypt" {
+			sh(t, "cryptsetup", "open", "--key-file", pwFile, st.Disk, name)
+		}
 	default:
 		code, out = cliRun(t, "resume", "--journal", jpath, "--key-file", pwFile)
 		requireExit(t, "resume after the power cut", code, 0, out)
 	}
 	shOK("vgchange", "-ay", st.VG)
 	verifyStack(t, st, state)
-	if typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", st.Disk); strings.TrimSpace(typ) != "crypto_LUKS" {
-		t.Fatalf("after resume %s is %q, not crypto_LUKS", st.Disk, typ)
+	want := "crypto_LUKS"
+	if op == "decrypt" {
+		want = "LVM2_member"
+	}
+	if typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", st.Disk); strings.TrimSpace(typ) != want {
+		t.Fatalf("after the %s's resume %s is %q, not %s", op, st.Disk, typ, want)
+	}
+	if want == "crypto_LUKS" {
+		if dump := sh(t, "cryptsetup", "luksDump", st.Disk); strings.Contains(dump, "dmconvert") {
+			t.Fatalf("after the %s's resume the header of %s is still marked:\n%s", op, st.Disk, dump)
+		}
 	}
 	// The cold open of a finished disk is checked by TestVM and the CLI
 	// tests; a power cut's job is the states in between.

@@ -44,6 +44,11 @@ type RekeyOptions struct {
 	// RemoveOtherKeyslots allows keyslots the passphrase does not open
 	// to be removed (they hold the old key, which stops being of use).
 	RemoveOtherKeyslots bool
+	// Cipher is the new key's cipher spec (dm-crypt/cryptsetup form,
+	// e.g. serpent-xts-plain64); empty keeps the source's.
+	Cipher string
+	// KeySize is the new key's size in bits; 0 keeps the source's.
+	KeySize int
 }
 
 // DefaultRekeyGap is the default distance the data moves in a rekey.
@@ -51,9 +56,10 @@ const DefaultRekeyGap Sectors = 4 << 20 / 512
 
 // Rekeyable is a header a rekey can stage its new key in.
 type Rekeyable interface {
-	// StageRekey adds an unbound keyslot holding newKey, opened by pass
-	// with the key derivation of the keyslot pass opened.
-	StageRekey(newKey, pass []byte) error
+	// StageRekey adds an unbound keyslot holding newKey, the data's key
+	// once the data segment is encrypted with cipher, opened by pass with
+	// the key derivation of the keyslot pass opened.
+	StageRekey(newKey, pass []byte, cipher string) error
 	// KeyslotsEnd is the sector after the last keyslot area in use.
 	KeyslotsEnd() Sectors
 	// OtherKeyslots lists the keyslots pass does not open.
@@ -107,13 +113,34 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 		return fail(refuse(node, "", "volume group %s cannot be converted: %s", pv.VG, pv.Refusal))
 	}
 
+	// The new key's cipher and size: checked here, then by the kernel
+	// (a crypt table with the new cipher loaded into a private device
+	// that is never resumed), before anything is written.
+	ncs, err := rekeyCrypt(cs, o.Cipher, o.KeySize)
+	if err != nil {
+		return fail(refuse(dpath, "", "cannot rekey: %v", err))
+	}
+	runID, err := newRunID()
+	if err != nil {
+		return fail(err)
+	}
+	if ncs != cs {
+		if err := e.probeCrypt(runID, ncs, di.Dev, H, align); err != nil {
+			var kr *kernelRefusal
+			if errors.As(err, &kr) {
+				return fail(refuse(dpath, "`cryptsetup benchmark --cipher SPEC --key-size BITS` tries a cipher", "cannot rekey: %v", err))
+			}
+			return fail(err)
+		}
+	}
+
 	// The new key, staged in an unbound keyslot; then the gap: what the
 	// keyslot areas leave free before the data.
-	newKey = make([]byte, cs.KeyBytes)
+	newKey = make([]byte, ncs.KeyBytes)
 	if _, err := rand.Read(newKey); err != nil {
 		return fail(err)
 	}
-	if err := rk.StageRekey(newKey, o.Passphrase); err != nil {
+	if err := rk.StageRekey(newKey, o.Passphrase, ncs.Cipher); err != nil {
 		return fail(refuse(dpath, "free a keyslot, or make room in the keyslots area", "cannot add a keyslot for the new key: %v", err))
 	}
 	room := roundDown(H-min(rk.KeyslotsEnd(), H), align)
@@ -137,17 +164,13 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 	if err := e.checkNewJournal(jpath, di.Dev, dpath); err != nil {
 		return fail(err)
 	}
-	runID, err := newRunID()
-	if err != nil {
-		return fail(err)
-	}
 	spec := &Spec{
 		Version: PlanVersion, ID: runID, Op: "rekey", Disk: di, Name: m.name,
 		Helpers: map[BackingID]string{
 			OldID: "dmconvert-" + runID + "-old",
 			NewID: "dmconvert-" + runID + "-new",
 		},
-		Crypt: cs, OldCrypt: cs,
+		Crypt: ncs, OldCrypt: cs,
 		LUKSVersion: hdr.Version(), LUKSUUID: hdr.UUID(),
 		Forward: plan,
 	}

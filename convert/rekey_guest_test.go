@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -26,7 +28,7 @@ func TestVMRekey(t *testing.T) {
 	}
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{
-		Disks:   []testvm.Disk{{Size: 128 * guestMiB}, {Size: 96 * guestMiB}, {Size: 128 * guestMiB}, {Size: 64 * guestMiB}},
+		Disks:   []testvm.Disk{{Size: 128 * guestMiB}, {Size: 96 * guestMiB}, {Size: 128 * guestMiB}, {Size: 64 * guestMiB}, {Size: 128 * guestMiB}},
 		Run:     "^TestGuestRekey",
 		Files:   map[string]string{"dmconvert": bin},
 		Timeout: 20 * time.Minute,
@@ -233,4 +235,160 @@ func TestGuestRekeyAbort(t *testing.T) {
 	if dump := sh(t, "cryptsetup", "luksDump", st.Disk); strings.Contains(dump, "dmconvert") || strings.Contains(dump, "unbound") {
 		t.Fatalf("the aborted rekey left marks or the staged keyslot:\n%s", dump)
 	}
+}
+
+// dumpSays checks that `cryptsetup luksDump dev` names cipher in the data
+// segment and that its first keyslot holds a keyBits key.
+func dumpSays(t testing.TB, dev, cipher string, keyBits int) string {
+	t.Helper()
+	dump := sh(t, "cryptsetup", "luksDump", dev)
+	seg := regexp.MustCompile(`(?m)^Data segments:\n(?:[ \t]+.*\n)*?[ \t]+cipher:[ \t]+(\S+)\n`).FindStringSubmatch(dump)
+	if seg == nil || seg[1] != cipher {
+		t.Fatalf("luksDump of %s: the data segment's cipher is %v, want %s:\n%s", dev, seg, cipher, dump)
+	}
+	if !regexp.MustCompile(`(?m)^Keyslots:\n[ \t]+\d+: luks2\n[ \t]+Key:[ \t]+` + strconv.Itoa(keyBits) + ` bits\n`).MatchString(dump) {
+		t.Fatalf("luksDump of %s: the first keyslot does not hold a %d-bit key:\n%s", dev, keyBits, dump)
+	}
+	return dump
+}
+
+// helperCiphers returns the ciphers of a run's crypt helpers in the live
+// tables (`dmsetup table` shows no keys): by suffix, "old" and "new".
+func helperCiphers(t testing.TB) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for _, l := range strings.Split(sh(t, "dmsetup", "table"), "\n") {
+		name, table, ok := strings.Cut(l, ": ")
+		f := strings.Fields(table)
+		if !ok || !strings.HasPrefix(name, "dmconvert-") || len(f) < 4 || f[2] != "crypt" {
+			continue
+		}
+		out[name[strings.LastIndexByte(name, '-')+1:]] = f[3]
+	}
+	return out
+}
+
+// TestGuestRekeyCipher: a mounted LUKS2 volume with LVM on it, made by
+// stock cryptsetup (aes-xts-plain64, 512-bit key), is rekeyed online to
+// serpent-xts-plain64 with a 256-bit key under a writer. Bad ciphers are
+// refused first (by dmconvert's own checks and by the kernel) with the
+// disk untouched; a dry run shows the change; a first run is stopped by
+// SIGTERM and aborted (the old cipher and key come back); a second run is
+// killed with SIGKILL (the helpers hold the old and the new cipher) and
+// resumed. Then every file and acknowledged record is there, luksDump
+// names the new cipher and key size, stock cryptsetup opens the volume
+// with the passphrase (to a serpent mapping), and the old volume key no
+// longer opens it.
+func TestGuestRekeyCipher(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	st, name := luksStack(t, "rkc", d[4], state)
+	dumpSays(t, st.Disk, "aes-xts-plain64", 512)
+	oldKey := saveVolumeKey(t, st.Disk, "/tmp/rkc-old.key")
+	const newCipher, newBits = "serpent-xts-plain64", "256"
+	j := st.file(state, "journal")
+
+	// Refusals, with the disk quiet: dmconvert's own checks (before the
+	// passphrase is read), then the kernel's (nothing left behind).
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
+	for _, c := range []struct{ cipher, bits, why string }{
+		{newCipher, "264", "XTS splits the key into two halves"},
+		{"aes-xts-plain64", "384", "takes a 256- or 512-bit key"},
+		{"serpent-xts", newBits, "has no IV mode"},
+	} {
+		code, out := cliRun(t, "rekey", name, "--batch-mode", "--key-file", pwFile, "--journal", j, "--cipher", c.cipher, "--key-size", c.bits)
+		if code != 2 || !strings.Contains(out, name) || !strings.Contains(out, c.why) {
+			t.Fatalf("rekey --cipher %s --key-size %s: exit %d, want 2 naming %s and saying %q:\n%s", c.cipher, c.bits, code, name, c.why, out)
+		}
+	}
+	for _, c := range []struct{ cipher, why string }{
+		{"nosuchcipher-xts-plain64", `the kernel has no cipher "nosuchcipher"`},
+		{"serpent-xts-nosuchiv", `refuses IV mode "nosuchiv"`},
+	} {
+		refused(t, st.Disk, 2, c.why, "rekey", name, "--batch-mode", "--key-file", pwFile, "--journal", j, "--cipher", c.cipher, "--key-size", newBits)
+	}
+	if left := helperCiphers(t); len(left) != 0 {
+		t.Fatalf("refused rekeys left devices: %v", left)
+	}
+	if _, err := os.Stat(j); err == nil {
+		t.Fatal("a refused rekey created the journal")
+	}
+	// A dry run shows the change, in text and in the JSON plan.
+	code, out := cliRun(t, "rekey", name, "--dry-run", "--key-file", pwFile, "--journal", j, "-c", newCipher, "-s", newBits)
+	requireExit(t, "rekey --dry-run", code, 0, out)
+	if !strings.Contains(out, "aes-xts-plain64 with a 512-bit key, 512-byte sectors; changes to serpent-xts-plain64 with a 256-bit key") {
+		t.Fatalf("the dry run does not show the cipher change:\n%s", out)
+	}
+	code, out = cliRun(t, "rekey", name, "--dry-run", "--json", "--key-file", pwFile, "--journal", j, "-c", newCipher, "-s", newBits)
+	requireExit(t, "rekey --dry-run --json", code, 0, out)
+	if !strings.Contains(out, `"crypt":{"cipher":"serpent-xts-plain64","key_bytes":32,"sector_size":512}`) ||
+		!strings.Contains(out, `"old_crypt":{"cipher":"aes-xts-plain64","key_bytes":64,"sector_size":512}`) {
+		t.Fatalf("the JSON plan does not carry both ciphers:\n%s", out)
+	}
+	for i, mp := range st.Mounts {
+		sh(t, "mount", "/dev/mapper/"+st.VG+"-"+st.FSLVs[i], mp)
+	}
+
+	w := startWriter(t, st, state)
+	rekey := func(journal string) *running {
+		return cliStart(t, "rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", journal,
+			"--chunk-size", "1M", "--cipher", newCipher, "--key-size", newBits)
+	}
+	// First run: SIGTERM, then abort back to the old cipher and key.
+	r := rekey(j)
+	r.waitProgress(t, 0.3)
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	code, errOut := r.wait()
+	requireExit(t, "rekey after SIGTERM", code, 5, errOut)
+	if hc := helperCiphers(t); hc["old"] != "aes-xts-plain64" || hc["new"] != newCipher {
+		t.Fatalf("the interrupted rekey's helpers: %v, want old aes-xts-plain64 and new %s", hc, newCipher)
+	}
+	code, out = cliRun(t, "abort", "--journal", j, "--key-file", pwFile)
+	requireExit(t, "abort of the rekey", code, 0, out)
+	dumpSays(t, st.Disk, "aes-xts-plain64", 512)
+	if k := saveVolumeKey(t, st.Disk, "/tmp/rkc-after-abort.key"); !bytes.Equal(k, oldKey) {
+		t.Fatal("the aborted rekey changed the volume key")
+	}
+	if tb := sh(t, "dmsetup", "table", name); !strings.Contains(tb, " crypt aes-xts-plain64 ") {
+		t.Fatalf("%s after the abort: %s", name, tb)
+	}
+
+	// Second run: kill -9 mid-run, the helpers keep both ciphers; resume.
+	j2 := st.file(state, "journal2")
+	r = rekey(j2)
+	r.waitProgress(t, 0.4)
+	r.cmd.Process.Kill()
+	code, _ = r.wait()
+	requireExit(t, "rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
+	if hc := helperCiphers(t); hc["old"] != "aes-xts-plain64" || hc["new"] != newCipher {
+		t.Fatalf("the killed rekey's helpers: %v, want old aes-xts-plain64 and new %s", hc, newCipher)
+	}
+	if out, err := shOK("cryptsetup", "open", "--key-file", pwFile, st.Disk, "rkc-second"); err == nil {
+		shOK("cryptsetup", "close", "rkc-second")
+		t.Fatalf("stock cryptsetup opened the half-rekeyed disk:\n%s", out)
+	}
+	code, out = cliRun(t, "resume", "--journal", j2, "--key-file", pwFile)
+	requireExit(t, "resume of the rekey", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	if tb := sh(t, "dmsetup", "table", name); !strings.Contains(tb, " crypt "+newCipher+" ") {
+		t.Fatalf("%s after the rekey: %s", name, tb)
+	}
+	verifyStack(t, st, state)
+	// Cold: stock cryptsetup opens it with the passphrase, as serpent.
+	verifyEncryptedCold(t, st, state, name)
+	if status := sh(t, "cryptsetup", "status", name); !regexp.MustCompile(`cipher:\s+`+newCipher+`\n`).MatchString(status) ||
+		!regexp.MustCompile(`keysize:\s+`+newBits+` bits`).MatchString(status) {
+		t.Fatalf("cryptsetup status after a cold open:\n%s", status)
+	}
+	dump := dumpSays(t, st.Disk, newCipher, 256)
+	checkRekeyed(t, st.Disk, oldKey, "/tmp/rkc-old.key")
+	if k := saveVolumeKey(t, st.Disk, "/tmp/rkc-new.key"); len(k) != 32 {
+		t.Fatalf("the new volume key has %d bytes, want 32", len(k))
+	}
+	t.Logf("the rekeyed header: %s", segmentLine(dump))
 }

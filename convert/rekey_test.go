@@ -18,8 +18,32 @@ import (
 const rekeyGap = 64 // sectors; the fake header leaves 96 free
 
 func (sc *scenario) rekeyOptions() RekeyOptions {
-	return RekeyOptions{Target: "vda_crypt", Journal: sc.journal, Chunk: rekeyGap, Open: sc.rekeyOpener(), Passphrase: []byte("pw")}
+	return RekeyOptions{Target: "vda_crypt", Journal: sc.journal, Chunk: rekeyGap, Open: sc.rekeyOpener(), Passphrase: []byte("pw"),
+		Cipher: sc.rekeyTo.cipher, KeySize: sc.rekeyTo.bits}
 }
+
+// rekeyTarget is the new key's cipher and size (bits) a rekey asks for;
+// empty and 0 keep the source's.
+type rekeyTarget struct {
+	cipher string
+	bits   int
+}
+
+// want is the crypt spec the new key must end with, from a source
+// encrypted with aes-xts-plain64 and key.
+func (rt rekeyTarget) want(key []byte) CryptSpec {
+	cs := CryptSpec{Cipher: "aes-xts-plain64", KeyBytes: len(key), SectorSize: 512}
+	if rt.cipher != "" {
+		cs.Cipher = rt.cipher
+	}
+	if rt.bits != 0 {
+		cs.KeyBytes = rt.bits / 8
+	}
+	return cs
+}
+
+// cipherChange is the cipher and key size change of the crash variant.
+var cipherChange = rekeyTarget{cipher: "serpent-xts-plain64", bits: 256}
 
 // rekeyOpener opens a fake header image: the data's key, and the staged
 // new key when the image holds one.
@@ -46,20 +70,22 @@ func (sc *scenario) verifyRekeyed(w *fakeWorld, e *Engine) {
 		sc.t.Fatalf("devices left after rekey: %v", list)
 	}
 	disk := fakeDiskIO{w: w, dev: sc.disk}
-	off, key, ok := fakeFinalRekey(disk)
+	fr, ok := fakeFinalRekey(disk)
 	if !ok {
 		sc.t.Fatal("the header on disk is not a finished rekey")
 	}
-	if off != sc.H-rekeyGap || bytes.Equal(key, sc.key) {
-		sc.t.Fatalf("rekeyed header: data at %d (want %d), key changed: %v", off, sc.H-rekeyGap, !bytes.Equal(key, sc.key))
+	want := sc.rekeyTo.want(sc.key)
+	if fr.off != sc.H-rekeyGap || bytes.Equal(fr.key, sc.key) || len(fr.key) != want.KeyBytes || fr.cipher != want.Cipher {
+		sc.t.Fatalf("rekeyed header: data at %d (want %d), key changed: %v, %d-bit %s key (want %d-bit %s)",
+			fr.off, sc.H-rekeyGap, !bytes.Equal(fr.key, sc.key), len(fr.key)*8, fr.cipher, want.KeyBytes*8, want.Cipher)
 	}
 	t, err := e.DM.Table("vda_crypt")
 	if err != nil {
 		sc.t.Fatal(err)
 	}
 	c, ok := t[0].Params.(*dmtable.Crypt)
-	if len(t) != 1 || !ok || Sectors(c.Offset) != off || !c.Key.Equal(dmtable.HexKey(key)) {
-		sc.t.Fatalf("vda_crypt's table after rekey: %v", t)
+	if len(t) != 1 || !ok || Sectors(c.Offset) != fr.off || !c.Key.Equal(dmtable.HexKey(fr.key)) || string(c.Cipher) != want.Cipher {
+		sc.t.Fatalf("vda_crypt's table after rekey: %v (want cipher %s)", t, want.Cipher)
 	}
 	sc.coldOpenRekeyed(w)
 }
@@ -69,10 +95,11 @@ func (sc *scenario) verifyRekeyed(w *fakeWorld, e *Engine) {
 // every LV's data.
 func (sc *scenario) coldOpenRekeyed(w *fakeWorld) {
 	sc.t.Helper()
-	off, key, ok := fakeFinalRekey(fakeDiskIO{w: w, dev: sc.disk})
-	if !ok || off != sc.H-rekeyGap {
-		sc.t.Fatalf("the header on disk is not a finished rekey (data at %d)", off)
+	fr, ok := fakeFinalRekey(fakeDiskIO{w: w, dev: sc.disk})
+	if !ok || fr.off != sc.H-rekeyGap {
+		sc.t.Fatalf("the header on disk is not a finished rekey (data at %d)", fr.off)
 	}
+	off := fr.off
 	w2 := w.snapshot()
 	w2.powerCut(false)
 	l2 := sc.lvm(w2)
@@ -82,7 +109,8 @@ func (sc *scenario) coldOpenRekeyed(w *fakeWorld) {
 	if len(w2.devs) != 0 {
 		sc.t.Fatal("boot-time LVM activated something on the raw encrypted disk")
 	}
-	if _, err := (fakeDM{w2}).Create("opened", "", dmtable.Table{cryptTarget(0, sc.N-off, CryptSpec{Cipher: "aes-xts-plain64"}, dmtable.HexKey(key), 0, sc.disk, off)}); err != nil {
+	// Opened as cryptsetup would: with the cipher and key the header says.
+	if _, err := (fakeDM{w2}).Create("opened", "", dmtable.Table{cryptTarget(0, sc.N-off, CryptSpec{Cipher: fr.cipher}, dmtable.HexKey(fr.key), 0, sc.disk, off)}); err != nil {
 		sc.t.Fatal(err)
 	}
 	if err := l2.Activate(context.Background(), "vg", []string{"/dev/mapper/opened"}); err != nil {
@@ -112,6 +140,112 @@ func TestRekeyEndToEnd(t *testing.T) {
 		t.Fatal("the writer wrote nothing during the rekey")
 	}
 	sc.verifyRekeyed(w, e)
+}
+
+// TestRekeyCipherChange: a rekey to another cipher and key size, under a
+// writer: the new key's helper and the final mapping use the new cipher,
+// the final header names it, a cold open with it finds every write.
+func TestRekeyCipherChange(t *testing.T) {
+	for i, rt := range []rekeyTarget{cipherChange, {cipher: "aes-cbc-essiv:sha256", bits: 256}, {bits: 256}} {
+		t.Run(fmt.Sprintf("%s/%d", rt.cipher, rt.bits), func(t *testing.T) {
+			sc, w := encryptedWorld(t, int64(25+i))
+			sc.rekeyTo = rt
+			e := sc.engine(w)
+			want := rt.want(sc.key)
+			seen := false
+			e.FailHook = func(fp string) {
+				sc.write(w)
+				// While the data moves, the new key's helper has the
+				// new cipher and the old key's the old one.
+				if fp != "sync:after" || seen {
+					return
+				}
+				list, _ := e.DM.List()
+				for _, d := range list {
+					tb, err := e.DM.Table(d.Name)
+					if err != nil || len(tb) != 1 {
+						continue
+					}
+					c, ok := tb[0].Params.(*dmtable.Crypt)
+					switch {
+					case !ok:
+					case strings.HasSuffix(d.Name, "-new"):
+						seen = true
+						if string(c.Cipher) != want.Cipher || len(c.Key.Payload()) != 2*want.KeyBytes {
+							t.Errorf("the new key's helper has a %d-bit %s key, want %d-bit %s", len(c.Key.Payload())*4, c.Cipher, want.KeyBytes*8, want.Cipher)
+						}
+					case strings.HasSuffix(d.Name, "-old"):
+						if string(c.Cipher) != "aes-xts-plain64" || len(c.Key.Payload()) != 128 {
+							t.Errorf("the old key's helper has a %d-bit %s key", len(c.Key.Payload())*4, c.Cipher)
+						}
+					}
+				}
+			}
+			ep, err := e.PlanRekey(context.Background(), sc.rekeyOptions())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ep.Spec.Crypt != want || ep.Spec.OldCrypt.Cipher != "aes-xts-plain64" || ep.Spec.OldCrypt.KeyBytes != 64 {
+				t.Fatalf("plan: new %+v (want %+v), old %+v", ep.Spec.Crypt, want, ep.Spec.OldCrypt)
+			}
+			if fh := ep.Header.(*fakeHeader); fh.staged != want.Cipher || len(fh.newKey) != want.KeyBytes {
+				t.Fatalf("staged a %d-bit key for %q", len(fh.newKey)*8, fh.staged)
+			}
+			if err := e.Execute(context.Background(), ep, RunOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			if !seen {
+				t.Fatal("never saw the new key's helper")
+			}
+			sc.verifyRekeyed(w, e)
+		})
+	}
+}
+
+// TestRekeyCipherRefusals: a cipher or key size that is malformed, does
+// not fit the cipher, or that the (fake) kernel does not offer is refused
+// at plan time, naming the device and the reason, with nothing written
+// and no device left behind.
+func TestRekeyCipherRefusals(t *testing.T) {
+	sc, w := encryptedWorld(t, 27)
+	e := sc.engine(w)
+	before, _ := e.DM.List()
+	for _, c := range []struct {
+		rt   rekeyTarget
+		want string
+	}{
+		{rekeyTarget{bits: 100}, "key size 100 bits is not a multiple of 8"},
+		{rekeyTarget{bits: -8}, "must be positive"},
+		{rekeyTarget{bits: 2048}, "larger than LUKS2 allows"},
+		{rekeyTarget{bits: 384}, "aes-xts-plain64 takes a 256- or 512-bit key, not 384 bits"},
+		{rekeyTarget{cipher: "serpent-xts-plain64", bits: 264}, "XTS splits the key into two halves"},
+		{rekeyTarget{cipher: "aes-cbc-essiv:sha256"}, "the key size stays 512 bits unless --key-size is given"},
+		{rekeyTarget{cipher: "aes"}, "has no chaining mode"},
+		{rekeyTarget{cipher: "serpent-xts"}, "has no IV mode"},
+		{rekeyTarget{cipher: "aes-xts-"}, "empty IV mode"},
+		{rekeyTarget{cipher: "capi:xts(aes)-plain64"}, "capi:"},
+		{rekeyTarget{cipher: "cipher_null-ecb-null"}, "unencrypted"},
+		{rekeyTarget{cipher: "aes:2-xts-plain64"}, "multi-key"},
+		{rekeyTarget{cipher: "Serpent-XTS-plain64", bits: 256}, "character"},
+		// Well formed, but the fake kernel offers no such cipher.
+		{rekeyTarget{cipher: "twofish-xts-plain64", bits: 256}, "the kernel's dm-crypt refuses cipher twofish-xts-plain64 with a 256-bit key"},
+		{rekeyTarget{cipher: "serpent-xts-plain64", bits: 128}, "refuses cipher serpent-xts-plain64 with a 128-bit key"},
+	} {
+		o := sc.rekeyOptions()
+		o.Cipher, o.KeySize = c.rt.cipher, c.rt.bits
+		name := fmt.Sprintf("%q/%d", c.rt.cipher, c.rt.bits)
+		requireRefused(t, w, name, c.want, func() error {
+			_, err := e.PlanRekey(context.Background(), o)
+			var re *RefusalError
+			if err != nil && (!errors.As(err, &re) || re.Device != fakeDiskPath) {
+				t.Errorf("%s: not a refusal naming %s: %v", name, fakeDiskPath, err)
+			}
+			return err
+		})
+		if after, _ := e.DM.List(); len(after) != len(before) {
+			t.Fatalf("%s: devices before %v, after %v", name, before, after)
+		}
+	}
 }
 
 func TestRekeyRefusals(t *testing.T) {
@@ -162,7 +296,23 @@ func TestRekeyRefusals(t *testing.T) {
 // spread of hits), by process kill or power cut (with and without the
 // disk's cache), then resume or abort finishes with every write intact.
 func TestRekeyCrashAtEveryFailpoint(t *testing.T) {
-	sc, w := encryptedWorld(t, 23)
+	rekeyCrashMatrix(t, rekeyTarget{}, 23, 2000)
+}
+
+// TestRekeyCipherChangeCrashAtEveryFailpoint: the same matrix for a rekey
+// to another cipher and key size (aes-xts-plain64 512 bits ->
+// serpent-xts-plain64 256 bits): resume and abort rebuild the old key's
+// mapping with the old cipher and the new key's with the new one from
+// the journal, and the final header names the new cipher. The fake
+// kernel's ciphers differ, so a table with the wrong one anywhere loses
+// data.
+func TestRekeyCipherChangeCrashAtEveryFailpoint(t *testing.T) {
+	rekeyCrashMatrix(t, cipherChange, 24, 3000)
+}
+
+func rekeyCrashMatrix(t *testing.T, rt rekeyTarget, seed, seedBase int64) {
+	sc, w := encryptedWorld(t, seed)
+	sc.rekeyTo = rt
 	e := sc.engine(w)
 	_, hits := sc.runUntil(e, w, "", 0, sc.planRekey(e))
 	cases := 0
@@ -170,10 +320,10 @@ func TestRekeyCrashAtEveryFailpoint(t *testing.T) {
 		for _, nth := range occurrences(hits[fp]) {
 			for _, rec := range []recovery{recoverResume, recoverAbort, recoverPowerResume, recoverLostCacheResume, recoverLostCacheAbort} {
 				cases++
-				seed := int64(2000 + cases)
+				seed := seedBase + int64(cases)
 				t.Run(fmt.Sprintf("%s#%d/%s", fp, nth, rec), func(t *testing.T) {
 					t.Parallel()
-					rekeyCrashAndRecover(t, fp, nth, rec, seed)
+					rekeyCrashAndRecover(t, rt, fp, nth, rec, seed)
 				})
 			}
 		}
@@ -184,8 +334,9 @@ func TestRekeyCrashAtEveryFailpoint(t *testing.T) {
 	t.Logf("%d rekey crash cases", cases)
 }
 
-func rekeyCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed int64) {
+func rekeyCrashAndRecover(t *testing.T, rt rekeyTarget, fp string, nth int, rec recovery, seed int64) {
 	sc, w := encryptedWorld(t, seed)
+	sc.rekeyTo = rt
 	sc.quiet = rec == recoverLostCacheResume || rec == recoverLostCacheAbort
 	e := sc.engine(w)
 	crashed, _ := sc.runUntil(e, w, fp, nth, sc.planRekey(e))
@@ -208,7 +359,7 @@ func rekeyCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed i
 	e.FailHook = func(string) { sc.write(w) }
 	o := ResumeOptions{Journal: sc.journal, Open: sc.rekeyOpener()}
 	done := func() {
-		if _, _, ok := fakeFinalRekey(fakeDiskIO{w: w, dev: sc.disk}); ok {
+		if _, ok := fakeFinalRekey(fakeDiskIO{w: w, dev: sc.disk}); ok {
 			sc.verifyRekeyed(w, e)
 		} else {
 			sc.verifyEncrypted(w, e)

@@ -248,6 +248,17 @@ func (e *Engine) openRun(ctx context.Context, o ResumeOptions) (r *run, cleanup 
 	if err != nil {
 		return nil, cleanup, fmt.Errorf("unlocking the header of %s: %w", spec.Disk.Path, err)
 	}
+	if n := len(keys.Unbound); spec.Op == "rekey" && n != spec.Crypt.KeyBytes {
+		// The helpers' tables follow from the plan's crypt specs and
+		// these keys: a key of another size is not the run's.
+		keys.Wipe()
+		if n == 0 {
+			return nil, cleanup, refuse(spec.Disk.Path, "give the passphrase or key file the rekey was started with",
+				"it opens the old key but not the new one staged in the header of journal %s", o.Journal)
+		}
+		return nil, cleanup, refuse(spec.Disk.Path, "check that this journal belongs to this disk",
+			"the header in journal %s holds a staged key of %d bits, but its plan says the new key (%s) has %d bits", o.Journal, n*8, spec.Crypt.Cipher, spec.Crypt.KeyBytes*8)
+	}
 	r = &run{e: e, j: j, spec: &spec, plan: spec.Forward, hdr: hdr, stop: o.Stop,
 		devs: map[BackingID]dmtable.Dev{DiskID: di.Dev}}
 	r.setKeys(spec.roles(keys))

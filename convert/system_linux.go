@@ -300,6 +300,29 @@ func (h OSHost) Users(dev dmtable.Dev) ([]string, error) {
 	return out, nil
 }
 
+// CryptoAlgorithms implements CryptoAlgorithms: the names in
+// /proc/crypto (algorithms built in or loaded as modules, and template
+// instances such as xts(aes) once something allocated them).
+func (h OSHost) CryptoAlgorithms() (map[string]bool, error) {
+	b, err := os.ReadFile("/proc/crypto")
+	if err != nil {
+		return nil, err
+	}
+	return parseProcCrypto(string(b)), nil
+}
+
+// parseProcCrypto returns the "name" fields of /proc/crypto's text.
+func parseProcCrypto(s string) map[string]bool {
+	names := map[string]bool{}
+	for _, l := range strings.Split(s, "\n") {
+		k, v, ok := strings.Cut(l, ":")
+		if ok && strings.TrimSpace(k) == "name" {
+			names[strings.TrimSpace(v)] = true
+		}
+	}
+	return names
+}
+
 // NodePath implements Host.
 func (h OSHost) NodePath(name string) string {
 	d := h.DevDir
