@@ -169,7 +169,7 @@ func guestOpFailpoints(t *testing.T, op string) {
 			code, rout := cliRun(t, rec, "--journal", j, "--key-file", pwFile)
 			done := rec == "resume"
 			switch {
-			case code != 0 && strings.Contains(rout, "already"):
+			case code != 0 && strings.Contains(rout, "is already done"):
 				code, done = 0, true // the failpoint came after the final commit
 			case code != 0 && rec == "abort" && strings.Contains(rout, "too late"):
 				code, rout = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
@@ -282,7 +282,7 @@ func guestFailpoints(t *testing.T, rec string) {
 					die(fp, fpHit(fp), args...)
 				}
 				code, rout := cliRun(t, rec, "--journal", st.file(state, "journal"), "--key-file", pwFile)
-				if code != 0 && strings.Contains(rout, "already") {
+				if code != 0 && strings.Contains(rout, "is already done") {
 					// The failpoint came after the final commit.
 					code = 0
 				}
