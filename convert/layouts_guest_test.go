@@ -1,0 +1,497 @@
+package convert
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/dmconvert/dmconvert/testvm"
+)
+
+// Real-kernel tests of `dmconvert encrypt` on disk layouts other than a
+// whole disk holding one PV with linear LVs: a PV on a GPT partition, a
+// VG spanning two PVs of which one is converted, LVs of several segments
+// with striped and raid1 LVs, an old-style snapshot and a thin pool, a PV
+// whose data area does not start at 1 MiB, a PV with a metadata area at
+// its end. Each runs the dmconvert command under a writer and checks
+// every file and acknowledged record live and after a cold open with
+// stock cryptsetup and vgchange.
+
+// The disks of TestVMLayouts, in order (/dev/vda ...).
+const (
+	layPartDisk    = iota // GPT: partition 1 foreign data, partition 2 the PV
+	layTwoPVA             // converted PV of a two-PV VG
+	layTwoPVB             // the other PV
+	laySegDisk            // several segments, striped and raid1 legs
+	laySegOther           // the other stripe and raid1 leg
+	laySnapDisk           // snapshot and thin pool
+	layPEStartDisk        // pe_start at 8 MiB, LUKS1
+	layTailMDADisk        // second metadata area at the end of the PV
+	layStateDisk          // journals and acknowledgements
+)
+
+// TestVMLayouts boots one VM for the layout tests.
+func TestVMLayouts(t *testing.T) {
+	if testvm.VMRequested() {
+		t.Parallel()
+	}
+	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
+	testvm.RunTestsInGuest(t, testvm.Options{
+		Disks: []testvm.Disk{
+			{Size: 256 * guestMiB},                        // vda
+			{Size: 160 * guestMiB}, {Size: 96 * guestMiB}, // vdb, vdc
+			{Size: 192 * guestMiB}, {Size: 96 * guestMiB}, // vdd, vde
+			{Size: 224 * guestMiB},                       // vdf
+			{Size: 96 * guestMiB}, {Size: 96 * guestMiB}, // vdg, vdh
+			{Size: 256 * guestMiB}, // vdi
+		},
+		Run:     "^TestGuestLayout",
+		Files:   map[string]string{"dmconvert": bin},
+		Timeout: 30 * time.Minute,
+	})
+}
+
+// lvmNoThinCheck is passed to every lvm command of these tests: the guest
+// has no thin_check, without which lvm refuses to activate a thin pool.
+const lvmNoThinCheck = `global { thin_check_executable="" }`
+
+// lv runs an lvm command with lvmNoThinCheck.
+func lv(t testing.TB, cmd string, args ...string) string {
+	t.Helper()
+	return sh(t, "lvm", append([]string{cmd, "--config", lvmNoThinCheck}, args...)...)
+}
+
+func lvOK(cmd string, args ...string) (string, error) {
+	return shOK("lvm", append([]string{cmd, "--config", lvmNoThinCheck}, args...)...)
+}
+
+// layoutModules loads the dm targets lvm probes for with modprobe (the
+// guest loads them on demand from the kernel, not from lvm's probe).
+func layoutModules(t testing.TB) {
+	for _, m := range []string{"dm-thin-pool", "dm-raid", "raid1", "dm-snapshot"} {
+		if out, err := shOK("modprobe", m); err != nil {
+			t.Logf("modprobe %s: %v %s", m, err, out)
+		}
+	}
+}
+
+// newLayoutStack starts a stack description for VG vg on disk.
+func newLayoutStack(tag, disk, vg string) *stack {
+	return &stack{Tag: tag, Disk: disk, VG: vg, RawLV: "/dev/mapper/" + vg + "-raw"}
+}
+
+// addExt4 makes an ext4 file system on LV name of st's VG, mounts it and
+// adds it to st.
+func addExt4(t testing.TB, st *stack, name string) {
+	t.Helper()
+	dev := "/dev/mapper/" + st.VG + "-" + name
+	mp := "/mnt/" + st.Tag + "-" + name
+	sh(t, "mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)
+	os.MkdirAll(mp, 0o755)
+	sh(t, "mount", dev, mp)
+	st.Mounts = append(st.Mounts, mp)
+	st.FSLVs = append(st.FSLVs, name)
+	st.FSTypes = append(st.FSTypes, "ext4")
+	st.Sizes = append(st.Sizes, blockDevBytes(t, dev))
+}
+
+// shrunkPV makes a PV on dev that ends two LUKS2 header sizes (2*16 MiB)
+// before the end of the device, with extra pvcreate flags.
+func shrunkPV(t testing.TB, dev string, header uint64, flags ...string) {
+	t.Helper()
+	size := diskSectors(t, dev)
+	a := append([]string{"-y", "--setphysicalvolumesize", fmt.Sprintf("%ds", size-2*header)}, flags...)
+	lv(t, "pvcreate", append(a, dev)...)
+}
+
+// rangeBytes reads n bytes of dev at off, past any cache.
+func rangeBytes(t testing.TB, dev string, off, n int64) []byte {
+	t.Helper()
+	f, err := os.OpenFile(dev, os.O_RDONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	raw := make([]byte, n+4096)
+	a := 4096 - int(uintptrOfSlice(raw)%4096)
+	buf := raw[a : a+int(n)]
+	if _, err := f.ReadAt(buf, off); err != nil {
+		t.Fatalf("reading %d bytes of %s at %d: %v", n, dev, off, err)
+	}
+	return append([]byte(nil), buf...)
+}
+
+// fillRandom writes random data over the whole device (and flushes it).
+func fillRandom(t testing.TB, dev string) {
+	t.Helper()
+	out, _ := shOK("dd", "if=/dev/urandom", "of="+dev, "bs=1M", "oflag=direct", "status=none")
+	_ = out // dd ends with "No space left on device" at the end of the device
+	sh(t, "sync")
+}
+
+// mustEqual fails when a device's bytes differ from what they were.
+func mustEqual(t testing.TB, what string, before, after []byte) {
+	t.Helper()
+	if !bytes.Equal(before, after) {
+		t.Fatalf("%s changed (first difference at byte %d of %d)", what, firstDiff(before, after), len(before))
+	}
+}
+
+// encryptInterrupted runs dmconvert encrypt on st.Disk, stops it with sig
+// once frac of it is done (sig 0: no interruption), then resumes it.
+func encryptInterrupted(t testing.TB, st *stack, state string, sig syscall.Signal, frac float64, extra ...string) {
+	t.Helper()
+	r := cliStart(t, encryptArgs(st, state, extra...)...)
+	if sig == 0 {
+		code, errOut := r.wait()
+		requireExit(t, "encrypt", code, 0, errOut)
+		return
+	}
+	r.waitProgress(t, frac)
+	r.cmd.Process.Signal(sig)
+	code, errOut := r.wait()
+	want := 5
+	if sig == syscall.SIGKILL {
+		want = 128 + int(syscall.SIGKILL)
+	}
+	requireExit(t, fmt.Sprintf("encrypt after %v", sig), code, want, errOut)
+	code, out := cliRun(t, "resume", "--journal", st.file(state, "journal"), "--key-file", pwFile, "--json")
+	requireExit(t, "resume", code, 0, out)
+}
+
+// coldVerifyLayout is verifyEncryptedCold for VGs that may have other PVs
+// and thin pools: everything closed, the raw disk is LUKS and activates
+// none of the stack's LVs, stock cryptsetup opens it, vgchange -ay, then
+// every check.
+func coldVerifyLayout(t testing.TB, st *stack, state, name string, lvs []string) {
+	t.Helper()
+	for _, mp := range st.Mounts {
+		shOK("umount", mp)
+	}
+	lv(t, "vgchange", "-an", st.VG)
+	sh(t, "dmsetup", "remove", name)
+	if typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", st.Disk); strings.TrimSpace(typ) != "crypto_LUKS" {
+		t.Fatalf("blkid -p %s says %q, want crypto_LUKS", st.Disk, typ)
+	}
+	out, _ := lvOK("vgchange", "-ay", st.VG)
+	for _, l := range lvs {
+		if info, err := shOK("dmsetup", "info", st.VG+"-"+l); err == nil {
+			t.Fatalf("LVM activated %s/%s without the encrypted PV (vgchange said %s):\n%s", st.VG, l, out, info)
+		}
+	}
+	lvOK("vgchange", "-an", st.VG)
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, st.Disk, name)
+	lv(t, "vgchange", "-ay", st.VG)
+	verifyStack(t, st, state)
+}
+
+// finalChecks: the final mapping is a crypt mapping of the disk and LVM
+// sees the PV on it.
+func finalChecks(t testing.TB, st *stack, name string) {
+	t.Helper()
+	tb := sh(t, "dmsetup", "table", name)
+	if !strings.Contains(tb, " crypt ") {
+		t.Fatalf("final table of %s: %s", name, tb)
+	}
+	pvs := lv(t, "pvs", "--noheadings", "-o", "pv_name,vg_name")
+	if !strings.Contains(pvs, "/dev/mapper/"+name) {
+		t.Fatalf("LVM does not see the PV on %s: %s", name, pvs)
+	}
+	deps := sh(t, "dmsetup", "deps", "-o", "devname", name)
+	if !strings.Contains(deps, "("+filepath.Base(st.Disk)+")") {
+		t.Fatalf("%s does not map %s: %s", name, st.Disk, deps)
+	}
+}
+
+// TestGuestLayoutPartition: the PV is the second partition of a GPT disk;
+// the first partition holds other data. Only the partition is encrypted;
+// the other partition and the partition tables are byte for byte what
+// they were. SIGINT mid-run, then resume.
+func TestGuestLayoutPartition(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	disk := d[layPartDisk]
+	state := guestStateDir(t, d[layStateDisk])
+	writePW(t)
+	sh(t, "sh", "-c", "printf 'label: gpt\\n,32M\\n,\\n' | sfdisk -q "+disk)
+	p1, p2 := disk+"1", disk+"2"
+	for i := 0; i < 50; i++ {
+		if _, err := os.Stat(p2); err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	fillRandom(t, p1)
+	// PV on the whole partition: --shrink-pv makes the room.
+	lv(t, "pvcreate", "-y", p2)
+	lv(t, "vgcreate", "-y", "vgpart", p2)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "64m", "vgpart")
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "16m", "vgpart")
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext2", "-L", "48m", "vgpart")
+	lv(t, "vgchange", "-ay", "vgpart")
+	st := newLayoutStack("part", p2, "vgpart")
+	addExt4(t, st, "ext")
+	addExt4(t, st, "ext2")
+	writeManifest(t, st, state)
+
+	size := int64(blockDevBytes(t, disk))
+	p1Before := diskBytes(t, p1)
+	headBefore := rangeBytes(t, disk, 0, 1<<20)
+	tailBefore := rangeBytes(t, disk, size-1<<20, 1<<20)
+	tableBefore := sh(t, "sfdisk", "-d", disk)
+
+	w := startWriter(t, st, state)
+	encryptInterrupted(t, st, state, syscall.SIGINT, 0.3, "--shrink-pv", "--chunk-size", "2M")
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	name := filepath.Base(p2) + "_crypt"
+	finalChecks(t, st, name)
+	verifyStack(t, st, state)
+	check := func(when string) {
+		mustEqual(t, "partition 1 "+when, p1Before, diskBytes(t, p1))
+		mustEqual(t, "the disk's first MiB (protective MBR, GPT) "+when, headBefore, rangeBytes(t, disk, 0, 1<<20))
+		mustEqual(t, "the disk's last MiB (backup GPT) "+when, tailBefore, rangeBytes(t, disk, size-1<<20, 1<<20))
+		if got := sh(t, "sfdisk", "-d", disk); got != tableBefore {
+			t.Fatalf("partition table %s:\n%s\nwas:\n%s", when, got, tableBefore)
+		}
+		if typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "PTTYPE", disk); strings.TrimSpace(typ) != "gpt" {
+			t.Fatalf("blkid -p %s: PTTYPE %q %s", disk, typ, when)
+		}
+	}
+	check("after the conversion")
+	coldVerifyLayout(t, st, state, name, []string{"ext", "ext2", "raw"})
+	check("after the cold open")
+}
+
+// TestGuestLayoutTwoPVs: VG of two PVs; an LV spans both (mounted, written
+// to), one LV lives only on the other PV. Only the first PV is converted:
+// the other stays a plain PV whose LV is byte for byte unchanged, and the
+// spanning LV keeps every write.
+func TestGuestLayoutTwoPVs(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	a, b := d[layTwoPVA], d[layTwoPVB]
+	state := guestStateDir(t, d[layStateDisk])
+	writePW(t)
+	shrunkPV(t, a, 32768)
+	lv(t, "pvcreate", "-y", b)
+	lv(t, "vgcreate", "-y", "vgtwo", a, b)
+	// span: 48 MiB on a (extents 0-11), then 40 MiB on b.
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "span", "-L", "88m", "vgtwo", a+":0-11", b)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "16m", "vgtwo", a)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "onlya", "-L", "32m", "vgtwo", a)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "keep", "-L", "24m", "vgtwo", b)
+	lv(t, "vgchange", "-ay", "vgtwo")
+	segs := lv(t, "lvs", "--noheadings", "-o", "lv_name,devices", "vgtwo/span")
+	if !strings.Contains(segs, a) || !strings.Contains(segs, b) {
+		t.Fatalf("span is not on both PVs: %s", segs)
+	}
+	st := newLayoutStack("two", a, "vgtwo")
+	addExt4(t, st, "span")
+	addExt4(t, st, "onlya")
+	writeManifest(t, st, state)
+	keep := "/dev/mapper/vgtwo-keep"
+	fillRandom(t, keep)
+	keepBefore := diskBytes(t, keep)
+	bLabel := rangeBytes(t, b, 0, 4096)
+
+	w := startWriter(t, st, state)
+	encryptInterrupted(t, st, state, syscall.SIGTERM, 0.5, "--chunk-size", "2M")
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	name := filepath.Base(a) + "_crypt"
+	finalChecks(t, st, name)
+	pvs := lv(t, "pvs", "--noheadings", "-o", "pv_name,vg_name")
+	if !strings.Contains(pvs, b) {
+		t.Fatalf("LVM lost the other PV %s: %s", b, pvs)
+	}
+	for _, l := range []string{"span", "keep"} {
+		deps := sh(t, "dmsetup", "deps", "-o", "devname", "vgtwo-"+l)
+		if !strings.Contains(deps, "("+filepath.Base(b)+")") {
+			t.Fatalf("vgtwo-%s no longer maps %s: %s", l, b, deps)
+		}
+	}
+	verifyStack(t, st, state)
+	mustEqual(t, "LV keep on the other PV", keepBefore, diskBytes(t, keep))
+	if typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", b); strings.TrimSpace(typ) != "LVM2_member" {
+		t.Fatalf("blkid -p %s says %q, want LVM2_member", b, typ)
+	}
+	mustEqual(t, "the other PV's label", bLabel, rangeBytes(t, b, 0, 4096))
+	coldVerifyLayout(t, st, state, name, []string{"span", "raw", "onlya"})
+	mustEqual(t, "LV keep on the other PV after the cold open", keepBefore, diskBytes(t, keep))
+}
+
+// TestGuestLayoutSegments: LVs of several segments interleaved on the
+// converted PV, a striped LV and a raid1 LV with one stripe/leg on it and
+// the other on a second PV; every one mounted and written to; SIGINT,
+// resume.
+func TestGuestLayoutSegments(t *testing.T) {
+	testvm.RequireGuest(t)
+	layoutModules(t)
+	d := testvm.GuestDisks()
+	a, b := d[laySegDisk], d[laySegOther]
+	state := guestStateDir(t, d[layStateDisk])
+	writePW(t)
+	shrunkPV(t, a, 32768)
+	lv(t, "pvcreate", "-y", b)
+	lv(t, "vgcreate", "-y", "vgseg", a, b)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "seg", "-L", "12m", "vgseg", a)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", "vgseg", a)
+	lv(t, "lvextend", "-y", "-L", "+12m", "vgseg/seg", a)
+	lv(t, "lvextend", "-y", "-L", "+4m", "vgseg/raw", a)
+	lv(t, "lvextend", "-y", "-L", "+16m", "vgseg/seg", a)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "str", "-i", "2", "-I", "64k", "-L", "32m", "vgseg", a, b)
+	lv(t, "vgchange", "-ay", "vgseg")
+	lv(t, "lvcreate", "-y", "--type", "raid1", "-m", "1", "-n", "mir", "-L", "16m", "vgseg", a, b)
+	for i := 0; ; i++ {
+		out := strings.TrimSpace(lv(t, "lvs", "--noheadings", "-o", "sync_percent", "vgseg/mir"))
+		if strings.HasPrefix(out, "100") {
+			break
+		}
+		if i > 300 {
+			t.Fatalf("raid1 LV did not sync: %s", out)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("layout:\n%s", lv(t, "lvs", "-a", "--segments", "-o", "lv_name,segtype,seg_start_pe,seg_size_pe,devices", "vgseg"))
+	if n := strings.Count(sh(t, "dmsetup", "table", "vgseg-seg"), "linear"); n < 3 {
+		t.Fatalf("vgseg-seg has %d linear segments, want 3", n)
+	}
+	st := newLayoutStack("seg", a, "vgseg")
+	addExt4(t, st, "seg")
+	addExt4(t, st, "str")
+	addExt4(t, st, "mir")
+	writeManifest(t, st, state)
+	w := startWriter(t, st, state)
+	encryptInterrupted(t, st, state, syscall.SIGINT, 0.4, "--chunk-size", "2M")
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	name := filepath.Base(a) + "_crypt"
+	finalChecks(t, st, name)
+	if out := lv(t, "lvs", "--noheadings", "-o", "lv_health_status,sync_percent", "vgseg/mir"); strings.TrimSpace(out) != "100.00" {
+		t.Logf("raid1 after the conversion: %q", out)
+	}
+	verifyStack(t, st, state)
+	coldVerifyLayout(t, st, state, name, []string{"seg", "raw", "str"})
+}
+
+// TestGuestLayoutSnapshotThin: an old-style snapshot of a mounted LV and
+// a thin LV in a thin pool, mounted, all on the converted PV; kill -9
+// mid-run, resume. The snapshot's content is what it was when taken, and
+// the origin and thin LV have every write.
+func TestGuestLayoutSnapshotThin(t *testing.T) {
+	testvm.RequireGuest(t)
+	layoutModules(t)
+	d := testvm.GuestDisks()
+	disk := d[laySnapDisk]
+	state := guestStateDir(t, d[layStateDisk])
+	writePW(t)
+	shrunkPV(t, disk, 32768)
+	lv(t, "vgcreate", "-y", "vgst", disk)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "orig", "-L", "48m", "vgst")
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", "vgst")
+	lv(t, "lvcreate", "-y", "--type", "thin-pool", "-n", "pool", "-L", "40m", "vgst")
+	lv(t, "lvcreate", "-y", "-n", "thin", "-V", "64m", "--thinpool", "vgst/pool")
+	lv(t, "vgchange", "-ay", "vgst")
+	st := newLayoutStack("st", disk, "vgst")
+	addExt4(t, st, "orig")
+	addExt4(t, st, "thin")
+	writeManifest(t, st, state)
+	lv(t, "lvcreate", "-y", "-s", "-n", "snap", "-L", "40m", "vgst/orig")
+	snap := "/dev/mapper/vgst-snap"
+	snapBefore := diskBytes(t, snap)
+	t.Logf("layout:\n%s", lv(t, "lvs", "-a", "-o", "lv_name,attr,lv_size,origin,pool_lv,devices", "vgst"))
+
+	w := startWriter(t, st, state)
+	encryptInterrupted(t, st, state, syscall.SIGKILL, 0.45, "--chunk-size", "2M")
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	name := filepath.Base(disk) + "_crypt"
+	finalChecks(t, st, name)
+	if out := lv(t, "lvs", "--noheadings", "-o", "lv_attr", "vgst/snap"); !strings.HasPrefix(strings.TrimSpace(out), "s") || strings.Contains(out, "I") {
+		t.Fatalf("snapshot attributes after the conversion: %q", out)
+	}
+	mustEqual(t, "the snapshot", snapBefore, diskBytes(t, snap))
+	verifyStack(t, st, state)
+	coldVerifyLayout(t, st, state, name, []string{"orig", "thin", "raw", "snap"})
+	mustEqual(t, "the snapshot after the cold open", snapBefore, diskBytes(t, snap))
+}
+
+// TestGuestLayoutPEStart: a PV whose data area starts at 8 MiB (4 MiB
+// metadata area, 4 MiB alignment), converted to LUKS1 (a 2 MiB header,
+// smaller than pe_start); SIGINT, resume.
+func TestGuestLayoutPEStart(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	disk := d[layPEStartDisk]
+	state := guestStateDir(t, d[layStateDisk])
+	writePW(t)
+	shrunkPV(t, disk, 4096, "--dataalignment", "4m", "--metadatasize", "4m")
+	pe := strings.TrimSpace(lv(t, "pvs", "--noheadings", "--units", "s", "--nosuffix", "-o", "pe_start", disk))
+	if n, err := strconv.ParseUint(pe, 10, 64); err != nil || n <= 2048 {
+		t.Fatalf("pe_start of %s is %q sectors, want more than the default 2048", disk, pe)
+	}
+	t.Logf("pe_start %s sectors", pe)
+	lv(t, "vgcreate", "-y", "vgpe", disk)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "40m", "vgpe")
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", "vgpe")
+	lv(t, "vgchange", "-ay", "vgpe")
+	st := newLayoutStack("pe", disk, "vgpe")
+	addExt4(t, st, "ext")
+	writeManifest(t, st, state)
+	w := startWriter(t, st, state)
+	args := []string{"encrypt", disk, "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal"),
+		"--type", "luks1", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--chunk-size", "1M"}
+	r := cliStart(t, args...)
+	r.waitProgress(t, 0.3)
+	r.cmd.Process.Signal(syscall.SIGINT)
+	code, errOut := r.wait()
+	requireExit(t, "encrypt after SIGINT", code, 5, errOut)
+	code, out := cliRun(t, "resume", "--journal", st.file(state, "journal"), "--key-file", pwFile)
+	requireExit(t, "resume", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	name := filepath.Base(disk) + "_crypt"
+	finalChecks(t, st, name)
+	if s := sh(t, "cryptsetup", "status", name); !strings.Contains(s, "LUKS1") {
+		t.Fatalf("cryptsetup status %s:\n%s", name, s)
+	}
+	verifyStack(t, st, state)
+	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
+}
+
+// TestGuestLayoutTailMetadata: a PV with a second metadata area at its
+// end (--pvmetadatacopies 2) filling the disk; --shrink-pv moves that
+// area to make room.
+func TestGuestLayoutTailMetadata(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	disk := d[layTailMDADisk]
+	state := guestStateDir(t, d[layStateDisk])
+	writePW(t)
+	lv(t, "pvcreate", "-y", "--pvmetadatacopies", "2", disk)
+	lv(t, "vgcreate", "-y", "vgtm", disk)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "40m", "vgtm")
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", "vgtm")
+	lv(t, "vgchange", "-ay", "vgtm")
+	st := newLayoutStack("tm", disk, "vgtm")
+	addExt4(t, st, "ext")
+	writeManifest(t, st, state)
+	w := startWriter(t, st, state)
+	encryptInterrupted(t, st, state, 0, 0, "--shrink-pv", "--chunk-size", "2M")
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	name := filepath.Base(disk) + "_crypt"
+	finalChecks(t, st, name)
+	if n := strings.TrimSpace(lv(t, "pvs", "--noheadings", "-o", "pv_mda_count", "/dev/mapper/"+name)); n != "2" {
+		t.Fatalf("the PV on %s has %s metadata areas, want 2", name, n)
+	}
+	verifyStack(t, st, state)
+	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
+}
