@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"regexp"
 	"testing"
 )
 
@@ -197,5 +198,78 @@ func TestRekeyWithUnboundKeyslot(t *testing.T) {
 	// A wrong volume key cannot be added as a bound keyslot.
 	if _, err := fin.AddKeyslot(oldKey, []byte("x"), testPBKDF2); !errors.Is(err, ErrWrongKey) {
 		t.Fatalf("AddKeyslot with a foreign key: %v", err)
+	}
+}
+
+// TestRekeyToAnotherCipher: the new key of a rekey that changes the
+// cipher and key size waits in an unbound keyslot encrypted as cryptsetup
+// would encrypt a keyslot of the new segment (the segment cipher when
+// this package runs it, else its aes-xts-plain64 fallback), and
+// BindSegmentCipher switches the segment's key and cipher together;
+// cryptsetup opens the result to the new key and names the new cipher.
+func TestRekeyToAnotherCipher(t *testing.T) {
+	cs := needCryptsetup(t)
+	for _, c := range []struct {
+		cipher   string
+		keySize  int
+		area     string
+		areaSize int
+	}{
+		{"serpent-xts-plain64", 32, FallbackKeyslotCipher, FallbackKeyslotKeySize},
+		{"aes-cbc-essiv:sha256", 32, "aes-cbc-essiv:sha256", 32},
+		{"aes-xts-plain64", 32, "aes-xts-plain64", 32},
+	} {
+		t.Run(c.cipher, func(t *testing.T) {
+			cs := cs.in(t)
+			oldKey, _ := NewVolumeKey(64)
+			h, err := Create(Options{PBKDF: testPBKDF2, HeaderSize: 2 << 20}, oldKey, []byte("alpha"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			newKey, _ := NewVolumeKey(c.keySize)
+			if _, err := h.AddUnboundKeyslotFor(newKey, []byte("alpha"), testPBKDF2, c.cipher+"-"); err == nil {
+				t.Fatal("a malformed cipher was accepted")
+			}
+			id, err := h.AddUnboundKeyslotFor(newKey, []byte("alpha"), testPBKDF2, c.cipher)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, k := range h.Keyslots() {
+				if k.ID == id && (k.Bound || k.KeySize != c.keySize || k.Cipher != c.area || k.AreaKey != c.areaSize) {
+					t.Fatalf("staged keyslot %+v, want a %d-byte key in a %s/%d area", k, c.keySize, c.area, c.areaSize)
+				}
+			}
+			// The segment's own key cannot change cipher in place.
+			if err := h.BindSegmentCipher(0, c.cipher); c.cipher != "aes-xts-plain64" && !errors.Is(err, ErrInvalidArgument) {
+				t.Fatalf("changing the cipher of the bound key: %v", err)
+			}
+			if err := h.BindSegmentCipher(id, c.cipher); err != nil {
+				t.Fatal(err)
+			}
+			if err := h.RemoveKeyslot(0); err != nil {
+				t.Fatal(err)
+			}
+			if h.Cipher() != c.cipher || h.VolumeKeySize() != c.keySize {
+				t.Fatalf("segment %s with a %d-byte key", h.Cipher(), h.VolumeKeySize())
+			}
+			dev := writeImage(t, h)
+			back := readHeader(t, dev)
+			if vk, _, err := back.Unlock([]byte("alpha")); err != nil || !vk.Equal(newKey) {
+				t.Fatalf("reread header: %v", err)
+			}
+			if got := cs.dumpVolumeKey(dev, writeTemp(t, "a", []byte("alpha"))); !bytes.Equal(got, newKey.Bytes()) {
+				t.Fatal("cryptsetup opens another key")
+			}
+			dump := cs.ok(nil, "luksDump", dev)
+			if !regexp.MustCompile(`(?m)^\s*cipher:\s*` + regexp.QuoteMeta(c.cipher) + `\s*$`).MatchString(dump) {
+				t.Fatalf("luksDump does not name the segment cipher %s:\n%s", c.cipher, dump)
+			}
+		})
+	}
+	if a, n := KeyslotEncryption("twofish-xts-plain64", 64); a != "aes-xts-plain64" || n != 64 {
+		t.Fatalf("fallback %s/%d", a, n)
+	}
+	if a, n := KeyslotEncryption("aes-xts-plain64", 32); a != "aes-xts-plain64" || n != 32 {
+		t.Fatalf("own cipher %s/%d", a, n)
 	}
 }

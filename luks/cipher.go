@@ -5,6 +5,7 @@ import (
 	"crypto/cipher"
 	"crypto/sha256"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"strings"
 
@@ -200,4 +201,79 @@ func DefaultKeySize(spec string) int {
 		return 64
 	}
 	return 32
+}
+
+// Keyslot area encryption for keys of segments whose cipher this package
+// cannot run. cryptsetup (crypt_keyslot_get_encryption) falls back to the
+// same when its crypto backend cannot run the segment cipher.
+const (
+	FallbackKeyslotCipher  = "aes-xts-plain64"
+	FallbackKeyslotKeySize = 64
+)
+
+// KeyslotEncryption returns the keyslot area encryption (cipher spec and
+// key size in bytes) for a keyslot holding the volume key of a segment
+// encrypted with segmentCipher and a keySize-byte key, chosen as
+// cryptsetup's crypt_keyslot_get_encryption does: the segment's cipher
+// and key size when this package can run them, else aes-xts-plain64 with
+// a 512-bit key.
+func KeyslotEncryption(segmentCipher string, keySize int) (string, int) {
+	if c, err := parseCipher(segmentCipher); err == nil && c.checkKeySize(keySize) == nil {
+		return c.String(), keySize
+	}
+	return FallbackKeyslotCipher, FallbackKeyslotKeySize
+}
+
+// CheckSegmentCipher checks a data segment's cipher spec and volume key
+// size (bytes) as far as this package can: a cipher it supports (see
+// SupportedCiphers) must have a key size it takes; any other one must
+// have the cipher-chainmode-ivmode[:ivopts] form with plain names (the
+// kernel's dm-crypt decides whether it exists, when a mapping is loaded).
+func CheckSegmentCipher(spec string, keySize int) error {
+	if keySize <= 0 || keySize > MaxVolumeKeySize {
+		return fmt.Errorf("volume key size %d bytes: %w", keySize, ErrInvalidArgument)
+	}
+	if c, err := parseCipher(spec); err == nil {
+		return c.checkKeySize(keySize)
+	}
+	return CheckCipherForm(spec)
+}
+
+// CheckCipherForm checks that spec is a cipher this package supports or
+// has the cipher-chainmode-ivmode[:ivopts] form with plain names
+// (lower-case letters, digits, '_'), whatever its key size.
+func CheckCipherForm(spec string) error {
+	_, err := parseCipher(spec)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, ErrUnsupported) {
+		return err
+	}
+	name, mode, _ := strings.Cut(spec, "-")
+	chain, iv, ok := strings.Cut(mode, "-")
+	ivMode, ivOpts, hasOpts := strings.Cut(iv, ":")
+	if !ok || name == "" || chain == "" || ivMode == "" || (hasOpts && ivOpts == "") || strings.Contains(iv, "-") {
+		return fmt.Errorf("cipher %q is not in cipher-chainmode-ivmode[:ivopts] form: %w", spec, ErrInvalidArgument)
+	}
+	for _, r := range spec {
+		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-' || r == ':' || r == '_') {
+			return fmt.Errorf("cipher %q: character %q: %w", spec, r, ErrInvalidArgument)
+		}
+	}
+	return nil
+}
+
+// KeySizes returns the volume key sizes (bytes) a cipher this package
+// supports takes; for any other cipher it fails with ErrUnsupported (or
+// ErrInvalidArgument when spec is not in cipher-mode-iv form).
+func KeySizes(spec string) ([]int, error) {
+	c, err := parseCipher(spec)
+	if err != nil {
+		return nil, err
+	}
+	if c.xts {
+		return []int{32, 64}, nil
+	}
+	return []int{16, 24, 32}, nil
 }

@@ -236,6 +236,7 @@ type Keyslot struct {
 	Digest     int    // LUKS2 digest id (-1 for LUKS1 or none)
 	KeySize    int    // bytes of the stored key
 	Cipher     string // keyslot area encryption
+	AreaKey    int    // bytes of the keyslot area key (LUKS1: the volume key's)
 	PBKDF      PBKDF  // Type, Hash, Iterations (argon2: time), MemoryKiB, Parallel
 	AFHash     string
 	AreaOffset int64 // bytes from the start of the device
@@ -252,7 +253,7 @@ func (h *Header) Keyslots() []Keyslot {
 				continue
 			}
 			out = append(out, Keyslot{ID: i, Type: "luks1", Bound: true, Digest: -1,
-				KeySize: int(h.v1.keyBytes), Cipher: h.Cipher(),
+				KeySize: int(h.v1.keyBytes), Cipher: h.Cipher(), AreaKey: int(h.v1.keyBytes),
 				PBKDF:  PBKDF{Type: KDFPBKDF2, Hash: h.v1.hashSpec, Iterations: s.iterations},
 				AFHash: h.v1.hashSpec, AreaOffset: int64(s.offset) * sectorSize,
 				AreaSize: int64(h.v1.materialSectors()) * sectorSize, Priority: 1})
@@ -265,7 +266,7 @@ func (h *Header) Keyslots() []Keyslot {
 		if err != nil {
 			continue
 		}
-		ks := Keyslot{ID: id, Type: k.typ, Digest: -1, KeySize: k.keySize, Cipher: k.areaEnc,
+		ks := Keyslot{ID: id, Type: k.typ, Digest: -1, KeySize: k.keySize, Cipher: k.areaEnc, AreaKey: k.areaKeySize,
 			PBKDF: PBKDF{Type: k.kdf.typ, Hash: k.kdf.hash, Iterations: k.kdf.iterations,
 				MemoryKiB: k.kdf.memory, Parallel: k.kdf.parallel},
 			AFHash: k.afHash, AreaOffset: int64(k.areaOffset), AreaSize: int64(k.areaSize), Priority: k.priority}

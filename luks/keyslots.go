@@ -16,7 +16,7 @@ func (h *Header) AddKeyslot(vk *VolumeKey, key []byte, p PBKDF) (int, error) {
 	if h.v1 != nil {
 		return h.addKeyslot1(vk, key, p)
 	}
-	return h.addKeyslot2(vk, key, p, true)
+	return h.addKeyslot2(vk, key, p, true, "")
 }
 
 // AddUnboundKeyslot adds a LUKS2 keyslot for a key that is not the data
@@ -27,7 +27,23 @@ func (h *Header) AddUnboundKeyslot(vk *VolumeKey, key []byte, p PBKDF) (int, err
 	if h.v1 != nil {
 		return -1, fmt.Errorf("unbound keyslots need LUKS2: %w", ErrUnsupported)
 	}
-	return h.addKeyslot2(vk, key, p, false)
+	return h.addKeyslot2(vk, key, p, false, "")
+}
+
+// AddUnboundKeyslotFor adds an unbound LUKS2 keyslot for vk, the volume
+// key a data segment will have once it is encrypted with segmentCipher
+// (a rekey that changes the cipher or key size; BindSegmentCipher makes
+// the switch). The keyslot area is encrypted as cryptsetup would encrypt
+// a keyslot of that segment (KeyslotEncryption). segmentCipher and the
+// key size are checked with CheckSegmentCipher.
+func (h *Header) AddUnboundKeyslotFor(vk *VolumeKey, key []byte, p PBKDF, segmentCipher string) (int, error) {
+	if h.v1 != nil {
+		return -1, fmt.Errorf("unbound keyslots need LUKS2: %w", ErrUnsupported)
+	}
+	if err := CheckSegmentCipher(segmentCipher, vk.Len()); err != nil {
+		return -1, err
+	}
+	return h.addKeyslot2(vk, key, p, false, segmentCipher)
 }
 
 func (h *Header) addKeyslot1(vk *VolumeKey, key []byte, p PBKDF) (int, error) {
@@ -60,7 +76,10 @@ func (h *Header) addKeyslot1(vk *VolumeKey, key []byte, p PBKDF) (int, error) {
 	return slot, nil
 }
 
-func (h *Header) addKeyslot2(vk *VolumeKey, key []byte, p PBKDF, bound bool) (int, error) {
+// addKeyslot2 adds a LUKS2 keyslot. Its area is encrypted for a segment
+// with cipher forCipher and vk's key size, or, when forCipher is empty,
+// for the data segment as it is (its cipher and key size).
+func (h *Header) addKeyslot2(vk *VolumeKey, key []byte, p PBKDF, bound bool, forCipher string) (int, error) {
 	l := h.v2
 	keyLen := vk.Len()
 	if keyLen == 0 || keyLen > MaxVolumeKeySize {
@@ -124,14 +143,19 @@ func (h *Header) addKeyslot2(vk *VolumeKey, key []byte, p PBKDF, bound bool) (in
 	}
 
 	// Keyslot area encryption: the segment cipher with the segment's key
-	// size, as cryptsetup's crypt_keyslot_get_encryption chooses it.
-	cs, err := parseCipher(seg.encryption)
-	if err != nil {
-		return -1, fmt.Errorf("keyslot encryption for segment cipher %s: %w", seg.encryption, err)
+	// size, as cryptsetup's crypt_keyslot_get_encryption chooses it
+	// (aes-xts-plain64 when this package cannot run the segment cipher).
+	segCipher, segKeySize := seg.encryption, h.VolumeKeySize()
+	if segKeySize == 0 {
+		segKeySize = keyLen
 	}
-	areaKeySize := h.VolumeKeySize()
-	if areaKeySize == 0 {
-		areaKeySize = keyLen
+	if forCipher != "" {
+		segCipher, segKeySize = forCipher, keyLen
+	}
+	areaCipher, areaKeySize := KeyslotEncryption(segCipher, segKeySize)
+	cs, err := parseCipher(areaCipher)
+	if err != nil {
+		return -1, fmt.Errorf("keyslot encryption %s: %w", areaCipher, err)
 	}
 	if err := cs.checkKeySize(areaKeySize); err != nil {
 		return -1, err
@@ -313,7 +337,13 @@ func (h *Header) RemoveKeyslot(slot int) error {
 // digest. Keyslots of the old digest stay, now unbound, until removed.
 // The key size must suit the segment cipher. In memory; write with
 // WriteMetadata or Commit.
-func (h *Header) BindSegment(slot int) error {
+func (h *Header) BindSegment(slot int) error { return h.BindSegmentCipher(slot, "") }
+
+// BindSegmentCipher is BindSegment that also sets the data segment's
+// cipher spec ("encryption") to cipher, unless cipher is empty (a rekey
+// to another cipher or key size). The key size must suit the cipher
+// (CheckSegmentCipher).
+func (h *Header) BindSegmentCipher(slot int, cipher string) error {
 	if h.v2 == nil {
 		return fmt.Errorf("segment binding needs LUKS2: %w", ErrUnsupported)
 	}
@@ -330,17 +360,25 @@ func (h *Header) BindSegment(slot int) error {
 	if err != nil {
 		return err
 	}
+	if cipher == "" {
+		cipher = seg.encryption
+	}
+	if err := CheckSegmentCipher(cipher, ks.keySize); err != nil {
+		return err
+	}
 	if nd.id == od.id {
+		if cipher != seg.encryption {
+			return fmt.Errorf("keyslot %d holds the segment's own key: changing its cipher to %s would make the data unreadable: %w", slot, cipher, ErrInvalidArgument)
+		}
 		return nil
 	}
-	cs, err := parseCipher(seg.encryption)
-	if err != nil {
-		return err
-	}
-	if err := cs.checkKeySize(ks.keySize); err != nil {
-		return err
-	}
 	segName := strconv.Itoa(seg.id)
+	var segObj *object
+	if cipher != seg.encryption {
+		if segObj, err = l.sec("segments").getObject(segName); err != nil || segObj == nil {
+			return corruptf("segment %d", seg.id)
+		}
+	}
 	digests := l.sec("digests")
 	for _, id := range []int{od.id, nd.id} {
 		d, err := digests.getObject(strconv.Itoa(id))
@@ -357,5 +395,11 @@ func (h *Header) BindSegment(slot int) error {
 		digests.setObject(strconv.Itoa(id), d)
 	}
 	l.setSec("digests", digests)
+	if segObj != nil {
+		segObj.set("encryption", jsonRaw(cipher))
+		segs := l.sec("segments")
+		segs.setObject(segName, segObj)
+		l.setSec("segments", segs)
+	}
 	return nil
 }

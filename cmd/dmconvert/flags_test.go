@@ -151,3 +151,31 @@ func TestEncryptFlagErrorsEndToEnd(t *testing.T) {
 		t.Fatal("devices created")
 	}
 }
+
+// rekey's --cipher and --key-size are refused before the passphrase is
+// read or the engine opened, naming the target and the reason.
+func TestRekeyCipherFlagErrors(t *testing.T) {
+	ta := newTestApp(t)
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--key-size", "100"}, "not a multiple of 8"},
+		{[]string{"-s", "-8"}, "must be positive"},
+		{[]string{"--cipher", "serpent-xts"}, "no IV mode"},
+		{[]string{"-c", "capi:xts(aes)-plain64"}, "capi:"},
+		{[]string{"--cipher", "aes-xts-plain64", "--key-size", "384"}, "256- or 512-bit"},
+		{[]string{"--cipher", "serpent-xts-plain64", "--key-size", "264"}, "XTS splits the key"},
+	} {
+		args := append([]string{"rekey", "vda_crypt", "--key-file", "/nonexistent/pw"}, c.args...)
+		ta.mustRun(exitRefused, args...)
+		if msg := ta.err.String(); !strings.Contains(msg, "vda_crypt") || !strings.Contains(msg, c.want) {
+			t.Errorf("%v: %q, want the target and %q", c.args, msg, c.want)
+		}
+	}
+	// Well-formed ones get as far as the engine (none in this test).
+	ta.mustRun(exitFailed, "rekey", "vda_crypt", "--key-file", "/nonexistent/pw", "--cipher", "serpent-xts-plain64", "--key-size", "256")
+	if msg := ta.err.String(); !strings.Contains(msg, "no device-mapper") {
+		t.Errorf("a valid cipher was refused: %s", msg)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -196,5 +197,39 @@ func TestFinishEncryptText(t *testing.T) {
 	b, _ := os.ReadFile(ta.a.crypttab)
 	if string(b) != r.Crypttab+"\n" {
 		t.Fatalf("crypttab %q", b)
+	}
+}
+
+// The rekey plan says the cipher and key size before and after, and the
+// --json plan carries both.
+func TestRekeyPlanShowsCipher(t *testing.T) {
+	p, err := convert.BuildRekey(convert.RekeyGeometry{DiskSize: 65536, Header: 32768, Gap: 8192, Align: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := convert.CryptSpec{Cipher: "aes-xts-plain64", KeyBytes: 64, SectorSize: 512}
+	for _, c := range []struct {
+		crypt convert.CryptSpec
+		want  string
+	}{
+		{old, "cipher:        aes-xts-plain64 with a 512-bit key, 512-byte sectors; unchanged"},
+		{convert.CryptSpec{Cipher: "serpent-xts-plain64", KeyBytes: 32, SectorSize: 512},
+			"cipher:        aes-xts-plain64 with a 512-bit key, 512-byte sectors; changes to serpent-xts-plain64 with a 256-bit key"},
+	} {
+		ta := newTestApp(t)
+		spec := &convert.Spec{Op: "rekey", Disk: convert.DiskInfo{Path: "/dev/vda"}, Name: "vda_crypt",
+			Crypt: c.crypt, OldCrypt: old, LUKSVersion: 2, LUKSUUID: "0b8e2c3e-9c7e-4a51-8d35-8e2b9d1c7f00", Forward: p}
+		ta.a.printRekeyPlan(&convert.EncryptPlan{Spec: spec, Journal: "/j"})
+		if out := ta.out.String(); !strings.Contains(out, c.want) {
+			t.Errorf("plan lacks %q:\n%s", c.want, out)
+		}
+		b, err := json.Marshal(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := fmt.Sprintf(`"crypt":{"cipher":%q,"key_bytes":%d,"sector_size":512},"old_crypt":{"cipher":"aes-xts-plain64","key_bytes":64,"sector_size":512}`, c.crypt.Cipher, c.crypt.KeyBytes)
+		if !strings.Contains(string(b), want) {
+			t.Errorf("JSON plan lacks %s:\n%s", want, b)
+		}
 	}
 }

@@ -13,17 +13,28 @@ import (
 type rekeyOptions struct {
 	onlineOptions
 	removeOthers bool
+	cipher       string
+	keySize      int // bits
 }
 
 func (a *app) rekeyCommand(mark markFunc) *cobra.Command {
 	o := &rekeyOptions{}
 	cmd := &cobra.Command{
 		Use:   "rekey TARGET",
-		Short: "give an open LUKS2 volume a new volume key in place while it is in use",
+		Short: "give an open LUKS2 volume a new volume key (and cipher) in place while it is in use",
 		Long: `Re-encrypt TARGET, an open LUKS2 mapping (its name, /dev/mapper/NAME, or the
 device under it), with a new random volume key, online: a file system may be
 mounted on it, or it may be an LVM physical volume with active logical
-volumes. The cipher, key size and sector size stay as they are.
+volumes. The new key keeps the volume's cipher and key size unless --cipher
+(a dm-crypt cipher spec, e.g. serpent-xts-plain64 or aes-cbc-essiv:sha256) or
+--key-size (bits; XTS takes twice the cipher's key, e.g. 256 or 512 for AES)
+give others; the sector size stays. Both are checked before anything is
+written: their form and, for the AES modes dmconvert runs itself, the key
+size, then by the kernel (a crypt table with the new cipher is loaded into a
+private device that is never used). The new key's keyslot is encrypted with
+the new cipher when dmconvert can run it (the AES modes), else with
+aes-xts-plain64 and a 512-bit key, as cryptsetup does when its crypto
+backend cannot run a cipher.
 
 The data area moves toward the start of the device by a small gap (--chunk-size,
 default 4 MiB, at most what the keyslots area leaves unused) while it is
@@ -43,6 +54,8 @@ their key: they are refused unless --remove-other-keyslots.`,
 	f := cmd.Flags()
 	o.register(f, "/var/lib/dmconvert/<LUKS UUID>.journal", "how far the data moves and the most copied per step, with K/M/G suffix (default 4M)")
 	f.BoolVar(&o.removeOthers, "remove-other-keyslots", false, "remove the keyslots the given passphrase does not open (their passphrases stop working)")
+	f.StringVarP(&o.cipher, "cipher", "c", "", "cipher of the new key, e.g. serpent-xts-plain64 (default: the volume's)")
+	f.IntVarP(&o.keySize, "key-size", "s", 0, "size of the new key in bits, e.g. 256 (default: the volume's)")
 	return cmd
 }
 
@@ -55,13 +68,17 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 	}
 	target := args[0]
 	res.Device = target
+	// What can be checked without the header, before the passphrase.
+	if err := convert.CheckRekeyCipher(o.cipher, o.keySize); err != nil {
+		return usagef("%s: cannot rekey: %v", target, err)
+	}
 	e, pass, chunk, done, err := a.openOnline(&o.onlineOptions, target)
 	if err != nil {
 		return err
 	}
 	defer done()
 	ep, err := e.PlanRekey(ctx, convert.RekeyOptions{Target: target, Journal: o.journal, Chunk: chunk,
-		Open: opener(pass), Passphrase: pass, RemoveOtherKeyslots: o.removeOthers})
+		Open: opener(pass), Passphrase: pass, RemoveOtherKeyslots: o.removeOthers, Cipher: o.cipher, KeySize: o.keySize})
 	if err != nil {
 		return err
 	}
@@ -80,6 +97,11 @@ func (a *app) printRekeyPlan(ep *convert.EncryptPlan) {
 	if s.VG != "" {
 		fmt.Fprintf(w, "  volume group:  %s (PV %s)\n", s.VG, s.PVDevice)
 	}
+	change := "unchanged"
+	if s.Crypt != s.OldCrypt {
+		change = fmt.Sprintf("changes to %s with a %d-bit key", s.Crypt.Cipher, s.Crypt.KeyBytes*8)
+	}
+	fmt.Fprintf(w, "  cipher:        %s with a %d-bit key, %d-byte sectors; %s\n", s.OldCrypt.Cipher, s.OldCrypt.KeyBytes*8, s.OldCrypt.SectorSize, change)
 	gap := g.Header - g.HeaderUsed
 	fmt.Fprintf(w, "  data:          %s (%d sectors) re-encrypted with a new random key, moving %s toward the start of the disk (data offset %s -> %s)\n",
 		humanBytes(g.Payload*512), g.Payload, humanBytes(gap*512), humanBytes(g.Header*512), humanBytes(g.HeaderUsed*512))
@@ -99,7 +121,7 @@ func (a *app) finishRekey(r *result, s *convert.Spec) {
 	if a.quiet || a.json {
 		return
 	}
-	fmt.Fprintf(a.stdout, "\nDone: %s has a new volume key and its data starts %s into the disk; /dev/mapper/%s uses it.\n",
-		s.Disk.Path, humanBytes(s.Forward.Geometry.HeaderUsed*512), s.Name)
+	fmt.Fprintf(a.stdout, "\nDone: %s has a new %d-bit %s volume key and its data starts %s into the disk; /dev/mapper/%s uses it.\n",
+		s.Disk.Path, s.Crypt.KeyBytes*8, s.Crypt.Cipher, humanBytes(s.Forward.Geometry.HeaderUsed*512), s.Name)
 	fmt.Fprintf(a.stdout, "Header backups made before now hold the old key: make a new one (cryptsetup luksHeaderBackup) and destroy the old ones.\n")
 }
