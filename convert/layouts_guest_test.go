@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -25,7 +26,7 @@ import (
 
 // The disks of TestVMLayouts, in order (/dev/vda ...).
 const (
-	layPartDisk    = iota // GPT: partition 1 foreign data, partition 2 the PV
+	layPartDisk    = iota // GPT: the PV is partition 2 of 3
 	layTwoPVA             // converted PV of a two-PV VG
 	layTwoPVB             // the other PV
 	laySegDisk            // several segments, striped and raid1 legs
@@ -33,6 +34,9 @@ const (
 	laySnapDisk           // snapshot and thin pool
 	layPEStartDisk        // pe_start at 8 MiB, LUKS1
 	layTailMDADisk        // second metadata area at the end of the PV
+	layRestartA           // converted PV of the restart test
+	layRestartB           // its other PV
+	layFPDisk             // snapshot and thin pool, crash in the restack
 	layStateDisk          // journals and acknowledgements
 )
 
@@ -42,17 +46,30 @@ func TestVMLayouts(t *testing.T) {
 		t.Parallel()
 	}
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
+	files := map[string]string{"dmconvert": bin}
+	if testvm.VMRequested() && !testvm.InGuest() {
+		// dmconvert that dies at a named failpoint (DMCONVERT_FAILPOINT)
+		fp := filepath.Join(t.TempDir(), "dmconvert-fp")
+		cmd := exec.Command("go", "build", "-tags", "failpoints", "-o", fp, "../cmd/dmconvert")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("building dmconvert with failpoints: %v\n%s", err, out)
+		}
+		files["dmconvert-fp"] = fp
+	}
 	testvm.RunTestsInGuest(t, testvm.Options{
 		Disks: []testvm.Disk{
 			{Size: 256 * guestMiB},                        // vda
 			{Size: 160 * guestMiB}, {Size: 96 * guestMiB}, // vdb, vdc
 			{Size: 192 * guestMiB}, {Size: 96 * guestMiB}, // vdd, vde
-			{Size: 224 * guestMiB},                       // vdf
+			{Size: 256 * guestMiB},                       // vdf
 			{Size: 96 * guestMiB}, {Size: 96 * guestMiB}, // vdg, vdh
-			{Size: 256 * guestMiB}, // vdi
+			{Size: 160 * guestMiB}, {Size: 96 * guestMiB}, // vdi, vdj
+			{Size: 256 * guestMiB}, // vdk: state
 		},
+
 		Run:     "^TestGuestLayout",
-		Files:   map[string]string{"dmconvert": bin},
+		Files:   files,
 		Timeout: 30 * time.Minute,
 	})
 }
@@ -209,39 +226,40 @@ func finalChecks(t testing.TB, st *stack, name string) {
 	}
 }
 
-// TestGuestLayoutPartition: the PV is the second partition of a GPT disk;
-// the first partition holds other data. Only the partition is encrypted;
-// the other partition and the partition tables are byte for byte what
-// they were. SIGINT mid-run, then resume.
+// TestGuestLayoutPartition: the PV is the middle partition of a GPT
+// disk; the partitions before and after it hold other data. Only the
+// partition is encrypted; the other partitions and the partition tables
+// are byte for byte what they were. SIGINT mid-run, then resume.
 func TestGuestLayoutPartition(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
 	disk := d[layPartDisk]
 	state := guestStateDir(t, d[layStateDisk])
 	writePW(t)
-	sh(t, "sh", "-c", "printf 'label: gpt\\n,32M\\n,\\n' | sfdisk -q "+disk)
-	p1, p2 := disk+"1", disk+"2"
+	sh(t, "sh", "-c", "printf 'label: gpt\\n,16M\\n,192M\\n,\\n' | sfdisk -q "+disk)
+	p1, pv, p3 := disk+"1", disk+"2", disk+"3"
 	for i := 0; i < 50; i++ {
-		if _, err := os.Stat(p2); err == nil {
+		if _, err := os.Stat(p3); err == nil {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	fillRandom(t, p1)
+	fillRandom(t, p3)
 	// PV on the whole partition: --shrink-pv makes the room.
-	lv(t, "pvcreate", "-y", p2)
-	lv(t, "vgcreate", "-y", "vgpart", p2)
+	lv(t, "pvcreate", "-y", pv)
+	lv(t, "vgcreate", "-y", "vgpart", pv)
 	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "64m", "vgpart")
 	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "16m", "vgpart")
 	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext2", "-L", "48m", "vgpart")
 	lv(t, "vgchange", "-ay", "vgpart")
-	st := newLayoutStack("part", p2, "vgpart")
+	st := newLayoutStack("part", pv, "vgpart")
 	addExt4(t, st, "ext")
 	addExt4(t, st, "ext2")
 	writeManifest(t, st, state)
 
 	size := int64(blockDevBytes(t, disk))
-	p1Before := diskBytes(t, p1)
+	p1Before, p3Before := diskBytes(t, p1), diskBytes(t, p3)
 	headBefore := rangeBytes(t, disk, 0, 1<<20)
 	tailBefore := rangeBytes(t, disk, size-1<<20, 1<<20)
 	tableBefore := sh(t, "sfdisk", "-d", disk)
@@ -250,11 +268,12 @@ func TestGuestLayoutPartition(t *testing.T) {
 	encryptInterrupted(t, st, state, syscall.SIGINT, 0.3, "--shrink-pv", "--chunk-size", "2M")
 	acks, _ := w.finish(t)
 	t.Logf("writer: %d acknowledged writes", acks)
-	name := filepath.Base(p2) + "_crypt"
+	name := filepath.Base(pv) + "_crypt"
 	finalChecks(t, st, name)
 	verifyStack(t, st, state)
 	check := func(when string) {
 		mustEqual(t, "partition 1 "+when, p1Before, diskBytes(t, p1))
+		mustEqual(t, "partition 3 "+when, p3Before, diskBytes(t, p3))
 		mustEqual(t, "the disk's first MiB (protective MBR, GPT) "+when, headBefore, rangeBytes(t, disk, 0, 1<<20))
 		mustEqual(t, "the disk's last MiB (backup GPT) "+when, tailBefore, rangeBytes(t, disk, size-1<<20, 1<<20))
 		if got := sh(t, "sfdisk", "-d", disk); got != tableBefore {
@@ -282,8 +301,9 @@ func TestGuestLayoutTwoPVs(t *testing.T) {
 	shrunkPV(t, a, 32768)
 	lv(t, "pvcreate", "-y", b)
 	lv(t, "vgcreate", "-y", "vgtwo", a, b)
-	// span: 48 MiB on a (extents 0-11), then 40 MiB on b.
-	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "span", "-L", "88m", "vgtwo", a+":0-11", b)
+	// span: 48 MiB on a, then 40 MiB on b.
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "span", "-L", "48m", "vgtwo", a)
+	lv(t, "lvextend", "-y", "-L", "+40m", "vgtwo/span", b)
 	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "16m", "vgtwo", a)
 	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "onlya", "-L", "32m", "vgtwo", a)
 	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "keep", "-L", "24m", "vgtwo", b)
@@ -341,14 +361,14 @@ func TestGuestLayoutSegments(t *testing.T) {
 	shrunkPV(t, a, 32768)
 	lv(t, "pvcreate", "-y", b)
 	lv(t, "vgcreate", "-y", "vgseg", a, b)
-	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "seg", "-L", "12m", "vgseg", a)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "seg", "-L", "16m", "vgseg", a)
 	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", "vgseg", a)
-	lv(t, "lvextend", "-y", "-L", "+12m", "vgseg/seg", a)
-	lv(t, "lvextend", "-y", "-L", "+4m", "vgseg/raw", a)
 	lv(t, "lvextend", "-y", "-L", "+16m", "vgseg/seg", a)
+	lv(t, "lvextend", "-y", "-L", "+4m", "vgseg/raw", a)
+	lv(t, "lvextend", "-y", "-L", "+24m", "vgseg/seg", a)
 	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "str", "-i", "2", "-I", "64k", "-L", "32m", "vgseg", a, b)
 	lv(t, "vgchange", "-ay", "vgseg")
-	lv(t, "lvcreate", "-y", "--type", "raid1", "-m", "1", "-n", "mir", "-L", "16m", "vgseg", a, b)
+	lv(t, "lvcreate", "-y", "--type", "raid1", "-m", "1", "-n", "mir", "-L", "48m", "vgseg", a, b)
 	for i := 0; ; i++ {
 		out := strings.TrimSpace(lv(t, "lvs", "--noheadings", "-o", "sync_percent", "vgseg/mir"))
 		if strings.HasPrefix(out, "100") {
@@ -394,16 +414,16 @@ func TestGuestLayoutSnapshotThin(t *testing.T) {
 	writePW(t)
 	shrunkPV(t, disk, 32768)
 	lv(t, "vgcreate", "-y", "vgst", disk)
-	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "orig", "-L", "48m", "vgst")
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "orig", "-L", "64m", "vgst")
 	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", "vgst")
-	lv(t, "lvcreate", "-y", "--type", "thin-pool", "-n", "pool", "-L", "40m", "vgst")
+	lv(t, "lvcreate", "-y", "--type", "thin-pool", "-n", "pool", "-L", "64m", "vgst")
 	lv(t, "lvcreate", "-y", "-n", "thin", "-V", "64m", "--thinpool", "vgst/pool")
 	lv(t, "vgchange", "-ay", "vgst")
 	st := newLayoutStack("st", disk, "vgst")
 	addExt4(t, st, "orig")
 	addExt4(t, st, "thin")
 	writeManifest(t, st, state)
-	lv(t, "lvcreate", "-y", "-s", "-n", "snap", "-L", "40m", "vgst/orig")
+	lv(t, "lvcreate", "-y", "-s", "-n", "snap", "-L", "48m", "vgst/orig")
 	snap := "/dev/mapper/vgst-snap"
 	snapBefore := diskBytes(t, snap)
 	t.Logf("layout:\n%s", lv(t, "lvs", "-a", "-o", "lv_name,attr,lv_size,origin,pool_lv,devices", "vgst"))
@@ -494,4 +514,140 @@ func TestGuestLayoutTailMetadata(t *testing.T) {
 	}
 	verifyStack(t, st, state)
 	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
+}
+
+// TestGuestLayoutTwoPVsRestart: a VG of two PVs with an LV spanning both;
+// the conversion of one is killed (kill -9) half way, then everything is
+// closed as at a power-off (LVs, the intermediate device, the helpers).
+// Nothing activates the half-converted PV from the raw disk, and
+// `dmconvert resume` rebuilds the stack, activates the VG on the
+// intermediate device and the other PV, and finishes.
+func TestGuestLayoutTwoPVsRestart(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	a, b := d[layRestartA], d[layRestartB]
+	state := guestStateDir(t, d[layStateDisk])
+	writePW(t)
+	shrunkPV(t, a, 32768)
+	lv(t, "pvcreate", "-y", b)
+	lv(t, "vgcreate", "-y", "vgrs", a, b)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "span", "-L", "40m", "vgrs", a)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "16m", "vgrs", a)
+	lv(t, "lvextend", "-y", "-L", "+40m", "vgrs/span", b)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "onlyb", "-L", "16m", "vgrs", b)
+	lv(t, "vgchange", "-ay", "vgrs")
+	st := newLayoutStack("rs", a, "vgrs")
+	addExt4(t, st, "span")
+	writeManifest(t, st, state)
+	onlyb := "/dev/mapper/vgrs-onlyb"
+	fillRandom(t, onlyb)
+	onlybBefore := diskBytes(t, onlyb)
+
+	w := startWriter(t, st, state)
+	r := cliStart(t, encryptArgs(st, state, "--chunk-size", "2M")...)
+	r.waitProgress(t, 0.5)
+	r.cmd.Process.Kill()
+	code, _ := r.wait()
+	requireExit(t, "encrypt after kill -9", code, 128+int(syscall.SIGKILL), "")
+	// Power-off: nothing stays suspended, the writer stops, the file
+	// systems are unmounted, every device of the VG and of the run goes.
+	for _, n := range strings.Fields(sh(t, "sh", "-c", "dmsetup ls | cut -f1")) {
+		shOK("dmsetup", "resume", n)
+	}
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes before the kill", acks)
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
+	name := filepath.Base(a) + "_crypt"
+	for _, n := range strings.Fields(sh(t, "sh", "-c", "dmsetup ls | cut -f1")) {
+		if strings.HasPrefix(n, "vgrs-") {
+			sh(t, "dmsetup", "remove", n)
+		}
+	}
+	for _, n := range strings.Fields(sh(t, "sh", "-c", "dmsetup ls | cut -f1")) {
+		if n == name || strings.HasPrefix(n, "dmconvert-") {
+			sh(t, "dmsetup", "remove", n)
+		}
+	}
+	// Boot-time tools: the half-converted PV is not used from the raw
+	// disk, and stock cryptsetup refuses it.
+	out, _ := lvOK("vgchange", "-ay", "vgrs")
+	for _, l := range []string{"span", "raw"} {
+		if info, err := shOK("dmsetup", "info", "vgrs-"+l); err == nil {
+			t.Fatalf("LVM activated vgrs/%s from the half-converted disk (vgchange said %s):\n%s", l, out, info)
+		}
+	}
+	lvOK("vgchange", "-an", "vgrs")
+	if out, err := shOK("cryptsetup", "open", "--key-file", pwFile, a, "rs-probe"); err == nil {
+		shOK("cryptsetup", "close", "rs-probe")
+		t.Fatalf("stock cryptsetup opened the half-converted %s:\n%s", a, out)
+	}
+	code, out = cliRun(t, "resume", "--journal", st.file(state, "journal"), "--key-file", pwFile, "--json")
+	requireExit(t, "resume after the restart", code, 0, out)
+	finalChecks(t, st, name)
+	for _, l := range []string{"span", "onlyb"} {
+		deps := sh(t, "dmsetup", "deps", "-o", "devname", "vgrs-"+l)
+		if !strings.Contains(deps, "("+filepath.Base(b)+")") {
+			t.Fatalf("vgrs-%s does not map %s after the resume: %s", l, b, deps)
+		}
+	}
+	verifyStack(t, st, state)
+	mustEqual(t, "LV onlyb on the other PV", onlybBefore, diskBytes(t, onlyb))
+	coldVerifyLayout(t, st, state, name, []string{"span", "raw"})
+	mustEqual(t, "LV onlyb on the other PV after the cold open", onlybBefore, diskBytes(t, onlyb))
+}
+
+// TestGuestLayoutSnapshotThinRestackCrash: dmconvert dies (no cleanup at
+// all) with the thin pool's data sub-LV suspended in the middle of the
+// restack, under a snapshot origin, a thin LV and a writer; resume must
+// resume it and finish.
+func TestGuestLayoutSnapshotThinRestackCrash(t *testing.T) {
+	testvm.RequireGuest(t)
+	layoutModules(t)
+	d := testvm.GuestDisks()
+	disk := d[layFPDisk]
+	state := guestStateDir(t, d[layStateDisk])
+	writePW(t)
+	fpBin := testvm.GuestFile("dmconvert-fp")
+	if fpBin == "" {
+		t.Fatal("the failpoint build of dmconvert was not passed into the guest")
+	}
+	shrunkPV(t, disk, 32768)
+	lv(t, "vgcreate", "-y", "vgfp", disk)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "orig", "-L", "40m", "vgfp")
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", "vgfp")
+	lv(t, "lvcreate", "-y", "--type", "thin-pool", "-n", "pool", "-L", "40m", "vgfp")
+	lv(t, "lvcreate", "-y", "-n", "thin", "-V", "48m", "--thinpool", "vgfp/pool")
+	lv(t, "vgchange", "-ay", "vgfp")
+	st := newLayoutStack("fp", disk, "vgfp")
+	addExt4(t, st, "orig")
+	addExt4(t, st, "thin")
+	writeManifest(t, st, state)
+	lv(t, "lvcreate", "-y", "-s", "-n", "snap", "-L", "24m", "vgfp/orig")
+	// The restack reloads, in name order, vgfp-orig-real, vgfp-pool_tdata,
+	// ...: the second suspend is the thin pool's data.
+	users := sh(t, "sh", "-c", "dmsetup ls | cut -f1 | grep '^vgfp-' | sort")
+	t.Logf("devices: %s", strings.Join(strings.Fields(users), " "))
+
+	w := startWriter(t, st, state)
+	cmd := exec.Command(fpBin, encryptArgs(st, state, "--chunk-size", "2M")...)
+	cmd.Env = append(os.Environ(), "DMCONVERT_FAILPOINT=suspend:after:2")
+	out, err := cmd.CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != FailpointExitCode {
+		w.finish(t)
+		t.Fatalf("dmconvert with DMCONVERT_FAILPOINT=suspend:after:2: %v, want exit %d:\n%s", err, FailpointExitCode, out)
+	}
+	if a := strings.TrimSpace(sh(t, "dmsetup", "info", "-c", "--noheadings", "-o", "attr", "vgfp-pool_tdata")); !strings.Contains(a, "s") {
+		info, _ := shOK("dmsetup", "info", "-c", "-o", "name,attr")
+		t.Fatalf("the failpoint did not leave vgfp-pool_tdata suspended (attr %q):\n%s", a, info)
+	}
+	code, rout := cliRun(t, "resume", "--journal", st.file(state, "journal"), "--key-file", pwFile, "--json")
+	requireExit(t, "resume", code, 0, rout)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	name := filepath.Base(disk) + "_crypt"
+	finalChecks(t, st, name)
+	verifyStack(t, st, state)
+	coldVerifyLayout(t, st, state, name, []string{"orig", "thin", "raw", "snap"})
 }
