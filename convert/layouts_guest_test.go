@@ -65,9 +65,9 @@ func TestVMLayouts(t *testing.T) {
 			{Size: 256 * guestMiB},                       // vdf
 			{Size: 96 * guestMiB}, {Size: 96 * guestMiB}, // vdg, vdh
 			{Size: 160 * guestMiB}, {Size: 96 * guestMiB}, // vdi, vdj
-			{Size: 256 * guestMiB}, // vdk: state
+			{Size: 160 * guestMiB}, // vdk
+			{Size: 256 * guestMiB}, // vdl: state
 		},
-
 		Run:     "^TestGuestLayout",
 		Files:   files,
 		Timeout: 30 * time.Minute,
