@@ -565,8 +565,9 @@ func TestGuestLayoutTwoPVsRestart(t *testing.T) {
 			sh(t, "dmsetup", "remove", n)
 		}
 	}
+	sh(t, "dmsetup", "remove", name) // before the helpers it maps
 	for _, n := range strings.Fields(sh(t, "sh", "-c", "dmsetup ls | cut -f1")) {
-		if n == name || strings.HasPrefix(n, "dmconvert-") {
+		if strings.HasPrefix(n, "dmconvert-") {
 			sh(t, "dmsetup", "remove", n)
 		}
 	}
