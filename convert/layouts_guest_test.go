@@ -68,6 +68,10 @@ func TestVMLayouts(t *testing.T) {
 			{Size: 160 * guestMiB}, // vdk
 			{Size: 256 * guestMiB}, // vdl: state
 		},
+		// make test runs the TestGuestLayout* tests; the TestOptIn ones
+		// (kill and restart, a crash mid-restack, tail metadata) run with
+		// DMCONVERT_VM_RUN='^Test(OptIn)?GuestLayout' (the suite's time
+		// budget).
 		Run:     "^TestGuestLayout",
 		Files:   files,
 		Timeout: 30 * time.Minute,
@@ -486,10 +490,10 @@ func TestGuestLayoutPEStart(t *testing.T) {
 	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
 }
 
-// TestGuestLayoutTailMetadata: a PV with a second metadata area at its
+// TestOptInGuestLayoutTailMetadata: a PV with a second metadata area at its
 // end (--pvmetadatacopies 2) filling the disk; --shrink-pv moves that
 // area to make room.
-func TestGuestLayoutTailMetadata(t *testing.T) {
+func TestOptInGuestLayoutTailMetadata(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
 	disk := d[layTailMDADisk]
@@ -516,13 +520,13 @@ func TestGuestLayoutTailMetadata(t *testing.T) {
 	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
 }
 
-// TestGuestLayoutTwoPVsRestart: a VG of two PVs with an LV spanning both;
+// TestOptInGuestLayoutTwoPVsRestart: a VG of two PVs with an LV spanning both;
 // the conversion of one is killed (kill -9) half way, then everything is
 // closed as at a power-off (LVs, the intermediate device, the helpers).
 // Nothing activates the half-converted PV from the raw disk, and
 // `dmconvert resume` rebuilds the stack, activates the VG on the
 // intermediate device and the other PV, and finishes.
-func TestGuestLayoutTwoPVsRestart(t *testing.T) {
+func TestOptInGuestLayoutTwoPVsRestart(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
 	a, b := d[layRestartA], d[layRestartB]
@@ -599,11 +603,11 @@ func TestGuestLayoutTwoPVsRestart(t *testing.T) {
 	mustEqual(t, "LV onlyb on the other PV after the cold open", onlybBefore, diskBytes(t, onlyb))
 }
 
-// TestGuestLayoutSnapshotThinRestackCrash: dmconvert dies (no cleanup at
+// TestOptInGuestLayoutSnapshotThinRestackCrash: dmconvert dies (no cleanup at
 // all) with the thin pool's data sub-LV suspended in the middle of the
 // restack, under a snapshot origin, a thin LV and a writer; resume must
 // resume it and finish.
-func TestGuestLayoutSnapshotThinRestackCrash(t *testing.T) {
+func TestOptInGuestLayoutSnapshotThinRestackCrash(t *testing.T) {
 	testvm.RequireGuest(t)
 	layoutModules(t)
 	d := testvm.GuestDisks()

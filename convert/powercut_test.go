@@ -74,14 +74,14 @@ func envInt(name string, def int64) int64 {
 
 // TestVMPowerCut: DMCONVERT_POWERCUTS cuts of an encrypt (default 10,
 // what CI runs; make crashtest N=... runs more) and DMCONVERT_POWERCUTS_OPS
-// cuts each of a decrypt and of a rekey (default 2), DMCONVERT_CRASH_SEED
+// cuts each of a decrypt and of a rekey (default 1), DMCONVERT_CRASH_SEED
 // to replay.
 func TestVMPowerCut(t *testing.T) {
 	testvm.RequireVM(t)
 	t.Parallel()
 	seed := envInt("DMCONVERT_CRASH_SEED", time.Now().UnixNano())
 	cuts := int(envInt("DMCONVERT_POWERCUTS", 10))
-	opCuts := int(envInt("DMCONVERT_POWERCUTS_OPS", 2))
+	opCuts := int(envInt("DMCONVERT_POWERCUTS_OPS", 1))
 	ops := make([]string, 0, cuts+2*opCuts)
 	for i := 0; i < cuts; i++ {
 		ops = append(ops, "encrypt")
