@@ -28,7 +28,8 @@ func TestVMRekey(t *testing.T) {
 	}
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{
-		Disks:   []testvm.Disk{{Size: 128 * guestMiB}, {Size: 96 * guestMiB}, {Size: 128 * guestMiB}, {Size: 64 * guestMiB}, {Size: 128 * guestMiB}},
+		// d[3] holds the journals of every test (each has a 16 MiB header image)
+		Disks:   []testvm.Disk{{Size: 128 * guestMiB}, {Size: 96 * guestMiB}, {Size: 128 * guestMiB}, {Size: 256 * guestMiB}, {Size: 128 * guestMiB}},
 		Run:     "^TestGuestRekey",
 		Files:   map[string]string{"dmconvert": bin},
 		Timeout: 20 * time.Minute,
