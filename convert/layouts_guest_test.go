@@ -405,6 +405,28 @@ func TestGuestLayoutSegments(t *testing.T) {
 	coldVerifyLayout(t, st, state, name, []string{"seg", "raw", "str"})
 }
 
+// snapThinStack builds VG "vg"+tag on a shrunk PV on disk: an ext4 LV
+// "orig" (origSize) with an old-style snapshot "snap" (snapSize) taken
+// after the manifest, a raw LV, and a thin pool (poolSize) with an ext4
+// thin LV "thin" (thinSize).
+func snapThinStack(t *testing.T, tag, disk, state, origSize, poolSize, thinSize, snapSize string) *stack {
+	t.Helper()
+	vg := "vg" + tag
+	shrunkPV(t, disk, 32768)
+	lv(t, "vgcreate", "-y", vg, disk)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "orig", "-L", origSize, vg)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", vg)
+	lv(t, "lvcreate", "-y", "--type", "thin-pool", "-n", "pool", "-L", poolSize, vg)
+	lv(t, "lvcreate", "-y", "-n", "thin", "-V", thinSize, "--thinpool", vg+"/pool")
+	lv(t, "vgchange", "-ay", vg)
+	st := newLayoutStack(tag, disk, vg)
+	addExt4(t, st, "orig")
+	addExt4(t, st, "thin")
+	writeManifest(t, st, state)
+	lv(t, "lvcreate", "-y", "-s", "-n", "snap", "-L", snapSize, vg+"/orig")
+	return st
+}
+
 // TestGuestLayoutSnapshotThin: an old-style snapshot of a mounted LV and
 // a thin LV in a thin pool, mounted, all on the converted PV; kill -9
 // mid-run, resume. The snapshot's content is what it was when taken, and
@@ -416,18 +438,7 @@ func TestGuestLayoutSnapshotThin(t *testing.T) {
 	disk := d[laySnapDisk]
 	state := guestStateDir(t, d[layStateDisk])
 	writePW(t)
-	shrunkPV(t, disk, 32768)
-	lv(t, "vgcreate", "-y", "vgst", disk)
-	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "orig", "-L", "64m", "vgst")
-	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", "vgst")
-	lv(t, "lvcreate", "-y", "--type", "thin-pool", "-n", "pool", "-L", "64m", "vgst")
-	lv(t, "lvcreate", "-y", "-n", "thin", "-V", "64m", "--thinpool", "vgst/pool")
-	lv(t, "vgchange", "-ay", "vgst")
-	st := newLayoutStack("st", disk, "vgst")
-	addExt4(t, st, "orig")
-	addExt4(t, st, "thin")
-	writeManifest(t, st, state)
-	lv(t, "lvcreate", "-y", "-s", "-n", "snap", "-L", "48m", "vgst/orig")
+	st := snapThinStack(t, "st", disk, state, "64m", "64m", "64m", "48m")
 	snap := "/dev/mapper/vgst-snap"
 	snapBefore := diskBytes(t, snap)
 	t.Logf("layout:\n%s", lv(t, "lvs", "-a", "-o", "lv_name,attr,lv_size,origin,pool_lv,devices", "vgst"))
@@ -618,18 +629,7 @@ func TestOptInGuestLayoutSnapshotThinRestackCrash(t *testing.T) {
 	if fpBin == "" {
 		t.Fatal("the failpoint build of dmconvert was not passed into the guest")
 	}
-	shrunkPV(t, disk, 32768)
-	lv(t, "vgcreate", "-y", "vgfp", disk)
-	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "orig", "-L", "40m", "vgfp")
-	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", "vgfp")
-	lv(t, "lvcreate", "-y", "--type", "thin-pool", "-n", "pool", "-L", "40m", "vgfp")
-	lv(t, "lvcreate", "-y", "-n", "thin", "-V", "48m", "--thinpool", "vgfp/pool")
-	lv(t, "vgchange", "-ay", "vgfp")
-	st := newLayoutStack("fp", disk, "vgfp")
-	addExt4(t, st, "orig")
-	addExt4(t, st, "thin")
-	writeManifest(t, st, state)
-	lv(t, "lvcreate", "-y", "-s", "-n", "snap", "-L", "24m", "vgfp/orig")
+	st := snapThinStack(t, "fp", disk, state, "40m", "40m", "48m", "24m")
 	// The restack reloads, in name order, vgfp-orig-real, vgfp-pool_tdata,
 	// ...: the second suspend is the thin pool's data.
 	users := sh(t, "sh", "-c", "dmsetup ls | cut -f1 | grep '^vgfp-' | sort")
