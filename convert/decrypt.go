@@ -11,6 +11,7 @@ import (
 
 	"github.com/dmconvert/dmconvert/dmtable"
 	"github.com/dmconvert/dmconvert/journal"
+	"github.com/dmconvert/dmconvert/luks"
 )
 
 // DecryptOptions are the inputs of PlanDecrypt.
@@ -141,6 +142,11 @@ func (e *Engine) inspectLUKS(target string, open HeaderOpener) (*luksSource, err
 		return nil, refuse(dpath, "", "it does not start with a LUKS header")
 	}
 	hdr, keys, err := open(img)
+	if errors.Is(err, luks.ErrNoSpace) {
+		// A LUKS1 header whose keyslot material leaves dmconvert no
+		// room for its checkpoint records.
+		return nil, refuse(dpath, "", "%v", err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("unlocking the header of %s: %w", dpath, err)
 	}
@@ -256,7 +262,7 @@ func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPla
 		Helpers:     map[BackingID]string{OldID: "dmconvert-" + runID + "-old"},
 		OldCrypt:    cs,
 		LUKSVersion: hdr.Version(), LUKSUUID: hdr.UUID(),
-		PVUUID: pv.UUID, VG: pv.VG, VGDevices: pv.VGDevices, PVDevice: node,
+		PVUUID: pv.UUID, VG: pv.VG, VGDevices: pv.VGDevices, VGPVUUIDs: pv.VGPVUUIDs, PVDevice: node,
 		Forward: plan,
 	}
 	return &EncryptPlan{Spec: spec, Journal: jpath, PV: pv, ShrinkTo: shrinkTo, Header: hdr,

@@ -76,6 +76,9 @@ type Spec struct {
 	PVUUID    string   `json:"pv_uuid,omitempty"`
 	VG        string   `json:"vg,omitempty"`
 	VGDevices []string `json:"vg_devices,omitempty"`
+	// VGPVUUIDs are the PV UUIDs of VGDevices (same order): after a
+	// reboot the devices are found by them, names can change.
+	VGPVUUIDs []string `json:"vg_pv_uuids,omitempty"`
 	// Stacked are the dm devices that mapped the disk at plan time, with
 	// their tables (linear/striped: no keys).
 	Stacked map[string]string `json:"stacked,omitempty"`

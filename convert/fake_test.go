@@ -990,6 +990,9 @@ func (l *fakeLVM) boot() error {
 	return nil
 }
 
+// LocatePV: the fake world's VG has one PV, the one being converted.
+func (l *fakeLVM) LocatePV(ctx context.Context, uuid, hint string) string { return hint }
+
 func (l *fakeLVM) Refresh(ctx context.Context, oldDev, newDev string) error {
 	l.refresh = append(l.refresh, oldDev+"->"+newDev)
 	return nil

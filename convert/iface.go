@@ -109,8 +109,10 @@ type PV struct {
 	UsedEnd Sectors
 	// PEStart, ExtentSize in sectors.
 	PEStart, ExtentSize Sectors
-	// VGDevices are the devices of every PV of the VG.
+	// VGDevices are the devices of every PV of the VG, VGPVUUIDs their
+	// PV UUIDs (same order).
 	VGDevices []string
+	VGPVUUIDs []string
 	// Refusal, when not empty, says why LVM's state forbids converting
 	// (shared VG, exported VG, missing PVs, ...).
 	Refusal string
@@ -169,6 +171,9 @@ type VolumeManager interface {
 	Activate(ctx context.Context, vg string, devices []string) error
 	// Refresh tells LVM the PV moved from oldDev to newDev.
 	Refresh(ctx context.Context, oldDev, newDev string) error
+	// LocatePV finds the device that carries PV uuid now (hint: where it
+	// was); "" when none does.
+	LocatePV(ctx context.Context, uuid, hint string) string
 }
 
 // EventKind classifies progress events.

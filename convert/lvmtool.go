@@ -66,6 +66,7 @@ func (l *LVMTool) Discover(ctx context.Context, device string) (*PV, error) {
 	for _, v := range p.VG.PVs {
 		if !v.Missing {
 			pv.VGDevices = append(pv.VGDevices, v.Name)
+			pv.VGPVUUIDs = append(pv.VGPVUUIDs, v.UUID)
 		}
 	}
 	for _, lv := range p.LVs() {
@@ -106,6 +107,13 @@ func (l *LVMTool) Activate(ctx context.Context, vg string, devices []string) err
 		return l.fence.Activate(ctx, devices)
 	}
 	return l.C.Activate(ctx, vg, devices)
+}
+
+// LocatePV implements VolumeManager: the labels are read directly, and
+// dmconvert's private devices (which can show a copy of a label) are
+// not considered.
+func (l *LVMTool) LocatePV(ctx context.Context, uuid, hint string) string {
+	return lvm.LocatePV(uuid, hint, "DMCONVERT-")
 }
 
 // Refresh implements VolumeManager.

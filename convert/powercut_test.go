@@ -84,10 +84,23 @@ func TestVMPowerCut(t *testing.T) {
 	opCuts := int(envInt("DMCONVERT_POWERCUTS_OPS", 1))
 	ops := make([]string, 0, cuts+2*opCuts)
 	for i := 0; i < cuts; i++ {
+		// Every fifth encrypt cut converts a PV of a two-PV volume group
+		// and reboots with the other PV under another device name.
+		if i%5 == 4 {
+			ops = append(ops, pc2PV)
+			continue
+		}
 		ops = append(ops, "encrypt")
 	}
 	for i := 0; i < opCuts; i++ {
 		ops = append(ops, "decrypt", "rekey")
+	}
+	if only := os.Getenv("DMCONVERT_PC_ONLY"); only != "" {
+		// One kind of cut only (encrypt, encrypt-2pv, decrypt, rekey).
+		ops = ops[:0]
+		for i := 0; i < cuts; i++ {
+			ops = append(ops, only)
+		}
 	}
 	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts of an encrypt, %d each of a decrypt and a rekey", seed, seed, cuts, opCuts)
 	rng := rand.New(rand.NewSource(seed))
@@ -129,6 +142,16 @@ func TestVMPowerCut(t *testing.T) {
 			testvm.CreateDisk(pv, 80*guestMiB)
 			testvm.CreateDisk(state, 64*guestMiB)
 			disks := []string{pv, state}
+			disks2 := disks
+			if op == pc2PV {
+				// The VG's other PV is /dev/vdc at the conversion, /dev/vdd
+				// after the cut (a blank disk takes its name).
+				pv2, blank := filepath.Join(dir, "pv2.img"), filepath.Join(dir, "blank.img")
+				testvm.CreateDisk(pv2, 32*guestMiB)
+				testvm.CreateDisk(blank, 16*guestMiB)
+				disks = []string{pv, state, pv2}
+				disks2 = []string{pv, state, blank, pv2}
+			}
 			vm, err := testvm.Start(ctx, testvm.Config{Image: img, Disks: disks, Share: share, Script: bootScriptEnv("TestBootPowerCutStart", env), Timeout: 5 * time.Minute})
 			if err != nil {
 				t.Fatal(err)
@@ -145,7 +168,7 @@ func TestVMPowerCut(t *testing.T) {
 			res, _ := vm.Wait()
 			finished := strings.Contains(string(res.Console), "DMCONVERT-FINISHED")
 			t.Logf("%s: cut %v after the first progress event (conversion finished before the cut: %v)", op, delay, finished)
-			res, err = testvm.Run(ctx, testvm.Config{Image: img, Disks: disks, Share: share, Script: bootScriptEnv("TestBootPowerCutResume", env), Timeout: 5 * time.Minute})
+			res, err = testvm.Run(ctx, testvm.Config{Image: img, Disks: disks2, Share: share, Script: bootScriptEnv("TestBootPowerCutResume", env), Timeout: 5 * time.Minute})
 			if err != nil || res.ExitCode != 0 {
 				t.Fatalf("after the power cut of %s (seed %d, cut %d, delay %v): exit %d, %v\n%s\nconsole:\n%s", op, seed, i, delay, res.ExitCode, err, res.Report(), tail(res.Console, 80))
 			}
@@ -163,6 +186,10 @@ func TestVMPowerCut(t *testing.T) {
 
 const pcTag = "pc"
 
+// pc2PV is the power-cut operation that encrypts one PV of a two-PV VG
+// (an LV spans both); the other PV changes its name across the cut.
+const pc2PV = "encrypt-2pv"
+
 // pcOp is the operation of this power-cut boot.
 func pcOp() string {
 	if op := os.Getenv(pcOpEnv); op != "" {
@@ -176,6 +203,7 @@ func pcOp() string {
 // DMCONVERT-CONVERTING at the first progress event and waits to be killed.
 func TestBootPowerCutStart(t *testing.T) {
 	testvm.RequireGuest(t)
+	crashWriterPause()
 	d := testvm.GuestDisks()
 	state := mountState(t, d[1], true)
 	writePW(t)
@@ -184,6 +212,9 @@ func TestBootPowerCutStart(t *testing.T) {
 	switch op := pcOp(); op {
 	case "encrypt":
 		st = buildLightSized(t, pcTag, d[0], state, "32m", "8m")
+		args = encryptArgs(st, state, "--chunk-size", "4M")
+	case pc2PV:
+		st = buildTwoPV(t, pcTag, d[0], d[2], state)
 		args = encryptArgs(st, state, "--chunk-size", "4M")
 	case "decrypt", "rekey":
 		var name string
@@ -218,6 +249,12 @@ func TestBootPowerCutResume(t *testing.T) {
 	state := mountState(t, d[1], false)
 	writePW(t)
 	op := pcOp()
+	if op == pc2PV {
+		op = "encrypt" // the checks are an encrypt's; the other PV moved
+		if _, err := os.Stat("/dev/vdd"); err != nil {
+			t.Fatal("the second boot of a two-PV cut has no /dev/vdd: the other PV did not move")
+		}
+	}
 	st := loadStack(t, state, pcTag)
 	jpath := st.file(state, "journal")
 	name := filepath.Base(st.Disk) + "_crypt"
@@ -307,6 +344,37 @@ func TestBootPowerCutResume(t *testing.T) {
 	}
 	// The cold open of a finished disk is checked by TestVM and the CLI
 	// tests; a power cut's job is the states in between.
+}
+
+// buildTwoPV: VG vg<tag> on disk (shrunk, room for the header) and
+// other; the raw LV on disk, the ext4 LV spanning disk and other, so
+// that every LV needs the disk being converted.
+func buildTwoPV(t testing.TB, tag, disk, other, state string) *stack {
+	t.Helper()
+	size := diskSectors(t, disk)
+	pvSize := size - 2*32768
+	vg := "vg" + tag
+	sh(t, "pvcreate", "-y", "--setphysicalvolumesize", fmt.Sprintf("%ds", pvSize), disk)
+	sh(t, "pvcreate", "-y", other)
+	sh(t, "vgcreate", "-y", vg, disk, other)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", vg, disk)
+	free := strings.TrimSpace(sh(t, "pvs", "--noheadings", "--units", "m", "--nosuffix", "-o", "pv_free", disk))
+	mib, err := strconv.ParseFloat(free, 64)
+	if err != nil {
+		t.Fatalf("pv_free of %s: %q", disk, free)
+	}
+	// All of the disk's free extents and 16 MiB of the other PV's.
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", fmt.Sprintf("%dm", int(mib)+16), vg, disk, other)
+	sh(t, "vgchange", "-ay", vg)
+	st := &stack{Tag: tag, Disk: disk, VG: vg, PVSize: pvSize, RawLV: "/dev/mapper/" + vg + "-raw"}
+	dev := "/dev/mapper/" + vg + "-ext"
+	mp := "/mnt/" + tag + "-ext"
+	sh(t, "mkfs.ext4", "-q", "-F", dev)
+	os.MkdirAll(mp, 0o755)
+	sh(t, "mount", dev, mp)
+	st.Mounts, st.FSLVs, st.FSTypes, st.Sizes = []string{mp}, []string{"ext"}, []string{"ext4"}, []uint64{blockDevBytes(t, dev)}
+	writeManifest(t, st, state)
+	return st
 }
 
 // buildLightTagged is a smaller stack (ext4 and a raw LV, no xfs) for the

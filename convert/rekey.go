@@ -9,7 +9,7 @@ import (
 	"strings"
 )
 
-// Online rekey of a LUKS2 volume (docs/design.md section 8).
+// Online rekey of a LUKS2 or LUKS1 volume (docs/design.md section 8).
 //
 // The dm mirror cannot re-encrypt sectors in place: its two legs would be
 // the same disk sectors under two keys, and a crash between the legs'
@@ -24,12 +24,15 @@ import (
 // valid and marked in progress (a LUKS2 requirement: stock cryptsetup
 // refuses it) with the new key waiting in an unbound keyslot opened by the
 // same passphrase; the last step binds the data segment to the new key,
-// sets the data offset to H-G, and removes the old key's keyslots.
+// sets the data offset to H-G, and removes the old key's keyslots. A LUKS1
+// header is disguised instead (its magic replaced) and the new key waits
+// in a free keyslot, named by a record in the disguised phdr (luks
+// package, rekey1.go); LUKS1 keeps its cipher and key size.
 
 // RekeyOptions are the inputs of PlanRekey.
 type RekeyOptions struct {
-	// Target is the open LUKS2 mapping (its name or /dev/mapper path) or
-	// the device under it.
+	// Target is the open LUKS2 or LUKS1 mapping (its name or
+	// /dev/mapper path) or the device under it.
 	Target string
 	// Journal path; default DefaultJournalDir/<LUKS UUID>.journal.
 	Journal string
@@ -69,7 +72,7 @@ type Rekeyable interface {
 // ErrNotPV classifies refusals because a device is not an LVM PV.
 var ErrNotPV = errors.New("not an LVM physical volume")
 
-// PlanRekey inspects an open LUKS2 mapping (a file system on it, or an
+// PlanRekey inspects an open LUKS mapping (a file system on it, or an
 // LVM PV with live LVs) and returns a verified rekey plan, the new key
 // already staged in the header image the journal will hold. It writes
 // nothing.
@@ -88,9 +91,8 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 		return nil, err
 	}
 	rk, ok := hdr.(Rekeyable)
-	if !ok || hdr.Version() != 2 {
-		return fail(refuse(dpath, "convert it first with cryptsetup convert --type luks2 (offline), or decrypt and encrypt it again with dmconvert",
-			"online rekey supports LUKS2 headers; this one is LUKS%d", hdr.Version()))
+	if !ok {
+		return fail(refuse(dpath, "", "online rekey needs a LUKS header dmconvert can stage a new key in"))
 	}
 	if others := rk.OtherKeyslots(); len(others) > 0 && !o.RemoveOtherKeyslots {
 		return fail(refuse(dpath, "rerun with --remove-other-keyslots to drop them (their passphrases stop working), or remove them first with cryptsetup luksKillSlot",
@@ -120,6 +122,14 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 	if err != nil {
 		return fail(refuse(dpath, "", "cannot rekey: %v", err))
 	}
+	if hdr.Version() == 1 && ncs != cs {
+		// LUKS1 encrypts every keyslot with the data's cipher and key
+		// size: a new one would need a new keyslot layout, which the
+		// header has no room to stage (docs/design.md section 8).
+		return fail(refuse(dpath, "rekey without --cipher/--key-size, or convert the header to LUKS2 first (cryptsetup convert --type luks2, offline)",
+			"cannot rekey to %s with a %d-bit key: a LUKS1 header has one cipher and key size for the data and every keyslot, so online rekey of LUKS1 keeps them (%s, %d bits)",
+			ncs.Cipher, ncs.KeyBytes*8, cs.Cipher, cs.KeyBytes*8))
+	}
 	runID, err := newRunID()
 	if err != nil {
 		return fail(err)
@@ -141,7 +151,11 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 		return fail(err)
 	}
 	if err := rk.StageRekey(newKey, o.Passphrase, ncs.Cipher); err != nil {
-		return fail(refuse(dpath, "free a keyslot, or make room in the keyslots area", "cannot add a keyslot for the new key: %v", err))
+		hint := "free a keyslot, or make room in the keyslots area"
+		if hdr.Version() == 1 {
+			hint = "remove a keyslot that is no longer needed (cryptsetup luksKillSlot): the new key waits in a free one until the rekey ends"
+		}
+		return fail(refuse(dpath, hint, "cannot add a keyslot for the new key: %v", err))
 	}
 	room := roundDown(H-min(rk.KeyslotsEnd(), H), align)
 	gap := o.Chunk
@@ -149,6 +163,10 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 		gap = DefaultRekeyGap
 	}
 	gap = min(roundDown(gap, align), room)
+	if gap == 0 && hdr.Version() == 1 {
+		return fail(refuse(dpath, "rekey offline with cryptsetup reencrypt, or convert the header to LUKS2 (cryptsetup convert --type luks2, offline)",
+			"the LUKS1 keyslot material and the 4 KiB dmconvert keeps for its checkpoint records end at sector %d, the data starts at %d: the data has nowhere to move (every LUKS1 keyslot keeps its area, used or not)", rk.KeyslotsEnd(), H))
+	}
 	if gap == 0 {
 		return fail(refuse(dpath, "remove an unused keyslot (cryptsetup luksKillSlot), or rekey offline with cryptsetup reencrypt",
 			"the keyslots area leaves no room before the data (keyslots end at sector %d, data at %d): the data has nowhere to move", rk.KeyslotsEnd(), H))
@@ -177,7 +195,7 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 	ep := &EncryptPlan{Spec: spec, Journal: jpath, Header: hdr,
 		keys: map[BackingID][]byte{OldID: keys.Bound, NewID: newKey}}
 	if pv != nil {
-		spec.PVUUID, spec.VG, spec.VGDevices, spec.PVDevice = pv.UUID, pv.VG, pv.VGDevices, node
+		spec.PVUUID, spec.VG, spec.VGDevices, spec.VGPVUUIDs, spec.PVDevice = pv.UUID, pv.VG, pv.VGDevices, pv.VGPVUUIDs, node
 		ep.PV = pv
 	}
 	return ep, nil

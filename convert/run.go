@@ -417,10 +417,25 @@ func (r *run) activate(ctx context.Context, fresh bool) error {
 		return nil
 	}
 	devs := []string{r.e.Host.NodePath(r.spec.Name)}
-	for _, d := range r.spec.VGDevices {
-		if d != r.spec.Disk.Path {
-			devs = append(devs, d)
+	for i, d := range r.spec.VGDevices {
+		if i >= len(r.spec.VGPVUUIDs) {
+			// A journal without the UUIDs: the names of plan time.
+			if d != r.spec.Disk.Path {
+				devs = append(devs, d)
+			}
+			continue
 		}
+		uuid := r.spec.VGPVUUIDs[i]
+		if uuid == r.spec.PVUUID {
+			continue // the PV being converted: on F
+		}
+		// The other PVs of the VG, wherever they are now (device names
+		// change across reboots); where they were if no device carries
+		// the label (LVM then says which PV is missing).
+		if p := r.e.LVM.LocatePV(ctx, uuid, d); p != "" {
+			d = p
+		}
+		devs = append(devs, d)
 	}
 	if err := r.e.LVM.Activate(ctx, r.spec.VG, devs); err != nil {
 		return fmt.Errorf("activating volume group %s on %s: %w", r.spec.VG, r.spec.Name, err)

@@ -226,3 +226,4 @@ func (fakeLVM) Fence(context.Context, string) (func() error, error) {
 func (fakeLVM) ShrinkPV(context.Context, string, convert.Sectors) error { return errNoDM }
 func (fakeLVM) Activate(context.Context, string, []string) error        { return errNoDM }
 func (fakeLVM) Refresh(context.Context, string, string) error           { return errNoDM }
+func (fakeLVM) LocatePV(_ context.Context, _, hint string) string       { return hint }
