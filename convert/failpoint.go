@@ -40,6 +40,10 @@ var failpointSet = func() map[string]bool {
 // death does not return.
 var failHook func(name string)
 
+// lvmTrace, when set (DMCONVERT_FP_TRACE=1 in failpoint builds), is
+// called after every lvm command.
+var lvmTrace func(args []string, stdout, stderr []byte, exitCode int)
+
 // hit marks the failpoint name.
 func hit(name string) {
 	if !failpointSet[name] {

@@ -50,7 +50,7 @@ func TestVMFailpoints(t *testing.T) {
 				size = int64(64 * guestMiB) // header, a PV shrunk to 32 MiB, room for the head
 			}
 			env := map[string]string{}
-			for _, k := range []string{"DMCONVERT_FP_N", "DMCONVERT_FP_SEED", "DMCONVERT_FP_ONLY"} {
+			for _, k := range []string{"DMCONVERT_FP_N", "DMCONVERT_FP_SEED", "DMCONVERT_FP_ONLY", "DMCONVERT_FP_TRACE", "DMCONVERT_WRITER_PAUSE"} {
 				if v := os.Getenv(k); v != "" {
 					env[k] = v
 				}
@@ -98,6 +98,7 @@ func TestGuestFailpointsDecrypt(t *testing.T) { guestOpFailpoints(t, "decrypt") 
 // (DMCONVERT_FP_SEED replays, DMCONVERT_FP_ONLY=name runs one point).
 func guestOpFailpoints(t *testing.T, op string) {
 	testvm.RequireGuest(t)
+	crashWriterPause()
 	d := testvm.GuestDisks()
 	disk := d[0]
 	state := guestStateDir(t, d[1])
@@ -248,6 +249,7 @@ func fpHit(name string) int {
 // or abort), verify every file and acknowledged record.
 func guestFailpoints(t *testing.T, rec string) {
 	testvm.RequireGuest(t)
+	crashWriterPause()
 	d := testvm.GuestDisks()
 	disk := d[0]
 	state := guestStateDir(t, d[1])
@@ -269,6 +271,8 @@ func guestFailpoints(t *testing.T, rec string) {
 		{
 			cases++
 			ok := t.Run(fp, func(t *testing.T) {
+				lap := lapTimer(t)
+				defer lap("done")
 				cleanupGuest(st)
 				restoreDisk(t, disk, pristine)
 				os.WriteFile(st.file(state, "manifest"), man, 0o644)
@@ -278,12 +282,16 @@ func guestFailpoints(t *testing.T, rec string) {
 				for i, mp := range st.Mounts {
 					sh(t, "mount", "/dev/mapper/"+st.VG+"-"+st.FSLVs[i], mp)
 				}
+				lap("restored")
 				w := startWriter(t, st, state)
 				die := func(fp string, hit int, args ...string) {
 					code, out := cliRunEnv(t, []string{fmt.Sprintf("DMCONVERT_FAILPOINT=%s:%d", fp, hit)}, args...)
 					if code != FailpointExitCode {
 						w.finish(t)
 						t.Fatalf("dmconvert %s did not stop at failpoint %s#%d: exit %d\n%s", args[0], fp, hit, code, out)
+					}
+					if os.Getenv("DMCONVERT_FP_TRACE") != "" {
+						t.Logf("dmconvert %s (dies at %s#%d):\n%s", args[0], fp, hit, out)
 					}
 				}
 				args := []string{"encrypt", st.Disk, "--batch-mode", "--key-file", pwFile, "--journal", st.file(state, "journal"),
@@ -296,16 +304,22 @@ func guestFailpoints(t *testing.T, rec string) {
 				} else {
 					die(fp, fpHit(fp), args...)
 				}
+				lap("died")
 				code, rout := cliRun(t, rec, "--journal", st.file(state, "journal"), "--key-file", pwFile)
 				if code != 0 && strings.Contains(rout, "is already done") {
 					// The failpoint came after the final commit.
 					code = 0
 				}
 				acks, _ := w.finish(t)
+				lap(rec)
+				if os.Getenv("DMCONVERT_FP_TRACE") != "" {
+					t.Logf("dmconvert %s:\n%s", rec, rout)
+				}
 				if code != 0 {
 					t.Fatalf("%s after dying at %s: exit %d\n%s", rec, fp, code, rout)
 				}
 				verifyStack(t, st, state)
+				lap("verified")
 				name := filepath.Base(disk) + "_crypt"
 				typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", disk)
 				switch {
@@ -390,4 +404,14 @@ func buildSmallStack(t testing.TB, tag, disk, state string, header uint64, extSi
 	st.Mounts, st.FSLVs, st.FSTypes, st.Sizes = []string{mp}, []string{"ext"}, []string{"ext4"}, []uint64{blockDevBytes(t, dev)}
 	writeManifest(t, st, state)
 	return st
+}
+
+// lapTimer logs the time since its last call under a label (where a
+// guest case spends its time).
+func lapTimer(t testing.TB) func(string) {
+	t0 := time.Now()
+	return func(label string) {
+		t.Logf("%s after %.1fs", label, time.Since(t0).Seconds())
+		t0 = time.Now()
+	}
 }

@@ -407,7 +407,7 @@ func NewSystem() (*Engine, func() error, error) {
 	e := &Engine{
 		DM:           KernelDM{C: c},
 		Host:         OSHost{},
-		LVM:          &LVMTool{C: &lvm.Client{}},
+		LVM:          &LVMTool{C: &lvm.Client{Trace: lvmTrace}},
 		RegionSize:   DefaultRegionSize,
 		PollInterval: 2 * time.Second,
 		Lock:         LockMemory,
