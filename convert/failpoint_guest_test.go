@@ -93,12 +93,12 @@ func TestGuestFailpointsDecrypt(t *testing.T) { guestOpFailpoints(t, "decrypt") 
 // resume (even cases) or abort (odd cases; resume when too late), verify
 // every file and acknowledged record, and what the disk is afterwards.
 //
-// One recovery per point, alternating from a printed seed; a seeded
-// sample of 6 points by default, DMCONVERT_FP_N=all for every one
-// (DMCONVERT_FP_SEED replays, DMCONVERT_FP_ONLY=name runs one point).
+// Every point the operation reaches, one recovery each, resume and abort
+// alternating from a printed seed (DMCONVERT_FP_SEED replays);
+// DMCONVERT_FP_N=n runs a seeded sample of n points, DMCONVERT_FP_ONLY=name
+// one point.
 func guestOpFailpoints(t *testing.T, op string) {
 	testvm.RequireGuest(t)
-	crashWriterPause()
 	d := testvm.GuestDisks()
 	disk := d[0]
 	state := guestStateDir(t, d[1])
@@ -131,13 +131,8 @@ func guestOpFailpoints(t *testing.T, op string) {
 	if v, err := strconv.ParseInt(os.Getenv("DMCONVERT_FP_SEED"), 10, 64); err == nil {
 		seed = v
 	}
-	// make test runs a seeded sample of 6 (the suite's time budget; the
-	// unit crash matrix covers every point on the fake kernel);
-	// DMCONVERT_FP_N=all runs every point, =n that many.
-	n := 6
-	if v := os.Getenv("DMCONVERT_FP_N"); v == "all" {
-		n = all
-	} else if k, err := strconv.Atoi(v); err == nil && k > 0 {
+	n := all
+	if k, err := strconv.Atoi(os.Getenv("DMCONVERT_FP_N")); err == nil && k > 0 {
 		n = k
 	}
 	if n < all {
@@ -249,7 +244,6 @@ func fpHit(name string) int {
 // or abort), verify every file and acknowledged record.
 func guestFailpoints(t *testing.T, rec string) {
 	testvm.RequireGuest(t)
-	crashWriterPause()
 	d := testvm.GuestDisks()
 	disk := d[0]
 	state := guestStateDir(t, d[1])

@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/dmconvert/dmconvert/luks"
 	"github.com/dmconvert/dmconvert/testvm"
@@ -77,7 +78,7 @@ func TestGuestEngineEncrypt(t *testing.T) {
 	defer closeSys()
 	var events []Event
 	e.Progress = progressFunc(func(ev Event) { events = append(events, ev) })
-	w := startWriter(t, st, state)
+	w := startWriterPaced(t, st, state, 5*time.Millisecond) // the heavy writer
 	ctx := context.Background()
 	ep, err := e.PlanEncrypt(ctx, EncryptOptions{
 		Device: disk, Journal: filepath.Join(state, "run.journal"), HeaderSectors: H, KeyBytes: 64,

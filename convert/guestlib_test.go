@@ -253,23 +253,24 @@ type writer struct {
 
 const rawSlots = 64
 
-// writerPause is the writers' pause between two records. The crash
-// harnesses (failpoints, power cuts) run many short conversions on one
-// emulated CPU; there a slower writer still lands hundreds of records
-// per case and leaves the CPU to the conversion.
-var writerPause = 5 * time.Millisecond
-
-// crashWriterPause sets the crash harnesses' slower writer (25ms; the
-// measured effect on one failpoint case: 47s -> 17s, 727 records still
-// acknowledged), or DMCONVERT_WRITER_PAUSE.
-func crashWriterPause() {
-	writerPause = 25 * time.Millisecond
+// The writers' pause between two records: 20ms by default (the guest
+// has one emulated CPU; a 5ms writer took most of it, and one failpoint
+// case took 47s instead of 17s, while hundreds of records per case are
+// still acknowledged and checked); DMCONVERT_WRITER_PAUSE overrides.
+// TestGuestEngineEncrypt runs a 5ms writer.
+func defaultWriterPause() time.Duration {
 	if v, err := time.ParseDuration(os.Getenv("DMCONVERT_WRITER_PAUSE")); err == nil {
-		writerPause = v
+		return v
 	}
+	return 20 * time.Millisecond
 }
 
 func startWriter(t testing.TB, st *stack, state string) *writer {
+	return startWriterPaced(t, st, state, defaultWriterPause())
+}
+
+// startWriterPaced is startWriter with a pause between records.
+func startWriterPaced(t testing.TB, st *stack, state string, pause time.Duration) *writer {
 	w := &writer{st: st, ackPath: st.file(state, "acks"), stop: make(chan struct{})}
 	ack, err := os.OpenFile(w.ackPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
@@ -321,7 +322,7 @@ func startWriter(t testing.TB, st *stack, state string) *writer {
 				ack.Sync()
 				w.acks++
 				w.mu.Unlock()
-				time.Sleep(writerPause)
+				time.Sleep(pause)
 			}
 		}(id)
 	}

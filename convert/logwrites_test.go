@@ -673,13 +673,15 @@ func TestGuestLogWritesEncrypt(t *testing.T) {
 	samples := int(lwEnvInt("DMCONVERT_LW_SAMPLES", 4))
 	flushes := logwrites.FlushPoints(entries, start+1, done)
 	distinct := logwrites.DistinctFlushPoints(entries, start+1, done)
-	nflush := int(lwEnvInt("DMCONVERT_LW_POINTS", 16))
-	if os.Getenv("DMCONVERT_LW_POINTS") == "all" {
-		nflush = len(distinct)
+	// Every flush point by default; DMCONVERT_LW_POINTS=n replays a
+	// seeded sample of n of them spread over the run.
+	nflush := len(distinct)
+	if v := os.Getenv("DMCONVERT_LW_POINTS"); v != "" && v != "all" {
+		nflush = int(lwEnvInt("DMCONVERT_LW_POINTS", int64(len(distinct))))
 	}
 	rng := mrand.New(mrand.NewSource(seed))
 	chosen := logwrites.Spread(distinct, nflush, rng.Intn)
-	t.Logf("%d FLUSH/FUA entries in the run, %d of them change the disk; replaying %d of those (DMCONVERT_LW_POINTS=all for every one) and %d points between flushes; seed %d (DMCONVERT_LW_SEED=%d to replay); budget %v",
+	t.Logf("%d FLUSH/FUA entries in the run, %d of them change the disk; replaying %d of those (DMCONVERT_LW_POINTS=n for a sample) and %d points between flushes; seed %d (DMCONVERT_LW_SEED=%d to replay); budget %v",
 		len(flushes), len(distinct), len(chosen), samples, seed, seed, budget)
 	kind := map[int]string{start: "start", done: "done"}
 	for _, i := range chosen {

@@ -203,7 +203,6 @@ func pcOp() string {
 // DMCONVERT-CONVERTING at the first progress event and waits to be killed.
 func TestBootPowerCutStart(t *testing.T) {
 	testvm.RequireGuest(t)
-	crashWriterPause()
 	d := testvm.GuestDisks()
 	state := mountState(t, d[1], true)
 	writePW(t)
