@@ -262,7 +262,7 @@ func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPla
 		Helpers:     map[BackingID]string{OldID: "dmconvert-" + runID + "-old"},
 		OldCrypt:    cs,
 		LUKSVersion: hdr.Version(), LUKSUUID: hdr.UUID(),
-		PVUUID: pv.UUID, VG: pv.VG, VGDevices: pv.VGDevices, VGPVUUIDs: pv.VGPVUUIDs, PVDevice: node,
+		PVUUID: pv.UUID, VG: pv.VG, VGDevices: pv.VGDevices, VGPVUUIDs: pv.VGPVUUIDs, VGSeqno: pv.VGSeqno, PVDevice: node,
 		Forward: plan,
 	}
 	return &EncryptPlan{Spec: spec, Journal: jpath, PV: pv, ShrinkTo: shrinkTo, Header: hdr,

@@ -223,7 +223,7 @@ func (e *Engine) PlanEncrypt(ctx context.Context, o EncryptOptions) (*EncryptPla
 		Helpers:     map[BackingID]string{NewID: "dmconvert-" + runID + "-new"},
 		Crypt:       hdr.Crypt(),
 		LUKSVersion: hdr.Version(), LUKSUUID: hdr.UUID(),
-		PVUUID: pv.UUID, VG: pv.VG, VGDevices: pv.VGDevices, VGPVUUIDs: pv.VGPVUUIDs, PVDevice: dev,
+		PVUUID: pv.UUID, VG: pv.VG, VGDevices: pv.VGDevices, VGPVUUIDs: pv.VGPVUUIDs, VGSeqno: pv.VGSeqno, PVDevice: dev,
 		Stacked: stacked,
 		Forward: plan,
 	}

@@ -79,6 +79,8 @@ type Spec struct {
 	// VGPVUUIDs are the PV UUIDs of VGDevices (same order): after a
 	// reboot the devices are found by them, names can change.
 	VGPVUUIDs []string `json:"vg_pv_uuids,omitempty"`
+	// VGSeqno is the VG's metadata sequence number at plan time.
+	VGSeqno uint64 `json:"vg_seqno,omitempty"`
 	// Stacked are the dm devices that mapped the disk at plan time, with
 	// their tables (linear/striped: no keys).
 	Stacked map[string]string `json:"stacked,omitempty"`

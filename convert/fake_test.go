@@ -864,7 +864,12 @@ func (l *fakeLVM) ShrinkPV(ctx context.Context, device string, size Sectors) err
 		return errors.New("fake lvm: cannot shrink over used extents")
 	}
 	l.pv.Size = size
+	l.pv.VGSeqno++ // a metadata change, as in lvm
 	return nil
+}
+
+func (l *fakeLVM) State(ctx context.Context, device string) (string, string, uint64, error) {
+	return l.pv.UUID, l.pv.VG, l.pv.VGSeqno, nil
 }
 
 // Activate creates the LVs on the first of devices that carries the PV

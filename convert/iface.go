@@ -113,6 +113,9 @@ type PV struct {
 	// PV UUIDs (same order).
 	VGDevices []string
 	VGPVUUIDs []string
+	// VGSeqno is the VG's metadata sequence number (lvm bumps it at
+	// every change of the VG).
+	VGSeqno uint64
 	// Refusal, when not empty, says why LVM's state forbids converting
 	// (shared VG, exported VG, missing PVs, ...).
 	Refusal string
@@ -174,6 +177,9 @@ type VolumeManager interface {
 	// LocatePV finds the device that carries PV uuid now (hint: where it
 	// was); "" when none does.
 	LocatePV(ctx context.Context, uuid, hint string) string
+	// State is a cheap look at the PV on device: its UUID, VG and the
+	// VG's metadata sequence number.
+	State(ctx context.Context, device string) (uuid, vg string, seqno uint64, err error)
 }
 
 // EventKind classifies progress events.

@@ -55,7 +55,7 @@ func (l *LVMTool) Discover(ctx context.Context, device string) (*PV, error) {
 	}
 	size = max(size, rec)
 	pv := &PV{
-		Device: device, UUID: p.UUID, VG: p.VG.Name,
+		Device: device, UUID: p.UUID, VG: p.VG.Name, VGSeqno: p.VG.SeqNo,
 		Size: Sectors(size), UsedEnd: Sectors(p.MinSize()),
 		PEStart: Sectors(p.PEStart), ExtentSize: Sectors(p.ExtentSize),
 		FitSize: func(limit Sectors) (Sectors, error) {
@@ -114,6 +114,19 @@ func (l *LVMTool) Activate(ctx context.Context, vg string, devices []string) err
 // not considered.
 func (l *LVMTool) LocatePV(ctx context.Context, uuid, hint string) string {
 	return lvm.LocatePV(uuid, hint, "DMCONVERT-")
+}
+
+// State implements VolumeManager (not while the fence is held: it would
+// wait for it).
+func (l *LVMTool) State(ctx context.Context, device string) (string, string, uint64, error) {
+	if l.fence != nil && l.fence.Held() {
+		return "", "", 0, errors.New("the volume group is fenced")
+	}
+	s, err := l.C.State(ctx, device)
+	if err != nil {
+		return "", "", 0, err
+	}
+	return s.UUID, s.VG, s.SeqNo, nil
 }
 
 // Refresh implements VolumeManager.

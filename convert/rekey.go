@@ -195,7 +195,7 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 	ep := &EncryptPlan{Spec: spec, Journal: jpath, Header: hdr,
 		keys: map[BackingID][]byte{OldID: keys.Bound, NewID: newKey}}
 	if pv != nil {
-		spec.PVUUID, spec.VG, spec.VGDevices, spec.VGPVUUIDs, spec.PVDevice = pv.UUID, pv.VG, pv.VGDevices, pv.VGPVUUIDs, node
+		spec.PVUUID, spec.VG, spec.VGDevices, spec.VGPVUUIDs, spec.VGSeqno, spec.PVDevice = pv.UUID, pv.VG, pv.VGDevices, pv.VGPVUUIDs, pv.VGSeqno, node
 		ep.PV = pv
 	}
 	return ep, nil

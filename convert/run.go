@@ -105,12 +105,19 @@ func (e *Engine) checkUnchanged(ctx context.Context, ep *EncryptPlan) error {
 	if spec.PVDevice == "" {
 		return nil
 	}
-	pv, err := e.LVM.Discover(ctx, spec.PVDevice)
-	if err != nil {
-		return err
-	}
-	if pv.UUID != spec.PVUUID || pv.VG != spec.VG || pv.Size != ep.PV.Size {
-		return changed("the physical volume")
+	// One `pvs`: the same PV in the same VG, whose metadata has the
+	// plan's sequence number, is the PV of the plan (lvm bumps the
+	// number at every change). Otherwise the whole PV is looked at again.
+	pv := ep.PV
+	uuid, vg, seq, err := e.LVM.State(ctx, spec.PVDevice)
+	if err != nil || spec.VGSeqno == 0 || uuid != spec.PVUUID || vg != spec.VG || seq != spec.VGSeqno {
+		pv, err = e.LVM.Discover(ctx, spec.PVDevice)
+		if err != nil {
+			return err
+		}
+		if pv.UUID != spec.PVUUID || pv.VG != spec.VG || pv.Size != ep.PV.Size {
+			return changed("the physical volume")
+		}
 	}
 	if spec.Op != "encrypt" {
 		return nil

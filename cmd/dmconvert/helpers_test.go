@@ -226,4 +226,7 @@ func (fakeLVM) Fence(context.Context, string) (func() error, error) {
 func (fakeLVM) ShrinkPV(context.Context, string, convert.Sectors) error { return errNoDM }
 func (fakeLVM) Activate(context.Context, string, []string) error        { return errNoDM }
 func (fakeLVM) Refresh(context.Context, string, string) error           { return errNoDM }
-func (fakeLVM) LocatePV(_ context.Context, _, hint string) string       { return hint }
+func (fakeLVM) State(context.Context, string) (string, string, uint64, error) {
+	return "", "", 0, errNoDM
+}
+func (fakeLVM) LocatePV(_ context.Context, _, hint string) string { return hint }

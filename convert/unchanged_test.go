@@ -1,0 +1,49 @@
+package convert
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+)
+
+// Execute looks at the PV again before it writes anything: the same VG
+// metadata (sequence number) is the plan's PV; a changed one is looked at
+// in full, and a PV of another size refuses the plan.
+func TestExecuteChecksThePVAgain(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		change func(pv *PV)
+		refuse bool
+	}{
+		{"unchanged", func(pv *PV) {}, false},
+		{"another change to the VG", func(pv *PV) { pv.VGSeqno++ }, false},
+		{"the PV resized", func(pv *PV) { pv.Size -= pv.ExtentSize; pv.VGSeqno++ }, true},
+		{"the PV recreated", func(pv *PV) { pv.UUID = "other"; pv.VGSeqno = 1 }, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			sc := newScenario(t, 4)
+			w := sc.world()
+			e := sc.engine(w)
+			w.lvm.pv.VGSeqno = 7
+			ep, err := e.PlanEncrypt(context.Background(), sc.options())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ep.Spec.VGSeqno != 7 {
+				t.Fatalf("the plan recorded seqno %d, want 7", ep.Spec.VGSeqno)
+			}
+			c.change(&w.lvm.pv)
+			err = e.Execute(context.Background(), ep, RunOptions{})
+			var re *RefusalError
+			switch {
+			case c.refuse && (!errors.As(err, &re) || !strings.Contains(err.Error(), "changed since the plan")):
+				t.Fatalf("Execute after %s: %v, want a refusal", c.name, err)
+			case !c.refuse && err != nil:
+				t.Fatalf("Execute after %s: %v", c.name, err)
+			case !c.refuse:
+				sc.verifyEncrypted(w, e)
+			}
+		})
+	}
+}
