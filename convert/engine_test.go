@@ -49,6 +49,8 @@ type scenario struct {
 	// rekeyTo is the cipher and key size a rekey asks for (zero: keep
 	// the source's, aes-xts-plain64 with the 512-bit key).
 	rekeyTo rekeyTarget
+	// luks1: the disk carries a real LUKS1 header (luks1EncryptedWorld).
+	luks1 bool
 }
 
 const fakeDiskPath = "/dev/vda"

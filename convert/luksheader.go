@@ -56,12 +56,11 @@ func OpenLUKSImage(img []byte, key []byte) (*LUKSHeader, Keys, error) {
 	// hand out copies.
 	ks.Bound = append([]byte(nil), vk.Bytes()...)
 	unbound := -1
-	if h.Version() == 2 {
-		if uk, slot, err := h.UnlockUnbound(key); err == nil {
-			ks.Unbound = append([]byte(nil), uk.Bytes()...)
-			uk.Wipe()
-			unbound = slot
-		}
+	// LUKS2: an unbound keyslot; LUKS1: the key a rekey staged.
+	if uk, slot, err := h.UnlockUnbound(key); err == nil {
+		ks.Unbound = append([]byte(nil), uk.Bytes()...)
+		uk.Wipe()
+		unbound = slot
 	}
 	lh, err := NewLUKSHeader(h)
 	if err != nil {
@@ -229,9 +228,17 @@ func (l *LUKSHeader) StageRekey(newKey, pass []byte, cipher string) error {
 	return nil
 }
 
-// KeyslotsEnd implements Rekeyable.
+// KeyslotsEnd implements Rekeyable. For LUKS1 it includes the 4 KiB
+// after the keyslot material (4 KiB aligned) where the checkpoint records
+// live while a key is staged: the data must not move over them, and the
+// final header keeps them room for a later run, in the last 4 KiB before
+// its data.
 func (l *LUKSHeader) KeyslotsEnd() Sectors {
-	return Sectors((l.h.KeyslotAreasEnd() + 511) / 512)
+	end := l.h.KeyslotAreasEnd()
+	if l.h.Version() == 1 {
+		end = (end+4095)/4096*4096 + 4096
+	}
+	return Sectors((end + 511) / 512)
 }
 
 // OtherKeyslots implements Rekeyable: the keyslots other than the one the
@@ -268,6 +275,9 @@ func (r *recorder) Sync() error {
 // offset (and to f.Cipher, when given) and the old key's keyslots are
 // removed (their material wiped after the metadata no longer names them).
 func (l *LUKSHeader) FinalWrites(f Final) ([]Write, error) {
+	if l.h.Version() == 1 && (f.Rekey || f.DropUnbound) {
+		return l.finalRekeyWrites1(f)
+	}
 	if f.Rekey || f.DropUnbound {
 		if l.unbound < 0 {
 			return nil, fmt.Errorf("internal error: the header has no unbound keyslot for the new key")
@@ -357,4 +367,64 @@ func (l *LUKSHeader) ReadCheckpoint(r io.ReaderAt) (Checkpoint, bool, error) {
 		return Checkpoint{}, false, nil
 	}
 	return cp, true, nil
+}
+
+// finalRekeyWrites1 ends a LUKS1 rekey (or its abort). The header on disk
+// is disguised throughout (stock cryptsetup does not recognise it), so
+// the order only has to make the last write the one that reveals it:
+//
+//  1. the phdr (sectors 0-1), still disguised, in its final form: the new
+//     key's digest and keyslot and the new data offset (rekey), or the
+//     old key's without the staged keyslot (abort); flush;
+//  2. the material of the keyslots that go (the old key's, or the staged
+//     key's) overwritten with random bytes; flush;
+//  3. the checkpoint records zeroed; flush;
+//  4. sector 0 again with the real magic; flush.
+//
+// A crash before 4 leaves a disguised header that only dmconvert resume
+// (which redoes all four from the journal's image) touches; sector 0 is
+// one sector, so after 4 the whole final phdr is there. The records are
+// found where the staged header keeps them, before it is dropped.
+func (l *LUKSHeader) finalRekeyWrites1(f Final) ([]Write, error) {
+	if l.unbound < 0 || l.h.StagedKeyslot() != l.unbound {
+		return nil, fmt.Errorf("internal error: the LUKS1 header holds no staged key")
+	}
+	area, err := l.h.CheckpointArea()
+	if err != nil {
+		return nil, err
+	}
+	l.h.RemoveCheckpoint()
+	if f.Rekey {
+		if err := l.h.BindSegmentCipher(l.unbound, f.Cipher); err != nil {
+			return nil, err
+		}
+		for _, ks := range l.h.Keyslots() {
+			if ks.ID != l.unbound {
+				if err := l.h.RemoveKeyslot(ks.ID); err != nil {
+					return nil, err
+				}
+			}
+		}
+		if err := l.h.SetDataOffset(int64(f.DataOffset) * 512); err != nil {
+			return nil, err
+		}
+	} else if err := l.h.RemoveKeyslot(l.unbound); err != nil {
+		return nil, err
+	}
+	l.unbound = -1
+	// Commit writes the phdr (disguised: the in-memory header still is),
+	// then the wipes of removed keyslots, a flush after each.
+	rec := &recorder{}
+	if err := l.h.Commit(rec); err != nil {
+		return nil, err
+	}
+	ws := append(rec.ws, Write{Off: area, Data: make([]byte, 2*luks.CheckpointRecordSize), Flush: true})
+	if err := l.h.SetDisguised(false); err != nil {
+		return nil, err
+	}
+	first, err := l.h.FirstBlock()
+	if err != nil {
+		return nil, err
+	}
+	return append(ws, Write{Off: 0, Data: first[:512], Flush: true}), nil
 }

@@ -18,7 +18,11 @@ import (
 const rekeyGap = 64 // sectors; the fake header leaves 96 free
 
 func (sc *scenario) rekeyOptions() RekeyOptions {
-	return RekeyOptions{Target: "vda_crypt", Journal: sc.journal, Chunk: rekeyGap, Open: sc.rekeyOpener(), Passphrase: []byte("pw"),
+	gap := Sectors(rekeyGap)
+	if sc.luks1 {
+		gap = luks1Gap
+	}
+	return RekeyOptions{Target: "vda_crypt", Journal: sc.journal, Chunk: gap, Open: sc.rekeyOpener(), Passphrase: []byte("pw"),
 		Cipher: sc.rekeyTo.cipher, KeySize: sc.rekeyTo.bits}
 }
 
@@ -48,6 +52,9 @@ var cipherChange = rekeyTarget{cipher: "serpent-xts-plain64", bits: 256}
 // rekeyOpener opens a fake header image: the data's key, and the staged
 // new key when the image holds one.
 func (sc *scenario) rekeyOpener() HeaderOpener {
+	if sc.luks1 {
+		return luks1Opener
+	}
 	return func(img []byte) (HeaderFormat, Keys, error) {
 		nk := fakeStaged(img)
 		return &fakeHeader{h: sc.H, key: sc.key, newKey: nk}, Keys{Bound: append([]byte(nil), sc.key...), Unbound: fakeStaged(img)}, nil
@@ -59,6 +66,10 @@ func (sc *scenario) rekeyOpener() HeaderOpener {
 // H-G; a fresh boot opens the disk with the new key there.
 func (sc *scenario) verifyRekeyed(w *fakeWorld, e *Engine) {
 	sc.t.Helper()
+	if sc.luks1 {
+		sc.verifyLUKS1(w, e, true)
+		return
+	}
 	if _, err := e.DM.Info("vda_crypt"); err != nil && len(w.devs) == 0 {
 		// Rebooted after the end: only the cold open is left to check.
 		sc.coldOpenRekeyed(w)
@@ -310,8 +321,16 @@ func TestRekeyCipherChangeCrashAtEveryFailpoint(t *testing.T) {
 	rekeyCrashMatrix(t, cipherChange, 24, 3000)
 }
 
+// rekeyWorld makes the world a rekey starts from: encryptedWorld (the
+// fake header) or luks1EncryptedWorld (a real LUKS1 header).
+type rekeyWorld func(t *testing.T, seed int64) (*scenario, *fakeWorld)
+
 func rekeyCrashMatrix(t *testing.T, rt rekeyTarget, seed, seedBase int64) {
-	sc, w := encryptedWorld(t, seed)
+	rekeyCrashMatrixOn(t, encryptedWorld, rt, seed, seedBase)
+}
+
+func rekeyCrashMatrixOn(t *testing.T, world rekeyWorld, rt rekeyTarget, seed, seedBase int64) {
+	sc, w := world(t, seed)
 	sc.rekeyTo = rt
 	e := sc.engine(w)
 	_, hits := sc.runUntil(e, w, "", 0, sc.planRekey(e))
@@ -323,7 +342,7 @@ func rekeyCrashMatrix(t *testing.T, rt rekeyTarget, seed, seedBase int64) {
 				seed := seedBase + int64(cases)
 				t.Run(fmt.Sprintf("%s#%d/%s", fp, nth, rec), func(t *testing.T) {
 					t.Parallel()
-					rekeyCrashAndRecover(t, rt, fp, nth, rec, seed)
+					rekeyCrashAndRecover(t, world, rt, fp, nth, rec, seed)
 				})
 			}
 		}
@@ -334,8 +353,8 @@ func rekeyCrashMatrix(t *testing.T, rt rekeyTarget, seed, seedBase int64) {
 	t.Logf("%d rekey crash cases", cases)
 }
 
-func rekeyCrashAndRecover(t *testing.T, rt rekeyTarget, fp string, nth int, rec recovery, seed int64) {
-	sc, w := encryptedWorld(t, seed)
+func rekeyCrashAndRecover(t *testing.T, world rekeyWorld, rt rekeyTarget, fp string, nth int, rec recovery, seed int64) {
+	sc, w := world(t, seed)
 	sc.rekeyTo = rt
 	sc.quiet = rec == recoverLostCacheResume || rec == recoverLostCacheAbort
 	e := sc.engine(w)
@@ -359,17 +378,17 @@ func rekeyCrashAndRecover(t *testing.T, rt rekeyTarget, fp string, nth int, rec 
 	e.FailHook = func(string) { sc.write(w) }
 	o := ResumeOptions{Journal: sc.journal, Open: sc.rekeyOpener()}
 	done := func() {
-		if _, ok := fakeFinalRekey(fakeDiskIO{w: w, dev: sc.disk}); ok {
+		if sc.rekeyFinished(w) {
 			sc.verifyRekeyed(w, e)
 		} else {
-			sc.verifyEncrypted(w, e)
+			sc.verifyRekeyAborted(w, e)
 		}
 	}
 	if rec == recoverAbort || rec == recoverLostCacheAbort {
 		err := e.Abort(context.Background(), o)
 		switch {
 		case err == nil:
-			sc.verifyEncrypted(w, e)
+			sc.verifyRekeyAborted(w, e)
 			return
 		case errors.Is(err, ErrTooLateToAbort):
 		case strings.Contains(err.Error(), "already done"):
@@ -387,4 +406,25 @@ func rekeyCrashAndRecover(t *testing.T, rt rekeyTarget, fp string, nth int, rec 
 		t.Fatalf("resume after a crash at %s#%d (%s): %v", fp, nth, rec, err)
 	}
 	sc.verifyRekeyed(w, e)
+}
+
+// rekeyFinished reports whether the header on the disk is a finished
+// rekey's.
+func (sc *scenario) rekeyFinished(w *fakeWorld) bool {
+	if sc.luks1 {
+		return sc.luks1Final(w) == luks1Rekeyed
+	}
+	_, ok := fakeFinalRekey(fakeDiskIO{w: w, dev: sc.disk})
+	return ok
+}
+
+// verifyRekeyAborted checks the end of an aborted rekey: the volume as it
+// was before, with the old key.
+func (sc *scenario) verifyRekeyAborted(w *fakeWorld, e *Engine) {
+	sc.t.Helper()
+	if sc.luks1 {
+		sc.verifyLUKS1(w, e, false)
+		return
+	}
+	sc.verifyEncrypted(w, e)
 }

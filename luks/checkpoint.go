@@ -90,6 +90,11 @@ func (h *Header) CheckpointArea() (int64, error) {
 	if h.v1.payloadOffset == 0 {
 		return 0, fmt.Errorf("detached LUKS1 header has no checkpoint room: %w", ErrNoSpace)
 	}
+	if h.v1.staged != nil {
+		// A rekey moves the data into the end of the header area: the
+		// records sit after the keyslot material (rekey1.go).
+		return h.v1.stagedRecordsArea(), nil
+	}
 	area := int64(h.v1.payloadOffset)*sectorSize - checkpointRoom
 	if end := int64(h.v1.materialEnd()); end > area {
 		return 0, fmt.Errorf("LUKS1 keyslot material ends at %d, inside the last 4 KiB of the %d-byte header area reserved for checkpoints (use a header size of at least %d): %w",
@@ -239,6 +244,8 @@ func (h *Header) SetDisguised(on bool) error {
 		if err := h.CheckCheckpointRoom(); err != nil {
 			return err
 		}
+	} else if h.v1.staged != nil {
+		return fmt.Errorf("keyslot %d holds a staged rekey key: bind or drop it before the header is revealed: %w", h.v1.staged.slot, ErrInvalidArgument)
 	}
 	h.v1.disguised = on
 	return nil
@@ -250,6 +257,9 @@ func (h *Header) SetDisguised(on bool) error {
 func (h *Header) Reveal(w io.WriterAt) error {
 	if h.v1 == nil {
 		return fmt.Errorf("reveal is LUKS1 only: %w", ErrUnsupported)
+	}
+	if h.v1.staged != nil {
+		return fmt.Errorf("keyslot %d holds a staged rekey key: bind or drop it before the header is revealed: %w", h.v1.staged.slot, ErrInvalidArgument)
 	}
 	h.v1.disguised = false
 	b, err := h.FirstBlock()

@@ -51,6 +51,9 @@ func Read(r io.ReaderAt) (*Header, error) {
 		h := &Header{v1: l1}
 		h.loadCheckpointRecords(r)
 		return h, nil
+	} else if errors.Is(err, ErrCorrupt) {
+		// A disguised LUKS1 header with a damaged staged-key record.
+		return nil, err
 	}
 	l2, err := readLUKS2(r)
 	if err != nil {
@@ -248,11 +251,15 @@ type Keyslot struct {
 func (h *Header) Keyslots() []Keyslot {
 	var out []Keyslot
 	if h.v1 != nil {
+		st := h.v1.staged
 		for i, s := range h.v1.slots {
-			if s.active != luks1KeyEnabled {
+			// A rekey's staged key (rekey1.go) is disabled in the phdr;
+			// it is listed as an unbound keyslot.
+			staged := st != nil && st.slot == i
+			if s.active != luks1KeyEnabled && !staged {
 				continue
 			}
-			out = append(out, Keyslot{ID: i, Type: "luks1", Bound: true, Digest: -1,
+			out = append(out, Keyslot{ID: i, Type: "luks1", Bound: !staged, Digest: -1,
 				KeySize: int(h.v1.keyBytes), Cipher: h.Cipher(), AreaKey: int(h.v1.keyBytes),
 				PBKDF:  PBKDF{Type: KDFPBKDF2, Hash: h.v1.hashSpec, Iterations: s.iterations},
 				AFHash: h.v1.hashSpec, AreaOffset: int64(s.offset) * sectorSize,
@@ -289,10 +296,11 @@ func (h *Header) Unlock(key []byte) (*VolumeKey, int, error) {
 }
 
 // UnlockUnbound is Unlock over the LUKS2 keyslots that are not bound to
-// the data segment (cryptsetup's --unbound keyslots).
+// the data segment (cryptsetup's --unbound keyslots), or, for LUKS1, opens
+// the key a dmconvert rekey staged (rekey1.go).
 func (h *Header) UnlockUnbound(key []byte) (*VolumeKey, int, error) {
-	if h.v2 == nil {
-		return nil, -1, fmt.Errorf("unbound keyslots need LUKS2: %w", ErrNoKeyslot)
+	if h.v1 != nil {
+		return h.unlockStaged1(key)
 	}
 	return h.unlock(key, false)
 }

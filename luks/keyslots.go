@@ -23,9 +23,13 @@ func (h *Header) AddKeyslot(vk *VolumeKey, key []byte, p PBKDF) (int, error) {
 // segment's volume key (cryptsetup's luksAddKey --unbound): its digest is
 // not assigned to any segment. A rekey keeps the new volume key in such a
 // keyslot until BindSegment switches the data segment over to it.
+//
+// For LUKS1, which has no unbound keyslots, the key is staged for a
+// dmconvert rekey instead (rekey1.go): only in a disguised header, and
+// with the header's cipher and key size.
 func (h *Header) AddUnboundKeyslot(vk *VolumeKey, key []byte, p PBKDF) (int, error) {
 	if h.v1 != nil {
-		return -1, fmt.Errorf("unbound keyslots need LUKS2: %w", ErrUnsupported)
+		return h.stageKey1(vk, key, p, "")
 	}
 	return h.addKeyslot2(vk, key, p, false, "")
 }
@@ -36,9 +40,11 @@ func (h *Header) AddUnboundKeyslot(vk *VolumeKey, key []byte, p PBKDF) (int, err
 // the switch). The keyslot area is encrypted as cryptsetup would encrypt
 // a keyslot of that segment (KeyslotEncryption). segmentCipher and the
 // key size are checked with CheckSegmentCipher.
+// LUKS1 stages the key as AddUnboundKeyslot does; segmentCipher must be
+// the header's cipher.
 func (h *Header) AddUnboundKeyslotFor(vk *VolumeKey, key []byte, p PBKDF, segmentCipher string) (int, error) {
 	if h.v1 != nil {
-		return -1, fmt.Errorf("unbound keyslots need LUKS2: %w", ErrUnsupported)
+		return h.stageKey1(vk, key, p, segmentCipher)
 	}
 	if err := CheckSegmentCipher(segmentCipher, vk.Len()); err != nil {
 		return -1, err
@@ -259,6 +265,9 @@ func (h *Header) RemoveKeyslot(slot int) error {
 	}
 	if h.v1 != nil {
 		l := h.v1
+		if l.staged != nil && l.staged.slot == slot {
+			return h.dropStaged1()
+		}
 		if slot < 0 || slot >= luks1NumKeys || l.slots[slot].active != luks1KeyEnabled {
 			return fmt.Errorf("keyslot %d is not active: %w", slot, ErrNoKeyslot)
 		}
@@ -343,9 +352,14 @@ func (h *Header) BindSegment(slot int) error { return h.BindSegmentCipher(slot, 
 // cipher spec ("encryption") to cipher, unless cipher is empty (a rekey
 // to another cipher or key size). The key size must suit the cipher
 // (CheckSegmentCipher).
+//
+// LUKS1: slot must hold a dmconvert rekey's staged key (rekey1.go), which
+// becomes the volume key (the MK digest is replaced, the keyslot
+// enabled); cipher must be empty or the header's. The other keyslots
+// still hold the old key: remove them.
 func (h *Header) BindSegmentCipher(slot int, cipher string) error {
-	if h.v2 == nil {
-		return fmt.Errorf("segment binding needs LUKS2: %w", ErrUnsupported)
+	if h.v1 != nil {
+		return h.bindStaged1(slot, cipher)
 	}
 	l := h.v2
 	ks, err := l.keyslot(slot)

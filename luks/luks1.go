@@ -62,6 +62,9 @@ type luks1 struct {
 	// luks1PhdrPadded bytes are re-encoded from the fields on output.
 	body      []byte
 	disguised bool
+	// staged is a dmconvert rekey's new key (disguised headers only;
+	// rekey1.go).
+	staged *staged1
 }
 
 func cstrFull(b []byte) string {
@@ -93,6 +96,13 @@ func decodePhdr1(b []byte) (*luks1, error) {
 	copy(l.mkSalt[:], b[l1OffMKSalt:])
 	l.mkIter = binary.BigEndian.Uint32(b[l1OffMKIter:])
 	l.uuid = cstrFull(b[l1OffUUID : l1OffUUID+40])
+	if l.disguised {
+		st, err := decodeStaged1(b)
+		if err != nil {
+			return nil, err
+		}
+		l.staged = st
+	}
 	for i := range l.slots {
 		kb := b[l1OffKeyblock+i*l1KeyblockSize:]
 		s := &l.slots[i]
@@ -130,6 +140,9 @@ func (l *luks1) encodePhdr() []byte {
 		copy(kb[8:40], s.salt[:])
 		binary.BigEndian.PutUint32(kb[40:], s.offset)
 		binary.BigEndian.PutUint32(kb[44:], s.stripes)
+	}
+	if l.disguised && l.staged != nil {
+		l.staged.encode(b[l1OffStaged:])
 	}
 	return b
 }
@@ -180,6 +193,14 @@ func (l *luks1) validate() error {
 			}
 		}
 	}
+	if st := l.staged; st != nil {
+		if st.slot < 0 || st.slot >= luks1NumKeys || l.slots[st.slot].active != luks1KeyDisabled || l.slots[st.slot].iterations == 0 || st.iter == 0 {
+			return corruptf("LUKS1 staged key in keyslot %d: the keyslot is not a disabled one with a key", st.slot)
+		}
+		if l.payloadOffset != 0 && l.stagedRecordsArea()+checkpointRoom > int64(l.payloadOffset)*sectorSize {
+			return corruptf("LUKS1 staged key: no room for the checkpoint records before the data")
+		}
+	}
 	return nil
 }
 
@@ -213,10 +234,17 @@ func (l *luks1) verifyKey(key []byte) (bool, error) {
 }
 
 func (l *luks1) openSlot(i int, pass []byte) ([]byte, error) {
-	s := l.slots[i]
-	if s.active != luks1KeyEnabled {
+	if l.slots[i].active != luks1KeyEnabled {
 		return nil, fmt.Errorf("keyslot %d is not active: %w", i, ErrNoKeyslot)
 	}
+	return l.openSlotMaterial(i, pass)
+}
+
+// openSlotMaterial derives keyslot i's key from pass and merges its
+// material, whatever the keyslot's state (a staged key's is disabled).
+// The result is not verified against any digest.
+func (l *luks1) openSlotMaterial(i int, pass []byte) ([]byte, error) {
+	s := l.slots[i]
 	cs, err := l.cipher()
 	if err != nil {
 		return nil, err

@@ -32,9 +32,12 @@ func (h *Header) KeyslotAreasEnd() int64 {
 // by the next WriteMetadata or Image). Every keyslot area must end at or
 // before off. Online rekey uses it: the data moves toward the start of the
 // device by a gap taken from the unused end of the keyslots area.
+//
+// LUKS1: the payload offset moves to off (a multiple of 512, at or after
+// the end of the keyslot material); not while a key is staged.
 func (h *Header) SetDataOffset(off int64) error {
-	if h.v2 == nil {
-		return fmt.Errorf("moving the data offset needs LUKS2: %w", ErrUnsupported)
+	if h.v1 != nil {
+		return h.setDataOffset1(off)
 	}
 	l := h.v2
 	if off <= 0 || off%luks2AreaAlign != 0 {

@@ -21,8 +21,8 @@ func (a *app) rekeyCommand(mark markFunc) *cobra.Command {
 	o := &rekeyOptions{}
 	cmd := &cobra.Command{
 		Use:   "rekey TARGET",
-		Short: "give an open LUKS2 volume a new volume key (and cipher) in place while it is in use",
-		Long: `Re-encrypt TARGET, an open LUKS2 mapping (its name, /dev/mapper/NAME, or the
+		Short: "give an open LUKS2 or LUKS1 volume a new volume key (and cipher) in place while it is in use",
+		Long: `Re-encrypt TARGET, an open LUKS2 or LUKS1 mapping (its name, /dev/mapper/NAME, or the
 device under it), with a new random volume key, online: a file system may be
 mounted on it, or it may be an LVM physical volume with active logical
 volumes. The new key keeps the volume's cipher and key size unless --cipher
@@ -43,6 +43,15 @@ the keyslots area shrinks by that much. The new key waits in a keyslot opened
 by the same passphrase until the last step switches the header over and
 removes the old key's keyslots. Until then stock cryptsetup refuses to open
 the device (a LUKS2 requirement marks it); resume or abort with dmconvert.
+
+LUKS1: the new key keeps the cipher and key size (a LUKS1 header has one of
+each for the data and every keyslot), and waits in a free keyslot (one must
+be free) while the header's magic is disguised so that cryptsetup does not
+recognise it. Every LUKS1 keyslot keeps its area whether used or not, so the
+gap is what the keyslot material leaves before the data, less 4 KiB for
+dmconvert's checkpoint records: about 1 MiB with a 256-bit key, only 24 KiB
+with cryptsetup's default 512-bit key (the data then moves in 24 KiB steps:
+slow on large volumes; converting to LUKS2 offline first is faster).
 
 The passphrase or key file is needed to read the volume key from the header
 (the kernel keeps cryptsetup's keys where no other program can read them),

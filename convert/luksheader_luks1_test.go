@@ -1,0 +1,260 @@
+package convert
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"testing"
+
+	"github.com/dmconvert/dmconvert/luks"
+)
+
+// The LUKS1 rekey header steps, checked by stock cryptsetup on a header
+// cryptsetup itself made (luksFormat --type luks1, a second passphrase
+// added with luksAddKey): after every write of the mark and of the final
+// header, and inside every write of up to 8 sectors torn after each of
+// its sectors (its first k sectors, or its last k, reached the disk),
+// cryptsetup either does not recognise the device as LUKS at all, or
+// opens it with the passphrase to the key and data offset that match the
+// data (the old ones before the switch, the new ones after). The final
+// header opens with the passphrase to the new key at the new offset; the
+// old volume key and the passphrase that was not given do not open it.
+// An aborted rekey's header opens to the old key with both passphrases.
+func TestLUKSHeaderRekeyLUKS1AgainstCryptsetup(t *testing.T) {
+	if _, err := exec.LookPath("cryptsetup"); err != nil {
+		t.Fatal("cryptsetup is needed (make test installs it)")
+	}
+	for _, bits := range []int{512, 256} {
+		for _, abort := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%dbit/abort=%v", bits, abort), func(t *testing.T) {
+				t.Parallel()
+				rekeyLUKS1AgainstCryptsetup(t, bits, abort)
+			})
+		}
+	}
+}
+
+// luks1View is what cryptsetup makes of a device: not LUKS, or LUKS with
+// this volume key (hex, opened with the passphrase) and payload offset.
+type luks1View struct {
+	luks    bool
+	key     string
+	payload int
+}
+
+var payloadRe = regexp.MustCompile(`(?m)^Payload offset:\s+(\d+)$`)
+
+func cryptsetupView(t *testing.T, path, pass string) luks1View {
+	t.Helper()
+	if err := exec.Command("cryptsetup", "isLuks", path).Run(); err != nil {
+		return luks1View{}
+	}
+	key, out := dumpVolumeKey(t, path, pass)
+	m := payloadRe.FindStringSubmatch(out)
+	if key == "" || m == nil {
+		t.Fatalf("cryptsetup recognises %s as LUKS but does not open it with the passphrase:\n%s", path, out)
+	}
+	n, _ := strconv.Atoi(m[1])
+	return luks1View{luks: true, key: key, payload: n}
+}
+
+// tornStates applies ws to base one by one and calls check on every
+// state a crash can leave: after each write, and, for writes of up to 8
+// sectors, with only their first or last k sectors written.
+func tornStates(t *testing.T, path string, base []byte, ws []Write, check func(what string)) []byte {
+	t.Helper()
+	cur := append([]byte(nil), base...)
+	try := func(what string, b []byte) {
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		check(what)
+	}
+	for i, w := range ws {
+		if n := len(w.Data) / 512; n > 1 && n <= 8 {
+			for k := 1; k < n; k++ {
+				b := append([]byte(nil), cur...)
+				copy(b[w.Off:], w.Data[:k*512])
+				try(fmt.Sprintf("write %d of %d (%d bytes at %d) torn: its first %d sectors", i+1, len(ws), len(w.Data), w.Off, k), b)
+				b = append(b[:0], cur...)
+				copy(b[w.Off+int64((n-k)*512):], w.Data[(n-k)*512:])
+				try(fmt.Sprintf("write %d of %d (%d bytes at %d) torn: its last %d sectors", i+1, len(ws), len(w.Data), w.Off, k), b)
+			}
+		}
+		copy(cur[w.Off:], w.Data)
+		try(fmt.Sprintf("after write %d of %d (%d bytes at %d)", i+1, len(ws), len(w.Data), w.Off), cur)
+	}
+	return cur
+}
+
+func rekeyLUKS1AgainstCryptsetup(t *testing.T, bits int, abort bool) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "disk")
+	pw, other := filepath.Join(dir, "pw"), filepath.Join(dir, "other")
+	os.WriteFile(pw, []byte("pass"), 0o600)
+	os.WriteFile(other, []byte("other"), 0o600)
+	if err := os.WriteFile(path, make([]byte, 8<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"luksFormat", "-q", "--type", "luks1", "--pbkdf-force-iterations", "1000", "--key-size", strconv.Itoa(bits), "--key-file", pw, path},
+		{"luksAddKey", "-q", "--pbkdf-force-iterations", "1000", "--key-file", pw, path, other},
+	} {
+		if out, err := exec.Command("cryptsetup", args...).CombinedOutput(); err != nil {
+			t.Fatalf("cryptsetup %v: %v\n%s", args, err, out)
+		}
+	}
+	oldHex, out := dumpVolumeKey(t, path, "pass")
+	if oldHex == "" {
+		t.Fatalf("no volume key:\n%s", out)
+	}
+	base, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h0, err := luks.Read(bytes.NewReader(base))
+	if err != nil {
+		t.Fatal(err)
+	}
+	H := Sectors(h0.DataOffset() / 512)
+	lh, ks, err := OpenLUKSImage(base[:H*512], []byte("pass"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ks.Wipe()
+	if hex.EncodeToString(ks.Bound) != oldHex || ks.Unbound != nil {
+		t.Fatal("OpenLUKSImage does not give cryptsetup's volume key (and no staged one)")
+	}
+	if o := lh.OtherKeyslots(); len(o) != 1 || o[0] != 1 {
+		t.Fatalf("other keyslots %v, want [1]", o)
+	}
+	newKey := make([]byte, bits/8)
+	rand.Read(newKey)
+	if err := lh.StageRekey(newKey, []byte("pass"), lh.Crypt().Cipher); err != nil {
+		t.Fatal(err)
+	}
+	staged := lh.Header().StagedKeyslot()
+	if staged != 2 {
+		t.Fatalf("the new key is staged in keyslot %d, want 2 (the first free one)", staged)
+	}
+	end := lh.KeyslotsEnd()
+	G := (H - min(end, H)) / 8 * 8
+	// cryptsetup's LUKS1 layout: keyslot i at sector 8+i*ceil8(material);
+	// the last one's material ends at 4036 (512-bit key) or 2050
+	// (256-bit), then dmconvert's 4 KiB of records.
+	wantG := map[int]Sectors{512: 48, 256: 2032}[bits]
+	if H != 4096 || G != wantG {
+		t.Fatalf("data at %d, keyslots and records end at %d: gap %d, want %d", H, end, G, wantG)
+	}
+
+	// The mark: before it cryptsetup sees the old header, after it
+	// nothing; never anything else.
+	oldView := luks1View{luks: true, key: oldHex, payload: int(H)}
+	ws, err := lh.MarkWrites(Checkpoint{Run: "r", Op: "rekey", Plan: "forward", Phase: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur := tornStates(t, path, base, ws, func(what string) {
+		if v := cryptsetupView(t, path, "pass"); v.luks && v != oldView {
+			t.Fatalf("marking, %s: cryptsetup opens the header to the key %s... at %d (want the old header or none)", what, v.key[:8], v.payload)
+		}
+	})
+	if v := cryptsetupView(t, path, "pass"); v.luks {
+		t.Fatal("cryptsetup recognises the marked header")
+	}
+	if err := exec.Command("cryptsetup", "open", "--test-passphrase", "--key-file", pw, path).Run(); err == nil {
+		t.Fatal("cryptsetup opens the marked header")
+	}
+	f, _ := os.Open(path)
+	cp, id, err := DiskCheckpoint(f)
+	f.Close()
+	if err != nil || id != IdentityDisguisedLUKS1 || cp.Phase != 2 {
+		t.Fatalf("the marked disk: %v, checkpoint %+v, %v", id, cp, err)
+	}
+
+	// The journal's image gives both keys; the final header is written
+	// from a header opened from it, as a resume does.
+	img, err := lh.Image(Checkpoint{Run: "r", Op: "rekey", Plan: "forward", Phase: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lh2, ks2, err := OpenLUKSImage(img, []byte("pass"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ks2.Wipe()
+	if hex.EncodeToString(ks2.Bound) != oldHex || !bytes.Equal(ks2.Unbound, newKey) {
+		t.Fatal("the staged image does not give the old key bound and the new key staged")
+	}
+	if _, _, err := OpenLUKSImage(img, []byte("other")); err != nil {
+		t.Fatalf("the other passphrase no longer opens the staged image's old key: %v", err)
+	}
+	fin := Final{Rekey: true, DataOffset: H - G, Cipher: lh.Crypt().Cipher}
+	want := luks1View{luks: true, key: hex.EncodeToString(newKey), payload: int(H - G)}
+	if abort {
+		fin, want = Final{DropUnbound: true}, oldView
+	}
+	ws, err = lh2.FinalWrites(fin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range ws {
+		if w.Off+int64(len(w.Data)) > int64(H-G)*512 {
+			t.Fatalf("a final header write [%d,+%d) reaches into the data at %d", w.Off, len(w.Data), (H-G)*512)
+		}
+	}
+	tornStates(t, path, cur, ws, func(what string) {
+		if v := cryptsetupView(t, path, "pass"); v.luks && v != want {
+			t.Fatalf("final header, %s: cryptsetup opens it to the key %s... at %d (want %s... at %d, or no header)", what, v.key[:8], v.payload, want.key[:8], want.payload)
+		}
+	})
+	if v := cryptsetupView(t, path, "pass"); v != want {
+		t.Fatalf("the final header: cryptsetup sees %v, want the key %s... at %d", v.luks, want.key[:8], want.payload)
+	}
+	if out, err := exec.Command("cryptsetup", "open", "--test-passphrase", "--key-file", pw, path).CombinedOutput(); err != nil {
+		t.Fatalf("cryptsetup open --test-passphrase: %v\n%s", err, out)
+	}
+	oldKF := filepath.Join(dir, "old.key")
+	oldKey, _ := hex.DecodeString(oldHex)
+	os.WriteFile(oldKF, oldKey, 0o600)
+	oldOpens := exec.Command("cryptsetup", "open", "--test-passphrase", "--volume-key-file", oldKF, path).Run() == nil
+	otherOpens := exec.Command("cryptsetup", "open", "--test-passphrase", "--key-file", other, path).Run() == nil
+	if oldOpens != abort || otherOpens != abort {
+		t.Fatalf("abort=%v: the old volume key opens the header: %v; the passphrase that was not given: %v", abort, oldOpens, otherOpens)
+	}
+	dump, _ := exec.Command("cryptsetup", "luksDump", path).CombinedOutput()
+	enabled := regexp.MustCompile(`(?m)^Key Slot (\d): ENABLED$`).FindAllStringSubmatch(string(dump), -1)
+	wantSlots := "[[Key Slot 2: ENABLED 2]]"
+	if abort {
+		wantSlots = "[[Key Slot 0: ENABLED 0] [Key Slot 1: ENABLED 1]]"
+	}
+	if fmt.Sprint(enabled) != wantSlots {
+		t.Fatalf("enabled keyslots %v, want %s:\n%s", enabled, wantSlots, dump)
+	}
+	// Our reader agrees, and nothing of the run is left: no staged key,
+	// no checkpoint record, the padding after the phdr is zero again.
+	fh, err := luks.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fh.Disguised() || fh.StagedKeyslot() >= 0 {
+		t.Fatalf("the final header: disguised %v, staged keyslot %d", fh.Disguised(), fh.StagedKeyslot())
+	}
+	f, _ = os.Open(path)
+	_, _, err = DiskCheckpoint(f)
+	f.Close()
+	if !errors.Is(err, ErrNoCheckpoint) {
+		t.Fatalf("the final header still has a checkpoint: %v", err)
+	}
+	final, _ := os.ReadFile(path)
+	if !bytes.Equal(final[592:4096], make([]byte, 4096-592)) {
+		t.Fatal("the bytes after the final phdr's fields are not zero")
+	}
+}

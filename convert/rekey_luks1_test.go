@@ -1,0 +1,298 @@
+package convert
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/dmconvert/dmconvert/dmtable"
+	"github.com/dmconvert/dmconvert/luks"
+)
+
+// Rekey of a LUKS1 volume on the fake kernel, with real LUKS1 headers
+// (the luks package and LUKSHeader, not the fake header): the disk is
+// encrypted by a fake-kernel run of encrypt with a LUKS1 header (256-bit
+// aes-xts-plain64 key, so 8 keyslots of 250 sectors end at sector 2050),
+// then rekeyed under a writer, crashed anywhere, resumed or aborted; the
+// header left on the disk must open with the passphrase (our reader) to
+// the key the data is encrypted with, at the data offset it is at, and
+// the old key must not open a rekeyed one.
+
+const (
+	luks1Pass = "pw"
+	// luks1H: keyslot material to 2050, records to 2064, then room for
+	// a 128-sector gap and more.
+	luks1H Sectors = 2560
+	// luks1N holds the PV (3800) plus two headers for the encrypt.
+	luks1N Sectors = 9216
+	// luks1Gap is the gap (and chunk) of the LUKS1 rekeys: 52 chunks.
+	luks1Gap Sectors = 128
+)
+
+func luks1Opener(img []byte) (HeaderFormat, Keys, error) {
+	h, ks, err := OpenLUKSImage(img, []byte(luks1Pass))
+	if err != nil {
+		return nil, Keys{}, err
+	}
+	return h, ks, nil
+}
+
+// luks1EncryptedWorld is encryptedWorld with a real LUKS1 header.
+func luks1EncryptedWorld(t *testing.T, seed int64) (*scenario, *fakeWorld) {
+	t.Helper()
+	sc := newScenario(t, seed)
+	sc.luks1, sc.H, sc.N, sc.key = true, luks1H, luks1N, sc.key[:32]
+	w := sc.world()
+	e := sc.engine(w)
+	o := sc.options()
+	o.KeyBytes = 32
+	o.NewHeader = func(key []byte, ss uint32) (HeaderFormat, error) {
+		copy(key, sc.key)
+		vk := luks.NewVolumeKeyFromBytes(key)
+		defer vk.Wipe()
+		h, err := luks.Create(luks.Options{Version: 1, Cipher: "aes-xts-plain64", HeaderSize: int64(sc.H) * 512,
+			PBKDF: luks.PBKDF{Type: luks.KDFPBKDF2, Iterations: luks.MinPBKDF2Iterations}}, vk, []byte(luks1Pass))
+		if err != nil {
+			return nil, err
+		}
+		return NewLUKSHeader(h)
+	}
+	ep, err := e.PlanEncrypt(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Execute(context.Background(), ep, RunOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	sc.journal = fastTempDir(t) + "/rekey.journal"
+	return sc, w
+}
+
+type luks1State int
+
+const (
+	luks1Other    luks1State = iota // disguised, torn, or no key fits
+	luks1Original                   // the old key at H
+	luks1Rekeyed                    // a new key at H-G
+)
+
+// luks1Header reads the header on the disk the way cryptsetup would use
+// it (plain LUKS1 magic, no staged key, no checkpoint records), unlocks
+// it with the passphrase and says which volume it describes.
+func (sc *scenario) luks1Header(w *fakeWorld) (luks1State, []byte, Sectors, *luks.Header) {
+	disk := fakeDiskIO{w: w, dev: sc.disk}
+	first := make([]byte, 4096)
+	disk.ReadAt(first, 0)
+	h, err := luks.Read(disk)
+	if Identify(first) != IdentityLUKS || err != nil || h.Version() != 1 || h.Disguised() || h.StagedKeyslot() >= 0 {
+		return luks1Other, nil, 0, nil
+	}
+	if _, err := h.LoadCheckpoint(disk); !errors.Is(err, luks.ErrNoCheckpoint) {
+		return luks1Other, nil, 0, nil
+	}
+	vk, _, err := h.Unlock([]byte(luks1Pass))
+	if err != nil {
+		return luks1Other, nil, 0, nil
+	}
+	key := append([]byte(nil), vk.Bytes()...)
+	vk.Wipe()
+	off := Sectors(h.DataOffset() / 512)
+	switch {
+	case bytes.Equal(key, sc.key) && off == sc.H:
+		return luks1Original, key, off, h
+	case !bytes.Equal(key, sc.key) && len(key) == len(sc.key) && off == sc.H-luks1Gap:
+		return luks1Rekeyed, key, off, h
+	}
+	return luks1Other, key, off, h
+}
+
+func (sc *scenario) luks1Final(w *fakeWorld) luks1State {
+	s, _, _, _ := sc.luks1Header(w)
+	return s
+}
+
+// verifyLUKS1 checks the end of a LUKS1 rekey (rekeyed) or of its abort:
+// the LVs through the live stack, nothing of the run left, the header on
+// the disk (see luks1Header; a rekeyed one with one keyslot, which the
+// old key does not verify against), F's table as cryptsetup would load
+// it from that header, and a fresh boot that opens the disk with it.
+func (sc *scenario) verifyLUKS1(w *fakeWorld, e *Engine, rekeyed bool) {
+	sc.t.Helper()
+	want := luks1Original
+	if rekeyed {
+		want = luks1Rekeyed
+	}
+	st, key, off, h := sc.luks1Header(w)
+	if st != want {
+		sc.t.Fatalf("the header on the disk is not the %s LUKS1 header (state %d, data at %d)", map[bool]string{true: "rekeyed", false: "original"}[rekeyed], st, off)
+	}
+	if rekeyed {
+		if err := h.VerifyVolumeKey(luks.NewVolumeKeyFromBytes(sc.key)); !errors.Is(err, luks.ErrWrongKey) {
+			sc.t.Fatalf("the old key against the rekeyed header: %v", err)
+		}
+		if ks := h.Keyslots(); len(ks) != 1 {
+			sc.t.Fatalf("the rekeyed header has %d keyslots, want 1", len(ks))
+		}
+	}
+	if _, err := e.DM.Info("vda_crypt"); err == nil || len(w.devs) > 0 {
+		sc.verifyLVs(w, "after the LUKS1 rekey")
+		list, _ := e.DM.List()
+		if len(list) != 1+len(sc.lvs) {
+			sc.t.Fatalf("devices left after the LUKS1 rekey: %v", list)
+		}
+		t, err := e.DM.Table("vda_crypt")
+		if err != nil {
+			sc.t.Fatal(err)
+		}
+		c, ok := t[0].Params.(*dmtable.Crypt)
+		if len(t) != 1 || !ok || Sectors(c.Offset) != off || !c.Key.Equal(dmtable.HexKey(key)) || c.Cipher != "aes-xts-plain64" || Sectors(t[0].Length) != sc.N-off {
+			sc.t.Fatalf("vda_crypt's table does not match the header: %v", t)
+		}
+	}
+	// Fresh boot: nothing on the raw disk; the header's key and offset
+	// give back every LV.
+	w2 := w.snapshot()
+	w2.powerCut(false)
+	l2 := sc.lvm(w2)
+	if err := l2.boot(); err != nil {
+		sc.t.Fatal(err)
+	}
+	if len(w2.devs) != 0 {
+		sc.t.Fatal("boot-time LVM activated something on the raw encrypted disk")
+	}
+	if _, err := (fakeDM{w2}).Create("opened", "", dmtable.Table{cryptTarget(0, sc.N-off, CryptSpec{Cipher: "aes-xts-plain64"}, dmtable.HexKey(key), 0, sc.disk, off)}); err != nil {
+		sc.t.Fatal(err)
+	}
+	if err := l2.Activate(context.Background(), "vg", []string{"/dev/mapper/opened"}); err != nil {
+		sc.t.Fatal(err)
+	}
+	sc.verifyLVs(w2, "fresh boot after the LUKS1 rekey")
+}
+
+// addLUKS1Keyslots adds keyslots opened by pass to the header on the
+// disk (as cryptsetup luksAddKey would).
+func (sc *scenario) addLUKS1Keyslots(t *testing.T, w *fakeWorld, pass string, n int) {
+	t.Helper()
+	disk := fakeDiskIO{w: w, dev: sc.disk}
+	h, err := luks.Read(disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vk := luks.NewVolumeKeyFromBytes(sc.key)
+	defer vk.Wipe()
+	for i := 0; i < n; i++ {
+		if _, err := h.AddKeyslot(vk, []byte(pass), luks.PBKDF{Type: luks.KDFPBKDF2, Iterations: luks.MinPBKDF2Iterations}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := h.Commit(disk); err != nil {
+		t.Fatal(err)
+	}
+	disk.Flush()
+}
+
+// TestRekeyLUKS1EndToEnd: a LUKS1 volume with a second passphrase is
+// refused until RemoveOtherKeyslots, then rekeyed under a writer; the
+// passphrase given opens the new key, the other one nothing.
+func TestRekeyLUKS1EndToEnd(t *testing.T) {
+	sc, w := luks1EncryptedWorld(t, 31)
+	sc.addLUKS1Keyslots(t, w, "other", 1)
+	e := sc.engine(w)
+	requireRefused(t, w, "other keyslots", "keyslots [1] are not opened", func() error {
+		_, err := e.PlanRekey(context.Background(), sc.rekeyOptions())
+		return err
+	})
+	e.FailHook = func(string) { sc.write(w) }
+	o := sc.rekeyOptions()
+	o.RemoveOtherKeyslots = true
+	ep, err := e.PlanRekey(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ep.Spec.LUKSVersion != 1 || ep.Spec.Crypt != ep.Spec.OldCrypt || ep.Spec.Forward.Geometry.HeaderUsed != sc.H-luks1Gap {
+		t.Fatalf("plan: LUKS%d, crypt %+v -> %+v, data to %d", ep.Spec.LUKSVersion, ep.Spec.OldCrypt, ep.Spec.Crypt, ep.Spec.Forward.Geometry.HeaderUsed)
+	}
+	if note := OtherKeyslotsNote(ep.Header); note != "keyslots 1 are removed (their passphrases were not given)" {
+		t.Fatalf("plan note: %q", note)
+	}
+	if err := e.Execute(context.Background(), ep, RunOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if sc.writes == 0 {
+		t.Fatal("the writer wrote nothing during the rekey")
+	}
+	sc.verifyRekeyed(w, e)
+	_, _, _, h := sc.luks1Header(w)
+	if _, _, err := h.Unlock([]byte("other")); !errors.Is(err, luks.ErrWrongPassphrase) {
+		t.Fatalf("the passphrase that was not given after the rekey: %v", err)
+	}
+	// What the gap did not use is left for later rekeys: a second one
+	// plans (the data is at 2432 now, the keyslot material and the
+	// records end at 2064).
+	if ep, err := e.PlanRekey(context.Background(), RekeyOptions{Target: "vda_crypt", Journal: sc.journal + "2", Chunk: luks1Gap, Open: luks1Opener, Passphrase: []byte(luks1Pass)}); err != nil {
+		t.Fatalf("a second rekey: %v", err)
+	} else {
+		ep.Wipe()
+	}
+}
+
+// TestRekeyLUKS1Refusals: a cipher or key size change, no free keyslot,
+// and no room are refused at plan time, naming the disk and the reason,
+// with nothing written and no device left.
+func TestRekeyLUKS1Refusals(t *testing.T) {
+	sc, w := luks1EncryptedWorld(t, 32)
+	e := sc.engine(w)
+	before, _ := e.DM.List()
+	for _, c := range []struct {
+		name string
+		mod  func(*RekeyOptions)
+		want string
+	}{
+		{"cipher", func(o *RekeyOptions) { o.Cipher = "serpent-xts-plain64" },
+			"cannot rekey to serpent-xts-plain64 with a 256-bit key: a LUKS1 header has one cipher and key size for the data and every keyslot"},
+		{"key size", func(o *RekeyOptions) { o.KeySize = 512 }, "so online rekey of LUKS1 keeps them (aes-xts-plain64, 256 bits)"},
+		{"no room", func(o *RekeyOptions) { o.Chunk = 4 }, "the data has nowhere to move"},
+	} {
+		o := sc.rekeyOptions()
+		c.mod(&o)
+		requireRefused(t, w, c.name, c.want, func() error {
+			_, err := e.PlanRekey(context.Background(), o)
+			var re *RefusalError
+			if err != nil && (!errors.As(err, &re) || re.Device != fakeDiskPath) {
+				t.Errorf("%s: not a refusal naming %s: %v", c.name, fakeDiskPath, err)
+			}
+			return err
+		})
+	}
+	// Same cipher and size, given explicitly: accepted.
+	o := sc.rekeyOptions()
+	o.Cipher, o.KeySize = "aes-xts-plain64", 256
+	ep, err := e.PlanRekey(context.Background(), o)
+	if err != nil {
+		t.Fatalf("the volume's own cipher and key size: %v", err)
+	}
+	ep.Wipe()
+	// Every keyslot in use: the new key has nowhere to wait, even when
+	// the others may go.
+	sc.addLUKS1Keyslots(t, w, luks1Pass, 7)
+	o = sc.rekeyOptions()
+	o.RemoveOtherKeyslots = true
+	requireRefused(t, w, "all keyslots in use", "all 8 LUKS1 keyslots are in use", func() error {
+		_, err := e.PlanRekey(context.Background(), o)
+		return err
+	})
+	if after, _ := e.DM.List(); len(after) != len(before) {
+		t.Fatalf("devices before %v, after %v", before, after)
+	}
+}
+
+// TestRekeyLUKS1CrashAtEveryFailpoint: the crash matrix of
+// TestRekeyCrashAtEveryFailpoint on a real LUKS1 header: every failpoint
+// at a spread of hits, then resume, abort, power cut and resume, lost
+// cache and resume or abort; every write is there, and the header left
+// opens with the passphrase to the key of the data (a rekeyed one not
+// with the old key).
+func TestRekeyLUKS1CrashAtEveryFailpoint(t *testing.T) {
+	rekeyCrashMatrixOn(t, luks1EncryptedWorld, rekeyTarget{}, 33, 4000)
+}

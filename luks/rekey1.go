@@ -1,0 +1,249 @@
+package luks
+
+import (
+	"bytes"
+	"crypto/subtle"
+	"encoding/binary"
+	"fmt"
+	"hash/crc32"
+	"strings"
+
+	"golang.org/x/crypto/pbkdf2"
+)
+
+// A dmconvert rekey of a LUKS1 header (docs/design.md section 8, "LUKS1").
+//
+// LUKS1 has one volume key digest and no unbound keyslots, so while a
+// rekey runs the new key is *staged*: its AF-split material is written to
+// a keyslot that is not in use, encrypted like any keyslot (the header's
+// cipher, PBKDF2 with the header's hash and the iteration count of the
+// keyslot the passphrase opened), and the keyslot stays DISABLED in the
+// phdr, so that a header read without knowing of the rekey simply has one
+// more free keyslot. What makes it a staged key is a record in the
+// padding after the phdr's fields (bytes [592,664), which cryptsetup never
+// reads and zeroes in its backups), written only into a disguised header
+// (DisguisedMagic: cryptsetup does not recognise the header at all):
+//
+//	[0,8)    magic "DMCVTRK1"
+//	[8,12)   the staged keyslot, big-endian
+//	[12,16)  the new key's digest iterations
+//	[16,36)  the new key's digest (PBKDF2 of the key, as the MK digest)
+//	[36,68)  the digest's salt
+//	[68,72)  CRC32C (Castagnoli) of [0,68)
+//
+// While a key is staged, the checkpoint records move from the last 4 KiB
+// of the header area (where the data is about to move) to the first
+// 4 KiB-aligned offset after the keyslot material. BindSegmentCipher
+// makes the staged key the volume key (digest replaced, keyslot enabled);
+// RemoveKeyslot of the staged keyslot drops it.
+
+const (
+	l1OffStaged   = l1OffKeyblock + luks1NumKeys*l1KeyblockSize // 592
+	l1StagedSize  = 72
+	l1StagedCRCAt = 68
+)
+
+var stagedMagic = []byte("DMCVTRK1")
+
+// staged1 is the new key of a LUKS1 rekey in progress.
+type staged1 struct {
+	slot   int
+	iter   uint32
+	digest [luks1DigestSize]byte
+	salt   [saltSize]byte
+}
+
+func (s *staged1) encode(b []byte) {
+	r := b[:l1StagedSize]
+	clear(r)
+	copy(r, stagedMagic)
+	binary.BigEndian.PutUint32(r[8:], uint32(s.slot))
+	binary.BigEndian.PutUint32(r[12:], s.iter)
+	copy(r[16:36], s.digest[:])
+	copy(r[36:68], s.salt[:])
+	binary.BigEndian.PutUint32(r[l1StagedCRCAt:], crc32.Checksum(r[:l1StagedCRCAt], castagnoli))
+}
+
+// decodeStaged1 reads the staged-key record of a disguised phdr: nil if
+// there is none, an error if there is a damaged one.
+func decodeStaged1(b []byte) (*staged1, error) {
+	if len(b) < l1OffStaged+l1StagedSize {
+		return nil, nil
+	}
+	r := b[l1OffStaged : l1OffStaged+l1StagedSize]
+	if !bytes.Equal(r[:8], stagedMagic) {
+		return nil, nil
+	}
+	if crc32.Checksum(r[:l1StagedCRCAt], castagnoli) != binary.BigEndian.Uint32(r[l1StagedCRCAt:]) {
+		return nil, corruptf("LUKS1 staged-key record has a bad checksum")
+	}
+	s := &staged1{slot: int(binary.BigEndian.Uint32(r[8:])), iter: binary.BigEndian.Uint32(r[12:])}
+	copy(s.digest[:], r[16:36])
+	copy(s.salt[:], r[36:68])
+	return s, nil
+}
+
+// StagedKeyslot returns the keyslot holding a LUKS1 rekey's staged key,
+// or -1 (no staged key, or LUKS2, which uses unbound keyslots).
+func (h *Header) StagedKeyslot() int {
+	if h.v1 == nil || h.v1.staged == nil {
+		return -1
+	}
+	return h.v1.staged.slot
+}
+
+// stagedRecordsArea is where the checkpoint records live while a key is
+// staged: the first 4 KiB boundary after the keyslot material.
+func (l *luks1) stagedRecordsArea() int64 {
+	return int64(alignUp(l.materialEnd(), checkpointRoom))
+}
+
+// stageKey1 stages vk for a rekey of a disguised LUKS1 header (see the
+// top of this file): the first keyslot not in use gets vk's material,
+// opened by key with p's iteration count, and stays disabled; the staged
+// record holds vk's digest. segmentCipher must be the header's cipher and
+// vk the size of its key: LUKS1 has one of each for the data and every
+// keyslot. In memory; the caller writes the material (Image shows it)
+// before a phdr that names it.
+func (h *Header) stageKey1(vk *VolumeKey, key []byte, p PBKDF, segmentCipher string) (int, error) {
+	l := h.v1
+	switch {
+	case !l.disguised:
+		return -1, fmt.Errorf("a LUKS1 header holds a staged key only while a dmconvert run disguises it: %w", ErrInvalidArgument)
+	case l.staged != nil:
+		return -1, fmt.Errorf("keyslot %d already holds a staged key: %w", l.staged.slot, ErrInvalidArgument)
+	case segmentCipher != "" && segmentCipher != h.Cipher():
+		return -1, fmt.Errorf("a LUKS1 header has one cipher for the data and every keyslot (%s), so the new key cannot use %s: %w", h.Cipher(), segmentCipher, ErrUnsupported)
+	case vk.Len() != int(l.keyBytes):
+		return -1, fmt.Errorf("a LUKS1 header has one key size for the data and every keyslot (%d bits), so the new key cannot have %d bits: %w", l.keyBytes*8, vk.Len()*8, ErrUnsupported)
+	}
+	if ok, err := l.verifyKey(vk.Bytes()); err != nil {
+		return -1, err
+	} else if ok {
+		return -1, fmt.Errorf("the key to stage is the volume key already: %w", ErrInvalidArgument)
+	}
+	if p.Hash != "" && !strings.EqualFold(p.Hash, l.hashSpec) {
+		return -1, fmt.Errorf("LUKS1 keyslots use the header hash %s, not %s: %w", l.hashSpec, p.Hash, ErrInvalidArgument)
+	}
+	p.Hash = l.hashSpec
+	slot := -1
+	for i, s := range l.slots {
+		if s.active != luks1KeyEnabled {
+			slot = i
+			break
+		}
+	}
+	if slot < 0 {
+		return -1, fmt.Errorf("all %d LUKS1 keyslots are in use, and the new key needs a free one until the rekey ends: %w", luks1NumKeys, ErrNoSpace)
+	}
+	if area := l.stagedRecordsArea(); area+checkpointRoom > int64(l.payloadOffset)*sectorSize {
+		return -1, fmt.Errorf("LUKS1 keyslot material ends at %d bytes, leaving no 4 KiB for dmconvert's checkpoint records before the data at %d: %w",
+			l.materialEnd(), int64(l.payloadOffset)*sectorSize, ErrNoSpace)
+	}
+	kdf, err := p.resolve(true, int(l.keyBytes))
+	if err != nil {
+		return -1, err
+	}
+	st := &staged1{slot: slot, iter: l.mkIter}
+	if err := fillRandom(st.salt[:]); err != nil {
+		return -1, err
+	}
+	hf, err := hashByName(l.hashSpec)
+	if err != nil {
+		return -1, err
+	}
+	d := pbkdf2.Key(vk.Bytes(), st.salt[:], int(st.iter), luks1DigestSize, hf)
+	copy(st.digest[:], d)
+	if err := l.setSlot(slot, vk.Bytes(), key, kdf); err != nil {
+		return -1, err
+	}
+	l.slots[slot].active = luks1KeyDisabled
+	l.staged = st
+	return slot, nil
+}
+
+func fillRandom(b []byte) error {
+	r, err := randomBytes(len(b))
+	if err != nil {
+		return err
+	}
+	copy(b, r)
+	return nil
+}
+
+// unlockStaged1 opens the staged key of a LUKS1 rekey with key.
+func (h *Header) unlockStaged1(key []byte) (*VolumeKey, int, error) {
+	l := h.v1
+	st := l.staged
+	if st == nil {
+		return nil, -1, fmt.Errorf("header %s holds no staged key: %w", h.UUID(), ErrNoKeyslot)
+	}
+	k, err := l.openSlotMaterial(st.slot, key)
+	if err != nil {
+		return nil, -1, err
+	}
+	defer wipe(k)
+	hf, err := hashByName(l.hashSpec)
+	if err != nil {
+		return nil, -1, err
+	}
+	got := pbkdf2.Key(k, st.salt[:], int(st.iter), luks1DigestSize, hf)
+	defer wipe(got)
+	if subtle.ConstantTimeCompare(got, st.digest[:]) != 1 {
+		return nil, -1, fmt.Errorf("header %s, staged keyslot %d: %w", h.UUID(), st.slot, ErrWrongPassphrase)
+	}
+	return NewVolumeKeyFromBytes(k), st.slot, nil
+}
+
+// bindStaged1 makes the staged key the volume key: its digest becomes the
+// MK digest and its keyslot is enabled. The other keyslots still hold the
+// old key; the caller removes them.
+func (h *Header) bindStaged1(slot int, cipher string) error {
+	l := h.v1
+	st := l.staged
+	switch {
+	case st == nil || st.slot != slot:
+		return fmt.Errorf("keyslot %d holds no staged key: %w", slot, ErrNoKeyslot)
+	case cipher != "" && cipher != h.Cipher():
+		return fmt.Errorf("a LUKS1 header keeps its cipher %s, it cannot change to %s: %w", h.Cipher(), cipher, ErrUnsupported)
+	}
+	l.mkDigest, l.mkSalt, l.mkIter = st.digest, st.salt, st.iter
+	l.slots[slot].active = luks1KeyEnabled
+	l.staged = nil
+	return nil
+}
+
+// dropStaged1 forgets the staged key: its keyslot is cleared, its
+// material overwritten with random bytes after the phdr (Commit).
+func (h *Header) dropStaged1() error {
+	l := h.v1
+	st := l.staged
+	s := &l.slots[st.slot]
+	s.iterations, s.salt = 0, [saltSize]byte{}
+	off := int64(s.offset) * sectorSize
+	n := int64(l.materialSectors()) * sectorSize
+	rnd, err := randomBytes(int(n))
+	if err != nil {
+		return err
+	}
+	copy(l.body[off:], rnd)
+	h.dirtyAfter = append(h.dirtyAfter, span{off, n})
+	l.staged = nil
+	return nil
+}
+
+// setDataOffset1 moves the LUKS1 payload to off bytes (a rekey's data
+// moved toward the start of the device).
+func (h *Header) setDataOffset1(off int64) error {
+	l := h.v1
+	switch {
+	case l.staged != nil:
+		return fmt.Errorf("the data offset of a header with a staged key cannot move: bind or drop the key first: %w", ErrInvalidArgument)
+	case off <= 0 || off%sectorSize != 0 || off/sectorSize > 0xffffffff:
+		return fmt.Errorf("data offset %d is not a positive multiple of %d: %w", off, sectorSize, ErrInvalidArgument)
+	case off < int64(l.materialEnd()):
+		return fmt.Errorf("data offset %d would cut keyslot material that ends at %d: %w", off, l.materialEnd(), ErrNoSpace)
+	}
+	l.payloadOffset = uint32(off / sectorSize)
+	return nil
+}

@@ -1,0 +1,233 @@
+package luks
+
+import (
+	"bytes"
+	"errors"
+	"testing"
+)
+
+// A LUKS1 header with a staged rekey key (rekey1.go): staging, the record
+// in the disguised phdr, both keys from one passphrase, binding and
+// dropping the staged key, and the refusals.
+
+func newLUKS1(t *testing.T, keyLen int, pass string) (*Header, []byte) {
+	t.Helper()
+	key := bytes.Repeat([]byte{0x5c}, keyLen)
+	vk := NewVolumeKeyFromBytes(key)
+	defer vk.Wipe()
+	h, err := Create(Options{Version: 1, Cipher: "aes-xts-plain64", PBKDF: PBKDF{Type: KDFPBKDF2, Iterations: MinPBKDF2Iterations}}, vk, []byte(pass))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h, key
+}
+
+// reread writes h's image and reads it back, as a journal or the disk
+// would hand it over.
+func reread(t *testing.T, h *Header) *Header {
+	t.Helper()
+	img, err := h.Image()
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := Read(bytes.NewReader(img))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return back
+}
+
+func stage1(t *testing.T, h *Header, newKey []byte, pass string) int {
+	t.Helper()
+	vk := NewVolumeKeyFromBytes(newKey)
+	defer vk.Wipe()
+	ks := h.Keyslots()
+	slot, err := h.AddUnboundKeyslotFor(vk, []byte(pass), ks[0].PBKDF, h.Cipher())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return slot
+}
+
+func TestLUKS1StagedKey(t *testing.T) {
+	h, oldKey := newLUKS1(t, 64, "pw")
+	newKey := bytes.Repeat([]byte{0xa3}, 64)
+	if err := h.SetDisguised(true); err != nil {
+		t.Fatal(err)
+	}
+	slot := stage1(t, h, newKey, "pw")
+	if slot != 1 || h.StagedKeyslot() != 1 {
+		t.Fatalf("staged in keyslot %d (StagedKeyslot %d), want the first free one, 1", slot, h.StagedKeyslot())
+	}
+	area, err := h.CheckpointArea()
+	if want := int64(alignUp(h.v1.materialEnd(), 4096)); err != nil || area != want {
+		t.Fatalf("checkpoint records at %d (%v), want %d: after the keyslot material while a key is staged", area, err, want)
+	}
+	if err := h.SetCheckpoint([]byte(`{"run":"r"}`)); err != nil {
+		t.Fatal(err)
+	}
+	back := reread(t, h)
+	if !back.Disguised() || back.StagedKeyslot() != 1 {
+		t.Fatalf("read back: disguised %v, staged %d", back.Disguised(), back.StagedKeyslot())
+	}
+	if p, err := back.Checkpoint(); err != nil || string(p) != `{"run":"r"}` {
+		t.Fatalf("checkpoint read back: %q, %v", p, err)
+	}
+	listed := back.Keyslots()
+	if len(listed) != 2 || listed[0].ID != 0 || !listed[0].Bound || listed[1].ID != 1 || listed[1].Bound || listed[1].PBKDF.Iterations != listed[0].PBKDF.Iterations {
+		t.Fatalf("keyslots %+v: want 0 bound and 1 unbound with the same iterations", listed)
+	}
+	vk, id, err := back.Unlock([]byte("pw"))
+	if err != nil || id != 0 || !bytes.Equal(vk.Bytes(), oldKey) {
+		t.Fatalf("Unlock: keyslot %d, old key %v, %v", id, err == nil && bytes.Equal(vk.Bytes(), oldKey), err)
+	}
+	uk, id, err := back.UnlockUnbound([]byte("pw"))
+	if err != nil || id != 1 || !bytes.Equal(uk.Bytes(), newKey) {
+		t.Fatalf("UnlockUnbound: keyslot %d, new key %v, %v", id, err == nil && bytes.Equal(uk.Bytes(), newKey), err)
+	}
+	if _, _, err := back.UnlockUnbound([]byte("wrong")); !errors.Is(err, ErrWrongPassphrase) {
+		t.Fatalf("UnlockUnbound with a wrong passphrase: %v", err)
+	}
+	// The staged keyslot is disabled in the phdr: a header read without
+	// the record (it is in the padding cryptsetup ignores) has one more
+	// free keyslot, and a plain header never carries the record.
+	if back.v1.slots[1].active != luks1KeyDisabled {
+		t.Fatal("the staged keyslot is enabled in the phdr")
+	}
+	if err := back.SetDisguised(false); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("revealing a header with a staged key: %v", err)
+	}
+	if err := back.Reveal(&recordingWriter{}); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("Reveal of a header with a staged key: %v", err)
+	}
+
+	t.Run("bind", func(t *testing.T) {
+		b := reread(t, h)
+		if err := b.BindSegmentCipher(1, ""); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.RemoveKeyslot(0); err != nil {
+			t.Fatal(err)
+		}
+		if err := b.SetDataOffset(b.DataOffset() - 24<<10); err != nil {
+			t.Fatal(err)
+		}
+		b.RemoveCheckpoint()
+		if err := b.SetDisguised(false); err != nil {
+			t.Fatal(err)
+		}
+		f := reread(t, b)
+		if f.Disguised() || f.StagedKeyslot() != -1 || f.DataOffset() != h.DataOffset()-24<<10 {
+			t.Fatalf("final: disguised %v, staged %d, data at %d", f.Disguised(), f.StagedKeyslot(), f.DataOffset())
+		}
+		img, _ := f.Image()
+		if !bytes.Equal(img[l1OffStaged:1024], make([]byte, 1024-l1OffStaged)) {
+			t.Fatal("the final phdr's padding is not zero")
+		}
+		vk, id, err := f.Unlock([]byte("pw"))
+		if err != nil || id != 1 || !bytes.Equal(vk.Bytes(), newKey) {
+			t.Fatalf("final Unlock: keyslot %d, new key %v, %v", id, err == nil && bytes.Equal(vk.Bytes(), newKey), err)
+		}
+		if err := f.VerifyVolumeKey(NewVolumeKeyFromBytes(oldKey)); !errors.Is(err, ErrWrongKey) {
+			t.Fatalf("the old key against the final header: %v", err)
+		}
+		if ks := f.Keyslots(); len(ks) != 1 || ks[0].ID != 1 || !ks[0].Bound {
+			t.Fatalf("final keyslots %+v", ks)
+		}
+	})
+	t.Run("drop", func(t *testing.T) {
+		b := reread(t, h)
+		if err := b.RemoveKeyslot(1); err != nil {
+			t.Fatal(err)
+		}
+		if len(b.dirtyAfter) != 1 || b.dirtyAfter[0].off != int64(b.v1.slots[1].offset)*512 {
+			t.Fatalf("dropping the staged key queues wipes %v", b.dirtyAfter)
+		}
+		if err := b.SetDisguised(false); err != nil {
+			t.Fatal(err)
+		}
+		f := reread(t, b)
+		if _, _, err := f.UnlockUnbound([]byte("pw")); !errors.Is(err, ErrNoKeyslot) {
+			t.Fatalf("UnlockUnbound after the drop: %v", err)
+		}
+		vk, id, err := f.Unlock([]byte("pw"))
+		if err != nil || id != 0 || !bytes.Equal(vk.Bytes(), oldKey) || f.DataOffset() != h.DataOffset() {
+			t.Fatalf("after the drop: keyslot %d, old key %v, data at %d, %v", id, err == nil && bytes.Equal(vk.Bytes(), oldKey), f.DataOffset(), err)
+		}
+		if s := f.v1.slots[1]; s.active != luks1KeyDisabled || s.iterations != 0 || s.salt != [saltSize]byte{} {
+			t.Fatalf("the dropped keyslot: %+v", s)
+		}
+	})
+	t.Run("damaged record", func(t *testing.T) {
+		img, _ := h.Image()
+		img[l1OffStaged+20] ^= 1
+		if _, err := Read(bytes.NewReader(img)); !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("a staged-key record with a bad checksum: %v", err)
+		}
+	})
+	t.Run("record in a plain header", func(t *testing.T) {
+		// cryptsetup ignores the padding; so does Read, unless the
+		// header is disguised.
+		img, _ := h.Image()
+		copy(img, magicLUKS)
+		img[6], img[7] = 0, 1
+		p, err := Read(bytes.NewReader(img))
+		if err != nil || p.StagedKeyslot() != -1 {
+			t.Fatalf("plain header with the record's bytes: staged %d, %v", p.StagedKeyslot(), err)
+		}
+	})
+}
+
+func TestLUKS1StageRefusals(t *testing.T) {
+	newKey := bytes.Repeat([]byte{0xa3}, 64)
+	vk := NewVolumeKeyFromBytes(newKey)
+	p := PBKDF{Type: KDFPBKDF2, Iterations: MinPBKDF2Iterations}
+	for _, c := range []struct {
+		name   string
+		prep   func(h *Header)
+		key    *VolumeKey
+		cipher string
+		want   error
+	}{
+		{"not disguised", func(h *Header) {}, vk, "", ErrInvalidArgument},
+		{"other cipher", nil, vk, "aes-cbc-essiv:sha256", ErrUnsupported},
+		{"other key size", nil, NewVolumeKeyFromBytes(newKey[:32]), "", ErrUnsupported},
+		{"the old key", nil, NewVolumeKeyFromBytes(bytes.Repeat([]byte{0x5c}, 64)), "", ErrInvalidArgument},
+		{"staged twice", func(h *Header) {
+			h.SetDisguised(true)
+			if _, err := h.AddUnboundKeyslot(NewVolumeKeyFromBytes(bytes.Repeat([]byte{1}, 64)), []byte("pw"), p); err != nil {
+				t.Fatal(err)
+			}
+		}, vk, "", ErrInvalidArgument},
+		{"all keyslots in use", func(h *Header) {
+			old := NewVolumeKeyFromBytes(bytes.Repeat([]byte{0x5c}, 64))
+			for i := 1; i < 8; i++ {
+				if _, err := h.AddKeyslot(old, []byte("pw"), p); err != nil {
+					t.Fatal(err)
+				}
+			}
+			h.SetDisguised(true)
+		}, vk, "", ErrNoSpace},
+	} {
+		h, _ := newLUKS1(t, 64, "pw")
+		if c.prep != nil {
+			c.prep(h)
+		} else if err := h.SetDisguised(true); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := h.AddUnboundKeyslotFor(c.key, []byte("pw"), p, c.cipher); !errors.Is(err, c.want) {
+			t.Errorf("%s: %v, want %v", c.name, err, c.want)
+		}
+	}
+	// No staged key: nothing to bind, and UnlockUnbound finds nothing.
+	h, _ := newLUKS1(t, 32, "pw")
+	if err := h.BindSegmentCipher(1, ""); !errors.Is(err, ErrNoKeyslot) {
+		t.Fatalf("binding without a staged key: %v", err)
+	}
+	if _, _, err := h.UnlockUnbound([]byte("pw")); !errors.Is(err, ErrNoKeyslot) {
+		t.Fatalf("UnlockUnbound without a staged key: %v", err)
+	}
+	if err := h.SetDataOffset(1024); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("a data offset inside the keyslot material: %v", err)
+	}
+}
