@@ -502,9 +502,16 @@ func luksStack(t testing.TB, tag, disk, state string) (*stack, string) {
 
 func luksStackSized(t testing.TB, tag, disk, state, extSize, rawSize string) (*stack, string) {
 	t.Helper()
+	return luksStackFormat(t, tag, disk, state, extSize, rawSize, "--type", "luks2", "--sector-size", "512")
+}
+
+// luksStackFormat is luksStackSized with luksFormat's type and options
+// (format), e.g. --type luks1 --key-size 256.
+func luksStackFormat(t testing.TB, tag, disk, state, extSize, rawSize string, format ...string) (*stack, string) {
+	t.Helper()
 	name := filepath.Base(disk) + "_crypt"
-	sh(t, "cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-		"--sector-size", "512", "--key-file", pwFile, disk)
+	args := append([]string{"luksFormat", "-q"}, format...)
+	sh(t, "cryptsetup", append(args, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", pwFile, disk)...)
 	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
 	m := "/dev/mapper/" + name
 	vg := "vg" + tag

@@ -29,7 +29,7 @@ func TestVMRekey(t *testing.T) {
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{
 		// d[3] holds the journals of every test (each has a 16 MiB header image)
-		Disks:   []testvm.Disk{{Size: 128 * guestMiB}, {Size: 96 * guestMiB}, {Size: 128 * guestMiB}, {Size: 256 * guestMiB}, {Size: 128 * guestMiB}},
+		Disks:   []testvm.Disk{{Size: 128 * guestMiB}, {Size: 96 * guestMiB}, {Size: 128 * guestMiB}, {Size: 256 * guestMiB}, {Size: 128 * guestMiB}, {Size: 64 * guestMiB}},
 		Run:     "^TestGuestRekey",
 		Files:   map[string]string{"dmconvert": bin},
 		Timeout: 20 * time.Minute,

@@ -1,0 +1,153 @@
+package convert
+
+import (
+	"bytes"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/dmconvert/dmconvert/testvm"
+)
+
+// notLUKS checks that nothing at boot would open dev: stock cryptsetup
+// and blkid do not recognise it (a LUKS1 rekey in progress disguises the
+// header's magic) and `cryptsetup open` fails.
+func notLUKS(t testing.TB, dev string) {
+	t.Helper()
+	if out, err := shOK("cryptsetup", "isLuks", dev); err == nil {
+		t.Fatalf("cryptsetup recognises the half-rekeyed %s as LUKS:\n%s", dev, out)
+	}
+	if typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", dev); strings.TrimSpace(typ) == "crypto_LUKS" {
+		t.Fatalf("blkid -p says the half-rekeyed %s is crypto_LUKS", dev)
+	}
+	if out, err := shOK("cryptsetup", "open", "--key-file", pwFile, dev, "rk1-second"); err == nil {
+		shOK("cryptsetup", "close", "rk1-second")
+		t.Fatalf("stock cryptsetup opened the half-rekeyed %s:\n%s", dev, out)
+	}
+}
+
+// luks1Dump checks `cryptsetup luksDump dev`: LUKS1, the data at payload
+// sectors, and the enabled keyslots (e.g. "0 1").
+func luks1Dump(t testing.TB, dev string, payload int, slots string) string {
+	t.Helper()
+	dump := sh(t, "cryptsetup", "luksDump", dev)
+	var enabled []string
+	for _, m := range regexp.MustCompile(`(?m)^Key Slot (\d): ENABLED$`).FindAllStringSubmatch(dump, -1) {
+		enabled = append(enabled, m[1])
+	}
+	if !regexp.MustCompile(`(?m)^Version:\s+1$`).MatchString(dump) ||
+		!regexp.MustCompile(`(?m)^Payload offset:\s+`+strconv.Itoa(payload)+`$`).MatchString(dump) ||
+		strings.Join(enabled, " ") != slots {
+		t.Fatalf("luksDump of %s: want LUKS1, payload offset %d, keyslots %q enabled (have %q):\n%s", dev, payload, slots, strings.Join(enabled, " "), dump)
+	}
+	return dump
+}
+
+// TestGuestRekeyLUKS1: a LUKS1 volume made by stock cryptsetup
+// (luksFormat --type luks1 with a 256-bit aes-xts-plain64 key: its
+// keyslot material leaves 1016 KiB before the data at 2 MiB) with LVM on
+// it, a mounted ext4 and a second passphrase, is rekeyed online under a
+// writer. First the refusals (a cipher change, the keyslot of the other
+// passphrase) with the disk untouched, and a dry run; then a run stopped
+// with SIGTERM and aborted (the old key and both passphrases are back);
+// then a run killed with SIGKILL mid-run (stock cryptsetup and blkid do
+// not recognise the disk) and resumed by naming the disk only (the
+// disguised header leads to the journal). Then every file and
+// acknowledged record is there, live and after a cold `cryptsetup open`
+// with the passphrase; the data starts 1016 KiB earlier; the old volume
+// key and the other passphrase no longer open the volume.
+func TestGuestRekeyLUKS1(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	st, name := luksStackFormat(t, "rk1", d[5], state, "40m", "8m", "--type", "luks1", "--cipher", "aes-xts-plain64", "--key-size", "256")
+	os.WriteFile("/tmp/rk1-other-pw", []byte("another passphrase"), 0o600)
+	sh(t, "cryptsetup", "luksAddKey", "-q", "--pbkdf-force-iterations", "1000", "--key-file", pwFile, st.Disk, "/tmp/rk1-other-pw")
+	luks1Dump(t, st.Disk, 4096, "0 1")
+	oldKey := saveVolumeKey(t, st.Disk, "/tmp/rk1-old.key")
+	j := st.file(state, "journal")
+
+	// Refusals and a dry run, with the disk quiet.
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
+	refused(t, st.Disk, 2, "a LUKS1 header has one cipher and key size for the data and every keyslot",
+		"rekey", name, "--batch-mode", "--remove-other-keyslots", "--key-file", pwFile, "--journal", j, "--cipher", "serpent-xts-plain64")
+	refused(t, st.Disk, 2, "keyslots [1] are not opened", "rekey", name, "--batch-mode", "--key-file", pwFile, "--journal", j)
+	before := diskBytes(t, st.Disk)
+	code, out := cliRun(t, "rekey", name, "--dry-run", "--remove-other-keyslots", "--key-file", pwFile, "--journal", j)
+	requireExit(t, "rekey --dry-run", code, 0, out)
+	if !strings.Contains(out, "(LUKS1, aes-xts-plain64") || !strings.Contains(out, "moving 1016.0 KiB toward the start") ||
+		!strings.Contains(out, "keyslots 1 are removed") {
+		t.Fatalf("the dry run's plan:\n%s", out)
+	}
+	code, out = cliRun(t, "rekey", name, "--dry-run", "--json", "--remove-other-keyslots", "--key-file", pwFile, "--journal", j)
+	requireExit(t, "rekey --dry-run --json", code, 0, out)
+	if !strings.Contains(out, `"luks_version":1`) {
+		t.Fatalf("the JSON plan does not say LUKS1:\n%s", out)
+	}
+	if !bytes.Equal(before, diskBytes(t, st.Disk)) {
+		t.Fatal("rekey --dry-run changed the disk")
+	}
+	if _, err := os.Stat(j); err == nil {
+		t.Fatal("a refused or dry rekey created the journal")
+	}
+	for i, mp := range st.Mounts {
+		sh(t, "mount", "/dev/mapper/"+st.VG+"-"+st.FSLVs[i], mp)
+	}
+
+	w := startWriter(t, st, state)
+	rekey := func(journal string) *running {
+		// 4M asks for more than the keyslots leave: the gap is 1016 KiB.
+		return cliStart(t, "rekey", name, "--remove-other-keyslots", "--batch-mode", "--json", "--key-file", pwFile, "--journal", journal, "--chunk-size", "4M")
+	}
+	// First run: SIGTERM, then abort back to the old key.
+	r := rekey(j)
+	r.waitProgress(t, 0.3)
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	code, errOut := r.wait()
+	requireExit(t, "rekey after SIGTERM", code, 5, errOut)
+	notLUKS(t, st.Disk)
+	code, out = cliRun(t, "status", "--journal", j)
+	requireExit(t, "status of the interrupted rekey", code, 0, out)
+	code, out = cliRun(t, "abort", "--journal", j, "--key-file", pwFile)
+	requireExit(t, "abort of the rekey", code, 0, out)
+	luks1Dump(t, st.Disk, 4096, "0 1")
+	if k := saveVolumeKey(t, st.Disk, "/tmp/rk1-after-abort.key"); !bytes.Equal(k, oldKey) {
+		t.Fatal("the aborted rekey changed the volume key")
+	}
+	sh(t, "cryptsetup", "open", "--test-passphrase", "--key-file", "/tmp/rk1-other-pw", st.Disk)
+
+	// Second run: kill -9 mid-run, then resume naming only the disk.
+	j2 := st.file(state, "journal2")
+	r = rekey(j2)
+	r.waitProgress(t, 0.4)
+	r.cmd.Process.Kill()
+	code, _ = r.wait()
+	requireExit(t, "rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
+	notLUKS(t, st.Disk)
+	code, out = cliRun(t, "status", st.Disk)
+	requireExit(t, "status of the killed rekey", code, 0, out)
+	if !strings.Contains(out, j2) || !strings.Contains(out, "LUKS1 header of a dmconvert run in progress; its checkpoint: rekey run") {
+		t.Fatalf("status %s does not read the checkpoint and the journal %s from the disk:\n%s", st.Disk, j2, out)
+	}
+	code, out = cliRun(t, "resume", st.Disk, "--key-file", pwFile)
+	requireExit(t, "resume of the rekey", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyStack(t, st, state)
+	verifyEncryptedCold(t, st, state, name)
+	checkRekeyed(t, st.Disk, oldKey, "/tmp/rk1-old.key")
+	dump := luks1Dump(t, st.Disk, 4096-2032, "2")
+	if out, err := shOK("cryptsetup", "open", "--test-passphrase", "--key-file", "/tmp/rk1-other-pw", st.Disk); err == nil {
+		t.Fatalf("the removed keyslot's passphrase still opens %s:\n%s", st.Disk, out)
+	}
+	if nk := saveVolumeKey(t, st.Disk, "/tmp/rk1-new.key"); len(nk) != 32 {
+		t.Fatalf("the new volume key has %d bytes, want 32", len(nk))
+	}
+	t.Logf("the rekeyed header:\n%s", dump)
+}
