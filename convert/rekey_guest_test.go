@@ -29,7 +29,7 @@ func TestVMRekey(t *testing.T) {
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{
 		// d[3] holds the journals of every test (each has a 16 MiB header image)
-		Disks:   []testvm.Disk{{Size: 128 * guestMiB}, {Size: 96 * guestMiB}, {Size: 128 * guestMiB}, {Size: 256 * guestMiB}, {Size: 128 * guestMiB}, {Size: 64 * guestMiB}},
+		Disks:   []testvm.Disk{{Size: 128 * guestMiB}, {Size: 96 * guestMiB}, {Size: 128 * guestMiB}, {Size: 256 * guestMiB}, {Size: 128 * guestMiB}, {Size: 64 * guestMiB}, {Size: 32 * guestMiB}},
 		Run:     "^TestGuestRekey",
 		Files:   map[string]string{"dmconvert": bin},
 		Timeout: 20 * time.Minute,
@@ -74,6 +74,10 @@ func checkRekeyed(t testing.TB, dev string, oldKey []byte, oldKeyFile string) {
 func segmentLine(dump string) string {
 	i := strings.Index(dump, "Data segments:")
 	if i < 0 {
+		// LUKS1: the data offset is the payload offset (sectors).
+		if m := regexp.MustCompile(`(?m)^Payload offset:\s+\d+$`).FindString(dump); m != "" {
+			return m
+		}
 		return "?"
 	}
 	for _, l := range strings.Split(dump[i:], "\n") {

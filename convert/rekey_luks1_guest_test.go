@@ -3,11 +3,13 @@ package convert
 import (
 	"bytes"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/dmconvert/dmconvert/testvm"
 )
@@ -150,4 +152,69 @@ func TestGuestRekeyLUKS1(t *testing.T) {
 		t.Fatalf("the new volume key has %d bytes, want 32", len(nk))
 	}
 	t.Logf("the rekeyed header:\n%s", dump)
+}
+
+// TestOptInGuestRekeyLUKS1DefaultKey: cryptsetup's default LUKS1 layout
+// (a 512-bit key: the keyslot material ends at sector 4036, so the gap and
+// every chunk are 24 KiB) on a 12 MiB partition, an ext4 mounted on the
+// mapping, rekeyed under a writer; checked live and after a cold open, and
+// the rate is logged. Opt-in (about 430 chunks, minutes under emulation):
+// DMCONVERT_VM=1 DMCONVERT_VM_RUN='^TestOptInGuestRekeyLUKS1DefaultKey$'
+// go test -count=1 -run '^TestVMRekey$' ./convert
+func TestOptInGuestRekeyLUKS1DefaultKey(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	sh(t, "sh", "-c", "printf 'label: gpt\\n,12M\\n' | sfdisk -q "+d[6])
+	disk := d[6] + "1"
+	for i := 0; i < 50; i++ {
+		if _, err := os.Stat(disk); err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	tag := "rk1d"
+	name := tag + "-crypt"
+	sh(t, "cryptsetup", "luksFormat", "-q", "--type", "luks1", "--pbkdf-force-iterations", "1000", "--key-file", pwFile, disk)
+	luks1Dump(t, disk, 4096, "0")
+	oldKey := saveVolumeKey(t, disk, "/tmp/rk1d-old.key")
+	if len(oldKey) != 64 {
+		t.Fatalf("cryptsetup's default LUKS1 key has %d bytes here, want 64", len(oldKey))
+	}
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
+	dev := "/dev/mapper/" + name
+	sh(t, "mkfs.ext4", "-q", "-F", dev)
+	mp := "/mnt/" + tag
+	os.MkdirAll(mp, 0o755)
+	sh(t, "mount", dev, mp)
+	raw := filepath.Join(mp, "rawslots")
+	if err := os.WriteFile(raw, make([]byte, rawSlots*recSize), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	st := &stack{Tag: tag, Disk: disk, VG: tag, RawLV: raw, Mounts: []string{mp}, FSLVs: []string{"crypt"}, FSTypes: []string{"ext4"},
+		Sizes: []uint64{blockDevBytes(t, dev)}}
+	writeManifest(t, st, state)
+	w := startWriter(t, st, state)
+	t0 := time.Now()
+	code, out := cliRun(t, "rekey", dev, "--batch-mode", "--key-file", pwFile, "--journal", st.file(state, "journal"))
+	el := time.Since(t0)
+	requireExit(t, "rekey", code, 0, out)
+	acks, _ := w.finish(t)
+	data := st.Sizes[0]
+	chunks := (data + 24<<10 - 1) / (24 << 10)
+	t.Logf("rekeyed %.1f MiB in %d chunks of 24 KiB in %v: %.0f KiB/s, %.0f ms per chunk; writer: %d acknowledged writes",
+		float64(data)/(1<<20), chunks, el.Round(time.Second), float64(data)/1024/el.Seconds(), el.Seconds()*1000/float64(chunks), acks)
+	// The data starts 24 KiB earlier and ends where it did.
+	if got := blockDevBytes(t, dev); got != data+24<<10 {
+		t.Fatalf("the rekeyed mapping is %d bytes, want %d", got, data+24<<10)
+	}
+	st.Sizes[0] += 24 << 10
+	verifyStack(t, st, state)
+	sh(t, "umount", mp)
+	sh(t, "cryptsetup", "close", name)
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
+	verifyStack(t, st, state)
+	checkRekeyed(t, disk, oldKey, "/tmp/rk1d-old.key")
+	luks1Dump(t, disk, 4096-48, "1")
 }
