@@ -9,6 +9,7 @@ import (
 	mrand "math/rand"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -47,7 +48,7 @@ import (
 // duration, "0" for none). Points not replayed fail the test.
 
 const (
-	lwDiskBytes    = 20 << 20 // D: a 12 MiB PV, then two header sizes
+	lwDiskBytes    = 20 << 20 // D: a 12 MiB PV, then two header sizes (encrypt); a 4 MiB LUKS2 header, then 16 MiB of data (rekey)
 	lwJournalBytes = 16 << 20 // J, after D on the same data disk
 	lwDataBytes    = lwDiskBytes + lwJournalBytes
 	lwLogBytes     = 512 << 20
@@ -64,16 +65,54 @@ const (
 	lwJournal  = lwJMount + "/lw.journal"
 	lwScratch  = "/tmp/lw-scratch.img"
 	lwLogFile  = "/tmp/lw-log.img"
+	lwOldKey   = "/tmp/lw-old.key" // the rekey's old volume key
 	lwRawBlock = 4096
 )
 
 var lwKDF = []string{"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"}
 
-// TestVMLogWrites boots one VM with one virtio disk, vda: D then J. The
-// log lives on a loop device over a tmpfs file (in the first runs, a
-// second virtio disk as the log now and then failed a large merged log
-// write with an I/O error under host load, which disables logging), and
-// so do the replays.
+// lwOp is what the recorded operations do differently.
+type lwOp struct {
+	name string // the dmconvert command recorded: "encrypt" or "rekey"
+	// luks: D is a LUKS volume before the run, opened as lwMapping with
+	// the PV on the mapping (rekey), and after an abort; otherwise a plain
+	// PV (encrypt). A LUKS volume has a crypttab entry: a boot that can
+	// open it leaves it open, the LVs active, and resume starts from there.
+	luks bool
+	// prepare builds the live stack on D (a slice of L).
+	prepare func(t testing.TB) (*stack, *lwData)
+	// args: the recorded command line.
+	args func(st *stack) []string
+}
+
+var lwEncrypt = &lwOp{
+	name:    "encrypt",
+	prepare: lwPrepareEncrypt,
+	args: func(st *stack) []string {
+		return append([]string{"encrypt", st.Disk, "--batch-mode", "--json", "--key-file", pwFile, "--journal", lwJournal,
+			"--header-size", "4M", "--chunk-size", "4M"}, lwKDF...)
+	},
+}
+
+var lwRekey = &lwOp{
+	name:    "rekey",
+	luks:    true,
+	prepare: lwPrepareRekey,
+	args: func(*stack) []string {
+		// The gap is what the 4 MiB header's keyslots area leaves once the
+		// new key is staged: 3.5 MiB, so 5 chunks.
+		return []string{"rekey", lwMapping, "--batch-mode", "--json", "--key-file", pwFile, "--journal", lwJournal, "--chunk-size", "4M"}
+	},
+}
+
+// lwGuestTests are the guest tests TestVMLogWrites runs, one VM each.
+var lwGuestTests = []string{"Encrypt", "Rekey"}
+
+// TestVMLogWrites boots one VM per recorded operation (in parallel), each
+// with one virtio disk, vda: D then J. The log lives on a loop device over
+// a tmpfs file (in the first runs, a second virtio disk as the log now and
+// then failed a large merged log write with an I/O error under host load,
+// which disables logging), and so do the replays.
 func TestVMLogWrites(t *testing.T) {
 	testvm.RequireVM(t)
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
@@ -93,16 +132,40 @@ func TestVMLogWrites(t *testing.T) {
 			env["DMCONVERT_LW_BUDGET"] = max(left-100*time.Second, time.Minute).Round(time.Second).String()
 		}
 	}
-	start := time.Now()
-	testvm.RunTestsInGuest(t, testvm.Options{
-		Disks:   []testvm.Disk{{Size: lwDataBytes}},
-		Run:     "^TestGuestLogWrites",
-		Files:   map[string]string{"dmconvert": bin},
-		Env:     env,
-		MemMiB:  3072,
-		Timeout: timeout,
-	})
-	t.Logf("dm-log-writes test: %v from build to shutdown", time.Since(start).Round(time.Second))
+	var only *regexp.Regexp
+	runOnly := os.Getenv(testvm.EnvRun)
+	if runOnly != "" {
+		var err error
+		if only, err = regexp.Compile(runOnly); err != nil {
+			t.Fatalf("%s: %v", testvm.EnvRun, err)
+		}
+	}
+	// Each VM runs its own guest test: the variable would override that.
+	t.Setenv(testvm.EnvRun, "")
+	ran := 0
+	for _, name := range lwGuestTests {
+		guest := "TestGuestLogWrites" + name
+		if only != nil && !only.MatchString(guest) {
+			continue // not asked for: its VM is not booted
+		}
+		ran++
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			start := time.Now()
+			testvm.RunTestsInGuest(t, testvm.Options{
+				Disks:   []testvm.Disk{{Size: lwDataBytes}},
+				Run:     "^" + guest + "$",
+				Files:   map[string]string{"dmconvert": bin},
+				Env:     env,
+				MemMiB:  3072,
+				Timeout: timeout,
+			})
+			t.Logf("dm-log-writes test: %v from build to shutdown", time.Since(start).Round(time.Second))
+		})
+	}
+	if ran == 0 {
+		t.Fatalf("%s=%s matches none of the guest tests TestGuestLogWrites%v", testvm.EnvRun, runOnly, lwGuestTests)
+	}
 }
 
 // lwFilter makes LVM see only D and the final mapping: the data disk, L
@@ -171,18 +234,42 @@ func devLen(t testing.TB, dev string) int64 {
 	return n
 }
 
-// lwBuild makes the small live stack on D: a PV leaving two header sizes
-// at the end, an ext4 LV with files (mounted) and a raw LV with a pattern.
-func lwBuild(t testing.TB) (*stack, *lwData) {
+// lwPrepareEncrypt: a plain PV on D leaving two header sizes at the end.
+func lwPrepareEncrypt(t testing.TB) (*stack, *lwData) {
+	t.Helper()
+	pvSize := uint64(lwDiskBytes-2*lwHeader) / 512
+	st, data := lwBuild(t, "/dev/mapper/"+lwDisk, "--setphysicalvolumesize", fmt.Sprintf("%ds", pvSize))
+	st.PVSize = pvSize
+	return st, data
+}
+
+// lwPrepareRekey: a LUKS2 volume on D with a 4 MiB header (its keyslots
+// area fills it: room for the staged key and a 3.5 MiB gap), opened as
+// lwMapping, a PV filling the mapping, as installers make it. The old
+// volume key goes to lwOldKey.
+func lwPrepareRekey(t testing.TB) (*stack, *lwData) {
 	t.Helper()
 	disk := "/dev/mapper/" + lwDisk
-	pvSize := uint64(lwDiskBytes-2*lwHeader) / 512
-	sh(t, "pvcreate", "-y", "--setphysicalvolumesize", fmt.Sprintf("%ds", pvSize), disk)
-	sh(t, "vgcreate", "-y", "-s", "1m", lwVG, disk)
+	args := []string{"luksFormat", "-q", "--type", "luks2", "--sector-size", "512", "--offset", lwSectors(lwHeader)}
+	sh(t, "cryptsetup", append(append(args, lwKDF...), "--key-file", pwFile, disk)...)
+	saveVolumeKey(t, disk, lwOldKey)
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, lwMapping)
+	st, data := lwBuild(t, "/dev/mapper/"+lwMapping)
+	st.Disk = disk
+	return st, data
+}
+
+// lwBuild makes the small live stack: a PV on pv (created with the extra
+// pvcreate arguments), an ext4 LV with files (mounted) and a raw LV with
+// a pattern.
+func lwBuild(t testing.TB, pv string, pvcreate ...string) (*stack, *lwData) {
+	t.Helper()
+	sh(t, "pvcreate", append(append([]string{"-y"}, pvcreate...), pv)...)
+	sh(t, "vgcreate", "-y", "-s", "1m", lwVG, pv)
 	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "6m", lwVG)
 	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "4m", lwVG)
 	sh(t, "vgchange", "-ay", lwVG)
-	st := &stack{Tag: lwTag, Disk: disk, VG: lwVG, PVSize: pvSize, RawLV: "/dev/mapper/" + lwVG + "-raw", Mounts: []string{lwExtMount}}
+	st := &stack{Tag: lwTag, Disk: pv, VG: lwVG, RawLV: "/dev/mapper/" + lwVG + "-raw", Mounts: []string{lwExtMount}}
 	ext := "/dev/mapper/" + lwVG + "-ext"
 	sh(t, "mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", ext)
 	os.MkdirAll(lwExtMount, 0o755)
@@ -350,16 +437,17 @@ func lwTeardown(loop string) error {
 
 // lwRecording is what the recorded run left.
 type lwRecording struct {
-	st      *stack
-	data    *lwData
-	final   []byte // the data disk's content after the run
-	encrypt time.Duration
+	st     *stack
+	data   *lwData
+	oldKey []byte // the volume key before a rekey
+	final  []byte // the data disk's content after the run
+	took   time.Duration
 }
 
 // lwRecord builds the stack on D over L, marks the log and runs the whole
-// encryption, then takes everything down (L last, which writes the log's
+// operation, then takes everything down (L last, which writes the log's
 // end mark).
-func lwRecord(t *testing.T, disk string) *lwRecording {
+func lwRecord(t *testing.T, op *lwOp, disk string) *lwRecording {
 	if err := os.WriteFile(lwLogFile, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -372,14 +460,20 @@ func lwRecord(t *testing.T, disk string) *lwRecording {
 	sh(t, "mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0", "/dev/mapper/"+lwJ)
 	os.MkdirAll(lwJMount, 0o755)
 	sh(t, "mount", "/dev/mapper/"+lwJ, lwJMount)
-	st, data := lwBuild(t)
+	st, data := op.prepare(t)
+	rec := &lwRecording{st: st, data: data}
+	if op.luks {
+		b, err := os.ReadFile(lwOldKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rec.oldKey = b
+	}
 	sh(t, "dmsetup", "message", lwLog, "0", "mark", "start")
 	t0 := time.Now()
-	args := []string{"encrypt", st.Disk, "--batch-mode", "--json", "--key-file", pwFile, "--journal", lwJournal,
-		"--header-size", "4M", "--chunk-size", "4M"}
-	code, out := cliRun(t, append(args, lwKDF...)...)
-	enc := time.Since(t0)
-	requireExit(t, "the recorded encrypt", code, 0, out)
+	code, out := cliRun(t, op.args(st)...)
+	rec.took = time.Since(t0)
+	requireExit(t, "the recorded "+op.name, code, 0, out)
 	sh(t, "dmsetup", "message", lwLog, "0", "mark", "done")
 	for _, lv := range []string{"ext", "raw"} {
 		if deps := sh(t, "dmsetup", "deps", "-o", "devname", lwVG+"-"+lv); !strings.Contains(deps, "("+lwMapping+")") {
@@ -393,7 +487,7 @@ func lwRecord(t *testing.T, disk string) *lwRecording {
 	}
 	status := strings.TrimSpace(sh(t, "dmsetup", "status", lwLog))
 	sh(t, "dmsetup", "remove", lwLog)
-	t.Logf("recorded encrypt took %v; log-writes status before removal: %s", enc.Round(time.Millisecond), status)
+	t.Logf("recorded %s took %v; log-writes status before removal: %s", op.name, rec.took.Round(time.Millisecond), status)
 	if strings.Contains(status, "logging_disabled") {
 		t.Fatalf("dm-log-writes disabled logging during the run (a failed log write, or the log device is full): the log is incomplete")
 	}
@@ -403,7 +497,8 @@ func lwRecord(t *testing.T, disk string) *lwRecording {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &lwRecording{st: st, data: data, final: final, encrypt: enc}
+	rec.final = final
+	return rec
 }
 
 // lwPoint is one replayed crash point.
@@ -439,9 +534,10 @@ func (p *lwPoint) String() string {
 // entry that wrote to D) that a point's boot checks already examined:
 // the boot's tools see only D, so the same bytes give the same answer,
 // and a later point with the same D (most points differ from the one
-// before only in the journal's file system) just activates the VG as a
-// boot would.
+// before only in the journal's file system) just brings the stack up as
+// that boot did.
 type lwChecker struct {
+	op       *lwOp
 	rec      *lwRecording
 	booted   map[int]*lwPoint
 	actioned int // points that needed a resume or an abort
@@ -475,10 +571,15 @@ func (c *lwChecker) check(t *testing.T, img logwrites.Image, dVersion int, p *lw
 	// What a boot does before anyone runs dmconvert.
 	if prev := c.booted[dVersion]; prev != nil {
 		p.sameDiskAs, p.stockOpen = prev.entry, prev.stockOpen
-		if p.ident == IdentityLVM {
+		switch {
+		case p.ident == IdentityLVM:
 			// The boot activates the VG (the state resume starts from);
 			// on any other D it found nothing to activate.
 			shOK("vgchange", "-ay", lwVG)
+		case p.stockOpen && c.op.luks:
+			// The boot opened the volume by its crypttab entry.
+			sh(t, "cryptsetup", "open", "--key-file", pwFile, st.Disk, lwMapping)
+			sh(t, "vgchange", "-ay", lwVG)
 		}
 	} else {
 		c.bootChecks(t, p)
@@ -489,16 +590,31 @@ func (c *lwChecker) check(t *testing.T, img logwrites.Image, dVersion int, p *lw
 	switch {
 	case !p.status.Exists:
 		// The run never recorded anything: the disk must be untouched.
-		if p.ident != IdentityLVM {
-			t.Fatalf("no run in the journal (%s) but the disk shows %v", p.status.Err, p.ident)
+		if !c.op.luks {
+			if p.ident != IdentityLVM {
+				t.Fatalf("no run in the journal (%s) but the disk shows %v", p.status.Err, p.ident)
+			}
+			p.result = "no run recorded: plain PV verified"
+			return
 		}
-		p.result = "no run recorded: plain PV verified"
+		if !p.stockOpen {
+			t.Fatalf("no run in the journal (%s) but stock cryptsetup does not open the disk (it shows %v)", p.status.Err, p.ident)
+		}
+		c.closeMapping(t)
+		c.checkKey(t, false)
+		p.result = "no run recorded: opened with stock cryptsetup, verified, the old volume key"
 		return
 	case p.status.Status == "done":
 		if !p.stockOpen {
 			t.Fatalf("the journal says done but stock cryptsetup does not open the disk (it shows %v)", p.ident)
 		}
-		p.result = "already done: opened with stock cryptsetup, verified"
+		if !c.op.luks {
+			p.result = "already done: opened with stock cryptsetup, verified"
+			return
+		}
+		c.closeMapping(t)
+		c.checkKey(t, true)
+		p.result = "already done: opened with stock cryptsetup, verified, the old volume key refused"
 		return
 	}
 	c.actioned++
@@ -507,14 +623,22 @@ func (c *lwChecker) check(t *testing.T, img logwrites.Image, dVersion int, p *lw
 		p.cmd = "abort"
 	}
 	code, out := cliRun(t, p.cmd, "--journal", lwJournal, "--device", st.Disk, "--key-file", pwFile)
+	if code != 0 && p.cmd == "abort" && strings.Contains(out, "too late") {
+		// Past the point of no return an abort is refused (the header
+		// is being overwritten): finishing is what is left.
+		stage("abort refused")
+		p.cmd = "abort too late, resume"
+		code, out = cliRun(t, "resume", "--journal", lwJournal, "--device", st.Disk, "--key-file", pwFile)
+	}
 	if code != 0 {
 		t.Fatalf("dmconvert %s at entry %d (disk shows %v; journal: %v): exit %d:\n%s", p.cmd, p.entry, p.ident, p.status, code, out)
 	}
 	stage(p.cmd)
+	aborted := p.cmd == "abort"
 	// Live: the LVs are on the mapping the run ends with, no helper is
 	// left; then cold, as the next boot sees the disk.
 	want, wantID := lwMapping, IdentityLUKS
-	if p.cmd == "abort" {
+	if aborted && !c.op.luks {
 		want, wantID = lwDisk, IdentityLVM
 	}
 	deps := sh(t, "dmsetup", "deps", "-o", "devname")
@@ -529,11 +653,11 @@ func (c *lwChecker) check(t *testing.T, img logwrites.Image, dVersion int, p *lw
 			t.Fatalf("after %s %s-%s does not map %s:\n%s", p.cmd, lwVG, lv, want, deps)
 		}
 	}
-	if strings.Contains(deps, "dmconvert-") || (p.cmd == "abort" && strings.Contains(deps, lwMapping+":")) {
+	if strings.Contains(deps, "dmconvert-") || (want == lwDisk && strings.Contains(deps, lwMapping+":")) {
 		t.Fatalf("devices left after %s:\n%s", p.cmd, deps)
 	}
 	remove := []string{"remove", lwVG + "-ext", lwVG + "-raw"}
-	if p.cmd == "resume" {
+	if want == lwMapping {
 		remove = append(remove, lwMapping)
 	}
 	sh(t, "dmsetup", remove...)
@@ -550,27 +674,64 @@ func (c *lwChecker) check(t *testing.T, img logwrites.Image, dVersion int, p *lw
 	if id := Identify(first); id != wantID {
 		t.Fatalf("after %s the disk shows %v, want %v", p.cmd, id, wantID)
 	}
-	if p.cmd == "resume" {
+	if want == lwMapping {
 		sh(t, "cryptsetup", "open", "--key-file", pwFile, st.Disk, lwMapping)
 	}
 	sh(t, "vgchange", "-ay", lwVG)
 	lwVerify(t, data)
 	stage("cold verify")
-	if p.cmd == "abort" {
+	switch {
+	case !c.op.luks && aborted:
 		p.result = "aborted: plain PV verified cold"
-	} else {
+	case !c.op.luks:
 		p.result = "resumed: verified cold through stock cryptsetup"
+	case aborted:
+		c.closeMapping(t)
+		c.checkKey(t, false)
+		p.result = "aborted: verified cold through stock cryptsetup, the old volume key"
+	default:
+		c.closeMapping(t)
+		c.checkKey(t, true)
+		p.result = "resumed: verified cold through stock cryptsetup, the old volume key refused"
+	}
+}
+
+// closeMapping takes down the LVs and the mapping a cryptsetup open made.
+func (c *lwChecker) closeMapping(t *testing.T) {
+	t.Helper()
+	sh(t, "dmsetup", "remove", lwVG+"-ext", lwVG+"-raw", lwMapping)
+}
+
+// checkKey checks the volume key of a LUKS D with nothing mapped: after
+// a rekey the old key opens nothing; otherwise the disk still has the
+// old key, no dmconvert mark and no staged keyslot.
+func (c *lwChecker) checkKey(t *testing.T, rekeyed bool) {
+	t.Helper()
+	disk := c.rec.st.Disk
+	if rekeyed {
+		checkRekeyed(t, disk, c.rec.oldKey, lwOldKey)
+		return
+	}
+	if out, err := shOK("cryptsetup", "open", "--test-passphrase", "--volume-key-file", lwOldKey, disk); err != nil {
+		t.Fatalf("the old volume key does not open %s: %v\n%s", disk, err, out)
+	}
+	if dump := sh(t, "cryptsetup", "luksDump", disk); strings.Contains(dump, "dmconvert") || strings.Contains(dump, "unbound") {
+		t.Fatalf("the header of %s carries dmconvert's marks or a staged keyslot:\n%s", disk, dump)
 	}
 }
 
 // bootChecks: pvscan's autoactivation, vgchange -ay, and a cryptsetup
 // open by a crypttab entry someone may already have. Only a plain PV may
-// be activated; only a finished conversion may be opened; and what they
+// be activated; only a LUKS header without dmconvert's mark may be opened
+// (a finished encrypt, a rekey not started or finished); and what they
 // map must hold every file and the raw pattern.
 func (c *lwChecker) bootChecks(t *testing.T, p *lwPoint) {
 	shOK("pvscan", "--cache", "-aay")
 	shOK("vgchange", "-ay", lwVG)
 	if p.ident == IdentityLVM {
+		if c.op.luks {
+			t.Fatalf("the disk of a %s carries an LVM label", c.op.name)
+		}
 		// Still a plain PV: what LVM activates must be complete and
 		// current (design.md section 3).
 		if _, err := os.Stat("/dev/mapper/" + lwVG + "-ext"); err != nil {
@@ -583,12 +744,15 @@ func (c *lwChecker) bootChecks(t *testing.T, p *lwPoint) {
 		t.Fatalf("LVM activated LVs of the disk, which shows %v:\n%s", p.ident, out)
 	}
 	if _, err := shOK("cryptsetup", "open", "--key-file", pwFile, c.rec.st.Disk, lwMapping); err == nil {
-		// Only a finished conversion may open with stock tools (finalize
-		// clears the LUKS2 requirement): then it must hold everything.
+		// Stock tools open only a header dmconvert has not marked (the
+		// LUKS2 requirement): then it must hold everything.
 		p.stockOpen = true
 		sh(t, "vgchange", "-ay", lwVG)
 		lwVerify(t, c.rec.data)
-		sh(t, "dmsetup", "remove", lwVG+"-ext", lwVG+"-raw", lwMapping)
+		if !c.op.luks {
+			// The new LUKS volume has no crypttab entry yet.
+			sh(t, "dmsetup", "remove", lwVG+"-ext", lwVG+"-raw", lwMapping)
+		}
 	}
 }
 
@@ -601,41 +765,38 @@ func lwEnvInt(name string, def int64) int64 {
 
 // TestGuestLogWritesEncrypt records an encryption through dm-log-writes
 // and replays its flush points (see the top of this file).
-func TestGuestLogWritesEncrypt(t *testing.T) {
-	testvm.RequireGuest(t)
-	began := time.Now()
-	var budget time.Duration
-	if v := os.Getenv("DMCONVERT_LW_BUDGET"); v != "" {
-		d, err := time.ParseDuration(v)
-		if err != nil {
-			t.Fatalf("DMCONVERT_LW_BUDGET: %v", err)
-		}
-		budget = d
-	}
-	d := testvm.GuestDisks()
-	if len(d) < 1 {
-		t.Fatalf("want 1 disk, have %v", d)
-	}
-	lwFilter(t)
-	writePW(t)
-	rec := lwRecord(t, d[0])
-	recorded := time.Since(began)
+func TestGuestLogWritesEncrypt(t *testing.T) { lwRun(t, lwEncrypt) }
 
-	lf, err := os.Open(lwLogFile)
-	if err != nil {
-		t.Fatal(err)
+// TestGuestLogWritesRekey records a rekey of a LUKS2 volume through
+// dm-log-writes and replays its flush points (see the top of this file).
+func TestGuestLogWritesRekey(t *testing.T) { lwRun(t, lwRekey) }
+
+// lwBudget is the replays' time budget: DMCONVERT_LW_BUDGET (0: none).
+func lwBudget(t *testing.T) time.Duration {
+	v := os.Getenv("DMCONVERT_LW_BUDGET")
+	if v == "" {
+		return 0
 	}
-	defer lf.Close()
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		t.Fatalf("DMCONVERT_LW_BUDGET: %v", err)
+	}
+	return d
+}
+
+// lwOpenLog reads the recorded log's entries, finds the run between the
+// start and done marks and logs what it holds.
+func lwOpenLog(t *testing.T, lf *os.File) (l *logwrites.Log, entries []logwrites.Entry, start, done int) {
 	l, err := logwrites.Open(lf, lwLogBytes)
 	if err != nil {
 		t.Fatal(err)
 	}
-	entries, err := l.Entries()
+	entries, err = l.Entries()
 	if err != nil {
 		t.Fatal(err)
 	}
-	start := logwrites.FindMark(entries, 0, "start")
-	done := logwrites.FindMark(entries, max(start, 0), "done")
+	start = logwrites.FindMark(entries, 0, "start")
+	done = logwrites.FindMark(entries, max(start, 0), "done")
 	if start < 0 || done < 0 {
 		t.Fatalf("the log (%d entries) lacks the start or done mark", len(entries))
 	}
@@ -665,14 +826,19 @@ func TestGuestLogWritesEncrypt(t *testing.T) {
 	}
 	t.Logf("log: %d entries, sector size %d; the run (entries %d..%d): %d writes (%.1f MiB on D, %.1f MiB on J), %d FLUSH, %d FUA, %d discards, %d REQ_META",
 		len(entries), l.SectorSize, start, done, nWrites, float64(onD)/(1<<20), float64(onJ)/(1<<20), nFlush, nFUA, nDiscard, nMeta)
+	return l, entries, start, done
+}
 
-	// The points: the start mark (nothing ran), the FLUSH/FUA points of
-	// the run (all, or a seeded sample spread over the run), a seeded
-	// sample between them, and the done mark.
+// lwPoints chooses the points: the start mark (nothing ran), the
+// FLUSH/FUA points of the run that change the disk (all, or a seeded
+// sample of DMCONVERT_LW_POINTS spread over the run), a seeded sample
+// between them, and the done mark. It returns them in log order with
+// their kinds, and the distinct flush points.
+func lwPoints(t *testing.T, entries []logwrites.Entry, start, done int, budget time.Duration) (order []int, kind map[int]string, distinct []int) {
 	seed := lwEnvInt("DMCONVERT_LW_SEED", time.Now().UnixNano())
 	samples := int(lwEnvInt("DMCONVERT_LW_SAMPLES", 4))
 	flushes := logwrites.FlushPoints(entries, start+1, done)
-	distinct := logwrites.DistinctFlushPoints(entries, start+1, done)
+	distinct = logwrites.DistinctFlushPoints(entries, start+1, done)
 	// Every flush point by default; DMCONVERT_LW_POINTS=n replays a
 	// seeded sample of n of them spread over the run.
 	nflush := len(distinct)
@@ -683,30 +849,72 @@ func TestGuestLogWritesEncrypt(t *testing.T) {
 	chosen := logwrites.Spread(distinct, nflush, rng.Intn)
 	t.Logf("%d FLUSH/FUA entries in the run, %d of them change the disk; replaying %d of those (DMCONVERT_LW_POINTS=n for a sample) and %d points between flushes; seed %d (DMCONVERT_LW_SEED=%d to replay); budget %v",
 		len(flushes), len(distinct), len(chosen), samples, seed, seed, budget)
-	kind := map[int]string{start: "start", done: "done"}
+	kind = map[int]string{start: "start", done: "done"}
 	for _, i := range chosen {
 		kind[i] = "flush"
 	}
 	for _, i := range logwrites.SamplePoints(entries, start+1, done, samples, rng.Intn) {
 		kind[i] = "between"
 	}
-	var order []int
 	for i := range kind {
 		order = append(order, i)
 	}
 	sort.Ints(order)
+	return order, kind, distinct
+}
 
-	img := logwrites.NewImage(lwDataBytes)
-	rp := logwrites.NewReplayer(l, entries, img, lwDataBytes)
-	c := &lwChecker{rec: rec, booted: map[int]*lwPoint{}}
-	var points []*lwPoint
-	counts := map[string]int{}
-	phases := map[string]int{}
-	var failures []string
-	dup, last, skipped, dVersion := 0, -1, 0, -1
+// lwTally counts what the replayed points found.
+type lwTally struct {
+	points   []*lwPoint
+	counts   map[string]int
+	phases   map[string]int
+	failures []string
+	dup      int // chosen flush points whose disk equals the previous point's
+	skipped  int // points not replayed (budget, failures)
+}
+
+func (s *lwTally) add(p *lwPoint) {
+	s.points = append(s.points, p)
+	s.counts[p.kind+" points"]++
+	s.counts[strings.SplitN(p.result, ":", 2)[0]]++
+	if p.stockOpen {
+		s.counts["opened by stock cryptsetup before resume"]++
+	}
+	if p.sameDiskAs < 0 {
+		s.counts["boot checks run"]++
+	}
+	ph := "no run"
+	if p.status.Exists {
+		ph = fmt.Sprintf("%d %s", p.status.Phase, p.status.PhaseName)
+		if p.status.Status == "done" {
+			ph = "done"
+		}
+	}
+	s.phases[ph+"/"+p.cmd]++
+}
+
+func lwSummary(m map[string]int) string {
+	var keys []string
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var out []string
+	for _, k := range keys {
+		out = append(out, fmt.Sprintf("%s: %d", k, m[k]))
+	}
+	return strings.Join(out, ", ")
+}
+
+// lwReplay replays the points in order onto img, each as a subtest,
+// until 3 failed or the budget ran out.
+func lwReplay(t *testing.T, c *lwChecker, l *logwrites.Log, entries []logwrites.Entry, rp *logwrites.Replayer, img logwrites.Image,
+	order []int, kind map[int]string, began time.Time, budget time.Duration) *lwTally {
+	s := &lwTally{counts: map[string]int{}, phases: map[string]int{}}
+	last, dVersion := -1, -1
 	for _, i := range order {
-		if len(failures) >= 3 || (budget > 0 && time.Since(began) > budget) {
-			skipped++
+		if len(s.failures) >= 3 || (budget > 0 && time.Since(began) > budget) {
+			s.skipped++
 			continue
 		}
 		// A point whose disk equals the previous point's (no write in
@@ -725,12 +933,11 @@ func TestGuestLogWritesEncrypt(t *testing.T) {
 			t.Fatal(err)
 		}
 		if same && kind[i] == "flush" {
-			dup++
+			s.dup++
 			continue
 		}
 		last = i
 		p := &lwPoint{entry: i, kind: kind[i], sameDiskAs: -1}
-		points = append(points, p)
 		t0 := time.Now()
 		ok := t.Run(fmt.Sprintf("entry%06d-%s", i, p.kind), func(t *testing.T) {
 			c.check(t, img, dVersion, p)
@@ -738,26 +945,41 @@ func TestGuestLogWritesEncrypt(t *testing.T) {
 		p.took = time.Since(t0)
 		if !ok {
 			p.result = "FAILED"
-			failures = append(failures, fmt.Sprintf("log entry %v: %v", entries[i], p))
+			s.failures = append(s.failures, fmt.Sprintf("log entry %v: %v", entries[i], p))
 		}
 		t.Logf("%v", p)
-		counts[p.kind+" points"]++
-		counts[strings.SplitN(p.result, ":", 2)[0]]++
-		if p.stockOpen {
-			counts["opened by stock cryptsetup before resume"]++
-		}
-		if p.sameDiskAs < 0 {
-			counts["boot checks run"]++
-		}
-		ph := "no run"
-		if p.status.Exists {
-			ph = fmt.Sprintf("%d %s", p.status.Phase, p.status.PhaseName)
-			if p.status.Status == "done" {
-				ph = "done"
-			}
-		}
-		phases[ph+"/"+p.cmd]++
+		s.add(p)
 	}
+	return s
+}
+
+// lwRun records op through dm-log-writes and replays its points (see the
+// top of this file).
+func lwRun(t *testing.T, op *lwOp) {
+	testvm.RequireGuest(t)
+	began := time.Now()
+	budget := lwBudget(t)
+	d := testvm.GuestDisks()
+	if len(d) < 1 {
+		t.Fatalf("want 1 disk, have %v", d)
+	}
+	lwFilter(t)
+	writePW(t)
+	rec := lwRecord(t, op, d[0])
+	recorded := time.Since(began)
+
+	lf, err := os.Open(lwLogFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lf.Close()
+	l, entries, start, done := lwOpenLog(t, lf)
+	order, kind, distinct := lwPoints(t, entries, start, done, budget)
+
+	img := logwrites.NewImage(lwDataBytes)
+	rp := logwrites.NewReplayer(l, entries, img, lwDataBytes)
+	c := &lwChecker{op: op, rec: rec, booted: map[int]*lwPoint{}}
+	s := lwReplay(t, c, l, entries, rp, img, order, kind, began, budget)
 
 	// The parser against the kernel: the whole log replayed is the data
 	// disk as the run left it, byte for byte.
@@ -775,31 +997,19 @@ func TestGuestLogWritesEncrypt(t *testing.T) {
 	} else {
 		t.Logf("the full replay of %d entries equals the data disk (%d MiB) byte for byte", len(entries), len(img)>>20)
 	}
-	summary := func(m map[string]int) string {
-		var keys []string
-		for k := range m {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		var out []string
-		for _, k := range keys {
-			out = append(out, fmt.Sprintf("%s: %d", k, m[k]))
-		}
-		return strings.Join(out, ", ")
-	}
 	t.Logf("%d crash points replayed (%d of the %d flush points that change the disk; %d chosen flush points identical to the previous point not replayed again): %s",
-		len(points), counts["flush points"], len(distinct), dup, summary(counts))
-	t.Logf("points by the journal's phase before replay / command run: %s", summary(phases))
-	t.Logf("time: recording %v (encrypt %v), replays %v, total %v",
-		recorded.Round(time.Second), rec.encrypt.Round(time.Second), (time.Since(began) - recorded).Round(time.Second), time.Since(began).Round(time.Second))
-	for _, f := range failures {
+		len(s.points), s.counts["flush points"], len(distinct), s.dup, lwSummary(s.counts))
+	t.Logf("points by the journal's phase before replay / command run: %s", lwSummary(s.phases))
+	t.Logf("time: recording %v (%s %v), replays %v, total %v",
+		recorded.Round(time.Second), op.name, rec.took.Round(time.Second), (time.Since(began) - recorded).Round(time.Second), time.Since(began).Round(time.Second))
+	for _, f := range s.failures {
 		t.Errorf("FAILED crash point: %s", f)
 	}
-	if skipped > 0 {
+	if s.skipped > 0 {
 		why := "the time budget " + budget.String() + " ran out (DMCONVERT_LW_BUDGET, or what go test -timeout left: give more)"
-		if len(failures) >= 3 {
+		if len(s.failures) >= 3 {
 			why = "3 points failed"
 		}
-		t.Errorf("%d of %d points were not replayed: %s", skipped, len(order), why)
+		t.Errorf("%d of %d points were not replayed: %s", s.skipped, len(order), why)
 	}
 }
