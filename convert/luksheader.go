@@ -164,10 +164,10 @@ func (l *LUKSHeader) metadataWrites() ([]Write, error) {
 }
 
 // MarkWrites implements HeaderFormat. The header already carries the
-// marks in memory (NewLUKSHeader, StageRekey); this writes them: LUKS2
-// keyslot material added since the header was read, then the metadata
-// (both copies, a flush between), or LUKS1's record then its disguised
-// first block.
+// marks in memory (NewLUKSHeader, StageRekey); this writes them: the
+// staged key's keyslot material (a rekey), then LUKS2's metadata (both
+// copies, a flush between), or LUKS1's record then its disguised first
+// block (which carries the staged-key record).
 func (l *LUKSHeader) MarkWrites(cp Checkpoint) ([]Write, error) {
 	var ws []Write
 	if l.unbound >= 0 {
@@ -203,7 +203,10 @@ func (l *LUKSHeader) MarkWrites(cp Checkpoint) ([]Write, error) {
 // opened by pass with the key derivation (type and cost) of the keyslot
 // pass opened, its area encrypted as cryptsetup would encrypt a keyslot
 // of a segment with cipher and newKey's size (luks.KeyslotEncryption);
-// MarkWrites then writes its material with the marks.
+// MarkWrites then writes its material with the marks. LUKS1 has no
+// unbound keyslots: the key is staged in a free keyslot of the disguised
+// header instead (luks package, rekey1.go), with the header's cipher and
+// key size, which cipher and newKey must match.
 func (l *LUKSHeader) StageRekey(newKey, pass []byte, cipher string) error {
 	if l.unbound >= 0 {
 		return fmt.Errorf("the header already holds a staged key in keyslot %d", l.unbound)

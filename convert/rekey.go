@@ -61,7 +61,8 @@ const DefaultRekeyGap Sectors = 4 << 20 / 512
 type Rekeyable interface {
 	// StageRekey adds an unbound keyslot holding newKey, the data's key
 	// once the data segment is encrypted with cipher, opened by pass with
-	// the key derivation of the keyslot pass opened.
+	// the key derivation of the keyslot pass opened (LUKS1: a staged key
+	// in a free keyslot, same cipher and key size only).
 	StageRekey(newKey, pass []byte, cipher string) error
 	// KeyslotsEnd is the sector after the last keyslot area in use.
 	KeyslotsEnd() Sectors

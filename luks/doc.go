@@ -44,7 +44,10 @@
 // recognises; Read still parses it. The checkpoint lives in two
 // alternating CRC32C-protected 512-byte records in the last 4 KiB of the
 // header area, which must lie beyond the keyslot material
-// (CheckCheckpointRoom).
+// (CheckCheckpointRoom). A rekey stages its new key in a free keyslot of
+// the disguised header, named by a record in the phdr's padding
+// (AddUnboundKeyslot, UnlockUnbound, BindSegment; rekey1.go); the
+// records then sit after the keyslot material.
 //
 // # Supported features
 //
