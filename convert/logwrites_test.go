@@ -22,30 +22,42 @@ import (
 
 // Crashes that lose the disk's volatile write cache, on the real kernel.
 //
-// A whole `dmconvert encrypt` is recorded through dm-log-writes: the disk
-// D and the ext4 J holding the journal are two dm-linear slices of one
-// log-writes device L, so one log orders the writes of both. The log
-// holds a write back until the flush that makes it durable, so a prefix
-// of the log that ends at a FLUSH or FUA entry is the disk as a power cut
-// at that instant leaves it, cache lost. Every such prefix after the
-// "start" mark (and a seeded sample of prefixes between flushes: the
-// cache partly written back) can be replayed onto a copy; there, what a boot
-// does (pvscan, vgchange -ay, cryptsetup open) must not map the disk
-// wrongly, `dmconvert resume` (or `abort`, every third point that needs
-// one) must finish, and the files and the raw LV's pattern must be
-// intact.
+// A whole `dmconvert encrypt` (TestGuestLogWritesEncrypt: a plain PV) or
+// `dmconvert rekey` (TestGuestLogWritesRekey: a LUKS2 volume with a 4 MiB
+// header, opened, a PV on it) is recorded through dm-log-writes, with a
+// mounted ext4 LV and a raw LV on the PV: the disk D and the ext4 J
+// holding the journal are two dm-linear slices of one log-writes device
+// L, so one log orders the writes of both. The log holds a write back
+// until the flush that makes it durable, so a prefix of the log that ends
+// at a FLUSH or FUA entry is the disk as a power cut at that instant
+// leaves it, cache lost. Every such prefix after the "start" mark (and a
+// seeded sample of prefixes between flushes: the cache partly written
+// back) can be replayed onto a copy; there, what a boot does (pvscan,
+// vgchange -ay, cryptsetup open) must not map the disk wrongly: LVM may
+// activate only a plain PV, stock cryptsetup may open only a header
+// without dmconvert's mark, and what they map must hold every file and
+// the raw LV's pattern. Then `dmconvert resume` (or `abort`, every third
+// point that needs one) must finish, from the state that boot left (a
+// rekeyed volume has a crypttab entry: when cryptsetup opens it, it stays
+// open with its LVs active); the LVs must be on the mapping (on D after
+// an encrypt's abort), no helper left, the files and the pattern intact,
+// and again cold through stock cryptsetup. After a rekey the old volume
+// key must open nothing; before it or after its abort the volume key is
+// the old one.
 //
-// Replaying a point costs 5-15 s under emulation (most of it the resume)
-// and a run has some 70 flush points that change the disk, so by default
-// 16 of them are replayed, one from each stretch of the run, chosen with
-// a seed that is printed: DMCONVERT_LW_POINTS=all replays every one (some
-// 12-15 minutes; give go test -timeout 30m), DMCONVERT_LW_POINTS=n that
-// many; DMCONVERT_LW_SEED=s replays a sample, DMCONVERT_LW_SAMPLES sets
-// how many in-between points (default 4).
-// The guest test stops replaying when its budget runs out: by default
-// what go test's -timeout leaves (10m unless set; under host load the
-// points need more, e.g. -timeout 30m), or DMCONVERT_LW_BUDGET (a Go
-// duration, "0" for none). Points not replayed fail the test.
+// Each run has some 70 flush points that change the disk; by default
+// every one is replayed (5-40 s each under emulation, most of it the
+// resume and the checks: the rekey's 73 points took 19 minutes on two
+// host cores busy with other VMs). DMCONVERT_LW_POINTS=n replays n of
+// them, one from each stretch of the run, chosen with a seed that is
+// printed; DMCONVERT_LW_SEED=s replays a sample, DMCONVERT_LW_SAMPLES
+// sets how many in-between points (default 4). TestVMLogWrites boots one
+// VM per variant, in parallel (-run '^TestVMLogWrites$/^Rekey$', or
+// DMCONVERT_VM_RUN='^TestGuestLogWritesRekey$', boots one). A guest test
+// stops replaying when its budget runs out: by default what go test's
+// -timeout leaves (10m unless set; give -timeout 40m), or
+// DMCONVERT_LW_BUDGET (a Go duration, "0" for none). Points not replayed
+// fail the test.
 
 const (
 	lwDiskBytes    = 20 << 20 // D: a 12 MiB PV, then two header sizes (encrypt); a 4 MiB LUKS2 header, then 16 MiB of data (rekey)
