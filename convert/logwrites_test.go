@@ -581,23 +581,21 @@ func (c *lwChecker) check(t *testing.T, img logwrites.Image, dVersion int, p *lw
 	stage("setup")
 
 	// What a boot does before anyone runs dmconvert.
-	if prev := c.booted[dVersion]; prev != nil {
+	prev := c.booted[dVersion]
+	if prev != nil {
 		p.sameDiskAs, p.stockOpen = prev.entry, prev.stockOpen
-		switch {
-		case p.ident == IdentityLVM:
-			// The boot activates the VG (the state resume starts from);
-			// on any other D it found nothing to activate.
-			shOK("vgchange", "-ay", lwVG)
-		case p.stockOpen && c.op.luks:
-			// The boot opened the volume by its crypttab entry.
-			sh(t, "cryptsetup", "open", "--key-file", pwFile, st.Disk, lwMapping)
-			sh(t, "vgchange", "-ay", lwVG)
-		}
 	} else {
 		c.bootChecks(t, p)
 		c.booted[dVersion] = p // only once they passed
 	}
 	stage("boot checks")
+	// The key checks want nothing mapped: close what this point's boot
+	// checks opened (a point with a known D opened nothing yet).
+	closeOpened := func() {
+		if prev == nil {
+			c.closeMapping(t)
+		}
+	}
 
 	switch {
 	case !p.status.Exists:
@@ -612,7 +610,7 @@ func (c *lwChecker) check(t *testing.T, img logwrites.Image, dVersion int, p *lw
 		if !p.stockOpen {
 			t.Fatalf("no run in the journal (%s) but stock cryptsetup does not open the disk (it shows %v)", p.status.Err, p.ident)
 		}
-		c.closeMapping(t)
+		closeOpened()
 		c.checkKey(t, false)
 		p.result = "no run recorded: opened with stock cryptsetup, verified, the old volume key"
 		return
@@ -624,10 +622,26 @@ func (c *lwChecker) check(t *testing.T, img logwrites.Image, dVersion int, p *lw
 			p.result = "already done: opened with stock cryptsetup, verified"
 			return
 		}
-		c.closeMapping(t)
+		closeOpened()
 		c.checkKey(t, true)
 		p.result = "already done: opened with stock cryptsetup, verified, the old volume key refused"
 		return
+	}
+	if prev != nil {
+		// The same D as a point already checked: bring the stack up as
+		// that boot left it, the state resume starts from.
+		switch {
+		case p.ident == IdentityLVM:
+			// The boot activates the VG; on any other D it found nothing
+			// to activate.
+			shOK("vgchange", "-ay", lwVG)
+			stage("boot")
+		case p.stockOpen && c.op.luks:
+			// The boot opened the volume by its crypttab entry.
+			sh(t, "cryptsetup", "open", "--key-file", pwFile, st.Disk, lwMapping)
+			sh(t, "vgchange", "-ay", lwVG)
+			stage("boot")
+		}
 	}
 	c.actioned++
 	p.cmd = "resume"
