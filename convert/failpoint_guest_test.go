@@ -173,6 +173,9 @@ func guestOpFailpoints(t *testing.T, op string) {
 				w.finish(t)
 				t.Fatalf("dmconvert %s did not stop at failpoint %s#%d: exit %d\n%s", op, fp, fpHit(fp), code, out)
 			}
+			if os.Getenv("DMCONVERT_FP_TRACE") != "" {
+				t.Logf("dmconvert %s (dies at %s#%d):\n%s", op, fp, fpHit(fp), out)
+			}
 			code, rout := cliRun(t, rec, "--journal", j, "--key-file", pwFile)
 			done := rec == "resume"
 			switch {
