@@ -47,8 +47,8 @@ import (
 //
 // Each run has some 70 flush points that change the disk; by default
 // every one is replayed (5-40 s each under emulation, most of it the
-// resume and the checks: the rekey's 73 points took 19 minutes on two
-// host cores busy with other VMs). DMCONVERT_LW_POINTS=n replays n of
+// resume and the checks: the rekey's 76 points took 7 minutes on a quiet
+// host, 19 minutes with its two cores busy with other VMs). DMCONVERT_LW_POINTS=n replays n of
 // them, one from each stretch of the run, chosen with a seed that is
 // printed; DMCONVERT_LW_SEED=s replays a sample, DMCONVERT_LW_SAMPLES
 // sets how many in-between points (default 4). TestVMLogWrites boots one
