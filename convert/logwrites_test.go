@@ -95,6 +95,9 @@ type lwOp struct {
 	prepare func(t testing.TB) (*stack, *lwData)
 	// args: the recorded command line.
 	args func(st *stack) []string
+	// points is how many flush points make test replays (0: all; the
+	// suite's time budget); DMCONVERT_LW_POINTS=all|n overrides.
+	points int
 }
 
 var lwEncrypt = &lwOp{
@@ -107,7 +110,10 @@ var lwEncrypt = &lwOp{
 }
 
 var lwRekey = &lwOp{
-	name:    "rekey",
+	name: "rekey",
+	// A seeded sample of 24 flush points in make test (every one: 7 min
+	// of a VM on a quiet host; DMCONVERT_LW_POINTS=all).
+	points:  24,
 	luks:    true,
 	prepare: lwPrepareRekey,
 	args: func(*stack) []string {
@@ -127,6 +133,7 @@ var lwGuestTests = []string{"Encrypt", "Rekey"}
 // which disables logging), and so do the replays.
 func TestVMLogWrites(t *testing.T) {
 	testvm.RequireVM(t)
+	t.Parallel()
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	env := map[string]string{}
 	for _, k := range []string{"DMCONVERT_LW_SEED", "DMCONVERT_LW_SAMPLES", "DMCONVERT_LW_POINTS", "DMCONVERT_LW_BUDGET"} {
@@ -152,8 +159,6 @@ func TestVMLogWrites(t *testing.T) {
 			t.Fatalf("%s: %v", testvm.EnvRun, err)
 		}
 	}
-	// Each VM runs its own guest test: the variable would override that.
-	t.Setenv(testvm.EnvRun, "")
 	ran := 0
 	for _, name := range lwGuestTests {
 		guest := "TestGuestLogWrites" + name
@@ -165,12 +170,13 @@ func TestVMLogWrites(t *testing.T) {
 			t.Parallel()
 			start := time.Now()
 			testvm.RunTestsInGuest(t, testvm.Options{
-				Disks:   []testvm.Disk{{Size: lwDataBytes}},
-				Run:     "^" + guest + "$",
-				Files:   map[string]string{"dmconvert": bin},
-				Env:     env,
-				MemMiB:  3072,
-				Timeout: timeout,
+				Disks:    []testvm.Disk{{Size: lwDataBytes}},
+				Run:      "^" + guest + "$",
+				FixedRun: true, // each VM runs its own guest test
+				Files:    map[string]string{"dmconvert": bin},
+				Env:      env,
+				MemMiB:   3072,
+				Timeout:  timeout,
 			})
 			t.Logf("dm-log-writes test: %v from build to shutdown", time.Since(start).Round(time.Second))
 		})
@@ -860,20 +866,25 @@ func lwOpenLog(t *testing.T, lf *os.File) (l *logwrites.Log, entries []logwrites
 // sample of DMCONVERT_LW_POINTS spread over the run), a seeded sample
 // between them, and the done mark. It returns them in log order with
 // their kinds, and the distinct flush points.
-func lwPoints(t *testing.T, entries []logwrites.Entry, start, done int, budget time.Duration) (order []int, kind map[int]string, distinct []int) {
+func lwPoints(t *testing.T, op *lwOp, entries []logwrites.Entry, start, done int, budget time.Duration) (order []int, kind map[int]string, distinct []int) {
 	seed := lwEnvInt("DMCONVERT_LW_SEED", time.Now().UnixNano())
 	samples := int(lwEnvInt("DMCONVERT_LW_SAMPLES", 4))
 	flushes := logwrites.FlushPoints(entries, start+1, done)
 	distinct = logwrites.DistinctFlushPoints(entries, start+1, done)
-	// Every flush point by default; DMCONVERT_LW_POINTS=n replays a
-	// seeded sample of n of them spread over the run.
+	// The operation's default (every flush point, or a seeded sample
+	// spread over the run); DMCONVERT_LW_POINTS=all or =n overrides.
 	nflush := len(distinct)
-	if v := os.Getenv("DMCONVERT_LW_POINTS"); v != "" && v != "all" {
+	if op.points > 0 {
+		nflush = min(op.points, nflush)
+	}
+	if v := os.Getenv("DMCONVERT_LW_POINTS"); v == "all" {
+		nflush = len(distinct)
+	} else if v != "" {
 		nflush = int(lwEnvInt("DMCONVERT_LW_POINTS", int64(len(distinct))))
 	}
 	rng := mrand.New(mrand.NewSource(seed))
 	chosen := logwrites.Spread(distinct, nflush, rng.Intn)
-	t.Logf("%d FLUSH/FUA entries in the run, %d of them change the disk; replaying %d of those (DMCONVERT_LW_POINTS=n for a sample) and %d points between flushes; seed %d (DMCONVERT_LW_SEED=%d to replay); budget %v",
+	t.Logf("%d FLUSH/FUA entries in the run, %d of them change the disk; replaying %d of those (DMCONVERT_LW_POINTS=all for every one, =n for a sample) and %d points between flushes; seed %d (DMCONVERT_LW_SEED=%d to replay); budget %v",
 		len(flushes), len(distinct), len(chosen), samples, seed, seed, budget)
 	kind = map[int]string{start: "start", done: "done"}
 	for _, i := range chosen {
@@ -1000,7 +1011,7 @@ func lwRun(t *testing.T, op *lwOp) {
 	}
 	defer lf.Close()
 	l, entries, start, done := lwOpenLog(t, lf)
-	order, kind, distinct := lwPoints(t, entries, start, done, budget)
+	order, kind, distinct := lwPoints(t, op, entries, start, done, budget)
 
 	img := logwrites.NewImage(lwDataBytes)
 	rp := logwrites.NewReplayer(l, entries, img, lwDataBytes)

@@ -25,14 +25,17 @@ type Disk struct {
 
 // Options configure RunTestsInGuest.
 type Options struct {
-	Disks   []Disk            // attached in order: /dev/vda, /dev/vdb, ... (GuestDisks)
-	Run     string            // -test.run regexp; default "^TestGuest"
-	Timeout time.Duration     // for the whole boot; default DefaultTimeout
-	MemMiB  int               // default DefaultMemMiB
-	SMP     int               // default DefaultSMP
-	Env     map[string]string // extra environment of the guest test binary
-	Files   map[string]string // guest name -> host path, copied into the share (see GuestFile)
-	Bench   string            // -test.bench regexp (with -test.benchmem); default $DMCONVERT_VM_BENCH
+	Disks []Disk // attached in order: /dev/vda, /dev/vdb, ... (GuestDisks)
+	Run   string // -test.run regexp; default "^TestGuest"
+	// FixedRun keeps Run even when DMCONVERT_VM_RUN is set (a caller
+	// that already chose its VMs by it).
+	FixedRun bool
+	Timeout  time.Duration     // for the whole boot; default DefaultTimeout
+	MemMiB   int               // default DefaultMemMiB
+	SMP      int               // default DefaultSMP
+	Env      map[string]string // extra environment of the guest test binary
+	Files    map[string]string // guest name -> host path, copied into the share (see GuestFile)
+	Bench    string            // -test.bench regexp (with -test.benchmem); default $DMCONVERT_VM_BENCH
 }
 
 // CreateDisk creates a sparse raw image file of size bytes.
@@ -67,7 +70,7 @@ func RunTestsInGuest(t *testing.T, opts Options) {
 	if InGuest() {
 		t.Skip("already inside the test VM")
 	}
-	if r := os.Getenv(EnvRun); r != "" {
+	if r := os.Getenv(EnvRun); r != "" && !opts.FixedRun {
 		opts.Run = r
 	}
 	if opts.Run == "" {
