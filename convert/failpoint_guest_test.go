@@ -395,16 +395,7 @@ func buildSmallStack(t testing.TB, tag, disk, state string, header uint64, extSi
 	sh(t, "vgcreate", "-y", vg, disk)
 	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", extSize, vg)
 	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", rawSize, vg)
-	sh(t, "vgchange", "-ay", vg)
-	st := &stack{Tag: tag, Disk: disk, VG: vg, PVSize: pvSize, RawLV: "/dev/mapper/" + vg + "-raw"}
-	dev := "/dev/mapper/" + vg + "-ext"
-	mp := "/mnt/" + tag + "-ext"
-	sh(t, "mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)
-	os.MkdirAll(mp, 0o755)
-	sh(t, "mount", dev, mp)
-	st.Mounts, st.FSLVs, st.FSTypes, st.Sizes = []string{mp}, []string{"ext"}, []string{"ext4"}, []uint64{blockDevBytes(t, dev)}
-	writeManifest(t, st, state)
-	return st
+	return extRawStack(t, tag, disk, state, vg, pvSize, "-E", "lazy_itable_init=0,lazy_journal_init=0")
 }
 
 // lapTimer logs the time since its last call under a label (where a

@@ -272,6 +272,26 @@ func (r *recorder) Sync() error {
 	return nil
 }
 
+// applyRekeyEnd changes the in-memory header to a rekey's end: the data
+// segment on the staged key (f.Cipher, at f.DataOffset) and every other
+// keyslot removed (f.Rekey), or the staged keyslot removed (an abort).
+func (l *LUKSHeader) applyRekeyEnd(f Final) error {
+	if !f.Rekey {
+		return l.h.RemoveKeyslot(l.unbound)
+	}
+	if err := l.h.BindSegmentCipher(l.unbound, f.Cipher); err != nil {
+		return err
+	}
+	for _, ks := range l.h.Keyslots() {
+		if ks.ID != l.unbound {
+			if err := l.h.RemoveKeyslot(ks.ID); err != nil {
+				return err
+			}
+		}
+	}
+	return l.h.SetDataOffset(int64(f.DataOffset) * 512)
+}
+
 // FinalWrites implements HeaderFormat: the requirement and the token go
 // (LUKS2), or the checkpoint records are zeroed and the real magic written
 // last (LUKS1). For a rekey the data segment switches to the new key and
@@ -289,21 +309,7 @@ func (l *LUKSHeader) FinalWrites(f Final) ([]Write, error) {
 		if err := l.h.ClearRequirement(luks.RequirementDmconvert); err != nil {
 			return nil, err
 		}
-		if f.Rekey {
-			if err := l.h.BindSegmentCipher(l.unbound, f.Cipher); err != nil {
-				return nil, err
-			}
-			for _, ks := range l.h.Keyslots() {
-				if ks.ID != l.unbound {
-					if err := l.h.RemoveKeyslot(ks.ID); err != nil {
-						return nil, err
-					}
-				}
-			}
-			if err := l.h.SetDataOffset(int64(f.DataOffset) * 512); err != nil {
-				return nil, err
-			}
-		} else if err := l.h.RemoveKeyslot(l.unbound); err != nil {
+		if err := l.applyRekeyEnd(f); err != nil {
 			return nil, err
 		}
 		rec := &recorder{}
@@ -397,21 +403,7 @@ func (l *LUKSHeader) finalRekeyWrites1(f Final) ([]Write, error) {
 		return nil, err
 	}
 	l.h.RemoveCheckpoint()
-	if f.Rekey {
-		if err := l.h.BindSegmentCipher(l.unbound, f.Cipher); err != nil {
-			return nil, err
-		}
-		for _, ks := range l.h.Keyslots() {
-			if ks.ID != l.unbound {
-				if err := l.h.RemoveKeyslot(ks.ID); err != nil {
-					return nil, err
-				}
-			}
-		}
-		if err := l.h.SetDataOffset(int64(f.DataOffset) * 512); err != nil {
-			return nil, err
-		}
-	} else if err := l.h.RemoveKeyslot(l.unbound); err != nil {
+	if err := l.applyRekeyEnd(f); err != nil {
 		return nil, err
 	}
 	l.unbound = -1

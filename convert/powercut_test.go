@@ -364,16 +364,7 @@ func buildTwoPV(t testing.TB, tag, disk, other, state string) *stack {
 	}
 	// All of the disk's free extents and 16 MiB of the other PV's.
 	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", fmt.Sprintf("%dm", int(mib)+16), vg, disk, other)
-	sh(t, "vgchange", "-ay", vg)
-	st := &stack{Tag: tag, Disk: disk, VG: vg, PVSize: pvSize, RawLV: "/dev/mapper/" + vg + "-raw"}
-	dev := "/dev/mapper/" + vg + "-ext"
-	mp := "/mnt/" + tag + "-ext"
-	sh(t, "mkfs.ext4", "-q", "-F", dev)
-	os.MkdirAll(mp, 0o755)
-	sh(t, "mount", dev, mp)
-	st.Mounts, st.FSLVs, st.FSTypes, st.Sizes = []string{mp}, []string{"ext"}, []string{"ext4"}, []uint64{blockDevBytes(t, dev)}
-	writeManifest(t, st, state)
-	return st
+	return extRawStack(t, tag, disk, state, vg, pvSize)
 }
 
 // buildLightTagged is a smaller stack (ext4 and a raw LV, no xfs) for the
@@ -391,11 +382,18 @@ func buildLightSized(t testing.TB, tag, disk, state, extSize, rawSize string) *s
 	sh(t, "vgcreate", "-y", vg, disk)
 	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", extSize, vg)
 	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", rawSize, vg)
+	return extRawStack(t, tag, disk, state, vg, pvSize)
+}
+
+// extRawStack activates VG vg (LVs ext and raw, on disk's PV of pvSize
+// sectors), puts ext4 on ext, mounts it and writes the manifest.
+func extRawStack(t testing.TB, tag, disk, state, vg string, pvSize uint64, mkfsOpts ...string) *stack {
+	t.Helper()
 	sh(t, "vgchange", "-ay", vg)
 	st := &stack{Tag: tag, Disk: disk, VG: vg, PVSize: pvSize, RawLV: "/dev/mapper/" + vg + "-raw"}
 	dev := "/dev/mapper/" + vg + "-ext"
 	mp := "/mnt/" + tag + "-ext"
-	sh(t, "mkfs.ext4", "-q", "-F", dev)
+	sh(t, "mkfs.ext4", append(append([]string{"-q", "-F"}, mkfsOpts...), dev)...)
 	os.MkdirAll(mp, 0o755)
 	sh(t, "mount", dev, mp)
 	st.Mounts, st.FSLVs, st.FSTypes, st.Sizes = []string{mp}, []string{"ext"}, []string{"ext4"}, []uint64{blockDevBytes(t, dev)}

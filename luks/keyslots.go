@@ -52,21 +52,30 @@ func (h *Header) AddUnboundKeyslotFor(vk *VolumeKey, key []byte, p PBKDF, segmen
 	return h.addKeyslot2(vk, key, p, false, segmentCipher)
 }
 
+// freeSlot sets p's hash to the header's (LUKS1 keyslots all use it; a
+// different one is an error) and returns the first keyslot not in use,
+// or -1 when all are.
+func (l *luks1) freeSlot(p *PBKDF) (int, error) {
+	if p.Hash != "" && !strings.EqualFold(p.Hash, l.hashSpec) {
+		return -1, fmt.Errorf("LUKS1 keyslots use the header hash %s, not %s: %w", l.hashSpec, p.Hash, ErrInvalidArgument)
+	}
+	p.Hash = l.hashSpec
+	for i, s := range l.slots {
+		if s.active != luks1KeyEnabled {
+			return i, nil
+		}
+	}
+	return -1, nil
+}
+
 func (h *Header) addKeyslot1(vk *VolumeKey, key []byte, p PBKDF) (int, error) {
 	l := h.v1
 	if err := h.VerifyVolumeKey(vk); err != nil {
 		return -1, err
 	}
-	if p.Hash != "" && !strings.EqualFold(p.Hash, l.hashSpec) {
-		return -1, fmt.Errorf("LUKS1 keyslots use the header hash %s, not %s: %w", l.hashSpec, p.Hash, ErrInvalidArgument)
-	}
-	p.Hash = l.hashSpec
-	slot := -1
-	for i, s := range l.slots {
-		if s.active != luks1KeyEnabled {
-			slot = i
-			break
-		}
+	slot, err := l.freeSlot(&p)
+	if err != nil {
+		return -1, err
 	}
 	if slot < 0 {
 		return -1, fmt.Errorf("all %d LUKS1 keyslots are active: %w", luks1NumKeys, ErrNoSpace)

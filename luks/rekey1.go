@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
-	"strings"
 
 	"golang.org/x/crypto/pbkdf2"
 )
@@ -122,16 +121,9 @@ func (h *Header) stageKey1(vk *VolumeKey, key []byte, p PBKDF, segmentCipher str
 	} else if ok {
 		return -1, fmt.Errorf("the key to stage is the volume key already: %w", ErrInvalidArgument)
 	}
-	if p.Hash != "" && !strings.EqualFold(p.Hash, l.hashSpec) {
-		return -1, fmt.Errorf("LUKS1 keyslots use the header hash %s, not %s: %w", l.hashSpec, p.Hash, ErrInvalidArgument)
-	}
-	p.Hash = l.hashSpec
-	slot := -1
-	for i, s := range l.slots {
-		if s.active != luks1KeyEnabled {
-			slot = i
-			break
-		}
+	slot, err := l.freeSlot(&p)
+	if err != nil {
+		return -1, err
 	}
 	if slot < 0 {
 		return -1, fmt.Errorf("all %d LUKS1 keyslots are in use, and the new key needs a free one until the rekey ends: %w", luks1NumKeys, ErrNoSpace)
