@@ -198,7 +198,14 @@ func (sc *scenario) verifyEncrypted(w *fakeWorld, e *Engine) {
 	if !fh.isFinal(fakeDiskIO{w: w, dev: sc.disk}) {
 		sc.t.Fatal("header on disk is not final")
 	}
-	// Fresh boot.
+	sc.coldOpen(w, sc.H, "aes-xts-plain64", sc.key, "fresh boot after encrypt")
+}
+
+// coldOpen is a fresh boot of a snapshot of w: boot-time LVM must find
+// nothing on the raw encrypted disk; the disk opened as cryptsetup would
+// (cipher and key, data at off) must give back every LV.
+func (sc *scenario) coldOpen(w *fakeWorld, off Sectors, cipher string, key []byte, what string) {
+	sc.t.Helper()
 	w2 := w.snapshot()
 	w2.powerCut(false)
 	l2 := sc.lvm(w2)
@@ -208,13 +215,13 @@ func (sc *scenario) verifyEncrypted(w *fakeWorld, e *Engine) {
 	if len(w2.devs) != 0 {
 		sc.t.Fatal("boot-time LVM activated something on the raw encrypted disk")
 	}
-	if _, err := (fakeDM{w2}).Create("opened", "", dmtable.Table{cryptTarget(0, sc.N-sc.H, CryptSpec{Cipher: "aes-xts-plain64"}, dmtable.HexKey(sc.key), 0, sc.disk, sc.H)}); err != nil {
+	if _, err := (fakeDM{w2}).Create("opened", "", dmtable.Table{cryptTarget(0, sc.N-off, CryptSpec{Cipher: cipher}, dmtable.HexKey(key), 0, sc.disk, off)}); err != nil {
 		sc.t.Fatal(err)
 	}
 	if err := l2.Activate(context.Background(), "vg", []string{"/dev/mapper/opened"}); err != nil {
 		sc.t.Fatal(err)
 	}
-	sc.verifyLVs(w2, "fresh boot after encrypt")
+	sc.verifyLVs(w2, what)
 }
 
 // verifyPlain checks the end state of an abort: no device of the run,

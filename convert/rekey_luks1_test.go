@@ -152,22 +152,7 @@ func (sc *scenario) verifyLUKS1(w *fakeWorld, e *Engine, rekeyed bool) {
 	}
 	// Fresh boot: nothing on the raw disk; the header's key and offset
 	// give back every LV.
-	w2 := w.snapshot()
-	w2.powerCut(false)
-	l2 := sc.lvm(w2)
-	if err := l2.boot(); err != nil {
-		sc.t.Fatal(err)
-	}
-	if len(w2.devs) != 0 {
-		sc.t.Fatal("boot-time LVM activated something on the raw encrypted disk")
-	}
-	if _, err := (fakeDM{w2}).Create("opened", "", dmtable.Table{cryptTarget(0, sc.N-off, CryptSpec{Cipher: "aes-xts-plain64"}, dmtable.HexKey(key), 0, sc.disk, off)}); err != nil {
-		sc.t.Fatal(err)
-	}
-	if err := l2.Activate(context.Background(), "vg", []string{"/dev/mapper/opened"}); err != nil {
-		sc.t.Fatal(err)
-	}
-	sc.verifyLVs(w2, "fresh boot after the LUKS1 rekey")
+	sc.coldOpen(w, off, "aes-xts-plain64", key, "fresh boot after the LUKS1 rekey")
 }
 
 // addLUKS1Keyslots adds keyslots opened by pass to the header on the

@@ -110,24 +110,8 @@ func (sc *scenario) coldOpenRekeyed(w *fakeWorld) {
 	if !ok || fr.off != sc.H-rekeyGap {
 		sc.t.Fatalf("the header on disk is not a finished rekey (data at %d)", fr.off)
 	}
-	off := fr.off
-	w2 := w.snapshot()
-	w2.powerCut(false)
-	l2 := sc.lvm(w2)
-	if err := l2.boot(); err != nil {
-		sc.t.Fatal(err)
-	}
-	if len(w2.devs) != 0 {
-		sc.t.Fatal("boot-time LVM activated something on the raw encrypted disk")
-	}
 	// Opened as cryptsetup would: with the cipher and key the header says.
-	if _, err := (fakeDM{w2}).Create("opened", "", dmtable.Table{cryptTarget(0, sc.N-off, CryptSpec{Cipher: fr.cipher}, dmtable.HexKey(fr.key), 0, sc.disk, off)}); err != nil {
-		sc.t.Fatal(err)
-	}
-	if err := l2.Activate(context.Background(), "vg", []string{"/dev/mapper/opened"}); err != nil {
-		sc.t.Fatal(err)
-	}
-	sc.verifyLVs(w2, "fresh boot after rekey")
+	sc.coldOpen(w, fr.off, fr.cipher, fr.key, "fresh boot after rekey")
 }
 
 func (sc *scenario) planRekey(e *Engine) func() error {

@@ -280,17 +280,8 @@ func (h *Header) RemoveKeyslot(slot int) error {
 		if slot < 0 || slot >= luks1NumKeys || l.slots[slot].active != luks1KeyEnabled {
 			return fmt.Errorf("keyslot %d is not active: %w", slot, ErrNoKeyslot)
 		}
-		s := &l.slots[slot]
-		s.active, s.iterations, s.salt = luks1KeyDisabled, 0, [saltSize]byte{}
-		off := int64(s.offset) * sectorSize
-		n := int64(l.materialSectors()) * sectorSize
-		rnd, err := randomBytes(int(n))
-		if err != nil {
-			return err
-		}
-		copy(l.body[off:], rnd)
-		h.dirtyAfter = append(h.dirtyAfter, span{off, n})
-		return nil
+		l.slots[slot].active = luks1KeyDisabled
+		return h.wipeSlot1(slot)
 	}
 	l := h.v2
 	ks, err := l.keyslot(slot)

@@ -209,8 +209,18 @@ func (h *Header) bindStaged1(slot int, cipher string) error {
 // material overwritten with random bytes after the phdr (Commit).
 func (h *Header) dropStaged1() error {
 	l := h.v1
-	st := l.staged
-	s := &l.slots[st.slot]
+	if err := h.wipeSlot1(l.staged.slot); err != nil {
+		return err
+	}
+	l.staged = nil
+	return nil
+}
+
+// wipeSlot1 clears a LUKS1 keyslot's KDF parameters and overwrites its
+// material with random bytes, written after the phdr (Commit).
+func (h *Header) wipeSlot1(slot int) error {
+	l := h.v1
+	s := &l.slots[slot]
 	s.iterations, s.salt = 0, [saltSize]byte{}
 	off := int64(s.offset) * sectorSize
 	n := int64(l.materialSectors()) * sectorSize
@@ -220,7 +230,6 @@ func (h *Header) dropStaged1() error {
 	}
 	copy(l.body[off:], rnd)
 	h.dirtyAfter = append(h.dirtyAfter, span{off, n})
-	l.staged = nil
 	return nil
 }
 
