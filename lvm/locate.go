@@ -18,8 +18,8 @@ var (
 // order), while the PV UUID does not. hint, where the PV was last seen,
 // is tried first. Device-mapper devices whose dm UUID has one of the
 // prefixes in skipUUIDPrefixes are not considered (a converter's private
-// devices can show a copy of a label). It returns "" when no device
-// carries the label.
+// devices can show a copy of a label), nor suspended ones (a read would
+// block). It returns "" when no device carries the label.
 func LocatePV(uuid, hint string, skipUUIDPrefixes ...string) string {
 	if hint != "" {
 		if l, err := ReadLabel(hint); err == nil && l.UUID == uuid {
@@ -41,6 +41,9 @@ func LocatePV(uuid, hint string, skipUUIDPrefixes ...string) string {
 				if p != "" && strings.HasPrefix(id, p) {
 					skip = true
 				}
+			}
+			if b, err := os.ReadFile(filepath.Join(sys, "dm", "suspended")); err == nil && strings.TrimSpace(string(b)) == "1" {
+				skip = true // reading it would block until it is resumed
 			}
 			if skip {
 				continue

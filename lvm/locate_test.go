@@ -39,6 +39,8 @@ func TestLocatePV(t *testing.T) {
 	mk("dm-0", head, "helper", "DMCONVERT-abc-new") // a private copy: skipped
 	mk("vdc", head, "", "")                         // the PV, under a new name
 	mk("dm-1", blank, "vg-lv", "LVM-xyz")
+	mk("dm-2", head, "frozen", "LVM-abc") // suspended: never read
+	os.WriteFile(filepath.Join(sys, "dm-2", "dm", "suspended"), []byte("1\n"), 0o644)
 
 	if got := LocatePV(l.UUID, filepath.Join(dev, "vdb"), "DMCONVERT-"); got != filepath.Join(dev, "vdc") {
 		t.Fatalf("LocatePV found %q, want %s/vdc", got, dev)
