@@ -113,7 +113,16 @@ func TestVMPowerCut(t *testing.T) {
 	buildGuestBinaries(t, bins, "")
 	var mu sync.Mutex
 	results := map[string]int{}
-	t.Cleanup(func() { t.Logf("power cuts by state found afterwards: %v", results) })
+	var vmTime, vmCPU time.Duration // every boot's wall time and QEMU CPU
+	account := func(r testvm.Result) {
+		mu.Lock()
+		vmTime += r.Elapsed
+		vmCPU += r.CPU
+		mu.Unlock()
+	}
+	t.Cleanup(func() {
+		t.Logf("power cuts by state found afterwards: %v; %.0fs of VMs, %.0fs of QEMU CPU", results, vmTime.Seconds(), vmCPU.Seconds())
+	})
 	for i, op := range ops {
 		// Delay after the first progress event: anywhere in the run, and
 		// a little past its end.
@@ -166,9 +175,11 @@ func TestVMPowerCut(t *testing.T) {
 			time.Sleep(delay)
 			vm.Kill()
 			res, _ := vm.Wait()
+			account(res)
 			finished := strings.Contains(string(res.Console), "DMCONVERT-FINISHED")
 			t.Logf("%s: cut %v after the first progress event (conversion finished before the cut: %v)", op, delay, finished)
 			res, err = testvm.Run(ctx, testvm.Config{Image: img, Disks: disks2, Share: share, Script: bootScriptEnv("TestBootPowerCutResume", env), Timeout: 5 * time.Minute})
+			account(res)
 			if err != nil || res.ExitCode != 0 {
 				t.Fatalf("after the power cut of %s (seed %d, cut %d, delay %v): exit %d, %v\n%s\nconsole:\n%s", op, seed, i, delay, res.ExitCode, err, res.Report(), tail(res.Console, 80))
 			}

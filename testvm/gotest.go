@@ -194,14 +194,14 @@ func RunTestsInGuest(t *testing.T, opts Options) {
 	}
 	rep := Report{Package: pkg, Test: t.Name(), Kernel: res.GuestKernel,
 		KernelPackage: img.KernelPackage + " " + img.KernelPackageVersion,
-		BootSeconds:   res.Boot.Seconds(), TotalSeconds: res.Elapsed.Seconds()}
+		BootSeconds:   res.Boot.Seconds(), TotalSeconds: res.Elapsed.Seconds(), CPUSeconds: res.CPU.Seconds()}
 	results, pkgOutput := summarize(events)
 	rep.count(results)
 	mirror(t, results)
 
-	t.Logf("guest kernel %s (%s): %d guest tests ran: %d passed, %d failed, %d skipped; %d benchmarks; build %.1fs, boot %.1fs, VM %.1fs",
+	t.Logf("guest kernel %s (%s): %d guest tests ran: %d passed, %d failed, %d skipped; %d benchmarks; build %.1fs, boot %.1fs, VM %.1fs, QEMU CPU %.1fs",
 		rep.Kernel, rep.KernelPackage, rep.Ran, rep.Passed, rep.Failed, rep.Skipped, rep.Benchmarks,
-		buildTime.Seconds(), rep.BootSeconds, rep.TotalSeconds)
+		buildTime.Seconds(), rep.BootSeconds, rep.TotalSeconds, rep.CPUSeconds)
 	switch {
 	case werr != nil:
 		t.Errorf("guest run failed: %v", werr)

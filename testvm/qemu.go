@@ -74,6 +74,7 @@ type Result struct {
 	Boot        time.Duration // QEMU start to the guest being ready to run the script
 	GuestKernel string        // uname -r, as the guest reported it
 	Killed      bool          // ended by VM.Kill (a power cut)
+	CPU         time.Duration // host CPU time (user+sys) the QEMU process used
 	CommandLine string        // the reproducible QEMU command line
 }
 
@@ -124,6 +125,7 @@ type VM struct {
 	ready   time.Duration
 	kernel  string
 	killed  bool
+	cpu     time.Duration // host CPU of the QEMU process, once it exited
 	timeout bool
 	ctxErr  error
 
@@ -252,6 +254,9 @@ func Start(ctx context.Context, cfg Config) (*VM, error) {
 		<-copied
 		vm.waitErr = cmd.Wait()
 		vm.mu.Lock()
+		if ps := cmd.ProcessState; ps != nil {
+			vm.cpu = ps.UserTime() + ps.SystemTime()
+		}
 		close(vm.exited)
 		vm.notifyLocked()
 		vm.mu.Unlock()
@@ -516,6 +521,7 @@ func (vm *VM) collect() (Result, error) {
 		Boot:        vm.ready,
 		GuestKernel: vm.kernel,
 		Killed:      vm.killed,
+		CPU:         vm.cpu,
 		CommandLine: vm.CommandLine(),
 	}
 	timedOut, ctxErr := vm.timeout, vm.ctxErr

@@ -31,6 +31,7 @@ type Report struct {
 	Tests         []string `json:"tests"`         // names of the guest tests that reported a result
 	BootSeconds   float64  `json:"boot_seconds"`  // QEMU start to the guest being ready
 	TotalSeconds  float64  `json:"total_seconds"` // QEMU start to QEMU exit
+	CPUSeconds    float64  `json:"cpu_seconds"`   // host CPU (user+sys) of the QEMU process
 }
 
 func (r Report) write(dir string) error {

@@ -275,8 +275,10 @@ func report(args []string) error {
 	}
 	var tot testvm.Report
 	for _, r := range reps {
-		fmt.Printf("vm: %-45s %-16s ran %3d: %3d passed, %d failed, %d skipped (boot %.1fs, VM %.1fs, %d benchmarks)\n",
-			r.Package+"."+r.Test, r.Kernel, r.Ran, r.Passed, r.Failed, r.Skipped, r.BootSeconds, r.TotalSeconds, r.Benchmarks)
+		fmt.Printf("vm: %-45s %-16s ran %3d: %3d passed, %d failed, %d skipped (boot %.1fs, VM %.1fs, QEMU CPU %.1fs, %d benchmarks)\n",
+			r.Package+"."+r.Test, r.Kernel, r.Ran, r.Passed, r.Failed, r.Skipped, r.BootSeconds, r.TotalSeconds, r.CPUSeconds, r.Benchmarks)
+		tot.TotalSeconds += r.TotalSeconds
+		tot.CPUSeconds += r.CPUSeconds
 		tot.Ran += r.Ran
 		tot.Passed += r.Passed
 		tot.Failed += r.Failed
@@ -285,8 +287,8 @@ func report(args []string) error {
 			tot.Kernel = r.Kernel
 		}
 	}
-	fmt.Printf("vm total: %d guest tests ran inside %d VM boots (guest kernel %s): %d passed, %d failed, %d skipped\n",
-		tot.Ran, len(reps), tot.Kernel, tot.Passed, tot.Failed, tot.Skipped)
+	fmt.Printf("vm total: %d guest tests ran inside %d VM boots (guest kernel %s): %d passed, %d failed, %d skipped; %.0fs of VMs, %.0fs of QEMU CPU\n",
+		tot.Ran, len(reps), tot.Kernel, tot.Passed, tot.Failed, tot.Skipped, tot.TotalSeconds, tot.CPUSeconds)
 	var missing []string
 	if *module != "" {
 		declared, err := testvm.DeclaredGuestTests(*module)
