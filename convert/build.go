@@ -83,7 +83,13 @@ func BuildEncrypt(eg EncryptGeometry) (*Plan, error) {
 	phases := []Phase{
 		{Kind: PhaseSetup},
 		{Kind: PhaseRestack},
-		{Kind: PhaseMove, Start: 0, End: head, From: disk, To: tailB, Chunk: chunk},
+		// The head leaves in one step, whatever the chunk size: until
+		// the switch the disk keeps its PV label, so boot-time LVM and
+		// a resume take the disk's head as current (docs/design.md
+		// section 3). Only the step's mirror keeps it current while
+		// the head is copied: a chunk routed to the tail alone would
+		// leave the disk's copy stale.
+		{Kind: PhaseMove, Start: 0, End: head, From: disk, To: tailB, Chunk: head},
 		{Kind: PhaseToLUKS},
 	}
 	if P > H {

@@ -2,6 +2,7 @@ package convert
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -51,6 +52,9 @@ type scenario struct {
 	rekeyTo rekeyTarget
 	// luks1: the disk carries a real LUKS1 header (luks1EncryptedWorld).
 	luks1 bool
+	// chunk is the encrypt's --chunk-size (zero: the header size, the
+	// default).
+	chunk Sectors
 }
 
 const fakeDiskPath = "/dev/vda"
@@ -121,7 +125,7 @@ func (sc *scenario) engine(w *fakeWorld) *Engine {
 
 func (sc *scenario) options() EncryptOptions {
 	return EncryptOptions{
-		Device: fakeDiskPath, Journal: sc.journal, HeaderSectors: sc.H, KeyBytes: 64, Chunk: sc.H,
+		Device: fakeDiskPath, Journal: sc.journal, HeaderSectors: sc.H, KeyBytes: 64, Chunk: cmp.Or(sc.chunk, sc.H),
 		NewHeader: func(key []byte, ss uint32) (HeaderFormat, error) {
 			copy(key, sc.key) // the test knows the key, to check the disk
 			return &fakeHeader{h: sc.H, key: sc.key}, nil
@@ -140,6 +144,12 @@ func (sc *scenario) write(w *fakeWorld) {
 	lv := sc.lvs[sc.rng.Intn(len(sc.lvs))]
 	n := Sectors(1 + sc.rng.Intn(4))
 	off := Sectors(sc.rng.Int63n(int64(lv.size() - n)))
+	if sc.chunk != 0 && sc.rng.Intn(2) == 0 {
+		// Small chunks: every other write goes to the disk's head (the
+		// first LV's start), which leaves the disk in several steps.
+		lv = sc.lvs[0]
+		off = Sectors(sc.rng.Int63n(int64(sc.H - lv.segs[0].Start - n)))
+	}
 	data := make([]byte, n*512)
 	sc.rng.Read(data)
 	exp := sc.expect
@@ -391,9 +401,17 @@ func (r recovery) String() string {
 // volatile cache); then resume (or abort) must finish with every
 // acknowledged write intact, and a boot in between must never activate
 // LVM on a half-converted disk.
-func TestCrashAtEveryFailpoint(t *testing.T) {
+func TestCrashAtEveryFailpoint(t *testing.T) { crashMatrix(t, 0) }
+
+// TestCrashAtEveryFailpointSmallChunks: the same with chunks of a
+// quarter of the header, so that the head leaves the disk in several
+// steps (while the disk still carries the PV label).
+func TestCrashAtEveryFailpointSmallChunks(t *testing.T) { crashMatrix(t, 32) }
+
+func crashMatrix(t *testing.T, chunk Sectors) {
 	// Count the hits of a clean run.
 	sc := newScenario(t, 3)
+	sc.chunk = chunk
 	w := sc.world()
 	e := sc.engine(w)
 	_, hits := sc.runUntil(e, w, "", 0, func() error {
@@ -411,7 +429,7 @@ func TestCrashAtEveryFailpoint(t *testing.T) {
 				seed := int64(cases)
 				t.Run(fmt.Sprintf("%s#%d/%s", fp, nth, rec), func(t *testing.T) {
 					t.Parallel()
-					crashAndRecover(t, fp, nth, rec, seed)
+					crashAndRecover(t, fp, nth, rec, seed, chunk)
 				})
 			}
 		}
@@ -419,8 +437,9 @@ func TestCrashAtEveryFailpoint(t *testing.T) {
 	t.Logf("%d crash cases", cases)
 }
 
-func crashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed int64) {
+func crashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed int64, chunk Sectors) {
 	sc := newScenario(t, seed)
+	sc.chunk = chunk
 	sc.quiet = rec == recoverLostCacheResume || rec == recoverLostCacheAbort
 	w := sc.world()
 	e := sc.engine(w)

@@ -235,6 +235,23 @@ func parseRecord(b []byte) (id, seq uint64, ok bool) {
 	return binary.LittleEndian.Uint64(b[8:]), binary.LittleEndian.Uint64(b[16:]), true
 }
 
+// describeRecord says what a damaged record holds instead.
+func describeRecord(b []byte) string {
+	switch {
+	case bytes.Count(b, []byte{0}) == len(b):
+		return "all zeros"
+	case !bytes.HasPrefix(b, recMagic):
+		return fmt.Sprintf("no magic; starts %x", b[:32])
+	}
+	id, seq := binary.LittleEndian.Uint64(b[8:]), binary.LittleEndian.Uint64(b[16:])
+	crcOK := crc32.ChecksumIEEE(b[32:]) == binary.LittleEndian.Uint32(b[24:])
+	zeroTail := 0
+	for i := len(b) - 1; i >= 0 && b[i] == 0; i-- {
+		zeroTail++
+	}
+	return fmt.Sprintf("writer %d record %d, checksum ok %v, %d zero bytes at the end", id, seq, crcOK, zeroTail)
+}
+
 // writer appends records to files on the mounted file systems and writes
 // them round-robin into slots of the raw LV, fsyncing each one; after
 // the fsync returns, the record's sequence number is appended to an
@@ -452,7 +469,14 @@ func verifyStack(t testing.TB, st *stack, state string) {
 			}
 			id, s, ok := parseRecord(b[off : off+recSize])
 			if !ok || id != uint64(i) || s != seq {
-				t.Fatalf("%s/records: record %d damaged", mp, seq)
+				bad := 0
+				for k := uint64(0); k <= last[uint64(i)]; k++ {
+					if id, s, ok := parseRecord(b[k*recSize : (k+1)*recSize]); !ok || id != uint64(i) || s != k {
+						bad++
+					}
+				}
+				t.Fatalf("%s/records: record %d damaged (%s); %d of the %d acknowledged records damaged; the file has %d bytes",
+					mp, seq, describeRecord(b[off:off+recSize]), bad, last[uint64(i)]+1, len(b))
 			}
 			nrec++
 		}

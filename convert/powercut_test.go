@@ -176,12 +176,13 @@ func TestVMPowerCut(t *testing.T) {
 			vm.Kill()
 			res, _ := vm.Wait()
 			account(res)
+			firstConsole := tail(res.Console, 40)
 			finished := strings.Contains(string(res.Console), "DMCONVERT-FINISHED")
 			t.Logf("%s: cut %v after the first progress event (conversion finished before the cut: %v)", op, delay, finished)
 			res, err = testvm.Run(ctx, testvm.Config{Image: img, Disks: disks2, Share: share, Script: bootScriptEnv("TestBootPowerCutResume", env), Timeout: 5 * time.Minute})
 			account(res)
 			if err != nil || res.ExitCode != 0 {
-				t.Fatalf("after the power cut of %s (seed %d, cut %d, delay %v): exit %d, %v\n%s\nconsole:\n%s", op, seed, i, delay, res.ExitCode, err, res.Report(), tail(res.Console, 80))
+				t.Fatalf("after the power cut of %s (seed %d, cut %d, delay %v): exit %d, %v\n%s\nconsole:\n%s\nthe first boot's console, up to the cut:\n%s", op, seed, i, delay, res.ExitCode, err, res.Report(), tail(res.Console, 80), firstConsole)
 			}
 			for _, l := range strings.Split(string(res.Console), "\n") {
 				if k, ok := strings.CutPrefix(strings.TrimSpace(l), "DMCONVERT-CUT-STATE "); ok {
@@ -238,10 +239,18 @@ func TestBootPowerCutStart(t *testing.T) {
 	}
 	w := startWriter(t, st, state)
 	_ = w
+	start := time.Now()
 	r := cliStart(t, args...)
 	r.waitProgress(t, 0)
 	fmt.Println("DMCONVERT-CONVERTING")
 	os.Stdout.Sync()
+	go func() {
+		// How far the run got before the cut, on the console (the host
+		// shows it when the second boot fails).
+		for m := range r.lines {
+			fmt.Printf("DMCONVERT-EVENT %v %.3fs\n", m, time.Since(start).Seconds())
+		}
+	}()
 	code, errOut := r.wait()
 	if code != 0 {
 		t.Fatalf("%s: exit %d: %s", args[0], code, errOut)

@@ -82,7 +82,7 @@ disk (see --shrink-pv). The result is what 'cryptsetup luksFormat' and
 	f.StringVar(&o.subsystem, "subsystem", "", "LUKS2 subsystem")
 	f.StringVar(&o.uuid, "uuid", "", "LUKS UUID (default random)")
 	f.StringVar(&o.journal, "journal", "", "journal file (default "+convert.DefaultJournalDir+"/<PV UUID>.journal); must not live on DEVICE")
-	f.Var(&o.chunkSize, "chunk-size", "bytes copied per step, with K/M/G suffix (default and maximum: the header size)")
+	f.Var(&o.chunkSize, "chunk-size", "bytes copied per step, with K/M/G suffix (default and maximum: the header size; an encrypt moves the disk's head out in one step of the header size)")
 	f.Var(&o.regionSize, "region-size", fmt.Sprintf("dm-mirror region size, a power of two (default %s)", humanBytes(convert.DefaultRegionSize*512)))
 	f.BoolVar(&o.dryRun, "dry-run", false, "print the plan and change nothing (no passphrase needed)")
 	f.BoolVar(&o.yes, "yes", false, "do not ask for confirmation")

@@ -111,11 +111,10 @@ func (a *app) printPlan(ep *convert.EncryptPlan, cfg *encryptConfig) {
 		fmt.Fprintf(w, "  moved onto it: %s\n", strings.Join(names, ", "))
 	}
 	fmt.Fprintf(w, "  journal:       %s\n", ep.Journal)
-	chunk := g.Header
+	var chunk convert.Sectors // the largest step (an encrypt's head leaves in one)
 	for _, ph := range s.Forward.Phases {
 		if ph.Kind == convert.PhaseMove {
-			chunk = ph.Chunk
-			break
+			chunk = max(chunk, ph.Chunk)
 		}
 	}
 	fmt.Fprintf(w, "  copy:          %s in steps of at most %s\n", humanBytes(s.Forward.BytesTotal()), humanBytes(chunk*512))
