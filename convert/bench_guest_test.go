@@ -83,12 +83,12 @@ const (
 	maxPairedDMWrite = 512 * guestMiB // bytes the paired dm-crypt measurement writes at most
 )
 
-// TestVMBench boots the benchmark VM: vda (256 MiB) for the dm-crypt,
+// vmBench (TestVMBench) boots the benchmark VM: vda (256 MiB) for the dm-crypt,
 // cryptsetup and dmconvert rounds and the region/chunk sweep, vdb for
 // the journals, then one disk per DMCONVERT_BENCH_SIZES entry. It runs
 // only when benchmarks are asked for (DMCONVERT_VM=1 and
 // DMCONVERT_VM_BENCH, as make bench sets them).
-func TestVMBench(t *testing.T) {
+func vmBench(t *testing.T) {
 	testvm.RequireVM(t)
 	bench := os.Getenv(testvm.EnvBench)
 	if bench == "" {

@@ -22,10 +22,10 @@ import (
 // and every refusal, driving the statically built binary the way an
 // administrator would.
 
-// TestVMCLI boots one VM for the command-line tests: vda, vdb, vdc are
+// vmCLI (TestVMCLI) boots one VM for the command-line tests: vda, vdb, vdc are
 // converted (one per test), vdd holds journals and acknowledgement logs,
 // vde and vdf are for the refusal cases.
-func TestVMCLI(t *testing.T) {
+func vmCLI(t *testing.T) {
 	if testvm.VMRequested() {
 		t.Parallel()
 	}

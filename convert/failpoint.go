@@ -44,6 +44,16 @@ var failHook func(name string)
 // called after every lvm command.
 var lvmTrace func(args []string, stdout, stderr []byte, exitCode int)
 
+// stepTrace, when set (DMCONVERT_FP_TRACE=1 in failpoint builds), is
+// called at a few steps of a run's start that are not failpoints.
+var stepTrace func(name string)
+
+func traceStep(name string) {
+	if stepTrace != nil {
+		stepTrace(name)
+	}
+}
+
 // hit marks the failpoint name.
 func hit(name string) {
 	if !failpointSet[name] {

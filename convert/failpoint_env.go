@@ -25,6 +25,10 @@ func init() {
 			fmt.Fprintf(os.Stderr, "dmconvert: trace %-26s +%6.3fs\n", n, time.Since(last).Seconds())
 			last = time.Now()
 		}
+		stepTrace = func(n string) {
+			fmt.Fprintf(os.Stderr, "dmconvert: trace step %-21s +%6.3fs\n", n, time.Since(last).Seconds())
+			last = time.Now()
+		}
 		lvmTrace = func(args []string, _, _ []byte, code int) {
 			fmt.Fprintf(os.Stderr, "dmconvert: trace lvm %s (exit %d) +%6.3fs\n", strings.Join(args, " "), code, time.Since(last).Seconds())
 			last = time.Now()

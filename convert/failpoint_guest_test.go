@@ -19,11 +19,11 @@ import (
 // at it with no cleanup at all, under a writer; then resume, or abort,
 // must finish with every file and every acknowledged record intact.
 
-// TestVMFailpoints runs the failpoint matrices, one VM each, in parallel:
-// encrypt with every failpoint followed by resume (Resume), the same
-// followed by abort (Abort), and every failpoint a rekey (Rekey) or a
-// decrypt (Decrypt) reaches, followed by resume or abort in turn.
-func TestVMFailpoints(t *testing.T) {
+// vmFailpoints boots the VM of one failpoint matrix: encrypt with every
+// failpoint followed by resume ("Resume"), the same followed by abort
+// ("Abort"), and every failpoint a rekey ("Rekey") or a decrypt
+// ("Decrypt") reaches, followed by resume or abort in turn.
+func vmFailpoints(t *testing.T, rec string) {
 	testvm.RequireVM(t)
 	t.Parallel()
 	dir := t.TempDir()
@@ -32,38 +32,32 @@ func TestVMFailpoints(t *testing.T) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("building dmconvert with failpoints: %v\n%s", err, out)
 	}
-	recs := []string{"Resume", "Abort", "Rekey", "Decrypt"}
-	for _, rec := range recs {
-		t.Run(rec, func(t *testing.T) {
-			t.Parallel()
-			// Small disks: the cases copy the whole PV (or data area) again
-			// and again, and a chunk's fixed cost (table swaps, flushes,
-			// journal commits) dominates under emulation: 32 MiB of data is
-			// 8 chunks of 4 MiB, 8-12 chunk steps with the head moves, so
-			// every per-chunk failpoint still has a 5th hit. (The ext4 LV
-			// needs 24 MiB: the writers' records fill a smaller one.)
-			size := int64(40 * guestMiB)
-			switch rec {
-			case "Rekey":
-				size = int64(48 * guestMiB) // 16 MiB of LUKS2 header in front
-			case "Decrypt":
-				size = int64(64 * guestMiB) // header, a PV shrunk to 32 MiB, room for the head
-			}
-			env := map[string]string{}
-			for _, k := range []string{"DMCONVERT_FP_N", "DMCONVERT_FP_SEED", "DMCONVERT_FP_ONLY", "DMCONVERT_FP_TRACE", "DMCONVERT_WRITER_PAUSE"} {
-				if v := os.Getenv(k); v != "" {
-					env[k] = v
-				}
-			}
-			testvm.RunTestsInGuest(t, testvm.Options{
-				Env:     env,
-				Disks:   []testvm.Disk{{Size: size}, {Size: 64 * guestMiB}},
-				Run:     "^TestGuestFailpoints" + rec + "$",
-				Files:   map[string]string{"dmconvert": filepath.Join(dir, "dmconvert")},
-				Timeout: 40 * time.Minute,
-			})
-		})
+	// Small disks: the cases copy the whole PV (or data area) again and
+	// again, and a chunk's fixed cost (table swaps, flushes, journal
+	// commits) dominates under emulation: 32 MiB of data is 8 chunks of
+	// 4 MiB, 8-12 chunk steps with the head moves, so every per-chunk
+	// failpoint still has a 5th hit. (The ext4 LV needs 24 MiB: the
+	// writers' records fill a smaller one.)
+	size := int64(40 * guestMiB)
+	switch rec {
+	case "Rekey":
+		size = int64(48 * guestMiB) // 16 MiB of LUKS2 header in front
+	case "Decrypt":
+		size = int64(64 * guestMiB) // header, a PV shrunk to 32 MiB, room for the head
 	}
+	env := map[string]string{}
+	for _, k := range []string{"DMCONVERT_FP_N", "DMCONVERT_FP_SEED", "DMCONVERT_FP_ONLY", "DMCONVERT_FP_TRACE", "DMCONVERT_WRITER_PAUSE"} {
+		if v := os.Getenv(k); v != "" {
+			env[k] = v
+		}
+	}
+	testvm.RunTestsInGuest(t, testvm.Options{
+		Env:     env,
+		Disks:   []testvm.Disk{{Size: size}, {Size: 64 * guestMiB}},
+		Run:     "^TestGuestFailpoints" + rec + "$",
+		Files:   map[string]string{"dmconvert": filepath.Join(dir, "dmconvert")},
+		Timeout: 40 * time.Minute,
+	})
 }
 
 func TestGuestFailpointsResume(t *testing.T) { guestFailpoints(t, "resume") }

@@ -18,10 +18,10 @@ import (
 
 const guestMiB = 1 << 20
 
-// TestVM: the headline conversion in one boot (disk vda converted, vdb
+// vmEngine (TestVM): the headline conversion in one boot (disk vda converted, vdb
 // holds the journal and the writers' acknowledgements), then a fresh boot
 // of the same disks where stock tools must open it.
-func TestVM(t *testing.T) {
+func vmEngine(t *testing.T) {
 	if testvm.VMRequested() {
 		t.Parallel()
 	}

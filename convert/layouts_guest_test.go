@@ -40,8 +40,8 @@ const (
 	layStateDisk          // journals and acknowledgements
 )
 
-// TestVMLayouts boots one VM for the layout tests.
-func TestVMLayouts(t *testing.T) {
+// vmLayouts (TestVMLayouts) boots one VM for the layout tests.
+func vmLayouts(t *testing.T) {
 	if testvm.VMRequested() {
 		t.Parallel()
 	}

@@ -51,9 +51,10 @@ import (
 // host, 19 minutes with its two cores busy with other VMs). DMCONVERT_LW_POINTS=n replays n of
 // them, one from each stretch of the run, chosen with a seed that is
 // printed; DMCONVERT_LW_SEED=s replays a sample, DMCONVERT_LW_SAMPLES
-// sets how many in-between points (default 4). TestVMLogWrites boots one
-// VM per variant, in parallel (-run '^TestVMLogWrites$/^Rekey$', or
-// DMCONVERT_VM_RUN='^TestGuestLogWritesRekey$', boots one). A guest test
+// sets how many in-between points (default 4). TestVMLogWritesEncrypt and
+// TestVMLogWritesRekey boot one VM each, in parallel (-run
+// '^TestVMLogWritesRekey$', or DMCONVERT_VM_RUN='^TestGuestLogWritesRekey$',
+// boots one). A guest test
 // stops replaying when its budget runs out: by default what go test's
 // -timeout leaves (10m unless set; give -timeout 40m), or
 // DMCONVERT_LW_BUDGET (a Go duration, "0" for none). Points not replayed
@@ -123,17 +124,25 @@ var lwRekey = &lwOp{
 	},
 }
 
-// lwGuestTests are the guest tests TestVMLogWrites runs, one VM each.
-var lwGuestTests = []string{"Encrypt", "Rekey"}
-
-// TestVMLogWrites boots one VM per recorded operation (in parallel), each
-// with one virtio disk, vda: D then J. The log lives on a loop device over
-// a tmpfs file (in the first runs, a second virtio disk as the log now and
-// then failed a large merged log write with an I/O error under host load,
-// which disables logging), and so do the replays.
-func TestVMLogWrites(t *testing.T) {
+// vmLogWrites boots the VM of one recorded operation (TestVMLogWrites*:
+// "Encrypt" or "Rekey"; they run in parallel), with one virtio disk, vda:
+// D then J. The log lives on a loop device over a tmpfs file (in the first
+// runs, a second virtio disk as the log now and then failed a large merged
+// log write with an I/O error under host load, which disables logging),
+// and so do the replays.
+func vmLogWrites(t *testing.T, name string) {
 	testvm.RequireVM(t)
 	t.Parallel()
+	guest := "TestGuestLogWrites" + name
+	if r := os.Getenv(testvm.EnvRun); r != "" {
+		only, err := regexp.Compile(r)
+		if err != nil {
+			t.Fatalf("%s: %v", testvm.EnvRun, err)
+		}
+		if !only.MatchString(guest) {
+			t.Skipf("%s=%s does not ask for %s: its VM is not booted", testvm.EnvRun, r, guest)
+		}
+	}
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	env := map[string]string{}
 	for _, k := range []string{"DMCONVERT_LW_SEED", "DMCONVERT_LW_SAMPLES", "DMCONVERT_LW_POINTS", "DMCONVERT_LW_BUDGET"} {
@@ -151,39 +160,17 @@ func TestVMLogWrites(t *testing.T) {
 			env["DMCONVERT_LW_BUDGET"] = max(left-100*time.Second, time.Minute).Round(time.Second).String()
 		}
 	}
-	var only *regexp.Regexp
-	runOnly := os.Getenv(testvm.EnvRun)
-	if runOnly != "" {
-		var err error
-		if only, err = regexp.Compile(runOnly); err != nil {
-			t.Fatalf("%s: %v", testvm.EnvRun, err)
-		}
-	}
-	ran := 0
-	for _, name := range lwGuestTests {
-		guest := "TestGuestLogWrites" + name
-		if only != nil && !only.MatchString(guest) {
-			continue // not asked for: its VM is not booted
-		}
-		ran++
-		t.Run(name, func(t *testing.T) {
-			t.Parallel()
-			start := time.Now()
-			testvm.RunTestsInGuest(t, testvm.Options{
-				Disks:    []testvm.Disk{{Size: lwDataBytes}},
-				Run:      "^" + guest + "$",
-				FixedRun: true, // each VM runs its own guest test
-				Files:    map[string]string{"dmconvert": bin},
-				Env:      env,
-				MemMiB:   3072,
-				Timeout:  timeout,
-			})
-			t.Logf("dm-log-writes test: %v from build to shutdown", time.Since(start).Round(time.Second))
-		})
-	}
-	if ran == 0 {
-		t.Fatalf("%s=%s matches none of the guest tests TestGuestLogWrites%v", testvm.EnvRun, runOnly, lwGuestTests)
-	}
+	start := time.Now()
+	testvm.RunTestsInGuest(t, testvm.Options{
+		Disks:    []testvm.Disk{{Size: lwDataBytes}},
+		Run:      "^" + guest + "$",
+		FixedRun: true, // each VM runs its own guest test
+		Files:    map[string]string{"dmconvert": bin},
+		Env:      env,
+		MemMiB:   3072,
+		Timeout:  timeout,
+	})
+	t.Logf("dm-log-writes test: %v from build to shutdown", time.Since(start).Round(time.Second))
 }
 
 // lwFilter makes LVM see only D and the final mapping: the data disk, L

@@ -72,11 +72,11 @@ func envInt(name string, def int64) int64 {
 	return def
 }
 
-// TestVMPowerCut: DMCONVERT_POWERCUTS cuts of an encrypt (default 10,
+// vmPowerCut (TestVMPowerCut): DMCONVERT_POWERCUTS cuts of an encrypt (default 10,
 // what CI runs; make crashtest N=... runs more) and DMCONVERT_POWERCUTS_OPS
 // cuts each of a decrypt and of a rekey (default 1), DMCONVERT_CRASH_SEED
 // to replay.
-func TestVMPowerCut(t *testing.T) {
+func vmPowerCut(t *testing.T) {
 	testvm.RequireVM(t)
 	t.Parallel()
 	seed := envInt("DMCONVERT_CRASH_SEED", time.Now().UnixNano())

@@ -21,8 +21,8 @@ import (
 // record is checked, stock cryptsetup opens the volume with the
 // passphrase, and the old volume key no longer opens it.
 
-// TestVMRekey boots one VM for the rekey guest tests.
-func TestVMRekey(t *testing.T) {
+// vmRekey (TestVMRekey) boots one VM for the rekey guest tests.
+func vmRekey(t *testing.T) {
 	if testvm.VMRequested() {
 		t.Parallel()
 	}

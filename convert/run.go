@@ -211,6 +211,7 @@ func (e *Engine) openRun(ctx context.Context, o ResumeOptions) (r *run, cleanup 
 		return nil, cleanup, err
 	}
 	closers = append(closers, func() { j.Close() })
+	traceStep("journal-open")
 	jr, err := j.Run()
 	if err != nil {
 		return nil, cleanup, err
@@ -247,6 +248,7 @@ func (e *Engine) openRun(ctx context.Context, o ResumeOptions) (r *run, cleanup 
 		return nil, cleanup, err
 	}
 	closers = append(closers, unlock)
+	traceStep("disk-locked")
 	img, err := j.Header()
 	if err != nil {
 		return nil, cleanup, err
@@ -255,6 +257,7 @@ func (e *Engine) openRun(ctx context.Context, o ResumeOptions) (r *run, cleanup 
 	if err != nil {
 		return nil, cleanup, fmt.Errorf("unlocking the header of %s: %w", spec.Disk.Path, err)
 	}
+	traceStep("header-unlocked")
 	if n := len(keys.Unbound); spec.Op == "rekey" && n != spec.Crypt.KeyBytes {
 		// The helpers' tables follow from the plan's crypt specs and
 		// these keys: a key of another size is not the run's.
@@ -287,6 +290,7 @@ func (e *Engine) openRun(ctx context.Context, o ResumeOptions) (r *run, cleanup 
 	if err := r.reconcile(); err != nil {
 		return nil, cleanup, err
 	}
+	traceStep("reconciled")
 	return r, cleanup, nil
 }
 
@@ -492,6 +496,7 @@ func (e *Engine) Resume(ctx context.Context, o ResumeOptions) error {
 	if err != nil {
 		return err
 	}
+	traceStep("rebuilt")
 	return r.execute(ctx, func() error {
 		if err := r.activate(ctx, fresh); err != nil {
 			return err
@@ -512,6 +517,7 @@ func (e *Engine) Abort(ctx context.Context, o ResumeOptions) error {
 	if err != nil {
 		return err
 	}
+	traceStep("rebuilt")
 	return r.execute(ctx, func() error {
 		if err := r.activate(ctx, fresh); err != nil {
 			return err

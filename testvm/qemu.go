@@ -358,7 +358,7 @@ func qemuArgs(cfg Config) []string {
 	args := []string{qemu,
 		// KVM on these machines runs a stock kernel ~100x slower: TCG only.
 		"-accel", "tcg,thread=multi",
-		"-M", "q35", "-cpu", "max",
+		"-M", "q35", "-cpu", "max,-erms,-fsrm",
 		"-smp", strconv.Itoa(cfg.SMP), "-m", strconv.Itoa(cfg.MemMiB),
 		"-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
 	}

@@ -197,7 +197,7 @@ func TestQemuArgs(t *testing.T) {
 	}
 	args := strings.Join(qemuArgs(cfg), " ")
 	for _, want := range []string{
-		"-accel tcg,thread=multi", "-M q35", "-cpu max", "-smp 2", "-m 1024", "-no-reboot",
+		"-accel tcg,thread=multi", "-M q35", "-cpu max,-erms,-fsrm", "-smp 2", "-m 1024", "-no-reboot",
 		"-kernel /c/vmlinux", "-initrd /c/initramfs.cpio",
 		"-append console=ttyS0 quiet loglevel=4 panic=-1 oops=panic foo=1",
 		"-virtfs local,path=/s/x,,y,mount_tag=testvm,security_model=none,id=testvm",
