@@ -44,6 +44,7 @@ const (
 func vmLayouts(t *testing.T) {
 	if testvm.VMRequested() {
 		t.Parallel()
+		testvm.Slot(t, vmPriority(t))
 	}
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	files := map[string]string{"dmconvert": bin}
