@@ -28,7 +28,6 @@ import (
 func vmCLI(t *testing.T) {
 	if testvm.VMRequested() {
 		t.Parallel()
-		testvm.Slot(t, vmPriority(t))
 	}
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{

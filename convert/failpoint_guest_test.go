@@ -26,7 +26,6 @@ import (
 func vmFailpoints(t *testing.T, rec string) {
 	testvm.RequireVM(t)
 	t.Parallel()
-	testvm.Slot(t, vmPriority(t))
 	dir := t.TempDir()
 	cmd := exec.Command("go", "build", "-tags", "failpoints", "-o", filepath.Join(dir, "dmconvert"), "../cmd/dmconvert")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")

@@ -24,7 +24,6 @@ const guestMiB = 1 << 20
 func vmEngine(t *testing.T) {
 	if testvm.VMRequested() {
 		t.Parallel()
-		testvm.Slot(t, vmPriority(t))
 	}
 	dir := t.TempDir()
 	pv, state := filepath.Join(dir, "pv.img"), filepath.Join(dir, "state.img")

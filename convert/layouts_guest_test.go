@@ -44,7 +44,6 @@ const (
 func vmLayouts(t *testing.T) {
 	if testvm.VMRequested() {
 		t.Parallel()
-		testvm.Slot(t, vmPriority(t))
 	}
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	files := map[string]string{"dmconvert": bin}

@@ -133,7 +133,6 @@ var lwRekey = &lwOp{
 func vmLogWrites(t *testing.T, name string) {
 	testvm.RequireVM(t)
 	t.Parallel()
-	testvm.Slot(t, vmPriority(t))
 	guest := "TestGuestLogWrites" + name
 	if r := os.Getenv(testvm.EnvRun); r != "" {
 		only, err := regexp.Compile(r)

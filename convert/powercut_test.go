@@ -135,7 +135,6 @@ func vmPowerCut(t *testing.T) {
 		i := i
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			testvm.Slot(t, vmPriority(t))
 			dir := t.TempDir()
 			pv, state := filepath.Join(dir, "pv.img"), filepath.Join(dir, "state.img")
 			// Each cut's VMs get a share of their own (the guest reads

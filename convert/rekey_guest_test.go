@@ -25,7 +25,6 @@ import (
 func vmRekey(t *testing.T) {
 	if testvm.VMRequested() {
 		t.Parallel()
-		testvm.Slot(t, vmPriority(t))
 	}
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{

@@ -25,8 +25,7 @@ echo "== guest image"
 "$tool/testvm" prepare
 
 export DMCONVERT_VM=1 DMCONVERT_VM_REPORT_DIR=$reports
-export DMCONVERT_VM_SLOTS=${DMCONVERT_VM_SLOTS:-3}
-args=(-p 2 -parallel 16 -count=1 -timeout 80m)
+args=(-p 2 -parallel 3 -count=1 -timeout 80m)
 if [ "${1:-}" = bench ]; then
 	export DMCONVERT_VM_BENCH=${DMCONVERT_VM_BENCH:-.}
 	args+=(-run '^TestVM(Bench)?$' -v)
