@@ -112,9 +112,9 @@ var lwEncrypt = &lwOp{
 
 var lwRekey = &lwOp{
 	name: "rekey",
-	// A seeded sample of 24 flush points in make test (every one: 7 min
+	// A seeded sample of 16 flush points in make test (every one: 7 min
 	// of a VM on a quiet host; DMCONVERT_LW_POINTS=all).
-	points:  24,
+	points:  16,
 	luks:    true,
 	prepare: lwPrepareRekey,
 	args: func(*stack) []string {

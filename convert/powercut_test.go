@@ -72,7 +72,7 @@ func envInt(name string, def int64) int64 {
 	return def
 }
 
-// vmPowerCut (TestVMPowerCut): DMCONVERT_POWERCUTS cuts of an encrypt (default 10,
+// vmPowerCut (TestVMPowerCut): DMCONVERT_POWERCUTS cuts of an encrypt (default 8,
 // what CI runs; make crashtest N=... runs more) and DMCONVERT_POWERCUTS_OPS
 // cuts each of a decrypt and of a rekey (default 1), DMCONVERT_CRASH_SEED
 // to replay.
@@ -80,7 +80,7 @@ func vmPowerCut(t *testing.T) {
 	testvm.RequireVM(t)
 	t.Parallel()
 	seed := envInt("DMCONVERT_CRASH_SEED", time.Now().UnixNano())
-	cuts := int(envInt("DMCONVERT_POWERCUTS", 10))
+	cuts := int(envInt("DMCONVERT_POWERCUTS", 8))
 	opCuts := int(envInt("DMCONVERT_POWERCUTS_OPS", 1))
 	ops := make([]string, 0, cuts+2*opCuts)
 	for i := 0; i < cuts; i++ {
