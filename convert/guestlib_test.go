@@ -462,16 +462,22 @@ func verifyStack(t testing.TB, st *stack, state string) {
 			}
 			t.Fatal(err)
 		}
+		intact := func(seq uint64) bool {
+			if (seq+1)*recSize > uint64(len(b)) {
+				return false
+			}
+			id, s, ok := parseRecord(b[seq*recSize : (seq+1)*recSize])
+			return ok && id == uint64(i) && s == seq
+		}
 		for seq := uint64(0); seq <= last[uint64(i)]; seq++ {
 			off := seq * recSize
 			if off+recSize > uint64(len(b)) {
 				t.Fatalf("%s/records: acknowledged record %d missing (file has %d bytes)", mp, seq, len(b))
 			}
-			id, s, ok := parseRecord(b[off : off+recSize])
-			if !ok || id != uint64(i) || s != seq {
+			if !intact(seq) {
 				bad := 0
 				for k := uint64(0); k <= last[uint64(i)]; k++ {
-					if id, s, ok := parseRecord(b[k*recSize : (k+1)*recSize]); !ok || id != uint64(i) || s != k {
+					if !intact(k) {
 						bad++
 					}
 				}
