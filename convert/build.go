@@ -118,7 +118,7 @@ func BuildEncrypt(eg EncryptGeometry) (*Plan, error) {
 func (p *Plan) setDirections() error {
 	for i := range p.Phases {
 		ph := &p.Phases[i]
-		if ph.Kind != PhaseMove {
+		if ph.Kind != PhaseMove || ph.InPlace {
 			continue
 		}
 		b, err := p.Geometry.backward(ph.From, ph.To)
@@ -294,7 +294,7 @@ func (p *Plan) buildDecryptAbort(st State) (*Plan, error) {
 	}
 	ab := &Plan{
 		Version: PlanVersion, Op: "abort-" + p.Op, Geometry: p.Geometry,
-		Initial: p.Layout(st), HeaderAtStart: true,
+		Initial: p.Layout(st), HeaderAtStart: p.HeaderAtStart,
 	}
 	var phases []Phase
 	for j := min(st.Phase, len(p.Phases)-1); j >= 0; j-- {
@@ -309,7 +309,10 @@ func (p *Plan) buildDecryptAbort(st State) (*Plan, error) {
 		if s >= e {
 			continue
 		}
-		phases = append(phases, Phase{Kind: PhaseMove, Start: s, End: e, From: ph.To, To: ph.From, Chunk: ph.Chunk})
+		// An in-place rewrite walks back toward the start: the first
+		// chunk, which hides the volume from the old key's view while
+		// the run goes on (section 9), returns last.
+		phases = append(phases, Phase{Kind: PhaseMove, Start: s, End: e, From: ph.To, To: ph.From, Chunk: ph.Chunk, InPlace: ph.InPlace, Backward: ph.InPlace})
 	}
 	ab.Phases = append(phases, Phase{Kind: PhaseFinalize})
 	if err := ab.setDirections(); err != nil {

@@ -87,6 +87,8 @@ type EncryptPlan struct {
 	// Header is the new header (keyslots wrapped by the passphrase).
 	Header HeaderFormat
 	keys   map[BackingID][]byte
+	// newKeyFile receives the new key when the run starts (plain rekey).
+	newKeyFile string
 }
 
 // Wipe forgets the volume keys held by an unexecuted plan.

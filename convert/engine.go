@@ -383,6 +383,9 @@ func (r *run) swap(name string, t dmtable.Table, during func() error) (stall tim
 // doChunk moves one chunk through a mirror. The order below is the
 // write-ahead order of docs/design.md section 2.
 func (r *run) doChunk(ctx context.Context, ph Phase) error {
+	if ph.InPlace {
+		return r.doRewrite(ph)
+	}
 	s, e, ok := ph.NextChunk(r.st.Boundary)
 	if !ok {
 		return fmt.Errorf("internal error: no chunk at %+v", r.st)
@@ -568,4 +571,138 @@ func (r *run) doToLabel(ctx context.Context, ph Phase) error {
 		return err
 	}
 	return r.commit(seq, next)
+}
+
+// doRewrite re-encrypts one chunk where it is (docs/design.md section 9).
+// F is suspended with its current table, so no write reaches the chunk
+// until the step ends; the chunk's disk contents are saved in the journal
+// before the first byte of it is rewritten, the chunk is read through the
+// source's helper and written through the destination's, flushed, and the
+// commit (which drops the saved copy) comes before F resumes with the
+// chunk on the destination. A crash before the commit leaves the saved
+// copy, which reconcile writes back: the chunk is then wholly on the
+// source, where the committed state says it is.
+func (r *run) doRewrite(ph Phase) (err error) {
+	s, e, ok := ph.NextChunk(r.st.Boundary)
+	if !ok {
+		return fmt.Errorf("internal error: no chunk at %+v", r.st)
+	}
+	next := r.plan.Advance(r.st)
+	g := r.plan.Geometry
+	ps, pe, err := g.Phys(ph.From, s, e)
+	if err != nil {
+		return err
+	}
+	seq, err := r.intend("rewrite", s, e)
+	if err != nil {
+		return err
+	}
+	t, err := r.plan.tableFor(next, nil, r.devs, r.e.RegionSize)
+	if err != nil {
+		return err
+	}
+	src, err := r.openHelper(ph.From.Dev)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	dst, err := r.openHelper(ph.To.Dev)
+	if err != nil {
+		return err
+	}
+	defer dst.Close()
+	saved := make([]byte, (pe-ps)*512)
+	buf := make([]byte, len(saved))
+	t0 := time.Now()
+	if err := r.e.DM.Suspend(r.spec.Name); err != nil {
+		return fmt.Errorf("suspending %s: %w", r.spec.Name, err)
+	}
+	r.hit("suspend:after")
+	state := "suspended" // then "saved", then "committed"
+	defer func() {
+		if err == nil {
+			return
+		}
+		switch state {
+		case "saved":
+			// The chunk may be half rewritten: put the saved contents
+			// back before F, whose table still maps the chunk on the
+			// source, sees a byte of it again.
+			if rerr := r.restoreZone(journal.Zone{Seq: seq, Off: int64(ps * 512), Data: saved}); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("%s is left suspended: F[%d,%d) could not be restored (%v); run `dmconvert resume` once the disk answers", r.spec.Name, s, e, rerr))
+				return
+			}
+		case "committed":
+			// The chunk is on the destination and the journal says so;
+			// F's live table still maps it on the source. Resuming that
+			// table would expose the chunk under the wrong key.
+			// execute's settle loads the committed table.
+			return
+		}
+		if rerr := r.e.DM.Resume(r.spec.Name); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("resuming %s after an error: %w", r.spec.Name, rerr))
+		}
+	}()
+	if _, err := r.disk.ReadAt(saved, int64(ps*512)); err != nil {
+		return fmt.Errorf("reading F[%d,%d) from %s: %w", s, e, r.spec.Disk.Path, err)
+	}
+	if err := r.j.SaveZone(journal.Zone{Seq: seq, Off: int64(ps * 512), Data: saved}); err != nil {
+		return err
+	}
+	state = "saved"
+	r.hit("rewrite:saved")
+	so, do := (int64(s)+ph.From.Delta)*512, (int64(s)+ph.To.Delta)*512
+	if _, err := src.ReadAt(buf, so); err != nil {
+		return fmt.Errorf("reading F[%d,%d) through %s: %w", s, e, r.spec.Helpers[ph.From.Dev], err)
+	}
+	if _, err := dst.WriteAt(buf, do); err != nil {
+		return fmt.Errorf("writing F[%d,%d) through %s: %w", s, e, r.spec.Helpers[ph.To.Dev], err)
+	}
+	clear(buf)
+	if err := dst.Flush(); err != nil {
+		return fmt.Errorf("flushing %s: %w", r.spec.Helpers[ph.To.Dev], err)
+	}
+	r.hit("rewrite:written")
+	if err := r.commit(seq, next); err != nil {
+		return err
+	}
+	state = "committed"
+	r.hit("load:before")
+	if err := r.e.DM.Load(r.spec.Name, t); err != nil {
+		return fmt.Errorf("loading the table of %s: %w", r.spec.Name, err)
+	}
+	r.hit("load:after")
+	r.hit("resume:before")
+	state = "resumed"
+	if err := r.e.DM.Resume(r.spec.Name); err != nil {
+		return fmt.Errorf("resuming %s: %w", r.spec.Name, err)
+	}
+	r.hit("resume:after")
+	r.event(Event{Kind: EventChunk, Stall: time.Since(t0)})
+	return nil
+}
+
+// openHelper opens a helper device for direct I/O.
+func (r *run) openHelper(id BackingID) (Disk, error) {
+	name, ok := r.spec.Helpers[id]
+	if !ok {
+		return nil, fmt.Errorf("internal error: no helper %q", id)
+	}
+	d, err := r.e.Host.OpenDisk(r.e.Host.NodePath(name))
+	if err != nil {
+		return nil, fmt.Errorf("opening %s: %w", name, err)
+	}
+	return d, nil
+}
+
+// restoreZone writes a saved zone back to the disk, flushes, and drops it
+// from the journal.
+func (r *run) restoreZone(z journal.Zone) error {
+	if _, err := r.disk.WriteAt(z.Data, z.Off); err != nil {
+		return fmt.Errorf("writing the saved contents of [%d,%d) back to %s: %w", z.Off/512, (z.Off+int64(len(z.Data)))/512, r.spec.Disk.Path, err)
+	}
+	if err := r.disk.Flush(); err != nil {
+		return fmt.Errorf("flushing %s: %w", r.spec.Disk.Path, err)
+	}
+	return r.j.DropZone()
 }

@@ -24,6 +24,7 @@ var Failpoints = []string{
 	"finalize:table-after", "finalize:header-after", "finalize:helpers-removed",
 	"lvm-refresh:before", "lvm-refresh:after",
 	"unstack:device-after",
+	"rewrite:saved", "rewrite:written",
 }
 
 var failpointSet = func() map[string]bool {

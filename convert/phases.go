@@ -318,6 +318,9 @@ func (r *run) doFinalize(ctx context.Context) error {
 		// The UUID cryptsetup gives a LUKS mapping, so `cryptsetup
 		// status/close` recognise F as theirs.
 		uuid := fmt.Sprintf("CRYPT-LUKS%d-%s-%s", r.hdr.Version(), strings.ReplaceAll(r.hdr.UUID(), "-", ""), r.spec.Name)
+		if r.spec.Plain() {
+			uuid = "CRYPT-PLAIN-" + r.spec.Name
+		}
 		if err := r.e.DM.SetUUID(r.spec.Name, uuid); err != nil {
 			return fmt.Errorf("setting the uuid of %s: %w", r.spec.Name, err)
 		}

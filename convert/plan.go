@@ -64,6 +64,12 @@ type Phase struct {
 	// (the head's way back in abort and decrypt). From its start on, the
 	// journal is the only checkpoint.
 	DestroysHeader bool `json:"destroys_header,omitempty"`
+	// InPlace marks a move whose source and destination are the same
+	// disk sectors under two keys (a rekey without free space): each
+	// chunk is rewritten with F suspended, its old contents saved in the
+	// journal first (docs/design.md section 9). The builder sets its
+	// direction.
+	InPlace bool `json:"in_place,omitempty"`
 }
 
 func (p Phase) String() string {
@@ -74,7 +80,11 @@ func (p Phase) String() string {
 	if p.Backward {
 		dir = "backward"
 	}
-	return fmt.Sprintf("move [%d,%d) %s -> %s %s by %d", p.Start, p.End, p.From, p.To, dir, p.Chunk)
+	verb := "move"
+	if p.InPlace {
+		verb = "rewrite"
+	}
+	return fmt.Sprintf("%s [%d,%d) %s -> %s %s by %d", verb, p.Start, p.End, p.From, p.To, dir, p.Chunk)
 }
 
 // Length is the number of sectors a move relocates.
@@ -207,6 +217,20 @@ func (l Layout) Lookup(x Sectors) (Extent, bool) {
 		return l[i], true
 	}
 	return Extent{}, false
+}
+
+// without returns l less F[s,e).
+func (l Layout) without(s, e Sectors) Layout {
+	var out Layout
+	for _, x := range l {
+		if x.Start < s {
+			out = append(out, Extent{x.Start, min(x.End, s), x.On})
+		}
+		if x.End > e {
+			out = append(out, Extent{max(x.Start, e), x.End, x.On})
+		}
+	}
+	return out
 }
 
 // assign maps [s,e) onto b, splitting extents as needed, and merges
@@ -427,8 +451,21 @@ func (p *Plan) Verify() error {
 		if de > g.DiskSize {
 			return fmt.Errorf("phase %d chunk [%d,%d): destination ends at %d, past the disk end %d", st.Phase, s, e, de, g.DiskSize)
 		}
+		live := layout
+		if ph.InPlace {
+			// The chunk is rewritten where it is: its destination is
+			// exactly its source, and nothing else.
+			ss, se, err := g.Phys(ph.From, s, e)
+			if err != nil {
+				return fmt.Errorf("phase %d (%s) chunk [%d,%d) source: %w", st.Phase, ph, s, e, err)
+			}
+			if ss != ds || se != de {
+				return fmt.Errorf("phase %d (%s) chunk [%d,%d): an in-place rewrite from disk sectors [%d,%d) to [%d,%d)", st.Phase, ph, s, e, ss, se, ds, de)
+			}
+			live = layout.without(s, e)
+		}
 		// Every other live sector of F, and the chunk's own source.
-		for _, ext := range layout {
+		for _, ext := range live {
 			ps, pe, err := g.Phys(ext.On, ext.Start, ext.End)
 			if err != nil {
 				return fmt.Errorf("phase %d: layout extent [%d,%d): %w", st.Phase, ext.Start, ext.End, err)

@@ -59,6 +59,13 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 			return fmt.Errorf("physical volume %s is still %d sectors after pvresize, more than the planned %d", spec.PVDevice, pv.Size, spec.Forward.Geometry.Payload)
 		}
 	}
+	if ep.newKeyFile != "" {
+		// The new key must be on stable storage before any sector is
+		// written with it.
+		if err := writeKeyFile(ep.newKeyFile, ep.keys[NewID]); err != nil {
+			return refuse(spec.Disk.Path, "", "%v", err)
+		}
+	}
 	r := &run{e: e, j: j, spec: spec, plan: spec.Forward, hdr: ep.Header, devs: map[BackingID]dmtable.Dev{DiskID: spec.Disk.Dev}, stop: o.Stop}
 	r.st = r.plan.Start()
 	img, err := ep.Header.Image(r.cp(r.st))
@@ -187,6 +194,35 @@ type ResumeOptions struct {
 	// names can change across boots).
 	Device string
 	Open   HeaderOpener
+	// OldKey reads the old key of a plain dm-crypt rekey (cryptsetup's
+	// plain key file: the key itself) when no live table shows it.
+	OldKey func() ([]byte, error)
+}
+
+// openPlain recovers the keys of a plain rekey: the old one from a live
+// table or o.OldKey, the new one from its key file.
+func (e *Engine) openPlain(spec *Spec, img []byte, o ResumeOptions) (HeaderFormat, Keys, error) {
+	cands := e.tableKeys(spec)
+	defer func() {
+		for _, k := range cands {
+			clear(k)
+		}
+	}()
+	for _, k := range cands {
+		h, keys, err := OpenPlainImage(img, k)
+		if err == nil || !errors.Is(err, ErrWrongPassphrase) {
+			return h, keys, err
+		}
+	}
+	if o.OldKey == nil {
+		return nil, Keys{}, refuse(spec.Disk.Path, "give the old key file with --key-file", "no live table shows the old key of plain mapping %s", spec.Name)
+	}
+	k, err := o.OldKey()
+	if err != nil {
+		return nil, Keys{}, err
+	}
+	defer clear(k)
+	return OpenPlainImage(img, k)
 }
 
 // openRun opens the journal and the disk of an interrupted run, unlocks
@@ -253,7 +289,13 @@ func (e *Engine) openRun(ctx context.Context, o ResumeOptions) (r *run, cleanup 
 	if err != nil {
 		return nil, cleanup, err
 	}
-	hdr, keys, err := o.Open(img)
+	var hdr HeaderFormat
+	var keys Keys
+	if IsPlainImage(img) {
+		hdr, keys, err = e.openPlain(&spec, img, o)
+	} else {
+		hdr, keys, err = o.Open(img)
+	}
 	if err != nil {
 		return nil, cleanup, fmt.Errorf("unlocking the header of %s: %w", spec.Disk.Path, err)
 	}
@@ -306,6 +348,15 @@ func (p *Plan) further(a, b State) bool {
 // the first 4 KiB of the disk (design.md section 3) and the on-disk
 // checkpoint.
 func (r *run) reconcile() error {
+	// A chunk rewritten in place whose step did not commit: its saved
+	// contents go back before anything reads the disk (section 9).
+	if z, ok, err := r.j.PendingZone(); err != nil {
+		return err
+	} else if ok {
+		if err := r.restoreZone(z); err != nil {
+			return err
+		}
+	}
 	first := make([]byte, labelSectors*512)
 	if _, err := r.disk.ReadAt(first, 0); err != nil {
 		return fmt.Errorf("reading the start of %s: %w", r.spec.Disk.Path, err)

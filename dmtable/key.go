@@ -155,3 +155,12 @@ func (k Key) Format(f fmt.State, verb rune) {
 	}
 	fmt.Fprint(f, k.String())
 }
+
+// Bytes returns a copy of hex key material (nil for a keyring reference
+// or no key). The caller owns and should wipe the copy.
+func (k Key) Bytes() []byte {
+	if len(k.raw) == 0 {
+		return nil
+	}
+	return append([]byte(nil), k.raw...)
+}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"os"
 	"path/filepath"
 	"time"
@@ -31,10 +32,14 @@ var (
 	// The header image lives in a bucket of its own: bbolt rewrites a
 	// whole leaf on every change, and the state changes at every step.
 	bucketHeader = []byte("header")
-	keyRun       = []byte("run")
-	keyState     = []byte("state")
-	keyHeader    = []byte("header")
-	keyVersion   = []byte("version")
+	// The saved contents of a range about to be rewritten in place (at
+	// most one at a time), in a bucket of its own for the same reason.
+	bucketZone = []byte("zone")
+	keyZone    = []byte("zone")
+	keyRun     = []byte("run")
+	keyState   = []byte("state")
+	keyHeader  = []byte("header")
+	keyVersion = []byte("version")
 )
 
 // formatVersion is bumped when the on-disk layout changes incompatibly.
@@ -162,6 +167,9 @@ func Open(path string, opts Options) (*Journal, error) {
 				return err
 			}
 			if _, err := tx.CreateBucketIfNotExists(bucketHeader); err != nil {
+				return err
+			}
+			if _, err := tx.CreateBucketIfNotExists(bucketZone); err != nil {
 				return err
 			}
 			if v := m.Get(keyVersion); v != nil {
@@ -320,11 +328,89 @@ func (j *Journal) Complete(seq uint64, result string, st *State) error {
 		if err := putJSON(steps, seqKey(seq), s); err != nil {
 			return err
 		}
+		if z := m.Tx().Bucket(bucketZone); z != nil {
+			if v := z.Get(keyZone); v != nil && len(v) >= 8 && binary.BigEndian.Uint64(v) == seq {
+				// The step that saved the zone is over: its contents
+				// are no longer what the disk must hold.
+				if err := z.Delete(keyZone); err != nil {
+					return err
+				}
+			}
+		}
 		if st != nil {
 			ns := *st
 			ns.Seq = seq
 			ns.Updated = s.Finished
 			return putJSON(m, keyState, ns)
+		}
+		return nil
+	})
+}
+
+// Zone is the saved contents of a disk range that step Seq rewrites in
+// place: until that step completes, Data is what the range must hold.
+type Zone struct {
+	Seq  uint64
+	Off  int64 // byte offset on the disk
+	Data []byte
+}
+
+// SaveZone durably records z (replacing any zone saved before). A step
+// saves its zone after its intent and before it writes the range;
+// Complete of that step drops it in the same transaction as the result.
+func (j *Journal) SaveZone(z Zone) error {
+	if z.Off < 0 {
+		return fmt.Errorf("journal %s: zone at negative offset %d", j.path, z.Off)
+	}
+	v := make([]byte, 20+len(z.Data))
+	binary.BigEndian.PutUint64(v, z.Seq)
+	binary.BigEndian.PutUint64(v[8:], uint64(z.Off))
+	binary.BigEndian.PutUint32(v[16:], crc32.Checksum(z.Data, crc32.MakeTable(crc32.Castagnoli)))
+	copy(v[20:], z.Data)
+	return j.update("saving the contents of a range rewritten in place", func(m, steps *bolt.Bucket) error {
+		if steps.Get(seqKey(z.Seq)) == nil {
+			return fmt.Errorf("zone of step %d, which was never intended", z.Seq)
+		}
+		zb, err := m.Tx().CreateBucketIfNotExists(bucketZone)
+		if err != nil {
+			return err
+		}
+		return zb.Put(keyZone, v)
+	})
+}
+
+// PendingZone returns the zone saved by a step that has not completed,
+// or ok=false when there is none.
+func (j *Journal) PendingZone() (z Zone, ok bool, err error) {
+	err = j.view(func(m, _ *bolt.Bucket) error {
+		zb := m.Tx().Bucket(bucketZone)
+		if zb == nil {
+			return nil
+		}
+		v := zb.Get(keyZone)
+		if v == nil {
+			return nil
+		}
+		if len(v) < 20 {
+			return errors.New("saved zone is truncated")
+		}
+		z.Seq = binary.BigEndian.Uint64(v)
+		z.Off = int64(binary.BigEndian.Uint64(v[8:]))
+		z.Data = append([]byte(nil), v[20:]...)
+		if crc32.Checksum(z.Data, crc32.MakeTable(crc32.Castagnoli)) != binary.BigEndian.Uint32(v[16:]) {
+			return errors.New("saved zone fails its checksum")
+		}
+		ok = true
+		return nil
+	})
+	return z, ok, err
+}
+
+// DropZone forgets the saved zone (after it was written back).
+func (j *Journal) DropZone() error {
+	return j.update("dropping the saved zone", func(m, _ *bolt.Bucket) error {
+		if zb := m.Tx().Bucket(bucketZone); zb != nil {
+			return zb.Delete(keyZone)
 		}
 		return nil
 	})

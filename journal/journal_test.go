@@ -180,3 +180,50 @@ func TestSetPlan(t *testing.T) {
 		t.Fatalf("after SetPlan: run %+v state %+v", r, st)
 	}
 }
+
+// A saved zone is pending until its step completes, survives a reopen,
+// and is dropped by the completion of its own step only.
+func TestZoneLifecycle(t *testing.T) {
+	j, p := newJournal(t)
+	if err := j.Init(Run{ID: "r", Op: "rekey"}, nil, State{Status: StatusRunning}); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.SaveZone(Zone{Seq: 99, Off: 0, Data: []byte("x")}); err == nil {
+		t.Fatal("a zone of a step never intended was saved")
+	}
+	seq, err := j.Intend(Step{Kind: "rewrite", Start: 8, End: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte{0xa5, 0x5a}, 2048)
+	if err := j.SaveZone(Zone{Seq: seq, Off: 4096, Data: data}); err != nil {
+		t.Fatal(err)
+	}
+	j.Close()
+	j, err = Open(p, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	z, ok, err := j.PendingZone()
+	if err != nil || !ok || z.Seq != seq || z.Off != 4096 || !bytes.Equal(z.Data, data) {
+		t.Fatalf("after reopen: zone %d@%d (%d bytes) ok=%v err=%v", z.Seq, z.Off, len(z.Data), ok, err)
+	}
+	// Another step's completion leaves it.
+	other, err := j.Intend(Step{Kind: "other"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Complete(other, "done", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, _ := j.PendingZone(); !ok {
+		t.Fatal("another step's completion dropped the zone")
+	}
+	if err := j.Complete(seq, "done", &State{Status: StatusRunning, Phase: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := j.PendingZone(); ok || err != nil {
+		t.Fatalf("zone still pending after its step completed (err %v)", err)
+	}
+}

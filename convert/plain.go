@@ -1,0 +1,382 @@
+package convert
+
+import (
+	"bytes"
+	"context"
+	"crypto/pbkdf2"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/dmconvert/dmconvert/dmtable"
+)
+
+// Online rekey of a plain dm-crypt mapping (docs/design.md section 9).
+//
+// A plain mapping has no header: no spare sectors for a moving gap, no
+// place for the new key, no mark that tells boot-time tools a run is under
+// way. So the data is re-encrypted where it is, one chunk at a time, with
+// the mapping suspended while its chunk is rewritten and the chunk's old
+// ciphertext saved in the journal first; the new key goes to a key file
+// the user names (cryptsetup's plain mode reads a key file as the key
+// itself), and the journal keeps only salted digests of both keys.
+
+// plainMagic starts the journal's "header image" of a plain rekey.
+const plainMagic = "dmconvert-plain-rekey-v1\n"
+
+// plainDigestIter is the PBKDF2 iteration count of the key digests: the
+// old key may come from a passphrase (plain mode's hashing).
+const plainDigestIter = 20000
+
+// plainRecord is what the journal keeps of a plain rekey's keys.
+type plainRecord struct {
+	NewKeyFile string    `json:"new_key_file"`
+	Salt       []byte    `json:"salt"`
+	OldDigest  []byte    `json:"old_digest"`
+	NewDigest  []byte    `json:"new_digest"`
+	OldCrypt   CryptSpec `json:"old_crypt"`
+	Crypt      CryptSpec `json:"crypt"`
+}
+
+func plainDigest(salt, key []byte, what string) []byte {
+	d, err := pbkdf2.Key(sha256.New, string(key), append([]byte(what), salt...), plainDigestIter, 32)
+	if err != nil {
+		panic(err) // only for parameters out of range
+	}
+	return d
+}
+
+func (p *plainRecord) check(key, digest []byte, what string) bool {
+	return subtle.ConstantTimeCompare(plainDigest(p.Salt, key, what), digest) == 1
+}
+
+// plainHeader is the HeaderFormat of a plain rekey: there is no header on
+// the disk; the image is the journal's record.
+type plainHeader struct{ rec plainRecord }
+
+func (h *plainHeader) Sectors() Sectors { return 0 }
+func (h *plainHeader) Image(Checkpoint) ([]byte, error) {
+	b, err := json.Marshal(h.rec)
+	if err != nil {
+		return nil, err
+	}
+	return append([]byte(plainMagic), b...), nil
+}
+func (h *plainHeader) CheckpointWrites(Checkpoint) ([]Write, error) { return nil, nil }
+func (h *plainHeader) FinalWrites(Final) ([]Write, error)          { return nil, nil }
+func (h *plainHeader) MarkWrites(Checkpoint) ([]Write, error)      { return nil, nil }
+func (h *plainHeader) ReadCheckpoint(io.ReaderAt) (Checkpoint, bool, error) {
+	return Checkpoint{}, false, nil
+}
+func (h *plainHeader) UUID() string     { return "" }
+func (h *plainHeader) Version() int     { return 0 }
+func (h *plainHeader) Crypt() CryptSpec { return h.rec.OldCrypt }
+
+// IsPlainImage reports whether a journal's header image is a plain
+// rekey's record.
+func IsPlainImage(img []byte) bool { return bytes.HasPrefix(img, []byte(plainMagic)) }
+
+// OpenPlainImage recovers both keys of a plain rekey from its journal
+// record: the new one from the key file it names, the old one from
+// oldKey (cryptsetup's plain key file semantics: its first key-size
+// bytes). Both are checked against the record's digests.
+func OpenPlainImage(img, oldKey []byte) (HeaderFormat, Keys, error) {
+	if !IsPlainImage(img) {
+		return nil, Keys{}, errors.New("not a plain rekey record")
+	}
+	var rec plainRecord
+	if err := json.Unmarshal(img[len(plainMagic):], &rec); err != nil {
+		return nil, Keys{}, fmt.Errorf("reading the plain rekey record: %w", err)
+	}
+	newKey, err := readKeyFile(rec.NewKeyFile, rec.Crypt.KeyBytes)
+	if err != nil {
+		return nil, Keys{}, err
+	}
+	if !rec.check(newKey, rec.NewDigest, "new") {
+		clear(newKey)
+		return nil, Keys{}, fmt.Errorf("key file %s does not hold the new key of this run (it was changed or replaced)", rec.NewKeyFile)
+	}
+	if len(oldKey) < rec.OldCrypt.KeyBytes || !rec.check(oldKey[:rec.OldCrypt.KeyBytes], rec.OldDigest, "old") {
+		clear(newKey)
+		return nil, Keys{}, fmt.Errorf("%w: it is not the old %d-bit key of this plain mapping (give the old key file with --key-file)", ErrWrongPassphrase, rec.OldCrypt.KeyBytes*8)
+	}
+	return &plainHeader{rec: rec}, Keys{Bound: append([]byte(nil), oldKey[:rec.OldCrypt.KeyBytes]...), Unbound: newKey}, nil
+}
+
+func readKeyFile(path string, n int) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading the new key: %w", err)
+	}
+	defer f.Close()
+	k := make([]byte, n)
+	if _, err := io.ReadFull(f, k); err != nil {
+		return nil, fmt.Errorf("reading the new key from %s: %w", path, err)
+	}
+	return k, nil
+}
+
+// writeKeyFile creates path (it must not exist) holding key, mode 0600,
+// durably.
+func writeKeyFile(path string, key []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("creating the new key file: %w", err)
+	}
+	_, werr := f.Write(key)
+	serr := f.Sync()
+	cerr := f.Close()
+	if err := errors.Join(werr, serr, cerr); err != nil {
+		os.Remove(path)
+		return fmt.Errorf("writing the new key file %s: %w", path, err)
+	}
+	d, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// tableKeys returns the keys of a plain run's cipher that live tables
+// show: the old key's helper (a dmconvert process died), or the mapping
+// itself (opened again after a reboot, or already on the new key). The
+// caller checks them against the journal's digests and wipes them.
+func (e *Engine) tableKeys(spec *Spec) [][]byte {
+	var out [][]byte
+	for _, name := range []string{spec.Helpers[OldID], spec.Name} {
+		t, err := e.DM.Table(name)
+		if err != nil || len(t) != 1 {
+			continue
+		}
+		c, ok := t[0].Params.(*dmtable.Crypt)
+		if !ok || string(c.Cipher) != spec.OldCrypt.Cipher || c.Key.IsKeyring() {
+			continue
+		}
+		if k := c.Key.Bytes(); len(k) == spec.OldCrypt.KeyBytes {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// PlainRekeyOptions are the inputs of PlanPlainRekey.
+type PlainRekeyOptions struct {
+	// Target is the open plain mapping (its name or /dev/mapper path)
+	// or the device under it.
+	Target string
+	// NewKeyFile receives the new key (created by the run; it must not
+	// exist).
+	NewKeyFile string
+	// Journal path; default DefaultJournalDir/plain-<name>.journal.
+	Journal string
+	// Chunk is the most rewritten per step (sectors); 0 means 1 MiB.
+	Chunk Sectors
+	// Cipher and KeySize (bits) of the new key; empty/0 keep the
+	// source's.
+	Cipher  string
+	KeySize int
+}
+
+// DefaultPlainChunk is the default chunk of an in-place rewrite: the
+// mapping is suspended while one chunk is saved and rewritten.
+const DefaultPlainChunk Sectors = 1 << 20 / 512
+
+// IsPlainMapping reports whether target is an open plain dm-crypt
+// mapping (cryptsetup's CRYPT-PLAIN- UUID), without refusing anything.
+func (e *Engine) IsPlainMapping(target string) bool {
+	m, err := e.findMapping(target)
+	return err == nil && strings.HasPrefix(m.info.UUID, "CRYPT-PLAIN-")
+}
+
+// PlanPlainRekey inspects an open plain dm-crypt mapping (a file system
+// on it, or an LVM PV with live LVs) and returns a verified plan that
+// re-encrypts it in place with a new random key. It writes nothing.
+func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*EncryptPlan, error) {
+	m, err := e.findMapping(o.Target)
+	if err != nil {
+		return nil, err
+	}
+	if !strings.HasPrefix(m.info.UUID, "CRYPT-PLAIN-") {
+		return nil, refuse(m.name, "", "not a plain dm-crypt mapping opened by cryptsetup (its uuid is %q)", m.info.UUID)
+	}
+	if o.NewKeyFile == "" {
+		return nil, refuse(m.name, "give --new-key-file PATH: the new key is written there (a plain mapping has no header to keep it)", "a plain dm-crypt mapping needs a file for its new key")
+	}
+	if !filepath.IsAbs(o.NewKeyFile) {
+		return nil, refuse(m.name, "", "the new key file %s must be an absolute path (resume reads it from the journal)", o.NewKeyFile)
+	}
+	if _, err := os.Lstat(o.NewKeyFile); err == nil {
+		return nil, refuse(m.name, "choose a path that does not exist yet", "the new key file %s already exists", o.NewKeyFile)
+	}
+	if m.crypt.Key.IsKeyring() || m.crypt.Key.IsEmpty() {
+		return nil, refuse(m.name, "", "its key is not in its table (kernel keyring %q): the old key cannot be read", m.crypt.Key.String())
+	}
+	if m.crypt.IVOffset != 0 {
+		return nil, refuse(m.name, "", "its IV offset (--skip) is %d: only plain mappings with IV offset 0 are supported", m.crypt.IVOffset)
+	}
+	dpath, err := e.resolveDiskPath(m.disk, o.Target)
+	if err != nil {
+		return nil, refuse(m.name, "", "cannot find the device under it (%v): %v", m.disk, err)
+	}
+	di, err := e.Host.Stat(dpath)
+	if err != nil {
+		return nil, refuse(dpath, "", "the device under %s: %v", m.name, err)
+	}
+	off := Sectors(m.crypt.Offset)
+	if off+m.size > di.Size {
+		return nil, refuse(m.name, "", "its table (offset %d, %d sectors) runs past the end of %s (%d sectors)", off, m.size, dpath, di.Size)
+	}
+	cs := CryptSpec{Cipher: string(m.crypt.Cipher), KeyBytes: m.crypt.Key.Size(), SectorSize: 512}
+	if m.crypt.SectorSize > 512 {
+		cs.SectorSize, cs.IVLargeSectors = m.crypt.SectorSize, m.crypt.IVLargeSectors
+	}
+	align := Sectors(max(cs.SectorSize/512, 1))
+	if m.size%align != 0 || off%align != 0 {
+		return nil, refuse(m.name, "", "its size or offset is not a whole number of %d-byte sectors", cs.SectorSize)
+	}
+	ncs, err := rekeyCrypt(cs, o.Cipher, o.KeySize)
+	if err != nil {
+		return nil, refuse(m.name, "", "cannot rekey: %v", err)
+	}
+	if dir := filepath.Dir(o.NewKeyFile); true {
+		fd, err := e.Host.FileDevice(dir)
+		if err != nil {
+			return nil, refuse(m.name, "", "cannot place the new key file %s: %v", o.NewKeyFile, err)
+		}
+		if fd == m.info.Dev || fd == m.disk {
+			return nil, refuse(m.name, "put it on another file system", "the new key file %s would live on the volume being rekeyed", o.NewKeyFile)
+		}
+	}
+	runID, err := newRunID()
+	if err != nil {
+		return nil, err
+	}
+	if ncs != cs {
+		if err := e.probeCrypt(runID, ncs, di.Dev, off, align); err != nil {
+			var kr *kernelRefusal
+			if errors.As(err, &kr) {
+				return nil, refuse(m.name, "`cryptsetup benchmark --cipher SPEC --key-size BITS` tries a cipher", "cannot rekey: %v", err)
+			}
+			return nil, err
+		}
+	}
+
+	// What is on the mapping: an LVM PV (its VG is fenced during the
+	// run), or anything else (a mounted file system).
+	node := e.Host.NodePath(m.name)
+	pv, err := e.LVM.Discover(ctx, node)
+	switch {
+	case errors.Is(err, ErrNotPV):
+		pv = nil
+	case err != nil:
+		return nil, err
+	case pv.VG == "":
+		pv = nil
+	case pv.Refusal != "":
+		return nil, refuse(node, "", "volume group %s cannot be converted: %s", pv.VG, pv.Refusal)
+	}
+	chunk := o.Chunk
+	if chunk == 0 {
+		chunk = DefaultPlainChunk
+	}
+	plan, err := BuildPlainRekey(PlainRekeyGeometry{DiskSize: di.Size, Offset: off, Size: m.size, Chunk: chunk, Align: align})
+	if err != nil {
+		return nil, refuse(m.name, "", "%v", err)
+	}
+	jpath := o.Journal
+	if jpath == "" {
+		jpath = filepath.Join(DefaultJournalDir, "plain-"+m.name+".journal")
+	}
+	if err := e.checkNewJournal(jpath, di.Dev, dpath); err != nil {
+		return nil, err
+	}
+	oldKey := m.crypt.Key.Bytes()
+	newKey := make([]byte, ncs.KeyBytes)
+	if _, err := rand.Read(newKey); err != nil {
+		clear(oldKey)
+		return nil, err
+	}
+	rec := plainRecord{NewKeyFile: o.NewKeyFile, Salt: make([]byte, 32), OldCrypt: cs, Crypt: ncs}
+	if _, err := rand.Read(rec.Salt); err != nil {
+		clear(oldKey)
+		clear(newKey)
+		return nil, err
+	}
+	rec.OldDigest = plainDigest(rec.Salt, oldKey, "old")
+	rec.NewDigest = plainDigest(rec.Salt, newKey, "new")
+	spec := &Spec{
+		Version: PlanVersion, ID: runID, Op: "rekey", Disk: di, Name: m.name,
+		Helpers: map[BackingID]string{
+			OldID: "dmconvert-" + runID + "-old",
+			NewID: "dmconvert-" + runID + "-new",
+		},
+		Crypt: ncs, OldCrypt: cs,
+		Forward: plan,
+	}
+	ep := &EncryptPlan{Spec: spec, Journal: jpath, Header: &plainHeader{rec: rec},
+		keys: map[BackingID][]byte{OldID: oldKey, NewID: newKey}, newKeyFile: o.NewKeyFile}
+	if pv != nil {
+		spec.PVUUID, spec.VG, spec.VGDevices, spec.VGPVUUIDs, spec.VGSeqno, spec.PVDevice = pv.UUID, pv.VG, pv.VGDevices, pv.VGPVUUIDs, pv.VGSeqno, node
+		ep.PV = pv
+	}
+	return ep, nil
+}
+
+// Plain reports whether the run is a plain dm-crypt rekey (no header).
+func (s *Spec) Plain() bool { return s.Op == "rekey" && s.LUKSVersion == 0 }
+
+// PlainRekeyGeometry is what the plain rekey builder needs to know.
+type PlainRekeyGeometry struct {
+	DiskSize Sectors // N
+	Offset   Sectors // where the mapping's sector 0 is on the disk
+	Size     Sectors // the mapping's size
+	Chunk    Sectors
+	Align    Sectors
+}
+
+// BuildPlainRekey returns the plan that re-encrypts a plain mapping in
+// place: one in-place move over the whole mapping, from sector 0 up (the
+// first chunk, rewritten first, hides the volume's file system or PV
+// label from the old key's view while the run goes on), then finalize.
+func BuildPlainRekey(pg PlainRekeyGeometry) (*Plan, error) {
+	a := max(pg.Align, 1)
+	switch {
+	case pg.Size == 0 || pg.Size%a != 0 || pg.Offset%a != 0:
+		return nil, fmt.Errorf("mapping of %d sectors at %d is not a non-zero whole number of %d-sector blocks", pg.Size, pg.Offset, a)
+	case pg.Offset+pg.Size > pg.DiskSize:
+		return nil, fmt.Errorf("mapping [%d,%d) runs past the disk end %d", pg.Offset, pg.Offset+pg.Size, pg.DiskSize)
+	}
+	chunk := roundDown(pg.Chunk, a)
+	if chunk == 0 {
+		return nil, fmt.Errorf("chunk size is smaller than the sector size")
+	}
+	g := Geometry{
+		DiskSize: pg.DiskSize, Payload: pg.Size,
+		Devices: []Device{
+			{ID: DiskID, Phys: 0, Size: pg.DiskSize},
+			{ID: OldID, Phys: pg.Offset, Size: pg.Size},
+			{ID: NewID, Phys: pg.Offset, Size: pg.Size},
+		},
+	}
+	p := &Plan{
+		Version: PlanVersion, Op: "rekey", Geometry: g,
+		Phases: []Phase{
+			{Kind: PhaseSetup},
+			{Kind: PhaseMove, Start: 0, End: pg.Size, From: Backing{Dev: OldID}, To: Backing{Dev: NewID}, Chunk: chunk, InPlace: true},
+			{Kind: PhaseFinalize},
+		},
+		Initial: Layout{{Start: 0, End: pg.Size, On: Backing{Dev: OldID}}},
+	}
+	if err := p.Verify(); err != nil {
+		return nil, fmt.Errorf("internal error: plain rekey plan fails verification: %w", err)
+	}
+	return p, nil
+}

@@ -1,0 +1,303 @@
+package convert
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/dmconvert/dmconvert/dmtable"
+	"github.com/dmconvert/dmconvert/journal"
+)
+
+// Plain dm-crypt rekey on the fake kernel: vda_crypt, opened as a plain
+// mapping (cryptsetup's CRYPT-PLAIN- uuid) of the disk at H, carries a PV
+// with LVs under a writer; its data is rewritten in place, chunk by chunk,
+// with a new key written to a key file; crashes anywhere, then resume or
+// abort.
+
+const plainChunk = 48 // sectors
+
+// rewriteOnly are the failpoints only an in-place rewrite (a plain
+// rekey) reaches; the other operations' matrices leave them out, and
+// TestPlainRekeyCrashAtEveryFailpoint requires them.
+var rewriteOnly = map[string]bool{"rewrite:saved": true, "rewrite:written": true}
+
+func plainWorld(t *testing.T, seed int64) (*scenario, *fakeWorld) {
+	t.Helper()
+	sc, w := encryptedWorld(t, seed)
+	w.mu.Lock()
+	w.devs["vda_crypt"].uuid = "CRYPT-PLAIN-vda_crypt"
+	w.mu.Unlock()
+	sc.newKeyFile = filepath.Join(t.TempDir(), "new.key")
+	return sc, w
+}
+
+func (sc *scenario) plainOptions() PlainRekeyOptions {
+	return PlainRekeyOptions{Target: "vda_crypt", NewKeyFile: sc.newKeyFile, Journal: sc.journal, Chunk: plainChunk,
+		Cipher: sc.rekeyTo.cipher, KeySize: sc.rekeyTo.bits}
+}
+
+func (sc *scenario) planPlain(e *Engine) func() error {
+	return func() error {
+		ep, err := e.PlanPlainRekey(context.Background(), sc.plainOptions())
+		if err != nil {
+			return err
+		}
+		return e.Execute(context.Background(), ep, RunOptions{})
+	}
+}
+
+func (sc *scenario) plainResumeOptions() ResumeOptions {
+	return ResumeOptions{Journal: sc.journal, OldKey: func() ([]byte, error) { return append([]byte(nil), sc.key...), nil }}
+}
+
+// verifyPlainFinal: the LVs read back through the live stack; only the
+// mapping and the LVs are left; the mapping is the plain mapping of key
+// (its cipher, at H, cryptsetup's uuid); a fresh boot that opens the disk
+// with key finds every LV's data.
+func (sc *scenario) verifyPlainFinal(w *fakeWorld, e *Engine, key []byte, cipher, what string) {
+	sc.t.Helper()
+	if _, err := e.DM.Info("vda_crypt"); err != nil && len(w.devs) == 0 {
+		sc.coldOpen(w, sc.H, cipher, key, "fresh boot "+what)
+		return
+	}
+	sc.verifyLVs(w, what)
+	list, _ := e.DM.List()
+	if len(list) != 1+len(sc.lvs) {
+		sc.t.Fatalf("devices left %s: %v", what, list)
+	}
+	info, err := e.DM.Info("vda_crypt")
+	if err != nil || info.UUID != "CRYPT-PLAIN-vda_crypt" {
+		sc.t.Fatalf("vda_crypt %s: uuid %q, %v", what, info.UUID, err)
+	}
+	t, err := e.DM.Table("vda_crypt")
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	c, ok := t[0].Params.(*dmtable.Crypt)
+	if len(t) != 1 || !ok || Sectors(c.Offset) != sc.H || !c.Key.Equal(dmtable.HexKey(key)) || string(c.Cipher) != cipher {
+		sc.t.Fatalf("vda_crypt's table %s: %v (want %s at %d with the expected key)", what, t, cipher, sc.H)
+	}
+	sc.coldOpen(w, sc.H, cipher, key, "fresh boot "+what)
+}
+
+func (sc *scenario) newPlainKey() []byte {
+	sc.t.Helper()
+	k, err := os.ReadFile(sc.newKeyFile)
+	if err != nil {
+		sc.t.Fatal(err)
+	}
+	want := sc.rekeyTo.want(sc.key)
+	if len(k) != want.KeyBytes || bytes.Equal(k, sc.key[:min(len(sc.key), len(k))]) {
+		sc.t.Fatalf("new key file holds %d bytes (want %d), equal to the old key: %v", len(k), want.KeyBytes, bytes.Equal(k, sc.key))
+	}
+	if fi, err := os.Stat(sc.newKeyFile); err != nil || fi.Mode().Perm() != 0o600 {
+		sc.t.Fatalf("new key file mode %v, %v", fi.Mode().Perm(), err)
+	}
+	return k
+}
+
+func (sc *scenario) verifyPlainRekeyed(w *fakeWorld, e *Engine) {
+	sc.t.Helper()
+	sc.verifyPlainFinal(w, e, sc.newPlainKey(), sc.rekeyTo.want(sc.key).Cipher, "after plain rekey")
+}
+
+func (sc *scenario) verifyPlainAborted(w *fakeWorld, e *Engine) {
+	sc.t.Helper()
+	sc.verifyPlainFinal(w, e, sc.key, "aes-xts-plain64", "after plain rekey abort")
+}
+
+func TestPlainRekeyEndToEnd(t *testing.T) {
+	for i, rt := range []rekeyTarget{{}, cipherChange} {
+		t.Run(fmt.Sprintf("%s/%d", rt.cipher, rt.bits), func(t *testing.T) {
+			sc, w := plainWorld(t, int64(61+i))
+			sc.rekeyTo = rt
+			e := sc.engine(w)
+			e.FailHook = func(string) { sc.write(w) }
+			ep, err := e.PlanPlainRekey(context.Background(), sc.plainOptions())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if n := len(ep.Spec.Forward.Phases); n != 3 || !ep.Spec.Forward.Phases[1].InPlace {
+				t.Fatalf("plan: %v", ep.Spec.Forward.Phases)
+			}
+			if _, err := os.Stat(sc.newKeyFile); err == nil {
+				t.Fatal("planning wrote the new key file")
+			}
+			if err := e.Execute(context.Background(), ep, RunOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			if sc.writes == 0 {
+				t.Fatal("the writer wrote nothing during the rekey")
+			}
+			sc.verifyPlainRekeyed(w, e)
+			// The journal keeps digests, never the keys.
+			raw, err := os.ReadFile(sc.journal)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if bytes.Contains(raw, sc.key) || bytes.Contains(raw, sc.newPlainKey()) {
+				t.Fatal("the journal holds key material")
+			}
+		})
+	}
+}
+
+func TestPlainRekeyRefusals(t *testing.T) {
+	sc, w := plainWorld(t, 63)
+	e := sc.engine(w)
+	exists := filepath.Join(t.TempDir(), "exists.key")
+	if err := os.WriteFile(exists, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		mod  func(*PlainRekeyOptions)
+		want string
+	}{
+		{"unknown mapping", func(o *PlainRekeyOptions) { o.Target = "nosuch" }, "neither a device-mapper device"},
+		{"no key file", func(o *PlainRekeyOptions) { o.NewKeyFile = "" }, "needs a file for its new key"},
+		{"relative key file", func(o *PlainRekeyOptions) { o.NewKeyFile = "new.key" }, "must be an absolute path"},
+		{"key file exists", func(o *PlainRekeyOptions) { o.NewKeyFile = exists }, "already exists"},
+		{"bad key size", func(o *PlainRekeyOptions) { o.KeySize = 100 }, "not a multiple of 8"},
+		{"cipher the kernel lacks", func(o *PlainRekeyOptions) { o.Cipher, o.KeySize = "twofish-xts-plain64", 256 }, "refuses cipher"},
+	} {
+		o := sc.plainOptions()
+		c.mod(&o)
+		requireRefused(t, w, c.name, c.want, func() error {
+			_, err := e.PlanPlainRekey(context.Background(), o)
+			return err
+		})
+	}
+	// A LUKS mapping is not a plain one.
+	w.mu.Lock()
+	w.devs["vda_crypt"].uuid = "CRYPT-LUKS2-0123-vda_crypt"
+	w.mu.Unlock()
+	requireRefused(t, w, "luks", "not a plain dm-crypt mapping", func() error {
+		_, err := e.PlanPlainRekey(context.Background(), sc.plainOptions())
+		return err
+	})
+}
+
+// TestPlainRekeyCrashAtEveryFailpoint: the plain rekey dies at every
+// failpoint (a spread of hits), by process kill or power cut (with and
+// without the disk's cache), then resume or abort finishes with every
+// acknowledged write intact and the volume opening with exactly one key.
+func TestPlainRekeyCrashAtEveryFailpoint(t *testing.T) {
+	sc, w := plainWorld(t, 64)
+	e := sc.engine(w)
+	_, hits := sc.runUntil(e, w, "", 0, sc.planPlain(e))
+	for _, fp := range []string{"rewrite:saved", "rewrite:written"} {
+		if hits[fp] == 0 {
+			t.Fatalf("the plain rekey never reached %s", fp)
+		}
+	}
+	cases := 0
+	for _, fp := range Failpoints {
+		for _, nth := range occurrences(hits[fp]) {
+			for _, rec := range []recovery{recoverResume, recoverAbort, recoverPowerResume, recoverLostCacheResume, recoverLostCacheAbort} {
+				cases++
+				seed := 5000 + int64(cases)
+				t.Run(fmt.Sprintf("%s#%d/%s", fp, nth, rec), func(t *testing.T) {
+					t.Parallel()
+					plainCrashAndRecover(t, fp, nth, rec, seed)
+				})
+			}
+		}
+	}
+	if cases == 0 {
+		t.Fatal("the plain rekey reached no failpoint")
+	}
+	t.Logf("%d plain rekey crash cases", cases)
+}
+
+func plainCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed int64) {
+	sc, w := plainWorld(t, seed)
+	sc.quiet = rec == recoverLostCacheResume || rec == recoverLostCacheAbort
+	e := sc.engine(w)
+	crashed, _ := sc.runUntil(e, w, fp, nth, sc.planPlain(e))
+	if crashed == nil {
+		t.Skipf("the run never reached %s#%d", fp, nth)
+	}
+	w = crashed
+	if rec != recoverResume && rec != recoverAbort {
+		w.powerCut(rec != recoverPowerResume)
+		l := sc.lvm(w)
+		if err := l.boot(); err != nil {
+			t.Fatal(err)
+		}
+		if len(w.devs) > 0 {
+			t.Fatal("boot-time LVM activated something on the raw encrypted disk")
+		}
+	}
+	e = sc.engine(w)
+	sc.quiet = false
+	e.FailHook = func(string) { sc.write(w) }
+	o := sc.plainResumeOptions()
+	finished := func() {
+		j, err := journal.Open(sc.journal, journal.Options{ReadOnly: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := j.State()
+		j.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch st.Status {
+		case journal.StatusDone:
+			sc.verifyPlainRekeyed(w, e)
+		case journal.StatusAborted:
+			sc.verifyPlainAborted(w, e)
+		default:
+			t.Fatalf("journal status %s after an already-finished run", st.Status)
+		}
+	}
+	if rec == recoverAbort || rec == recoverLostCacheAbort {
+		err := e.Abort(context.Background(), o)
+		switch {
+		case err == nil:
+			sc.verifyPlainAborted(w, e)
+		case strings.Contains(err.Error(), "already done"):
+			finished()
+		default:
+			t.Fatalf("abort after a crash at %s#%d (%s): %v", fp, nth, rec, err)
+		}
+		return
+	}
+	if err := e.Resume(context.Background(), o); err != nil {
+		if strings.Contains(err.Error(), "already done") {
+			finished()
+			return
+		}
+		t.Fatalf("resume after a crash at %s#%d (%s): %v", fp, nth, rec, err)
+	}
+	sc.verifyPlainRekeyed(w, e)
+}
+
+// A resume with the wrong old key is refused before anything is written.
+func TestPlainRekeyResumeWrongOldKey(t *testing.T) {
+	sc, w := plainWorld(t, 65)
+	e := sc.engine(w)
+	crashed, _ := sc.runUntil(e, w, "commit:after", 3, sc.planPlain(e))
+	if crashed == nil {
+		t.Fatal("never reached commit:after#3")
+	}
+	w = crashed
+	w.powerCut(false)
+	e = sc.engine(w)
+	o := sc.plainResumeOptions()
+	o.OldKey = func() ([]byte, error) { return make([]byte, 64), nil }
+	err := e.Resume(context.Background(), o)
+	if !errors.Is(err, ErrWrongPassphrase) {
+		t.Fatalf("resume with a wrong old key: %v", err)
+	}
+	if len(w.devs) != 0 {
+		t.Fatalf("devices created by a refused resume: %v", w.devs)
+	}
+}
