@@ -70,8 +70,8 @@ func (h *plainHeader) Image(Checkpoint) ([]byte, error) {
 	return append([]byte(plainMagic), b...), nil
 }
 func (h *plainHeader) CheckpointWrites(Checkpoint) ([]Write, error) { return nil, nil }
-func (h *plainHeader) FinalWrites(Final) ([]Write, error)          { return nil, nil }
-func (h *plainHeader) MarkWrites(Checkpoint) ([]Write, error)      { return nil, nil }
+func (h *plainHeader) FinalWrites(Final) ([]Write, error)           { return nil, nil }
+func (h *plainHeader) MarkWrites(Checkpoint) ([]Write, error)       { return nil, nil }
 func (h *plainHeader) ReadCheckpoint(io.ReaderAt) (Checkpoint, bool, error) {
 	return Checkpoint{}, false, nil
 }
