@@ -356,13 +356,20 @@ func diskBytes(t testing.TB, dev string) []byte {
 // it was.
 func refused(t *testing.T, dev string, want int, reason string, args ...string) {
 	t.Helper()
+	refusedNaming(t, dev, dev, want, reason, args...)
+}
+
+// refusedNaming is refused for a message that names named (a mapping)
+// while dev (the disk under it) must stay unchanged.
+func refusedNaming(t *testing.T, dev, named string, want int, reason string, args ...string) {
+	t.Helper()
 	before := diskBytes(t, dev)
 	code, out := cliRun(t, args...)
 	if code != want {
 		t.Fatalf("dmconvert %s: exit %d, want %d:\n%s", strings.Join(args, " "), code, want, out)
 	}
-	if !strings.Contains(out, dev) || !strings.Contains(out, reason) {
-		t.Fatalf("dmconvert %s: the message does not name %s and say %q:\n%s", strings.Join(args, " "), dev, reason, out)
+	if !strings.Contains(out, named) || !strings.Contains(out, reason) {
+		t.Fatalf("dmconvert %s: the message does not name %s and say %q:\n%s", strings.Join(args, " "), named, reason, out)
 	}
 	if after := diskBytes(t, dev); !bytes.Equal(after, before) {
 		t.Fatalf("dmconvert %s changed %s although it refused (first difference at byte %d)", strings.Join(args, " "), dev, firstDiff(after, before))

@@ -184,6 +184,10 @@ func describeMove(from, to Backing) string {
 		return "copying the start of the disk to its end"
 	case from.Dev == DiskID && to.Dev == DiskID:
 		return "copying the start of the disk back in place"
+	case from.Dev == OldID && to.Dev == NewID:
+		return "re-encrypting with the new key"
+	case from.Dev == NewID && to.Dev == OldID:
+		return "re-encrypting back with the old key"
 	}
 	return fmt.Sprintf("moving data from %s to %s", from, to)
 }
@@ -192,7 +196,7 @@ func describeMove(from, to Backing) string {
 // phase kind, or Phase.String() for a move); unknown text is returned as
 // is.
 func DescribePhaseString(s string) string {
-	if !strings.HasPrefix(s, string(PhaseMove)+" ") {
+	if !strings.HasPrefix(s, string(PhaseMove)+" ") && !strings.HasPrefix(s, "rewrite ") {
 		return DescribePhase(Phase{Kind: PhaseKind(s)})
 	}
 	// "move [s,e) <from> -> <to> <dir> by <n>"
@@ -226,4 +230,21 @@ func parseBacking(s string) (Backing, bool) {
 // a held disk lock (Host.Lock) or journal.
 func IsBusy(err error) bool {
 	return errors.Is(err, journal.ErrLocked) || errors.Is(err, ErrBusy)
+}
+
+// PlainKeyFile is where a plain rekey plan writes its new key.
+func PlainKeyFile(ep *EncryptPlan) string { return ep.newKeyFile }
+
+// PlainCrypttabLine is the /etc/crypttab line that opens a rekeyed plain
+// volume with its new key file, as its mapping is now (off: the data's
+// first sector on the disk).
+func PlainCrypttabLine(s *Spec, off Sectors) string {
+	opts := fmt.Sprintf("plain,cipher=%s,size=%d", s.Crypt.Cipher, s.Crypt.KeyBytes*8)
+	if off > 0 {
+		opts += fmt.Sprintf(",offset=%d", off)
+	}
+	if s.Crypt.SectorSize > 512 {
+		opts += fmt.Sprintf(",sector-size=%d", s.Crypt.SectorSize)
+	}
+	return fmt.Sprintf("%s %s %s %s", s.Name, s.Disk.Path, s.NewKeyFile, opts)
 }

@@ -84,6 +84,8 @@ type Spec struct {
 	// Stacked are the dm devices that mapped the disk at plan time, with
 	// their tables (linear/striped: no keys).
 	Stacked map[string]string `json:"stacked,omitempty"`
+	// NewKeyFile is where a plain rekey keeps its new key.
+	NewKeyFile string `json:"new_key_file,omitempty"`
 	// Forward is the plan; Abort is set once an abort began.
 	Forward *Plan `json:"forward"`
 	Abort   *Plan `json:"abort,omitempty"`

@@ -294,6 +294,24 @@ func startWriterPaced(t testing.TB, st *stack, state string, pause time.Duration
 		t.Fatal(err)
 	}
 	targets := len(st.Mounts) + 1
+	// A writer started again on the same stack continues each target's
+	// sequence: a record file's next record is at its end, the raw
+	// LV's after the highest acknowledged one (verifyStack wants the
+	// newest record of each slot).
+	next := make([]uint64, targets)
+	if b, err := os.ReadFile(w.ackPath); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			var id, seq uint64
+			if n, _ := fmt.Sscanf(l, "%d %d", &id, &seq); n == 2 && id < uint64(targets) && seq+1 > next[id] {
+				next[id] = seq + 1
+			}
+		}
+	}
+	for id := 0; id < len(st.Mounts); id++ {
+		if fi, err := os.Stat(filepath.Join(st.Mounts[id], "records")); err == nil {
+			next[id] = uint64(fi.Size()) / recSize
+		}
+	}
 	for id := 0; id < targets; id++ {
 		w.wg.Add(1)
 		go func(id int) {
@@ -310,7 +328,7 @@ func startWriterPaced(t testing.TB, st *stack, state string, pause time.Duration
 				return
 			}
 			defer f.Close()
-			for seq := uint64(0); ; seq++ {
+			for seq := next[id]; ; seq++ {
 				select {
 				case <-w.stop:
 					return

@@ -318,7 +318,7 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 			OldID: "dmconvert-" + runID + "-old",
 			NewID: "dmconvert-" + runID + "-new",
 		},
-		Crypt: ncs, OldCrypt: cs,
+		Crypt: ncs, OldCrypt: cs, NewKeyFile: o.NewKeyFile,
 		Forward: plan,
 	}
 	ep := &EncryptPlan{Spec: spec, Journal: jpath, Header: &plainHeader{rec: rec},

@@ -42,6 +42,12 @@ func (o *onlineOptions) register(f *pflag.FlagSet, journalDefault, chunkHelp str
 // dry run), opens the engine and reads the passphrase of TARGET. done
 // wipes the passphrase and closes the engine.
 func (a *app) openOnline(o *onlineOptions, target string) (e *convert.Engine, pass []byte, chunk convert.Sectors, done func(), err error) {
+	return a.openOnlineKey(o, target, nil)
+}
+
+// openOnlineKey is openOnline; when noKey reports true for the engine
+// (a plain mapping: its key is in its table), no passphrase is read.
+func (a *app) openOnlineKey(o *onlineOptions, target string, noKey func(*convert.Engine) bool) (e *convert.Engine, pass []byte, chunk convert.Sectors, done func(), err error) {
 	if err := o.key.validate(); err != nil {
 		return nil, nil, 0, nil, err
 	}
@@ -57,6 +63,9 @@ func (a *app) openOnline(o *onlineOptions, target string) (e *convert.Engine, pa
 	e, closeEngine, err := a.engine(region)
 	if err != nil {
 		return nil, nil, 0, nil, err
+	}
+	if noKey != nil && noKey(e) {
+		return e, nil, chunk, func() { closeEngine() }, nil
 	}
 	pass, err = a.readKey(o.key, target)
 	if err != nil {

@@ -15,6 +15,7 @@ type rekeyOptions struct {
 	removeOthers bool
 	cipher       string
 	keySize      int // bits
+	newKeyFile   string
 }
 
 func (a *app) rekeyCommand(mark markFunc) *cobra.Command {
@@ -56,7 +57,20 @@ slow on large volumes; converting to LUKS2 offline first is faster).
 The passphrase or key file is needed to read the volume key from the header
 (the kernel keeps cryptsetup's keys where no other program can read them),
 and it opens the new key afterwards. Keyslots it does not open would lose
-their key: they are refused unless --remove-other-keyslots.`,
+their key: they are refused unless --remove-other-keyslots.
+
+Plain dm-crypt (a mapping opened by cryptsetup open --type plain): there is
+no header, so --new-key-file PATH is required: the new random key is written
+there (mode 0600, it must not exist, not on TARGET) when the run starts, as
+the raw key cryptsetup's plain mode reads from a key file. The old key is
+read from the mapping's table (no passphrase is asked). With no free space,
+the data is re-encrypted where it is: one chunk at a time (--chunk-size,
+default 1 MiB) the mapping is suspended, the chunk's old ciphertext is saved
+in the journal, and the chunk is rewritten under the new key. A plain volume
+carries no mark a boot-time tool could see: until the run ends, do not let
+crypttab open it at boot (after a crash, resume with --key-file OLD-KEY-FILE
+if no live mapping still shows the old key). When it ends, point crypttab at
+the new key file.`,
 		Args: exactArgs(1),
 		RunE: mark(func(cmd *cobra.Command, args []string) error { return a.runRekey(cmd.Context(), o, args) }),
 	}
@@ -65,6 +79,7 @@ their key: they are refused unless --remove-other-keyslots.`,
 	f.BoolVar(&o.removeOthers, "remove-other-keyslots", false, "remove the keyslots the given passphrase does not open (their passphrases stop working)")
 	f.StringVarP(&o.cipher, "cipher", "c", "", "cipher of the new key, e.g. serpent-xts-plain64 (default: the volume's)")
 	f.IntVarP(&o.keySize, "key-size", "s", 0, "size of the new key in bits, e.g. 256 (default: the volume's)")
+	f.StringVar(&o.newKeyFile, "new-key-file", "", "plain dm-crypt: write the new key to this file (required for plain mappings)")
 	return cmd
 }
 
@@ -81,11 +96,30 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 	if err := convert.CheckRekeyCipher(o.cipher, o.keySize); err != nil {
 		return usagef("%s: cannot rekey: %v", target, err)
 	}
-	e, pass, chunk, done, err := a.openOnline(&o.onlineOptions, target)
+	plain := o.newKeyFile != ""
+	e, pass, chunk, done, err := a.openOnlineKey(&o.onlineOptions, target, func(e *convert.Engine) bool {
+		plain = plain || e.IsPlainMapping(target)
+		return plain
+	})
 	if err != nil {
 		return err
 	}
 	defer done()
+	if plain {
+		if o.removeOthers {
+			return usagef("%s: --remove-other-keyslots: a plain mapping has no keyslots", target)
+		}
+		ep, err := e.PlanPlainRekey(ctx, convert.PlainRekeyOptions{Target: target, NewKeyFile: o.newKeyFile, Journal: o.journal, Chunk: chunk,
+			Cipher: o.cipher, KeySize: o.keySize})
+		if err != nil {
+			return err
+		}
+		defer ep.Wipe()
+		return a.runPlan(ctx, e, ep, res, planned{
+			dryRun: o.dryRun, confirmed: o.yes || o.batch, verb: "re-encrypt in place with a new key",
+			print: a.printPlainRekeyPlan, finish: a.finishRekey,
+		})
+	}
 	ep, err := e.PlanRekey(ctx, convert.RekeyOptions{Target: target, Journal: o.journal, Chunk: chunk,
 		Open: opener(pass), Passphrase: pass, RemoveOtherKeyslots: o.removeOthers, Cipher: o.cipher, KeySize: o.keySize})
 	if err != nil {
@@ -124,10 +158,42 @@ func (a *app) printRekeyPlan(ep *convert.EncryptPlan) {
 	}
 }
 
+func (a *app) printPlainRekeyPlan(ep *convert.EncryptPlan) {
+	s, g := ep.Spec, ep.Spec.Forward.Geometry
+	w := a.stdout
+	old, _, _ := g.Phys(convert.Backing{Dev: convert.OldID}, 0, 0)
+	fmt.Fprintf(w, "Plan: rekey plain dm-crypt %s (%s, data at sector %d), open as /dev/mapper/%s, in place and online\n",
+		s.Disk.Path, s.OldCrypt.Cipher, old, s.Name)
+	if s.VG != "" {
+		fmt.Fprintf(w, "  volume group:  %s (PV %s)\n", s.VG, s.PVDevice)
+	}
+	change := "unchanged"
+	if s.Crypt != s.OldCrypt {
+		change = fmt.Sprintf("changes to %s with a %d-bit key", s.Crypt.Cipher, s.Crypt.KeyBytes*8)
+	}
+	fmt.Fprintf(w, "  cipher:        %s with a %d-bit key, %d-byte sectors; %s\n", s.OldCrypt.Cipher, s.OldCrypt.KeyBytes*8, s.OldCrypt.SectorSize, change)
+	fmt.Fprintf(w, "  data:          %s (%d sectors) rewritten in place under a new random key, %s at a time with the mapping suspended\n",
+		humanBytes(g.Payload*512), g.Payload, humanBytes(s.Forward.Phases[1].Chunk*512))
+	fmt.Fprintf(w, "  new key:       written to %s when the run starts\n", convert.PlainKeyFile(ep))
+	fmt.Fprintf(w, "  journal:       %s (also holds each chunk's old ciphertext while it is rewritten)\n", ep.Journal)
+	fmt.Fprintln(w, "  boot:          until the run ends, do not let crypttab open this volume at boot")
+	fmt.Fprintln(w, "  phases:")
+	for i, ph := range s.Forward.Phases {
+		fmt.Fprintf(w, "    %d. %s\n", i+1, convert.DescribePhase(ph))
+	}
+}
+
 // finishRekey reports a completed rekey.
 func (a *app) finishRekey(r *result, s *convert.Spec) {
 	r.fromSpec(s)
 	if a.quiet || a.json {
+		return
+	}
+	if s.Plain() {
+		off, _, _ := s.Forward.Geometry.Phys(convert.Backing{Dev: convert.NewID}, 0, 0)
+		fmt.Fprintf(a.stdout, "\nDone: %s has a new %d-bit %s key; /dev/mapper/%s uses it.\n", s.Disk.Path, s.Crypt.KeyBytes*8, s.Crypt.Cipher, s.Name)
+		fmt.Fprintf(a.stdout, "The new key is in %s; the old key and passphrase no longer open the volume. The crypttab line:\n  %s\n",
+			s.NewKeyFile, convert.PlainCrypttabLine(s, off))
 		return
 	}
 	fmt.Fprintf(a.stdout, "\nDone: %s has a new %d-bit %s volume key and its data starts %s into the disk; /dev/mapper/%s uses it.\n",

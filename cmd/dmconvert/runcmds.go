@@ -140,11 +140,16 @@ func (a *app) continueRun(ctx context.Context, o *continueOptions, args []string
 		disk = override
 		res.Device = override
 	}
-	key, err := a.readKey(o.key, disk)
-	if err != nil {
-		return err
+	var key []byte
+	if !ri.Spec.Plain() || o.key.file != "" {
+		// A plain rekey's old key is its key file's content, asked only
+		// when given: a live table may still show it.
+		key, err = a.readKey(o.key, disk)
+		if err != nil {
+			return err
+		}
+		defer luks.WipeBytes(key)
 	}
-	defer luks.WipeBytes(key)
 	e, closeEngine, err := a.engine(0)
 	if err != nil {
 		return err
@@ -166,6 +171,14 @@ func (a *app) continueRun(ctx context.Context, o *continueOptions, args []string
 	e.Progress = pr
 	st := a.startStopper(pr.note)
 	ro := convert.ResumeOptions{RunOptions: convert.RunOptions{Stop: st.requested}, Journal: jpath, Device: override, Open: opener(key)}
+	if ri.Spec.Plain() {
+		ro.OldKey = func() ([]byte, error) {
+			if key == nil {
+				return nil, usagef("%s: no live mapping shows the old key of this plain rekey: give the old key file with --key-file", disk)
+			}
+			return append([]byte(nil), key...), nil
+		}
+	}
 	if abort {
 		err = e.Abort(ctx, ro)
 	} else {

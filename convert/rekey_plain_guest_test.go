@@ -1,0 +1,250 @@
+package convert
+
+import (
+	"bytes"
+	"crypto/rand"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/dmconvert/dmconvert/testvm"
+)
+
+// Real-kernel tests of `dmconvert rekey` on plain dm-crypt mappings made
+// by stock cryptsetup (open --type plain with a key file): an ext4
+// mounted on the mapping, and an LVM PV on it with a mounted ext4 and a
+// raw LV, under a writer; killed or stopped mid-run, the mappings torn
+// down as after a reboot, then resumed or aborted; every file and
+// acknowledged record is checked live and after a cold open by stock
+// cryptsetup with the new key file, and the old key no longer shows
+// anything on the disk.
+
+// plainOpen opens disk as a plain mapping of keyFile, as crypttab would.
+func plainOpen(t testing.TB, disk, name, keyFile string, keyBits string) {
+	t.Helper()
+	sh(t, "cryptsetup", "open", "--type", "plain", "--cipher", "aes-xts-plain64", "--key-size", keyBits, "--key-file", keyFile, disk, name)
+}
+
+func randomKeyFile(t testing.TB, path string, n int) []byte {
+	t.Helper()
+	k := make([]byte, n)
+	rand.Read(k)
+	if err := os.WriteFile(path, k, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// checkPlainRekeyed: the new key file holds a new key of the old size;
+// the old key shows nothing on the disk; the live mapping is cryptsetup's
+// plain mapping of the new key.
+func checkPlainRekeyed(t testing.TB, disk, name string, oldKey []byte, newKeyFile string) {
+	t.Helper()
+	nk, err := os.ReadFile(newKeyFile)
+	if err != nil || len(nk) != len(oldKey) || bytes.Equal(nk, oldKey) {
+		t.Fatalf("new key file %s: %d bytes (want %d), same as the old key: %v (%v)", newKeyFile, len(nk), len(oldKey), bytes.Equal(nk, oldKey), err)
+	}
+	if fi, err := os.Stat(newKeyFile); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("new key file %s: mode %v (%v)", newKeyFile, fi.Mode().Perm(), err)
+	}
+	if uuid := strings.TrimSpace(sh(t, "dmsetup", "info", "-c", "--noheadings", "-o", "uuid", name)); uuid != "CRYPT-PLAIN-"+name {
+		t.Fatalf("%s has uuid %q after the rekey", name, uuid)
+	}
+	if st := sh(t, "cryptsetup", "status", name); !strings.Contains(st, "type:    PLAIN") {
+		t.Fatalf("cryptsetup status %s does not see a plain mapping:\n%s", name, st)
+	}
+}
+
+// oldKeySeesNothing: the disk opened with the old key carries no file
+// system or PV signature.
+func oldKeySeesNothing(t testing.TB, disk, oldKeyFile string) {
+	t.Helper()
+	plainOpen(t, disk, "plain-oldkey", oldKeyFile, "512")
+	typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", "/dev/mapper/plain-oldkey")
+	sh(t, "cryptsetup", "close", "plain-oldkey")
+	if s := strings.TrimSpace(typ); s != "" {
+		t.Fatalf("the old key still shows a %q on %s", s, disk)
+	}
+}
+
+// TestGuestRekeyPlainFS: an ext4 mounted on a plain mapping is rekeyed
+// in place under a writer; a dry run and a run without --new-key-file
+// change nothing; the run is killed with SIGKILL mid-run and resumed
+// (the old key from the helper the dead run left); checked live, after a
+// cold open with the new key file, and the old key shows nothing.
+func TestGuestRekeyPlainFS(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	disk := d[7]
+	tag := "pfs"
+	name := tag + "-crypt"
+	oldKeyFile, newKeyFile := "/tmp/pfs-old.key", "/tmp/pfs-new.key"
+	oldKey := randomKeyFile(t, oldKeyFile, 64)
+	plainOpen(t, disk, name, oldKeyFile, "512")
+	dev := "/dev/mapper/" + name
+	sh(t, "mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)
+	mp := "/mnt/" + tag
+	os.MkdirAll(mp, 0o755)
+	sh(t, "mount", dev, mp)
+	raw := filepath.Join(mp, "rawslots")
+	if err := os.WriteFile(raw, make([]byte, rawSlots*recSize), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	st := &stack{Tag: tag, Disk: disk, VG: tag, RawLV: raw, Mounts: []string{mp}, FSLVs: []string{"crypt"}, FSTypes: []string{"ext4"},
+		Sizes: []uint64{blockDevBytes(t, dev)}}
+	writeManifest(t, st, state)
+	j := st.file(state, "journal")
+	sh(t, "sync")
+	// Without --new-key-file: refused, nothing written. A dry run prints
+	// the plan and writes nothing (no key file, no journal).
+	sh(t, "umount", mp)
+	refusedNaming(t, disk, name, 2, "needs a file for its new key", "rekey", name, "--batch-mode", "--journal", j)
+	before := diskBytes(t, disk)
+	code, out := cliRun(t, "rekey", name, "--dry-run", "--new-key-file", newKeyFile, "--journal", j)
+	requireExit(t, "plain rekey --dry-run", code, 0, out)
+	if !bytes.Equal(before, diskBytes(t, disk)) || !strings.Contains(out, "Dry run") || !strings.Contains(out, "rewritten in place") {
+		t.Fatalf("plain rekey --dry-run changed the disk or printed no plan:\n%s", out)
+	}
+	for _, p := range []string{j, newKeyFile} {
+		if _, err := os.Stat(p); err == nil {
+			t.Fatalf("plain rekey --dry-run created %s", p)
+		}
+	}
+	sh(t, "mount", dev, mp)
+	w := startWriter(t, st, state)
+	r := cliStart(t, "rekey", "/dev/mapper/"+name, "--new-key-file", newKeyFile, "--batch-mode", "--json", "--journal", j, "--chunk-size", "1M")
+	r.waitProgress(t, 0.3)
+	r.cmd.Process.Kill()
+	code, _ = r.wait()
+	requireExit(t, "plain rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
+	code, out = cliRun(t, "resume", "--journal", j)
+	requireExit(t, "resume of the plain rekey", code, 0, out)
+	acks, gap := w.finish(t)
+	t.Logf("writer: %d acknowledged writes, longest gap %v", acks, gap)
+	if !strings.Contains(out, "plain,cipher=aes-xts-plain64,size=512") {
+		t.Fatalf("resume printed no crypttab line:\n%s", out)
+	}
+	verifyStack(t, st, state)
+	checkPlainRekeyed(t, disk, name, oldKey, newKeyFile)
+	// Cold: close, open with stock cryptsetup and the new key file.
+	sh(t, "umount", mp)
+	sh(t, "cryptsetup", "close", name)
+	oldKeySeesNothing(t, disk, oldKeyFile)
+	plainOpen(t, disk, name, newKeyFile, "512")
+	sh(t, "mount", dev, mp)
+	verifyStack(t, st, state)
+}
+
+// TestGuestRekeyPlainLVM: a PV on a plain mapping with live LVs, rekeyed
+// to serpent-xts-plain64 with a 256-bit key under a writer; stopped with
+// SIGINT, then everything is torn down as by a reboot (no table shows the
+// old key any more); resume refuses the wrong old key, then finishes with
+// the right one and activates the LVs again; checked live and cold. A
+// second run on the rekeyed volume is stopped and aborted: the volume
+// keeps the key of the first run.
+func TestGuestRekeyPlainLVM(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	disk := d[8]
+	tag := "plv"
+	name := tag + "_crypt"
+	oldKeyFile, newKeyFile := "/tmp/plv-old.key", "/tmp/plv-new.key"
+	oldKey := randomKeyFile(t, oldKeyFile, 64)
+	plainOpen(t, disk, name, oldKeyFile, "512")
+	m := "/dev/mapper/" + name
+	vg := "vg" + tag
+	sh(t, "pvcreate", "-y", m)
+	sh(t, "vgcreate", "-y", vg, m)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "40m", vg)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", vg)
+	sh(t, "vgchange", "-ay", vg)
+	st := &stack{Tag: tag, Disk: disk, VG: vg, RawLV: "/dev/mapper/" + vg + "-raw"}
+	lv := "/dev/mapper/" + vg + "-ext"
+	mp := "/mnt/" + tag + "-ext"
+	sh(t, "mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", lv)
+	os.MkdirAll(mp, 0o755)
+	sh(t, "mount", lv, mp)
+	st.Mounts, st.FSLVs, st.FSTypes, st.Sizes = []string{mp}, []string{"ext"}, []string{"ext4"}, []uint64{blockDevBytes(t, lv)}
+	writeManifest(t, st, state)
+	j := st.file(state, "journal")
+	w := startWriter(t, st, state)
+	r := cliStart(t, "rekey", name, "--new-key-file", newKeyFile, "--cipher", "serpent-xts-plain64", "--key-size", "256",
+		"--batch-mode", "--json", "--journal", j, "--chunk-size", "512K")
+	r.waitProgress(t, 0.4)
+	r.cmd.Process.Signal(syscall.SIGINT)
+	code, errOut := r.wait()
+	requireExit(t, "plain rekey after SIGINT", code, 5, errOut)
+	acks, _ := w.finish(t)
+	t.Logf("writer before the stop: %d acknowledged writes", acks)
+	// A reboot: nothing is open any more.
+	sh(t, "umount", mp)
+	sh(t, "vgchange", "-an", vg)
+	sh(t, "dmsetup", "remove", name)
+	for _, l := range strings.Split(sh(t, "dmsetup", "ls"), "\n") {
+		if f := strings.Fields(l); len(f) > 0 && strings.HasPrefix(f[0], "dmconvert-") {
+			sh(t, "dmsetup", "remove", f[0])
+		}
+	}
+	if out := sh(t, "dmsetup", "ls"); strings.Contains(out, name) || strings.Contains(out, "dmconvert-") {
+		t.Fatalf("devices left after the teardown:\n%s", out)
+	}
+	wrong := "/tmp/plv-wrong.key"
+	randomKeyFile(t, wrong, 64)
+	code, out := cliRun(t, "resume", "--journal", j, "--key-file", wrong)
+	if code == 0 || !strings.Contains(out, "not the old 512-bit key") {
+		t.Fatalf("resume with a wrong old key: exit %d\n%s", code, out)
+	}
+	code, out = cliRun(t, "resume", "--journal", j)
+	if code == 0 || !strings.Contains(out, "--key-file") {
+		t.Fatalf("resume without the old key: exit %d\n%s", code, out)
+	}
+	code, out = cliRun(t, "resume", "--journal", j, "--key-file", oldKeyFile)
+	requireExit(t, "resume of the plain rekey after a teardown", code, 0, out)
+	sh(t, "mount", lv, mp)
+	verifyStack(t, st, state)
+	checkPlainRekeyed(t, disk, name, oldKey[:32], newKeyFile)
+	if tb := sh(t, "dmsetup", "table", name); !strings.Contains(tb, "serpent-xts-plain64") {
+		t.Fatalf("the rekeyed mapping is not serpent-xts-plain64: %s", tb)
+	}
+	// Cold: stock cryptsetup with the new key file and cipher.
+	sh(t, "umount", mp)
+	sh(t, "vgchange", "-an", vg)
+	sh(t, "cryptsetup", "close", name)
+	oldKeySeesNothing(t, disk, oldKeyFile)
+	sh(t, "cryptsetup", "open", "--type", "plain", "--cipher", "serpent-xts-plain64", "--key-size", "256", "--key-file", newKeyFile, disk, name)
+	sh(t, "vgchange", "-ay", vg)
+	sh(t, "mount", lv, mp)
+	verifyStack(t, st, state)
+
+	// A second rekey, stopped half way and aborted: back on the first
+	// run's key, every write there.
+	j2 := st.file(state, "journal2")
+	second := "/tmp/plv-second.key"
+	w = startWriter(t, st, state)
+	r = cliStart(t, "rekey", name, "--new-key-file", second, "--batch-mode", "--json", "--journal", j2, "--chunk-size", "1M")
+	r.waitProgress(t, 0.5)
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	code, errOut = r.wait()
+	requireExit(t, "second plain rekey after SIGTERM", code, 5, errOut)
+	acks, _ = w.finish(t)
+	t.Logf("writer during the stopped run: %d acknowledged writes", acks)
+	verifyStack(t, st, state)
+	w = startWriter(t, st, state)
+	code, out = cliRun(t, "abort", "--journal", j2)
+	requireExit(t, "abort of the second plain rekey", code, 0, out)
+	t.Logf("abort:\n%s", out)
+	acks, _ = w.finish(t)
+	t.Logf("writer during the abort: %d acknowledged writes", acks)
+	verifyStack(t, st, state)
+	sh(t, "umount", mp)
+	sh(t, "vgchange", "-an", vg)
+	sh(t, "cryptsetup", "close", name)
+	sh(t, "cryptsetup", "open", "--type", "plain", "--cipher", "serpent-xts-plain64", "--key-size", "256", "--key-file", newKeyFile, disk, name)
+	sh(t, "vgchange", "-ay", vg)
+	sh(t, "mount", lv, mp)
+	verifyStack(t, st, state)
+}
