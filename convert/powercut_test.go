@@ -72,17 +72,17 @@ func envInt(name string, def int64) int64 {
 	return def
 }
 
-// vmPowerCut (TestVMPowerCut): DMCONVERT_POWERCUTS cuts of an encrypt (default 8,
+// vmPowerCut (TestVMPowerCut): DMCONVERT_POWERCUTS cuts of an encrypt (default 7,
 // what CI runs; make crashtest N=... runs more) and DMCONVERT_POWERCUTS_OPS
-// cuts each of a decrypt and of a rekey (default 1), DMCONVERT_CRASH_SEED
-// to replay.
+// cuts each of a decrypt, a LUKS2 rekey and a plain dm-crypt rekey
+// (default 1), DMCONVERT_CRASH_SEED to replay.
 func vmPowerCut(t *testing.T) {
 	testvm.RequireVM(t)
 	t.Parallel()
 	seed := envInt("DMCONVERT_CRASH_SEED", time.Now().UnixNano())
-	cuts := int(envInt("DMCONVERT_POWERCUTS", 8))
+	cuts := int(envInt("DMCONVERT_POWERCUTS", 7))
 	opCuts := int(envInt("DMCONVERT_POWERCUTS_OPS", 1))
-	ops := make([]string, 0, cuts+2*opCuts)
+	ops := make([]string, 0, cuts+3*opCuts)
 	for i := 0; i < cuts; i++ {
 		// Every fifth encrypt cut converts a PV of a two-PV volume group
 		// and reboots with the other PV under another device name.
@@ -93,16 +93,17 @@ func vmPowerCut(t *testing.T) {
 		ops = append(ops, "encrypt")
 	}
 	for i := 0; i < opCuts; i++ {
-		ops = append(ops, "decrypt", "rekey")
+		ops = append(ops, "decrypt", "rekey", pcPlain)
 	}
 	if only := os.Getenv("DMCONVERT_PC_ONLY"); only != "" {
-		// One kind of cut only (encrypt, encrypt-2pv, decrypt, rekey).
+		// One kind of cut only (encrypt, encrypt-2pv, decrypt, rekey,
+		// rekey-plain).
 		ops = ops[:0]
 		for i := 0; i < cuts; i++ {
 			ops = append(ops, only)
 		}
 	}
-	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts of an encrypt, %d each of a decrypt and a rekey", seed, seed, cuts, opCuts)
+	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts: %d of an encrypt, %d each of a decrypt, a rekey and a plain rekey", seed, seed, len(ops), cuts, opCuts)
 	rng := rand.New(rand.NewSource(seed))
 	ctx := context.Background()
 	img, err := testvm.Prepare(ctx)
@@ -198,6 +199,10 @@ func vmPowerCut(t *testing.T) {
 
 const pcTag = "pc"
 
+// pcPlain is the power-cut operation that rekeys a plain dm-crypt mapping
+// with a PV on it (the key files live on the state disk).
+const pcPlain = "rekey-plain"
+
 // pc2PV is the power-cut operation that encrypts one PV of a two-PV VG
 // (an LV spans both); the other PV changes its name across the cut.
 const pc2PV = "encrypt-2pv"
@@ -234,6 +239,10 @@ func TestBootPowerCutStart(t *testing.T) {
 		if op == "decrypt" {
 			args = append(args, "--shrink-pv")
 		}
+	case pcPlain:
+		st = plainLVMStack(t, pcTag, d[0], state, "40m", "8m")
+		args = []string{"rekey", st.VG + "_crypt", "--new-key-file", filepath.Join(state, "pc-new.key"), "--batch-mode", "--json",
+			"--journal", st.file(state, "journal"), "--chunk-size", "1M"}
 	default:
 		t.Fatalf("%s=%q: not an operation", pcOpEnv, op)
 	}
@@ -276,6 +285,10 @@ func TestBootPowerCutResume(t *testing.T) {
 	}
 	st := loadStack(t, state, pcTag)
 	jpath := st.file(state, "journal")
+	if op == pcPlain {
+		plainPowerCutResume(t, st, state, jpath)
+		return
+	}
 	name := filepath.Base(st.Disk) + "_crypt"
 	first := make([]byte, 4096)
 	if f, err := os.Open(st.Disk); err == nil {
@@ -430,4 +443,45 @@ func tail(b []byte, n int) string {
 		l = l[len(l)-n:]
 	}
 	return strings.Join(l, "\n")
+}
+
+// plainPowerCutResume is the second boot of a plain rekey's power cut:
+// nothing is open (a plain volume must not be in crypttab during the run);
+// boot-time LVM finds nothing on the raw disk; the old key shows the PV
+// only if the run never rewrote a chunk; resume with the old key file
+// finishes; every acknowledged write is there under the new key.
+func plainPowerCutResume(t *testing.T, st *stack, state, jpath string) {
+	name := st.VG + "_crypt"
+	oldKey, newKey := filepath.Join(state, "pc-old.key"), filepath.Join(state, "pc-new.key")
+	shOK("pvscan", "--cache", "-aay")
+	shOK("vgchange", "-ay", st.VG)
+	if out, err := shOK("dmsetup", "ls"); err == nil && strings.Contains(out, st.VG+"-") {
+		t.Fatalf("LVM activated LVs from the raw disk %s:\n%s", st.Disk, out)
+	}
+	code, out := cliRun(t, "status", "--journal", jpath, "--json")
+	switch {
+	case code != 0 && (strings.Contains(out, "does not exist") || strings.Contains(out, "holds no conversion run")):
+		// Cut before the run recorded anything: the old key opens it all.
+		fmt.Println("DMCONVERT-CUT-STATE", pcPlain+"-not-started")
+		plainOpen(t, st.Disk, name, oldKey, "512")
+	case code != 0:
+		t.Fatalf("status after the cut: exit %d:\n%s", code, out)
+	case strings.Contains(out, `"done"`):
+		fmt.Println("DMCONVERT-CUT-STATE", pcPlain+"-done")
+		plainOpen(t, st.Disk, name, newKey, "512")
+	default:
+		fmt.Println("DMCONVERT-CUT-STATE", pcPlain+"-in-progress")
+		code, out = cliRun(t, "resume", "--journal", jpath, "--key-file", oldKey)
+		requireExit(t, "resume after the power cut", code, 0, out)
+	}
+	sh(t, "vgchange", "-ay", st.VG)
+	verifyStack(t, st, state)
+	if _, err := os.Stat(newKey); err == nil {
+		for _, mp := range st.Mounts {
+			sh(t, "umount", mp)
+		}
+		sh(t, "vgchange", "-an", st.VG)
+		sh(t, "cryptsetup", "close", name)
+		oldKeySeesNothing(t, st.Disk, oldKey)
+	}
 }

@@ -31,7 +31,8 @@ func randomKeyFile(t testing.TB, path string, n int) []byte {
 	t.Helper()
 	k := make([]byte, n)
 	rand.Read(k)
-	if err := os.WriteFile(path, k, 0o600); err != nil {
+	writeFileSync(t, path, k)
+	if err := os.Chmod(path, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	return k
@@ -151,25 +152,16 @@ func TestGuestRekeyPlainLVM(t *testing.T) {
 	state := guestStateDir(t, d[3])
 	disk := d[8]
 	tag := "plv"
-	name := tag + "_crypt"
-	oldKeyFile, newKeyFile := "/tmp/plv-old.key", "/tmp/plv-new.key"
-	oldKey := randomKeyFile(t, oldKeyFile, 64)
-	plainOpen(t, disk, name, oldKeyFile, "512")
-	m := "/dev/mapper/" + name
-	vg := "vg" + tag
-	sh(t, "pvcreate", "-y", m)
-	sh(t, "vgcreate", "-y", vg, m)
-	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "40m", vg)
-	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", vg)
-	sh(t, "vgchange", "-ay", vg)
-	st := &stack{Tag: tag, Disk: disk, VG: vg, RawLV: "/dev/mapper/" + vg + "-raw"}
+	name := "vg" + tag + "_crypt"
+	oldKeyFile, newKeyFile := filepath.Join(state, tag+"-old.key"), "/tmp/plv-new.key"
+	st := plainLVMStack(t, tag, disk, state, "40m", "8m")
+	oldKey, err := os.ReadFile(oldKeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vg := st.VG
 	lv := "/dev/mapper/" + vg + "-ext"
-	mp := "/mnt/" + tag + "-ext"
-	sh(t, "mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", lv)
-	os.MkdirAll(mp, 0o755)
-	sh(t, "mount", lv, mp)
-	st.Mounts, st.FSLVs, st.FSTypes, st.Sizes = []string{mp}, []string{"ext"}, []string{"ext4"}, []uint64{blockDevBytes(t, lv)}
-	writeManifest(t, st, state)
+	mp := st.Mounts[0]
 	j := st.file(state, "journal")
 	w := startWriter(t, st, state)
 	r := cliStart(t, "rekey", name, "--new-key-file", newKeyFile, "--cipher", "serpent-xts-plain64", "--key-size", "256",
@@ -247,4 +239,23 @@ func TestGuestRekeyPlainLVM(t *testing.T) {
 	sh(t, "vgchange", "-ay", vg)
 	sh(t, "mount", lv, mp)
 	verifyStack(t, st, state)
+}
+
+// plainLVMStack opens disk as a plain mapping <VG>_crypt (VG vg<tag>) of
+// a new random 512-bit key, kept in state/<tag>-old.key, and builds a PV
+// on it with an ext4 LV (mounted) and a raw LV.
+func plainLVMStack(t testing.TB, tag, disk, state, extSize, rawSize string) *stack {
+	t.Helper()
+	vg := "vg" + tag
+	name := vg + "_crypt"
+	keyFile := filepath.Join(state, tag+"-old.key")
+	randomKeyFile(t, keyFile, 64)
+	syncDir(t, state)
+	plainOpen(t, disk, name, keyFile, "512")
+	m := "/dev/mapper/" + name
+	sh(t, "pvcreate", "-y", m)
+	sh(t, "vgcreate", "-y", vg, m)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", extSize, vg)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", rawSize, vg)
+	return extRawStack(t, tag, disk, state, vg, 0, "-E", "lazy_itable_init=0,lazy_journal_init=0")
 }
