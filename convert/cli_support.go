@@ -232,8 +232,9 @@ func IsBusy(err error) bool {
 	return errors.Is(err, journal.ErrLocked) || errors.Is(err, ErrBusy)
 }
 
-// PlainKeyFile is where a plain rekey plan writes its new key.
-func PlainKeyFile(ep *EncryptPlan) string { return ep.newKeyFile }
+// PlainKeyFile is where a plain rekey plan writes its new key (or its
+// detached LUKS2 header).
+func PlainKeyFile(ep *EncryptPlan) string { return ep.newFile }
 
 // PlainCrypttabLine is the /etc/crypttab line that opens a rekeyed plain
 // volume with its new key file, as its mapping is now (off: the data's

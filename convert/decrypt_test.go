@@ -12,7 +12,17 @@ import (
 // with the LVs live on vda_crypt, and the scenario's expectations.
 func encryptedWorld(t *testing.T, seed int64) (*scenario, *fakeWorld) {
 	t.Helper()
+	return encryptedWorldSized(t, seed, 0, 0)
+}
+
+// encryptedWorldSized is encryptedWorld on a disk of n sectors with a
+// header of h (0: the defaults).
+func encryptedWorldSized(t *testing.T, seed int64, n, h Sectors) (*scenario, *fakeWorld) {
+	t.Helper()
 	sc := newScenario(t, seed)
+	if n > 0 {
+		sc.N, sc.H = n, h
+	}
 	w := sc.world()
 	e := sc.engine(w)
 	ep, err := e.PlanEncrypt(context.Background(), sc.options())

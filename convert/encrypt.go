@@ -87,8 +87,10 @@ type EncryptPlan struct {
 	// Header is the new header (keyslots wrapped by the passphrase).
 	Header HeaderFormat
 	keys   map[BackingID][]byte
-	// newKeyFile receives the new key when the run starts (plain rekey).
-	newKeyFile string
+	// newFile is created with newFileData when the run starts (a plain
+	// rekey's new key file or detached LUKS2 header).
+	newFile     string
+	newFileData []byte
 }
 
 // Wipe forgets the volume keys held by an unexecuted plan.

@@ -84,8 +84,12 @@ type Spec struct {
 	// Stacked are the dm devices that mapped the disk at plan time, with
 	// their tables (linear/striped: no keys).
 	Stacked map[string]string `json:"stacked,omitempty"`
-	// NewKeyFile is where a plain rekey keeps its new key.
+	// NewKeyFile is where a plain rekey keeps its new key; HeaderFile,
+	// with PlainTo "luks2", the detached LUKS2 header of a plain volume
+	// turned into LUKS2.
 	NewKeyFile string `json:"new_key_file,omitempty"`
+	HeaderFile string `json:"header_file,omitempty"`
+	PlainTo    string `json:"plain_to,omitempty"`
 	// Forward is the plan; Abort is set once an abort began.
 	Forward *Plan `json:"forward"`
 	Abort   *Plan `json:"abort,omitempty"`

@@ -56,8 +56,9 @@ type scenario struct {
 	// chunk is the encrypt's --chunk-size (zero: the header size, the
 	// default).
 	chunk Sectors
-	// newKeyFile receives a plain rekey's new key.
-	newKeyFile string
+	// newKeyFile receives a plain rekey's new key; plainHeader, when set,
+	// the detached LUKS2 header of a plain volume turned into LUKS2.
+	newKeyFile, plainHeader string
 }
 
 const fakeDiskPath = "/dev/vda"

@@ -318,8 +318,10 @@ func (r *run) doFinalize(ctx context.Context) error {
 		// The UUID cryptsetup gives a LUKS mapping, so `cryptsetup
 		// status/close` recognise F as theirs.
 		uuid := fmt.Sprintf("CRYPT-LUKS%d-%s-%s", r.hdr.Version(), strings.ReplaceAll(r.hdr.UUID(), "-", ""), r.spec.Name)
-		if r.spec.Plain() {
+		if r.spec.Plain() && r.spec.PlainTo != "luks2" {
 			uuid = "CRYPT-PLAIN-" + r.spec.Name
+		} else if r.spec.Plain() {
+			uuid = fmt.Sprintf("CRYPT-LUKS2-%s-%s", strings.ReplaceAll(r.spec.LUKSUUID, "-", ""), r.spec.Name)
 		}
 		if err := r.e.DM.SetUUID(r.spec.Name, uuid); err != nil {
 			return fmt.Errorf("setting the uuid of %s: %w", r.spec.Name, err)

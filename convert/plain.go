@@ -16,6 +16,7 @@ import (
 	"strings"
 
 	"github.com/dmconvert/dmconvert/dmtable"
+	"github.com/dmconvert/dmconvert/luks"
 )
 
 // Online rekey of a plain dm-crypt mapping (docs/design.md section 9).
@@ -37,7 +38,10 @@ const plainDigestIter = 20000
 
 // plainRecord is what the journal keeps of a plain rekey's keys.
 type plainRecord struct {
-	NewKeyFile string    `json:"new_key_file"`
+	NewKeyFile string `json:"new_key_file,omitempty"`
+	// HeaderFile is the detached LUKS2 header that holds the new key
+	// (plain to LUKS2), opened by the user's passphrase.
+	HeaderFile string    `json:"header_file,omitempty"`
 	Salt       []byte    `json:"salt"`
 	OldDigest  []byte    `json:"old_digest"`
 	NewDigest  []byte    `json:"new_digest"`
@@ -59,7 +63,12 @@ func (p *plainRecord) check(key, digest []byte, what string) bool {
 
 // plainHeader is the HeaderFormat of a plain rekey: there is no header on
 // the disk; the image is the journal's record.
-type plainHeader struct{ rec plainRecord }
+type plainHeader struct {
+	rec plainRecord
+	// lh is the detached LUKS2 header (plain to LUKS2), marked in
+	// progress until the run ends.
+	lh *LUKSHeader
+}
 
 func (h *plainHeader) Sectors() Sectors { return 0 }
 func (h *plainHeader) Image(Checkpoint) ([]byte, error) {
@@ -70,12 +79,57 @@ func (h *plainHeader) Image(Checkpoint) ([]byte, error) {
 	return append([]byte(plainMagic), b...), nil
 }
 func (h *plainHeader) CheckpointWrites(Checkpoint) ([]Write, error) { return nil, nil }
-func (h *plainHeader) FinalWrites(Final) ([]Write, error)           { return nil, nil }
-func (h *plainHeader) MarkWrites(Checkpoint) ([]Write, error)       { return nil, nil }
+
+// FinalWrites ends the files of a plain run (there is nothing on the
+// disk to write): a finished run's detached header loses its in-progress
+// mark, written here (the engine's writes go to the disk); a redo after a
+// crash writes it again. An aborted run leaves its new key file or header
+// as it is: a resume of the abort may still need the key (the command
+// says the file can go).
+func (h *plainHeader) FinalWrites(f Final) ([]Write, error) {
+	if f.Rekey && h.lh != nil {
+		ws, err := h.lh.FinalWrites(Final{})
+		if err != nil {
+			return nil, err
+		}
+		if err := writeFileAt(h.rec.HeaderFile, ws); err != nil {
+			return nil, fmt.Errorf("writing the final header to %s: %w", h.rec.HeaderFile, err)
+		}
+	}
+	return nil, nil
+}
+
+// writeFileAt applies ws to the file at path, syncing where a write asks
+// for it and at the end.
+func writeFileAt(path string, ws []Write) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	for _, w := range ws {
+		if _, err := f.WriteAt(w.Data, w.Off); err != nil {
+			return err
+		}
+		if w.Flush {
+			if err := f.Sync(); err != nil {
+				return err
+			}
+		}
+	}
+	return f.Sync()
+}
+
+func (h *plainHeader) MarkWrites(Checkpoint) ([]Write, error) { return nil, nil }
 func (h *plainHeader) ReadCheckpoint(io.ReaderAt) (Checkpoint, bool, error) {
 	return Checkpoint{}, false, nil
 }
-func (h *plainHeader) UUID() string     { return "" }
+func (h *plainHeader) UUID() string {
+	if h.lh != nil {
+		return h.lh.UUID()
+	}
+	return ""
+}
 func (h *plainHeader) Version() int     { return 0 }
 func (h *plainHeader) Crypt() CryptSpec { return h.rec.OldCrypt }
 
@@ -84,10 +138,11 @@ func (h *plainHeader) Crypt() CryptSpec { return h.rec.OldCrypt }
 func IsPlainImage(img []byte) bool { return bytes.HasPrefix(img, []byte(plainMagic)) }
 
 // OpenPlainImage recovers both keys of a plain rekey from its journal
-// record: the new one from the key file it names, the old one from
+// record: the new one from the key file it names (or, plain to LUKS2,
+// from the detached header it names, opened by pass), the old one from
 // oldKey (cryptsetup's plain key file semantics: its first key-size
 // bytes). Both are checked against the record's digests.
-func OpenPlainImage(img, oldKey []byte) (HeaderFormat, Keys, error) {
+func OpenPlainImage(img, oldKey, pass []byte) (HeaderFormat, Keys, error) {
 	if !IsPlainImage(img) {
 		return nil, Keys{}, errors.New("not a plain rekey record")
 	}
@@ -95,19 +150,39 @@ func OpenPlainImage(img, oldKey []byte) (HeaderFormat, Keys, error) {
 	if err := json.Unmarshal(img[len(plainMagic):], &rec); err != nil {
 		return nil, Keys{}, fmt.Errorf("reading the plain rekey record: %w", err)
 	}
-	newKey, err := readKeyFile(rec.NewKeyFile, rec.Crypt.KeyBytes)
-	if err != nil {
-		return nil, Keys{}, err
+	h := &plainHeader{rec: rec}
+	var newKey []byte
+	if rec.HeaderFile != "" {
+		b, err := os.ReadFile(rec.HeaderFile)
+		if err != nil {
+			return nil, Keys{}, fmt.Errorf("reading the new header: %w", err)
+		}
+		lh, ks, err := OpenLUKSImage(b, pass)
+		if err != nil {
+			return nil, Keys{}, fmt.Errorf("opening the new header %s: %w", rec.HeaderFile, err)
+		}
+		h.lh, newKey = lh, ks.Bound
+		clear(ks.Unbound)
+	} else {
+		k, err := readKeyFile(rec.NewKeyFile, rec.Crypt.KeyBytes)
+		if err != nil {
+			return nil, Keys{}, err
+		}
+		newKey = k
 	}
-	if !rec.check(newKey, rec.NewDigest, "new") {
+	if len(newKey) != rec.Crypt.KeyBytes || !rec.check(newKey, rec.NewDigest, "new") {
 		clear(newKey)
-		return nil, Keys{}, fmt.Errorf("key file %s does not hold the new key of this run (it was changed or replaced)", rec.NewKeyFile)
+		where := rec.NewKeyFile
+		if rec.HeaderFile != "" {
+			where = "header " + rec.HeaderFile
+		}
+		return nil, Keys{}, fmt.Errorf("%s does not hold the new key of this run (it was changed or replaced)", where)
 	}
 	if len(oldKey) < rec.OldCrypt.KeyBytes || !rec.check(oldKey[:rec.OldCrypt.KeyBytes], rec.OldDigest, "old") {
 		clear(newKey)
-		return nil, Keys{}, fmt.Errorf("%w: it is not the old %d-bit key of this plain mapping (give the old key file with --key-file)", ErrWrongPassphrase, rec.OldCrypt.KeyBytes*8)
+		return nil, Keys{}, fmt.Errorf("%w: it is not the old %d-bit key of this plain mapping (give the old key file with --old-key-file)", ErrWrongPassphrase, rec.OldCrypt.KeyBytes*8)
 	}
-	return &plainHeader{rec: rec}, Keys{Bound: append([]byte(nil), oldKey[:rec.OldCrypt.KeyBytes]...), Unbound: newKey}, nil
+	return h, Keys{Bound: append([]byte(nil), oldKey[:rec.OldCrypt.KeyBytes]...), Unbound: newKey}, nil
 }
 
 func readKeyFile(path string, n int) ([]byte, error) {
@@ -123,19 +198,19 @@ func readKeyFile(path string, n int) ([]byte, error) {
 	return k, nil
 }
 
-// writeKeyFile creates path (it must not exist) holding key, mode 0600,
-// durably.
-func writeKeyFile(path string, key []byte) error {
+// writeNewFile creates path (it must not exist) holding data, mode 0600,
+// durably (the file and its directory entry).
+func writeNewFile(path string, data []byte) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
-		return fmt.Errorf("creating the new key file: %w", err)
+		return fmt.Errorf("creating %s: %w", path, err)
 	}
-	_, werr := f.Write(key)
+	_, werr := f.Write(data)
 	serr := f.Sync()
 	cerr := f.Close()
 	if err := errors.Join(werr, serr, cerr); err != nil {
 		os.Remove(path)
-		return fmt.Errorf("writing the new key file %s: %w", path, err)
+		return fmt.Errorf("writing %s: %w", path, err)
 	}
 	d, err := os.Open(filepath.Dir(path))
 	if err != nil {
@@ -183,6 +258,16 @@ type PlainRekeyOptions struct {
 	// source's.
 	Cipher  string
 	KeySize int
+	// Type "luks2" turns the volume into LUKS2 with a detached header:
+	// HeaderFile (created by the run; it must not exist) holds the new
+	// key in a keyslot opened by Passphrase (PBKDF: its KDF), instead of
+	// NewKeyFile.
+	Type       string
+	HeaderFile string
+	Passphrase []byte
+	PBKDF      luks.PBKDF
+	// HeaderSize is the detached header's size in bytes (0: 16 MiB).
+	HeaderSize int64
 }
 
 // DefaultPlainChunk is the default chunk of an in-place rewrite: the
@@ -207,14 +292,31 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	if !strings.HasPrefix(m.info.UUID, "CRYPT-PLAIN-") {
 		return nil, refuse(m.name, "", "not a plain dm-crypt mapping opened by cryptsetup (its uuid is %q)", m.info.UUID)
 	}
-	if o.NewKeyFile == "" {
-		return nil, refuse(m.name, "give --new-key-file PATH: the new key is written there (a plain mapping has no header to keep it)", "a plain dm-crypt mapping needs a file for its new key")
+	target, what := o.NewKeyFile, "the new key file"
+	switch o.Type {
+	case "", "plain":
+		if o.HeaderFile != "" {
+			return nil, refuse(m.name, "add --type luks2 to turn the volume into LUKS2 with that header", "--header is for a conversion to LUKS2")
+		}
+		if o.NewKeyFile == "" {
+			return nil, refuse(m.name, "give --new-key-file PATH: the new key is written there (a plain mapping has no header to keep it), or --type luks2 --header FILE", "a plain dm-crypt mapping needs a file for its new key")
+		}
+	case "luks2":
+		if o.HeaderFile == "" || o.NewKeyFile != "" {
+			return nil, refuse(m.name, "give --header FILE (and no --new-key-file): the LUKS2 header of the converted volume is kept apart from it", "a plain mapping turns into LUKS2 with a detached header only")
+		}
+		if len(o.Passphrase) == 0 {
+			return nil, refuse(m.name, "", "the new LUKS2 header needs a passphrase or key file")
+		}
+		target, what = o.HeaderFile, "the new header file"
+	default:
+		return nil, refuse(m.name, "", "--type %s: a plain mapping is rekeyed as plain or turned into luks2", o.Type)
 	}
-	if !filepath.IsAbs(o.NewKeyFile) {
-		return nil, refuse(m.name, "", "the new key file %s must be an absolute path (resume reads it from the journal)", o.NewKeyFile)
+	if !filepath.IsAbs(target) {
+		return nil, refuse(m.name, "", "%s %s must be an absolute path (resume reads it from the journal)", what, target)
 	}
-	if _, err := os.Lstat(o.NewKeyFile); err == nil {
-		return nil, refuse(m.name, "choose a path that does not exist yet", "the new key file %s already exists", o.NewKeyFile)
+	if _, err := os.Lstat(target); err == nil {
+		return nil, refuse(m.name, "choose a path that does not exist yet", "%s %s already exists", what, target)
 	}
 	if m.crypt.Key.IsKeyring() || m.crypt.Key.IsEmpty() {
 		return nil, refuse(m.name, "", "its key is not in its table (kernel keyring %q): the old key cannot be read", m.crypt.Key.String())
@@ -246,14 +348,10 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	if err != nil {
 		return nil, refuse(m.name, "", "cannot rekey: %v", err)
 	}
-	if dir := filepath.Dir(o.NewKeyFile); true {
-		fd, err := e.Host.FileDevice(dir)
-		if err != nil {
-			return nil, refuse(m.name, "", "cannot place the new key file %s: %v", o.NewKeyFile, err)
-		}
-		if fd == m.info.Dev || fd == m.disk {
-			return nil, refuse(m.name, "put it on another file system", "the new key file %s would live on the volume being rekeyed", o.NewKeyFile)
-		}
+	if fd, err := e.Host.FileDevice(filepath.Dir(target)); err != nil {
+		return nil, refuse(m.name, "", "cannot place %s %s: %v", what, target, err)
+	} else if fd == m.info.Dev || fd == m.disk {
+		return nil, refuse(m.name, "put it on another file system", "%s %s would live on the volume being rekeyed", what, target)
 	}
 	runID, err := newRunID()
 	if err != nil {
@@ -312,17 +410,34 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	}
 	rec.OldDigest = plainDigest(rec.Salt, oldKey, "old")
 	rec.NewDigest = plainDigest(rec.Salt, newKey, "new")
+	ph := &plainHeader{rec: rec}
+	var detached []byte
+	if o.Type == "luks2" {
+		lh, img, err := newDetachedHeader(o, ncs, newKey, off, m.size, Checkpoint{Run: runID, Op: "rekey", Plan: "forward", Journal: jpath})
+		if err != nil {
+			clear(oldKey)
+			clear(newKey)
+			return nil, refuse(m.name, "", "cannot make the LUKS2 header: %v", err)
+		}
+		ph.rec.HeaderFile, ph.lh, detached = o.HeaderFile, lh, img
+	}
 	spec := &Spec{
 		Version: PlanVersion, ID: runID, Op: "rekey", Disk: di, Name: m.name,
 		Helpers: map[BackingID]string{
 			OldID: "dmconvert-" + runID + "-old",
 			NewID: "dmconvert-" + runID + "-new",
 		},
-		Crypt: ncs, OldCrypt: cs, NewKeyFile: o.NewKeyFile,
-		Forward: plan,
+		Crypt: ncs, OldCrypt: cs, NewKeyFile: o.NewKeyFile, HeaderFile: o.HeaderFile, PlainTo: o.Type,
+		LUKSUUID: ph.UUID(),
+		Forward:  plan,
 	}
-	ep := &EncryptPlan{Spec: spec, Journal: jpath, Header: &plainHeader{rec: rec},
-		keys: map[BackingID][]byte{OldID: oldKey, NewID: newKey}, newKeyFile: o.NewKeyFile}
+	ep := &EncryptPlan{Spec: spec, Journal: jpath, Header: ph,
+		keys: map[BackingID][]byte{OldID: oldKey, NewID: newKey}}
+	if detached != nil {
+		ep.newFile, ep.newFileData = o.HeaderFile, detached
+	} else {
+		ep.newFile, ep.newFileData = o.NewKeyFile, newKey
+	}
 	if pv != nil {
 		spec.PVUUID, spec.VG, spec.VGDevices, spec.VGPVUUIDs, spec.VGSeqno, spec.PVDevice = pv.UUID, pv.VG, pv.VGDevices, pv.VGPVUUIDs, pv.VGSeqno, node
 		ep.PV = pv
@@ -379,4 +494,43 @@ func BuildPlainRekey(pg PlainRekeyGeometry) (*Plan, error) {
 		return nil, fmt.Errorf("internal error: plain rekey plan fails verification: %w", err)
 	}
 	return p, nil
+}
+
+// newDetachedHeader makes the LUKS2 header of a plain volume turned into
+// LUKS2: the new key in keyslot 0 opened by the passphrase, the data
+// segment at the plain mapping's offset and of its size, marked in
+// progress (so cryptsetup refuses it until the run ends) and naming the
+// run's journal. It returns the header and its image.
+func newDetachedHeader(o PlainRekeyOptions, cs CryptSpec, key []byte, off, size Sectors, cp Checkpoint) (*LUKSHeader, []byte, error) {
+	hs := o.HeaderSize
+	if hs == 0 {
+		hs = luks.DefaultLUKS2HeaderSize
+	}
+	if off > 0 {
+		// The metadata and keyslots must end before the data segment
+		// starts, even in a detached header (cryptsetup's rule).
+		need := luks.MinHeaderSize(2, cs.KeyBytes, 0)
+		if int64(off)*512 < need {
+			return nil, nil, fmt.Errorf("the data starts %d bytes into the device, but a LUKS2 header, even a detached one, needs its metadata and a keyslot for a %d-bit key (%d bytes) to end before the data", off*512, cs.KeyBytes*8, need)
+		}
+		hs = min(hs, int64(off)*512)
+	}
+	vk := luks.NewVolumeKeyFromBytes(key)
+	defer vk.Wipe()
+	h, err := luks.Create(luks.Options{Version: 2, Cipher: cs.Cipher, SectorSize: int(cs.SectorSize), HeaderSize: hs, PBKDF: o.PBKDF}, vk, o.Passphrase)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := h.SetDetachedSegment(int64(off)*512, int64(size)*512); err != nil {
+		return nil, nil, err
+	}
+	lh, err := NewLUKSHeader(h)
+	if err != nil {
+		return nil, nil, err
+	}
+	img, err := lh.Image(cp)
+	if err != nil {
+		return nil, nil, err
+	}
+	return lh, img, nil
 }

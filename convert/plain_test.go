@@ -12,6 +12,7 @@ import (
 
 	"github.com/dmconvert/dmconvert/dmtable"
 	"github.com/dmconvert/dmconvert/journal"
+	"github.com/dmconvert/dmconvert/luks"
 )
 
 // Plain dm-crypt rekey on the fake kernel: vda_crypt, opened as a plain
@@ -38,8 +39,27 @@ func plainWorld(t *testing.T, seed int64) (*scenario, *fakeWorld) {
 }
 
 func (sc *scenario) plainOptions() PlainRekeyOptions {
+	if sc.plainHeader != "" {
+		return PlainRekeyOptions{Target: "vda_crypt", Type: "luks2", HeaderFile: sc.plainHeader, Passphrase: []byte("pw"),
+			PBKDF: luks.PBKDF{Type: luks.KDFPBKDF2, Iterations: 1000}, HeaderSize: 1 << 20,
+			Journal: sc.journal, Chunk: plainChunk, Cipher: sc.rekeyTo.cipher, KeySize: sc.rekeyTo.bits}
+	}
 	return PlainRekeyOptions{Target: "vda_crypt", NewKeyFile: sc.newKeyFile, Journal: sc.journal, Chunk: plainChunk,
 		Cipher: sc.rekeyTo.cipher, KeySize: sc.rekeyTo.bits}
+}
+
+// plainLUKS2World is plainWorld for a conversion to LUKS2 with a
+// detached header.
+func plainLUKS2World(t *testing.T, seed int64) (*scenario, *fakeWorld) {
+	t.Helper()
+	// The data must start past a LUKS2 header's metadata and one
+	// 512-bit keyslot (290816 bytes), even for a detached header.
+	sc, w := encryptedWorldSized(t, seed, 5120, 640)
+	w.mu.Lock()
+	w.devs["vda_crypt"].uuid = "CRYPT-PLAIN-vda_crypt"
+	w.mu.Unlock()
+	sc.plainHeader = filepath.Join(t.TempDir(), "vda.hdr")
+	return sc, w
 }
 
 func (sc *scenario) planPlain(e *Engine) func() error {
@@ -53,7 +73,8 @@ func (sc *scenario) planPlain(e *Engine) func() error {
 }
 
 func (sc *scenario) plainResumeOptions() ResumeOptions {
-	return ResumeOptions{Journal: sc.journal, OldKey: func() ([]byte, error) { return append([]byte(nil), sc.key...), nil }}
+	return ResumeOptions{Journal: sc.journal, OldKey: func() ([]byte, error) { return append([]byte(nil), sc.key...), nil },
+		Passphrase: []byte("pw")}
 }
 
 // verifyPlainFinal: the LVs read back through the live stack; only the
@@ -72,7 +93,7 @@ func (sc *scenario) verifyPlainFinal(w *fakeWorld, e *Engine, key []byte, cipher
 		sc.t.Fatalf("devices left %s: %v", what, list)
 	}
 	info, err := e.DM.Info("vda_crypt")
-	if err != nil || info.UUID != "CRYPT-PLAIN-vda_crypt" {
+	if err != nil || !strings.HasPrefix(info.UUID, "CRYPT-PLAIN-") && !strings.HasPrefix(info.UUID, "CRYPT-LUKS2-") {
 		sc.t.Fatalf("vda_crypt %s: uuid %q, %v", what, info.UUID, err)
 	}
 	t, err := e.DM.Table("vda_crypt")
@@ -88,6 +109,34 @@ func (sc *scenario) verifyPlainFinal(w *fakeWorld, e *Engine, key []byte, cipher
 
 func (sc *scenario) newPlainKey() []byte {
 	sc.t.Helper()
+	if sc.plainHeader != "" {
+		// The detached header: no longer marked, the passphrase opens it
+		// to the new key, its data segment is where the plain data was.
+		b, err := os.ReadFile(sc.plainHeader)
+		if err != nil {
+			sc.t.Fatal(err)
+		}
+		h, err := luks.Read(bytes.NewReader(b))
+		if err != nil {
+			sc.t.Fatal(err)
+		}
+		if r := h.Requirements(); len(r) > 0 {
+			sc.t.Fatalf("the detached header is still marked: %v", r)
+		}
+		vk, _, err := h.Unlock([]byte("pw"))
+		if err != nil {
+			sc.t.Fatal(err)
+		}
+		if h.DataOffset() != int64(sc.H)*512 {
+			sc.t.Fatalf("the detached header's data starts at byte %d, want %d", h.DataOffset(), sc.H*512)
+		}
+		k := append([]byte(nil), vk.Bytes()...)
+		vk.Wipe()
+		if want := sc.rekeyTo.want(sc.key); len(k) != want.KeyBytes || bytes.Equal(k, sc.key[:min(len(sc.key), len(k))]) {
+			sc.t.Fatalf("the detached header's key: %d bytes, equal to the old: %v", len(k), bytes.Equal(k, sc.key))
+		}
+		return k
+	}
 	k, err := os.ReadFile(sc.newKeyFile)
 	if err != nil {
 		sc.t.Fatal(err)
@@ -148,6 +197,44 @@ func TestPlainRekeyEndToEnd(t *testing.T) {
 	}
 }
 
+// TestPlainToLUKS2EndToEnd: a plain volume under a writer becomes LUKS2
+// with a detached header; while the run goes the header is marked (our
+// reader sees the requirement), afterwards it opens with the passphrase.
+func TestPlainToLUKS2EndToEnd(t *testing.T) {
+	sc, w := plainLUKS2World(t, 67)
+	e := sc.engine(w)
+	marked := false
+	e.FailHook = func(fp string) {
+		sc.write(w)
+		if fp != "rewrite:written" || marked {
+			return
+		}
+		b, err := os.ReadFile(sc.plainHeader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h, err := luks.Read(bytes.NewReader(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		marked = len(h.Requirements()) > 0
+	}
+	ep, err := e.PlanPlainRekey(context.Background(), sc.plainOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Execute(context.Background(), ep, RunOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if !marked {
+		t.Fatal("the detached header was not marked in progress during the run")
+	}
+	sc.verifyPlainRekeyed(w, e)
+	if info, _ := e.DM.Info("vda_crypt"); info.UUID != "CRYPT-PLAIN-vda_crypt" {
+		t.Fatalf("the live mapping's uuid changed to %q (the kernel keeps a uuid once set)", info.UUID)
+	}
+}
+
 func TestPlainRekeyRefusals(t *testing.T) {
 	sc, w := plainWorld(t, 63)
 	e := sc.engine(w)
@@ -166,6 +253,10 @@ func TestPlainRekeyRefusals(t *testing.T) {
 		{"key file exists", func(o *PlainRekeyOptions) { o.NewKeyFile = exists }, "already exists"},
 		{"bad key size", func(o *PlainRekeyOptions) { o.KeySize = 100 }, "not a multiple of 8"},
 		{"cipher the kernel lacks", func(o *PlainRekeyOptions) { o.Cipher, o.KeySize = "twofish-xts-plain64", 256 }, "refuses cipher"},
+		{"header without luks2", func(o *PlainRekeyOptions) { o.HeaderFile = "/tmp/x.hdr" }, "--header is for a conversion to LUKS2"},
+		{"luks2 without header", func(o *PlainRekeyOptions) { o.Type, o.NewKeyFile, o.Passphrase = "luks2", "", []byte("pw") }, "detached header only"},
+		{"luks2 without passphrase", func(o *PlainRekeyOptions) { o.Type, o.NewKeyFile, o.HeaderFile = "luks2", "", "/tmp/y.hdr" }, "needs a passphrase"},
+		{"unknown type", func(o *PlainRekeyOptions) { o.Type = "luks3" }, "--type luks3"},
 	} {
 		o := sc.plainOptions()
 		c.mod(&o)
@@ -189,7 +280,19 @@ func TestPlainRekeyRefusals(t *testing.T) {
 // without the disk's cache), then resume or abort finishes with every
 // acknowledged write intact and the volume opening with exactly one key.
 func TestPlainRekeyCrashAtEveryFailpoint(t *testing.T) {
-	sc, w := plainWorld(t, 64)
+	plainCrashMatrix(t, plainWorld, 64, 5000)
+}
+
+// TestPlainToLUKS2CrashAtEveryFailpoint: the same matrix for a plain
+// volume turned into LUKS2 with a detached header: the new key comes back
+// from the header (opened by the passphrase) on resume, and the header
+// loses its in-progress mark only at the end.
+func TestPlainToLUKS2CrashAtEveryFailpoint(t *testing.T) {
+	plainCrashMatrix(t, plainLUKS2World, 66, 6000)
+}
+
+func plainCrashMatrix(t *testing.T, world rekeyWorld, seed, seedBase int64) {
+	sc, w := world(t, seed)
 	e := sc.engine(w)
 	_, hits := sc.runUntil(e, w, "", 0, sc.planPlain(e))
 	for _, fp := range []string{"rewrite:saved", "rewrite:written"} {
@@ -202,10 +305,10 @@ func TestPlainRekeyCrashAtEveryFailpoint(t *testing.T) {
 		for _, nth := range occurrences(hits[fp]) {
 			for _, rec := range []recovery{recoverResume, recoverAbort, recoverPowerResume, recoverLostCacheResume, recoverLostCacheAbort} {
 				cases++
-				seed := 5000 + int64(cases)
+				seed := seedBase + int64(cases)
 				t.Run(fmt.Sprintf("%s#%d/%s", fp, nth, rec), func(t *testing.T) {
 					t.Parallel()
-					plainCrashAndRecover(t, fp, nth, rec, seed)
+					plainCrashAndRecover(t, world, fp, nth, rec, seed)
 				})
 			}
 		}
@@ -216,8 +319,8 @@ func TestPlainRekeyCrashAtEveryFailpoint(t *testing.T) {
 	t.Logf("%d plain rekey crash cases", cases)
 }
 
-func plainCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed int64) {
-	sc, w := plainWorld(t, seed)
+func plainCrashAndRecover(t *testing.T, world rekeyWorld, fp string, nth int, rec recovery, seed int64) {
+	sc, w := world(t, seed)
 	sc.quiet = rec == recoverLostCacheResume || rec == recoverLostCacheAbort
 	e := sc.engine(w)
 	crashed, _ := sc.runUntil(e, w, fp, nth, sc.planPlain(e))

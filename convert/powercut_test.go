@@ -471,7 +471,7 @@ func plainPowerCutResume(t *testing.T, st *stack, state, jpath string) {
 		plainOpen(t, st.Disk, name, newKey, "512")
 	default:
 		fmt.Println("DMCONVERT-CUT-STATE", pcPlain+"-in-progress")
-		code, out = cliRun(t, "resume", "--journal", jpath, "--key-file", oldKey)
+		code, out = cliRun(t, "resume", "--journal", jpath, "--old-key-file", oldKey)
 		requireExit(t, "resume after the power cut", code, 0, out)
 	}
 	sh(t, "vgchange", "-ay", st.VG)

@@ -59,10 +59,10 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 			return fmt.Errorf("physical volume %s is still %d sectors after pvresize, more than the planned %d", spec.PVDevice, pv.Size, spec.Forward.Geometry.Payload)
 		}
 	}
-	if ep.newKeyFile != "" {
+	if ep.newFile != "" {
 		// The new key must be on stable storage before any sector is
 		// written with it.
-		if err := writeKeyFile(ep.newKeyFile, ep.keys[NewID]); err != nil {
+		if err := writeNewFile(ep.newFile, ep.newFileData); err != nil {
 			return refuse(spec.Disk.Path, "", "%v", err)
 		}
 	}
@@ -197,6 +197,9 @@ type ResumeOptions struct {
 	// OldKey reads the old key of a plain dm-crypt rekey (cryptsetup's
 	// plain key file: the key itself) when no live table shows it.
 	OldKey func() ([]byte, error)
+	// Passphrase opens the detached header of a plain volume turned
+	// into LUKS2.
+	Passphrase []byte
 }
 
 // openPlain recovers the keys of a plain rekey: the old one from a live
@@ -209,20 +212,20 @@ func (e *Engine) openPlain(spec *Spec, img []byte, o ResumeOptions) (HeaderForma
 		}
 	}()
 	for _, k := range cands {
-		h, keys, err := OpenPlainImage(img, k)
+		h, keys, err := OpenPlainImage(img, k, o.Passphrase)
 		if err == nil || !errors.Is(err, ErrWrongPassphrase) {
 			return h, keys, err
 		}
 	}
 	if o.OldKey == nil {
-		return nil, Keys{}, refuse(spec.Disk.Path, "give the old key file with --key-file", "no live table shows the old key of plain mapping %s", spec.Name)
+		return nil, Keys{}, refuse(spec.Disk.Path, "give the old key file with --old-key-file", "no live table shows the old key of plain mapping %s", spec.Name)
 	}
 	k, err := o.OldKey()
 	if err != nil {
 		return nil, Keys{}, err
 	}
 	defer clear(k)
-	return OpenPlainImage(img, k)
+	return OpenPlainImage(img, k, o.Passphrase)
 }
 
 // openRun opens the journal and the disk of an interrupted run, unlocks

@@ -71,3 +71,36 @@ func (h *Header) SetDataOffset(off int64) error {
 	l.area = area
 	return nil
 }
+
+// SetDetachedSegment makes a LUKS2 header a detached one (kept in a file
+// apart from the data device): its data segment starts at off bytes of
+// the data device (0 for the whole device) and, when size > 0, covers
+// exactly size bytes (else "dynamic": to the device's end). The keyslots
+// area is left as it is.
+func (h *Header) SetDetachedSegment(off, size int64) error {
+	if h.v1 != nil {
+		return fmt.Errorf("a detached data segment needs LUKS2: %w", ErrInvalidArgument)
+	}
+	l := h.v2
+	seg, err := l.dataSegment()
+	if err != nil {
+		return err
+	}
+	if off < 0 || off%512 != 0 || off%int64(seg.sectorSize) != 0 || size < 0 || size%int64(seg.sectorSize) != 0 {
+		return fmt.Errorf("data segment at %d, %d bytes: not whole %d-byte sectors: %w", off, size, seg.sectorSize, ErrInvalidArgument)
+	}
+	segs := l.sec("segments")
+	s, err := segs.getObject(strconv.Itoa(seg.id))
+	if err != nil || s == nil {
+		return corruptf("segment %d", seg.id)
+	}
+	s.set("offset", jsonRaw(strconv.FormatInt(off, 10)))
+	if size > 0 {
+		s.set("size", jsonRaw(strconv.FormatInt(size, 10)))
+	} else {
+		s.set("size", jsonRaw("dynamic"))
+	}
+	segs.setObject(strconv.Itoa(seg.id), s)
+	l.setSec("segments", segs)
+	return nil
+}

@@ -166,38 +166,9 @@ func (o *encryptOptions) validate(defaultCrypttab string) (*encryptConfig, error
 	}
 	c.headerSectors = convert.Sectors(hs / 512)
 
-	kdf := luks.PBKDF{Type: strings.ToLower(o.pbkdf), Iterations: o.pbkdfIter, MemoryKiB: o.pbkdfMemory, Parallel: o.pbkdfParallel,
-		IterTime: time.Duration(o.iterTime) * time.Millisecond}
-	if kdf.Type == "" {
-		kdf.Type = luks.KDFArgon2id
-		if version == 1 {
-			kdf.Type = luks.KDFPBKDF2
-		}
-	}
-	switch kdf.Type {
-	case luks.KDFPBKDF2:
-		if o.pbkdfMemory != 0 || o.pbkdfParallel != 0 {
-			return nil, usagef("--pbkdf-memory and --pbkdf-parallel apply to argon2 only")
-		}
-		if o.pbkdfIter != 0 && o.pbkdfIter < luks.MinPBKDF2Iterations {
-			return nil, usagef("--pbkdf-force-iterations %d is below the pbkdf2 minimum %d", o.pbkdfIter, luks.MinPBKDF2Iterations)
-		}
-		kdf.Hash = strings.ToLower(o.hash)
-	case luks.KDFArgon2i, luks.KDFArgon2id:
-		if version == 1 {
-			return nil, usagef("--pbkdf %s: LUKS1 supports only pbkdf2", kdf.Type)
-		}
-		if o.pbkdfMemory != 0 && (o.pbkdfMemory < luks.MinArgon2Memory || o.pbkdfMemory > luks.MaxArgon2Memory) {
-			return nil, usagef("--pbkdf-memory %d KiB is outside %d..%d", o.pbkdfMemory, luks.MinArgon2Memory, luks.MaxArgon2Memory)
-		}
-		if o.pbkdfParallel > luks.MaxArgon2Parallel {
-			return nil, usagef("--pbkdf-parallel %d is above the maximum %d", o.pbkdfParallel, luks.MaxArgon2Parallel)
-		}
-		if o.pbkdfIter != 0 && o.pbkdfIter < luks.MinArgon2Time {
-			return nil, usagef("--pbkdf-force-iterations %d is below the %s minimum %d", o.pbkdfIter, kdf.Type, luks.MinArgon2Time)
-		}
-	default:
-		return nil, usagef("--pbkdf %q: use argon2id, argon2i or pbkdf2", o.pbkdf)
+	kdf, err := kdfFlags{o.pbkdf, o.pbkdfMemory, o.pbkdfParallel, o.pbkdfIter, o.iterTime, o.hash}.build(version)
+	if err != nil {
+		return nil, err
 	}
 	if version == 1 && (o.label != "" || o.subsystem != "") {
 		return nil, usagef("--label and --subsystem need LUKS2")
@@ -417,4 +388,51 @@ func percent(done, total uint64) float64 {
 		return 100
 	}
 	return 100 * float64(done) / float64(total)
+}
+
+// kdfFlags are the passphrase KDF flags of a new header.
+type kdfFlags struct {
+	pbkdf                            string
+	pbkdfMemory, pbkdfParallel, iter uint32
+	iterTime                         uint32 // ms
+	hash                             string
+}
+
+// build checks the flags and returns the KDF of a new LUKS<version>
+// keyslot.
+func (o kdfFlags) build(version int) (luks.PBKDF, error) {
+	kdf := luks.PBKDF{Type: strings.ToLower(o.pbkdf), Iterations: o.iter, MemoryKiB: o.pbkdfMemory, Parallel: o.pbkdfParallel,
+		IterTime: time.Duration(o.iterTime) * time.Millisecond}
+	if kdf.Type == "" {
+		kdf.Type = luks.KDFArgon2id
+		if version == 1 {
+			kdf.Type = luks.KDFPBKDF2
+		}
+	}
+	switch kdf.Type {
+	case luks.KDFPBKDF2:
+		if o.pbkdfMemory != 0 || o.pbkdfParallel != 0 {
+			return kdf, usagef("--pbkdf-memory and --pbkdf-parallel apply to argon2 only")
+		}
+		if o.iter != 0 && o.iter < luks.MinPBKDF2Iterations {
+			return kdf, usagef("--pbkdf-force-iterations %d is below the pbkdf2 minimum %d", o.iter, luks.MinPBKDF2Iterations)
+		}
+		kdf.Hash = strings.ToLower(o.hash)
+	case luks.KDFArgon2i, luks.KDFArgon2id:
+		if version == 1 {
+			return kdf, usagef("--pbkdf %s: LUKS1 supports only pbkdf2", kdf.Type)
+		}
+		if o.pbkdfMemory != 0 && (o.pbkdfMemory < luks.MinArgon2Memory || o.pbkdfMemory > luks.MaxArgon2Memory) {
+			return kdf, usagef("--pbkdf-memory %d KiB is outside %d..%d", o.pbkdfMemory, luks.MinArgon2Memory, luks.MaxArgon2Memory)
+		}
+		if o.pbkdfParallel > luks.MaxArgon2Parallel {
+			return kdf, usagef("--pbkdf-parallel %d is above the maximum %d", o.pbkdfParallel, luks.MaxArgon2Parallel)
+		}
+		if o.iter != 0 && o.iter < luks.MinArgon2Time {
+			return kdf, usagef("--pbkdf-force-iterations %d is below the %s minimum %d", o.iter, kdf.Type, luks.MinArgon2Time)
+		}
+	default:
+		return kdf, usagef("--pbkdf %q: use argon2id, argon2i or pbkdf2", o.pbkdf)
+	}
+	return kdf, nil
 }

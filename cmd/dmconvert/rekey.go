@@ -16,6 +16,9 @@ type rekeyOptions struct {
 	cipher       string
 	keySize      int // bits
 	newKeyFile   string
+	luksType     string
+	headerFile   string
+	kdf          kdfFlags
 }
 
 func (a *app) rekeyCommand(mark markFunc) *cobra.Command {
@@ -70,7 +73,14 @@ in the journal, and the chunk is rewritten under the new key. A plain volume
 carries no mark a boot-time tool could see: until the run ends, do not let
 crypttab open it at boot (after a crash, resume with --key-file OLD-KEY-FILE
 if no live mapping still shows the old key). When it ends, point crypttab at
-the new key file.`,
+the new key file.
+
+Plain dm-crypt to LUKS2: --type luks2 --header FILE writes a LUKS2 header to
+FILE (created, it must not exist, not on TARGET) instead of a key file: the
+new key in a keyslot opened by the passphrase (--key-file, or asked twice;
+--pbkdf, --pbkdf-force-iterations choose its KDF), the data segment where the
+plain mapping's data is. cryptsetup refuses the header until the run ends;
+then cryptsetup open --header FILE DEVICE NAME opens the volume.`,
 		Args: exactArgs(1),
 		RunE: mark(func(cmd *cobra.Command, args []string) error { return a.runRekey(cmd.Context(), o, args) }),
 	}
@@ -80,6 +90,11 @@ the new key file.`,
 	f.StringVarP(&o.cipher, "cipher", "c", "", "cipher of the new key, e.g. serpent-xts-plain64 (default: the volume's)")
 	f.IntVarP(&o.keySize, "key-size", "s", 0, "size of the new key in bits, e.g. 256 (default: the volume's)")
 	f.StringVar(&o.newKeyFile, "new-key-file", "", "plain dm-crypt: write the new key to this file (required for plain mappings)")
+	f.StringVar(&o.luksType, "type", "", "plain dm-crypt: luks2 turns the volume into LUKS2 with the header in --header FILE")
+	f.StringVar(&o.headerFile, "header", "", "plain dm-crypt with --type luks2: write the detached LUKS2 header to this file")
+	f.StringVar(&o.kdf.pbkdf, "pbkdf", "", "with --type luks2: the new keyslot's KDF: argon2id (default), argon2i or pbkdf2")
+	f.Uint32Var(&o.kdf.iter, "pbkdf-force-iterations", 0, "with --type luks2: KDF iterations (pbkdf2) or time cost (argon2), skipping the benchmark")
+	f.Uint32Var(&o.kdf.pbkdfMemory, "pbkdf-memory", 0, "with --type luks2: argon2 memory cost in KiB")
 	return cmd
 }
 
@@ -96,10 +111,12 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 	if err := convert.CheckRekeyCipher(o.cipher, o.keySize); err != nil {
 		return usagef("%s: cannot rekey: %v", target, err)
 	}
-	plain := o.newKeyFile != ""
+	plain := o.newKeyFile != "" || o.luksType != "" || o.headerFile != ""
 	e, pass, chunk, done, err := a.openOnlineKey(&o.onlineOptions, target, func(e *convert.Engine) bool {
 		plain = plain || e.IsPlainMapping(target)
-		return plain
+		// A plain mapping's key is in its table; --key-file is then the
+		// passphrase of the LUKS2 header it turns into, if any.
+		return plain && o.luksType != "luks2"
 	})
 	if err != nil {
 		return err
@@ -109,8 +126,14 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 		if o.removeOthers {
 			return usagef("%s: --remove-other-keyslots: a plain mapping has no keyslots", target)
 		}
-		ep, err := e.PlanPlainRekey(ctx, convert.PlainRekeyOptions{Target: target, NewKeyFile: o.newKeyFile, Journal: o.journal, Chunk: chunk,
-			Cipher: o.cipher, KeySize: o.keySize})
+		po := convert.PlainRekeyOptions{Target: target, NewKeyFile: o.newKeyFile, Journal: o.journal, Chunk: chunk,
+			Cipher: o.cipher, KeySize: o.keySize, Type: o.luksType, HeaderFile: o.headerFile, Passphrase: pass}
+		if o.luksType == "luks2" {
+			if po.PBKDF, err = o.kdf.build(2); err != nil {
+				return err
+			}
+		}
+		ep, err := e.PlanPlainRekey(ctx, po)
 		if err != nil {
 			return err
 		}
@@ -174,7 +197,11 @@ func (a *app) printPlainRekeyPlan(ep *convert.EncryptPlan) {
 	fmt.Fprintf(w, "  cipher:        %s with a %d-bit key, %d-byte sectors; %s\n", s.OldCrypt.Cipher, s.OldCrypt.KeyBytes*8, s.OldCrypt.SectorSize, change)
 	fmt.Fprintf(w, "  data:          %s (%d sectors) rewritten in place under a new random key, %s at a time with the mapping suspended\n",
 		humanBytes(g.Payload*512), g.Payload, humanBytes(s.Forward.Phases[1].Chunk*512))
-	fmt.Fprintf(w, "  new key:       written to %s when the run starts\n", convert.PlainKeyFile(ep))
+	if s.PlainTo == "luks2" {
+		fmt.Fprintf(w, "  new header:    LUKS2 (UUID %s), detached: written to %s when the run starts, opened by the passphrase given\n", s.LUKSUUID, convert.PlainKeyFile(ep))
+	} else {
+		fmt.Fprintf(w, "  new key:       written to %s when the run starts\n", convert.PlainKeyFile(ep))
+	}
 	fmt.Fprintf(w, "  journal:       %s (also holds each chunk's old ciphertext while it is rewritten)\n", ep.Journal)
 	fmt.Fprintln(w, "  boot:          until the run ends, do not let crypttab open this volume at boot")
 	fmt.Fprintln(w, "  phases:")
@@ -187,6 +214,13 @@ func (a *app) printPlainRekeyPlan(ep *convert.EncryptPlan) {
 func (a *app) finishRekey(r *result, s *convert.Spec) {
 	r.fromSpec(s)
 	if a.quiet || a.json {
+		return
+	}
+	if s.Plain() && s.PlainTo == "luks2" {
+		fmt.Fprintf(a.stdout, "\nDone: %s is LUKS2 with a new %d-bit %s key; its header is %s (UUID %s); /dev/mapper/%s uses it.\n",
+			s.Disk.Path, s.Crypt.KeyBytes*8, s.Crypt.Cipher, s.HeaderFile, s.LUKSUUID, s.Name)
+		fmt.Fprintf(a.stdout, "The old key no longer opens the volume. Open it with: cryptsetup open --header %s %s %s\nThe crypttab line:\n  %s %s none luks,header=%s\nKeep a copy of the header: without it the data is lost.\n",
+			s.HeaderFile, s.Disk.Path, s.Name, s.Name, s.Disk.Path, s.HeaderFile)
 		return
 	}
 	if s.Plain() {

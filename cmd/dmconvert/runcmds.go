@@ -20,6 +20,7 @@ type markFunc = func(func(*cobra.Command, []string) error) func(*cobra.Command, 
 // continueOptions are the flags of resume and abort.
 type continueOptions struct {
 	journal      string
+	oldKeyFile   string
 	device       string
 	key          keyOptions
 	crypttab     bool
@@ -56,6 +57,7 @@ abort is continued as an abort. The passphrase (or key file) is asked again.
 	f.StringVar(&o.journal, "journal", "", "journal of the run")
 	f.StringVar(&o.device, "device", "", "the disk's path now, if it changed since the run began")
 	o.key.register(f)
+	f.StringVar(&o.oldKeyFile, "old-key-file", "", "plain dm-crypt rekey: the old key file, when no live mapping shows the old key (after a reboot)")
 	f.BoolVar(&o.crypttab, "crypttab", false, "when the encryption completes, append the crypttab line to /etc/crypttab (or --crypttab-file)")
 	f.StringVar(&o.crypttabFile, "crypttab-file", "", "crypttab file to append to (implies --crypttab)")
 	o.registerBatch(f)
@@ -80,6 +82,7 @@ file) is asked again.
 	f.StringVar(&o.journal, "journal", "", "journal of the run")
 	f.StringVar(&o.device, "device", "", "the disk's path now, if it changed since the run began")
 	o.key.register(f)
+	f.StringVar(&o.oldKeyFile, "old-key-file", "", "plain dm-crypt rekey: the old key file, when no live mapping shows the old key (after a reboot)")
 	o.registerBatch(f)
 	return cmd
 }
@@ -141,9 +144,9 @@ func (a *app) continueRun(ctx context.Context, o *continueOptions, args []string
 		res.Device = override
 	}
 	var key []byte
-	if !ri.Spec.Plain() || o.key.file != "" {
-		// A plain rekey's old key is its key file's content, asked only
-		// when given: a live table may still show it.
+	if !ri.Spec.Plain() || ri.Spec.PlainTo == "luks2" {
+		// A plain rekey has no passphrase, unless it turns the volume
+		// into LUKS2: then it opens the new header.
 		key, err = a.readKey(o.key, disk)
 		if err != nil {
 			return err
@@ -172,11 +175,12 @@ func (a *app) continueRun(ctx context.Context, o *continueOptions, args []string
 	st := a.startStopper(pr.note)
 	ro := convert.ResumeOptions{RunOptions: convert.RunOptions{Stop: st.requested}, Journal: jpath, Device: override, Open: opener(key)}
 	if ri.Spec.Plain() {
+		ro.Passphrase = key
 		ro.OldKey = func() ([]byte, error) {
-			if key == nil {
-				return nil, usagef("%s: no live mapping shows the old key of this plain rekey: give the old key file with --key-file", disk)
+			if o.oldKeyFile == "" {
+				return nil, usagef("%s: no live mapping shows the old key of this plain rekey: give the old key file with --old-key-file", disk)
 			}
-			return append([]byte(nil), key...), nil
+			return a.readKey(keyOptions{file: o.oldKeyFile}, disk)
 		}
 	}
 	if abort {
@@ -213,6 +217,9 @@ func (a *app) continueRun(ctx context.Context, o *continueOptions, args []string
 		res.fromSpec(&spec)
 		if !a.quiet && !a.json {
 			fmt.Fprintf(a.stdout, "\nAborted: %s keeps its old volume key, open as /dev/mapper/%s.\n", spec.Disk.Path, spec.Name)
+			if f := spec.NewKeyFile + spec.HeaderFile; spec.Plain() && f != "" {
+				fmt.Fprintf(a.stdout, "%s holds the aborted run's key, which no data uses: delete it.\n", f)
+			}
 		}
 	case final.Status == journal.StatusAborted && spec.Op == "decrypt":
 		res.Outcome = "aborted"
