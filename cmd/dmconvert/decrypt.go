@@ -45,9 +45,18 @@ func (a *app) openOnline(o *onlineOptions, target string) (e *convert.Engine, pa
 	return a.openOnlineKey(o, target, nil)
 }
 
-// openOnlineKey is openOnline; when noKey reports true for the engine
-// (a plain mapping: its key is in its table), no passphrase is read.
-func (a *app) openOnlineKey(o *onlineOptions, target string, noKey func(*convert.Engine) bool) (e *convert.Engine, pass []byte, chunk convert.Sectors, done func(), err error) {
+// keyMode says what passphrase a command reads.
+type keyMode int
+
+const (
+	keyExisting keyMode = iota // of an existing header
+	keyNone                    // none (a plain mapping's key is in its table)
+	keyNew                     // of a new header: asked twice on a terminal
+)
+
+// openOnlineKey is openOnline; mode, when not nil, says for the engine
+// which passphrase to read.
+func (a *app) openOnlineKey(o *onlineOptions, target string, mode func(*convert.Engine) keyMode) (e *convert.Engine, pass []byte, chunk convert.Sectors, done func(), err error) {
 	if err := o.key.validate(); err != nil {
 		return nil, nil, 0, nil, err
 	}
@@ -64,10 +73,18 @@ func (a *app) openOnlineKey(o *onlineOptions, target string, noKey func(*convert
 	if err != nil {
 		return nil, nil, 0, nil, err
 	}
-	if noKey != nil && noKey(e) {
-		return e, nil, chunk, func() { closeEngine() }, nil
+	m := keyExisting
+	if mode != nil {
+		m = mode(e)
 	}
-	pass, err = a.readKey(o.key, target)
+	switch m {
+	case keyNone:
+		return e, nil, chunk, func() { closeEngine() }, nil
+	case keyNew:
+		pass, err = a.readNewKey(o.key, target)
+	default:
+		pass, err = a.readKey(o.key, target)
+	}
 	if err != nil {
 		closeEngine()
 		return nil, nil, 0, nil, err

@@ -112,11 +112,17 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 		return usagef("%s: cannot rekey: %v", target, err)
 	}
 	plain := o.newKeyFile != "" || o.luksType != "" || o.headerFile != ""
-	e, pass, chunk, done, err := a.openOnlineKey(&o.onlineOptions, target, func(e *convert.Engine) bool {
+	e, pass, chunk, done, err := a.openOnlineKey(&o.onlineOptions, target, func(e *convert.Engine) keyMode {
 		plain = plain || e.IsPlainMapping(target)
 		// A plain mapping's key is in its table; --key-file is then the
 		// passphrase of the LUKS2 header it turns into, if any.
-		return plain && o.luksType != "luks2"
+		switch {
+		case plain && o.luksType == "luks2":
+			return keyNew
+		case plain:
+			return keyNone
+		}
+		return keyExisting
 	})
 	if err != nil {
 		return err
