@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -126,14 +127,17 @@ func (c *Client) KernelVersion() [3]uint32 { return c.kernel }
 
 // call describes one ioctl for the choke point.
 type call struct {
-	op     string
-	dev    string // device name for errors
-	cmd    uint
-	req    request
-	out    int  // initial room for the answer, bytes
-	regrow bool // the command is idempotent: retry with a bigger buffer on DM_BUFFER_FULL_FLAG
-	secure bool // DM_SECURE_DATA_FLAG, and wipe our buffers
-	uevent bool // the command emits a uevent (resume, remove, rename)
+	// uninterruptible: the ioctl runs with every signal blocked on its
+	// thread (suspend: see Suspend).
+	uninterruptible bool
+	op              string
+	dev             string // device name for errors
+	cmd             uint
+	req             request
+	out             int  // initial room for the answer, bytes
+	regrow          bool // the command is idempotent: retry with a bigger buffer on DM_BUFFER_FULL_FLAG
+	secure          bool // DM_SECURE_DATA_FLAG, and wipe our buffers
+	uevent          bool // the command emits a uevent (resume, remove, rename)
 }
 
 // result is what the choke point returns: the reply header, a copy of the
@@ -176,6 +180,13 @@ func (c *Client) ioctl(fd int, cl *call) (result, error) {
 		}
 	}
 	size := dmIoctlSize + len(req.data) + cl.out
+	if cl.uninterruptible {
+		restore, err := blockSignals()
+		if err != nil {
+			return result{}, &OpError{Op: cl.op, Device: cl.dev, Err: err}
+		}
+		defer restore()
+	}
 	for {
 		buf := req.encode(size)
 		_, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), uintptr(ioctlNumber(cl.cmd)), uintptr(unsafe.Pointer(&buf[0])))
@@ -391,6 +402,15 @@ const (
 // Suspend suspends the device: it returns once in-flight I/O has
 // completed; new I/O waits until Resume. Suspending a suspended device is
 // not an error.
+//
+// The ioctl runs with every signal blocked on its thread. The kernel waits
+// for in-flight I/O interruptibly; a signal (for a Go program, the
+// runtime's SIGURG preemption alone suffices) ends the wait with EINTR,
+// after the targets' presuspend hooks ran, and only targets with a
+// presuspend_undo hook are undone. dm-raid1 (the mirror target) has none:
+// its presuspend took every region-recovery slot, so the next suspend of
+// the same table (the retry) blocks for ever in dm_rh_stop_recovery with
+// no I/O in flight. A blocked signal waits until the ioctl returns.
 func (c *Client) Suspend(name string, flags SuspendFlags) (Info, error) {
 	f := uint32(flagSuspend)
 	if flags&NoFlush != 0 {
@@ -399,7 +419,7 @@ func (c *Client) Suspend(name string, flags SuspendFlags) (Info, error) {
 	if flags&SkipLockfs != 0 {
 		f |= flagSkipLockfs
 	}
-	r, err := c.do(&call{op: "suspend", dev: name, cmd: cmdDevSuspend, req: request{name: name, flags: f}})
+	r, err := c.do(&call{op: "suspend", dev: name, cmd: cmdDevSuspend, req: request{name: name, flags: f}, uninterruptible: true})
 	if err != nil {
 		return Info{}, err
 	}
@@ -716,3 +736,22 @@ func (c *Client) Message(name string, sector Sectors, msg string) (string, error
 
 // NodePath is the path of the device's node, /dev/mapper/<name>.
 func (c *Client) NodePath(name string) string { return filepath.Join(c.devDir, name) }
+
+// blockSignals locks the calling goroutine to its thread and blocks every
+// signal on it; restore unblocks them (pending ones are then delivered)
+// and unlocks. Process-directed signals go to other threads meanwhile.
+func blockSignals() (restore func(), err error) {
+	runtime.LockOSThread()
+	var all, old unix.Sigset_t
+	for i := range all.Val {
+		all.Val[i] = ^all.Val[i]
+	}
+	if err := unix.PthreadSigmask(unix.SIG_SETMASK, &all, &old); err != nil {
+		runtime.UnlockOSThread()
+		return nil, fmt.Errorf("blocking signals: %w", err)
+	}
+	return func() {
+		unix.PthreadSigmask(unix.SIG_SETMASK, &old, nil)
+		runtime.UnlockOSThread()
+	}, nil
+}

@@ -17,9 +17,12 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -1001,4 +1004,108 @@ func TestGuestNodesWithoutUdev(t *testing.T) {
 	}
 	dmsetup(t, "remove", name)
 	checkNoNode(t, c, name)
+}
+
+// TestGuestSuspendMirrorUnderSignals: a mirror with writes in flight and
+// its region recovery running is suspended and resumed again and again
+// while its suspending thread is showered with SIGURG (what the Go
+// runtime sends to preempt goroutines). The kernel waits for in-flight
+// I/O interruptibly; a signal there used to end the suspend with EINTR
+// after dm-raid1's presuspend had taken every recovery slot, which it
+// never gives back (no presuspend_undo), and the client's retry then
+// blocked for ever in dm_rh_stop_recovery with no I/O in flight: the
+// rare hang of earlier test runs. Suspend now blocks signals on its
+// thread; every suspend must return within a minute.
+func TestGuestSuspendMirrorUnderSignals(t *testing.T) {
+	c, a, b := guestSetup(t)
+	const n = 32768 // 16 MiB
+	name := "dmt-mirror-signals"
+	tbl := Table{{Start: 0, Length: n, Params: &Mirror{
+		Log:  MirrorLog{Type: "core", RegionSize: 64},
+		Legs: []MirrorLeg{{Dev: a.Ref(), Offset: 0}, {Dev: b.Ref(), Offset: 0}},
+	}}}
+	if _, err := c.Create(name, ""); err != nil {
+		t.Fatal(err)
+	}
+	cleanupDevice(t, c, name)
+	if _, err := c.Load(name, tbl); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Resume(name); err != nil {
+		t.Fatal(err)
+	}
+	// Writers keep I/O in flight.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var writes atomic.Int64
+	for w := 0; w < 2; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			f, err := os.OpenFile("/dev/mapper/"+name, os.O_WRONLY|unix.O_DIRECT, 0)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer f.Close()
+			buf := alignedBuf(t, 64<<10)
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				off := int64((i*7+w*13)%(n/128)) * 64 << 10
+				if _, err := f.WriteAt(buf, off); err != nil {
+					t.Error(err)
+					return
+				}
+				writes.Add(1)
+			}
+		}(w)
+	}
+	defer func() { close(stop); wg.Wait() }()
+
+	deadline := time.Now().Add(15 * time.Second)
+	rounds, signals := 0, 0
+	for time.Now().Before(deadline) {
+		done := make(chan error, 1)
+		tidc := make(chan int, 1)
+		go func() {
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			tidc <- unix.Gettid()
+			_, err := c.Suspend(name, 0)
+			done <- err
+		}()
+		tid := <-tidc
+		var err error
+		timeout := time.After(time.Minute)
+	wait:
+		for {
+			select {
+			case err = <-done:
+				break wait
+			case <-timeout:
+				fmt.Printf("dmtable: suspend of %s hung in round %d\n", name, rounds)
+				t.Fatalf("round %d: the suspend of %s has not returned after a minute (%d signals sent)", rounds, name, signals)
+			default:
+				if unix.Tgkill(unix.Getpid(), tid, unix.SIGURG) == nil {
+					signals++
+				}
+				time.Sleep(50 * time.Microsecond)
+			}
+		}
+		if err != nil {
+			t.Fatalf("round %d: suspend: %v", rounds, err)
+		}
+		if _, err := c.Resume(name); err != nil {
+			t.Fatalf("round %d: resume: %v", rounds, err)
+		}
+		rounds++
+	}
+	t.Logf("%d suspend/resume rounds with %d SIGURGs sent to the suspending thread, %d writes", rounds, signals, writes.Load())
+	if rounds < 10 || writes.Load() == 0 {
+		t.Fatalf("too little exercised: %d rounds, %d writes", rounds, writes.Load())
+	}
 }
