@@ -72,7 +72,7 @@ func envInt(name string, def int64) int64 {
 	return def
 }
 
-// vmPowerCut (TestVMPowerCut): DMCONVERT_POWERCUTS cuts of an encrypt (default 7,
+// vmPowerCut (TestVMPowerCut): DMCONVERT_POWERCUTS cuts of an encrypt (default 5,
 // what CI runs; make crashtest N=... runs more) and DMCONVERT_POWERCUTS_OPS
 // cuts each of a decrypt, a LUKS2 rekey and a plain dm-crypt rekey
 // (default 1), DMCONVERT_CRASH_SEED to replay.
@@ -80,7 +80,7 @@ func vmPowerCut(t *testing.T) {
 	testvm.RequireVM(t)
 	t.Parallel()
 	seed := envInt("DMCONVERT_CRASH_SEED", time.Now().UnixNano())
-	cuts := int(envInt("DMCONVERT_POWERCUTS", 7))
+	cuts := int(envInt("DMCONVERT_POWERCUTS", 5))
 	opCuts := int(envInt("DMCONVERT_POWERCUTS_OPS", 1))
 	ops := make([]string, 0, cuts+3*opCuts)
 	for i := 0; i < cuts; i++ {

@@ -296,8 +296,11 @@ func TestGuestRekeyPlainToLUKS2(t *testing.T) {
 	r.cmd.Process.Signal(syscall.SIGTERM)
 	code, errOut := r.wait()
 	requireExit(t, "plain to LUKS2 after SIGTERM", code, 5, errOut)
-	if out, err := shOK("cryptsetup", "open", "--test-passphrase", "--header", hdr, "--key-file", pwFile, disk); err == nil {
-		t.Fatalf("stock cryptsetup accepted the half-made header:\n%s", out)
+	if out, err := shOK("cryptsetup", "open", "--header", hdr, "--key-file", pwFile, disk, "pl2-early"); err == nil {
+		shOK("cryptsetup", "close", "pl2-early")
+		t.Fatalf("stock cryptsetup opened the volume with the half-made header:\n%s", out)
+	} else if !strings.Contains(out, "requirement") {
+		t.Fatalf("stock cryptsetup refused the half-made header, but not for its requirement:\n%s", out)
 	}
 	code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
 	requireExit(t, "resume of the plain to LUKS2 conversion", code, 0, out)
