@@ -233,3 +233,38 @@ func TestRekeyPlanShowsCipher(t *testing.T) {
 		}
 	}
 }
+
+// A plain rekey's plan says the data is rewritten in place and where the
+// new key goes; its end prints the crypttab line that opens the volume as
+// it is now: a plain line with the new key file, or (plain to LUKS2) a
+// luks line with the detached header.
+func TestPlainRekeyPlanAndEnd(t *testing.T) {
+	p, err := convert.BuildPlainRekey(convert.PlainRekeyGeometry{DiskSize: 65536, Offset: 0, Size: 65536, Chunk: 2048, Align: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs := convert.CryptSpec{Cipher: "aes-xts-plain64", KeyBytes: 64, SectorSize: 512}
+	for _, c := range []struct {
+		spec      convert.Spec
+		plan, end []string
+	}{
+		{convert.Spec{NewKeyFile: "/root/vdb.key"},
+			[]string{"rewritten in place under a new random key, 1.0 MiB at a time", "do not let crypttab open this volume at boot"},
+			[]string{"vdb_crypt /dev/vdb /root/vdb.key plain,cipher=aes-xts-plain64,size=512", "no longer open the volume"}},
+		{convert.Spec{HeaderFile: "/root/vdb.hdr", PlainTo: "luks2", LUKSUUID: "0b8e2c3e-9c7e-4a51-8d35-8e2b9d1c7f00"},
+			[]string{"new header:    LUKS2 (UUID 0b8e2c3e-9c7e-4a51-8d35-8e2b9d1c7f00), detached"},
+			[]string{"vdb_crypt /dev/vdb none luks,header=/root/vdb.hdr", "cryptsetup open --header /root/vdb.hdr /dev/vdb vdb_crypt"}},
+	} {
+		spec := c.spec
+		spec.Op, spec.Disk, spec.Name, spec.Crypt, spec.OldCrypt, spec.Forward = "rekey", convert.DiskInfo{Path: "/dev/vdb"}, "vdb_crypt", cs, cs, p
+		ta := newTestApp(t)
+		ta.a.printPlainRekeyPlan(&convert.EncryptPlan{Spec: &spec, Journal: "/j"})
+		ta.a.finishRekey(&result{}, &spec)
+		out := ta.out.String()
+		for _, w := range append(c.plan, c.end...) {
+			if !strings.Contains(out, w) {
+				t.Errorf("output lacks %q:\n%s", w, out)
+			}
+		}
+	}
+}
