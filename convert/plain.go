@@ -348,10 +348,14 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	if err != nil {
 		return nil, refuse(m.name, "", "cannot rekey: %v", err)
 	}
+	// On a file system stored on the volume (directly, or on an LV of
+	// its PV), the key would be locked inside what it opens.
 	if fd, err := e.Host.FileDevice(filepath.Dir(target)); err != nil {
 		return nil, refuse(m.name, "", "cannot place %s %s: %v", what, target, err)
-	} else if fd == m.info.Dev || fd == m.disk {
-		return nil, refuse(m.name, "put it on another file system", "%s %s would live on the volume being rekeyed", what, target)
+	} else if on, err := e.dependsOn(fd, m.disk); err != nil {
+		return nil, err
+	} else if on {
+		return nil, refuse(m.name, "put it on a file system that is not on this volume", "%s %s would live on the volume being rekeyed: it could not be read to open the volume", what, target)
 	}
 	runID, err := newRunID()
 	if err != nil {

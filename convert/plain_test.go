@@ -265,6 +265,19 @@ func TestPlainRekeyRefusals(t *testing.T) {
 			return err
 		})
 	}
+	// A key file on a file system stored on the volume (an LV of its PV)
+	// would be locked inside it.
+	w.mu.Lock()
+	lvDev := w.devs["vg-lv1"].dev
+	w.mu.Unlock()
+	host := e.Host.(*fakeHost)
+	saved := host.fileDev
+	host.fileDev = lvDev
+	requireRefused(t, w, "key file on the volume", "would live on the volume being rekeyed", func() error {
+		_, err := e.PlanPlainRekey(context.Background(), sc.plainOptions())
+		return err
+	})
+	host.fileDev = saved
 	// A LUKS mapping is not a plain one.
 	w.mu.Lock()
 	w.devs["vda_crypt"].uuid = "CRYPT-LUKS2-0123-vda_crypt"
