@@ -334,26 +334,7 @@ func plainCrashMatrix(t *testing.T, world rekeyWorld, seed, seedBase int64) {
 
 func plainCrashAndRecover(t *testing.T, world rekeyWorld, fp string, nth int, rec recovery, seed int64) {
 	sc, w := world(t, seed)
-	sc.quiet = rec == recoverLostCacheResume || rec == recoverLostCacheAbort
-	e := sc.engine(w)
-	crashed, _ := sc.runUntil(e, w, fp, nth, sc.planPlain(e))
-	if crashed == nil {
-		t.Skipf("the run never reached %s#%d", fp, nth)
-	}
-	w = crashed
-	if rec != recoverResume && rec != recoverAbort {
-		w.powerCut(rec != recoverPowerResume)
-		l := sc.lvm(w)
-		if err := l.boot(); err != nil {
-			t.Fatal(err)
-		}
-		if len(w.devs) > 0 {
-			t.Fatal("boot-time LVM activated something on the raw encrypted disk")
-		}
-	}
-	e = sc.engine(w)
-	sc.quiet = false
-	e.FailHook = func(string) { sc.write(w) }
+	w, e := sc.crashEncrypted(t, w, fp, nth, rec, sc.planPlain)
 	o := sc.plainResumeOptions()
 	finished := func() {
 		j, err := journal.Open(sc.journal, journal.Options{ReadOnly: true})

@@ -340,26 +340,7 @@ func rekeyCrashMatrixOn(t *testing.T, world rekeyWorld, rt rekeyTarget, seed, se
 func rekeyCrashAndRecover(t *testing.T, world rekeyWorld, rt rekeyTarget, fp string, nth int, rec recovery, seed int64) {
 	sc, w := world(t, seed)
 	sc.rekeyTo = rt
-	sc.quiet = rec == recoverLostCacheResume || rec == recoverLostCacheAbort
-	e := sc.engine(w)
-	crashed, _ := sc.runUntil(e, w, fp, nth, sc.planRekey(e))
-	if crashed == nil {
-		t.Skipf("the run never reached %s#%d", fp, nth)
-	}
-	w = crashed
-	if rec != recoverResume && rec != recoverAbort {
-		w.powerCut(rec != recoverPowerResume)
-		l := sc.lvm(w)
-		if err := l.boot(); err != nil {
-			t.Fatal(err)
-		}
-		if len(w.devs) > 0 {
-			t.Fatal("boot-time LVM activated something on the raw encrypted disk")
-		}
-	}
-	e = sc.engine(w)
-	sc.quiet = false
-	e.FailHook = func(string) { sc.write(w) }
+	w, e := sc.crashEncrypted(t, w, fp, nth, rec, sc.planRekey)
 	o := ResumeOptions{Journal: sc.journal, Open: sc.rekeyOpener()}
 	done := func() {
 		if sc.rekeyFinished(w) {
@@ -390,6 +371,36 @@ func rekeyCrashAndRecover(t *testing.T, world rekeyWorld, rt rekeyTarget, fp str
 		t.Fatalf("resume after a crash at %s#%d (%s): %v", fp, nth, rec, err)
 	}
 	sc.verifyRekeyed(w, e)
+}
+
+// crashEncrypted makes the run plan(e) die at failpoint fp#nth (quiet
+// before the crash for the lost-cache recoveries), then, for the power-cut
+// recoveries, cuts the power and boots: LVM must activate nothing on the
+// raw disk of an encrypted volume. It returns the world to recover and an
+// engine on it whose failpoints write, as an application goes on writing.
+func (sc *scenario) crashEncrypted(t *testing.T, w *fakeWorld, fp string, nth int, rec recovery, plan func(*Engine) func() error) (*fakeWorld, *Engine) {
+	t.Helper()
+	sc.quiet = rec == recoverLostCacheResume || rec == recoverLostCacheAbort
+	e := sc.engine(w)
+	crashed, _ := sc.runUntil(e, w, fp, nth, plan(e))
+	if crashed == nil {
+		t.Skipf("the run never reached %s#%d", fp, nth)
+	}
+	w = crashed
+	if rec != recoverResume && rec != recoverAbort {
+		w.powerCut(rec != recoverPowerResume)
+		l := sc.lvm(w)
+		if err := l.boot(); err != nil {
+			t.Fatal(err)
+		}
+		if len(w.devs) > 0 {
+			t.Fatal("boot-time LVM activated something on the raw encrypted disk")
+		}
+	}
+	e = sc.engine(w)
+	sc.quiet = false
+	e.FailHook = func(string) { sc.write(w) }
+	return w, e
 }
 
 // rekeyFinished reports whether the header on the disk is a finished
