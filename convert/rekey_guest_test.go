@@ -158,8 +158,16 @@ func fsOnMapping(t testing.TB, tag, disk, state string) (*stack, string) {
 	sh(t, "cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
 		"--key-file", pwFile, disk)
 	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
+	return fsStack(t, tag, disk, state, name), name
+}
+
+// fsStack puts an ext4 on the open mapping name (of disk), mounts it at
+// /mnt/<tag> with the raw writer's preallocated file on it, and writes the
+// manifest. mkfs takes mkfsOpts too.
+func fsStack(t testing.TB, tag, disk, state, name string, mkfsOpts ...string) *stack {
+	t.Helper()
 	dev := "/dev/mapper/" + name
-	sh(t, "mkfs.ext4", "-q", "-F", dev)
+	sh(t, "mkfs.ext4", append([]string{"-q", "-F"}, append(mkfsOpts, dev)...)...)
 	mp := "/mnt/" + tag
 	os.MkdirAll(mp, 0o755)
 	sh(t, "mount", dev, mp)
@@ -170,7 +178,7 @@ func fsOnMapping(t testing.TB, tag, disk, state string) (*stack, string) {
 	st := &stack{Tag: tag, Disk: disk, VG: tag, RawLV: raw, Mounts: []string{mp}, FSLVs: []string{"crypt"}, FSTypes: []string{"ext4"},
 		Sizes: []uint64{blockDevBytes(t, dev)}}
 	writeManifest(t, st, state)
-	return st, name
+	return st
 }
 
 // TestGuestRekeyFS: an ext4 mounted directly on the LUKS2 mapping is

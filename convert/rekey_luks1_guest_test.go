@@ -3,7 +3,6 @@ package convert
 import (
 	"bytes"
 	"os"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -184,17 +183,8 @@ func TestOptInGuestRekeyLUKS1DefaultKey(t *testing.T) {
 	}
 	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
 	dev := "/dev/mapper/" + name
-	sh(t, "mkfs.ext4", "-q", "-F", dev)
-	mp := "/mnt/" + tag
-	os.MkdirAll(mp, 0o755)
-	sh(t, "mount", dev, mp)
-	raw := filepath.Join(mp, "rawslots")
-	if err := os.WriteFile(raw, make([]byte, rawSlots*recSize), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	st := &stack{Tag: tag, Disk: disk, VG: tag, RawLV: raw, Mounts: []string{mp}, FSLVs: []string{"crypt"}, FSTypes: []string{"ext4"},
-		Sizes: []uint64{blockDevBytes(t, dev)}}
-	writeManifest(t, st, state)
+	st := fsStack(t, tag, disk, state, name)
+	mp := st.Mounts[0]
 	w := startWriter(t, st, state)
 	t0 := time.Now()
 	code, out := cliRun(t, "rekey", dev, "--batch-mode", "--key-file", pwFile, "--journal", st.file(state, "journal"))

@@ -86,17 +86,8 @@ func TestGuestRekeyPlainFS(t *testing.T) {
 	oldKey := randomKeyFile(t, oldKeyFile, 64)
 	plainOpen(t, disk, name, oldKeyFile, "512")
 	dev := "/dev/mapper/" + name
-	sh(t, "mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)
-	mp := "/mnt/" + tag
-	os.MkdirAll(mp, 0o755)
-	sh(t, "mount", dev, mp)
-	raw := filepath.Join(mp, "rawslots")
-	if err := os.WriteFile(raw, make([]byte, rawSlots*recSize), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	st := &stack{Tag: tag, Disk: disk, VG: tag, RawLV: raw, Mounts: []string{mp}, FSLVs: []string{"crypt"}, FSTypes: []string{"ext4"},
-		Sizes: []uint64{blockDevBytes(t, dev)}}
-	writeManifest(t, st, state)
+	st := fsStack(t, tag, disk, state, name, "-E", "lazy_itable_init=0,lazy_journal_init=0")
+	mp := st.Mounts[0]
 	j := st.file(state, "journal")
 	sh(t, "sync")
 	// Without --new-key-file: refused, nothing written. A dry run prints
@@ -277,17 +268,8 @@ func TestGuestRekeyPlainToLUKS2(t *testing.T) {
 	randomKeyFile(t, oldKeyFile, 64)
 	plainOpen(t, disk, name, oldKeyFile, "512")
 	dev := "/dev/mapper/" + name
-	sh(t, "mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev)
-	mp := "/mnt/" + tag
-	os.MkdirAll(mp, 0o755)
-	sh(t, "mount", dev, mp)
-	raw := filepath.Join(mp, "rawslots")
-	if err := os.WriteFile(raw, make([]byte, rawSlots*recSize), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	st := &stack{Tag: tag, Disk: disk, VG: tag, RawLV: raw, Mounts: []string{mp}, FSLVs: []string{"crypt"}, FSTypes: []string{"ext4"},
-		Sizes: []uint64{blockDevBytes(t, dev)}}
-	writeManifest(t, st, state)
+	st := fsStack(t, tag, disk, state, name, "-E", "lazy_itable_init=0,lazy_journal_init=0")
+	mp := st.Mounts[0]
 	j := st.file(state, "journal")
 	w := startWriter(t, st, state)
 	r := cliStart(t, "rekey", name, "--type", "luks2", "--header", hdr, "--key-file", pwFile, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
