@@ -207,10 +207,7 @@ func (a *app) printDecryptPlan(ep *convert.EncryptPlan) {
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "  journal:       %s\n", ep.Journal)
-	fmt.Fprintln(w, "  phases:")
-	for i, ph := range s.Forward.Phases {
-		fmt.Fprintf(w, "    %d. %s\n", i+1, convert.DescribePhase(ph))
-	}
+	printPhases(w, s)
 }
 
 // confirmVerb asks for YES before a destructive command.

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 
 	"github.com/spf13/cobra"
 
@@ -166,14 +167,7 @@ func (a *app) printRekeyPlan(ep *convert.EncryptPlan) {
 	w := a.stdout
 	fmt.Fprintf(w, "Plan: rekey %s (LUKS%d, %s, UUID %s), open as /dev/mapper/%s, in place and online\n",
 		s.Disk.Path, s.LUKSVersion, s.Crypt.Cipher, s.LUKSUUID, s.Name)
-	if s.VG != "" {
-		fmt.Fprintf(w, "  volume group:  %s (PV %s)\n", s.VG, s.PVDevice)
-	}
-	change := "unchanged"
-	if s.Crypt != s.OldCrypt {
-		change = fmt.Sprintf("changes to %s with a %d-bit key", s.Crypt.Cipher, s.Crypt.KeyBytes*8)
-	}
-	fmt.Fprintf(w, "  cipher:        %s with a %d-bit key, %d-byte sectors; %s\n", s.OldCrypt.Cipher, s.OldCrypt.KeyBytes*8, s.OldCrypt.SectorSize, change)
+	printVGAndCipher(w, s)
 	gap := g.Header - g.HeaderUsed
 	fmt.Fprintf(w, "  data:          %s (%d sectors) re-encrypted with a new random key, moving %s toward the start of the disk (data offset %s -> %s)\n",
 		humanBytes(g.Payload*512), g.Payload, humanBytes(gap*512), humanBytes(g.Header*512), humanBytes(g.HeaderUsed*512))
@@ -181,10 +175,7 @@ func (a *app) printRekeyPlan(ep *convert.EncryptPlan) {
 		fmt.Fprintf(w, "  keyslots:      %s\n", note)
 	}
 	fmt.Fprintf(w, "  journal:       %s\n", ep.Journal)
-	fmt.Fprintln(w, "  phases:")
-	for i, ph := range s.Forward.Phases {
-		fmt.Fprintf(w, "    %d. %s\n", i+1, convert.DescribePhase(ph))
-	}
+	printPhases(w, s)
 }
 
 func (a *app) printPlainRekeyPlan(ep *convert.EncryptPlan) {
@@ -193,14 +184,7 @@ func (a *app) printPlainRekeyPlan(ep *convert.EncryptPlan) {
 	old, _, _ := g.Phys(convert.Backing{Dev: convert.OldID}, 0, 0)
 	fmt.Fprintf(w, "Plan: rekey plain dm-crypt %s (%s, data at sector %d), open as /dev/mapper/%s, in place and online\n",
 		s.Disk.Path, s.OldCrypt.Cipher, old, s.Name)
-	if s.VG != "" {
-		fmt.Fprintf(w, "  volume group:  %s (PV %s)\n", s.VG, s.PVDevice)
-	}
-	change := "unchanged"
-	if s.Crypt != s.OldCrypt {
-		change = fmt.Sprintf("changes to %s with a %d-bit key", s.Crypt.Cipher, s.Crypt.KeyBytes*8)
-	}
-	fmt.Fprintf(w, "  cipher:        %s with a %d-bit key, %d-byte sectors; %s\n", s.OldCrypt.Cipher, s.OldCrypt.KeyBytes*8, s.OldCrypt.SectorSize, change)
+	printVGAndCipher(w, s)
 	fmt.Fprintf(w, "  data:          %s (%d sectors) rewritten in place under a new random key, %s at a time with the mapping suspended\n",
 		humanBytes(g.Payload*512), g.Payload, humanBytes(s.Forward.Phases[1].Chunk*512))
 	if s.PlainTo == "luks2" {
@@ -210,10 +194,7 @@ func (a *app) printPlainRekeyPlan(ep *convert.EncryptPlan) {
 	}
 	fmt.Fprintf(w, "  journal:       %s (also holds each chunk's old ciphertext while it is rewritten)\n", ep.Journal)
 	fmt.Fprintln(w, "  boot:          until the run ends, do not let crypttab open this volume at boot")
-	fmt.Fprintln(w, "  phases:")
-	for i, ph := range s.Forward.Phases {
-		fmt.Fprintf(w, "    %d. %s\n", i+1, convert.DescribePhase(ph))
-	}
+	printPhases(w, s)
 }
 
 // finishRekey reports a completed rekey.
@@ -239,4 +220,25 @@ func (a *app) finishRekey(r *result, s *convert.Spec) {
 	fmt.Fprintf(a.stdout, "\nDone: %s has a new %d-bit %s volume key and its data starts %s into the disk; /dev/mapper/%s uses it.\n",
 		s.Disk.Path, s.Crypt.KeyBytes*8, s.Crypt.Cipher, humanBytes(s.Forward.Geometry.HeaderUsed*512), s.Name)
 	fmt.Fprintf(a.stdout, "Header backups made before now hold the old key: make a new one (cryptsetup luksHeaderBackup) and destroy the old ones.\n")
+}
+
+// printVGAndCipher prints a rekey plan's volume group (if any) and its
+// cipher and key size, before and after.
+func printVGAndCipher(w io.Writer, s *convert.Spec) {
+	if s.VG != "" {
+		fmt.Fprintf(w, "  volume group:  %s (PV %s)\n", s.VG, s.PVDevice)
+	}
+	change := "unchanged"
+	if s.Crypt != s.OldCrypt {
+		change = fmt.Sprintf("changes to %s with a %d-bit key", s.Crypt.Cipher, s.Crypt.KeyBytes*8)
+	}
+	fmt.Fprintf(w, "  cipher:        %s with a %d-bit key, %d-byte sectors; %s\n", s.OldCrypt.Cipher, s.OldCrypt.KeyBytes*8, s.OldCrypt.SectorSize, change)
+}
+
+// printPhases prints a plan's phases, numbered.
+func printPhases(w io.Writer, s *convert.Spec) {
+	fmt.Fprintln(w, "  phases:")
+	for i, ph := range s.Forward.Phases {
+		fmt.Fprintf(w, "    %d. %s\n", i+1, convert.DescribePhase(ph))
+	}
 }
