@@ -1024,16 +1024,10 @@ func TestGuestSuspendMirrorUnderSignals(t *testing.T) {
 		Log:  MirrorLog{Type: "core", RegionSize: 64},
 		Legs: []MirrorLeg{{Dev: a.Ref(), Offset: 0}, {Dev: b.Ref(), Offset: 0}},
 	}}}
-	if _, err := c.Create(name, ""); err != nil {
+	if _, err := c.CreateWithTable(name, "", tbl); err != nil {
 		t.Fatal(err)
 	}
 	cleanupDevice(t, c, name)
-	if _, err := c.Load(name, tbl); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Resume(name); err != nil {
-		t.Fatal(err)
-	}
 	// Writers keep I/O in flight.
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
