@@ -917,9 +917,12 @@ type fakeLVM struct {
 	lvs     []fakeLV
 	fenced  bool
 	refresh []string
+	// asked counts Discover and State calls.
+	asked int
 }
 
 func (l *fakeLVM) Discover(ctx context.Context, device string) (*PV, error) {
+	l.asked++
 	pv := l.pv
 	return &pv, nil
 }
@@ -947,6 +950,7 @@ func (l *fakeLVM) ShrinkPV(ctx context.Context, device string, size Sectors) err
 }
 
 func (l *fakeLVM) State(ctx context.Context, device string) (string, string, uint64, error) {
+	l.asked++
 	return l.pv.UUID, l.pv.VG, l.pv.VGSeqno, nil
 }
 

@@ -163,6 +163,24 @@ type LVInfo struct {
 	Layout []string `json:"layout,omitempty"`
 }
 
+// LayoutDiscoverer is implemented by a VolumeManager that can discover a
+// PV more cheaply when the run leaves the PV's device and its size as they
+// are (a rekey): DiscoverLayout is Discover without the PV size LVM's
+// metadata records (one lvm command fewer), so PV.Size is the end of what
+// LVM keeps on the PV.
+type LayoutDiscoverer interface {
+	DiscoverLayout(ctx context.Context, device string) (*PV, error)
+}
+
+// discoverInPlace discovers the PV on device for a run that does not move
+// or resize it.
+func (e *Engine) discoverInPlace(ctx context.Context, device string) (*PV, error) {
+	if l, ok := e.LVM.(LayoutDiscoverer); ok {
+		return l.DiscoverLayout(ctx, device)
+	}
+	return e.LVM.Discover(ctx, device)
+}
+
 // VolumeManager is what the engine needs from LVM.
 type VolumeManager interface {
 	Discover(ctx context.Context, device string) (*PV, error)

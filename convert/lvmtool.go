@@ -22,6 +22,15 @@ type LVMTool struct {
 
 // Discover implements VolumeManager.
 func (l *LVMTool) Discover(ctx context.Context, device string) (*PV, error) {
+	return l.discover(ctx, device, true)
+}
+
+// DiscoverLayout implements LayoutDiscoverer.
+func (l *LVMTool) DiscoverLayout(ctx context.Context, device string) (*PV, error) {
+	return l.discover(ctx, device, false)
+}
+
+func (l *LVMTool) discover(ctx context.Context, device string, recorded bool) (*PV, error) {
 	var p *lvm.PVInfo
 	var err error
 	if l.fence != nil && l.fence.Held() {
@@ -44,16 +53,18 @@ func (l *LVMTool) Discover(ctx context.Context, device string) (*PV, error) {
 	// metadata records: LVM compares every device carrying the PV with
 	// that and warns when the device is smaller.
 	size := p.End()
-	var rec dmtable.Sectors
-	if l.fence != nil && l.fence.Held() {
-		rec, err = l.fence.RecordedSize(ctx, p.UUID)
-	} else {
-		rec, err = l.C.RecordedSize(ctx, p.VG.Name, p.UUID)
+	if recorded {
+		var rec dmtable.Sectors
+		if l.fence != nil && l.fence.Held() {
+			rec, err = l.fence.RecordedSize(ctx, p.UUID)
+		} else {
+			rec, err = l.C.RecordedSize(ctx, p.VG.Name, p.UUID)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("asking LVM about %s: %w", device, err)
+		}
+		size = max(size, rec)
 	}
-	if err != nil {
-		return nil, fmt.Errorf("asking LVM about %s: %w", device, err)
-	}
-	size = max(size, rec)
 	pv := &PV{
 		Device: device, UUID: p.UUID, VG: p.VG.Name, VGSeqno: p.VG.SeqNo,
 		Size: Sectors(size), UsedEnd: Sectors(p.MinSize()),

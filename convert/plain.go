@@ -374,7 +374,7 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	// What is on the mapping: an LVM PV (its VG is fenced during the
 	// run), or anything else (a mounted file system).
 	node := e.Host.NodePath(m.name)
-	pv, err := e.LVM.Discover(ctx, node)
+	pv, err := e.discoverInPlace(ctx, node)
 	switch {
 	case errors.Is(err, ErrNotPV):
 		pv = nil

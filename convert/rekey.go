@@ -104,7 +104,7 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 	// run), or anything else (a mounted file system): the mapping keeps
 	// its name, size and contents, so nothing above it changes.
 	node := e.Host.NodePath(m.name)
-	pv, err := e.LVM.Discover(ctx, node)
+	pv, err := e.discoverInPlace(ctx, node)
 	switch {
 	case errors.Is(err, ErrNotPV):
 		pv = nil

@@ -24,6 +24,11 @@ type RunOptions struct {
 	// Stop is polled between steps; once it returns true the run records
 	// a resumable state and returns ErrInterrupted.
 	Stop func() bool
+	// Fresh: the plan was made right before Execute with nothing waited
+	// for in between (no confirmation prompt). Execute then skips the
+	// lvm half of its unchanged check; the disk's identity, and for
+	// encrypt the device-mapper devices on it, are still checked.
+	Fresh bool
 }
 
 // Execute runs a plan made by PlanEncrypt.
@@ -44,7 +49,7 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 	defer j.Close()
 	// Time may have passed since the plan (a confirmation prompt): the
 	// disk and what is stacked on it must be exactly what was planned.
-	if err := e.checkUnchanged(ctx, ep); err != nil {
+	if err := e.checkUnchanged(ctx, ep, o.Fresh); err != nil {
 		return err
 	}
 	if ep.ShrinkTo > 0 {
@@ -96,11 +101,11 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 	return r.execute(ctx, nil)
 }
 
-func (e *Engine) checkUnchanged(ctx context.Context, ep *EncryptPlan) error {
+func (e *Engine) checkUnchanged(ctx context.Context, ep *EncryptPlan, fresh bool) error {
 	spec := ep.Spec
 	dev := spec.Disk.Path
 	changed := func(what string) error {
-		return refuse(dev, "run dmconvert encrypt again to make a new plan", "%s changed since the plan was made", what)
+		return refuse(dev, "run dmconvert "+spec.Op+" again to make a new plan", "%s changed since the plan was made", what)
 	}
 	di, err := e.Host.Stat(dev)
 	if err != nil {
@@ -116,9 +121,19 @@ func (e *Engine) checkUnchanged(ctx context.Context, ep *EncryptPlan) error {
 	// plan's sequence number, is the PV of the plan (lvm bumps the
 	// number at every change). Otherwise the whole PV is looked at again.
 	pv := ep.PV
+	if fresh {
+		// Nothing was waited for since the plan's own lvm calls: a
+		// second look would see what they saw (the fence, taken next,
+		// checks again that the VG exists).
+		return e.checkStacked(di.Dev, dev, pv, spec, changed)
+	}
 	uuid, vg, seq, err := e.LVM.State(ctx, spec.PVDevice)
 	if err != nil || spec.VGSeqno == 0 || uuid != spec.PVUUID || vg != spec.VG || seq != spec.VGSeqno {
-		pv, err = e.LVM.Discover(ctx, spec.PVDevice)
+		discover := e.LVM.Discover
+		if spec.Op == "rekey" {
+			discover = e.discoverInPlace // as PlanRekey and planPlain did
+		}
+		pv, err = discover(ctx, spec.PVDevice)
 		if err != nil {
 			return err
 		}
@@ -126,10 +141,16 @@ func (e *Engine) checkUnchanged(ctx context.Context, ep *EncryptPlan) error {
 			return changed("the physical volume")
 		}
 	}
+	return e.checkStacked(di.Dev, dev, pv, spec, changed)
+}
+
+// checkStacked: for encrypt, the device-mapper devices on the disk are
+// those of the plan, with the same tables.
+func (e *Engine) checkStacked(disk dmtable.Dev, dev string, pv *PV, spec *Spec, changed func(string) error) error {
 	if spec.Op != "encrypt" {
 		return nil
 	}
-	stacked, err := e.stackedOn(di.Dev, dev, pv.Size)
+	stacked, err := e.stackedOn(disk, dev, pv.Size)
 	if err != nil {
 		return err
 	}

@@ -47,3 +47,42 @@ func TestExecuteChecksThePVAgain(t *testing.T) {
 		})
 	}
 }
+
+// A plan executed right after it was made (RunOptions.Fresh: no prompt
+// in between) is not looked at again through LVM; the disk still is.
+func TestExecuteFreshPlanAsksLVMNothing(t *testing.T) {
+	sc := newScenario(t, 4)
+	w := sc.world()
+	e := sc.engine(w)
+	ep, err := e.PlanEncrypt(context.Background(), sc.options())
+	if err != nil {
+		t.Fatal(err)
+	}
+	planned := w.lvm.asked
+	if planned == 0 {
+		t.Fatal("the plan asked LVM nothing")
+	}
+	if err := e.Execute(context.Background(), ep, RunOptions{Fresh: true}); err != nil {
+		t.Fatal(err)
+	}
+	if n := w.lvm.asked - planned; n != 0 {
+		t.Fatalf("a fresh plan's Execute asked LVM %d times, want 0", n)
+	}
+	sc.verifyEncrypted(w, e)
+
+	// The same plan not fresh: one State call at least.
+	sc2 := newScenario(t, 4)
+	w2 := sc2.world()
+	e2 := sc2.engine(w2)
+	ep2, err := e2.PlanEncrypt(context.Background(), sc2.options())
+	if err != nil {
+		t.Fatal(err)
+	}
+	planned = w2.lvm.asked
+	if err := e2.Execute(context.Background(), ep2, RunOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if w2.lvm.asked == planned {
+		t.Fatal("Execute of a plan that is not fresh did not look at the PV again")
+	}
+}

@@ -172,7 +172,8 @@ func (a *app) runPlan(ctx context.Context, e *convert.Engine, ep *convert.Encryp
 			return err
 		}
 	}
-	if err := a.execute(ctx, e, ep); err != nil {
+	// Without a prompt nothing was waited for since the plan.
+	if err := a.execute(ctx, e, ep, p.confirmed); err != nil {
 		return err
 	}
 	res.Outcome = "done"
@@ -181,12 +182,13 @@ func (a *app) runPlan(ctx context.Context, e *convert.Engine, ep *convert.Encryp
 }
 
 // execute runs a plan with a progress display and SIGINT/SIGTERM handling;
-// on failure it says where the state is kept.
-func (a *app) execute(ctx context.Context, e *convert.Engine, ep *convert.EncryptPlan) error {
+// on failure it says where the state is kept. fresh: the plan was made
+// just now, with no prompt since (convert.RunOptions.Fresh).
+func (a *app) execute(ctx context.Context, e *convert.Engine, ep *convert.EncryptPlan, fresh bool) error {
 	pr := a.newProgress()
 	e.Progress = pr
 	st := a.startStopper(pr.note)
-	err := e.Execute(ctx, ep, convert.RunOptions{Stop: st.requested})
+	err := e.Execute(ctx, ep, convert.RunOptions{Stop: st.requested, Fresh: fresh})
 	st.close()
 	pr.finish(err == nil)
 	if err != nil {

@@ -329,7 +329,8 @@ func (a *app) runEncrypt(ctx context.Context, o *encryptOptions, args []string) 
 		a.printPlan(ep, cfg)
 	}
 
-	if err := a.execute(ctx, e, ep); err != nil {
+	// The plan executed is always made after the prompt, if any.
+	if err := a.execute(ctx, e, ep, true); err != nil {
 		return err
 	}
 	res.Outcome = "done"
