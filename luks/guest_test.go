@@ -213,3 +213,44 @@ func TestGuestDisguisedLUKS1(t *testing.T) {
 	}
 	cs.ok(nil, "close", name)
 }
+
+// TestGuestPlainHash: the key stock cryptsetup makes from a passphrase in
+// plain mode (open --type plain, the passphrase on standard input, read up
+// to its newline) is PlainKey's, for each hash and key size here and for
+// cryptsetup's default hash.
+func TestGuestPlainHash(t *testing.T) {
+	dev, _ := guestDisk(t)
+	cs := needCryptsetup(t)
+	for _, c := range []struct {
+		hash string // "" : cryptsetup's default, DefaultPlainHash
+		bits int
+	}{
+		{"", 256}, {"ripemd160", 512}, {"sha1", 256}, {"sha256", 512}, {"sha512", 512}, {"sha256:16", 256}, {"plain", 256},
+	} {
+		t.Run(c.hash+"-"+strconv.Itoa(c.bits), func(t *testing.T) {
+			cs := cs.in(t)
+			name := "plainhash"
+			pass := "plain passphrase, 32 bytes long."
+			args := []string{"open", "--type", "plain", "--cipher", "aes-xts-plain64", "--key-size", strconv.Itoa(c.bits)}
+			spec := DefaultPlainHash
+			if c.hash != "" {
+				spec = c.hash
+				args = append(args, "--hash", c.hash)
+			}
+			defer closeMapping(cs, name)
+			cs.ok([]byte(pass+"\nnot part of it\n"), append(args, dev, name)...)
+			fields := strings.Fields(activeTable(t, name))
+			if len(fields) < 5 {
+				t.Fatalf("table %q", fields)
+			}
+			want, err := PlainKey(spec, []byte(pass), c.bits/8)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fields[4] != hex.EncodeToString(want) {
+				t.Errorf("cryptsetup made another key than PlainKey(%s, %d bits)", spec, c.bits)
+			}
+			cs.ok(nil, "close", name)
+		})
+	}
+}
