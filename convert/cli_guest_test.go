@@ -85,9 +85,18 @@ func cliRun(t testing.TB, args ...string) (int, string) {
 // cliRunEnv is cliRun with extra environment variables.
 func cliRunEnv(t testing.TB, env []string, args ...string) (int, string) {
 	t.Helper()
+	return cliRunIn(t, env, nil, args...)
+}
+
+// cliRunIn is cliRunEnv with stdin as dmconvert's standard input.
+func cliRunIn(t testing.TB, env []string, stdin []byte, args ...string) (int, string) {
+	t.Helper()
 	cmd := exec.Command(dmconvertBin(t), args...)
 	if env != nil {
 		cmd.Env = append(os.Environ(), env...)
+	}
+	if stdin != nil {
+		cmd.Stdin = bytes.NewReader(stdin)
 	}
 	var buf bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &buf, &buf

@@ -3,12 +3,14 @@ package convert
 import (
 	"bytes"
 	"crypto/rand"
+	"encoding/hex"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 
+	"github.com/dmconvert/dmconvert/luks"
 	"github.com/dmconvert/dmconvert/testvm"
 )
 
@@ -70,10 +72,26 @@ func oldKeySeesNothing(t testing.TB, disk, oldKeyFile string) {
 	}
 }
 
-// TestGuestRekeyPlainFS: an ext4 mounted on a plain mapping is rekeyed
-// in place under a writer; a dry run and a run without --new-key-file
-// change nothing; the run is killed with SIGKILL mid-run and resumed
-// (the old key from the helper the dead run left); checked live, after a
+// tableKey is the key in a live crypt mapping's table.
+func tableKey(t testing.TB, name string) []byte {
+	t.Helper()
+	f := strings.Fields(sh(t, "dmsetup", "table", "--showkeys", name))
+	if len(f) < 5 || f[2] != "crypt" {
+		t.Fatalf("%s is not a crypt mapping: %d fields", name, len(f))
+	}
+	k, err := hex.DecodeString(f[4])
+	if err != nil {
+		t.Fatalf("%s: the table's key is not hex: %v", name, err)
+	}
+	return k
+}
+
+// TestGuestRekeyPlainFS: an ext4 mounted on a plain mapping, opened by
+// stock cryptsetup with a passphrase (its default hash), is rekeyed in
+// place under a writer; a dry run and a run without --new-key-file change
+// nothing; the run is killed with SIGKILL mid-run, everything is torn down
+// as by a reboot, and resume makes the old key from the passphrase with
+// --hash (a wrong passphrase is refused first); checked live, after a
 // cold open with the new key file, and the old key shows nothing.
 func TestGuestRekeyPlainFS(t *testing.T) {
 	testvm.RequireGuest(t)
@@ -83,8 +101,10 @@ func TestGuestRekeyPlainFS(t *testing.T) {
 	tag := "pfs"
 	name := tag + "-crypt"
 	oldKeyFile, newKeyFile := "/tmp/pfs-old.key", "/tmp/pfs-new.key"
-	oldKey := randomKeyFile(t, oldKeyFile, 64)
-	plainOpen(t, disk, name, oldKeyFile, "512")
+	pass := "pfs old passphrase"
+	shIn(t, []byte(pass+"\n"), "cryptsetup", "open", "--type", "plain", "--cipher", "aes-xts-plain64", "--key-size", "512", disk, name)
+	oldKey := tableKey(t, name)
+	writeFileSync(t, oldKeyFile, oldKey) // the same mapping from a key file, for oldKeySeesNothing
 	dev := "/dev/mapper/" + name
 	st := fsStack(t, tag, disk, state, name, "-E", "lazy_itable_init=0,lazy_journal_init=0")
 	mp := st.Mounts[0]
@@ -112,13 +132,26 @@ func TestGuestRekeyPlainFS(t *testing.T) {
 	r.cmd.Process.Kill()
 	code, _ = r.wait()
 	requireExit(t, "plain rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
-	code, out = cliRun(t, "resume", "--journal", j)
-	requireExit(t, "resume of the plain rekey", code, 0, out)
 	acks, gap := w.finish(t)
 	t.Logf("writer: %d acknowledged writes, longest gap %v", acks, gap)
+	// A reboot: no table shows the old key any more.
+	sh(t, "umount", mp)
+	sh(t, "dmsetup", "remove", name)
+	for _, l := range strings.Split(sh(t, "dmsetup", "ls"), "\n") {
+		if f := strings.Fields(l); len(f) > 0 && strings.HasPrefix(f[0], "dmconvert-") {
+			sh(t, "dmsetup", "remove", f[0])
+		}
+	}
+	code, out = cliRunIn(t, nil, []byte("not the passphrase\n"), "resume", "--journal", j, "--hash", luks.DefaultPlainHash)
+	if code == 0 || !strings.Contains(out, "not the old 512-bit key") {
+		t.Fatalf("resume with a wrong passphrase: exit %d\n%s", code, out)
+	}
+	code, out = cliRunIn(t, nil, []byte(pass+"\n"), "resume", "--journal", j, "--hash", luks.DefaultPlainHash)
+	requireExit(t, "resume of the plain rekey after a teardown, old key from the passphrase", code, 0, out)
 	if !strings.Contains(out, "plain,cipher=aes-xts-plain64,size=512") {
 		t.Fatalf("resume printed no crypttab line:\n%s", out)
 	}
+	sh(t, "mount", dev, mp)
 	verifyStack(t, st, state)
 	checkPlainRekeyed(t, disk, name, oldKey, newKeyFile)
 	// Cold: close, open with stock cryptsetup and the new key file.

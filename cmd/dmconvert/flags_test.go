@@ -179,3 +179,38 @@ func TestRekeyCipherFlagErrors(t *testing.T) {
 		t.Errorf("a valid cipher was refused: %s", msg)
 	}
 }
+
+// --hash is checked before anything is read: only for plain rekeys, not
+// with --old-key-file, a hash PlainKey computes, and never two readers of
+// standard input.
+func TestCheckHash(t *testing.T) {
+	plain := &convert.Spec{Op: "rekey", OldCrypt: convert.CryptSpec{Cipher: "aes-xts-plain64", KeyBytes: 64}}
+	toLUKS2 := *plain
+	toLUKS2.PlainTo = "luks2"
+	luks2 := &convert.Spec{Op: "rekey", LUKSVersion: 2, OldCrypt: plain.OldCrypt}
+	for _, c := range []struct {
+		o    continueOptions
+		spec *convert.Spec
+		tty  bool
+		bad  string // "" : accepted
+	}{
+		{continueOptions{}, luks2, false, ""},
+		{continueOptions{hash: "sha512"}, plain, false, ""},
+		{continueOptions{hash: "ripemd160"}, plain, true, ""},
+		{continueOptions{hash: "sha256"}, luks2, false, "plain dm-crypt"},
+		{continueOptions{hash: "sha256", oldKeyFile: "/k"}, plain, false, "give one of them"},
+		{continueOptions{hash: "whirlpool"}, plain, false, "whirlpool"},
+		{continueOptions{hash: "sha256:65"}, plain, false, "more than the 64-byte key"},
+		{continueOptions{hash: "sha256"}, &toLUKS2, false, "--key-file FILE"},
+		{continueOptions{hash: "sha256", key: keyOptions{file: "/pw"}}, &toLUKS2, false, ""},
+		{continueOptions{hash: "sha256"}, &toLUKS2, true, ""},
+	} {
+		err := c.o.checkHash(c.spec, c.tty)
+		switch {
+		case c.bad == "" && err != nil:
+			t.Errorf("--hash %q (%+v): %v", c.o.hash, c.o, err)
+		case c.bad != "" && (err == nil || !strings.Contains(err.Error(), c.bad)):
+			t.Errorf("--hash %q (%+v): %v, want an error with %q", c.o.hash, c.o, err, c.bad)
+		}
+	}
+}

@@ -21,6 +21,7 @@ type markFunc = func(func(*cobra.Command, []string) error) func(*cobra.Command, 
 type continueOptions struct {
 	journal      string
 	oldKeyFile   string
+	hash         string
 	device       string
 	key          keyOptions
 	crypttab     bool
@@ -58,6 +59,7 @@ abort is continued as an abort. The passphrase (or key file) is asked again.
 	f.StringVar(&o.device, "device", "", "the disk's path now, if it changed since the run began")
 	o.key.register(f)
 	f.StringVar(&o.oldKeyFile, "old-key-file", "", "plain dm-crypt rekey: the old key file, when no live mapping shows the old key (after a reboot)")
+	f.StringVar(&o.hash, "hash", "", "plain dm-crypt rekey of a mapping opened with a passphrase: make the old key from the passphrase (asked, or the first line of standard input) with this hash, as cryptsetup open --type plain --hash does (its default: "+luks.DefaultPlainHash+")")
 	f.BoolVar(&o.crypttab, "crypttab", false, "when the encryption completes, append the crypttab line to /etc/crypttab (or --crypttab-file)")
 	f.StringVar(&o.crypttabFile, "crypttab-file", "", "crypttab file to append to (implies --crypttab)")
 	o.registerBatch(f)
@@ -83,6 +85,7 @@ file) is asked again.
 	f.StringVar(&o.device, "device", "", "the disk's path now, if it changed since the run began")
 	o.key.register(f)
 	f.StringVar(&o.oldKeyFile, "old-key-file", "", "plain dm-crypt rekey: the old key file, when no live mapping shows the old key (after a reboot)")
+	f.StringVar(&o.hash, "hash", "", "plain dm-crypt rekey of a mapping opened with a passphrase: make the old key from the passphrase (asked, or the first line of standard input) with this hash, as cryptsetup open --type plain --hash does (its default: "+luks.DefaultPlainHash+")")
 	o.registerBatch(f)
 	return cmd
 }
@@ -143,6 +146,9 @@ func (a *app) continueRun(ctx context.Context, o *continueOptions, args []string
 		disk = override
 		res.Device = override
 	}
+	if err := o.checkHash(ri.Spec, a.stdinTTY); err != nil {
+		return err
+	}
 	var key []byte
 	if !ri.Spec.Plain() || ri.Spec.PlainTo == "luks2" {
 		// A plain rekey has no passphrase, unless it turns the volume
@@ -177,8 +183,11 @@ func (a *app) continueRun(ctx context.Context, o *continueOptions, args []string
 	if ri.Spec.Plain() {
 		ro.Passphrase = key
 		ro.OldKey = func() ([]byte, error) {
+			if o.hash != "" {
+				return a.plainPassphraseKey(o.hash, ri.Spec, disk)
+			}
 			if o.oldKeyFile == "" {
-				return nil, usagef("%s: no live mapping shows the old key of this plain rekey: give the old key file with --old-key-file", disk)
+				return nil, usagef("%s: no live mapping shows the old key of this plain rekey: give the old key file with --old-key-file, or, for a mapping opened with a passphrase, its hash with --hash", disk)
 			}
 			return a.readKey(keyOptions{file: o.oldKeyFile}, disk)
 		}
@@ -407,4 +416,36 @@ func (a *app) printStatus(rs *runStatus) {
 	if rs.Next != "" {
 		fmt.Fprintf(w, "next:      %s\n", rs.Next)
 	}
+}
+
+// checkHash refuses a --hash that cannot be used, before anything is read
+// or written.
+func (o *continueOptions) checkHash(spec *convert.Spec, stdinTTY bool) error {
+	if o.hash == "" {
+		return nil
+	}
+	switch {
+	case !spec.Plain():
+		return usagef("--hash is for the rekey of a plain dm-crypt mapping; this run is a %s of a LUKS volume", spec.Op)
+	case o.oldKeyFile != "":
+		return usagef("--hash makes the old key from a passphrase, --old-key-file gives the key itself: give one of them (cryptsetup's plain mode does not hash key files either)")
+	case spec.PlainTo == "luks2" && !stdinTTY && (o.key.file == "" || o.key.file == "-"):
+		return usagef("with --hash the old passphrase is read from standard input: give the new header's passphrase with --key-file FILE")
+	}
+	if _, err := luks.PlainKey(o.hash, make([]byte, spec.OldCrypt.KeyBytes), spec.OldCrypt.KeyBytes); err != nil {
+		return usagef("--hash %s: %v", o.hash, err)
+	}
+	return nil
+}
+
+// plainPassphraseKey asks for the passphrase a plain mapping was opened
+// with (or reads the first line of standard input) and makes the old key
+// from it as cryptsetup's plain mode does.
+func (a *app) plainPassphraseKey(hash string, spec *convert.Spec, disk string) ([]byte, error) {
+	pass, err := luks.ReadKey((&keyOptions{}).source(a, fmt.Sprintf("Enter the passphrase plain mapping %s was opened with: ", spec.Name)))
+	if err != nil {
+		return nil, fmt.Errorf("%s: reading the old passphrase: %w", disk, err)
+	}
+	defer luks.WipeBytes(pass)
+	return luks.PlainKey(hash, pass, spec.OldCrypt.KeyBytes)
 }
