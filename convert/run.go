@@ -47,6 +47,7 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 		return err
 	}
 	defer j.Close()
+	traceStep("journal-open")
 	// Time may have passed since the plan (a confirmation prompt): the
 	// disk and what is stacked on it must be exactly what was planned.
 	if err := e.checkUnchanged(ctx, ep, o.Fresh); err != nil {
@@ -89,6 +90,7 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 		}
 		return err
 	}
+	traceStep("journal-init")
 	r.setKeys(ep.keys)
 	ep.Wipe()
 	defer r.wipeKeys()

@@ -494,16 +494,47 @@ func getJSON(b *bolt.Bucket, key []byte, v any) error {
 	return json.Unmarshal(data, v)
 }
 
-// A LUKS header area is mostly zeros (unused keyslot space). The image is
-// stored as its length and its bytes up to the last non-zero one.
+// A LUKS header area is mostly zeros (unused keyslot space), but not at
+// its end (dmconvert's checkpoint records are in its last 4 KiB). The
+// image is stored sparse: sparseMagic, its length, then the runs of
+// 4 KiB blocks that are not all zeros, each as its offset, its length and
+// its bytes. (Journals of earlier versions hold the length and the bytes
+// up to the last non-zero one: a length below 1 GiB, so a first byte 0,
+// never sparseMagic's.)
+const (
+	sparseMagic = "DMCZ\x00\x00\x00\x01"
+	sparseBlock = 4096
+)
+
 func encodeHeader(h []byte) []byte {
-	end := len(h)
-	for end > 0 && h[end-1] == 0 {
-		end--
+	out := make([]byte, 0, 1024)
+	out = append(out, sparseMagic...)
+	out = binary.BigEndian.AppendUint64(out, uint64(len(h)))
+	zero := func(b []byte) bool {
+		for _, c := range b {
+			if c != 0 {
+				return false
+			}
+		}
+		return true
 	}
-	out := make([]byte, 8+end)
-	binary.BigEndian.PutUint64(out, uint64(len(h)))
-	copy(out[8:], h[:end])
+	for off := 0; off < len(h); {
+		end := min(off+sparseBlock, len(h))
+		if zero(h[off:end]) {
+			off = end
+			continue
+		}
+		start := off
+		for off = end; off < len(h); off = end {
+			end = min(off+sparseBlock, len(h))
+			if zero(h[off:end]) {
+				break
+			}
+		}
+		out = binary.BigEndian.AppendUint64(out, uint64(start))
+		out = binary.BigEndian.AppendUint64(out, uint64(off-start))
+		out = append(out, h[start:off]...)
+	}
 	return out
 }
 
@@ -511,11 +542,35 @@ func decodeHeader(v []byte) ([]byte, error) {
 	if len(v) < 8 {
 		return nil, errors.New("stored header image is truncated")
 	}
+	if string(v[:8]) != sparseMagic {
+		n := binary.BigEndian.Uint64(v)
+		if n > 1<<30 || uint64(len(v)-8) > n {
+			return nil, errors.New("stored header image is corrupt")
+		}
+		h := make([]byte, n)
+		copy(h, v[8:])
+		return h, nil
+	}
+	v = v[8:]
+	if len(v) < 8 {
+		return nil, errors.New("stored header image is truncated")
+	}
 	n := binary.BigEndian.Uint64(v)
-	if n > 1<<30 || uint64(len(v)-8) > n {
+	if n > 1<<30 {
 		return nil, errors.New("stored header image is corrupt")
 	}
 	h := make([]byte, n)
-	copy(h, v[8:])
+	for v = v[8:]; len(v) > 0; {
+		if len(v) < 16 {
+			return nil, errors.New("stored header image is truncated")
+		}
+		off, l := binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:])
+		v = v[16:]
+		if off > n || l > n-off || l > uint64(len(v)) {
+			return nil, errors.New("stored header image is corrupt")
+		}
+		copy(h[off:], v[:l])
+		v = v[l:]
+	}
 	return h, nil
 }

@@ -124,22 +124,55 @@ func TestInitRunStateAndSteps(t *testing.T) {
 }
 
 func TestHeaderEncoding(t *testing.T) {
-	for _, h := range [][]byte{{}, {0, 0, 0}, {1}, {1, 0, 0, 2, 0, 0}} {
-		got, err := decodeHeader(encodeHeader(h))
+	// A LUKS2-like image: two header copies, a keyslot, zeros, and the
+	// checkpoint records in the last 4 KiB.
+	luks := make([]byte, 16<<20)
+	for i := range 32 << 10 {
+		luks[i] = byte(i*7 + 1)
+	}
+	for i := 32 << 10; i < 290<<10; i++ {
+		luks[i] = byte(i)
+	}
+	copy(luks[len(luks)-4096+100:], "checkpoint")
+	odd := make([]byte, 3*sparseBlock+5)
+	odd[sparseBlock-1], odd[2*sparseBlock], odd[len(odd)-1] = 1, 2, 3
+	for _, h := range [][]byte{{}, {0, 0, 0}, {1}, {1, 0, 0, 2, 0, 0}, luks, odd, make([]byte, 1<<20)} {
+		enc := encodeHeader(h)
+		got, err := decodeHeader(enc)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if !bytes.Equal(got, h) {
-			t.Fatalf("round trip of %v gave %v", h, got)
+			t.Fatalf("round trip of %d bytes differs", len(h))
 		}
+	}
+	// The zeros between the keyslot and the records are not stored.
+	if n := len(encodeHeader(luks)); n > 300<<10 {
+		t.Fatalf("a 16 MiB image with 294 KiB of data is stored in %d bytes", n)
+	}
+	// Images stored by earlier versions (length, then the bytes up to
+	// the last non-zero one) still read.
+	old := []byte{0, 0, 0, 0, 0, 0, 0, 6, 1, 0, 0, 2}
+	if got, err := decodeHeader(old); err != nil || !bytes.Equal(got, []byte{1, 0, 0, 2, 0, 0}) {
+		t.Fatalf("old encoding: %v %v", got, err)
 	}
 	if _, err := decodeHeader([]byte{0, 0, 0}); err == nil {
 		t.Fatal("truncated header image accepted")
 	}
-	bad := encodeHeader([]byte{1, 2, 3})
-	bad[7] = 1 // claims 1 byte but carries 3
-	if _, err := decodeHeader(bad); err == nil {
-		t.Fatal("inconsistent header image accepted")
+	old[7] = 1 // claims 1 byte but carries 4
+	if _, err := decodeHeader(old); err == nil {
+		t.Fatal("inconsistent old header image accepted")
+	}
+	for name, corrupt := range map[string]func([]byte) []byte{
+		"truncated run":     func(b []byte) []byte { return b[:len(b)-1] },
+		"run past the end":  func(b []byte) []byte { b[16+6] = 0xff; return b },
+		"length over 1 GiB": func(b []byte) []byte { b[8] = 0x7f; return b },
+		"truncated length":  func(b []byte) []byte { return b[:12] },
+		"short run record":  func(b []byte) []byte { return append(b, 0, 0, 0) },
+	} {
+		if _, err := decodeHeader(corrupt(encodeHeader(odd))); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
 	}
 }
 

@@ -356,6 +356,9 @@ func mirror(t *testing.T, results []*guestResult) {
 					return
 				}
 				t.Logf("guest: PASS in %.2fs", r.Elapsed)
+				if os.Getenv(EnvLog) == "1" {
+					t.Logf("guest output:\n%s", r.Output)
+				}
 			case "fail":
 				t.Errorf("guest: FAIL in %.2fs; guest output:\n%s", r.Elapsed, r.Output)
 			case "skip":

@@ -22,6 +22,9 @@ const (
 	// EnvReportDir, when set on the host, is where RunTestsInGuest writes
 	// one JSON report per run.
 	EnvReportDir = "DMCONVERT_VM_REPORT_DIR"
+	// EnvLog=1 on the host shows the output of guest tests that pass
+	// too (their t.Logf lines), not only of those that fail.
+	EnvLog = "DMCONVERT_VM_LOG"
 	// EnvBench, when set on the host, is the -test.bench regexp used by
 	// RunTestsInGuest when Options.Bench is empty (make bench).
 	EnvBench = "DMCONVERT_VM_BENCH"
