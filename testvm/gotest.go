@@ -21,6 +21,9 @@ import (
 type Disk struct {
 	Size int64  // bytes of a fresh sparse image (when Path is "")
 	Path string // an existing raw image file to attach instead
+	// BlockSize is the disk's logical and physical block size in bytes
+	// (4096: a "4Kn" disk); 0 is 512.
+	BlockSize int
 }
 
 // Options configure RunTestsInGuest.
@@ -135,7 +138,9 @@ func RunTestsInGuest(t *testing.T, opts Options) {
 		}
 	}
 	var disks []string
+	blockSizes := make([]int, len(opts.Disks))
 	for i, d := range opts.Disks {
+		blockSizes[i] = d.BlockSize
 		if d.Path != "" {
 			disks = append(disks, d.Path)
 			continue
@@ -174,7 +179,7 @@ func RunTestsInGuest(t *testing.T, opts Options) {
 	}
 	defer console.Close()
 	vm, err := Start(ctx, Config{
-		Image: img, Disks: disks, Share: share, Script: script, Env: opts.Env,
+		Image: img, Disks: disks, BlockSizes: blockSizes, Share: share, Script: script, Env: opts.Env,
 		Timeout: opts.Timeout, MemMiB: opts.MemMiB, SMP: opts.SMP, Console: console,
 	})
 	if err != nil {

@@ -46,6 +46,9 @@ var (
 type Config struct {
 	Image   *Image            // nil: Prepare(ctx)
 	Disks   []string          // host raw image files, attached in order: /dev/vda, /dev/vdb, ...
+	// BlockSizes[i], when set and not 0, is Disks[i]'s logical and
+	// physical block size in bytes (512 otherwise).
+	BlockSizes []int
 	Share   string            // host directory shared read-write at /share; "": a temporary one, removed by Wait
 	Script  string            // bash script run in the guest as root, cwd = /share
 	Env     map[string]string // extra environment of the script
@@ -373,8 +376,17 @@ func qemuArgs(cfg Config) []string {
 		"-device", "virtio-rng-pci",
 		"-virtfs", "local,path="+qemuOpt(cfg.Share)+",mount_tag=testvm,security_model=none,id=testvm",
 	)
-	for _, d := range cfg.Disks {
-		args = append(args, "-drive", "file="+qemuOpt(d)+",format=raw,if=virtio,cache="+cfg.DiskCache)
+	// Each disk a virtio-blk-pci device of its own -device option (what
+	// if=virtio makes, but QEMU creates -device devices before if=virtio
+	// ones: mixing both forms would reorder /dev/vdX).
+	for i, d := range cfg.Disks {
+		id := fmt.Sprintf("disk%d", i)
+		dev := "virtio-blk-pci,drive=" + id
+		if i < len(cfg.BlockSizes) && cfg.BlockSizes[i] != 0 {
+			bs := cfg.BlockSizes[i]
+			dev += fmt.Sprintf(",logical_block_size=%d,physical_block_size=%d", bs, bs)
+		}
+		args = append(args, "-drive", "file="+qemuOpt(d)+",format=raw,if=none,id="+id+",cache="+cfg.DiskCache, "-device", dev)
 	}
 	return args
 }

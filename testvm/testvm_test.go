@@ -201,7 +201,7 @@ func TestQemuArgs(t *testing.T) {
 		"-kernel /c/vmlinux", "-initrd /c/initramfs.cpio",
 		"-append console=ttyS0 quiet loglevel=4 panic=-1 oops=panic foo=1",
 		"-virtfs local,path=/s/x,,y,mount_tag=testvm,security_model=none,id=testvm",
-		"-drive file=/d/a.img,format=raw,if=virtio,cache=none -drive file=/d/b,,c.img,format=raw,if=virtio,cache=none",
+		"-drive file=/d/a.img,format=raw,if=none,id=disk0,cache=none -device virtio-blk-pci,drive=disk0 -drive file=/d/b,,c.img,format=raw,if=none,id=disk1,cache=none -device virtio-blk-pci,drive=disk1",
 	} {
 		if !strings.Contains(args, want) {
 			t.Errorf("qemu args lack %q:\n%s", want, args)
@@ -209,6 +209,11 @@ func TestQemuArgs(t *testing.T) {
 	}
 	if strings.Contains(args, "kvm") {
 		t.Errorf("qemu args mention kvm: %s", args)
+	}
+	cfg.BlockSizes = []int{0, 4096}
+	args = strings.Join(qemuArgs(cfg), " ")
+	if want := "-device virtio-blk-pci,drive=disk0 -drive file=/d/b,,c.img,format=raw,if=none,id=disk1,cache=none -device virtio-blk-pci,drive=disk1,logical_block_size=4096,physical_block_size=4096"; !strings.Contains(args, want) {
+		t.Errorf("qemu args of a 4Kn disk lack %q:\n%s", want, args)
 	}
 	vm := &VM{args: qemuArgs(cfg)}
 	if cl := vm.CommandLine(); !strings.Contains(cl, "'console=ttyS0 quiet loglevel=4 panic=-1 oops=panic foo=1'") {

@@ -23,7 +23,7 @@ import (
 func TestVM(t *testing.T) {
 	RequireVM(t) // before BuildStatic, which would build for nothing
 	RunTestsInGuest(t, Options{
-		Disks: []Disk{{Size: 256 << 20}, {Size: 64 << 20}},
+		Disks: []Disk{{Size: 256 << 20}, {Size: 64 << 20}, {Size: 16 << 20, BlockSize: 4096}},
 		Files: map[string]string{"bin/testvm": BuildStatic(t, "./testvm/cmd/testvm")},
 		Env:   map[string]string{"TESTVM_PROBE": "it's \"quoted\" $HOME"},
 	})
@@ -190,6 +190,30 @@ func TestGuestHarness(t *testing.T) {
 		t.Fatalf("dmsetup status: %q", st)
 	}
 	sh(t, "dmsetup", "remove", "hcrypt")
+}
+
+// TestGuestBlockSizes: Disk.BlockSize reaches the guest's kernel, and a
+// 4Kn disk keeps its place in the device order.
+func TestGuestBlockSizes(t *testing.T) {
+	RequireGuest(t)
+	disks := GuestDisks()
+	if len(disks) != 3 {
+		t.Fatalf("GuestDisks() = %v, want 3 disks", disks)
+	}
+	for i, want := range []string{"512", "512", "4096"} {
+		for _, q := range []string{"logical_block_size", "physical_block_size"} {
+			b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(disks[i]), "queue", q))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := strings.TrimSpace(string(b)); got != want {
+				t.Errorf("%s: %s %s, want %s", disks[i], q, got, want)
+			}
+		}
+	}
+	if got := strings.TrimSpace(sh(t, "blockdev", "--getsize64", disks[2])); got != strconv.Itoa(16<<20) {
+		t.Errorf("%s: %s bytes, want the 16 MiB disk", disks[2], got)
+	}
 }
 
 // TestGuestEnvironment checks what doc.go promises about the guest.
