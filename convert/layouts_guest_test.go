@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -37,6 +38,7 @@ const (
 	layRestartA           // converted PV of the restart test
 	layRestartB           // its other PV
 	layFPDisk             // snapshot and thin pool, crash in the restack
+	lay4KnDisk            // 4096-byte logical sectors
 	layStateDisk          // journals and acknowledgements
 )
 
@@ -65,8 +67,9 @@ func vmLayouts(t *testing.T) {
 			{Size: 256 * guestMiB},                       // vdf
 			{Size: 96 * guestMiB}, {Size: 96 * guestMiB}, // vdg, vdh
 			{Size: 160 * guestMiB}, {Size: 96 * guestMiB}, // vdi, vdj
-			{Size: 160 * guestMiB}, // vdk
-			{Size: 256 * guestMiB}, // vdl: state
+			{Size: 160 * guestMiB},                  // vdk
+			{Size: 192 * guestMiB, BlockSize: 4096}, // vdl: 4Kn
+			{Size: 256 * guestMiB},                  // vdm: state
 		},
 		// make test runs the TestGuestLayout* tests; the TestOptIn ones
 		// (kill and restart, a crash mid-restack, tail metadata) run with
@@ -655,4 +658,67 @@ func TestOptInGuestLayoutSnapshotThinRestackCrash(t *testing.T) {
 	finalChecks(t, st, name)
 	verifyStack(t, st, state)
 	coldVerifyLayout(t, st, state, name, []string{"orig", "thin", "raw", "snap"})
+}
+
+// TestGuestLayout4Kn: a disk with 4096-byte logical sectors (4Kn), a PV
+// on it with a mounted ext4 LV and a raw LV. Each under a writer, each
+// interrupted and resumed, each checked live and after a cold open:
+// encrypt (its LUKS2 header gets 4096-byte sectors, as the disk's block
+// size demands), rekey, decrypt.
+func TestGuestLayout4Kn(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	disk := d[lay4KnDisk]
+	state := guestStateDir(t, d[layStateDisk])
+	writePW(t)
+	if ss := strings.TrimSpace(sh(t, "blockdev", "--getss", disk)); ss != "4096" {
+		t.Fatalf("%s has %s-byte logical sectors, want a 4Kn disk", disk, ss)
+	}
+	lv(t, "pvcreate", "-y", disk)
+	lv(t, "vgcreate", "-y", "vg4k", disk)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "64m", "vg4k")
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "16m", "vg4k")
+	lv(t, "vgchange", "-ay", "vg4k")
+	st := newLayoutStack("4kn", disk, "vg4k")
+	addExt4(t, st, "ext")
+	writeManifest(t, st, state)
+	name := filepath.Base(disk) + "_crypt"
+
+	// Encrypt.
+	w := startWriter(t, st, state)
+	encryptInterrupted(t, st, state, syscall.SIGINT, 0.4, "--shrink-pv", "--chunk-size", "2M")
+	acks, _ := w.finish(t)
+	t.Logf("encrypt: %d acknowledged writes", acks)
+	finalChecks(t, st, name)
+	verifyStack(t, st, state)
+	if dump := sh(t, "cryptsetup", "luksDump", disk); !regexp.MustCompile(`(?m)^\s*sector:\s*4096 \[bytes\]`).MatchString(dump) {
+		t.Fatalf("the LUKS2 header of the 4Kn disk does not have 4096-byte sectors:\n%s", dump)
+	}
+	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
+
+	// Rekey.
+	oldKey := saveVolumeKey(t, disk, "/tmp/4kn-old.key")
+	jr := st.file(state, "journal-rekey")
+	w = startWriter(t, st, state)
+	r := cliStart(t, "rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", jr, "--chunk-size", "1M")
+	r.waitProgress(t, 0.4)
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	code, errOut := r.wait()
+	requireExit(t, "rekey after SIGTERM", code, 5, errOut)
+	code, out := cliRun(t, "resume", "--journal", jr, "--key-file", pwFile)
+	requireExit(t, "resume of the rekey", code, 0, out)
+	acks, _ = w.finish(t)
+	t.Logf("rekey: %d acknowledged writes", acks)
+	verifyStack(t, st, state)
+	checkRekeyed(t, disk, oldKey, "/tmp/4kn-old.key")
+	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
+
+	// Decrypt (its journal is the encrypt's path: that run is done).
+	if err := os.Remove(st.file(state, "journal")); err != nil {
+		t.Fatal(err)
+	}
+	decryptInterruptResume(t, st, state, name)
+	if ss := strings.TrimSpace(sh(t, "blockdev", "--getss", "/dev/mapper/vg4k-ext")); ss != "4096" {
+		t.Fatalf("the decrypted LV has %s-byte sectors", ss)
+	}
 }
