@@ -244,6 +244,9 @@ func PlainCrypttabLine(s *Spec, off Sectors) string {
 	if off > 0 {
 		opts += fmt.Sprintf(",offset=%d", off)
 	}
+	if s.Crypt.IVOffset > 0 {
+		opts += fmt.Sprintf(",skip=%d", s.Crypt.IVOffset)
+	}
 	if s.Crypt.SectorSize > 512 {
 		opts += fmt.Sprintf(",sector-size=%d", s.Crypt.SectorSize)
 	}

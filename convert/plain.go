@@ -321,8 +321,8 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	if m.crypt.Key.IsKeyring() || m.crypt.Key.IsEmpty() {
 		return nil, refuse(m.name, "", "its key is not in its table (kernel keyring %q): the old key cannot be read", m.crypt.Key.String())
 	}
-	if m.crypt.IVOffset != 0 {
-		return nil, refuse(m.name, "", "its IV offset (--skip) is %d: only plain mappings with IV offset 0 are supported", m.crypt.IVOffset)
+	if m.crypt.IVOffset != 0 && o.Type == "luks2" {
+		return nil, refuse(m.name, "rekey it as plain (without --type luks2)", "its IV offset (--skip) is %d: a LUKS2 data segment starts at IV 0", m.crypt.IVOffset)
 	}
 	dpath, err := e.resolveDiskPath(m.disk, o.Target)
 	if err != nil {
@@ -336,7 +336,7 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	if off+m.size > di.Size {
 		return nil, refuse(m.name, "", "its table (offset %d, %d sectors) runs past the end of %s (%d sectors)", off, m.size, dpath, di.Size)
 	}
-	cs := CryptSpec{Cipher: string(m.crypt.Cipher), KeyBytes: m.crypt.Key.Size(), SectorSize: 512}
+	cs := CryptSpec{Cipher: string(m.crypt.Cipher), KeyBytes: m.crypt.Key.Size(), SectorSize: 512, IVOffset: Sectors(m.crypt.IVOffset)}
 	if m.crypt.SectorSize > 512 {
 		cs.SectorSize, cs.IVLargeSectors = m.crypt.SectorSize, m.crypt.IVLargeSectors
 	}

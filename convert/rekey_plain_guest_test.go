@@ -24,9 +24,11 @@ import (
 // anything on the disk.
 
 // plainOpen opens disk as a plain mapping of keyFile, as crypttab would.
-func plainOpen(t testing.TB, disk, name, keyFile string, keyBits string) {
+// extra: more cryptsetup options (--offset, --skip).
+func plainOpen(t testing.TB, disk, name, keyFile string, keyBits string, extra ...string) {
 	t.Helper()
-	sh(t, "cryptsetup", "open", "--type", "plain", "--cipher", "aes-xts-plain64", "--key-size", keyBits, "--key-file", keyFile, disk, name)
+	args := append([]string{"open", "--type", "plain", "--cipher", "aes-xts-plain64", "--key-size", keyBits, "--key-file", keyFile}, extra...)
+	sh(t, "cryptsetup", append(args, disk, name)...)
 }
 
 func randomKeyFile(t testing.TB, path string, n int) []byte {
@@ -62,9 +64,9 @@ func checkPlainRekeyed(t testing.TB, disk, name string, oldKey []byte, newKeyFil
 
 // oldKeySeesNothing: the disk opened with the old key carries no file
 // system or PV signature.
-func oldKeySeesNothing(t testing.TB, disk, oldKeyFile string) {
+func oldKeySeesNothing(t testing.TB, disk, oldKeyFile string, extra ...string) {
 	t.Helper()
-	plainOpen(t, disk, "plain-oldkey", oldKeyFile, "512")
+	plainOpen(t, disk, "plain-oldkey", oldKeyFile, "512", extra...)
 	typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", "/dev/mapper/plain-oldkey")
 	sh(t, "cryptsetup", "close", "plain-oldkey")
 	if s := strings.TrimSpace(typ); s != "" {
@@ -87,8 +89,9 @@ func tableKey(t testing.TB, name string) []byte {
 }
 
 // TestGuestRekeyPlainFS: an ext4 mounted on a plain mapping, opened by
-// stock cryptsetup with a passphrase (its default hash), is rekeyed in
-// place under a writer; a dry run and a run without --new-key-file change
+// stock cryptsetup with a passphrase (its default hash), its data 1 MiB
+// into the disk (--offset) with IVs counted from 4096 (--skip), is
+// rekeyed in place under a writer; a dry run and a run without --new-key-file change
 // nothing; the run is killed with SIGKILL mid-run, everything is torn down
 // as by a reboot, and resume makes the old key from the passphrase with
 // --hash (a wrong passphrase is refused first); checked live, after a
@@ -102,7 +105,8 @@ func TestGuestRekeyPlainFS(t *testing.T) {
 	name := tag + "-crypt"
 	oldKeyFile, newKeyFile := "/tmp/pfs-old.key", "/tmp/pfs-new.key"
 	pass := "pfs old passphrase"
-	shIn(t, []byte(pass+"\n"), "cryptsetup", "open", "--type", "plain", "--cipher", "aes-xts-plain64", "--key-size", "512", disk, name)
+	where := []string{"--offset", "2048", "--skip", "4096"}
+	shIn(t, []byte(pass+"\n"), "cryptsetup", append(append([]string{"open", "--type", "plain", "--cipher", "aes-xts-plain64", "--key-size", "512"}, where...), disk, name)...)
 	oldKey := tableKey(t, name)
 	writeFileSync(t, oldKeyFile, oldKey) // the same mapping from a key file, for oldKeySeesNothing
 	dev := "/dev/mapper/" + name
@@ -148,8 +152,11 @@ func TestGuestRekeyPlainFS(t *testing.T) {
 	}
 	code, out = cliRunIn(t, nil, []byte(pass+"\n"), "resume", "--journal", j, "--hash", luks.DefaultPlainHash)
 	requireExit(t, "resume of the plain rekey after a teardown, old key from the passphrase", code, 0, out)
-	if !strings.Contains(out, "plain,cipher=aes-xts-plain64,size=512") {
-		t.Fatalf("resume printed no crypttab line:\n%s", out)
+	if !strings.Contains(out, "plain,cipher=aes-xts-plain64,size=512,offset=2048,skip=4096") {
+		t.Fatalf("resume printed no crypttab line with the offset and IV offset:\n%s", out)
+	}
+	if f := strings.Fields(sh(t, "dmsetup", "table", name)); len(f) < 8 || f[5] != "4096" || f[7] != "2048" {
+		t.Fatalf("the rekeyed mapping's IV offset or offset changed: %v", f)
 	}
 	sh(t, "mount", dev, mp)
 	verifyStack(t, st, state)
@@ -157,8 +164,8 @@ func TestGuestRekeyPlainFS(t *testing.T) {
 	// Cold: close, open with stock cryptsetup and the new key file.
 	sh(t, "umount", mp)
 	sh(t, "cryptsetup", "close", name)
-	oldKeySeesNothing(t, disk, oldKeyFile)
-	plainOpen(t, disk, name, newKeyFile, "512")
+	oldKeySeesNothing(t, disk, oldKeyFile, where...)
+	plainOpen(t, disk, name, newKeyFile, "512", where...)
 	sh(t, "mount", dev, mp)
 	verifyStack(t, st, state)
 }

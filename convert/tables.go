@@ -15,15 +15,19 @@ type CryptSpec struct {
 	// IVLargeSectors: IVs count sector_size units (LUKS2 with sectors
 	// larger than 512 bytes, as cryptsetup activates it).
 	IVLargeSectors bool `json:"iv_large_sectors,omitempty"`
+	// IVOffset is the IV of the mapping's first sector (cryptsetup's
+	// --skip; plain mappings only: LUKS data starts at IV 0).
+	IVOffset Sectors `json:"iv_offset,omitempty"`
 }
 
 // cryptTarget builds "<start> <len> crypt <cipher> <key> <iv> <dev> <off>
-// [<#opts> sector_size:N iv_large_sectors]".
+// [<#opts> sector_size:N iv_large_sectors]"; <iv> is cs.IVOffset +
+// ivOffset.
 func cryptTarget(start, length Sectors, cs CryptSpec, key dmtable.Key, ivOffset Sectors, dev dmtable.Dev, offset Sectors) dmtable.Target {
 	c := &dmtable.Crypt{
 		Cipher:   dmtable.Cipher(cs.Cipher),
 		Key:      key,
-		IVOffset: dmtable.Sectors(ivOffset),
+		IVOffset: dmtable.Sectors(cs.IVOffset + ivOffset),
 		Dev:      dev.Ref(),
 		Offset:   dmtable.Sectors(offset),
 	}

@@ -182,8 +182,12 @@ func (a *app) printPlainRekeyPlan(ep *convert.EncryptPlan) {
 	s, g := ep.Spec, ep.Spec.Forward.Geometry
 	w := a.stdout
 	old, _, _ := g.Phys(convert.Backing{Dev: convert.OldID}, 0, 0)
-	fmt.Fprintf(w, "Plan: rekey plain dm-crypt %s (%s, data at sector %d), open as /dev/mapper/%s, in place and online\n",
-		s.Disk.Path, s.OldCrypt.Cipher, old, s.Name)
+	iv := ""
+	if s.OldCrypt.IVOffset > 0 {
+		iv = fmt.Sprintf(", IVs from %d", s.OldCrypt.IVOffset)
+	}
+	fmt.Fprintf(w, "Plan: rekey plain dm-crypt %s (%s, data at sector %d%s), open as /dev/mapper/%s, in place and online\n",
+		s.Disk.Path, s.OldCrypt.Cipher, old, iv, s.Name)
 	printVGAndCipher(w, s)
 	fmt.Fprintf(w, "  data:          %s (%d sectors) rewritten in place under a new random key, %s at a time with the mapping suspended\n",
 		humanBytes(g.Payload*512), g.Payload, humanBytes(s.Forward.Phases[1].Chunk*512))
