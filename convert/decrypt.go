@@ -108,6 +108,7 @@ type luksSource struct {
 // inspectLUKS resolves target to an open LUKS mapping, reads its header
 // from the disk and unlocks it. It writes nothing.
 func (e *Engine) inspectLUKS(target string, open HeaderOpener) (*luksSource, error) {
+	traceStep("inspect")
 	m, err := e.findMapping(target)
 	if err != nil {
 		return nil, err
@@ -130,6 +131,7 @@ func (e *Engine) inspectLUKS(target string, open HeaderOpener) (*luksSource, err
 	}
 	img := make([]byte, H*512)
 	_, rerr := disk.ReadAt(img, 0)
+	traceStep("header-read")
 	disk.Close()
 	if rerr != nil {
 		return nil, fmt.Errorf("reading the header of %s: %w", dpath, rerr)
@@ -142,6 +144,7 @@ func (e *Engine) inspectLUKS(target string, open HeaderOpener) (*luksSource, err
 		return nil, refuse(dpath, "", "it does not start with a LUKS header")
 	}
 	hdr, keys, err := open(img)
+	traceStep("header-open")
 	if errors.Is(err, luks.ErrNoSpace) {
 		// A LUKS1 header whose keyslot material leaves dmconvert no
 		// room for its checkpoint records.
