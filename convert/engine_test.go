@@ -34,6 +34,9 @@ func fastTempDir(t *testing.T) string {
 type scenario struct {
 	t       *testing.T
 	N, H    Sectors
+	// ivOffset: the IV of the data's first sector under a plain
+	// mapping (cryptsetup --skip); 0 for LUKS.
+	ivOffset Sectors
 	pvSize  Sectors
 	lvs     []fakeLV
 	key     []byte
@@ -235,7 +238,7 @@ func (sc *scenario) coldOpen(w *fakeWorld, off Sectors, cipher string, key []byt
 	if len(w2.devs) != 0 {
 		sc.t.Fatal("boot-time LVM activated something on the raw encrypted disk")
 	}
-	if _, err := (fakeDM{w2}).Create("opened", "", dmtable.Table{cryptTarget(0, sc.N-off, CryptSpec{Cipher: cipher}, dmtable.HexKey(key), 0, sc.disk, off)}); err != nil {
+	if _, err := (fakeDM{w2}).Create("opened", "", dmtable.Table{cryptTarget(0, sc.N-off, CryptSpec{Cipher: cipher, IVOffset: sc.ivOffset}, dmtable.HexKey(key), 0, sc.disk, off)}); err != nil {
 		sc.t.Fatal(err)
 	}
 	if err := l2.Activate(context.Background(), "vg", []string{"/dev/mapper/opened"}); err != nil {

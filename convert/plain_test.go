@@ -38,6 +38,34 @@ func plainWorld(t *testing.T, seed int64) (*scenario, *fakeWorld) {
 	return sc, w
 }
 
+// plainWorldIV is plainWorld with the mapping's IVs counted from
+// plainIVOffset (cryptsetup open --type plain --skip): its data is
+// rewritten through a table with that IV offset.
+func plainWorldIV(t *testing.T, seed int64) (*scenario, *fakeWorld) {
+	t.Helper()
+	sc, w := plainWorld(t, seed)
+	e := sc.engine(w)
+	tbl, err := e.DM.Table("vda_crypt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := Sectors(tbl[0].Length)
+	data, err := w.userRead("vda_crypt", 0, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tbl[0].Params.(*dmtable.Crypt).IVOffset = plainIVOffset
+	for _, err := range []error{e.DM.Load("vda_crypt", tbl), e.DM.Suspend("vda_crypt"), e.DM.Resume("vda_crypt"), w.userWrite("vda_crypt", 0, data, nil)} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	sc.ivOffset = plainIVOffset
+	return sc, w
+}
+
+const plainIVOffset = 4096
+
 func (sc *scenario) plainOptions() PlainRekeyOptions {
 	if sc.plainHeader != "" {
 		return PlainRekeyOptions{Target: "vda_crypt", Type: "luks2", HeaderFile: sc.plainHeader, Passphrase: []byte("pw"),
@@ -101,8 +129,8 @@ func (sc *scenario) verifyPlainFinal(w *fakeWorld, e *Engine, key []byte, cipher
 		sc.t.Fatal(err)
 	}
 	c, ok := t[0].Params.(*dmtable.Crypt)
-	if len(t) != 1 || !ok || Sectors(c.Offset) != sc.H || !c.Key.Equal(dmtable.HexKey(key)) || string(c.Cipher) != cipher {
-		sc.t.Fatalf("vda_crypt's table %s: %v (want %s at %d with the expected key)", what, t, cipher, sc.H)
+	if len(t) != 1 || !ok || Sectors(c.Offset) != sc.H || !c.Key.Equal(dmtable.HexKey(key)) || string(c.Cipher) != cipher || Sectors(c.IVOffset) != sc.ivOffset {
+		sc.t.Fatalf("vda_crypt's table %s: %v (want %s at %d, IV offset %d, with the expected key)", what, t, cipher, sc.H, sc.ivOffset)
 	}
 	sc.coldOpen(w, sc.H, cipher, key, "fresh boot "+what)
 }
@@ -294,6 +322,12 @@ func TestPlainRekeyRefusals(t *testing.T) {
 // acknowledged write intact and the volume opening with exactly one key.
 func TestPlainRekeyCrashAtEveryFailpoint(t *testing.T) {
 	plainCrashMatrix(t, plainWorld, 64, 5000)
+}
+
+// The same matrix on a mapping whose IVs start at plainIVOffset: the
+// helpers, the final table and a cold open keep the IV offset.
+func TestPlainRekeyIVOffsetCrashAtEveryFailpoint(t *testing.T) {
+	plainCrashMatrix(t, plainWorldIV, 66, 7000)
 }
 
 // TestPlainToLUKS2CrashAtEveryFailpoint: the same matrix for a plain
