@@ -297,21 +297,25 @@ func (j *Journal) SetState(st State) error {
 // Intend durably records a step before it acts and returns its sequence
 // number.
 func (j *Journal) Intend(s Step) (uint64, error) {
+	err := j.update("recording step intent", func(m, steps *bolt.Bucket) error {
+		return intend(m, steps, &s)
+	})
+	return s.Seq, err
+}
+
+func intend(m, steps *bolt.Bucket, s *Step) error {
 	s.Intended = time.Now().UTC()
 	s.Finished = time.Time{}
 	s.Result = ""
-	err := j.update("recording step intent", func(m, steps *bolt.Bucket) error {
-		if m.Get(keyRun) == nil {
-			return ErrNoRun
-		}
-		seq, err := steps.NextSequence()
-		if err != nil {
-			return err
-		}
-		s.Seq = seq
-		return putJSON(steps, seqKey(seq), s)
-	})
-	return s.Seq, err
+	if m.Get(keyRun) == nil {
+		return ErrNoRun
+	}
+	seq, err := steps.NextSequence()
+	if err != nil {
+		return err
+	}
+	s.Seq = seq
+	return putJSON(steps, seqKey(seq), *s)
 }
 
 // Complete durably records a step's result and, when st is not nil, the
@@ -319,32 +323,49 @@ func (j *Journal) Intend(s Step) (uint64, error) {
 // or neither.
 func (j *Journal) Complete(seq uint64, result string, st *State) error {
 	return j.update("recording step result", func(m, steps *bolt.Bucket) error {
-		var s Step
-		if err := getJSON(steps, seqKey(seq), &s); err != nil {
-			return fmt.Errorf("step %d: %w", seq, err)
-		}
-		s.Finished = time.Now().UTC()
-		s.Result = result
-		if err := putJSON(steps, seqKey(seq), s); err != nil {
+		return complete(m, steps, seq, result, st)
+	})
+}
+
+// CompleteAndIntend is Complete of step seq and Intend of next in one
+// transaction (one commit to the disk instead of two): after a crash
+// either both are there or neither. It returns next's sequence number.
+func (j *Journal) CompleteAndIntend(seq uint64, result string, st *State, next Step) (uint64, error) {
+	err := j.update("recording step result and the next intent", func(m, steps *bolt.Bucket) error {
+		if err := complete(m, steps, seq, result, st); err != nil {
 			return err
 		}
-		if z := m.Tx().Bucket(bucketZone); z != nil {
-			if v := z.Get(keyZone); v != nil && len(v) >= 8 && binary.BigEndian.Uint64(v) == seq {
-				// The step that saved the zone is over: its contents
-				// are no longer what the disk must hold.
-				if err := z.Delete(keyZone); err != nil {
-					return err
-				}
+		return intend(m, steps, &next)
+	})
+	return next.Seq, err
+}
+
+func complete(m, steps *bolt.Bucket, seq uint64, result string, st *State) error {
+	var s Step
+	if err := getJSON(steps, seqKey(seq), &s); err != nil {
+		return fmt.Errorf("step %d: %w", seq, err)
+	}
+	s.Finished = time.Now().UTC()
+	s.Result = result
+	if err := putJSON(steps, seqKey(seq), s); err != nil {
+		return err
+	}
+	if z := m.Tx().Bucket(bucketZone); z != nil {
+		if v := z.Get(keyZone); v != nil && len(v) >= 8 && binary.BigEndian.Uint64(v) == seq {
+			// The step that saved the zone is over: its contents
+			// are no longer what the disk must hold.
+			if err := z.Delete(keyZone); err != nil {
+				return err
 			}
 		}
-		if st != nil {
-			ns := *st
-			ns.Seq = seq
-			ns.Updated = s.Finished
-			return putJSON(m, keyState, ns)
-		}
-		return nil
-	})
+	}
+	if st != nil {
+		ns := *st
+		ns.Seq = seq
+		ns.Updated = s.Finished
+		return putJSON(m, keyState, ns)
+	}
+	return nil
 }
 
 // Zone is the saved contents of a disk range that step Seq rewrites in

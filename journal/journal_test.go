@@ -260,3 +260,46 @@ func TestZoneLifecycle(t *testing.T) {
 		t.Fatalf("zone still pending after its step completed (err %v)", err)
 	}
 }
+
+// CompleteAndIntend records a step's result, the new state and the next
+// intent together: afterwards the last step is the new, unfinished one,
+// and the state is the completed step's.
+func TestCompleteAndIntend(t *testing.T) {
+	j, _ := newJournal(t)
+	if err := j.Init(Run{ID: "r"}, nil, State{Status: StatusRunning}); err != nil {
+		t.Fatal(err)
+	}
+	seq, err := j.Intend(Step{Kind: "chunk", Start: 0, End: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	next, err := j.CompleteAndIntend(seq, "done", &State{Status: StatusRunning, Boundary: 8}, Step{Kind: "chunk", Start: 8, End: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if next <= seq {
+		t.Fatalf("next intent has seq %d after %d", next, seq)
+	}
+	st, err := j.State()
+	if err != nil || st.Seq != seq || st.Boundary != 8 {
+		t.Fatalf("state %+v (%v), want the completed step %d at boundary 8", st, err, seq)
+	}
+	last, ok, err := j.LastStep()
+	if err != nil || !ok || last.Seq != next || last.Result != "" || last.Start != 8 || last.End != 16 {
+		t.Fatalf("last step %+v (%v %v), want the unfinished intent %d of [8,16)", last, ok, err, next)
+	}
+	steps, err := j.Steps()
+	if err != nil || len(steps) != 2 || steps[0].Result != "done" || steps[0].Finished.IsZero() {
+		t.Fatalf("steps %+v (%v)", steps, err)
+	}
+	// A step that does not exist: nothing is recorded.
+	if _, err := j.CompleteAndIntend(99, "done", &State{Boundary: 99}, Step{Kind: "chunk"}); err == nil {
+		t.Fatal("CompleteAndIntend of an unknown step succeeded")
+	}
+	if st, _ := j.State(); st.Boundary != 8 {
+		t.Fatalf("a failed CompleteAndIntend changed the state: %+v", st)
+	}
+	if steps, _ := j.Steps(); len(steps) != 2 {
+		t.Fatalf("a failed CompleteAndIntend added a step: %+v", steps)
+	}
+}
