@@ -32,17 +32,17 @@ func fastTempDir(t *testing.T) string {
 // scenario is one disk with a PV, its LVs and a writer that keeps writing
 // through the LVs while the engine runs.
 type scenario struct {
-	t       *testing.T
-	N, H    Sectors
+	t    *testing.T
+	N, H Sectors
 	// ivOffset: the IV of the data's first sector under a plain
 	// mapping (cryptsetup --skip); 0 for LUKS.
 	ivOffset Sectors
-	pvSize  Sectors
-	lvs     []fakeLV
-	key     []byte
-	disk    dmtable.Dev
-	journal string
-	rng     *rand.Rand
+	pvSize   Sectors
+	lvs      []fakeLV
+	key      []byte
+	disk     dmtable.Dev
+	journal  string
+	rng      *rand.Rand
 	// expect is what every LV must read back: initial data plus every
 	// acknowledged write.
 	expect map[string][]byte

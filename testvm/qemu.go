@@ -44,19 +44,19 @@ var (
 
 // Config describes one boot of the guest.
 type Config struct {
-	Image   *Image            // nil: Prepare(ctx)
-	Disks   []string          // host raw image files, attached in order: /dev/vda, /dev/vdb, ...
+	Image *Image   // nil: Prepare(ctx)
+	Disks []string // host raw image files, attached in order: /dev/vda, /dev/vdb, ...
 	// BlockSizes[i], when set and not 0, is Disks[i]'s logical and
 	// physical block size in bytes (512 otherwise).
 	BlockSizes []int
-	Share   string            // host directory shared read-write at /share; "": a temporary one, removed by Wait
-	Script  string            // bash script run in the guest as root, cwd = /share
-	Env     map[string]string // extra environment of the script
-	Timeout time.Duration     // host-side limit for the whole boot; default DefaultTimeout
-	MemMiB  int               // default DefaultMemMiB
-	SMP     int               // default DefaultSMP
-	Console io.Writer         // optional live copy of the serial console
-	Append  string            // extra kernel command line words
+	Share      string            // host directory shared read-write at /share; "": a temporary one, removed by Wait
+	Script     string            // bash script run in the guest as root, cwd = /share
+	Env        map[string]string // extra environment of the script
+	Timeout    time.Duration     // host-side limit for the whole boot; default DefaultTimeout
+	MemMiB     int               // default DefaultMemMiB
+	SMP        int               // default DefaultSMP
+	Console    io.Writer         // optional live copy of the serial console
+	Append     string            // extra kernel command line words
 
 	// DiskCache is QEMU's cache= mode of the disks; default "none"
 	// (O_DIRECT on the host; the guest sees a volatile write cache and
