@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/dmconvert/dmconvert/dmtable"
@@ -18,6 +19,32 @@ type LVMTool struct {
 	// FenceTimeout bounds the wait for LVM's VG lock; default 30 s.
 	FenceTimeout time.Duration
 	fence        *lvm.Fence
+
+	// lockCfg is LVM's lock settings, read in the background by the
+	// first Discover (the fence that follows a plan needs them).
+	lockMu  sync.Mutex
+	lockCfg *lockConfigCall
+}
+
+type lockConfigCall struct {
+	done chan struct{}
+	cfg  lvm.LockConfig
+	err  error
+}
+
+// prefetchLockConfig starts reading the lock settings, once.
+func (l *LVMTool) prefetchLockConfig() {
+	l.lockMu.Lock()
+	defer l.lockMu.Unlock()
+	if l.lockCfg != nil {
+		return
+	}
+	lc := &lockConfigCall{done: make(chan struct{})}
+	l.lockCfg = lc
+	go func() {
+		defer close(lc.done)
+		lc.cfg, lc.err = l.C.ReadLockConfig(context.Background())
+	}()
 }
 
 // Discover implements VolumeManager.
@@ -31,6 +58,9 @@ func (l *LVMTool) DiscoverLayout(ctx context.Context, device string) (*PV, error
 }
 
 func (l *LVMTool) discover(ctx context.Context, device string, recorded bool) (*PV, error) {
+	// A PV's VG is fenced next: with a CPU to spare, lvm's lock settings
+	// are read meanwhile.
+	l.prefetchLockConfig()
 	var p *lvm.PVInfo
 	var err error
 	if l.fence != nil && l.fence.Held() {
@@ -95,7 +125,23 @@ func (l *LVMTool) Fence(ctx context.Context, vg string) (func() error, error) {
 	if to == 0 {
 		to = 30 * time.Second
 	}
-	f, err := l.C.LockVG(ctx, vg, to)
+	var f *lvm.Fence
+	var err error
+	l.lockMu.Lock()
+	lc := l.lockCfg
+	l.lockMu.Unlock()
+	if lc != nil {
+		select {
+		case <-lc.done:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	if lc != nil && lc.err == nil {
+		f, err = l.C.LockVGWith(ctx, vg, to, lc.cfg)
+	} else {
+		f, err = l.C.LockVG(ctx, vg, to)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -78,13 +78,19 @@ var ErrNotPV = errors.New("not an LVM physical volume")
 // already staged in the header image the journal will hold. It writes
 // nothing.
 func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, error) {
+	// What LVM has on the mapping is asked while the header unlocks: two
+	// slow steps that do not depend on each other (lvm runs while the
+	// key derivation computes, on a machine with a CPU to spare).
+	early := e.discoverEarly(ctx, o.Target)
 	src, err := e.inspectLUKS(o.Target, o.Open)
 	if err != nil {
+		early.wait()
 		return nil, err
 	}
 	m, dpath, di, H, hdr, keys, cs, align := src.m, src.dpath, src.di, src.H, src.hdr, src.keys, src.cs, src.align
 	var newKey []byte
 	fail := func(err error) (*EncryptPlan, error) {
+		early.wait()
 		keys.Wipe()
 		for i := range newKey {
 			newKey[i] = 0
@@ -104,7 +110,7 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 	// run), or anything else (a mounted file system): the mapping keeps
 	// its name, size and contents, so nothing above it changes.
 	node := e.Host.NodePath(m.name)
-	pv, err := e.discoverInPlace(ctx, node)
+	pv, err := e.discovered(ctx, early, node)
 	switch {
 	case errors.Is(err, ErrNotPV):
 		pv = nil
@@ -218,4 +224,48 @@ func OtherKeyslotsNote(h HeaderFormat) string {
 		s[i] = fmt.Sprint(o)
 	}
 	return "keyslots " + strings.Join(s, ", ") + " are removed (their passphrases were not given)"
+}
+
+// earlyDiscovery is a discoverInPlace started before the header is
+// unlocked.
+type earlyDiscovery struct {
+	node string
+	done chan struct{}
+	pv   *PV
+	err  error
+}
+
+// discoverEarly starts discoverInPlace of target's mapping in the
+// background (nil when target is not a mapping found by name: the
+// discovery then runs after the unlock, as before).
+func (e *Engine) discoverEarly(ctx context.Context, target string) *earlyDiscovery {
+	m, err := e.findMapping(target)
+	if err != nil {
+		return nil
+	}
+	d := &earlyDiscovery{node: e.Host.NodePath(m.name), done: make(chan struct{})}
+	go func() {
+		defer close(d.done)
+		d.pv, d.err = e.discoverInPlace(ctx, d.node)
+	}()
+	return d
+}
+
+// wait lets a started discovery end (no goroutine outlives the plan).
+func (d *earlyDiscovery) wait() {
+	if d != nil {
+		<-d.done
+	}
+}
+
+// discovered is the discovery of node: d's when d was of node, else a
+// new one.
+func (e *Engine) discovered(ctx context.Context, d *earlyDiscovery, node string) (*PV, error) {
+	if d != nil {
+		d.wait()
+		if d.node == node {
+			return d.pv, d.err
+		}
+	}
+	return e.discoverInPlace(ctx, node)
 }

@@ -106,11 +106,35 @@ func (c *Client) LockVG(ctx context.Context, vg string, timeout time.Duration) (
 	if !validVGName(vg) {
 		return nil, fmt.Errorf("locking volume group: invalid name %q", vg)
 	}
-	cfg, err := c.configValues(ctx, "global/locking_dir", "global/prioritise_write_locks")
+	cfg, err := c.ReadLockConfig(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("locking volume group %s: %w", vg, err)
 	}
-	dir := cfg["global/locking_dir"]
+	return c.LockVGWith(ctx, vg, timeout, cfg)
+}
+
+// LockConfig is what LockVG reads of lvm's configuration.
+type LockConfig struct {
+	Dir             string // global/locking_dir
+	PrioritiseWrite bool   // global/prioritise_write_locks
+}
+
+// ReadLockConfig reads LockVG's settings (one lvmconfig). A caller can
+// read them ahead (while other work runs) and pass them to LockVGWith.
+func (c *Client) ReadLockConfig(ctx context.Context) (LockConfig, error) {
+	cfg, err := c.configValues(ctx, "global/locking_dir", "global/prioritise_write_locks")
+	if err != nil {
+		return LockConfig{}, err
+	}
+	return LockConfig{Dir: cfg["global/locking_dir"], PrioritiseWrite: cfg["global/prioritise_write_locks"] != "0"}, nil
+}
+
+// LockVGWith is LockVG with its settings read before (ReadLockConfig).
+func (c *Client) LockVGWith(ctx context.Context, vg string, timeout time.Duration, cfg LockConfig) (*Fence, error) {
+	if !validVGName(vg) {
+		return nil, fmt.Errorf("locking volume group: invalid name %q", vg)
+	}
+	dir := cfg.Dir
 	if dir == "" {
 		return nil, fmt.Errorf("locking volume group %s: lvm has no global/locking_dir", vg)
 	}
@@ -122,7 +146,7 @@ func (c *Client) LockVG(ctx context.Context, vg string, timeout time.Duration) (
 	if timeout >= 0 {
 		deadline = time.Now().Add(timeout)
 	}
-	f, err := lockFile(ctx, path, cfg["global/prioritise_write_locks"] != "0", deadline)
+	f, err := lockFile(ctx, path, cfg.PrioritiseWrite, deadline)
 	if err != nil {
 		le := &LockError{VG: vg, Path: path, Err: err}
 		if errors.Is(err, unix.EWOULDBLOCK) {
