@@ -110,6 +110,20 @@ func newLayoutStack(tag, disk, vg string) *stack {
 	return &stack{Tag: tag, Disk: disk, VG: vg, RawLV: "/dev/mapper/" + vg + "-raw"}
 }
 
+// extRawVG makes VG vg on the PV disk with an ext4 LV "ext" (mounted)
+// and a raw LV "raw" of the given sizes, and writes the manifest.
+func extRawVG(t testing.TB, tag, disk, vg, extSize, rawSize, state string) *stack {
+	t.Helper()
+	lv(t, "vgcreate", "-y", vg, disk)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", extSize, vg)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", rawSize, vg)
+	lv(t, "vgchange", "-ay", vg)
+	st := newLayoutStack(tag, disk, vg)
+	addExt4(t, st, "ext")
+	writeManifest(t, st, state)
+	return st
+}
+
 // addExt4 makes an ext4 file system on LV name of st's VG, mounts it and
 // adds it to st.
 func addExt4(t testing.TB, st *stack, name string) {
@@ -483,13 +497,7 @@ func TestGuestLayoutPEStart(t *testing.T) {
 		t.Fatalf("pe_start of %s is %q sectors, want more than the default 2048", disk, pe)
 	}
 	t.Logf("pe_start %s sectors", pe)
-	lv(t, "vgcreate", "-y", "vgpe", disk)
-	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "40m", "vgpe")
-	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", "vgpe")
-	lv(t, "vgchange", "-ay", "vgpe")
-	st := newLayoutStack("pe", disk, "vgpe")
-	addExt4(t, st, "ext")
-	writeManifest(t, st, state)
+	st := extRawVG(t, "pe", disk, "vgpe", "40m", "8m", state)
 	w := startWriter(t, st, state)
 	args := []string{"encrypt", disk, "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal"),
 		"--type", "luks1", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--chunk-size", "1M"}
@@ -682,13 +690,7 @@ func TestGuestLayout4Kn(t *testing.T) {
 		t.Fatalf("%s has %s-byte logical sectors, want a 4Kn disk", disk, ss)
 	}
 	lv(t, "pvcreate", "-y", disk)
-	lv(t, "vgcreate", "-y", "vg4k", disk)
-	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "64m", "vg4k")
-	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "16m", "vg4k")
-	lv(t, "vgchange", "-ay", "vg4k")
-	st := newLayoutStack("4kn", disk, "vg4k")
-	addExt4(t, st, "ext")
-	writeManifest(t, st, state)
+	st := extRawVG(t, "4kn", disk, "vg4k", "64m", "16m", state)
 	name := filepath.Base(disk) + "_crypt"
 
 	// Encrypt.
@@ -707,11 +709,7 @@ func TestGuestLayout4Kn(t *testing.T) {
 	oldKey := saveVolumeKey(t, disk, "/tmp/4kn-old.key")
 	jr := st.file(state, "journal-rekey")
 	w = startWriter(t, st, state)
-	r := cliStart(t, "rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", jr, "--chunk-size", "1M")
-	r.waitProgress(t, 0.4)
-	r.cmd.Process.Signal(syscall.SIGTERM)
-	code, errOut := r.wait()
-	requireExit(t, "rekey after SIGTERM", code, 5, errOut)
+	rekeyStopped(t, name, jr, 0.4)
 	code, out := cliRun(t, "resume", "--journal", jr, "--key-file", pwFile)
 	requireExit(t, "resume of the rekey", code, 0, out)
 	acks, _ = w.finish(t)

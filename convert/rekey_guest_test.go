@@ -148,6 +148,17 @@ func TestGuestRekeyLVM(t *testing.T) {
 	}
 }
 
+// rekeyStopped runs a rekey of the LUKS mapping name (journal j, 1 MiB
+// chunks) and stops it with SIGTERM once frac of it is done: exit 5.
+func rekeyStopped(t testing.TB, name, j string, frac float64) {
+	t.Helper()
+	r := cliStart(t, "rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "1M")
+	r.waitProgress(t, frac)
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	code, errOut := r.wait()
+	requireExit(t, "rekey after SIGTERM", code, 5, errOut)
+}
+
 // fsOnMapping makes a LUKS2 device with an ext4 mounted on the mapping
 // itself; the raw writer writes into a preallocated file on it.
 func fsOnMapping(t testing.TB, tag, disk, state string) (*stack, string) {
@@ -232,11 +243,7 @@ func TestGuestRekeyAbort(t *testing.T) {
 	oldKey := saveVolumeKey(t, st.Disk, "/tmp/rka-old.key")
 	j := st.file(state, "journal")
 	w := startWriter(t, st, state)
-	r := cliStart(t, "rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "1M")
-	r.waitProgress(t, 0.5)
-	r.cmd.Process.Signal(syscall.SIGTERM)
-	code, errOut := r.wait()
-	requireExit(t, "rekey after SIGTERM", code, 5, errOut)
+	rekeyStopped(t, name, j, 0.5)
 	code, out := cliRun(t, "abort", "--journal", j, "--key-file", pwFile)
 	requireExit(t, "abort of the rekey", code, 0, out)
 	acks, _ := w.finish(t)
