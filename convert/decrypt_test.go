@@ -128,34 +128,20 @@ func TestDecryptCrashAtEveryFailpoint(t *testing.T) {
 
 func decryptCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed int64) {
 	sc, w := encryptedWorld(t, seed)
-	sc.quiet = rec == recoverLostCacheResume || rec == recoverLostCacheAbort
-	e := sc.engine(w)
-	crashed, _ := sc.runUntil(e, w, fp, nth, func() error {
-		ep, err := e.PlanDecrypt(context.Background(), sc.decryptOptions())
-		if err != nil {
-			return err
+	plan := func(e *Engine) func() error {
+		return func() error {
+			ep, err := e.PlanDecrypt(context.Background(), sc.decryptOptions())
+			if err != nil {
+				return err
+			}
+			return e.Execute(context.Background(), ep, RunOptions{})
 		}
-		return e.Execute(context.Background(), ep, RunOptions{})
+	}
+	w, e := sc.crashAndBoot(t, w, fp, nth, rec, plan, func(w *fakeWorld) {
+		// LVM found a PV on the raw disk: only after the last 4 KiB
+		// came back, so everything must be there.
+		sc.verifyLVs(w, "boot-time activation on the raw disk")
 	})
-	if crashed == nil {
-		t.Skipf("the run never reached %s#%d", fp, nth)
-	}
-	w = crashed
-	if rec != recoverResume && rec != recoverAbort {
-		w.powerCut(rec != recoverPowerResume)
-		l := sc.lvm(w)
-		if err := l.boot(); err != nil {
-			t.Fatal(err)
-		}
-		if len(w.devs) > 0 {
-			// LVM found a PV on the raw disk: only after the last 4 KiB
-			// came back, so everything must be there.
-			sc.verifyLVs(w, "boot-time activation on the raw disk")
-		}
-	}
-	e = sc.engine(w)
-	sc.quiet = false
-	e.FailHook = func(string) { sc.write(w) }
 	o := ResumeOptions{Journal: sc.journal, Open: sc.opener()}
 	if rec == recoverAbort || rec == recoverLostCacheAbort {
 		err := e.Abort(context.Background(), o)

@@ -380,6 +380,15 @@ func rekeyCrashAndRecover(t *testing.T, world rekeyWorld, rt rekeyTarget, fp str
 // engine on it whose failpoints write, as an application goes on writing.
 func (sc *scenario) crashEncrypted(t *testing.T, w *fakeWorld, fp string, nth int, rec recovery, plan func(*Engine) func() error) (*fakeWorld, *Engine) {
 	t.Helper()
+	return sc.crashAndBoot(t, w, fp, nth, rec, plan, func(w *fakeWorld) {
+		t.Fatal("boot-time LVM activated something on the raw encrypted disk")
+	})
+}
+
+// crashAndBoot is crashEncrypted with activated called when boot-time LVM
+// activates something on the raw disk.
+func (sc *scenario) crashAndBoot(t *testing.T, w *fakeWorld, fp string, nth int, rec recovery, plan func(*Engine) func() error, activated func(*fakeWorld)) (*fakeWorld, *Engine) {
+	t.Helper()
 	sc.quiet = rec == recoverLostCacheResume || rec == recoverLostCacheAbort
 	e := sc.engine(w)
 	crashed, _ := sc.runUntil(e, w, fp, nth, plan(e))
@@ -394,7 +403,7 @@ func (sc *scenario) crashEncrypted(t *testing.T, w *fakeWorld, fp string, nth in
 			t.Fatal(err)
 		}
 		if len(w.devs) > 0 {
-			t.Fatal("boot-time LVM activated something on the raw encrypted disk")
+			activated(w)
 		}
 	}
 	e = sc.engine(w)
