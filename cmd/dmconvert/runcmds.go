@@ -29,6 +29,13 @@ type continueOptions struct {
 	batch        bool // accepted like encrypt's; nothing is asked
 }
 
+// registerOldKey adds the flags that give a plain rekey's old key when no
+// live mapping shows it.
+func (o *continueOptions) registerOldKey(f *pflag.FlagSet) {
+	f.StringVar(&o.oldKeyFile, "old-key-file", "", "plain dm-crypt rekey: the old key file, when no live mapping shows the old key (after a reboot)")
+	f.StringVar(&o.hash, "hash", "", "plain dm-crypt rekey of a mapping opened with a passphrase: make the old key from the passphrase (asked, or the first line of standard input) with this hash, as cryptsetup open --type plain --hash does (its default: "+luks.DefaultPlainHash+")")
+}
+
 // registerBatch accepts encrypt's confirmation flags, so scripts can pass
 // the same flags to every command; resume and abort ask no confirmation.
 func (o *continueOptions) registerBatch(f *pflag.FlagSet) {
@@ -58,8 +65,7 @@ abort is continued as an abort. The passphrase (or key file) is asked again.
 	f.StringVar(&o.journal, "journal", "", "journal of the run")
 	f.StringVar(&o.device, "device", "", "the disk's path now, if it changed since the run began")
 	o.key.register(f)
-	f.StringVar(&o.oldKeyFile, "old-key-file", "", "plain dm-crypt rekey: the old key file, when no live mapping shows the old key (after a reboot)")
-	f.StringVar(&o.hash, "hash", "", "plain dm-crypt rekey of a mapping opened with a passphrase: make the old key from the passphrase (asked, or the first line of standard input) with this hash, as cryptsetup open --type plain --hash does (its default: "+luks.DefaultPlainHash+")")
+	o.registerOldKey(f)
 	f.BoolVar(&o.crypttab, "crypttab", false, "when the encryption completes, append the crypttab line to /etc/crypttab (or --crypttab-file)")
 	f.StringVar(&o.crypttabFile, "crypttab-file", "", "crypttab file to append to (implies --crypttab)")
 	o.registerBatch(f)
@@ -84,8 +90,7 @@ file) is asked again.
 	f.StringVar(&o.journal, "journal", "", "journal of the run")
 	f.StringVar(&o.device, "device", "", "the disk's path now, if it changed since the run began")
 	o.key.register(f)
-	f.StringVar(&o.oldKeyFile, "old-key-file", "", "plain dm-crypt rekey: the old key file, when no live mapping shows the old key (after a reboot)")
-	f.StringVar(&o.hash, "hash", "", "plain dm-crypt rekey of a mapping opened with a passphrase: make the old key from the passphrase (asked, or the first line of standard input) with this hash, as cryptsetup open --type plain --hash does (its default: "+luks.DefaultPlainHash+")")
+	o.registerOldKey(f)
 	o.registerBatch(f)
 	return cmd
 }
