@@ -90,6 +90,9 @@ type Spec struct {
 	NewKeyFile string `json:"new_key_file,omitempty"`
 	HeaderFile string `json:"header_file,omitempty"`
 	PlainTo    string `json:"plain_to,omitempty"`
+	// TCrypt: the source was a TrueCrypt/VeraCrypt volume (PlainTo is
+	// luks2; its data moves to the start of the disk).
+	TCrypt bool `json:"tcrypt,omitempty"`
 	// Forward is the plan; Abort is set once an abort began.
 	Forward *Plan `json:"forward"`
 	Abort   *Plan `json:"abort,omitempty"`

@@ -62,6 +62,10 @@ type scenario struct {
 	// newKeyFile receives a plain rekey's new key; plainHeader, when set,
 	// the detached LUKS2 header of a plain volume turned into LUKS2.
 	newKeyFile, plainHeader string
+	// tcrypt: the source is a TrueCrypt volume whose header area was
+	// tcHead (its data moves to 0 and IVs from 0).
+	tcrypt bool
+	tcHead []byte
 }
 
 const fakeDiskPath = "/dev/vda"

@@ -47,6 +47,9 @@ type plainRecord struct {
 	NewDigest  []byte    `json:"new_digest"`
 	OldCrypt   CryptSpec `json:"old_crypt"`
 	Crypt      CryptSpec `json:"crypt"`
+	// TCrypt: the source is a TrueCrypt/VeraCrypt volume (its data moves
+	// to the start of the disk).
+	TCrypt *tcryptRecord `json:"tcrypt,omitempty"`
 }
 
 func plainDigest(salt, key []byte, what string) []byte {
@@ -87,6 +90,10 @@ func (h *plainHeader) CheckpointWrites(Checkpoint) ([]Write, error) { return nil
 // as it is: a resume of the abort may still need the key (the command
 // says the file can go).
 func (h *plainHeader) FinalWrites(f Final) ([]Write, error) {
+	var ws []Write
+	if h.rec.TCrypt != nil {
+		ws = h.rec.TCrypt.finalWrites(f.Rekey)
+	}
 	if f.Rekey && h.lh != nil {
 		ws, err := h.lh.FinalWrites(Final{})
 		if err != nil {
@@ -96,7 +103,7 @@ func (h *plainHeader) FinalWrites(f Final) ([]Write, error) {
 			return nil, fmt.Errorf("writing the final header to %s: %w", h.rec.HeaderFile, err)
 		}
 	}
-	return nil, nil
+	return ws, nil
 }
 
 // writeFileAt applies ws to the file at path, syncing where a write asks
@@ -177,6 +184,15 @@ func OpenPlainImage(img, oldKey, pass []byte) (HeaderFormat, Keys, error) {
 			where = "header " + rec.HeaderFile
 		}
 		return nil, Keys{}, fmt.Errorf("%s does not hold the new key of this run (it was changed or replaced)", where)
+	}
+	if oldKey == nil && rec.TCrypt != nil {
+		k, err := rec.TCrypt.oldKey(pass)
+		if err != nil {
+			clear(newKey)
+			return nil, Keys{}, err
+		}
+		defer clear(k)
+		oldKey = k
 	}
 	if len(oldKey) < rec.OldCrypt.KeyBytes || !rec.check(oldKey[:rec.OldCrypt.KeyBytes], rec.OldDigest, "old") {
 		clear(newKey)
@@ -289,8 +305,19 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	if err != nil {
 		return nil, err
 	}
-	if !strings.HasPrefix(m.info.UUID, "CRYPT-PLAIN-") {
+	tc := strings.HasPrefix(m.info.UUID, tcryptUUIDPrefix)
+	if !strings.HasPrefix(m.info.UUID, "CRYPT-PLAIN-") && !tc {
 		return nil, refuse(m.name, "", "not a plain dm-crypt mapping opened by cryptsetup (its uuid is %q)", m.info.UUID)
+	}
+	kind := "a plain mapping"
+	if tc {
+		kind = "a TrueCrypt/VeraCrypt volume"
+		switch {
+		case o.Type == "":
+			o.Type = "luks2"
+		case o.Type != "luks2":
+			return nil, refuse(m.name, "give --header FILE (and --type luks2 or no --type)", "--type %s: %s is converted to LUKS2 only", o.Type, kind)
+		}
 	}
 	target, what := o.NewKeyFile, "the new key file"
 	switch o.Type {
@@ -303,7 +330,7 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 		}
 	case "luks2":
 		if o.HeaderFile == "" || o.NewKeyFile != "" {
-			return nil, refuse(m.name, "give --header FILE (and no --new-key-file): the LUKS2 header of the converted volume is kept apart from it", "a plain mapping turns into LUKS2 with a detached header only")
+			return nil, refuse(m.name, "give --header FILE (and no --new-key-file): the LUKS2 header of the converted volume is kept apart from it", "%s turns into LUKS2 with a detached header only", kind)
 		}
 		if len(o.Passphrase) == 0 {
 			return nil, refuse(m.name, "", "the new LUKS2 header needs a passphrase or key file")
@@ -321,7 +348,7 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	if m.crypt.Key.IsKeyring() || m.crypt.Key.IsEmpty() {
 		return nil, refuse(m.name, "", "its key is not in its table (kernel keyring %q): the old key cannot be read", m.crypt.Key.String())
 	}
-	if m.crypt.IVOffset != 0 && o.Type == "luks2" {
+	if m.crypt.IVOffset != 0 && o.Type == "luks2" && !tc {
 		return nil, refuse(m.name, "rekey it as plain (without --type luks2)", "its IV offset (--skip) is %d: a LUKS2 data segment starts at IV 0", m.crypt.IVOffset)
 	}
 	dpath, err := e.resolveDiskPath(m.disk, o.Target)
@@ -336,6 +363,12 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	if off+m.size > di.Size {
 		return nil, refuse(m.name, "", "its table (offset %d, %d sectors) runs past the end of %s (%d sectors)", off, m.size, dpath, di.Size)
 	}
+	var tcRec *tcryptRecord
+	if tc {
+		if tcRec, err = e.checkTCrypt(m.name, m.crypt, m.size, dpath, di, o.Passphrase); err != nil {
+			return nil, err
+		}
+	}
 	cs := CryptSpec{Cipher: string(m.crypt.Cipher), KeyBytes: m.crypt.Key.Size(), SectorSize: 512, IVOffset: Sectors(m.crypt.IVOffset)}
 	if m.crypt.SectorSize > 512 {
 		cs.SectorSize, cs.IVLargeSectors = m.crypt.SectorSize, m.crypt.IVLargeSectors
@@ -347,6 +380,9 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	ncs, err := rekeyCrypt(cs, o.Cipher, o.KeySize)
 	if err != nil {
 		return nil, refuse(m.name, "", "cannot rekey: %v", err)
+	}
+	if tc {
+		ncs.IVOffset = 0 // a LUKS2 data segment starts at IV 0
 	}
 	// On a file system stored on the volume (directly, or on an LV of
 	// its PV), the key would be locked inside what it opens.
@@ -386,10 +422,15 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 		return nil, refuse(node, "", "volume group %s cannot be converted: %s", pv.VG, pv.Refusal)
 	}
 	chunk := o.Chunk
-	if chunk == 0 {
+	if chunk == 0 && !tc {
 		chunk = DefaultPlainChunk
 	}
-	plan, err := BuildPlainRekey(PlainRekeyGeometry{DiskSize: di.Size, Offset: off, Size: m.size, Chunk: chunk, Align: align})
+	pg := PlainRekeyGeometry{DiskSize: di.Size, Offset: off, Size: m.size, Chunk: chunk, Align: align}
+	build, newOff := BuildPlainRekey, off
+	if tc {
+		build, newOff = BuildTCryptRekey, 0
+	}
+	plan, err := build(pg)
 	if err != nil {
 		return nil, refuse(m.name, "", "%v", err)
 	}
@@ -407,6 +448,9 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 		return nil, err
 	}
 	rec := plainRecord{NewKeyFile: o.NewKeyFile, Salt: make([]byte, 32), OldCrypt: cs, Crypt: ncs}
+	if tc {
+		rec.TCrypt = tcRec
+	}
 	if _, err := rand.Read(rec.Salt); err != nil {
 		clear(oldKey)
 		clear(newKey)
@@ -417,7 +461,7 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	ph := &plainHeader{rec: rec}
 	var detached []byte
 	if o.Type == "luks2" {
-		lh, img, err := newDetachedHeader(o, ncs, newKey, off, m.size, Checkpoint{Run: runID, Op: "rekey", Plan: "forward", Journal: jpath})
+		lh, img, err := newDetachedHeader(o, ncs, newKey, newOff, m.size, Checkpoint{Run: runID, Op: "rekey", Plan: "forward", Journal: jpath})
 		if err != nil {
 			clear(oldKey)
 			clear(newKey)
@@ -431,7 +475,7 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 			OldID: "dmconvert-" + runID + "-old",
 			NewID: "dmconvert-" + runID + "-new",
 		},
-		Crypt: ncs, OldCrypt: cs, NewKeyFile: o.NewKeyFile, HeaderFile: o.HeaderFile, PlainTo: o.Type,
+		Crypt: ncs, OldCrypt: cs, NewKeyFile: o.NewKeyFile, HeaderFile: o.HeaderFile, PlainTo: o.Type, TCrypt: tc,
 		LUKSUUID: ph.UUID(),
 		Forward:  plan,
 	}

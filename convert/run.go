@@ -240,6 +240,10 @@ func (e *Engine) openPlain(spec *Spec, img []byte, o ResumeOptions) (HeaderForma
 			return h, keys, err
 		}
 	}
+	if spec.TCrypt {
+		// The header area the journal kept opens to the old key.
+		return OpenPlainImage(img, nil, o.Passphrase)
+	}
 	if o.OldKey == nil {
 		return nil, Keys{}, refuse(spec.Disk.Path, "give the old key file with --old-key-file", "no live table shows the old key of plain mapping %s", spec.Name)
 	}

@@ -86,7 +86,7 @@
 //     xfs_repair, xfs_db, xfs_growfs, xfs_admin, xfs_io), util-linux
 //     (blkid, wipefs, blockdev, losetup, findmnt, lsblk, mount, umount,
 //     sfdisk), coreutils (dd, date, sha256sum, truncate, stat, sync,
-//     timeout), tcplay; copied from the host with their shared libraries.
+//     timeout), tcplay, script (a terminal for tcplay -c); copied from the host with their shared libraries.
 //   - Modules loaded at boot: virtio, 9p, dm-mod, dm-crypt, dm-mirror
 //     (dm-log, dm-region-hash), dm-flakey, dm-log-writes, dm-delay,
 //     dm-zero, dm-snapshot, loop, ext4, aesni, xts, ecb, sha256, af_alg,

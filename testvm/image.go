@@ -123,6 +123,7 @@ var guestTools = []guestTool{
 	{name: "sync", pkg: "coreutils"},
 	{name: "timeout", pkg: "coreutils"},
 	{name: "tcplay", pkg: "tcplay"},
+	{name: "script", pkg: "bsdutils"}, // a terminal for tcplay -c, which reads its passphrase from one
 }
 
 // lvmCommands are the usual names of the lvm multi-call binary.

@@ -249,7 +249,7 @@ func TestGuestEnvironment(t *testing.T) {
 		{"mkfs.xfs", "-V"}, {"xfs_repair", "-V"}, {"xfs_db", "-V"}, {"xfs_growfs", "-V"}, {"xfs_io", "-V"},
 		{"blkid", "-V"}, {"wipefs", "-V"}, {"blockdev", "-V"}, {"losetup", "-V"}, {"findmnt", "-V"}, {"lsblk", "-V"},
 		{"sfdisk", "-v"}, {"dd", "--version"}, {"date", "+%s.%N"}, {"sha256sum", "--version"}, {"truncate", "--version"},
-		{"stat", "--version"}, {"sync", "--version"}, {"timeout", "--version"}, {"tcplay", "-v"},
+		{"stat", "--version"}, {"sync", "--version"}, {"timeout", "--version"}, {"tcplay", "-v"}, {"script", "--version"},
 		{"pvs", "--version"}, {"vgcreate", "--version"}, {"lvcreate", "--version"}, {"busybox"},
 	} {
 		cmd := exec.Command(tool[0], tool[1:]...)

@@ -81,7 +81,14 @@ FILE (created, it must not exist, not on TARGET) instead of a key file: the
 new key in a keyslot opened by the passphrase (--key-file, or asked twice;
 --pbkdf, --pbkdf-force-iterations choose its KDF), the data segment where the
 plain mapping's data is. cryptsetup refuses the header until the run ends;
-then cryptsetup open --header FILE DEVICE NAME opens the volume.`,
+then cryptsetup open --header FILE DEVICE NAME opens the volume.
+
+TrueCrypt/VeraCrypt (a normal volume opened by cryptsetup open --type tcrypt,
+one AES cipher, a passphrase without keyfiles): --header FILE turns it into
+LUKS2 with a detached header, opened by the volume's passphrase. The data
+moves 128 KiB toward the start of the disk (over the TrueCrypt headers) while
+it is re-encrypted, in steps of at most 128 KiB; at the end the old backup
+headers are zeroed. A hidden volume inside it does not survive.`,
 		Args: exactArgs(1),
 		RunE: mark(func(cmd *cobra.Command, args []string) error { return a.runRekey(cmd.Context(), o, args) }),
 	}
@@ -91,8 +98,8 @@ then cryptsetup open --header FILE DEVICE NAME opens the volume.`,
 	f.StringVarP(&o.cipher, "cipher", "c", "", "cipher of the new key, e.g. serpent-xts-plain64 (default: the volume's)")
 	f.IntVarP(&o.keySize, "key-size", "s", 0, "size of the new key in bits, e.g. 256 (default: the volume's)")
 	f.StringVar(&o.newKeyFile, "new-key-file", "", "plain dm-crypt: write the new key to this file (required for plain mappings)")
-	f.StringVar(&o.luksType, "type", "", "plain dm-crypt: luks2 turns the volume into LUKS2 with the header in --header FILE")
-	f.StringVar(&o.headerFile, "header", "", "plain dm-crypt with --type luks2: write the detached LUKS2 header to this file")
+	f.StringVar(&o.luksType, "type", "", "plain dm-crypt: luks2 turns the volume into LUKS2 with the header in --header FILE (TrueCrypt: always luks2)")
+	f.StringVar(&o.headerFile, "header", "", "plain dm-crypt with --type luks2, or TrueCrypt/VeraCrypt: write the detached LUKS2 header to this file")
 	f.StringVar(&o.kdf.pbkdf, "pbkdf", "", "with --type luks2: the new keyslot's KDF: argon2id (default), argon2i or pbkdf2")
 	f.Uint32Var(&o.kdf.iter, "pbkdf-force-iterations", 0, "with --type luks2: KDF iterations (pbkdf2) or time cost (argon2), skipping the benchmark")
 	f.Uint32Var(&o.kdf.pbkdfMemory, "pbkdf-memory", 0, "with --type luks2: argon2 memory cost in KiB")
@@ -113,11 +120,16 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 		return usagef("%s: cannot rekey: %v", target, err)
 	}
 	plain := o.newKeyFile != "" || o.luksType != "" || o.headerFile != ""
+	tcrypt := false
 	e, pass, chunk, done, err := a.openOnlineKey(&o.onlineOptions, target, func(e *convert.Engine) keyMode {
-		plain = plain || e.IsPlainMapping(target)
+		tcrypt = e.IsTCryptMapping(target)
+		plain = plain || tcrypt || e.IsPlainMapping(target)
 		// A plain mapping's key is in its table; --key-file is then the
-		// passphrase of the LUKS2 header it turns into, if any.
+		// passphrase of the LUKS2 header it turns into, if any. A
+		// TrueCrypt volume's passphrase opens its header, then the new one.
 		switch {
+		case tcrypt:
+			return keyExisting
 		case plain && o.luksType == "luks2":
 			return keyNew
 		case plain:
@@ -135,7 +147,7 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 		}
 		po := convert.PlainRekeyOptions{Target: target, NewKeyFile: o.newKeyFile, Journal: o.journal, Chunk: chunk,
 			Cipher: o.cipher, KeySize: o.keySize, Type: o.luksType, HeaderFile: o.headerFile, Passphrase: pass}
-		if o.luksType == "luks2" {
+		if o.luksType == "luks2" || tcrypt {
 			if po.PBKDF, err = o.kdf.build(2); err != nil {
 				return err
 			}
@@ -186,17 +198,30 @@ func (a *app) printPlainRekeyPlan(ep *convert.EncryptPlan) {
 	if s.OldCrypt.IVOffset > 0 {
 		iv = fmt.Sprintf(", IVs from %d", s.OldCrypt.IVOffset)
 	}
-	fmt.Fprintf(w, "Plan: rekey plain dm-crypt %s (%s, data at sector %d%s), open as /dev/mapper/%s, in place and online\n",
-		s.Disk.Path, s.OldCrypt.Cipher, old, iv, s.Name)
-	printVGAndCipher(w, s)
-	fmt.Fprintf(w, "  data:          %s (%d sectors) rewritten in place under a new random key, %s at a time with the mapping suspended\n",
-		humanBytes(g.Payload*512), g.Payload, humanBytes(s.Forward.Phases[1].Chunk*512))
+	if s.TCrypt {
+		fmt.Fprintf(w, "Plan: convert TrueCrypt/VeraCrypt volume %s (%s, data at sector %d%s), open as /dev/mapper/%s, to LUKS2, online\n",
+			s.Disk.Path, s.OldCrypt.Cipher, old, iv, s.Name)
+		printVGAndCipher(w, s)
+		fmt.Fprintf(w, "  data:          %s (%d sectors) re-encrypted under a new random key and moved to sector 0 (over the TrueCrypt headers), %s at a time through a dm mirror\n",
+			humanBytes(g.Payload*512), g.Payload, humanBytes(s.Forward.Phases[1].Chunk*512))
+		fmt.Fprintln(w, "  afterwards:    the old backup headers at the end of the disk are zeroed; a hidden volume inside it, if any, does not survive")
+	} else {
+		fmt.Fprintf(w, "Plan: rekey plain dm-crypt %s (%s, data at sector %d%s), open as /dev/mapper/%s, in place and online\n",
+			s.Disk.Path, s.OldCrypt.Cipher, old, iv, s.Name)
+		printVGAndCipher(w, s)
+		fmt.Fprintf(w, "  data:          %s (%d sectors) rewritten in place under a new random key, %s at a time with the mapping suspended\n",
+			humanBytes(g.Payload*512), g.Payload, humanBytes(s.Forward.Phases[1].Chunk*512))
+	}
 	if s.PlainTo == "luks2" {
 		fmt.Fprintf(w, "  new header:    LUKS2 (UUID %s), detached: written to %s when the run starts, opened by the passphrase given\n", s.LUKSUUID, convert.PlainKeyFile(ep))
 	} else {
 		fmt.Fprintf(w, "  new key:       written to %s when the run starts\n", convert.PlainKeyFile(ep))
 	}
-	fmt.Fprintf(w, "  journal:       %s (also holds each chunk's old ciphertext while it is rewritten)\n", ep.Journal)
+	if s.TCrypt {
+		fmt.Fprintf(w, "  journal:       %s (also holds the TrueCrypt header area, for an abort)\n", ep.Journal)
+	} else {
+		fmt.Fprintf(w, "  journal:       %s (also holds each chunk's old ciphertext while it is rewritten)\n", ep.Journal)
+	}
 	fmt.Fprintln(w, "  boot:          until the run ends, do not let crypttab open this volume at boot")
 	printPhases(w, s)
 }

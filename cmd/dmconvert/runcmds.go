@@ -432,6 +432,8 @@ func (o *continueOptions) checkHash(spec *convert.Spec, stdinTTY bool) error {
 	switch {
 	case !spec.Plain():
 		return usagef("--hash is for the rekey of a plain dm-crypt mapping; this run is a %s of a LUKS volume", spec.Op)
+	case spec.TCrypt:
+		return usagef("--hash is for the rekey of a plain dm-crypt mapping; this run converts a TrueCrypt volume, whose old key comes from its passphrase")
 	case o.oldKeyFile != "":
 		return usagef("--hash makes the old key from a passphrase, --old-key-file gives the key itself: give one of them (cryptsetup's plain mode does not hash key files either)")
 	case spec.PlainTo == "luks2" && !stdinTTY && (o.key.file == "" || o.key.file == "-"):

@@ -1,0 +1,302 @@
+package convert
+
+import (
+	"bytes"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/dmconvert/dmconvert/testvm"
+)
+
+// Real-kernel tests of `dmconvert rekey --header FILE` on TrueCrypt
+// volumes made by Debian's tcplay and opened by stock cryptsetup (open
+// --type tcrypt, the passphrase on standard input): an ext4 mounted on the
+// mapping, and an LVM PV on it with a mounted ext4 and a raw LV, under a
+// writer; killed mid-run and torn down as by a reboot, then resumed; or
+// stopped and aborted back to the TrueCrypt volume. Every file and
+// acknowledged record is checked live and after a cold open by stock
+// cryptsetup with the new detached header and the passphrase; the old
+// volume key no longer opens the volume, and neither does the TrueCrypt
+// passphrase through the old headers.
+
+// tcplayCreate makes a TrueCrypt volume (AES-256-XTS, PBKDF2-SHA512) on
+// disk with tcplay, which reads its passphrase from a terminal: script(1)
+// gives it one, and each answer is typed after its prompt (tcplay flushes
+// what was typed before it asks).
+func tcplayCreate(t testing.TB, disk string, pass []byte) {
+	t.Helper()
+	cmd := exec.Command("script", "-qec", "tcplay -c -d "+disk+" -a SHA512 -b AES-256-XTS --insecure-erase", "/dev/null")
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pr, pw := io.Pipe()
+	cmd.Stdout, cmd.Stderr = pw, pw
+	var mu sync.Mutex
+	var out bytes.Buffer
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := pr.Read(buf)
+			mu.Lock()
+			out.Write(buf[:n])
+			mu.Unlock()
+			if err != nil {
+				return
+			}
+		}
+	}()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	answers := []struct{ prompt, answer string }{
+		{"Passphrase:", string(pass) + "\n"},
+		{"Repeat passphrase:", string(pass) + "\n"},
+		{"(y/n)", "y\n"},
+	}
+	seen := 0
+	deadline := time.Now().Add(3 * time.Minute)
+	for _, a := range answers {
+		for {
+			mu.Lock()
+			s := out.String()
+			mu.Unlock()
+			if i := strings.Index(s[seen:], a.prompt); i >= 0 {
+				seen += i + len(a.prompt)
+				break
+			}
+			if time.Now().After(deadline) {
+				cmd.Process.Kill()
+				t.Fatalf("tcplay -c on %s never asked %q:\n%s", disk, a.prompt, s)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		time.Sleep(200 * time.Millisecond) // the prompt is printed before the terminal is set up
+		io.WriteString(in, a.answer)
+	}
+	werr := cmd.Wait()
+	pw.Close()
+	mu.Lock()
+	s := out.String()
+	mu.Unlock()
+	if werr != nil || !strings.Contains(s, "All done") {
+		t.Fatalf("tcplay -c on %s: %v\n%s", disk, werr, s)
+	}
+}
+
+// tcryptOpen opens disk as cryptsetup opens a TrueCrypt volume, the
+// passphrase on standard input.
+func tcryptOpen(t testing.TB, disk, name string) {
+	t.Helper()
+	shIn(t, guestPass, "cryptsetup", "open", "--type", "tcrypt", disk, name)
+	if st := sh(t, "cryptsetup", "status", name); !strings.Contains(st, "type:    TCRYPT") || !strings.Contains(st, "offset:  256 sectors") {
+		t.Fatalf("cryptsetup status %s is not a TrueCrypt volume with its data at 256:\n%s", name, st)
+	}
+}
+
+// checkTCryptConverted: the detached header is a finished LUKS2 header
+// with its data at 0; the old volume key does not open the volume with
+// it; the TrueCrypt passphrase opens neither the old header nor its
+// backup; the live mapping is the header's.
+func checkTCryptConverted(t testing.TB, disk, name, hdr string, oldKey []byte) {
+	t.Helper()
+	dump := sh(t, "cryptsetup", "luksDump", hdr)
+	if !strings.Contains(dump, "offset: 0 [bytes]") || strings.Contains(dump, "dmconvert") {
+		t.Fatalf("the detached header is not a finished one with its data at offset 0:\n%s", dump)
+	}
+	if tb := strings.Fields(sh(t, "dmsetup", "table", name)); len(tb) < 8 || tb[5] != "0" || tb[7] != "0" {
+		t.Fatalf("the converted mapping does not start at sector 0 with IV 0: %v", tb)
+	}
+	kf := "/tmp/tcrypt-old-volume.key"
+	writeFileSync(t, kf, oldKey)
+	if out, err := shOK("cryptsetup", "open", "--header", hdr, "--volume-key-file", kf, disk, "tc-oldkey"); err == nil {
+		shOK("cryptsetup", "close", "tc-oldkey")
+		t.Fatalf("the old volume key opens the converted volume:\n%s", out)
+	}
+	for _, args := range [][]string{{"tcryptDump", disk}, {"tcryptDump", "--tcrypt-backup", disk}} {
+		cmd := exec.Command("cryptsetup", args...)
+		cmd.Stdin = bytes.NewReader(guestPass)
+		if out, err := cmd.CombinedOutput(); err == nil {
+			t.Fatalf("cryptsetup %s still opens a TrueCrypt header with the passphrase:\n%s", strings.Join(args, " "), out)
+		}
+	}
+}
+
+// tcryptTeardown removes what a reboot would: the mapping and any
+// helper a killed run left.
+func tcryptTeardown(t testing.TB, name string) {
+	t.Helper()
+	sh(t, "dmsetup", "remove", name)
+	for _, l := range strings.Split(sh(t, "dmsetup", "ls"), "\n") {
+		if f := strings.Fields(l); len(f) > 0 && strings.HasPrefix(f[0], "dmconvert-") {
+			sh(t, "dmsetup", "remove", f[0])
+		}
+	}
+}
+
+// TestGuestRekeyTCryptFS: an ext4 mounted on a TrueCrypt volume becomes
+// LUKS2 with a detached header under a writer: a dry run and a run with a
+// wrong passphrase change nothing; the run is killed with SIGKILL, torn
+// down as by a reboot (cryptsetup no longer opens it as TrueCrypt),
+// resumed (the old key from the TrueCrypt header the journal kept, with
+// the passphrase; a wrong one refused); checked live and after a cold
+// open with the header.
+func TestGuestRekeyTCryptFS(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	disk := d[10]
+	tag := "tfs"
+	name := tag + "-crypt"
+	hdr := "/tmp/tfs.hdr"
+	tcplayCreate(t, disk, guestPass)
+	tcryptOpen(t, disk, name)
+	oldKey := tableKey(t, name)
+	dev := "/dev/mapper/" + name
+	st := fsStack(t, tag, disk, state, name, "-E", "lazy_itable_init=0,lazy_journal_init=0")
+	mp := st.Mounts[0]
+	j := st.file(state, "journal")
+	sh(t, "sync")
+	before := diskBytes(t, disk)
+	code, out := cliRun(t, "rekey", name, "--dry-run", "--header", hdr, "--key-file", pwFile, "--journal", j)
+	requireExit(t, "TrueCrypt conversion --dry-run", code, 0, out)
+	if !strings.Contains(out, "Dry run") || !strings.Contains(out, "TrueCrypt") || !strings.Contains(out, "moved to sector 0") {
+		t.Fatalf("TrueCrypt conversion --dry-run printed no plan:\n%s", out)
+	}
+	// (A wrong passphrase at the start tries every TrueCrypt and
+	// VeraCrypt KDF: minutes on the emulated CPU; the fake-kernel
+	// TestTCryptRefusals checks that refusal.)
+	if !bytes.Equal(before, diskBytes(t, disk)) {
+		t.Fatal("a dry run changed the disk")
+	}
+	for _, p := range []string{j, hdr} {
+		if _, err := os.Stat(p); err == nil {
+			t.Fatalf("a dry run created %s", p)
+		}
+	}
+	wrong := "/tmp/tfs-wrong.pw"
+	writeFileSync(t, wrong, []byte("not the passphrase"))
+	w := startWriter(t, st, state)
+	r := cliStart(t, "rekey", dev, "--header", hdr, "--key-file", pwFile, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+		"--batch-mode", "--json", "--journal", j)
+	r.waitProgress(t, 0.3)
+	r.cmd.Process.Kill()
+	code, _ = r.wait()
+	requireExit(t, "TrueCrypt conversion after kill -9", code, 128+int(syscall.SIGKILL), "")
+	acks, gap := w.finish(t)
+	t.Logf("writer: %d acknowledged writes, longest gap %v", acks, gap)
+	sh(t, "umount", mp)
+	tcryptTeardown(t, name)
+	if out, err := shIn2(guestPass, "cryptsetup", "open", "--type", "tcrypt", disk, "tfs-early"); err == nil {
+		shOK("cryptsetup", "close", "tfs-early")
+		t.Fatalf("stock cryptsetup opened the half-converted volume as TrueCrypt:\n%s", out)
+	}
+	if out, err := shOK("cryptsetup", "open", "--header", hdr, "--key-file", pwFile, disk, "tfs-early"); err == nil {
+		shOK("cryptsetup", "close", "tfs-early")
+		t.Fatalf("stock cryptsetup opened the volume with the half-made header:\n%s", out)
+	}
+	code, out = cliRun(t, "resume", "--journal", j, "--key-file", wrong)
+	if code == 0 || !strings.Contains(out, hdr) {
+		t.Fatalf("resume with a wrong passphrase: exit %d\n%s", code, out)
+	}
+	code, out = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+	requireExit(t, "resume of the TrueCrypt conversion after a teardown", code, 0, out)
+	if !strings.Contains(out, "luks,header="+hdr) {
+		t.Fatalf("resume printed no crypttab line:\n%s", out)
+	}
+	sh(t, "mount", dev, mp)
+	verifyStack(t, st, state)
+	checkTCryptConverted(t, disk, name, hdr, oldKey)
+	// Cold: stock cryptsetup with the header and the passphrase.
+	sh(t, "umount", mp)
+	sh(t, "cryptsetup", "close", name)
+	sh(t, "cryptsetup", "open", "--header", hdr, "--key-file", pwFile, disk, name)
+	sh(t, "mount", dev, mp)
+	verifyStack(t, st, state)
+}
+
+// shIn2 runs a command with stdin, returning its output and error.
+func shIn2(stdin []byte, name string, args ...string) (string, error) {
+	cmd := exec.Command(name, args...)
+	cmd.Stdin = bytes.NewReader(stdin)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// TestGuestRekeyTCryptLVM: a PV with live LVs on a TrueCrypt volume. A
+// conversion stopped with SIGTERM is aborted under the writer: the volume
+// is the TrueCrypt volume it was (stock cryptsetup opens it cold with the
+// passphrase). A second run converts it whole; checked live and after a
+// cold open with the header.
+func TestGuestRekeyTCryptLVM(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	disk := d[11]
+	tag := "tlv"
+	vg := "vg" + tag
+	name := vg + "_crypt"
+	hdr := "/tmp/tlv.hdr"
+	tcplayCreate(t, disk, guestPass)
+	tcryptOpen(t, disk, name)
+	oldKey := tableKey(t, name)
+	m := "/dev/mapper/" + name
+	sh(t, "pvcreate", "-y", m)
+	sh(t, "vgcreate", "-y", "-s", "1m", vg, m)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "16m", vg)
+	sh(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "4m", vg)
+	st := extRawStack(t, tag, disk, state, vg, 0, "-E", "lazy_itable_init=0,lazy_journal_init=0")
+	lv := "/dev/mapper/" + vg + "-ext"
+	mp := st.Mounts[0]
+	j := st.file(state, "journal")
+	w := startWriter(t, st, state)
+	r := cliStart(t, "rekey", name, "--header", hdr, "--key-file", pwFile, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+		"--batch-mode", "--json", "--journal", j)
+	r.waitProgress(t, 0.4)
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	code, errOut := r.wait()
+	requireExit(t, "TrueCrypt conversion after SIGTERM", code, 5, errOut)
+	code, out := cliRun(t, "abort", "--journal", j, "--key-file", pwFile)
+	requireExit(t, "abort of the TrueCrypt conversion", code, 0, out)
+	acks, gap := w.finish(t)
+	t.Logf("writer through the stop and the abort: %d acknowledged writes, longest gap %v", acks, gap)
+	verifyStack(t, st, state)
+	if !bytes.Equal(tableKey(t, name), oldKey) {
+		t.Fatal("after the abort the mapping does not use the TrueCrypt key")
+	}
+	// Cold: the TrueCrypt volume opens as it did.
+	sh(t, "umount", mp)
+	sh(t, "vgchange", "-an", vg)
+	sh(t, "cryptsetup", "close", name)
+	tcryptOpen(t, disk, name)
+	sh(t, "vgchange", "-ay", vg)
+	sh(t, "mount", lv, mp)
+	verifyStack(t, st, state)
+
+	// A second run, to the end.
+	os.Remove(hdr)
+	j2 := st.file(state, "journal2")
+	w = startWriter(t, st, state)
+	code, out = cliRun(t, "rekey", name, "--header", hdr, "--key-file", pwFile, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+		"--batch-mode", "--journal", j2)
+	requireExit(t, "TrueCrypt conversion", code, 0, out)
+	acks, gap = w.finish(t)
+	t.Logf("writer during the conversion: %d acknowledged writes, longest gap %v", acks, gap)
+	verifyStack(t, st, state)
+	checkTCryptConverted(t, disk, name, hdr, oldKey)
+	sh(t, "umount", mp)
+	sh(t, "vgchange", "-an", vg)
+	sh(t, "cryptsetup", "close", name)
+	sh(t, "cryptsetup", "open", "--header", hdr, "--key-file", pwFile, disk, name)
+	sh(t, "vgchange", "-ay", vg)
+	sh(t, "mount", lv, mp)
+	verifyStack(t, st, state)
+}

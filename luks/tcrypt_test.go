@@ -1,0 +1,609 @@
+package luks
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/aes"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/xts"
+
+	"github.com/dmconvert/dmconvert/testvm"
+)
+
+// tcryptCase is one header format the tests make.
+type tcryptCase struct {
+	name string
+	vera bool
+	prf  string
+	iter int // the format's count OpenTCrypt must report
+}
+
+var tcryptCases = []tcryptCase{
+	{"truecrypt-ripemd160", false, "ripemd160", 2000},
+	{"truecrypt-sha512", false, "sha512", 1000},
+	{"veracrypt-sha512", true, "sha512", 500000},
+	{"veracrypt-sha256", true, "sha256", 500000},
+	{"veracrypt-ripemd160", true, "ripemd160", 655331},
+}
+
+// withTCryptKDFs limits OpenTCrypt to the given KDF variants for one
+// test (a wrong passphrase otherwise costs every VeraCrypt count, ~5 s).
+func withTCryptKDFs(t *testing.T, kdfs ...tcryptKDF) {
+	t.Helper()
+	old := tcryptKDFs
+	tcryptKDFs = kdfs
+	t.Cleanup(func() { tcryptKDFs = old })
+}
+
+// fastTCrypt is the cheap KDF variant the structural tests use.
+var fastTCrypt = tcryptKDF{false, "sha512", 1000}
+
+func newTCrypt(t *testing.T, p TCryptParams, pass []byte) []byte {
+	t.Helper()
+	sec, err := CreateTCrypt(p, pass)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sec) != 512 {
+		t.Fatalf("CreateTCrypt returned %d bytes, want 512", len(sec))
+	}
+	return sec
+}
+
+// tcryptDecrypt decrypts a header sector independently of tcrypt.go's
+// code paths (its own PBKDF2 call and XTS cipher) for structural checks.
+func tcryptDecrypt(t *testing.T, sec, pass []byte, prf string, iter int) (dec []byte, c *xts.Cipher) {
+	t.Helper()
+	hk := pbkdf2Key(pass, sec[:64], iter, 64, tcryptPRF(prf))
+	c, err := xts.NewCipher(aes.NewCipher, hk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec = make([]byte, 448)
+	c.Decrypt(dec, sec[64:512], 0)
+	return dec, c
+}
+
+// tcryptReseal decrypts sec, lets edit change the plaintext header,
+// recomputes both CRC32s and encrypts it again.
+func tcryptReseal(t *testing.T, sec, pass []byte, k tcryptKDF, edit func(dec []byte)) []byte {
+	t.Helper()
+	dec, c := tcryptDecrypt(t, sec, pass, k.prf, k.iterations)
+	edit(dec)
+	binary.BigEndian.PutUint32(dec[8:], crc32.ChecksumIEEE(dec[192:448]))
+	binary.BigEndian.PutUint32(dec[188:], crc32.ChecksumIEEE(dec[:188]))
+	out := bytes.Clone(sec)
+	c.Encrypt(out[64:512], dec, 0)
+	return out
+}
+
+func TestTCryptRoundTrip(t *testing.T) {
+	pass := []byte("correct horse battery staple")
+	for _, tc := range tcryptCases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel() // the default VeraCrypt counts take seconds each
+			key := randBytes(t, 64)
+			salt := randBytes(t, 64)
+			p := TCryptParams{VeraCrypt: tc.vera, PRF: tc.prf, Key: key, DataSize: 3 << 20, VolumeSize: 3 << 20, Salt: salt}
+			sec := newTCrypt(t, p, pass)
+			if !bytes.Equal(sec[:64], salt) {
+				t.Fatal("the salt is not the header's first 64 bytes")
+			}
+
+			// The layout, read by the test's own decryption.
+			dec, _ := tcryptDecrypt(t, sec, pass, tc.prf, tc.iter)
+			be := binary.BigEndian
+			wantMagic, wantMin := "TRUE", uint16(0x0700)
+			if tc.vera {
+				wantMagic, wantMin = "VERA", 0x010b
+			}
+			if string(dec[:4]) != wantMagic || be.Uint16(dec[4:]) != 5 || be.Uint16(dec[6:]) != wantMin {
+				t.Fatalf("magic %q version %d min %#x, want %q 5 %#x", dec[:4], be.Uint16(dec[4:]), be.Uint16(dec[6:]), wantMagic, wantMin)
+			}
+			if be.Uint64(dec[28:]) != 0 || be.Uint64(dec[36:]) != 3<<20 || be.Uint64(dec[44:]) != 131072 ||
+				be.Uint64(dec[52:]) != 3<<20 || be.Uint32(dec[60:]) != 0 || be.Uint32(dec[64:]) != 512 {
+				t.Fatalf("fields: hidden %d volume %d offset %d size %d flags %#x sector %d",
+					be.Uint64(dec[28:]), be.Uint64(dec[36:]), be.Uint64(dec[44:]), be.Uint64(dec[52:]), be.Uint32(dec[60:]), be.Uint32(dec[64:]))
+			}
+			if !bytes.Equal(dec[192:256], key) {
+				t.Fatal("the key area does not start with the data key")
+			}
+			if be.Uint32(dec[8:]) != crc32.ChecksumIEEE(dec[192:448]) || be.Uint32(dec[188:]) != crc32.ChecksumIEEE(dec[:188]) {
+				t.Fatal("CRC32 fields do not match")
+			}
+			if !bytes.Equal(dec[12:28], make([]byte, 16)) || !bytes.Equal(dec[68:188], make([]byte, 120)) {
+				t.Fatal("reserved bytes are not zero")
+			}
+
+			h, err := OpenTCrypt(sec, pass)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := TCryptHeader{VeraCrypt: tc.vera, Version: 5, PRF: tc.prf, Iterations: tc.iter, Cipher: "aes-xts-plain64",
+				VolumeSize: 3 << 20, DataOffset: 131072, DataSize: 3 << 20, SectorSize: 512}
+			got := *h
+			got.Key = nil
+			if !reflect.DeepEqual(got, want) {
+				t.Fatalf("OpenTCrypt = %+v, want %+v", got, want)
+			}
+			if !bytes.Equal(h.Key, key) {
+				t.Fatalf("key\n got %x\nwant %x", h.Key, key)
+			}
+		})
+	}
+}
+
+func TestTCryptRandomSaltAndKeyArea(t *testing.T) {
+	withTCryptKDFs(t, fastTCrypt)
+	pass := []byte("pw")
+	p := TCryptParams{PRF: "sha512", Key: randBytes(t, 64), DataSize: 1 << 20}
+	a, b := newTCrypt(t, p, pass), newTCrypt(t, p, pass)
+	if bytes.Equal(a[:64], b[:64]) {
+		t.Fatal("two headers got the same salt")
+	}
+	da, _ := tcryptDecrypt(t, a, pass, "sha512", 1000)
+	if bytes.Equal(da[256:448], make([]byte, 192)) {
+		t.Fatal("the key area after the data key is not filled")
+	}
+	// A longer input (the caller passing more of the device) is fine.
+	h, err := OpenTCrypt(append(bytes.Clone(a), make([]byte, 1024)...), pass)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.VolumeSize != 1<<20 || h.DataOffset != 131072 {
+		t.Fatalf("defaults: volume size %d (want DataSize), data offset %d (want 131072)", h.VolumeSize, h.DataOffset)
+	}
+}
+
+// TestTCryptWrongPassphrase uses the real KDF list: every variant is
+// tried before giving up.
+func TestTCryptWrongPassphrase(t *testing.T) {
+	sec := newTCrypt(t, TCryptParams{PRF: "sha512", Key: randBytes(t, 64), DataSize: 1 << 20}, []byte("right"))
+	start := time.Now()
+	_, err := OpenTCrypt(sec, []byte("wrong"))
+	if !errors.Is(err, ErrWrongPassphrase) {
+		t.Fatalf("wrong passphrase: %v, want ErrWrongPassphrase", err)
+	}
+	t.Logf("a wrong passphrase took %v (all KDF variants)", time.Since(start).Round(time.Millisecond))
+	if _, err := OpenTCrypt(sec, []byte("right")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestTCryptCorrupt(t *testing.T) {
+	withTCryptKDFs(t, fastTCrypt)
+	pass := []byte("pass")
+	sec := newTCrypt(t, TCryptParams{PRF: "sha512", Key: randBytes(t, 64), DataSize: 1 << 20}, pass)
+	if _, err := OpenTCrypt(sec, pass); err != nil {
+		t.Fatal(err)
+	}
+	// A flipped bit anywhere (salt, header fields, CRCs, key area) makes
+	// the sector undecryptable.
+	for _, off := range []int{0, 63, 64, 64 + 5, 64 + 40, 64 + 188, 64 + 200, 511} {
+		bad := bytes.Clone(sec)
+		bad[off] ^= 0x01
+		if _, err := OpenTCrypt(bad, pass); !errors.Is(err, ErrWrongPassphrase) {
+			t.Errorf("byte %d flipped: %v, want ErrWrongPassphrase", off, err)
+		}
+	}
+	// The CRCs are checked on their own: a header with a right magic
+	// and one wrong CRC is refused.
+	for _, field := range []int{8, 188} {
+		bad := tcryptReseal(t, sec, pass, fastTCrypt, func([]byte) {})
+		dec, c := tcryptDecrypt(t, bad, pass, "sha512", 1000)
+		dec[field] ^= 0xff
+		c.Encrypt(bad[64:512], dec, 0)
+		if _, err := OpenTCrypt(bad, pass); !errors.Is(err, ErrWrongPassphrase) {
+			t.Errorf("CRC at %d wrong: %v, want ErrWrongPassphrase", field, err)
+		}
+	}
+	bad := tcryptReseal(t, sec, pass, fastTCrypt, func(d []byte) { copy(d, "LUKS") })
+	if _, err := OpenTCrypt(bad, pass); !errors.Is(err, ErrWrongPassphrase) {
+		t.Errorf("bad magic: %v, want ErrWrongPassphrase", err)
+	}
+	// Nothing at all (zeros) is not a header either.
+	if _, err := OpenTCrypt(make([]byte, 512), pass); !errors.Is(err, ErrWrongPassphrase) {
+		t.Errorf("zero sector: %v, want ErrWrongPassphrase", err)
+	}
+	if _, err := OpenTCrypt(sec[:511], pass); !errors.Is(err, ErrInvalidArgument) {
+		t.Errorf("511-byte header: %v, want ErrInvalidArgument", err)
+	}
+}
+
+func TestTCryptUnsupported(t *testing.T) {
+	withTCryptKDFs(t, fastTCrypt)
+	pass := []byte("pass")
+	sec := newTCrypt(t, TCryptParams{PRF: "sha512", Key: randBytes(t, 64), DataSize: 1 << 20}, pass)
+	be := binary.BigEndian
+	for _, tc := range []struct {
+		name string
+		edit func([]byte)
+		want error
+	}{
+		{"system", func(d []byte) { be.PutUint32(d[60:], 1) }, ErrUnsupported},
+		{"sector-size-520", func(d []byte) { be.PutUint32(d[64:], 520) }, ErrUnsupported},
+		{"version-6", func(d []byte) { be.PutUint16(d[4:], 6) }, ErrUnsupported},
+		{"version-2", func(d []byte) { be.PutUint16(d[4:], 2) }, ErrUnsupported},
+		{"odd-offset", func(d []byte) { be.PutUint64(d[44:], 131072+100) }, ErrUnsupported},
+		{"huge-size", func(d []byte) { be.PutUint64(d[52:], 1<<63) }, ErrCorrupt},
+	} {
+		bad := tcryptReseal(t, sec, pass, fastTCrypt, tc.edit)
+		if _, err := OpenTCrypt(bad, pass); !errors.Is(err, tc.want) {
+			t.Errorf("%s: %v, want %v", tc.name, err, tc.want)
+		}
+	}
+
+	// Fields that are valid but not what CreateTCrypt writes.
+	ok := tcryptReseal(t, sec, pass, fastTCrypt, func(d []byte) {
+		copy(d, "VERA")
+		be.PutUint32(d[64:], 4096)
+		be.PutUint64(d[28:], 1<<19)
+		be.PutUint32(d[60:], 2) // "non-system" flag
+	})
+	h, err := OpenTCrypt(ok, pass)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !h.VeraCrypt || h.SectorSize != 4096 || h.HiddenSize != 1<<19 || h.Flags != 2 {
+		t.Fatalf("got %+v", *h)
+	}
+	// Version 4: no sector size field (512), a zero offset reads as 512
+	// (cryptsetup's rule).
+	v4 := tcryptReseal(t, sec, pass, fastTCrypt, func(d []byte) {
+		be.PutUint16(d[4:], 4)
+		be.PutUint32(d[64:], 4096)
+		be.PutUint64(d[44:], 0)
+	})
+	if h, err = OpenTCrypt(v4, pass); err != nil {
+		t.Fatal(err)
+	}
+	if h.Version != 4 || h.SectorSize != 512 || h.DataOffset != 512 {
+		t.Fatalf("version 4: %+v", *h)
+	}
+	// Version 3 has no header CRC (cryptsetup checks it from version 4).
+	v3 := tcryptReseal(t, sec, pass, fastTCrypt, func(d []byte) { be.PutUint16(d[4:], 3) })
+	dec, c := tcryptDecrypt(t, v3, pass, "sha512", 1000)
+	be.PutUint32(dec[188:], 0)
+	c.Encrypt(v3[64:512], dec, 0)
+	if h, err = OpenTCrypt(v3, pass); err != nil || h.Version != 3 {
+		t.Fatalf("version 3 without header CRC: %v", err)
+	}
+}
+
+func TestTCryptCreateArguments(t *testing.T) {
+	key := randBytes(t, 64)
+	for _, tc := range []struct {
+		name string
+		p    TCryptParams
+		pass []byte
+	}{
+		{"truecrypt-sha256", TCryptParams{PRF: "sha256", Key: key, DataSize: 1 << 20}, nil},
+		{"unknown-prf", TCryptParams{VeraCrypt: true, PRF: "whirlpool", Key: key, DataSize: 1 << 20}, nil},
+		{"short-key", TCryptParams{PRF: "sha512", Key: key[:32], DataSize: 1 << 20}, nil},
+		{"no-size", TCryptParams{PRF: "sha512", Key: key}, nil},
+		{"odd-size", TCryptParams{PRF: "sha512", Key: key, DataSize: 1000}, nil},
+		{"odd-offset", TCryptParams{PRF: "sha512", Key: key, DataSize: 1 << 20, DataOffset: 1000}, nil},
+		{"short-salt", TCryptParams{PRF: "sha512", Key: key, DataSize: 1 << 20, Salt: key[:32]}, nil},
+		{"truecrypt-65-byte-passphrase", TCryptParams{PRF: "sha512", Key: key, DataSize: 1 << 20}, bytes.Repeat([]byte("a"), 65)},
+		{"veracrypt-129-byte-passphrase", TCryptParams{VeraCrypt: true, PRF: "sha512", Key: key, DataSize: 1 << 20, Iterations: 10}, bytes.Repeat([]byte("a"), 129)},
+	} {
+		if _, err := CreateTCrypt(tc.p, tc.pass); !errors.Is(err, ErrInvalidArgument) {
+			t.Errorf("%s: %v, want ErrInvalidArgument", tc.name, err)
+		}
+	}
+	if _, err := OpenTCrypt(make([]byte, 512), bytes.Repeat([]byte("a"), 129)); !errors.Is(err, ErrInvalidArgument) {
+		t.Errorf("129-byte passphrase: %v, want ErrInvalidArgument", err)
+	}
+}
+
+// TestTCryptLongVeraCryptPassphrase: VeraCrypt passphrases up to 128
+// bytes; TrueCrypt variants are not tried for one over 64.
+func TestTCryptLongVeraCryptPassphrase(t *testing.T) {
+	withTCryptKDFs(t, fastTCrypt, tcryptKDF{true, "sha256", 1000})
+	pass := bytes.Repeat([]byte("x"), 100)
+	key := randBytes(t, 64)
+	sec := newTCrypt(t, TCryptParams{VeraCrypt: true, PRF: "sha256", Iterations: 1000, Key: key, DataSize: 1 << 20}, pass)
+	h, err := OpenTCrypt(sec, pass)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !h.VeraCrypt || h.PRF != "sha256" || !bytes.Equal(h.Key, key) {
+		t.Fatalf("got %+v", *h)
+	}
+	// The same passphrase with the TrueCrypt-only variant is skipped.
+	tc := newTCrypt(t, TCryptParams{VeraCrypt: true, PRF: "sha512", Iterations: 1000, Key: key, DataSize: 1 << 20}, pass)
+	if _, err := OpenTCrypt(tc, pass); !errors.Is(err, ErrWrongPassphrase) {
+		t.Fatalf("TrueCrypt KDF with a 100-byte passphrase: %v, want ErrWrongPassphrase", err)
+	}
+}
+
+// --- Cross-checks with cryptsetup and tcplay (test VM) ---
+//
+// cryptsetup decrypts TCRYPT headers through the kernel's crypto API
+// (AF_ALG, algif_skcipher), which the development host does not have,
+// so these run in the guest (DMCONVERT_VM=1 go test ./luks -run TestVM,
+// DMCONVERT_VM_RUN=TestGuestTCrypt for just these).
+
+// tcryptDumpFields parses cryptsetup tcryptDump output: "Name:\tvalue"
+// lines, and the "MK dump:" hex (continued on tab-indented lines).
+func tcryptDumpFields(t *testing.T, out string) (map[string]string, []byte) {
+	t.Helper()
+	fields := map[string]string{}
+	var mk strings.Builder
+	inMK := false
+	for _, line := range strings.Split(out, "\n") {
+		if inMK && strings.HasPrefix(line, "\t") {
+			mk.WriteString(line)
+			continue
+		}
+		inMK = false
+		name, val, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		name, val = strings.TrimSpace(name), strings.TrimSpace(val)
+		fields[name] = val
+		if name == "MK dump" {
+			inMK = true
+			mk.WriteString(val)
+		}
+	}
+	var key []byte
+	if mk.Len() > 0 {
+		var err error
+		key, err = hex.DecodeString(strings.Join(strings.Fields(mk.String()), ""))
+		if err != nil {
+			t.Fatalf("MK dump is not hex: %v", err)
+		}
+	}
+	return fields, key
+}
+
+// tcryptCheckDump runs cryptsetup tcryptDump (with and without the
+// volume key) on dev and checks what it prints against h.
+func tcryptCheckDump(t *testing.T, cs cryptsetup, dev string, pass []byte, h *TCryptHeader) {
+	t.Helper()
+	stdin := append(bytes.Clone(pass), '\n')
+	var extra []string
+	if h.VeraCrypt {
+		extra = append(extra, "--veracrypt")
+	}
+	out := cs.ok(stdin, append(append([]string{"tcryptDump", "-q"}, extra...), dev)...)
+	f, _ := tcryptDumpFields(t, out)
+	kind := "TCRYPT header information"
+	if h.VeraCrypt {
+		kind = "VERACRYPT header information"
+	}
+	if !strings.Contains(out, kind) {
+		t.Errorf("tcryptDump does not say %q:\n%s", kind, out)
+	}
+	for name, want := range map[string]string{
+		"Version":      strconv.Itoa(int(h.Version)),
+		"Sector size":  strconv.Itoa(h.SectorSize),
+		"MK offset":    strconv.FormatInt(h.DataOffset, 10),
+		"PBKDF2 hash":  h.PRF,
+		"Cipher chain": "aes",
+		"Cipher mode":  "xts-plain64",
+		"MK bits":      "512",
+	} {
+		// 2.6 prints bare numbers, later versions add " [bytes]".
+		if got := strings.TrimSuffix(f[name], " [bytes]"); got != want {
+			t.Errorf("tcryptDump %s = %q, want %q", name, got, want)
+		}
+	}
+	if v, ok := f["Volume size"]; ok && strings.TrimSuffix(v, " [bytes]") != strconv.FormatInt(h.VolumeSize, 10) {
+		t.Errorf("tcryptDump Volume size = %q, want %d", v, h.VolumeSize)
+	}
+
+	out = cs.ok(stdin, append(append([]string{"tcryptDump", "--dump-volume-key", "-q"}, extra...), dev)...)
+	f, key := tcryptDumpFields(t, out)
+	if !bytes.Equal(key, h.Key) {
+		t.Errorf("cryptsetup's volume key differs\ncryptsetup %x\n      ours %x", key, h.Key)
+	}
+	if got, want := f["Payload offset"], strconv.FormatInt(h.DataOffset/512, 10); got != want {
+		t.Errorf("tcryptDump Payload offset = %q sectors, want %s", got, want)
+	}
+}
+
+// TestGuestTCryptOursToCryptsetup: cryptsetup opens headers CreateTCrypt
+// made and finds our key and layout.
+func TestGuestTCryptOursToCryptsetup(t *testing.T) {
+	testvm.RequireGuest(t)
+	cs := needCryptsetup(t)
+	pass := []byte("tcrypt test passphrase")
+	const size = 4 << 20
+	for _, tc := range []tcryptCase{tcryptCases[0], tcryptCases[1], tcryptCases[2]} {
+		t.Run(tc.name, func(t *testing.T) {
+			cs := cs.in(t)
+			key := randBytes(t, 64)
+			p := TCryptParams{VeraCrypt: tc.vera, PRF: tc.prf, Key: key, DataOffset: 131072, DataSize: size - 2*131072, VolumeSize: size - 2*131072}
+			img := make([]byte, size)
+			copy(img, newTCrypt(t, p, pass))
+			copy(img[131072:], randBytes(t, 1<<20))
+			dev := writeTemp(t, "tcrypt.img", img)
+			h, err := OpenTCrypt(img, pass)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(h.Key, key) {
+				t.Fatal("OpenTCrypt does not return the key CreateTCrypt got")
+			}
+			tcryptCheckDump(t, cs, dev, pass, h)
+			// And cryptsetup refuses a wrong passphrase, as we do.
+			// (--hash: without it cryptsetup runs every VeraCrypt KDF,
+			// minutes under the VM's emulated CPU).
+			args := []string{"tcryptDump", "-q", "--hash", tc.prf}
+			if !tc.vera {
+				args = append(args, "--disable-veracrypt")
+			}
+			cs.fails([]byte("not it\n"), append(args, dev)...)
+		})
+	}
+}
+
+// TestGuestTCryptTcplayToOurs: OpenTCrypt opens volumes tcplay created
+// and finds the key cryptsetup finds.
+func TestGuestTCryptTcplayToOurs(t *testing.T) {
+	testvm.RequireGuest(t)
+	cs := needCryptsetup(t)
+	tcplay := requireTool(t, "tcplay")
+	script := requireTool(t, "script")
+	losetup := requireTool(t, "losetup")
+	pass := []byte("tcplay test passphrase")
+	for _, tc := range []struct{ name, tcplayPRF, prf string }{
+		{"sha512", "SHA512", "sha512"},
+		{"ripemd160", "RIPEMD160", "ripemd160"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cs := cs.in(t)
+			const size = 8 << 20
+			file := filepath.Join(t.TempDir(), "tcplay.img")
+			if err := os.WriteFile(file, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Truncate(file, size); err != nil {
+				t.Fatal(err)
+			}
+			// tcplay needs a block device (it asks the disk for its size).
+			out, err := runTool(t, nil, losetup, "--find", "--show", file)
+			if err != nil {
+				t.Fatalf("losetup: %v\n%s", err, out)
+			}
+			loop := strings.TrimSpace(out)
+			detached := false
+			detach := func() {
+				if !detached {
+					detached = true
+					if out, err := runTool(t, nil, losetup, "-d", loop); err != nil {
+						t.Errorf("losetup -d %s: %v\n%s", loop, err, out)
+					}
+				}
+			}
+			t.Cleanup(detach)
+			tcplayCreate(t, script, fmt.Sprintf("%s -c -d %s -a %s -b AES-256-XTS -z -w", tcplay, loop, tc.tcplayPRF), pass)
+			detach()
+
+			img := readFileT(t, file)
+			h, err := OpenTCrypt(img, pass)
+			if err != nil {
+				t.Fatalf("OpenTCrypt of tcplay's header: %v", err)
+			}
+			if h.VeraCrypt || h.PRF != tc.prf || h.Cipher != "aes-xts-plain64" || h.Version != 5 || h.SectorSize != 512 ||
+				h.HiddenSize != 0 || h.Flags != 0 || h.DataOffset != 131072 || h.DataSize != size-2*131072 || h.VolumeSize != h.DataSize {
+				got := *h
+				got.Key = nil
+				t.Errorf("tcplay's header: %+v", got)
+			}
+			tcryptCheckDump(t, cs, file, pass, h)
+		})
+	}
+}
+
+// tcplayCreate runs a tcplay -c command line under script(1), which
+// gives it the terminal it reads the passphrase from, and answers its
+// prompts as they appear.
+func tcplayCreate(t *testing.T, script, cmdline string, pass []byte) {
+	t.Helper()
+	cmd := exec.Command(script, "-qec", cmdline, "/dev/null")
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pr, pw := io.Pipe()
+	cmd.Stdout, cmd.Stderr = pw, pw
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	finished := false
+	t.Cleanup(func() {
+		if !finished {
+			_ = cmd.Process.Kill()
+			_ = pw.Close()
+		}
+	})
+	var (
+		mu   sync.Mutex
+		seen bytes.Buffer
+	)
+	prompt := make(chan struct{}, 16)
+	go func() {
+		r := bufio.NewReader(pr)
+		buf := make([]byte, 4096)
+		for {
+			n, err := r.Read(buf)
+			if n > 0 {
+				mu.Lock()
+				seen.Write(buf[:n])
+				mu.Unlock()
+				select { // never block the copy from tcplay
+				case prompt <- struct{}{}:
+				default:
+				}
+			}
+			if err != nil {
+				close(prompt)
+				return
+			}
+		}
+	}()
+	output := func() string { mu.Lock(); defer mu.Unlock(); return seen.String() }
+	waitFor := func(s string, count int) {
+		deadline := time.After(2 * time.Minute)
+		for strings.Count(output(), s) < count {
+			select {
+			case _, ok := <-prompt:
+				if !ok {
+					t.Fatalf("tcplay ended before %q:\n%s", s, output())
+				}
+			case <-deadline:
+				t.Fatalf("tcplay did not ask %q:\n%s", s, output())
+			}
+		}
+	}
+	answers := []struct {
+		prompt string
+		count  int
+		answer []byte
+	}{
+		{"Passphrase:", 1, pass},
+		{"Repeat passphrase:", 1, pass},
+		{"(y/n)", 1, []byte("y")},
+	}
+	for _, a := range answers {
+		waitFor(a.prompt, a.count)
+		time.Sleep(200 * time.Millisecond) // let tcplay switch the terminal to its read
+		if _, err := stdin.Write(append(bytes.Clone(a.answer), '\n')); err != nil {
+			t.Fatal(err)
+		}
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	var werr error
+	select {
+	case werr = <-done:
+	case <-time.After(5 * time.Minute):
+		_ = cmd.Process.Kill()
+		werr = <-done
+	}
+	finished = true
+	stdin.Close()
+	pw.Close()
+	if werr != nil || !strings.Contains(output(), "All done!") {
+		t.Fatalf("tcplay -c: %v\n%s", werr, output())
+	}
+}
