@@ -426,9 +426,11 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 		chunk = DefaultPlainChunk
 	}
 	pg := PlainRekeyGeometry{DiskSize: di.Size, Offset: off, Size: m.size, Chunk: chunk, Align: align}
-	build, newOff := BuildPlainRekey, off
+	build, newOff, newSize := BuildPlainRekey, off, m.size
 	if tc {
-		build, newOff = BuildTCryptRekey, 0
+		// Data at 0, to the end of the disk ("dynamic"): what
+		// cryptsetup maps, and the final table.
+		build, newOff, newSize = BuildTCryptRekey, 0, 0
 	}
 	plan, err := build(pg)
 	if err != nil {
@@ -461,7 +463,7 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	ph := &plainHeader{rec: rec}
 	var detached []byte
 	if o.Type == "luks2" {
-		lh, img, err := newDetachedHeader(o, ncs, newKey, newOff, m.size, Checkpoint{Run: runID, Op: "rekey", Plan: "forward", Journal: jpath})
+		lh, img, err := newDetachedHeader(o, ncs, newKey, newOff, newSize, Checkpoint{Run: runID, Op: "rekey", Plan: "forward", Journal: jpath})
 		if err != nil {
 			clear(oldKey)
 			clear(newKey)

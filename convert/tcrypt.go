@@ -133,7 +133,7 @@ func (r *tcryptRecord) finalWrites(rekeyed bool) []Write {
 // and moves its data to the start of the disk: one move from old (the
 // data at pg.Offset, the old key) to new (at 0, the new key), forward in
 // chunks of at most pg.Offset (the header area is the gap), then
-// finalize.
+// finalize: the mapping becomes the new key's whole disk.
 func BuildTCryptRekey(pg PlainRekeyGeometry) (*Plan, error) {
 	a := max(pg.Align, 1)
 	switch {
@@ -156,7 +156,11 @@ func BuildTCryptRekey(pg PlainRekeyGeometry) (*Plan, error) {
 		Devices: []Device{
 			{ID: DiskID, Phys: 0, Size: pg.DiskSize},
 			{ID: OldID, Phys: pg.Offset, Size: pg.Size},
-			{ID: NewID, Phys: 0, Size: pg.Size},
+			// The new data area runs to the end of the disk: cryptsetup
+			// maps a LUKS2 data segment to the end of the device (it
+			// does not limit it to a fixed segment size), so the
+			// mapping grows by the TrueCrypt header areas at the end.
+			{ID: NewID, Phys: 0, Size: pg.DiskSize},
 		},
 	}
 	p := &Plan{

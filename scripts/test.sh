@@ -2,7 +2,11 @@
 # make test: host packages, Go toolchain, go vet, then every test of the
 # module (unit tests, and with DMCONVERT_VM=1 the real-kernel tests that
 # each package's TestVM runs inside the QEMU guest), then the guest totals.
-# It fails if any test fails or if no guest test ran inside the VM.
+# It fails if any test fails or if no guest test ran inside the VM. Last,
+# with the host otherwise idle, the rekey benchmark (BenchmarkGuestRekey:
+# dm-crypt, online cryptsetup reencrypt and dmconvert rekey on identical
+# disks in one 2-CPU VM; one round, DMCONVERT_BENCH_ROUNDS=n for more): it
+# fails only if a run fails or loses data; its ratios are reported.
 #   scripts/test.sh         the whole suite (make test)
 #   scripts/test.sh bench   guest benchmarks too (make bench): each TestVM with
 #                           -test.bench, and TestVMBench (convert: docs/benchmarks.md)
@@ -35,4 +39,20 @@ rc=0
 go test "${args[@]}" ./... || rc=$?
 echo "== guest tests"
 "$tool/testvm" report -module . "$reports" || rc=1
+if [ "${1:-}" != bench ]; then
+	echo "== rekey benchmark (BenchmarkGuestRekey in its own 2-CPU VM, the other VMs done; make bench runs three rounds and more)"
+	log="$tool/bench.log"
+	brc=0
+	DMCONVERT_VM_REPORT_DIR= DMCONVERT_VM_BENCH='^BenchmarkGuestRekey$' DMCONVERT_BENCH_ROUNDS=${DMCONVERT_BENCH_ROUNDS:-1} \
+		DMCONVERT_BENCH_SIZES=off DMCONVERT_BENCH_SWEEP=off \
+		go test -count=1 -timeout 40m -run '^TestVMBench$' -v ./convert >"$log" 2>&1 || brc=$?
+	# The summary the benchmark logs, and the Go test verdict.
+	sed -n '/rekey summary of this VM run/,/peak RSS/p' "$log" | sed 's/^[[:space:]]*//'
+	grep -E '^(--- |ok |FAIL|PASS)' "$log" || true
+	if [ $brc -ne 0 ] || ! grep -q 'rekey summary of this VM run' "$log"; then
+		echo "rekey benchmark FAILED (exit $brc); its log:"
+		tail -n 80 "$log"
+		rc=1
+	fi
+fi
 exit $rc
