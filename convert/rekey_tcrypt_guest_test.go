@@ -217,6 +217,12 @@ func TestGuestRekeyTCryptFS(t *testing.T) {
 	if !strings.Contains(out, "luks,header="+hdr) {
 		t.Fatalf("resume printed no crypttab line:\n%s", out)
 	}
+	// The mapping now runs to the end of the disk, as cryptsetup maps
+	// the LUKS2 segment (it grew by the old header areas).
+	if got, want := blockDevBytes(t, dev), blockDevBytes(t, disk); got != want {
+		t.Fatalf("the converted mapping is %d bytes, want the whole disk's %d", got, want)
+	}
+	st.Sizes[0] = blockDevBytes(t, dev)
 	sh(t, "mount", dev, mp)
 	verifyStack(t, st, state)
 	checkTCryptConverted(t, disk, name, hdr, oldKey)
