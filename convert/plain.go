@@ -512,36 +512,57 @@ type PlainRekeyGeometry struct {
 // first chunk, rewritten first, hides the volume's file system or PV
 // label from the old key's view while the run goes on), then finalize.
 func BuildPlainRekey(pg PlainRekeyGeometry) (*Plan, error) {
-	a := max(pg.Align, 1)
-	switch {
-	case pg.Size == 0 || pg.Size%a != 0 || pg.Offset%a != 0:
-		return nil, fmt.Errorf("mapping of %d sectors at %d is not a non-zero whole number of %d-sector blocks", pg.Size, pg.Offset, a)
-	case pg.Offset+pg.Size > pg.DiskSize:
-		return nil, fmt.Errorf("mapping [%d,%d) runs past the disk end %d", pg.Offset, pg.Offset+pg.Size, pg.DiskSize)
+	if err := pg.check(); err != nil {
+		return nil, err
 	}
-	chunk := roundDown(pg.Chunk, a)
+	chunk := roundDown(pg.Chunk, max(pg.Align, 1))
 	if chunk == 0 {
 		return nil, fmt.Errorf("chunk size is smaller than the sector size")
 	}
+	return pg.oneMove(Device{ID: NewID, Phys: pg.Offset, Size: pg.Size}, chunk, true, "plain rekey")
+}
+
+// check refuses a mapping that is not whole blocks inside the disk.
+func (pg PlainRekeyGeometry) check() error {
+	a := max(pg.Align, 1)
+	switch {
+	case pg.Size == 0 || pg.Size%a != 0 || pg.Offset%a != 0:
+		return fmt.Errorf("mapping of %d sectors at %d is not a non-zero whole number of %d-sector blocks", pg.Size, pg.Offset, a)
+	case pg.Offset+pg.Size > pg.DiskSize:
+		return fmt.Errorf("mapping [%d,%d) runs past the disk end %d", pg.Offset, pg.Offset+pg.Size, pg.DiskSize)
+	}
+	return nil
+}
+
+// oneMove is the verified plan of a run with one move of the whole
+// mapping, from old (the mapping's sectors) to nd, in chunks (in place:
+// the chunk's own sectors, rewritten with the mapping suspended), then
+// finalize.
+func (pg PlainRekeyGeometry) oneMove(nd Device, chunk Sectors, inPlace bool, what string) (*Plan, error) {
 	g := Geometry{
 		DiskSize: pg.DiskSize, Payload: pg.Size,
 		Devices: []Device{
 			{ID: DiskID, Phys: 0, Size: pg.DiskSize},
 			{ID: OldID, Phys: pg.Offset, Size: pg.Size},
-			{ID: NewID, Phys: pg.Offset, Size: pg.Size},
+			nd,
 		},
 	}
 	p := &Plan{
 		Version: PlanVersion, Op: "rekey", Geometry: g,
 		Phases: []Phase{
 			{Kind: PhaseSetup},
-			{Kind: PhaseMove, Start: 0, End: pg.Size, From: Backing{Dev: OldID}, To: Backing{Dev: NewID}, Chunk: chunk, InPlace: true},
+			{Kind: PhaseMove, Start: 0, End: pg.Size, From: Backing{Dev: OldID}, To: Backing{Dev: NewID}, Chunk: chunk, InPlace: inPlace},
 			{Kind: PhaseFinalize},
 		},
 		Initial: Layout{{Start: 0, End: pg.Size, On: Backing{Dev: OldID}}},
 	}
+	if !inPlace {
+		if err := p.setDirections(); err != nil {
+			return nil, err
+		}
+	}
 	if err := p.Verify(); err != nil {
-		return nil, fmt.Errorf("internal error: plain rekey plan fails verification: %w", err)
+		return nil, fmt.Errorf("internal error: %s plan fails verification: %w", what, err)
 	}
 	return p, nil
 }

@@ -44,6 +44,16 @@ func plainWorld(t *testing.T, seed int64) (*scenario, *fakeWorld) {
 func plainWorldIV(t *testing.T, seed int64) (*scenario, *fakeWorld) {
 	t.Helper()
 	sc, w := plainWorld(t, seed)
+	sc.setIVOffset(w, plainIVOffset)
+	return sc, w
+}
+
+// setIVOffset reloads vda_crypt with its IVs counted from iv and writes
+// its data back through it: the same contents, encrypted as a mapping
+// with that IV offset holds them. It returns the mapping's size.
+func (sc *scenario) setIVOffset(w *fakeWorld, iv Sectors) Sectors {
+	t := sc.t
+	t.Helper()
 	e := sc.engine(w)
 	tbl, err := e.DM.Table("vda_crypt")
 	if err != nil {
@@ -54,14 +64,14 @@ func plainWorldIV(t *testing.T, seed int64) (*scenario, *fakeWorld) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tbl[0].Params.(*dmtable.Crypt).IVOffset = plainIVOffset
+	tbl[0].Params.(*dmtable.Crypt).IVOffset = dmtable.Sectors(iv)
 	for _, err := range []error{e.DM.Load("vda_crypt", tbl), e.DM.Suspend("vda_crypt"), e.DM.Resume("vda_crypt"), w.userWrite("vda_crypt", 0, data, nil)} {
 		if err != nil {
 			t.Fatal(err)
 		}
 	}
-	sc.ivOffset = plainIVOffset
-	return sc, w
+	sc.ivOffset = iv
+	return n
 }
 
 const plainIVOffset = 4096

@@ -135,48 +135,22 @@ func (r *tcryptRecord) finalWrites(rekeyed bool) []Write {
 // chunks of at most pg.Offset (the header area is the gap), then
 // finalize: the mapping becomes the new key's whole disk.
 func BuildTCryptRekey(pg PlainRekeyGeometry) (*Plan, error) {
-	a := max(pg.Align, 1)
-	switch {
-	case pg.Size == 0 || pg.Size%a != 0 || pg.Offset%a != 0:
-		return nil, fmt.Errorf("data area of %d sectors at %d is not a non-zero whole number of %d-sector blocks", pg.Size, pg.Offset, a)
-	case pg.Offset == 0 || pg.Offset%labelSectors != 0:
+	if err := pg.check(); err != nil {
+		return nil, err
+	}
+	if pg.Offset == 0 || pg.Offset%labelSectors != 0 {
 		return nil, fmt.Errorf("data offset %d sectors leaves no gap of whole 4 KiB blocks to move the data into", pg.Offset)
-	case pg.Offset+pg.Size > pg.DiskSize:
-		return nil, fmt.Errorf("data area [%d,%d) runs past the disk end %d", pg.Offset, pg.Offset+pg.Size, pg.DiskSize)
 	}
 	chunk := pg.Offset
 	if pg.Chunk != 0 {
 		chunk = min(pg.Chunk, pg.Offset)
 	}
-	if chunk = roundDown(chunk, a); chunk == 0 {
+	if chunk = roundDown(chunk, max(pg.Align, 1)); chunk == 0 {
 		return nil, fmt.Errorf("chunk size is smaller than the sector size")
 	}
-	g := Geometry{
-		DiskSize: pg.DiskSize, Payload: pg.Size,
-		Devices: []Device{
-			{ID: DiskID, Phys: 0, Size: pg.DiskSize},
-			{ID: OldID, Phys: pg.Offset, Size: pg.Size},
-			// The new data area runs to the end of the disk: cryptsetup
-			// maps a LUKS2 data segment to the end of the device (it
-			// does not limit it to a fixed segment size), so the
-			// mapping grows by the TrueCrypt header areas at the end.
-			{ID: NewID, Phys: 0, Size: pg.DiskSize},
-		},
-	}
-	p := &Plan{
-		Version: PlanVersion, Op: "rekey", Geometry: g,
-		Phases: []Phase{
-			{Kind: PhaseSetup},
-			{Kind: PhaseMove, Start: 0, End: pg.Size, From: Backing{Dev: OldID}, To: Backing{Dev: NewID}, Chunk: chunk},
-			{Kind: PhaseFinalize},
-		},
-		Initial: Layout{{Start: 0, End: pg.Size, On: Backing{Dev: OldID}}},
-	}
-	if err := p.setDirections(); err != nil {
-		return nil, err
-	}
-	if err := p.Verify(); err != nil {
-		return nil, fmt.Errorf("internal error: TrueCrypt conversion plan fails verification: %w", err)
-	}
-	return p, nil
+	// The new data area runs to the end of the disk: cryptsetup maps a
+	// LUKS2 data segment to the end of the device (it does not limit it
+	// to a fixed segment size), so the mapping grows by the TrueCrypt
+	// header areas at the end.
+	return pg.oneMove(Device{ID: NewID, Phys: 0, Size: pg.DiskSize}, chunk, false, "TrueCrypt conversion")
 }

@@ -24,23 +24,7 @@ const tcryptPass = "pw"
 func tcryptWorld(t *testing.T, seed int64) (*scenario, *fakeWorld) {
 	t.Helper()
 	sc, w := encryptedWorld(t, seed)
-	e := sc.engine(w)
-	tbl, err := e.DM.Table("vda_crypt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := Sectors(tbl[0].Length)
-	data, err := w.userRead("vda_crypt", 0, n)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tbl[0].Params.(*dmtable.Crypt).IVOffset = dmtable.Sectors(sc.H)
-	for _, err := range []error{e.DM.Load("vda_crypt", tbl), e.DM.Suspend("vda_crypt"), e.DM.Resume("vda_crypt"), w.userWrite("vda_crypt", 0, data, nil)} {
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	sc.ivOffset = sc.H
+	n := sc.setIVOffset(w, sc.H)
 	hdr, err := luks.CreateTCrypt(luks.TCryptParams{PRF: "sha512", Key: sc.key, DataOffset: int64(sc.H) * 512,
 		DataSize: int64(n) * 512, VolumeSize: int64(n) * 512}, []byte(tcryptPass))
 	if err != nil {
