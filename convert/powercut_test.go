@@ -74,15 +74,15 @@ func envInt(name string, def int64) int64 {
 
 // vmPowerCut (TestVMPowerCut): DMCONVERT_POWERCUTS cuts of an encrypt (default 5,
 // what CI runs; make crashtest N=... runs more) and DMCONVERT_POWERCUTS_OPS
-// cuts each of a decrypt, a LUKS2 rekey and a plain dm-crypt rekey
-// (default 1), DMCONVERT_CRASH_SEED to replay.
+// cuts each of a decrypt, a LUKS2 rekey, a plain dm-crypt rekey and a
+// TrueCrypt to LUKS2 conversion (default 1), DMCONVERT_CRASH_SEED to replay.
 func vmPowerCut(t *testing.T) {
 	testvm.RequireVM(t)
 	t.Parallel()
 	seed := envInt("DMCONVERT_CRASH_SEED", time.Now().UnixNano())
 	cuts := int(envInt("DMCONVERT_POWERCUTS", 5))
 	opCuts := int(envInt("DMCONVERT_POWERCUTS_OPS", 1))
-	ops := make([]string, 0, cuts+3*opCuts)
+	ops := make([]string, 0, cuts+4*opCuts)
 	for i := 0; i < cuts; i++ {
 		// Every fifth encrypt cut converts a PV of a two-PV volume group
 		// and reboots with the other PV under another device name.
@@ -93,17 +93,17 @@ func vmPowerCut(t *testing.T) {
 		ops = append(ops, "encrypt")
 	}
 	for i := 0; i < opCuts; i++ {
-		ops = append(ops, "decrypt", "rekey", pcPlain)
+		ops = append(ops, "decrypt", "rekey", pcPlain, pcTCrypt)
 	}
 	if only := os.Getenv("DMCONVERT_PC_ONLY"); only != "" {
 		// One kind of cut only (encrypt, encrypt-2pv, decrypt, rekey,
-		// rekey-plain).
+		// rekey-plain, rekey-tcrypt).
 		ops = ops[:0]
 		for i := 0; i < cuts; i++ {
 			ops = append(ops, only)
 		}
 	}
-	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts: %d of an encrypt, %d each of a decrypt, a rekey and a plain rekey", seed, seed, len(ops), cuts, opCuts)
+	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts: %d of an encrypt, %d each of a decrypt, a rekey, a plain rekey and a TrueCrypt conversion", seed, seed, len(ops), cuts, opCuts)
 	rng := rand.New(rand.NewSource(seed))
 	ctx := context.Background()
 	img, err := testvm.Prepare(ctx)
@@ -149,7 +149,11 @@ func vmPowerCut(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			testvm.CreateDisk(pv, 80*guestMiB)
+			pvSize := int64(80 * guestMiB)
+			if op == pcTCrypt {
+				pvSize = 48 * guestMiB // 128 KiB steps: a smaller volume
+			}
+			testvm.CreateDisk(pv, pvSize)
 			testvm.CreateDisk(state, 64*guestMiB)
 			disks := []string{pv, state}
 			disks2 := disks
@@ -203,6 +207,11 @@ const pcTag = "pc"
 // with a PV on it (the key files live on the state disk).
 const pcPlain = "rekey-plain"
 
+// pcTCrypt is the power-cut operation that turns a TrueCrypt volume (made
+// by tcplay) with a PV on it into LUKS2 with a detached header (on the
+// state disk).
+const pcTCrypt = "rekey-tcrypt"
+
 // pc2PV is the power-cut operation that encrypts one PV of a two-PV VG
 // (an LV spans both); the other PV changes its name across the cut.
 const pc2PV = "encrypt-2pv"
@@ -239,6 +248,10 @@ func TestBootPowerCutStart(t *testing.T) {
 		if op == "decrypt" {
 			args = append(args, "--shrink-pv")
 		}
+	case pcTCrypt:
+		st = tcryptLVMStack(t, pcTag, d[0], state, "32m", "4m")
+		args = []string{"rekey", st.VG + "_crypt", "--header", filepath.Join(state, "pc.hdr"), "--key-file", pwFile,
+			"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--batch-mode", "--json", "--journal", st.file(state, "journal")}
 	case pcPlain:
 		st = plainLVMStack(t, pcTag, d[0], state, "40m", "8m")
 		args = []string{"rekey", st.VG + "_crypt", "--new-key-file", filepath.Join(state, "pc-new.key"), "--batch-mode", "--json",
@@ -285,8 +298,12 @@ func TestBootPowerCutResume(t *testing.T) {
 	}
 	st := loadStack(t, state, pcTag)
 	jpath := st.file(state, "journal")
-	if op == pcPlain {
+	switch op {
+	case pcPlain:
 		plainPowerCutResume(t, st, state, jpath)
+		return
+	case pcTCrypt:
+		tcryptPowerCutResume(t, st, state, jpath)
 		return
 	}
 	name := filepath.Base(st.Disk) + "_crypt"

@@ -85,7 +85,8 @@ then cryptsetup open --header FILE DEVICE NAME opens the volume.
 
 TrueCrypt/VeraCrypt (a normal volume opened by cryptsetup open --type tcrypt,
 one AES cipher, a passphrase without keyfiles): --header FILE turns it into
-LUKS2 with a detached header, opened by the volume's passphrase. The data
+LUKS2 with a detached header, opened by the volume's passphrase (asked, or
+--key-file: a file holding the passphrase, not a TrueCrypt keyfile). The data
 moves 128 KiB toward the start of the disk (over the TrueCrypt headers) while
 it is re-encrypted, in steps of at most 128 KiB; at the end the old backup
 headers are zeroed. A hidden volume inside it does not survive.`,
