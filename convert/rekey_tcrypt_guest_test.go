@@ -2,6 +2,8 @@ package convert
 
 import (
 	"bytes"
+	"crypto/rand"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -13,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dmconvert/dmconvert/luks"
 	"github.com/dmconvert/dmconvert/testvm"
 )
 
@@ -110,7 +113,7 @@ func tcryptOpen(t testing.TB, disk, name string) {
 // with its data at 0; the old volume key does not open the volume with
 // it; the TrueCrypt passphrase opens neither the old header nor its
 // backup; the live mapping is the header's.
-func checkTCryptConverted(t testing.TB, disk, name, hdr string, oldKey []byte) {
+func checkTCryptConverted(t testing.TB, disk, name, hdr string, oldKey []byte, kdf ...string) {
 	t.Helper()
 	dump := sh(t, "cryptsetup", "luksDump", hdr)
 	if !strings.Contains(dump, "offset: 0 [bytes]") || strings.Contains(dump, "dmconvert") {
@@ -126,9 +129,12 @@ func checkTCryptConverted(t testing.TB, disk, name, hdr string, oldKey []byte) {
 		t.Fatalf("the old volume key opens the converted volume:\n%s", out)
 	}
 	for _, args := range [][]string{{"tcryptDump", disk}, {"tcryptDump", "--tcrypt-backup", disk}} {
-		// The volume's own KDF only: every VeraCrypt KDF takes minutes
-		// on the emulated CPU.
-		cmd := exec.Command("cryptsetup", append(tcryptKDFFlags, args...)...)
+		// The volume's own KDF only (kdf, default tcryptKDFFlags):
+		// every VeraCrypt KDF takes minutes on the emulated CPU.
+		if kdf == nil {
+			kdf = tcryptKDFFlags
+		}
+		cmd := exec.Command("cryptsetup", append(append([]string{}, kdf...), args...)...)
 		cmd.Stdin = bytes.NewReader(guestPass)
 		if out, err := cmd.CombinedOutput(); err == nil {
 			t.Fatalf("cryptsetup %s still opens a TrueCrypt header with the passphrase:\n%s", strings.Join(args, " "), out)
@@ -370,4 +376,65 @@ func tcryptPowerCutResume(t *testing.T, st *stack, state, jpath string) {
 			t.Fatalf("the detached header is not a finished one with its data at offset 0:\n%s", dump)
 		}
 	}
+}
+
+// TestGuestRekeyTCryptVeraCrypt: a VeraCrypt volume (PBKDF2-SHA512 with
+// VeraCrypt's 500000 iterations; its header written by luks.CreateTCrypt,
+// as tcplay makes TrueCrypt ones only) opened by stock cryptsetup with
+// --veracrypt, an ext4 mounted on it, becomes LUKS2 under a writer;
+// checked live and after a cold open with the header.
+func TestGuestRekeyTCryptVeraCrypt(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	disk := d[12]
+	tag := "tvc"
+	name := tag + "-crypt"
+	hdr := "/tmp/tvc.hdr"
+	size := int64(blockDevBytes(t, disk))
+	key := make([]byte, 64)
+	rand.Read(key)
+	h, err := luks.CreateTCrypt(luks.TCryptParams{VeraCrypt: true, PRF: "sha512", Key: key, DataOffset: 128 << 10,
+		DataSize: size - 256<<10, VolumeSize: size - 256<<10}, guestPass)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(disk, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range []int64{0, size - 128<<10} { // the header and its backup
+		if _, err := f.WriteAt(h, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := errors.Join(f.Sync(), f.Close()); err != nil {
+		t.Fatal(err)
+	}
+	vc := []string{"--veracrypt", "--hash", "sha512"}
+	shIn(t, guestPass, "cryptsetup", append(append([]string{"open", "--type", "tcrypt"}, vc...), disk, name)...)
+	if !bytes.Equal(tableKey(t, name), key) {
+		t.Fatal("stock cryptsetup opened the VeraCrypt volume with another key")
+	}
+	if uuid := strings.TrimSpace(sh(t, "dmsetup", "info", "-c", "--noheadings", "-o", "uuid", name)); !strings.HasPrefix(uuid, "CRYPT-TCRYPT-") {
+		t.Fatalf("cryptsetup's VeraCrypt mapping has uuid %q", uuid)
+	}
+	dev := "/dev/mapper/" + name
+	st := fsStack(t, tag, disk, state, name, "-E", "lazy_itable_init=0,lazy_journal_init=0")
+	mp := st.Mounts[0]
+	w := startWriter(t, st, state)
+	code, out := cliRun(t, "rekey", name, "--header", hdr, "--key-file", pwFile, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+		"--batch-mode", "--journal", st.file(state, "journal"))
+	requireExit(t, "VeraCrypt conversion", code, 0, out)
+	acks, gap := w.finish(t)
+	t.Logf("writer: %d acknowledged writes, longest gap %v", acks, gap)
+	st.Sizes[0] = blockDevBytes(t, dev)
+	verifyStack(t, st, state)
+	checkTCryptConverted(t, disk, name, hdr, key, vc...)
+	sh(t, "umount", mp)
+	sh(t, "cryptsetup", "close", name)
+	sh(t, "cryptsetup", "open", "--header", hdr, "--key-file", pwFile, disk, name)
+	sh(t, "mount", dev, mp)
+	verifyStack(t, st, state)
 }

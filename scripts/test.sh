@@ -5,7 +5,8 @@
 # It fails if any test fails or if no guest test ran inside the VM. Last,
 # with the host otherwise idle, the rekey benchmark (BenchmarkGuestRekey:
 # dm-crypt, online cryptsetup reencrypt and dmconvert rekey on identical
-# disks in one 2-CPU VM; three rounds, DMCONVERT_BENCH_ROUNDS=n to change): it
+# disks in one 2-CPU VM; two rounds (make bench: three), DMCONVERT_BENCH_ROUNDS=n
+# to change): it
 # fails only if a run fails or loses data; its ratios are reported.
 #   scripts/test.sh         the whole suite (make test)
 #   scripts/test.sh bench   guest benchmarks too (make bench): each TestVM with
@@ -43,7 +44,7 @@ if [ "${1:-}" != bench ]; then
 	echo "== rekey benchmark (BenchmarkGuestRekey in its own 2-CPU VM, the other VMs done; make bench adds the sweeps and larger disks)"
 	log="$tool/bench.log"
 	brc=0
-	DMCONVERT_VM_REPORT_DIR= DMCONVERT_VM_BENCH='^BenchmarkGuestRekey$' DMCONVERT_BENCH_ROUNDS=${DMCONVERT_BENCH_ROUNDS:-3} \
+	DMCONVERT_VM_REPORT_DIR= DMCONVERT_VM_BENCH='^BenchmarkGuestRekey$' DMCONVERT_BENCH_ROUNDS=${DMCONVERT_BENCH_ROUNDS:-2} \
 		DMCONVERT_BENCH_SIZES=off DMCONVERT_BENCH_SWEEP=off \
 		go test -count=1 -timeout 40m -run '^TestVMBench$' -v ./convert >"$log" 2>&1 || brc=$?
 	# The summary the benchmark logs, and the Go test verdict.
