@@ -5,9 +5,9 @@
 # It fails if any test fails or if no guest test ran inside the VM. Last,
 # with the host otherwise idle, the rekey benchmark (BenchmarkGuestRekey:
 # dm-crypt, online cryptsetup reencrypt and dmconvert rekey on identical
-# disks in one 2-CPU VM; two rounds (make bench: three), DMCONVERT_BENCH_ROUNDS=n
-# to change): it
-# fails only if a run fails or loses data; its ratios are reported.
+# disks in one 2-CPU VM; two rounds, make bench three, DMCONVERT_BENCH_ROUNDS=n
+# to change): it fails only if a run fails or loses data; its ratios are
+# reported.
 #   scripts/test.sh         the whole suite (make test)
 #   scripts/test.sh bench   guest benchmarks too (make bench): each TestVM with
 #                           -test.bench, and TestVMBench (convert: docs/benchmarks.md)
