@@ -443,21 +443,34 @@ func plainCrashAndRecover(t *testing.T, world rekeyWorld, fp string, nth int, re
 // A resume with the wrong old key is refused before anything is written.
 func TestPlainRekeyResumeWrongOldKey(t *testing.T) {
 	sc, w := plainWorld(t, 65)
-	e := sc.engine(w)
-	crashed, _ := sc.runUntil(e, w, "commit:after", 3, sc.planPlain(e))
-	if crashed == nil {
-		t.Fatal("never reached commit:after#3")
-	}
-	w = crashed
-	w.powerCut(false)
-	e = sc.engine(w)
+	w, e := sc.poweredOffAt(w, "commit:after", 3, sc.planPlain)
 	o := sc.plainResumeOptions()
 	o.OldKey = func() ([]byte, error) { return make([]byte, 64), nil }
-	err := e.Resume(context.Background(), o)
-	if !errors.Is(err, ErrWrongPassphrase) {
-		t.Fatalf("resume with a wrong old key: %v", err)
+	sc.resumeRefused(w, e, o, "a wrong old key")
+}
+
+// poweredOffAt runs plan until the nth hit of fp, then cuts the power
+// (the disk keeps what it acknowledged): what the next boot finds, and an
+// engine on it.
+func (sc *scenario) poweredOffAt(w *fakeWorld, fp string, nth int, plan func(*Engine) func() error) (*fakeWorld, *Engine) {
+	sc.t.Helper()
+	e := sc.engine(w)
+	crashed, _ := sc.runUntil(e, w, fp, nth, plan(e))
+	if crashed == nil {
+		sc.t.Fatalf("never reached %s#%d", fp, nth)
+	}
+	crashed.powerCut(false)
+	return crashed, sc.engine(crashed)
+}
+
+// resumeRefused: a resume with o fails as a wrong passphrase or key,
+// before it creates any device.
+func (sc *scenario) resumeRefused(w *fakeWorld, e *Engine, o ResumeOptions, what string) {
+	sc.t.Helper()
+	if err := e.Resume(context.Background(), o); !errors.Is(err, ErrWrongPassphrase) {
+		sc.t.Fatalf("resume with %s: %v", what, err)
 	}
 	if len(w.devs) != 0 {
-		t.Fatalf("devices created by a refused resume: %v", w.devs)
+		sc.t.Fatalf("devices created by a refused resume: %v", w.devs)
 	}
 }

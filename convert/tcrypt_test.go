@@ -178,26 +178,14 @@ func TestTCryptToLUKS2CrashAtEveryFailpoint(t *testing.T) {
 // refused before anything is written.
 func TestTCryptResumeAfterReboot(t *testing.T) {
 	sc, w := tcryptWorld(t, 74)
-	e := sc.engine(w)
-	crashed, _ := sc.runUntil(e, w, "commit:after", 5, sc.planPlain(e))
-	if crashed == nil {
-		t.Fatal("never reached commit:after#5")
-	}
-	w = crashed
-	w.powerCut(false)
-	e = sc.engine(w)
+	w, e := sc.poweredOffAt(w, "commit:after", 5, sc.planPlain)
 	o := sc.plainResumeOptions()
 	o.OldKey = func() ([]byte, error) {
 		return nil, errors.New("the old key must come from the journal's TrueCrypt header")
 	}
 	bad := o
 	bad.Passphrase = []byte("nope")
-	if err := e.Resume(context.Background(), bad); !errors.Is(err, ErrWrongPassphrase) {
-		t.Fatalf("resume with a wrong passphrase: %v", err)
-	}
-	if len(w.devs) != 0 {
-		t.Fatalf("devices created by a refused resume: %v", w.devs)
-	}
+	sc.resumeRefused(w, e, bad, "a wrong passphrase")
 	if err := e.Resume(context.Background(), o); err != nil {
 		t.Fatal(err)
 	}
