@@ -112,9 +112,12 @@ type run struct {
 	devs    map[BackingID]dmtable.Dev
 	fdev    dmtable.Dev
 	release func() error
-	stop    func() bool // true once the user asked to stop
-	ident   Identity    // what the disk's first 4 KiB said at reconcile
-	lastEv  time.Time
+	// prep, when set, delivers the memory pinning and the LVM fence
+	// started early (startPrep); execute takes them from there.
+	prep   <-chan prepResult
+	stop   func() bool // true once the user asked to stop
+	ident  Identity    // what the disk's first 4 KiB said at reconcile
+	lastEv time.Time
 	// pre is the chunk whose intent the last chunk's commit recorded
 	// (in the same journal transaction); seq 0: none.
 	pre preIntent

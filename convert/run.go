@@ -73,6 +73,12 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 		}
 	}
 	r := &run{e: e, j: j, spec: spec, plan: spec.Forward, hdr: ep.Header, devs: map[BackingID]dmtable.Dev{DiskID: spec.Disk.Dev}, stop: o.Stop}
+	// Pinning memory and fencing LVM (a vgs) overlap the journal's
+	// first durable writes; execute waits for both before it changes
+	// anything. Not earlier: the checks above and a shrink run lvm
+	// commands the fence would hold off.
+	r.prep = r.startPrep(ctx)
+	defer r.dropPrep()
 	r.st = r.plan.Start()
 	img, err := ep.Header.Image(r.cp(r.st))
 	if err != nil {
@@ -167,20 +173,64 @@ func (e *Engine) checkStacked(disk dmtable.Dev, dev string, pv *PV, spec *Spec, 
 	return nil
 }
 
-// execute pins memory, fences LVM, runs before (with the fence held) and
-// then the loop.
-func (r *run) execute(ctx context.Context, before func() error) (err error) {
+// prepResult is what startPrep did: the fence's release (nil: no VG)
+// and the first error.
+type prepResult struct {
+	release func() error
+	err     error
+}
+
+// prepare pins memory and fences LVM away from the run's VG.
+func (r *run) prepare(ctx context.Context) prepResult {
 	if r.e.Lock != nil {
 		if err := r.e.Lock(); err != nil {
-			return fmt.Errorf("locking memory: %w", err)
+			return prepResult{err: fmt.Errorf("locking memory: %w", err)}
 		}
 	}
 	if r.spec.VG != "" {
 		rel, err := r.e.LVM.Fence(ctx, r.spec.VG)
 		if err != nil {
-			return fmt.Errorf("fencing LVM away from volume group %s: %w", r.spec.VG, err)
+			return prepResult{err: fmt.Errorf("fencing LVM away from volume group %s: %w", r.spec.VG, err)}
 		}
-		r.release = rel
+		return prepResult{release: rel}
+	}
+	return prepResult{}
+}
+
+// startPrep runs prepare in the background.
+func (r *run) startPrep(ctx context.Context) <-chan prepResult {
+	ch := make(chan prepResult, 1)
+	go func() { ch <- r.prepare(ctx) }()
+	return ch
+}
+
+// dropPrep releases a fence startPrep took that execute never took
+// over (the run stopped before it).
+func (r *run) dropPrep() {
+	if r.prep == nil {
+		return
+	}
+	if res := <-r.prep; res.release != nil {
+		res.release()
+	}
+	r.prep = nil
+}
+
+// execute pins memory, fences LVM (or takes both from startPrep), runs
+// before (with the fence held) and then the loop.
+func (r *run) execute(ctx context.Context, before func() error) (err error) {
+	var res prepResult
+	if r.prep != nil {
+		res = <-r.prep
+		r.prep = nil
+	} else {
+		res = r.prepare(ctx)
+	}
+	if res.err != nil {
+		return res.err
+	}
+	if res.release != nil {
+		r.release = res.release
 		defer func() {
 			if rerr := r.releaseFence(); rerr != nil {
 				err = errors.Join(err, rerr)
