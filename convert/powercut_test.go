@@ -470,25 +470,14 @@ func tail(b []byte, n int) string {
 func plainPowerCutResume(t *testing.T, st *stack, state, jpath string) {
 	name := st.VG + "_crypt"
 	oldKey, newKey := filepath.Join(state, "pc-old.key"), filepath.Join(state, "pc-new.key")
-	shOK("pvscan", "--cache", "-aay")
-	shOK("vgchange", "-ay", st.VG)
-	if out, err := shOK("dmsetup", "ls"); err == nil && strings.Contains(out, st.VG+"-") {
-		t.Fatalf("LVM activated LVs from the raw disk %s:\n%s", st.Disk, out)
-	}
-	code, out := cliRun(t, "status", "--journal", jpath, "--json")
-	switch {
-	case code != 0 && (strings.Contains(out, "does not exist") || strings.Contains(out, "holds no conversion run")):
+	switch headerlessCutState(t, st, jpath, pcPlain) {
+	case cutNotStarted:
 		// Cut before the run recorded anything: the old key opens it all.
-		fmt.Println("DMCONVERT-CUT-STATE", pcPlain+"-not-started")
 		plainOpen(t, st.Disk, name, oldKey, "512")
-	case code != 0:
-		t.Fatalf("status after the cut: exit %d:\n%s", code, out)
-	case strings.Contains(out, `"done"`):
-		fmt.Println("DMCONVERT-CUT-STATE", pcPlain+"-done")
+	case cutDone:
 		plainOpen(t, st.Disk, name, newKey, "512")
 	default:
-		fmt.Println("DMCONVERT-CUT-STATE", pcPlain+"-in-progress")
-		code, out = cliRun(t, "resume", "--journal", jpath, "--old-key-file", oldKey)
+		code, out := cliRun(t, "resume", "--journal", jpath, "--old-key-file", oldKey)
 		requireExit(t, "resume after the power cut", code, 0, out)
 	}
 	sh(t, "vgchange", "-ay", st.VG)
@@ -501,4 +490,37 @@ func plainPowerCutResume(t *testing.T, st *stack, state, jpath string) {
 		sh(t, "cryptsetup", "close", name)
 		oldKeySeesNothing(t, st.Disk, oldKey)
 	}
+}
+
+// The states headerlessCutState finds.
+const (
+	cutNotStarted = "not-started"
+	cutDone       = "done"
+	cutInProgress = "in-progress"
+)
+
+// headerlessCutState is the start of the second boot of a cut run whose
+// disk carries no mark a boot-time tool sees (a plain or TrueCrypt
+// source): boot-time LVM must activate nothing from the raw disk; then
+// dmconvert status says how far the run got, which is printed for the
+// host (DMCONVERT-CUT-STATE op-state) and returned.
+func headerlessCutState(t *testing.T, st *stack, jpath, op string) string {
+	t.Helper()
+	shOK("pvscan", "--cache", "-aay")
+	shOK("vgchange", "-ay", st.VG)
+	if out, err := shOK("dmsetup", "ls"); err == nil && strings.Contains(out, st.VG+"-") {
+		t.Fatalf("LVM activated LVs from the raw disk %s:\n%s", st.Disk, out)
+	}
+	code, out := cliRun(t, "status", "--journal", jpath, "--json")
+	state := cutInProgress
+	switch {
+	case code != 0 && (strings.Contains(out, "does not exist") || strings.Contains(out, "holds no conversion run")):
+		state = cutNotStarted
+	case code != 0:
+		t.Fatalf("status after the cut: exit %d:\n%s", code, out)
+	case strings.Contains(out, `"done"`):
+		state = cutDone
+	}
+	fmt.Println("DMCONVERT-CUT-STATE", op+"-"+state)
+	return state
 }

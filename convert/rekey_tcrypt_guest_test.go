@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"crypto/rand"
 	"errors"
-	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -341,32 +340,21 @@ func tcryptLVMStack(t testing.TB, tag, disk, state, extSize, rawSize string) *st
 func tcryptPowerCutResume(t *testing.T, st *stack, state, jpath string) {
 	name := st.VG + "_crypt"
 	hdr := filepath.Join(state, "pc.hdr")
-	shOK("pvscan", "--cache", "-aay")
-	shOK("vgchange", "-ay", st.VG)
-	if out, err := shOK("dmsetup", "ls"); err == nil && strings.Contains(out, st.VG+"-") {
-		t.Fatalf("LVM activated LVs from the raw disk %s:\n%s", st.Disk, out)
-	}
-	code, out := cliRun(t, "status", "--journal", jpath, "--json")
 	converted := true
-	switch {
-	case code != 0 && (strings.Contains(out, "does not exist") || strings.Contains(out, "holds no conversion run")):
+	switch headerlessCutState(t, st, jpath, pcTCrypt) {
+	case cutNotStarted:
 		// (The header file may exist, still marked: it is written
 		// before the journal.)
-		fmt.Println("DMCONVERT-CUT-STATE", pcTCrypt+"-not-started")
 		tcryptOpen(t, st.Disk, name)
 		converted = false
-	case code != 0:
-		t.Fatalf("status after the cut: exit %d:\n%s", code, out)
-	case strings.Contains(out, `"done"`):
-		fmt.Println("DMCONVERT-CUT-STATE", pcTCrypt+"-done")
+	case cutDone:
 		sh(t, "cryptsetup", "open", "--header", hdr, "--key-file", pwFile, st.Disk, name)
 	default:
-		fmt.Println("DMCONVERT-CUT-STATE", pcTCrypt+"-in-progress")
 		if out, err := shOK("cryptsetup", "open", "--header", hdr, "--key-file", pwFile, st.Disk, "pc-early"); err == nil {
 			shOK("cryptsetup", "close", "pc-early")
 			t.Fatalf("stock cryptsetup opened the half-converted volume with its header:\n%s", out)
 		}
-		code, out = cliRun(t, "resume", "--journal", jpath, "--key-file", pwFile)
+		code, out := cliRun(t, "resume", "--journal", jpath, "--key-file", pwFile)
 		requireExit(t, "resume after the power cut", code, 0, out)
 	}
 	sh(t, "vgchange", "-ay", st.VG)
