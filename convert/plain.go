@@ -397,7 +397,10 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	if err != nil {
 		return nil, err
 	}
-	if ncs != cs {
+	// A TrueCrypt source's new IV offset alone needs no probe.
+	same := ncs
+	same.IVOffset = cs.IVOffset
+	if same != cs {
 		if err := e.probeCrypt(runID, ncs, di.Dev, off, align); err != nil {
 			var kr *kernelRefusal
 			if errors.As(err, &kr) {
