@@ -208,7 +208,18 @@ type DecryptGeometry struct {
 	Header   Sectors // H: the LUKS data offset
 	Chunk    Sectors
 	Align    Sectors
+	// HeaderGap: use the header area as the only working space (the
+	// payload may fill the mapping); chosen when there is no room after
+	// the payload. KeepMapping: F stays, as a linear map of the plain
+	// disk, instead of being removed (a file system on the mapping).
+	HeaderGap   bool
+	KeepMapping bool
 }
+
+// headSpanMax bounds the head a header-gap decrypt holds back: 1 MiB covers
+// the superblocks blkid looks for near the start of a device (ext2-4, xfs
+// and swap in the first 4 KiB, iso9660 at 32 KiB, btrfs at 64 KiB, ...).
+const headSpanMax Sectors = 2048
 
 // BuildDecrypt returns the plan that turns a LUKS disk whose mapping F
 // carries the payload back into plaintext on the disk, online: the exact
@@ -223,6 +234,9 @@ func BuildDecrypt(dg DecryptGeometry) (*Plan, error) {
 	}
 	if err := checkDataOffset(H, a); err != nil {
 		return nil, err
+	}
+	if dg.HeaderGap || dg.KeepMapping {
+		return buildDecryptHeaderGap(dg, a)
 	}
 	switch {
 	case P == 0 || P%a != 0:
@@ -278,6 +292,74 @@ func BuildDecrypt(dg DecryptGeometry) (*Plan, error) {
 	return p, nil
 }
 
+// buildDecryptHeaderGap is the decrypt plan that needs no room after the
+// payload (docs/design.md, "Decrypt without room"): the head F[0,K) first
+// goes, still encrypted with the source's key, over the start of the
+// header (which the journal keeps); the body F[K,P) then moves H sectors
+// toward the start through the rest of the header area; the head waits
+// in plaintext after the body, comes back, and its first 4 KiB come last.
+// While the run lasts the disk's first sectors are ciphertext: no tool
+// finds a file system, a PV or a LUKS header there.
+func buildDecryptHeaderGap(dg DecryptGeometry, a Sectors) (*Plan, error) {
+	N, P, H := dg.DiskSize, dg.Payload, dg.Header
+	K := roundDown(min(H, headSpanMax), max(a, labelSectors))
+	switch {
+	case P == 0 || P%a != 0:
+		return nil, fmt.Errorf("payload size %d sectors must be a non-zero multiple of the sector size", P)
+	case P+H > N:
+		return nil, fmt.Errorf("payload of %d sectors does not fit a disk of %d sectors after a %d-sector header", P, N, H)
+	case P <= K:
+		return nil, fmt.Errorf("payload of %d sectors is too small for a header-gap decrypt (it must exceed %d sectors)", P, K)
+	}
+	chunk := roundDown(min(dg.Chunk, H), a)
+	if dg.Chunk == 0 {
+		chunk = H
+	}
+	if chunk == 0 {
+		return nil, fmt.Errorf("chunk size is smaller than the sector size")
+	}
+	g := Geometry{
+		DiskSize: N, Payload: P, Header: H, Tail: P,
+		Devices: []Device{
+			{ID: DiskID, Phys: 0, Size: N},
+			{ID: OldID, Phys: H, Size: N - H},
+			{ID: HeadID, Phys: 0, Size: K},
+		},
+	}
+	disk := Backing{Dev: DiskID}
+	tail := Backing{Dev: DiskID, Delta: int64(P)}
+	old := Backing{Dev: OldID}
+	head := Backing{Dev: HeadID}
+	hc := min(chunk, K)
+	last := Phase{Kind: PhaseUnstack}
+	if dg.KeepMapping {
+		last = Phase{Kind: PhaseFinalize}
+	}
+	p := &Plan{
+		Version: PlanVersion, Op: "decrypt", Geometry: g,
+		Phases: []Phase{
+			{Kind: PhaseSetup},
+			{Kind: PhaseMark},
+			{Kind: PhaseMove, Start: 0, End: K, From: old, To: head, Chunk: hc, DestroysHeader: true},
+			{Kind: PhaseMove, Start: K, End: P, From: old, To: disk, Chunk: chunk},
+			{Kind: PhaseMove, Start: 0, End: K, From: head, To: tail, Chunk: hc},
+			{Kind: PhaseMove, Start: labelSectors, End: K, From: tail, To: disk, Chunk: hc},
+			{Kind: PhaseToLabel, Start: 0, End: labelSectors, From: tail, To: disk},
+			last,
+		},
+		Initial:       Layout{{Start: 0, End: P, On: old}},
+		HeaderAtStart: true,
+		HeaderRestore: true,
+	}
+	if err := p.setDirections(); err != nil {
+		return nil, err
+	}
+	if err := p.Verify(); err != nil {
+		return nil, fmt.Errorf("internal error: header-gap decrypt plan fails verification: %w", err)
+	}
+	return p, nil
+}
+
 // ErrTooLateToAbort: a decrypt past the point where the header is
 // overwritten cannot be walked back; it can only be finished.
 var ErrTooLateToAbort = errors.New("too late to abort: the LUKS header is already being overwritten; run dmconvert resume to finish")
@@ -286,20 +368,27 @@ var ErrTooLateToAbort = errors.New("too late to abort: the LUKS header is alread
 // parts of the body and of the head go back into the crypt mapping, then
 // finalize makes F the crypt mapping again and clears the header's marks.
 func (p *Plan) buildDecryptAbort(st State) (*Plan, error) {
+	destroyed := false
 	for i := 0; i <= min(st.Phase, len(p.Phases)-1); i++ {
 		ph := p.Phases[i]
-		if ph.DestroysHeader && (i < st.Phase || st.Boundary != ph.InitialBoundary()) || ph.Kind == PhaseToLabel && i < st.Phase {
+		// A phase that destroys the header may have begun to (its
+		// chunk's mirror copies into the header area) even at its
+		// initial boundary: from its first intent on, the header on
+		// disk is not the one the journal holds.
+		destroyed = destroyed || ph.DestroysHeader
+		if ph.DestroysHeader && !p.HeaderRestore || ph.Kind == PhaseToLabel {
 			return nil, ErrTooLateToAbort
 		}
 	}
 	ab := &Plan{
 		Version: PlanVersion, Op: "abort-" + p.Op, Geometry: p.Geometry,
-		Initial: p.Layout(st), HeaderAtStart: p.HeaderAtStart,
+		Initial: p.Layout(st), HeaderAtStart: p.HeaderAtStart && !destroyed,
+		HeaderRestore: p.HeaderRestore,
 	}
 	var phases []Phase
 	for j := min(st.Phase, len(p.Phases)-1); j >= 0; j-- {
 		ph := p.Phases[j]
-		if ph.Kind != PhaseMove || ph.DestroysHeader {
+		if ph.Kind != PhaseMove || ph.DestroysHeader && !p.HeaderRestore {
 			continue
 		}
 		s, e := ph.Start, ph.End

@@ -26,6 +26,11 @@ type DecryptOptions struct {
 	// ShrinkPV lets the plan shrink the PV on the mapping when its last
 	// extents are free.
 	ShrinkPV bool
+	// HeaderGap uses the header area as the only working space even when
+	// there is room after a PV (docs/design.md, "Decrypt without room").
+	// It is the plan whenever the mapping carries no PV (a file system)
+	// or a PV without room after it (and ShrinkPV cannot make some).
+	HeaderGap bool
 	// Open unlocks the header with the user's passphrase or key file.
 	Open HeaderOpener
 }
@@ -204,8 +209,8 @@ func newRunID() (string, error) {
 	return hex.EncodeToString(id), nil
 }
 
-// PlanDecrypt inspects an open LUKS mapping with an LVM PV on it and
-// returns a verified decrypt plan. It writes nothing.
+// PlanDecrypt inspects an open LUKS mapping with an LVM PV or a file
+// system on it and returns a verified decrypt plan. It writes nothing.
 func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPlan, error) {
 	src, err := e.inspectLUKS(o.Target, o.Open)
 	if err != nil {
@@ -217,42 +222,61 @@ func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPla
 		return nil, err
 	}
 
-	// What is on the mapping: an LVM PV.
+	// What is on the mapping: an LVM PV, or anything else (a mounted file
+	// system): then the mapping stays, as a linear map of the plain disk.
 	node := e.Host.NodePath(m.name)
 	if users, err := e.Host.Users(m.info.Dev); err != nil {
 		return fail(err)
-	} else if len(users) > 0 {
-		return fail(refuse(m.name, "a file system directly on the mapping cannot move toward the start of the disk while mounted; decrypt it offline (cryptsetup reencrypt --decrypt)", "it is used directly: %s", strings.Join(users, ", ")))
+	} else {
+		for _, u := range users {
+			if strings.HasPrefix(u, "held by ") {
+				return fail(refuse(m.name, "decrypt it offline (cryptsetup reencrypt --decrypt)", "it is %s, which dmconvert does not convert under", u))
+			}
+		}
 	}
 	pv, err := e.LVM.Discover(ctx, node)
-	if err != nil {
+	switch {
+	case errors.Is(err, ErrNotPV):
+		pv = nil
+	case err != nil:
 		return fail(err)
-	}
-	if pv.VG == "" {
+	case pv.VG == "":
 		return fail(refuse(node, "", "the physical volume belongs to no volume group"))
-	}
-	if pv.Refusal != "" {
+	case pv.Refusal != "":
 		return fail(refuse(node, "", "volume group %s cannot be converted: %s", pv.VG, pv.Refusal))
 	}
-	P := (pv.Size + align - 1) / align * align
+	dg := DecryptGeometry{DiskSize: di.Size, Header: H, Chunk: o.Chunk, Align: align, HeaderGap: o.HeaderGap}
 	var shrinkTo Sectors
-	if need := TailNeeded(P, H); need > di.Size {
-		room := roundDown(di.Size-2*H, align)
-		target, hint, free := pv.shrinkTarget(room, node)
-		if !o.ShrinkPV || !free {
-			return fail(refuse(node, hint, "moving the data to the start of the disk needs %d sectors of working space after the physical volume, but it ends %d sectors short of that", H, need-di.Size))
+	jname := hdr.UUID()
+	if pv == nil {
+		// The whole data area moves; no room is needed after it.
+		dg.Payload, dg.KeepMapping = roundDown(m.size, align), true
+		if dg.Payload != m.size {
+			return fail(refuse(m.name, "", "its size (%d sectors) is not a multiple of its sector size", m.size))
 		}
-		shrinkTo = target
-		P = (target + align - 1) / align * align
+	} else {
+		jname = pv.UUID
+		dg.Payload = (pv.Size + align - 1) / align * align
+		if need := TailNeeded(dg.Payload, H); need > di.Size && !dg.HeaderGap {
+			room := roundDown(di.Size-2*H, align)
+			target, _, free := pv.shrinkTarget(room, node)
+			if o.ShrinkPV && free {
+				shrinkTo = target
+				dg.Payload = (target + align - 1) / align * align
+			} else {
+				// No working space after the PV: the header area is it.
+				dg.HeaderGap = true
+			}
+		}
 	}
 	jpath := o.Journal
 	if jpath == "" {
-		jpath = filepath.Join(DefaultJournalDir, pv.UUID+".journal")
+		jpath = filepath.Join(DefaultJournalDir, jname+".journal")
 	}
 	if err := e.checkNewJournal(jpath, di.Dev, dpath); err != nil {
 		return fail(err)
 	}
-	plan, err := BuildDecrypt(DecryptGeometry{DiskSize: di.Size, Payload: P, Header: H, Chunk: o.Chunk, Align: align})
+	plan, err := BuildDecrypt(dg)
 	if err != nil {
 		return fail(refuse(dpath, "", "%v", err))
 	}
@@ -265,8 +289,13 @@ func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPla
 		Helpers:     map[BackingID]string{OldID: "dmconvert-" + runID + "-old"},
 		OldCrypt:    cs,
 		LUKSVersion: hdr.Version(), LUKSUUID: hdr.UUID(),
-		PVUUID: pv.UUID, VG: pv.VG, VGDevices: pv.VGDevices, VGPVUUIDs: pv.VGPVUUIDs, VGSeqno: pv.VGSeqno, PVDevice: node,
 		Forward: plan,
+	}
+	if _, ok := plan.Geometry.device(HeadID); ok {
+		spec.Helpers[HeadID] = "dmconvert-" + runID + "-head"
+	}
+	if pv != nil {
+		spec.PVUUID, spec.VG, spec.VGDevices, spec.VGPVUUIDs, spec.VGSeqno, spec.PVDevice = pv.UUID, pv.VG, pv.VGDevices, pv.VGPVUUIDs, pv.VGSeqno, node
 	}
 	return &EncryptPlan{Spec: spec, Journal: jpath, PV: pv, ShrinkTo: shrinkTo, Header: hdr,
 		keys: map[BackingID][]byte{OldID: keys.Bound}}, nil

@@ -100,11 +100,62 @@ func requireRefused(t *testing.T, w *fakeWorld, name, want string, plan func() e
 // TestDecryptCrashAtEveryFailpoint: the decrypt dies at every failpoint
 // (a spread of hits), by process kill or power cut (with and without the
 // disk's cache), then resume finishes with every write intact.
-func TestDecryptCrashAtEveryFailpoint(t *testing.T) {
+func TestDecryptCrashAtEveryFailpoint(t *testing.T) { decryptCrashMatrix(t, false) }
+
+// TestDecryptHeaderGapEndToEnd: the decrypt that needs no room after the
+// PV (the header area is its working space) ends with the LVs on the raw
+// disk, and while it ran, boot-time tools found nothing on the disk.
+func TestDecryptHeaderGapEndToEnd(t *testing.T) {
+	sc, w := encryptedWorld(t, 14)
+	e := sc.engine(w)
+	o := sc.decryptOptions()
+	o.HeaderGap = true
+	ep, err := e.PlanDecrypt(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := ep.Spec.Forward.Geometry.device(HeadID); !ok || !ep.Spec.Forward.HeaderRestore {
+		t.Fatalf("not a header-gap plan: %v", ep.Spec.Forward.Phases)
+	}
+	booted := 0
+	e.FailHook = func(n string) {
+		sc.write(w)
+		if n != "commit:after" {
+			return
+		}
+		// A fresh boot now: LVM activates the VG from the raw disk only
+		// once the whole head is back.
+		w2 := w.snapshot()
+		w2.powerCut(false)
+		if err := sc.lvm(w2).boot(); err != nil {
+			t.Fatal(err)
+		}
+		if len(w2.devs) > 0 {
+			booted++
+			sc.verifyLVs(w2, "boot-time activation during a header-gap decrypt")
+		}
+	}
+	if err := e.Execute(context.Background(), ep, RunOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	sc.verifyPlain(w, e)
+	if booted > 2 {
+		t.Fatalf("boot-time LVM found the PV on the raw disk at %d commits (the switch and what follows it are 2)", booted)
+	}
+}
+
+// TestDecryptHeaderGapCrashAtEveryFailpoint is the crash matrix of the
+// header-gap decrypt: resume finishes it, abort (until the head's first
+// block is back) restores the LUKS header from the journal.
+func TestDecryptHeaderGapCrashAtEveryFailpoint(t *testing.T) { decryptCrashMatrix(t, true) }
+
+func decryptCrashMatrix(t *testing.T, gap bool) {
 	sc, w := encryptedWorld(t, 13)
 	e := sc.engine(w)
 	_, hits := sc.runUntil(e, w, "", 0, func() error {
-		ep, err := e.PlanDecrypt(context.Background(), sc.decryptOptions())
+		o := sc.decryptOptions()
+		o.HeaderGap = gap
+		ep, err := e.PlanDecrypt(context.Background(), o)
 		if err != nil {
 			return err
 		}
@@ -118,19 +169,21 @@ func TestDecryptCrashAtEveryFailpoint(t *testing.T) {
 				seed := int64(1000 + cases)
 				t.Run(fmt.Sprintf("%s#%d/%s", fp, nth, rec), func(t *testing.T) {
 					t.Parallel()
-					decryptCrashAndRecover(t, fp, nth, rec, seed)
+					decryptCrashAndRecover(t, fp, nth, rec, seed, gap)
 				})
 			}
 		}
 	}
-	t.Logf("%d decrypt crash cases", cases)
+	t.Logf("%d decrypt crash cases (header gap: %v)", cases, gap)
 }
 
-func decryptCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed int64) {
+func decryptCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed int64, gap bool) {
 	sc, w := encryptedWorld(t, seed)
 	plan := func(e *Engine) func() error {
 		return func() error {
-			ep, err := e.PlanDecrypt(context.Background(), sc.decryptOptions())
+			o := sc.decryptOptions()
+			o.HeaderGap = gap
+			ep, err := e.PlanDecrypt(context.Background(), o)
 			if err != nil {
 				return err
 			}

@@ -2,6 +2,9 @@ package convert
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
@@ -277,8 +280,13 @@ func (r *run) settle() error {
 
 // intend durably records what the next step will do (write-ahead).
 func (r *run) intend(kind string, s, e Sectors) (uint64, error) {
+	return r.intendDetail(kind, s, e, nil)
+}
+
+// intendDetail is intend with a detail for reconcile.
+func (r *run) intendDetail(kind string, s, e Sectors, detail json.RawMessage) (uint64, error) {
 	r.hit("intent:before")
-	seq, err := r.j.Intend(journal.Step{Kind: kind, Phase: r.st.Phase, Start: uint64(s), End: uint64(e)})
+	seq, err := r.j.Intend(journal.Step{Kind: kind, Phase: r.st.Phase, Start: uint64(s), End: uint64(e), Detail: detail})
 	if err != nil {
 		return 0, err
 	}
@@ -606,14 +614,6 @@ func (r *run) doMark(ctx context.Context) error {
 // F resumes mapping its head on the disk.
 func (r *run) doToLabel(ctx context.Context, ph Phase) error {
 	next := r.plan.Advance(r.st)
-	seq, err := r.intend("to-label", ph.Start, ph.End)
-	if err != nil {
-		return err
-	}
-	t, err := r.plan.tableFor(next, nil, r.devs, r.e.RegionSize)
-	if err != nil {
-		return err
-	}
 	src, _, err := r.plan.Geometry.Phys(ph.From, ph.Start, ph.End)
 	if err != nil {
 		return err
@@ -622,12 +622,49 @@ func (r *run) doToLabel(ctx context.Context, ph Phase) error {
 	if err != nil {
 		return err
 	}
+	var detail json.RawMessage
+	if r.spec.VG == "" {
+		// No LVM label will say the switch happened: the intent keeps a
+		// digest of the block it replaces (nothing maps it now), and
+		// reconcile compares (switchDone).
+		old := make([]byte, labelSectors*512)
+		if _, err := r.disk.ReadAt(old, int64(dst*512)); err != nil {
+			return fmt.Errorf("reading the first block of %s: %w", r.spec.Disk.Path, err)
+		}
+		sum := sha256.Sum256(old)
+		if detail, err = json.Marshal(switchDetail{Replaces: hex.EncodeToString(sum[:])}); err != nil {
+			return err
+		}
+	}
+	seq, err := r.intendDetail("to-label", ph.Start, ph.End, detail)
+	if err != nil {
+		return err
+	}
+	t, err := r.plan.tableFor(next, nil, r.devs, r.e.RegionSize)
+	if err != nil {
+		return err
+	}
 	buf := make([]byte, (ph.End-ph.Start)*512)
+	first := int(labelSectors * 512)
+	if dst != 0 || len(buf) < first {
+		first = len(buf)
+	}
 	if _, err := r.swap(r.spec.Name, t, func() error {
 		if _, err := r.disk.ReadAt(buf, int64(src*512)); err != nil {
 			return fmt.Errorf("reading the head's first block from %s: %w", r.spec.Disk.Path, err)
 		}
-		if _, err := r.disk.WriteAt(buf, int64(dst*512)); err != nil {
+		if first < len(buf) {
+			// The rest of the head before its first block, which says
+			// what the disk is.
+			if _, err := r.disk.WriteAt(buf[first:], int64(dst*512)+int64(first)); err != nil {
+				return fmt.Errorf("writing the head to %s: %w", r.spec.Disk.Path, err)
+			}
+			if err := r.disk.Flush(); err != nil {
+				return fmt.Errorf("flushing %s: %w", r.spec.Disk.Path, err)
+			}
+			r.hit("switch:head-written")
+		}
+		if _, err := r.disk.WriteAt(buf[:first], int64(dst*512)); err != nil {
 			return fmt.Errorf("writing the head's first block to %s: %w", r.spec.Disk.Path, err)
 		}
 		if err := r.disk.Flush(); err != nil {
@@ -639,6 +676,28 @@ func (r *run) doToLabel(ctx context.Context, ph Phase) error {
 		return err
 	}
 	return r.commit(seq, next)
+}
+
+// switchDetail is the detail of a to-label intent without an LVM label.
+type switchDetail struct {
+	Replaces string `json:"replaces"` // sha256 of the disk's first block before the switch
+}
+
+// switchDone reports whether the identity switch whose intent is the
+// journal's last step wrote the disk's first block (first): it no longer
+// holds what it replaced. A 4 KiB write is taken as atomic, as for the
+// LVM label (design.md section 3).
+func (r *run) switchDone(tl int, first []byte) (bool, error) {
+	ls, ok, err := r.j.LastStep()
+	if err != nil || !ok || ls.Kind != "to-label" || ls.Phase != tl || ls.Result != "" {
+		return false, err
+	}
+	var d switchDetail
+	if err := json.Unmarshal(ls.Detail, &d); err != nil || d.Replaces == "" {
+		return false, fmt.Errorf("journal %s: the switch's intent has no digest of the block it replaces", r.j.Path())
+	}
+	sum := sha256.Sum256(first)
+	return hex.EncodeToString(sum[:]) != d.Replaces, nil
 }
 
 // doRewrite re-encrypts one chunk where it is (docs/design.md section 9).

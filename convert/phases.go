@@ -20,11 +20,18 @@ func (r *run) helperTable(id BackingID) (dmtable.Table, error) {
 	if !ok {
 		return nil, fmt.Errorf("internal error: no geometry for helper %q", id)
 	}
-	key, ok := r.keys[id]
+	kid := id
+	if id == HeadID {
+		// The head keeps the source's encryption (IV = F's sector).
+		kid = OldID
+	}
+	key, ok := r.keys[kid]
 	if !ok {
 		return nil, fmt.Errorf("internal error: no key for helper %q", id)
 	}
 	switch id {
+	case HeadID:
+		return dmtable.Table{cryptTarget(0, d.Size, r.spec.OldCrypt, key, 0, r.spec.Disk.Dev, d.Phys)}, nil
 	case NewID:
 		return dmtable.Table{cryptTarget(0, d.Size, r.spec.Crypt, key, 0, r.spec.Disk.Dev, d.Phys)}, nil
 	case OldID:
@@ -279,6 +286,9 @@ func (r *run) doFinalize(ctx context.Context) error {
 	// open` maps it.
 	g := r.plan.Geometry
 	fl := r.plan.Layout(State{Phase: len(r.plan.Phases)})
+	if len(fl) == 1 && fl[0].On == (Backing{Dev: DiskID}) {
+		return r.finalizePlain(seq, next)
+	}
 	if len(fl) != 1 || fl[0].On.Delta != 0 || (fl[0].On.Dev != NewID && fl[0].On.Dev != OldID) {
 		return fmt.Errorf("internal error: finalize with a final layout of %v", fl)
 	}
@@ -293,6 +303,20 @@ func (r *run) doFinalize(ctx context.Context) error {
 		return err
 	}
 	r.hit("finalize:table-after")
+	if r.aborted && r.plan.HeaderRestore {
+		// The forward run overwrote the header area; the data is back
+		// on the source, so nothing lives there now: the whole header
+		// goes back from the journal's image (still marked; the final
+		// writes below clear the marks).
+		img, err := r.hdr.Image(r.cp(r.st))
+		if err != nil {
+			return err
+		}
+		if err := r.writeDisk([]Write{{Off: 0, Data: img}}); err != nil {
+			return fmt.Errorf("writing the header back to %s: %w", r.spec.Disk.Path, err)
+		}
+		r.hit("finalize:header-restored")
+	}
 	f := Final{}
 	switch {
 	case r.spec.Op == "rekey" && id == NewID:
@@ -339,5 +363,31 @@ func (r *run) doFinalize(ctx context.Context) error {
 		}
 	}
 	r.hit("lvm-refresh:after")
+	return r.commit(seq, next)
+}
+
+// finalizePlain ends a decrypt that keeps its mapping (a file system on
+// it): F becomes a linear map of the plain disk, which is what the disk
+// now holds from its first sector; the helpers go. There is no header
+// left to write and nothing for LVM to learn.
+func (r *run) finalizePlain(seq uint64, next State) error {
+	final := dmtable.Table{linearTarget(0, r.plan.Geometry.Payload, r.spec.Disk.Dev, 0)}
+	if _, err := r.e.DM.Info(r.spec.Name); err == nil {
+		if _, err := r.swap(r.spec.Name, final, nil); err != nil {
+			return err
+		}
+	} else if !errors.Is(err, ErrNoDevice) {
+		return fmt.Errorf("looking up %s: %w", r.spec.Name, err)
+	}
+	r.hit("finalize:table-after")
+	for _, n := range r.spec.Helpers {
+		if err := r.removeIfExists(n); err != nil {
+			return err
+		}
+	}
+	r.hit("finalize:helpers-removed")
+	if err := r.releaseFence(); err != nil {
+		return err
+	}
 	return r.commit(seq, next)
 }

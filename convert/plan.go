@@ -23,6 +23,10 @@ const (
 	DiskID BackingID = "disk"
 	NewID  BackingID = "new"
 	OldID  BackingID = "old"
+	// HeadID is the private crypt mapping, with the source's key, of the
+	// first sectors of the disk, where a header-gap decrypt keeps F's head
+	// while the rest moves (docs/design.md, "Decrypt without room").
+	HeadID BackingID = "head"
 )
 
 // Backing says where a range of F lives: F's sector x is sector x+Delta of
@@ -281,6 +285,10 @@ type Plan struct {
 	// HeaderAtStart: the disk starts with a live header (rekey, decrypt,
 	// and abort plans).
 	HeaderAtStart bool `json:"header_at_start,omitempty"`
+	// HeaderRestore: the plan overwrites the header area early (a
+	// header-gap decrypt); an abort writes the whole header back from the
+	// journal's image once the data is back on the source.
+	HeaderRestore bool `json:"header_restore,omitempty"`
 }
 
 // Layout computes F's layout at state st (chunks of the current move up to

@@ -472,6 +472,24 @@ func (r *run) reconcile() error {
 		return nil
 	}
 	tl := p.PhaseIndex(PhaseToLabel)
+	if tl >= 0 && r.spec.VG == "" {
+		// No LVM label comes back (a file system on the mapping): the
+		// switch happened when the disk's first block equals the head's
+		// copy it was written from.
+		if r.st.Phase == tl {
+			done, err := r.switchDone(tl, first)
+			if err != nil {
+				return err
+			}
+			if done {
+				r.st = p.enter(tl + 1)
+			}
+		}
+		if r.headerLive(r.st) {
+			return r.adoptDiskCheckpoint()
+		}
+		return nil
+	}
 	switch {
 	case tl >= 0 && r.st.Phase == tl && id == IdentityLVM:
 		// The head's first block is back: the switch happened.
@@ -541,10 +559,18 @@ func (r *run) rebuild() (fresh bool, err error) {
 		// disk itself: setup creates everything, under the fence.
 		return false, r.resumeSuspendedUsers()
 	}
+	_, ferr := r.e.DM.Info(r.spec.Name)
+	if tl := r.plan.PhaseIndex(PhaseToLabel); errors.Is(ferr, ErrNoDevice) && r.spec.VG == "" && tl >= 0 && r.st.Phase > tl {
+		// A reboot after the switch of a file system's mapping: the
+		// disk is plain from its first sector, and the system may have
+		// mounted it already. Nothing is left to map: finalize only
+		// removes what is left of the run.
+		return false, nil
+	}
 	if err := r.ensureHelpers(); err != nil {
 		return false, err
 	}
-	_, ferr := r.e.DM.Info(r.spec.Name)
+	_, ferr = r.e.DM.Info(r.spec.Name)
 	fresh = errors.Is(ferr, ErrNoDevice)
 	if err := r.ensureF(); err != nil {
 		return false, err
