@@ -297,7 +297,8 @@ func BuildDecrypt(dg DecryptGeometry) (*Plan, error) {
 // goes, still encrypted with the source's key, over the start of the
 // header (which the journal keeps); the body F[K,P) then moves H sectors
 // toward the start through the rest of the header area; the head waits
-// in plaintext after the body, comes back, and its first 4 KiB come last.
+// in plaintext after the body and comes back in one suspended step, its
+// first 4 KiB last.
 // While the run lasts the disk's first sectors are ciphertext: no tool
 // finds a file system, a PV or a LUKS header there.
 func buildDecryptHeaderGap(dg DecryptGeometry, a Sectors) (*Plan, error) {
@@ -343,8 +344,10 @@ func buildDecryptHeaderGap(dg DecryptGeometry, a Sectors) (*Plan, error) {
 			{Kind: PhaseMove, Start: 0, End: K, From: old, To: head, Chunk: hc, DestroysHeader: true},
 			{Kind: PhaseMove, Start: K, End: P, From: old, To: disk, Chunk: chunk},
 			{Kind: PhaseMove, Start: 0, End: K, From: head, To: tail, Chunk: hc},
-			{Kind: PhaseMove, Start: labelSectors, End: K, From: tail, To: disk, Chunk: hc},
-			{Kind: PhaseToLabel, Start: 0, End: labelSectors, From: tail, To: disk},
+			// The whole head in one suspended step, its first block last
+			// (doToLabel): a file system whose superblock lies past 4 KiB
+			// (btrfs) would show on a half-written head.
+			{Kind: PhaseToLabel, Start: 0, End: K, From: tail, To: disk},
 			last,
 		},
 		Initial:       Layout{{Start: 0, End: P, On: old}},

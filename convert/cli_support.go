@@ -159,7 +159,7 @@ func DescribePhase(p Phase) string {
 	case PhaseToLUKS:
 		return "writing the LUKS header"
 	case PhaseToLabel:
-		return "restoring the LVM label"
+		return "writing back the disk's first 4 KiB (the LVM label or the file system's start)"
 	case PhaseFinalize:
 		return "finalizing"
 	case PhaseUnstack:
@@ -184,6 +184,20 @@ func describeMove(from, to Backing) string {
 		return "copying the start of the disk to its end"
 	case from.Dev == DiskID && to.Dev == DiskID:
 		return "copying the start of the disk back in place"
+	case from.Dev == OldID && to.Dev == DiskID && to.Delta == 0:
+		return "decrypting"
+	case from.Dev == OldID && to.Dev == DiskID:
+		return "decrypting the start of the data to the end of the disk"
+	case from.Dev == OldID && to.Dev == HeadID:
+		return "holding the start of the data back over the header, still encrypted"
+	case from.Dev == HeadID && to.Dev == DiskID:
+		return "decrypting the held-back start to the end of the disk"
+	case from.Dev == HeadID && to.Dev == OldID:
+		return "moving the held-back start back to its place"
+	case from.Dev == DiskID && to.Dev == OldID:
+		return "encrypting back with the old key"
+	case from.Dev == DiskID && to.Dev == HeadID:
+		return "holding the start of the data back again"
 	case from.Dev == OldID && to.Dev == NewID:
 		return "re-encrypting with the new key"
 	case from.Dev == NewID && to.Dev == OldID:

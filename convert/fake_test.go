@@ -1181,7 +1181,10 @@ func (f *fakeHeader) FinalWrites(fin Final) ([]Write, error) {
 	// new key is the data's).
 	ws := []Write{{Off: 0, Data: b}, {Off: 4096, Data: make([]byte, 4096)}}
 	if f.newKey != nil {
-		ws = append(ws, Write{Off: 8192, Data: make([]byte, 512)})
+		// The staged key's bytes go; the keyslots area's mark stays.
+		ks := make([]byte, 512)
+		copy(ks, "keyslots")
+		ws = append(ws, Write{Off: 8192, Data: ks})
 	}
 	return ws, nil
 }

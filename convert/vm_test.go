@@ -18,6 +18,7 @@ func TestVMLayouts(t *testing.T)           { vmLayouts(t) }               // [38
 func TestVMCLI(t *testing.T)               { vmCLI(t) }                   // [351]
 func TestVMRekey(t *testing.T)             { vmRekey(t) }                 // [309]
 func TestVMFailpointsDecrypt(t *testing.T) { vmFailpoints(t, "Decrypt") } // [221]
+func TestVMDecrypt(t *testing.T)           { vmDecrypt(t) }               // [new]
 func TestVMFailpointsRekey(t *testing.T)   { vmFailpoints(t, "Rekey") }   // [204]
 func TestVMLogWritesRekey(t *testing.T)    { vmLogWrites(t, "Rekey") }    // [188]
 func TestVM(t *testing.T)                  { vmEngine(t) }                // [81, two boots]

@@ -14,7 +14,8 @@ import (
 // decryptOptions are the flags of `dmconvert decrypt`.
 type decryptOptions struct {
 	onlineOptions
-	shrinkPV bool
+	shrinkPV  bool
+	headerGap bool
 }
 
 // onlineOptions are the flags decrypt and rekey share.
@@ -96,25 +97,37 @@ func (a *app) decryptCommand(mark markFunc) *cobra.Command {
 	o := &decryptOptions{}
 	cmd := &cobra.Command{
 		Use:   "decrypt TARGET",
-		Short: "decrypt a LUKS device with LVM on it in place while its logical volumes are in use",
+		Short: "decrypt a LUKS device in place while its file system or logical volumes are in use",
 		Long: `Decrypt TARGET, an open LUKS mapping (its name, /dev/mapper/NAME, or the
-device under it) that is an LVM physical volume whose logical volumes may be
-active and mounted, back to a plain physical volume on the device, online:
-the exact reverse of encrypt. The data moves toward the start of the device
-by the LUKS header size; the header stays valid (marked "conversion in
-progress", so stock cryptsetup refuses to open it) until the last step, which
-writes the LVM label back.
+device under it), back to plaintext on the device, online. On the mapping
+there may be an LVM physical volume whose logical volumes are active and
+mounted, or a file system, mounted or not. The data moves toward the start
+of the device by the LUKS header size.
 
-The physical volume must end at least one header size before the end of the
-mapping (working space; see --shrink-pv). The passphrase or key file is
-needed to read the volume key from the header (the kernel keeps cryptsetup's
-keys where no other program can read them).`,
+With working space after a physical volume (one header size; see
+--shrink-pv) it is the exact reverse of encrypt: the header stays valid
+(marked "conversion in progress", so stock cryptsetup refuses to open it)
+until the last step, which writes the LVM label back.
+
+Without it, and always for a file system, the header area itself is the
+working space: the first MiB of the data is first held, still encrypted,
+over the start of the header (the journal keeps the header), the rest moves
+through the header area, and the first MiB comes back last. While it runs
+the device shows no header and no file system to other tools; abort writes
+the header back. A file system stays mounted on /dev/mapper/NAME, which
+becomes a plain linear map of the device until the next reboot; after it,
+the file system is found on the device itself (same UUID).
+
+The passphrase or key file is needed to read the volume key from the
+header (the kernel keeps cryptsetup's keys where no other program can
+read them).`,
 		Args: exactArgs(1),
 		RunE: mark(func(cmd *cobra.Command, args []string) error { return a.runDecrypt(cmd.Context(), o, args) }),
 	}
 	f := cmd.Flags()
-	o.register(f, "/var/lib/dmconvert/<PV UUID>.journal", "bytes copied per step, with K/M/G suffix (default and maximum: the header size)")
+	o.register(f, "/var/lib/dmconvert/<PV UUID, or LUKS UUID>.journal", "bytes copied per step, with K/M/G suffix (default and maximum: the header size)")
 	f.BoolVar(&o.shrinkPV, "shrink-pv", false, "shrink the physical volume first when its last extents are free and it is too large")
+	f.BoolVar(&o.headerGap, "header-gap", false, "use the header area as the working space even when there is room after the physical volume (always so for a file system)")
 	return cmd
 }
 
@@ -132,7 +145,7 @@ func (a *app) runDecrypt(ctx context.Context, o *decryptOptions, args []string) 
 		return err
 	}
 	defer done()
-	ep, err := e.PlanDecrypt(ctx, convert.DecryptOptions{Target: target, Journal: o.journal, Chunk: chunk, ShrinkPV: o.shrinkPV, Open: opener(pass)})
+	ep, err := e.PlanDecrypt(ctx, convert.DecryptOptions{Target: target, Journal: o.journal, Chunk: chunk, ShrinkPV: o.shrinkPV, HeaderGap: o.headerGap, Open: opener(pass)})
 	if err != nil {
 		return err
 	}
@@ -202,8 +215,15 @@ func (a *app) printDecryptPlan(ep *convert.EncryptPlan) {
 	w := a.stdout
 	fmt.Fprintf(w, "Plan: decrypt %s (LUKS%d, %s, UUID %s), open as /dev/mapper/%s, in place and online\n",
 		s.Disk.Path, s.LUKSVersion, s.OldCrypt.Cipher, s.LUKSUUID, s.Name)
-	fmt.Fprintf(w, "  volume group:  %s (PV %s)\n", s.VG, s.PVDevice)
+	if s.VG != "" {
+		fmt.Fprintf(w, "  volume group:  %s (PV %s)\n", s.VG, s.PVDevice)
+	} else {
+		fmt.Fprintf(w, "  on it:         no LVM physical volume (a file system?): /dev/mapper/%s stays, a plain linear map of %s\n", s.Name, s.Disk.Path)
+	}
 	fmt.Fprintf(w, "  data:          %s (%d sectors) move %s toward the start of the disk", humanBytes(g.Payload*512), g.Payload, humanBytes(g.Header*512))
+	if s.Forward.HeaderRestore {
+		fmt.Fprintf(w, ", through the header area (the journal keeps the header)")
+	}
 	if ep.ShrinkTo > 0 && ep.PV != nil {
 		fmt.Fprintf(w, "; the PV is first shrunk from %d to %d sectors (pvresize)", ep.PV.Size, ep.ShrinkTo)
 	}
@@ -232,6 +252,12 @@ func (a *app) finishDecrypt(r *result, s *convert.Spec) {
 	r.fromSpec(s)
 	r.Mapping = ""
 	if a.quiet || a.json {
+		return
+	}
+	if s.VG == "" {
+		fmt.Fprintf(a.stdout, "\nDone: %s holds the plain data from its first sector; /dev/mapper/%s maps it until the next reboot.\n", s.Disk.Path, s.Name)
+		fmt.Fprintf(a.stdout, "Remove the line for %s from /etc/crypttab (e.g. sed -i '/^%s[[:space:]]/d' /etc/crypttab),\n"+
+			"make /etc/fstab name the file system by UUID= (not /dev/mapper/%s), and rebuild the initramfs if it is needed at boot.\n", s.Name, s.Name, s.Name)
 		return
 	}
 	fmt.Fprintf(a.stdout, "\nDone: %s is a plain LVM physical volume again; volume group %s is on it.\n", s.Disk.Path, s.VG)

@@ -239,7 +239,11 @@ func (a *app) continueRun(ctx context.Context, o *continueOptions, args []string
 		res.Outcome = "aborted"
 		res.fromSpec(&spec)
 		if !a.quiet && !a.json {
-			fmt.Fprintf(a.stdout, "\nAborted: %s is LUKS again, open as /dev/mapper/%s with volume group %s on it.\n", spec.Disk.Path, spec.Name, spec.VG)
+			if spec.VG == "" {
+				fmt.Fprintf(a.stdout, "\nAborted: %s is LUKS again, open as /dev/mapper/%s.\n", spec.Disk.Path, spec.Name)
+			} else {
+				fmt.Fprintf(a.stdout, "\nAborted: %s is LUKS again, open as /dev/mapper/%s with volume group %s on it.\n", spec.Disk.Path, spec.Name, spec.VG)
+			}
 		}
 	case final.Status == journal.StatusAborted:
 		res.Outcome = "aborted"

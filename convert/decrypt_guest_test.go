@@ -1,0 +1,195 @@
+package convert
+
+import (
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/dmconvert/dmconvert/testvm"
+)
+
+// Real-kernel tests of the header-gap decrypt (docs/design.md, "Decrypt
+// without room"): a file system mounted directly on a LUKS2 or LUKS1
+// mapping, and an LVM PV that fills its mapping, decrypted online under a
+// writer; killed (SIGKILL) and resumed, stopped (SIGTERM) and aborted, or
+// interrupted (SIGINT) and resumed. While stopped the disk shows no header
+// and no file system; afterwards the file system is found on the raw disk
+// itself (or LVM activates the VG from it), or, after an abort, stock
+// cryptsetup opens the restored header with the passphrase.
+
+// vmDecrypt (TestVMDecrypt) boots one VM for these tests.
+func vmDecrypt(t *testing.T) {
+	if testvm.VMRequested() {
+		t.Parallel()
+	}
+	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
+	testvm.RunTestsInGuest(t, testvm.Options{
+		// d[0] holds the journals (each keeps a header image of up to 16 MiB).
+		Disks: []testvm.Disk{{Size: 96 * guestMiB}, {Size: 64 * guestMiB}, {Size: 40 * guestMiB}, {Size: 96 * guestMiB}},
+		Run:     "^TestGuestDecrypt",
+		Files:   map[string]string{"dmconvert": bin},
+		Timeout: 15 * time.Minute,
+	})
+}
+
+// fsUUID is what blkid -p finds on dev: its TYPE and UUID ("" when none).
+func fsUUID(t testing.TB, dev string) (typ, uuid string) {
+	t.Helper()
+	out, _ := shOK("blkid", "-p", "-o", "export", dev)
+	for _, l := range strings.Split(out, "\n") {
+		if v, ok := strings.CutPrefix(l, "TYPE="); ok {
+			typ = v
+		}
+		if v, ok := strings.CutPrefix(l, "UUID="); ok {
+			uuid = v
+		}
+	}
+	return typ, uuid
+}
+
+// requireHidden: while a header-gap decrypt is stopped, neither a LUKS
+// header nor a file system can be found on the disk.
+func requireHidden(t testing.TB, disk string) {
+	t.Helper()
+	if out, err := shOK("cryptsetup", "isLuks", disk); err == nil {
+		t.Fatalf("cryptsetup still sees a LUKS header on %s mid-run:\n%s", disk, out)
+	}
+	if typ, _ := fsUUID(t, disk); typ != "" {
+		t.Fatalf("blkid -p finds %q on %s mid-run", typ, disk)
+	}
+}
+
+// verifyDecryptedFS: the mapping name is a linear map of the whole start
+// of disk; then, cold, the file system (the same UUID) is found on the raw
+// disk and holds every file and acknowledged record.
+func verifyDecryptedFS(t testing.TB, st *stack, state, name, uuid string) {
+	t.Helper()
+	table := sh(t, "dmsetup", "table", name)
+	if f := strings.Fields(table); len(f) != 5 || f[2] != "linear" || f[4] != "0" {
+		t.Fatalf("%s is not a linear map of the disk's start: %s", name, table)
+	}
+	verifyStack(t, st, state)
+	if out := sh(t, "dmsetup", "ls"); strings.Contains(out, "dmconvert-") {
+		t.Fatalf("helpers left after the decrypt:\n%s", out)
+	}
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
+	sh(t, "dmsetup", "remove", name)
+	if typ, u := fsUUID(t, st.Disk); typ != "ext4" || u != uuid {
+		t.Fatalf("blkid -p %s: %q UUID %q, want ext4 UUID %q", st.Disk, typ, u, uuid)
+	}
+	// The file system on the raw disk, through a name verifyStack knows.
+	link := "/dev/mapper/" + st.VG + "-plain"
+	if err := os.Symlink(st.Disk, link); err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(link)
+	st.FSLVs, st.Sizes = []string{"plain"}, []uint64{blockDevBytes(t, st.Disk)}
+	verifyStack(t, st, state)
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
+}
+
+// TestGuestDecryptFS: an ext4 mounted on a LUKS2 mapping (16 MiB header,
+// no room after it) is decrypted under a writer: a dry run first, then a
+// run killed with SIGKILL mid-way (the disk shows nothing, cryptsetup finds
+// no header), resumed.
+func TestGuestDecryptFS(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[0])
+	writePW(t)
+	st, name := fsOnMapping(t, "decfs", d[1], state)
+	_, uuid := fsUUID(t, "/dev/mapper/"+name)
+	j := st.file(state, "journal")
+	code, out := cliRun(t, "decrypt", name, "--dry-run", "--key-file", pwFile, "--journal", j)
+	requireExit(t, "dry run", code, 0, out)
+	if !strings.Contains(out, "through the header area") || !strings.Contains(out, "no LVM physical volume") {
+		t.Fatalf("the dry run does not show the header-gap plan:\n%s", out)
+	}
+	w := startWriter(t, st, state)
+	r := cliStart(t, "decrypt", "/dev/mapper/"+name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "4M")
+	r.waitProgress(t, 0.4)
+	r.cmd.Process.Kill()
+	code, _ = r.wait()
+	requireExit(t, "decrypt after kill -9", code, 128+int(syscall.SIGKILL), "")
+	requireHidden(t, st.Disk)
+	code, out = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+	requireExit(t, "resume of the decrypt", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyDecryptedFS(t, st, state, name, uuid)
+}
+
+// TestGuestDecryptFSAbortLUKS1: an ext4 on a LUKS1 mapping, decrypted
+// under a writer, stopped with SIGTERM half way and aborted: the header
+// comes back from the journal, and stock cryptsetup opens the disk with
+// the passphrase and the same volume key.
+func TestGuestDecryptFSAbortLUKS1(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[0])
+	writePW(t)
+	name := "decl1-crypt"
+	sh(t, "cryptsetup", "luksFormat", "-q", "--type", "luks1", "--key-size", "256", "--pbkdf-force-iterations", "1000",
+		"--key-file", pwFile, d[2])
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, d[2], name)
+	st := fsStack(t, "decl1", d[2], state, name)
+	oldKey := saveVolumeKey(t, st.Disk, "/tmp/decl1-old.key")
+	j := st.file(state, "journal")
+	w := startWriter(t, st, state)
+	r := cliStart(t, "decrypt", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "1M")
+	r.waitProgress(t, 0.5)
+	r.cmd.Process.Signal(syscall.SIGTERM)
+	code, errOut := r.wait()
+	requireExit(t, "decrypt after SIGTERM", code, 5, errOut)
+	requireHidden(t, st.Disk)
+	code, out := cliRun(t, "abort", "--journal", j, "--key-file", pwFile)
+	requireExit(t, "abort of the decrypt", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyStack(t, st, state)
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
+	sh(t, "cryptsetup", "close", name)
+	if typ, _ := fsUUID(t, st.Disk); typ != "crypto_LUKS" {
+		t.Fatalf("blkid -p %s after the abort: %q, want crypto_LUKS", st.Disk, typ)
+	}
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, st.Disk, name)
+	verifyStack(t, st, state)
+	if k := saveVolumeKey(t, st.Disk, "/tmp/decl1-after.key"); string(k) != string(oldKey) {
+		t.Fatal("the aborted decrypt changed the volume key")
+	}
+}
+
+// TestGuestDecryptLVMNoRoom: a PV that fills its LUKS2 mapping (no working
+// space after it, and no --shrink-pv) is decrypted through the header area
+// under a writer, interrupted with SIGINT, resumed; the VG ends on the raw
+// disk and activates from it cold.
+func TestGuestDecryptLVMNoRoom(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[0])
+	writePW(t)
+	st, name := luksStack(t, "decnr", d[3], state)
+	j := st.file(state, "journal")
+	w := startWriter(t, st, state)
+	r := cliStart(t, "decrypt", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "4M")
+	r.waitProgress(t, 0.4)
+	r.cmd.Process.Signal(syscall.SIGINT)
+	code, errOut := r.wait()
+	requireExit(t, "decrypt after SIGINT", code, 5, errOut)
+	if out, err := shOK("cryptsetup", "isLuks", st.Disk); err == nil {
+		t.Fatalf("cryptsetup still sees a LUKS header on %s mid-run:\n%s", st.Disk, out)
+	}
+	code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+	requireExit(t, "resume of the decrypt", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyPlainCold(t, st, state, name)
+}
