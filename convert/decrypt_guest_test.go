@@ -27,7 +27,7 @@ func vmDecrypt(t *testing.T) {
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{
 		// d[0] holds the journals (each keeps a header image of up to 16 MiB).
-		Disks: []testvm.Disk{{Size: 96 * guestMiB}, {Size: 64 * guestMiB}, {Size: 40 * guestMiB}, {Size: 96 * guestMiB}},
+		Disks:   []testvm.Disk{{Size: 96 * guestMiB}, {Size: 64 * guestMiB}, {Size: 40 * guestMiB}, {Size: 96 * guestMiB}},
 		Run:     "^TestGuestDecrypt",
 		Files:   map[string]string{"dmconvert": bin},
 		Timeout: 15 * time.Minute,

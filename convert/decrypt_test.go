@@ -1,11 +1,15 @@
 package convert
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
+
+	"github.com/dmconvert/dmconvert/dmtable"
 )
 
 // encrypted returns a world whose disk was encrypted by a full (fake) run,
@@ -230,4 +234,210 @@ func decryptCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed
 		t.Fatalf("resume after a crash at %s#%d (%s): %v", fp, nth, rec, err)
 	}
 	sc.verifyPlain(w, e)
+}
+
+// fsDecryptWorld is encryptedWorld turned into a file system directly on
+// the mapping: the LVs are gone, LVM finds nothing, and the writer writes
+// anywhere in vda_crypt (the file system's view).
+func fsDecryptWorld(t *testing.T, seed int64) (*scenario, *fakeWorld) {
+	t.Helper()
+	sc, w := encryptedWorld(t, seed)
+	dm := fakeDM{w}
+	for _, lv := range sc.lvs {
+		if err := dm.Remove(lv.name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	size := sc.N - sc.H
+	sc.lvs = []fakeLV{{name: "vda_crypt", segs: []Extent{{Start: 0, End: size}}}}
+	sc.notPV = true
+	w.lvm = sc.lvm(w)
+	b, err := w.userRead("vda_crypt", 0, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc.expect = map[string][]byte{"vda_crypt": b}
+	return sc, w
+}
+
+func (sc *scenario) planFSDecrypt(e *Engine) func() error {
+	return func() error {
+		ep, err := e.PlanDecrypt(context.Background(), sc.decryptOptions())
+		if err != nil {
+			return err
+		}
+		return e.Execute(context.Background(), ep, RunOptions{})
+	}
+}
+
+// rawDisk reads the disk's first n sectors as the next boot would.
+func (sc *scenario) rawDisk(w *fakeWorld, n Sectors) []byte {
+	sc.t.Helper()
+	b := make([]byte, n*512)
+	if _, err := (fakeDiskIO{w: w, dev: sc.disk}).ReadAt(b, 0); err != nil {
+		sc.t.Fatal(err)
+	}
+	return b
+}
+
+// verifyFSDecrypted: no helper is left; the disk holds the file system
+// from its first sector, also after a power cut; the mapping, if it
+// still exists (no reboot since), is a linear map of it.
+func (sc *scenario) verifyFSDecrypted(w *fakeWorld, e *Engine) {
+	sc.t.Helper()
+	P := sc.N - sc.H
+	list, _ := e.DM.List()
+	for _, d := range list {
+		if d.Name != "vda_crypt" {
+			sc.t.Fatalf("device %s left after the decrypt", d.Name)
+		}
+		tb, _ := e.DM.Table(d.Name)
+		l, ok := tb[0].Params.(*dmtable.Linear)
+		if len(tb) != 1 || !ok || l.Offset != 0 || Sectors(tb[0].Length) != P {
+			sc.t.Fatalf("vda_crypt after the decrypt: %s", tb)
+		}
+		sc.verifyLVs(w, "the mapping after the decrypt")
+	}
+	w2 := w.snapshot()
+	w2.powerCut(false)
+	if got := sc.rawDisk(w2, P); !bytes.Equal(got, sc.expect["vda_crypt"]) {
+		sc.t.Fatalf("the raw disk after the decrypt differs from the file system (first difference at byte %d)", firstDiff(got, sc.expect["vda_crypt"]))
+	}
+}
+
+// verifyFSEncrypted: an aborted decrypt: the mapping is the crypt mapping
+// of the disk again, the header is whole and final, and a fresh open of
+// the disk with the key gives the file system.
+func (sc *scenario) verifyFSEncrypted(w *fakeWorld, e *Engine) {
+	sc.t.Helper()
+	sc.verifyLVs(w, "after the abort")
+	list, _ := e.DM.List()
+	if len(list) != 1 {
+		sc.t.Fatalf("devices after the abort: %v", list)
+	}
+	if !(&fakeHeader{h: sc.H}).isFinal(fakeDiskIO{w: w, dev: sc.disk}) {
+		sc.t.Fatal("the header on disk is not whole and final after the abort")
+	}
+	w2 := w.snapshot()
+	w2.powerCut(false)
+	if _, err := (fakeDM{w2}).Create("opened", "", dmtable.Table{cryptTarget(0, sc.N-sc.H, CryptSpec{Cipher: "aes-xts-plain64"}, dmtable.HexKey(sc.key), 0, sc.disk, sc.H)}); err != nil {
+		sc.t.Fatal(err)
+	}
+	got, err := w2.userRead("opened", 0, sc.N-sc.H)
+	if err != nil || !bytes.Equal(got, sc.expect["vda_crypt"]) {
+		sc.t.Fatalf("the disk opened cold after the abort differs from the file system (%v)", err)
+	}
+}
+
+func TestDecryptFSEndToEnd(t *testing.T) {
+	sc, w := fsDecryptWorld(t, 21)
+	e := sc.engine(w)
+	e.FailHook = func(string) { sc.write(w) }
+	ep, err := e.PlanDecrypt(context.Background(), sc.decryptOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ph := ep.Spec.Forward.Phases
+	if !ep.Spec.Forward.HeaderRestore || ph[len(ph)-1].Kind != PhaseFinalize || ep.Spec.VG != "" {
+		t.Fatalf("not a header-gap plan that keeps the mapping: %v", ph)
+	}
+	if err := e.Execute(context.Background(), ep, RunOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if sc.writes < 50 {
+		t.Fatalf("only %d writes acknowledged during the run", sc.writes)
+	}
+	sc.verifyFSDecrypted(w, e)
+}
+
+// TestDecryptFSCrashAtEveryFailpoint: the decrypt of a file system on the
+// mapping dies at every failpoint (process kill, power cut with and
+// without the disk's cache). After a power cut, a boot that finds the
+// file system on the raw disk (its first block is back) must find all of
+// it, and mounts it and writes to it before resume runs: resume must keep
+// those writes. Then resume (or abort, until the switch) ends with every
+// write.
+func TestDecryptFSCrashAtEveryFailpoint(t *testing.T) {
+	sc, w := fsDecryptWorld(t, 22)
+	e := sc.engine(w)
+	_, hits := sc.runUntil(e, w, "", 0, sc.planFSDecrypt(e))
+	if hits["switch:head-written"] == 0 {
+		t.Fatal("the run never reached the head's switch")
+	}
+	cases := 0
+	var mounted atomic.Int64
+	for _, fp := range Failpoints {
+		for _, nth := range occurrences(hits[fp]) {
+			for _, rec := range []recovery{recoverResume, recoverAbort, recoverPowerResume, recoverLostCacheResume, recoverLostCacheAbort} {
+				cases++
+				seed := int64(3000 + cases)
+				t.Run(fmt.Sprintf("%s#%d/%s", fp, nth, rec), func(t *testing.T) {
+					t.Parallel()
+					if fsDecryptCrashAndRecover(t, fp, nth, rec, seed) {
+						mounted.Add(1)
+					}
+				})
+			}
+		}
+	}
+	t.Cleanup(func() {
+		t.Logf("%d file system decrypt crash cases; the raw disk showed the file system after %d power cuts", cases, mounted.Load())
+		if mounted.Load() == 0 {
+			t.Error("no power cut left the file system visible on the raw disk: the boot-time check never ran")
+		}
+	})
+}
+
+func fsDecryptCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed int64) (mounted bool) {
+	sc, w := fsDecryptWorld(t, seed)
+	w, e := sc.crashAndBoot(t, w, fp, nth, rec, sc.planFSDecrypt, func(*fakeWorld) {
+		t.Fatal("boot-time LVM activated something")
+	})
+	P := sc.N - sc.H
+	if rec != recoverResume && rec != recoverAbort {
+		// The boot: is the file system's first block on the raw disk?
+		raw := sc.rawDisk(w, P)
+		exp := sc.expect["vda_crypt"]
+		if bytes.Equal(raw[:4096], exp[:4096]) {
+			mounted = true
+			if !bytes.Equal(raw, exp) {
+				t.Fatalf("after a power cut at %s#%d the raw disk shows the file system but differs from it at byte %d", fp, nth, firstDiff(raw, exp))
+			}
+			// The system mounts it and writes.
+			d := fakeDiskIO{w: w, dev: sc.disk}
+			for i := 0; i < 8; i++ {
+				off := Sectors(sc.rng.Int63n(int64(P - 1)))
+				data := make([]byte, 512)
+				sc.rng.Read(data)
+				if _, err := d.WriteAt(data, int64(off*512)); err != nil {
+					t.Fatal(err)
+				}
+				copy(exp[off*512:], data)
+			}
+			d.Flush()
+		}
+	}
+	o := ResumeOptions{Journal: sc.journal, Open: sc.opener()}
+	if rec == recoverAbort || rec == recoverLostCacheAbort {
+		err := e.Abort(context.Background(), o)
+		switch {
+		case err == nil:
+			if mounted {
+				t.Fatal("an abort ran over a file system the system had mounted from the raw disk")
+			}
+			sc.verifyFSEncrypted(w, e)
+			return
+		case errors.Is(err, ErrTooLateToAbort):
+		case strings.Contains(err.Error(), "already done"):
+			sc.verifyFSDecrypted(w, e)
+			return
+		default:
+			t.Fatalf("abort after a crash at %s#%d (%s): %v", fp, nth, rec, err)
+		}
+	}
+	if err := e.Resume(context.Background(), o); err != nil && !strings.Contains(err.Error(), "already done") {
+		t.Fatalf("resume after a crash at %s#%d (%s): %v", fp, nth, rec, err)
+	}
+	sc.verifyFSDecrypted(w, e)
+	return
 }

@@ -271,7 +271,11 @@ func (r *run) settle() error {
 	if err != nil {
 		return err
 	}
-	if cur, err := r.e.DM.Table(r.spec.Name); err == nil && cur.Equal(t) && !info.Suspended {
+	// A table loaded by a step that died before its suspend waits in
+	// the inactive slot: the next resume of F, whoever does it, would
+	// make it live (an identity switch's table without its write). So F
+	// is reloaded unless its live table is right and nothing waits.
+	if cur, err := r.e.DM.Table(r.spec.Name); err == nil && cur.Equal(t) && !info.Suspended && !info.Inactive {
 		return nil
 	}
 	_, err = r.swap(r.spec.Name, t, nil)
@@ -625,8 +629,17 @@ func (r *run) doToLabel(ctx context.Context, ph Phase) error {
 	var detail json.RawMessage
 	if r.spec.VG == "" {
 		// No LVM label will say the switch happened: the intent keeps a
-		// digest of the block it replaces (nothing maps it now), and
-		// reconcile compares (switchDone).
+		// digest of the block it replaces, and reconcile compares
+		// (switchDone). F's live table may still be the last chunk's
+		// mirror, whose old leg is that block: F first gets the table of
+		// the committed state, which maps nothing there.
+		t0, err := r.plan.tableFor(r.st, nil, r.devs, r.e.RegionSize)
+		if err != nil {
+			return err
+		}
+		if _, err := r.swap(r.spec.Name, t0, nil); err != nil {
+			return err
+		}
 		old := make([]byte, labelSectors*512)
 		if _, err := r.disk.ReadAt(old, int64(dst*512)); err != nil {
 			return fmt.Errorf("reading the first block of %s: %w", r.spec.Disk.Path, err)

@@ -66,6 +66,9 @@ type scenario struct {
 	// tcHead (its data moves to 0 and IVs from 0).
 	tcrypt bool
 	tcHead []byte
+	// notPV: the mapping carries a file system, not a PV (lvs then
+	// names the mapping itself; see fsDecryptWorld).
+	notPV bool
 }
 
 const fakeDiskPath = "/dev/vda"
@@ -119,7 +122,7 @@ func (sc *scenario) world() *fakeWorld {
 }
 
 func (sc *scenario) lvm(w *fakeWorld) *fakeLVM {
-	return &fakeLVM{w: w, lvs: sc.lvs, pv: PV{
+	return &fakeLVM{w: w, lvs: sc.lvs, notPV: sc.notPV, pv: PV{
 		Device: fakeDiskPath, UUID: "pvuuid", VG: "vg", Size: sc.pvSize, UsedEnd: sc.pvSize,
 		PEStart: 8, ExtentSize: 8, VGDevices: []string{fakeDiskPath},
 	}}

@@ -919,10 +919,16 @@ type fakeLVM struct {
 	refresh []string
 	// asked counts Discover and State calls.
 	asked int
+	// notPV: what the mapping carries is not a PV (a file system): LVM
+	// finds nothing, at plan time or at boot.
+	notPV bool
 }
 
 func (l *fakeLVM) Discover(ctx context.Context, device string) (*PV, error) {
 	l.asked++
+	if l.notPV {
+		return nil, fmt.Errorf("fake lvm: %s: %w", device, ErrNotPV)
+	}
 	pv := l.pv
 	return &pv, nil
 }
@@ -1069,6 +1075,9 @@ func (l *fakeLVM) activateOn(dev dmtable.Dev) error {
 // boot models boot-time autoactivation: LVM scans the raw disks and
 // activates the VG on one that carries the label.
 func (l *fakeLVM) boot() error {
+	if l.notPV {
+		return nil
+	}
 	for _, d := range l.w.disks {
 		if ok, _ := l.hasLabel(d.dev); ok {
 			return l.activateOn(d.dev)
@@ -1081,6 +1090,10 @@ func (l *fakeLVM) boot() error {
 func (l *fakeLVM) LocatePV(ctx context.Context, uuid, hint string) string { return hint }
 
 func (l *fakeLVM) Refresh(ctx context.Context, oldDev, newDev string) error {
+	if l.notPV {
+		// As lvm: the device carries no PV label.
+		return fmt.Errorf("fake lvm: %s is not an LVM physical volume", newDev)
+	}
 	l.refresh = append(l.refresh, oldDev+"->"+newDev)
 	return nil
 }

@@ -355,9 +355,10 @@ func (r *run) doFinalize(ctx context.Context) error {
 		return err
 	}
 	r.hit("lvm-refresh:before")
-	if r.spec.Op != "rekey" {
-		// A rekey's mapping keeps its name and what is on it: there is
-		// nothing for LVM to learn.
+	if r.spec.Op != "rekey" && r.spec.VG != "" {
+		// A rekey's mapping keeps its name and what is on it, and a
+		// file system's decrypt involves no PV: there is nothing for
+		// LVM to learn.
 		if err := r.e.LVM.Refresh(ctx, r.spec.Disk.Path, r.e.Host.NodePath(r.spec.Name)); err != nil {
 			return fmt.Errorf("refreshing LVM's view of %s: %w", r.e.Host.NodePath(r.spec.Name), err)
 		}
