@@ -1,6 +1,7 @@
 package convert
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"math/rand"
@@ -82,7 +83,7 @@ func vmPowerCut(t *testing.T) {
 	seed := envInt("DMCONVERT_CRASH_SEED", time.Now().UnixNano())
 	cuts := int(envInt("DMCONVERT_POWERCUTS", 5))
 	opCuts := int(envInt("DMCONVERT_POWERCUTS_OPS", 1))
-	ops := make([]string, 0, cuts+4*opCuts)
+	ops := make([]string, 0, cuts+5*opCuts)
 	for i := 0; i < cuts; i++ {
 		// Every fifth encrypt cut converts a PV of a two-PV volume group
 		// and reboots with the other PV under another device name.
@@ -93,17 +94,17 @@ func vmPowerCut(t *testing.T) {
 		ops = append(ops, "encrypt")
 	}
 	for i := 0; i < opCuts; i++ {
-		ops = append(ops, "decrypt", "rekey", pcPlain, pcTCrypt)
+		ops = append(ops, "decrypt", pcDecryptFS, "rekey", pcPlain, pcTCrypt)
 	}
 	if only := os.Getenv("DMCONVERT_PC_ONLY"); only != "" {
-		// One kind of cut only (encrypt, encrypt-2pv, decrypt, rekey,
-		// rekey-plain, rekey-tcrypt).
+		// One kind of cut only (encrypt, encrypt-2pv, decrypt,
+		// decrypt-fs, rekey, rekey-plain, rekey-tcrypt).
 		ops = ops[:0]
 		for i := 0; i < cuts; i++ {
 			ops = append(ops, only)
 		}
 	}
-	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts: %d of an encrypt, %d each of a decrypt, a rekey, a plain rekey and a TrueCrypt conversion", seed, seed, len(ops), cuts, opCuts)
+	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts: %d of an encrypt, %d each of a decrypt (LVM, and a file system on the mapping), a rekey, a plain rekey and a TrueCrypt conversion", seed, seed, len(ops), cuts, opCuts)
 	rng := rand.New(rand.NewSource(seed))
 	ctx := context.Background()
 	img, err := testvm.Prepare(ctx)
@@ -212,6 +213,10 @@ const pcPlain = "rekey-plain"
 // state disk).
 const pcTCrypt = "rekey-tcrypt"
 
+// pcDecryptFS is the power-cut operation that decrypts an ext4 mounted
+// directly on a LUKS2 mapping (the header-gap decrypt).
+const pcDecryptFS = "decrypt-fs"
+
 // pc2PV is the power-cut operation that encrypts one PV of a two-PV VG
 // (an LV spans both); the other PV changes its name across the cut.
 const pc2PV = "encrypt-2pv"
@@ -252,6 +257,10 @@ func TestBootPowerCutStart(t *testing.T) {
 		st = tcryptLVMStack(t, pcTag, d[0], state, "32m", "4m")
 		args = []string{"rekey", st.VG + "_crypt", "--header", filepath.Join(state, "pc.hdr"), "--key-file", pwFile,
 			"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--batch-mode", "--json", "--journal", st.file(state, "journal")}
+	case pcDecryptFS:
+		var name string
+		st, name = fsOnMapping(t, pcTag, d[0], state)
+		args = []string{"decrypt", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal"), "--chunk-size", "4M"}
 	case pcPlain:
 		st = plainLVMStack(t, pcTag, d[0], state, "40m", "8m")
 		args = []string{"rekey", st.VG + "_crypt", "--new-key-file", filepath.Join(state, "pc-new.key"), "--batch-mode", "--json",
@@ -304,6 +313,9 @@ func TestBootPowerCutResume(t *testing.T) {
 		return
 	case pcTCrypt:
 		tcryptPowerCutResume(t, st, state, jpath)
+		return
+	case pcDecryptFS:
+		decryptFSPowerCutResume(t, st, state, jpath)
 		return
 	}
 	name := filepath.Base(st.Disk) + "_crypt"
@@ -523,4 +535,90 @@ func headerlessCutState(t *testing.T, st *stack, jpath, op string) string {
 	}
 	fmt.Println("DMCONVERT-CUT-STATE", op+"-"+state)
 	return state
+}
+
+// decryptFSPowerCutResume is the second boot of a decrypt-fs cut. What a
+// boot does: cryptsetup open (crypttab), then mount the file system by
+// its UUID (fstab). Stock cryptsetup must open nothing but an unmarked
+// header; a file system found on the raw disk must be whole (then the
+// system uses it, and resume must keep its writes); resume finishes.
+func decryptFSPowerCutResume(t *testing.T, st *stack, state, jpath string) {
+	name := st.VG + "-crypt"
+	typ, _ := fsUUID(t, st.Disk)
+	fmt.Println("DMCONVERT-CUT-STATE", pcDecryptFS+"-disk-shows-"+cmp.Or(typ, "nothing"))
+	rawStack := func() func() {
+		// The raw disk's file system, through a name verifyStack knows.
+		link := "/dev/mapper/" + st.VG + "-plain"
+		if err := os.Symlink(st.Disk, link); err != nil {
+			t.Fatal(err)
+		}
+		saved := *st
+		st.FSLVs, st.Sizes = []string{"plain"}, []uint64{blockDevBytes(t, st.Disk)}
+		return func() {
+			for _, mp := range st.Mounts {
+				shOK("umount", mp)
+			}
+			os.Remove(link)
+			*st = saved
+		}
+	}
+	switch typ {
+	case "crypto_LUKS":
+		if _, err := shOK("cryptsetup", "open", "--key-file", pwFile, st.Disk, name); err == nil {
+			if dump := sh(t, "cryptsetup", "luksDump", st.Disk); strings.Contains(dump, "dmconvert") {
+				t.Fatalf("stock cryptsetup opened the half-decrypted disk %s although its header is marked:\n%s", st.Disk, dump)
+			}
+			// Unmarked: the run had not begun; everything is under it.
+			verifyStack(t, st, state)
+			for _, mp := range st.Mounts {
+				sh(t, "umount", mp)
+			}
+			sh(t, "cryptsetup", "close", name)
+		}
+	case "ext4":
+		// The head is back: the whole file system is on the raw disk.
+		// The system mounts it and writes (the writer goes on).
+		done := rawStack()
+		verifyStack(t, st, state)
+		w := startWriter(t, st, state)
+		time.Sleep(time.Second)
+		w.finish(t)
+		done()
+	case "":
+		if out, err := shOK("cryptsetup", "open", "--key-file", pwFile, st.Disk, name); err == nil {
+			t.Fatalf("stock cryptsetup opened the half-decrypted disk %s:\n%s", st.Disk, out)
+		}
+	default:
+		t.Fatalf("blkid -p finds %q on the half-decrypted disk %s", typ, st.Disk)
+	}
+	code, out := cliRun(t, "status", "--journal", jpath, "--json")
+	switch {
+	case code != 0 && strings.Contains(out, "does not exist"):
+		if typ != "crypto_LUKS" {
+			t.Fatalf("no journal but the disk shows %q", typ)
+		}
+		sh(t, "cryptsetup", "open", "--key-file", pwFile, st.Disk, name)
+		verifyStack(t, st, state)
+		return
+	case code != 0:
+		t.Fatalf("status after the cut: exit %d:\n%s", code, out)
+	case strings.Contains(out, `"done"`):
+	default:
+		code, out = cliRun(t, "resume", "--journal", jpath, "--key-file", pwFile)
+		requireExit(t, "resume after the power cut", code, 0, out)
+	}
+	if _, err := shOK("dmsetup", "info", name); err == nil {
+		// Resume mapped it again and finished: the mapping is linear.
+		verifyStack(t, st, state)
+		for _, mp := range st.Mounts {
+			sh(t, "umount", mp)
+		}
+		sh(t, "dmsetup", "remove", name)
+	}
+	if typ, _ := fsUUID(t, st.Disk); typ != "ext4" {
+		t.Fatalf("after the decrypt's resume blkid -p %s finds %q, not ext4", st.Disk, typ)
+	}
+	done := rawStack()
+	defer done()
+	verifyStack(t, st, state)
 }
