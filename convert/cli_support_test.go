@@ -114,7 +114,7 @@ func TestDescribePhaseString(t *testing.T) {
 		"encrypting the start of the disk", "finalizing",
 		// abort from just before finalize
 		"decrypting the start of the disk", "decrypting", "copying the start of the disk back in place",
-		"restoring the LVM label", "moving the logical volumes back onto the disk",
+		"writing back the disk's first 4 KiB (the LVM label or the file system's start)", "moving the logical volumes back onto the disk",
 	}
 	var got []string
 	for _, ph := range append(append([]Phase(nil), p.Phases...), ab.Phases...) {

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/dmconvert/dmconvert/dmtable"
 )
@@ -69,6 +70,8 @@ type scenario struct {
 	// notPV: the mapping carries a file system, not a PV (lvs then
 	// names the mapping itself; see fsDecryptWorld).
 	notPV bool
+	// cpEvery is the engine's CheckpointEvery (0: a checkpoint per chunk).
+	cpEvery time.Duration
 }
 
 const fakeDiskPath = "/dev/vda"
@@ -139,7 +142,7 @@ func (sc *scenario) engine(w *fakeWorld) *Engine {
 	return &Engine{
 		DM:   fakeDM{w},
 		Host: &fakeHost{w: w, fileDev: dmtable.Dev{Major: 8, Minor: 0}, diskByPt: map[string]dmtable.Dev{fakeDiskPath: sc.disk, "/dev/block/" + sc.disk.String(): sc.disk}},
-		LVM:  w.lvm, RegionSize: 32, PollInterval: 1,
+		LVM:  w.lvm, RegionSize: 32, PollInterval: 1, CheckpointEvery: sc.cpEvery,
 	}
 }
 

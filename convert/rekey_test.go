@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/dmconvert/dmconvert/dmtable"
 )
@@ -303,6 +304,18 @@ func TestRekeyCrashAtEveryFailpoint(t *testing.T) {
 // data.
 func TestRekeyCipherChangeCrashAtEveryFailpoint(t *testing.T) {
 	rekeyCrashMatrix(t, cipherChange, 24, 3000)
+}
+
+// TestRekeyLaggingCheckpointCrashAtEveryFailpoint: the rekey matrix with
+// the header's checkpoint written only at a move's first and last chunk
+// (CheckpointEvery of an hour): the journal alone records the chunks in
+// between, and every recovery still ends with every write.
+func TestRekeyLaggingCheckpointCrashAtEveryFailpoint(t *testing.T) {
+	rekeyCrashMatrixOn(t, func(t *testing.T, seed int64) (*scenario, *fakeWorld) {
+		sc, w := encryptedWorld(t, seed)
+		sc.cpEvery = time.Hour
+		return sc, w
+	}, rekeyTarget{}, 25, 4000)
 }
 
 // rekeyWorld makes the world a rekey starts from: encryptedWorld (the
