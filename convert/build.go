@@ -142,6 +142,11 @@ func (p *Plan) Switched(st State) bool {
 // before st.Phase is complete and a non-move phase at st.Phase has not
 // started. The abort plan starts from F's layout at st.
 func (p *Plan) BuildAbort(st State) (*Plan, error) {
+	if f := p.PhaseIndex(PhaseFinalize); p.FinalHeaderOnDisk && f >= 0 && st.Phase >= f {
+		// The final step writes a header over sectors the run never
+		// owned before: what was there is not kept.
+		return nil, ErrTooLateToAbort
+	}
 	switch p.Op {
 	case "encrypt":
 	case "decrypt", "rekey":

@@ -72,6 +72,10 @@ type scenario struct {
 	notPV bool
 	// cpEvery is the engine's CheckpointEvery (0: a checkpoint per chunk).
 	cpEvery time.Duration
+	// plainOnDisk: a plain volume turned into LUKS2 with its header on
+	// the disk (w: the world its checks read).
+	plainOnDisk bool
+	w           *fakeWorld
 }
 
 const fakeDiskPath = "/dev/vda"

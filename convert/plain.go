@@ -41,7 +41,15 @@ type plainRecord struct {
 	NewKeyFile string `json:"new_key_file,omitempty"`
 	// HeaderFile is the detached LUKS2 header that holds the new key
 	// (plain to LUKS2), opened by the user's passphrase.
-	HeaderFile string    `json:"header_file,omitempty"`
+	HeaderFile string `json:"header_file,omitempty"`
+	// OnDisk: the LUKS2 header goes on the disk, into the sectors before
+	// the data that the plain mapping leaves unused, at the end of the
+	// run. Until then the journal keeps it (Header, up to its last
+	// non-zero byte, of HeaderSize bytes): marked in progress, its
+	// keyslot wrapped by the passphrase.
+	OnDisk     bool      `json:"on_disk,omitempty"`
+	Header     []byte    `json:"header,omitempty"`
+	HeaderSize int64     `json:"header_size,omitempty"`
 	Salt       []byte    `json:"salt"`
 	OldDigest  []byte    `json:"old_digest"`
 	NewDigest  []byte    `json:"new_digest"`
@@ -94,6 +102,9 @@ func (h *plainHeader) FinalWrites(f Final) ([]Write, error) {
 	if h.rec.TCrypt != nil {
 		ws = h.rec.TCrypt.finalWrites(f.Rekey)
 	}
+	if f.Rekey && h.lh != nil && h.rec.OnDisk {
+		return h.onDiskFinal()
+	}
 	if f.Rekey && h.lh != nil {
 		ws, err := h.lh.FinalWrites(Final{})
 		if err != nil {
@@ -104,6 +115,34 @@ func (h *plainHeader) FinalWrites(f Final) ([]Write, error) {
 		}
 	}
 	return ws, nil
+}
+
+// onDiskFinal is the end of a plain volume turned into LUKS2 with its
+// header on the disk: the final header (the mark cleared), written over
+// the sectors before the data: its keyslots area first, then, once that
+// is on the disk, its metadata, which is what makes cryptsetup see it. A
+// crash in between leaves no header cryptsetup reads; a redo writes it all
+// again.
+func (h *plainHeader) onDiskFinal() ([]Write, error) {
+	img, err := h.lh.Image(Checkpoint{})
+	if err != nil {
+		return nil, err
+	}
+	fw, err := h.lh.FinalWrites(Final{})
+	if err != nil {
+		return nil, err
+	}
+	for _, w := range fw {
+		if w.Off < 0 || w.Off+int64(len(w.Data)) > int64(len(img)) {
+			return nil, fmt.Errorf("internal error: a final header write at %d+%d outside the %d-byte header", w.Off, len(w.Data), len(img))
+		}
+		copy(img[w.Off:], w.Data)
+	}
+	m, err := h.lh.h.MetadataImage()
+	if err != nil {
+		return nil, err
+	}
+	return []Write{{Off: int64(len(m)), Data: img[len(m):], Flush: true}, {Off: 0, Data: img[:len(m)], Flush: true}}, nil
 }
 
 // writeFileAt applies ws to the file at path, syncing where a write asks
@@ -159,7 +198,19 @@ func OpenPlainImage(img, oldKey, pass []byte) (HeaderFormat, Keys, error) {
 	}
 	h := &plainHeader{rec: rec}
 	var newKey []byte
-	if rec.HeaderFile != "" {
+	if rec.OnDisk {
+		if rec.HeaderSize < int64(len(rec.Header)) || rec.HeaderSize > 1<<30 {
+			return nil, Keys{}, errors.New("the plain rekey record's LUKS2 header is corrupt")
+		}
+		b := make([]byte, rec.HeaderSize)
+		copy(b, rec.Header)
+		lh, ks, err := OpenLUKSImage(b, pass)
+		if err != nil {
+			return nil, Keys{}, fmt.Errorf("opening the new LUKS2 header kept in the journal: %w", err)
+		}
+		h.lh, newKey = lh, ks.Bound
+		clear(ks.Unbound)
+	} else if rec.HeaderFile != "" {
 		b, err := os.ReadFile(rec.HeaderFile)
 		if err != nil {
 			return nil, Keys{}, fmt.Errorf("reading the new header: %w", err)
@@ -182,6 +233,8 @@ func OpenPlainImage(img, oldKey, pass []byte) (HeaderFormat, Keys, error) {
 		where := rec.NewKeyFile
 		if rec.HeaderFile != "" {
 			where = "header " + rec.HeaderFile
+		} else if rec.OnDisk {
+			where = "the journal's LUKS2 header"
 		}
 		return nil, Keys{}, fmt.Errorf("%s does not hold the new key of this run (it was changed or replaced)", where)
 	}
@@ -274,10 +327,11 @@ type PlainRekeyOptions struct {
 	// source's.
 	Cipher  string
 	KeySize int
-	// Type "luks2" turns the volume into LUKS2 with a detached header:
-	// HeaderFile (created by the run; it must not exist) holds the new
-	// key in a keyslot opened by Passphrase (PBKDF: its KDF), instead of
-	// NewKeyFile.
+	// Type "luks2" turns the volume into LUKS2: HeaderFile (created by
+	// the run; it must not exist) holds the new key in a keyslot opened
+	// by Passphrase (PBKDF: its KDF), instead of NewKeyFile. Without
+	// HeaderFile the header goes on the disk, in the sectors before the
+	// data (the mapping's offset), which must have room for it.
 	Type       string
 	HeaderFile string
 	Passphrase []byte
@@ -329,7 +383,10 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 			return nil, refuse(m.name, "give --new-key-file PATH: the new key is written there (a plain mapping has no header to keep it), or --type luks2 --header FILE", "a plain dm-crypt mapping needs a file for its new key")
 		}
 	case "luks2":
-		if o.HeaderFile == "" || o.NewKeyFile != "" {
+		if o.NewKeyFile != "" {
+			return nil, refuse(m.name, "drop --new-key-file: the new key goes into the LUKS2 header", "--new-key-file with --type luks2")
+		}
+		if o.HeaderFile == "" && tc {
 			return nil, refuse(m.name, "give --header FILE (and no --new-key-file): the LUKS2 header of the converted volume is kept apart from it", "%s turns into LUKS2 with a detached header only", kind)
 		}
 		if len(o.Passphrase) == 0 {
@@ -339,10 +396,11 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	default:
 		return nil, refuse(m.name, "", "--type %s: a plain mapping is rekeyed as plain or turned into luks2", o.Type)
 	}
-	if !filepath.IsAbs(target) {
+	onDisk := o.Type == "luks2" && target == ""
+	if !onDisk && !filepath.IsAbs(target) {
 		return nil, refuse(m.name, "", "%s %s must be an absolute path (resume reads it from the journal)", what, target)
 	}
-	if _, err := os.Lstat(target); err == nil {
+	if _, err := os.Lstat(target); err == nil && !onDisk {
 		return nil, refuse(m.name, "choose a path that does not exist yet", "%s %s already exists", what, target)
 	}
 	if m.crypt.Key.IsKeyring() || m.crypt.Key.IsEmpty() {
@@ -362,6 +420,11 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	off := Sectors(m.crypt.Offset)
 	if off+m.size > di.Size {
 		return nil, refuse(m.name, "", "its table (offset %d, %d sectors) runs past the end of %s (%d sectors)", off, m.size, dpath, di.Size)
+	}
+	if onDisk {
+		if err := e.checkHeaderRoom(m, dpath, di, off); err != nil {
+			return nil, err
+		}
 	}
 	var tcRec *tcryptRecord
 	if tc {
@@ -386,7 +449,9 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	}
 	// On a file system stored on the volume (directly, or on an LV of
 	// its PV), the key would be locked inside what it opens.
-	if fd, err := e.Host.FileDevice(filepath.Dir(target)); err != nil {
+	if onDisk {
+		// The header goes on the disk itself, at the end of the run.
+	} else if fd, err := e.Host.FileDevice(filepath.Dir(target)); err != nil {
 		return nil, refuse(m.name, "", "cannot place %s %s: %v", what, target, err)
 	} else if on, err := e.dependsOn(fd, m.disk); err != nil {
 		return nil, err
@@ -435,10 +500,14 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 		// cryptsetup maps, and the final table.
 		build, newOff, newSize = BuildTCryptRekey, 0, 0
 	}
+	if onDisk {
+		newSize = 0 // to the end of the disk (checkHeaderRoom), as cryptsetup maps it
+	}
 	plan, err := build(pg)
 	if err != nil {
 		return nil, refuse(m.name, "", "%v", err)
 	}
+	plan.FinalHeaderOnDisk = onDisk
 	jpath := o.Journal
 	if jpath == "" {
 		jpath = filepath.Join(DefaultJournalDir, "plain-"+m.name+".journal")
@@ -473,6 +542,13 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 			return nil, refuse(m.name, "", "cannot make the LUKS2 header: %v", err)
 		}
 		ph.rec.HeaderFile, ph.lh, detached = o.HeaderFile, lh, img
+		if onDisk {
+			end := len(img)
+			for end > 0 && img[end-1] == 0 {
+				end--
+			}
+			ph.rec.OnDisk, ph.rec.Header, ph.rec.HeaderSize, detached = true, img[:end], int64(len(img)), nil
+		}
 	}
 	spec := &Spec{
 		Version: PlanVersion, ID: runID, Op: "rekey", Disk: di, Name: m.name,
@@ -486,9 +562,10 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	}
 	ep := &EncryptPlan{Spec: spec, Journal: jpath, Header: ph,
 		keys: map[BackingID][]byte{OldID: oldKey, NewID: newKey}}
-	if detached != nil {
+	switch {
+	case detached != nil:
 		ep.newFile, ep.newFileData = o.HeaderFile, detached
-	} else {
+	case !onDisk:
 		ep.newFile, ep.newFileData = o.NewKeyFile, newKey
 	}
 	if pv != nil {
@@ -607,4 +684,51 @@ func newDetachedHeader(o PlainRekeyOptions, cs CryptSpec, key []byte, off, size 
 		return nil, nil, err
 	}
 	return lh, img, nil
+}
+
+// checkHeaderRoom: a plain mapping at offset off of its disk whose LUKS2
+// header is to go on the disk, before the data. The mapping must run to
+// the end of the disk (cryptsetup maps a LUKS2 segment there), no other
+// device-mapper device may use the disk, and the sectors before the data
+// must not hold something a tool would recognise (an LVM label, a LUKS
+// header): they are overwritten at the end of the run.
+func (e *Engine) checkHeaderRoom(m *cryptMapping, dpath string, di DiskInfo, off Sectors) error {
+	if off == 0 {
+		return refuse(m.name, "give --header FILE for a detached header", "its data starts at sector 0 of %s: there is no room for a LUKS2 header before it", dpath)
+	}
+	if off+m.size != di.Size {
+		return refuse(m.name, "give --header FILE for a detached header", "it ends %d sectors before the end of %s, but a LUKS2 segment with its header on the disk runs to the end", di.Size-off-m.size, dpath)
+	}
+	list, err := e.DM.List()
+	if err != nil {
+		return err
+	}
+	for _, d := range list {
+		if d.Name == m.name {
+			continue
+		}
+		deps, err := e.DM.Deps(d.Name)
+		if err != nil {
+			continue
+		}
+		for _, x := range deps {
+			if x == di.Dev {
+				return refuse(dpath, "give --header FILE for a detached header", "device-mapper device %s uses it too: the sectors before the data may be its", d.Name)
+			}
+		}
+	}
+	disk, err := e.Host.OpenDisk(dpath)
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", dpath, err)
+	}
+	first := make([]byte, labelSectors*512)
+	_, rerr := disk.ReadAt(first, 0)
+	disk.Close()
+	if rerr != nil {
+		return fmt.Errorf("reading the start of %s: %w", dpath, rerr)
+	}
+	if id := Identify(first); id != IdentityUnknown {
+		return refuse(dpath, "give --header FILE for a detached header, or clear the start of the disk if it is unused", "its first sectors, before the data, hold %v, which the LUKS2 header would overwrite", id)
+	}
+	return nil
 }

@@ -77,6 +77,11 @@ func (sc *scenario) setIVOffset(w *fakeWorld, iv Sectors) Sectors {
 const plainIVOffset = 4096
 
 func (sc *scenario) plainOptions() PlainRekeyOptions {
+	if sc.plainOnDisk {
+		return PlainRekeyOptions{Target: "vda_crypt", Type: "luks2", Passphrase: []byte("pw"),
+			PBKDF:   luks.PBKDF{Type: luks.KDFPBKDF2, Iterations: 1000},
+			Journal: sc.journal, Chunk: plainChunk, Cipher: sc.rekeyTo.cipher, KeySize: sc.rekeyTo.bits}
+	}
 	if sc.plainHeader != "" {
 		return PlainRekeyOptions{Target: "vda_crypt", Type: "luks2", HeaderFile: sc.plainHeader, Passphrase: []byte("pw"),
 			PBKDF: luks.PBKDF{Type: luks.KDFPBKDF2, Iterations: 1000}, HeaderSize: 1 << 20,
@@ -98,6 +103,35 @@ func plainLUKS2World(t *testing.T, seed int64) (*scenario, *fakeWorld) {
 	w.mu.Unlock()
 	sc.plainHeader = filepath.Join(t.TempDir(), "vda.hdr")
 	return sc, w
+}
+
+// plainLUKS2OnDiskWorld is plainLUKS2World for a conversion to LUKS2
+// with the header on the disk, in the sectors before the data (which the
+// plain mapping leaves unused: zeros here).
+func plainLUKS2OnDiskWorld(t *testing.T, seed int64) (*scenario, *fakeWorld) {
+	t.Helper()
+	sc, w := plainLUKS2World(t, seed)
+	sc.plainHeader, sc.plainOnDisk = "", true
+	w.mu.Lock()
+	d := w.disks[sc.disk]
+	d.flush()
+	clear(d.durable[:sc.H*512])
+	w.mu.Unlock()
+	return sc, w
+}
+
+// onDiskHeader reads the LUKS2 header before the data (nil: none there).
+func (sc *scenario) onDiskHeader(w *fakeWorld) *luks.Header {
+	sc.t.Helper()
+	b := make([]byte, sc.H*512)
+	if _, err := (fakeDiskIO{w: w, dev: sc.disk}).ReadAt(b, 0); err != nil {
+		sc.t.Fatal(err)
+	}
+	h, err := luks.Read(bytes.NewReader(b))
+	if err != nil {
+		return nil
+	}
+	return h
 }
 
 func (sc *scenario) planPlain(e *Engine) func() error {
@@ -156,16 +190,23 @@ func (sc *scenario) verifyPlainFinal(w *fakeWorld, e *Engine, key []byte, cipher
 
 func (sc *scenario) newPlainKey() []byte {
 	sc.t.Helper()
-	if sc.plainHeader != "" {
-		// The detached header: no longer marked, the passphrase opens it
-		// to the new key, its data segment is where the plain data was.
-		b, err := os.ReadFile(sc.plainHeader)
-		if err != nil {
-			sc.t.Fatal(err)
-		}
-		h, err := luks.Read(bytes.NewReader(b))
-		if err != nil {
-			sc.t.Fatal(err)
+	if sc.plainHeader != "" || sc.plainOnDisk {
+		// The detached header (or the one on the disk): no longer
+		// marked, the passphrase opens it to the new key, its data
+		// segment is where the plain data was.
+		var h *luks.Header
+		if sc.plainOnDisk {
+			if h = sc.onDiskHeader(sc.w); h == nil {
+				sc.t.Fatal("no LUKS2 header on the disk after the run")
+			}
+		} else {
+			b, err := os.ReadFile(sc.plainHeader)
+			if err != nil {
+				sc.t.Fatal(err)
+			}
+			if h, err = luks.Read(bytes.NewReader(b)); err != nil {
+				sc.t.Fatal(err)
+			}
 		}
 		if r := h.Requirements(); len(r) > 0 {
 			sc.t.Fatalf("the detached header is still marked: %v", r)
@@ -204,6 +245,7 @@ func (sc *scenario) newPlainKey() []byte {
 
 func (sc *scenario) verifyPlainRekeyed(w *fakeWorld, e *Engine) {
 	sc.t.Helper()
+	sc.w = w
 	sc.verifyPlainFinal(w, e, sc.newPlainKey(), sc.rekeyTo.want(sc.key).Cipher, true, "after plain rekey")
 	if sc.tcrypt {
 		sc.verifyTCryptRemnants(w, true)
@@ -212,6 +254,16 @@ func (sc *scenario) verifyPlainRekeyed(w *fakeWorld, e *Engine) {
 
 func (sc *scenario) verifyPlainAborted(w *fakeWorld, e *Engine) {
 	sc.t.Helper()
+	if sc.plainOnDisk {
+		// Nothing was written before the data.
+		b := make([]byte, sc.H*512)
+		if _, err := (fakeDiskIO{w: w, dev: sc.disk}).ReadAt(b, 0); err != nil {
+			sc.t.Fatal(err)
+		}
+		if !bytes.Equal(b, make([]byte, len(b))) {
+			sc.t.Fatal("an aborted conversion to LUKS2 changed the sectors before the data")
+		}
+	}
 	sc.verifyPlainFinal(w, e, sc.key, "aes-xts-plain64", false, "after plain rekey abort")
 	if sc.tcrypt {
 		sc.verifyTCryptRemnants(w, false)
@@ -367,6 +419,51 @@ func TestPlainToLUKS2CrashAtEveryFailpoint(t *testing.T) {
 	plainCrashMatrix(t, plainLUKS2World, 66, 6000)
 }
 
+// TestPlainToLUKS2OnDiskEndToEnd: the header goes on the disk, before the
+// data, at the end of the run only; nothing is there while it runs.
+func TestPlainToLUKS2OnDiskEndToEnd(t *testing.T) {
+	sc, w := plainLUKS2OnDiskWorld(t, 68)
+	e := sc.engine(w)
+	early := false
+	e.FailHook = func(fp string) {
+		sc.write(w)
+		if fp == "rewrite:written" && sc.onDiskHeader(w) != nil {
+			early = true
+		}
+	}
+	ep, err := e.PlanPlainRekey(context.Background(), sc.plainOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Execute(context.Background(), ep, RunOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if early {
+		t.Fatal("a LUKS2 header was on the disk while the data was being rewritten")
+	}
+	sc.verifyPlainRekeyed(w, e)
+}
+
+// TestPlainToLUKS2OnDiskCrashAtEveryFailpoint: the crash matrix of a
+// plain volume turned into LUKS2 with its header on the disk: the journal
+// keeps the header until the end; an abort leaves the sectors before the
+// data as they were.
+func TestPlainToLUKS2OnDiskCrashAtEveryFailpoint(t *testing.T) {
+	plainCrashMatrix(t, plainLUKS2OnDiskWorld, 69, 7000)
+}
+
+// The header on the disk is refused where the sectors before the data
+// hold something, or there are none.
+func TestPlainToLUKS2OnDiskRefusals(t *testing.T) {
+	sc, w := plainLUKS2World(t, 70) // its start holds the (fake) LUKS header of the world's making
+	sc.plainHeader, sc.plainOnDisk = "", true
+	e := sc.engine(w)
+	requireRefused(t, w, "a header before the data", "hold LUKS header", func() error {
+		_, err := e.PlanPlainRekey(context.Background(), sc.plainOptions())
+		return err
+	})
+}
+
 func plainCrashMatrix(t *testing.T, world rekeyWorld, seed, seedBase int64) {
 	sc, w := world(t, seed)
 	e := sc.engine(w)
@@ -424,6 +521,12 @@ func plainCrashAndRecover(t *testing.T, world rekeyWorld, fp string, nth int, re
 		case err == nil:
 			sc.verifyPlainAborted(w, e)
 		case strings.Contains(err.Error(), "already done"):
+			finished()
+		case errors.Is(err, ErrTooLateToAbort) && sc.plainOnDisk:
+			// The header on the disk is being written: finish.
+			if err := e.Resume(context.Background(), o); err != nil && !strings.Contains(err.Error(), "already done") {
+				t.Fatalf("resume after a refused abort (%s#%d, %s): %v", fp, nth, rec, err)
+			}
 			finished()
 		default:
 			t.Fatalf("abort after a crash at %s#%d (%s): %v", fp, nth, rec, err)

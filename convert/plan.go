@@ -289,6 +289,10 @@ type Plan struct {
 	// header-gap decrypt); an abort writes the whole header back from the
 	// journal's image once the data is back on the source.
 	HeaderRestore bool `json:"header_restore,omitempty"`
+	// FinalHeaderOnDisk: finalize writes a new header on the disk outside
+	// the data (a plain volume turned into LUKS2 with its header on the
+	// disk); from finalize on, an abort is too late.
+	FinalHeaderOnDisk bool `json:"final_header_on_disk,omitempty"`
 }
 
 // Layout computes F's layout at state st (chunks of the current move up to

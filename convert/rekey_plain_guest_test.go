@@ -344,3 +344,61 @@ func TestGuestRekeyPlainToLUKS2(t *testing.T) {
 	sh(t, "mount", dev, mp)
 	verifyStack(t, st, state)
 }
+
+// TestGuestRekeyPlainToLUKS2OnDisk: an ext4 on a plain mapping opened with
+// --offset (1 MiB before the data, unused) becomes LUKS2 with its header
+// on the disk under a writer; killed with SIGKILL mid-run (nothing is
+// written before the data yet: blkid sees no header), resumed; then the
+// disk is LUKS2, stock cryptsetup opens it with the passphrase (no
+// --header), and the old key shows nothing.
+func TestGuestRekeyPlainToLUKS2OnDisk(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	disk := d[13]
+	tag := "pl2d"
+	name := tag + "-crypt"
+	oldKeyFile := "/tmp/pl2d-old.key"
+	randomKeyFile(t, oldKeyFile, 64)
+	sh(t, "dd", "if=/dev/zero", "of="+disk, "bs=1M", "count=1", "oflag=direct", "status=none")
+	plainOpen(t, disk, name, oldKeyFile, "512", "--offset", "2048")
+	dev := "/dev/mapper/" + name
+	st := fsStack(t, tag, disk, state, name, "-E", "lazy_itable_init=0,lazy_journal_init=0")
+	mp := st.Mounts[0]
+	j := st.file(state, "journal")
+	code, out := cliRun(t, "rekey", name, "--type", "luks2", "--key-file", pwFile, "--dry-run", "--journal", j)
+	requireExit(t, "dry run", code, 0, out)
+	if !strings.Contains(out, "before the data") {
+		t.Fatalf("the dry run does not say where the header goes:\n%s", out)
+	}
+	w := startWriter(t, st, state)
+	r := cliStart(t, "rekey", name, "--type", "luks2", "--key-file", pwFile, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+		"--batch-mode", "--json", "--journal", j, "--chunk-size", "1M")
+	r.waitProgress(t, 0.4)
+	r.cmd.Process.Kill()
+	code, _ = r.wait()
+	requireExit(t, "plain to LUKS2 after kill -9", code, 128+int(syscall.SIGKILL), "")
+	if typ, _ := fsUUID(t, disk); typ != "" {
+		t.Fatalf("blkid -p finds %q on %s mid-run", typ, disk)
+	}
+	code, out = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+	requireExit(t, "resume of the plain to LUKS2 conversion", code, 0, out)
+	if !strings.Contains(out, "cryptsetup open "+disk) {
+		t.Fatalf("resume did not say how to open the volume:\n%s", out)
+	}
+	acks, gap := w.finish(t)
+	t.Logf("writer: %d acknowledged writes, longest gap %v", acks, gap)
+	verifyStack(t, st, state)
+	dump := sh(t, "cryptsetup", "luksDump", disk)
+	if !strings.Contains(dump, "offset: 1048576 [bytes]") || strings.Contains(dump, "dmconvert") {
+		t.Fatalf("the disk's header is not a finished one with its data at 1 MiB:\n%s", dump)
+	}
+	// Cold: stock cryptsetup opens it with the passphrase alone.
+	sh(t, "umount", mp)
+	sh(t, "cryptsetup", "close", name)
+	oldKeySeesNothing(t, disk, oldKeyFile, "--offset", "2048")
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
+	sh(t, "mount", dev, mp)
+	verifyStack(t, st, state)
+}

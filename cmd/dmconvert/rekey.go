@@ -81,7 +81,13 @@ FILE (created, it must not exist, not on TARGET) instead of a key file: the
 new key in a keyslot opened by the passphrase (--key-file, or asked twice;
 --pbkdf, --pbkdf-force-iterations choose its KDF), the data segment where the
 plain mapping's data is. cryptsetup refuses the header until the run ends;
-then cryptsetup open --header FILE DEVICE NAME opens the volume.
+then cryptsetup open --header FILE DEVICE NAME opens the volume. Without
+--header, when the mapping's data starts far enough into the device
+(cryptsetup open --type plain --offset; a 512-bit key needs 284 KiB) and runs
+to its end, the header goes on the device, before the data, at the end of
+the run (the journal keeps it until then); those sectors must not hold an
+LVM label or a LUKS header, nor belong to another mapping. Then cryptsetup
+open DEVICE NAME opens the volume.
 
 TrueCrypt/VeraCrypt (a normal volume opened by cryptsetup open --type tcrypt,
 one AES cipher, a passphrase without keyfiles): --header FILE turns it into
@@ -99,7 +105,7 @@ headers are zeroed. A hidden volume inside it does not survive.`,
 	f.StringVarP(&o.cipher, "cipher", "c", "", "cipher of the new key, e.g. serpent-xts-plain64 (default: the volume's)")
 	f.IntVarP(&o.keySize, "key-size", "s", 0, "size of the new key in bits, e.g. 256 (default: the volume's)")
 	f.StringVar(&o.newKeyFile, "new-key-file", "", "plain dm-crypt: write the new key to this file (required for plain mappings)")
-	f.StringVar(&o.luksType, "type", "", "plain dm-crypt: luks2 turns the volume into LUKS2 with the header in --header FILE (TrueCrypt: always luks2)")
+	f.StringVar(&o.luksType, "type", "", "plain dm-crypt: luks2 turns the volume into LUKS2, its header in --header FILE or, without it, on the device before the data (TrueCrypt: always luks2, --header FILE)")
 	f.StringVar(&o.headerFile, "header", "", "plain dm-crypt with --type luks2, or TrueCrypt/VeraCrypt: write the detached LUKS2 header to this file")
 	f.StringVar(&o.kdf.pbkdf, "pbkdf", "", "with --type luks2: the new keyslot's KDF: argon2id (default), argon2i or pbkdf2")
 	f.Uint32Var(&o.kdf.iter, "pbkdf-force-iterations", 0, "with --type luks2: KDF iterations (pbkdf2) or time cost (argon2), skipping the benchmark")
@@ -213,7 +219,10 @@ func (a *app) printPlainRekeyPlan(ep *convert.EncryptPlan) {
 		fmt.Fprintf(w, "  data:          %s (%d sectors) rewritten in place under a new random key, %s at a time with the mapping suspended\n",
 			humanBytes(g.Payload*512), g.Payload, humanBytes(s.Forward.Phases[1].Chunk*512))
 	}
-	if s.PlainTo == "luks2" {
+	if s.PlainTo == "luks2" && s.HeaderFile == "" {
+		fmt.Fprintf(w, "  new header:    LUKS2 (UUID %s), on %s before the data (sectors 0-%d, unused by the mapping: their contents are overwritten), written when the run ends; the journal keeps it until then; opened by the passphrase given\n",
+			s.LUKSUUID, s.Disk.Path, s.Forward.Geometry.DiskSize-s.Forward.Geometry.Payload-1)
+	} else if s.PlainTo == "luks2" {
 		fmt.Fprintf(w, "  new header:    LUKS2 (UUID %s), detached: written to %s when the run starts, opened by the passphrase given\n", s.LUKSUUID, convert.PlainKeyFile(ep))
 	} else {
 		fmt.Fprintf(w, "  new key:       written to %s when the run starts\n", convert.PlainKeyFile(ep))
@@ -231,6 +240,13 @@ func (a *app) printPlainRekeyPlan(ep *convert.EncryptPlan) {
 func (a *app) finishRekey(r *result, s *convert.Spec) {
 	r.fromSpec(s)
 	if a.quiet || a.json {
+		return
+	}
+	if s.Plain() && s.PlainTo == "luks2" && s.HeaderFile == "" {
+		fmt.Fprintf(a.stdout, "\nDone: %s is LUKS2 with a new %d-bit %s key and its header on it (UUID %s); /dev/mapper/%s uses it.\n",
+			s.Disk.Path, s.Crypt.KeyBytes*8, s.Crypt.Cipher, s.LUKSUUID, s.Name)
+		fmt.Fprintf(a.stdout, "The old key no longer opens the volume. Open it with: cryptsetup open %s %s\nThe crypttab line (replacing the plain one):\n  %s UUID=%s none luks\nBack up the header: cryptsetup luksHeaderBackup %s --header-backup-file FILE\n",
+			s.Disk.Path, s.Name, s.Name, s.LUKSUUID, s.Disk.Path)
 		return
 	}
 	if s.Plain() && s.PlainTo == "luks2" {
