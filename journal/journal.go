@@ -157,36 +157,42 @@ func Open(path string, opts Options) (*Journal, error) {
 			return nil, fmt.Errorf("journal %s: %w", abs, err)
 		}
 	}
-	if !opts.ReadOnly {
+	if !opts.ReadOnly && !created {
+		// An existing journal: its format is checked now. A new one gets
+		// its buckets in its first transaction (update), not in one of
+		// their own: each commit is two syncs of the disk.
 		if err := db.Update(func(tx *bolt.Tx) error {
-			m, err := tx.CreateBucketIfNotExists(bucketMeta)
-			if err != nil {
-				return err
-			}
-			if _, err := tx.CreateBucketIfNotExists(bucketSteps); err != nil {
-				return err
-			}
-			if _, err := tx.CreateBucketIfNotExists(bucketHeader); err != nil {
-				return err
-			}
-			if _, err := tx.CreateBucketIfNotExists(bucketZone); err != nil {
-				return err
-			}
-			if v := m.Get(keyVersion); v != nil {
-				if got := binary.BigEndian.Uint32(v); got != formatVersion {
-					return fmt.Errorf("journal format %d is not supported (want %d)", got, formatVersion)
-				}
-				return nil
-			}
-			var b [4]byte
-			binary.BigEndian.PutUint32(b[:], formatVersion)
-			return m.Put(keyVersion, b[:])
+			_, err := ensureBuckets(tx)
+			return err
 		}); err != nil {
 			db.Close()
 			return nil, fmt.Errorf("journal %s: %w", abs, err)
 		}
 	}
 	return j, nil
+}
+
+// ensureBuckets creates what a journal holds, if missing, and checks the
+// format version of what is there.
+func ensureBuckets(tx *bolt.Tx) (*bolt.Bucket, error) {
+	m, err := tx.CreateBucketIfNotExists(bucketMeta)
+	if err != nil {
+		return nil, err
+	}
+	for _, b := range [][]byte{bucketSteps, bucketHeader, bucketZone} {
+		if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+			return nil, err
+		}
+	}
+	if v := m.Get(keyVersion); v != nil {
+		if got := binary.BigEndian.Uint32(v); got != formatVersion {
+			return nil, fmt.Errorf("journal format %d is not supported (want %d)", got, formatVersion)
+		}
+		return m, nil
+	}
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], formatVersion)
+	return m, m.Put(keyVersion, b[:])
 }
 
 func syncDir(dir string) error {
@@ -468,7 +474,14 @@ func (j *Journal) LastStep() (s Step, ok bool, err error) {
 
 func (j *Journal) update(what string, fn func(meta, steps *bolt.Bucket) error) error {
 	err := j.db.Update(func(tx *bolt.Tx) error {
-		return fn(tx.Bucket(bucketMeta), tx.Bucket(bucketSteps))
+		m := tx.Bucket(bucketMeta)
+		if m == nil || tx.Bucket(bucketSteps) == nil || tx.Bucket(bucketZone) == nil || tx.Bucket(bucketHeader) == nil {
+			var err error
+			if m, err = ensureBuckets(tx); err != nil {
+				return err
+			}
+		}
+		return fn(m, tx.Bucket(bucketSteps))
 	})
 	if err != nil {
 		return fmt.Errorf("journal %s: %s: %w", j.path, what, err)
