@@ -338,6 +338,8 @@ type PlainRekeyOptions struct {
 	PBKDF      luks.PBKDF
 	// HeaderSize is the detached header's size in bytes (0: 16 MiB).
 	HeaderSize int64
+	// PIM is a VeraCrypt volume's PIM (0: none).
+	PIM int
 }
 
 // DefaultPlainChunk is the default chunk of an in-place rewrite: the
@@ -364,6 +366,9 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 		return nil, refuse(m.name, "", "not a plain dm-crypt mapping opened by cryptsetup (its uuid is %q)", m.info.UUID)
 	}
 	kind := "a plain mapping"
+	if o.PIM != 0 && !tc {
+		return nil, refuse(m.name, "", "--veracrypt-pim is for a VeraCrypt volume opened with cryptsetup --type tcrypt")
+	}
 	if tc {
 		kind = "a TrueCrypt/VeraCrypt volume"
 		switch {
@@ -428,7 +433,7 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	}
 	var tcRec *tcryptRecord
 	if tc {
-		if tcRec, err = e.checkTCrypt(m.name, m.crypt, m.size, dpath, di, o.Passphrase); err != nil {
+		if tcRec, err = e.checkTCrypt(m.name, m.crypt, m.size, dpath, di, o.Passphrase, o.PIM); err != nil {
 			return nil, err
 		}
 	}

@@ -34,8 +34,8 @@ func vmRekey(t *testing.T) {
 			{Size: 48 * guestMiB}, {Size: 64 * guestMiB}, {Size: 40 * guestMiB},
 			// d[10], d[11], d[12]: the TrueCrypt tests (rekey_tcrypt_guest_test.go)
 			{Size: 24 * guestMiB}, {Size: 28 * guestMiB}, {Size: 16 * guestMiB},
-			// d[13]: plain to LUKS2 with the header on the disk
-			{Size: 24 * guestMiB}},
+			// d[13]: plain to LUKS2 with the header on the disk; d[14]: VeraCrypt with a PIM
+			{Size: 24 * guestMiB}, {Size: 16 * guestMiB}},
 		Run:     "^TestGuestRekey",
 		Files:   map[string]string{"dmconvert": bin},
 		Timeout: 20 * time.Minute,

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -373,17 +374,33 @@ func tcryptPowerCutResume(t *testing.T, st *stack, state, jpath string) {
 // checked live and after a cold open with the header.
 func TestGuestRekeyTCryptVeraCrypt(t *testing.T) {
 	testvm.RequireGuest(t)
+	veraCryptRekey(t, testvm.GuestDisks()[12], "tvc", 0)
+}
+
+// TestGuestRekeyTCryptVeraCryptPIM: the same with a VeraCrypt volume made
+// with a PIM (3: 18000 iterations), opened by cryptsetup --veracrypt-pim
+// and converted with dmconvert rekey --veracrypt-pim.
+func TestGuestRekeyTCryptVeraCryptPIM(t *testing.T) {
+	testvm.RequireGuest(t)
+	veraCryptRekey(t, testvm.GuestDisks()[14], "tvp", 3)
+}
+
+// veraCryptRekey makes a VeraCrypt volume on disk (with pim, if not 0),
+// an ext4 on it, and converts it under a writer.
+func veraCryptRekey(t *testing.T, disk, tag string, pim int) {
 	d := testvm.GuestDisks()
 	state := guestStateDir(t, d[3])
 	writePW(t)
-	disk := d[12]
-	tag := "tvc"
 	name := tag + "-crypt"
-	hdr := "/tmp/tvc.hdr"
+	hdr := "/tmp/" + tag + ".hdr"
 	size := int64(blockDevBytes(t, disk))
 	key := make([]byte, 64)
 	rand.Read(key)
-	h, err := luks.CreateTCrypt(luks.TCryptParams{VeraCrypt: true, PRF: "sha512", Key: key, DataOffset: 128 << 10,
+	iter := 0
+	if pim > 0 {
+		iter = luks.TCryptPIMIterations(pim)
+	}
+	h, err := luks.CreateTCrypt(luks.TCryptParams{VeraCrypt: true, PRF: "sha512", Key: key, DataOffset: 128 << 10, Iterations: iter,
 		DataSize: size - 256<<10, VolumeSize: size - 256<<10}, guestPass)
 	if err != nil {
 		t.Fatal(err)
@@ -401,6 +418,11 @@ func TestGuestRekeyTCryptVeraCrypt(t *testing.T) {
 		t.Fatal(err)
 	}
 	vc := []string{"--veracrypt", "--hash", "sha512"}
+	var pimArgs []string
+	if pim > 0 {
+		vc = append(vc, "--veracrypt-pim", strconv.Itoa(pim))
+		pimArgs = []string{"--veracrypt-pim", strconv.Itoa(pim)}
+	}
 	shIn(t, guestPass, "cryptsetup", append(append([]string{"open", "--type", "tcrypt"}, vc...), disk, name)...)
 	if !bytes.Equal(tableKey(t, name), key) {
 		t.Fatal("stock cryptsetup opened the VeraCrypt volume with another key")
@@ -412,8 +434,8 @@ func TestGuestRekeyTCryptVeraCrypt(t *testing.T) {
 	st := fsStack(t, tag, disk, state, name, "-E", "lazy_itable_init=0,lazy_journal_init=0")
 	mp := st.Mounts[0]
 	w := startWriter(t, st, state)
-	code, out := cliRun(t, "rekey", name, "--header", hdr, "--key-file", pwFile, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-		"--batch-mode", "--journal", st.file(state, "journal"))
+	code, out := cliRun(t, append([]string{"rekey", name, "--header", hdr, "--key-file", pwFile, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+		"--batch-mode", "--journal", st.file(state, "journal")}, pimArgs...)...)
 	requireExit(t, "VeraCrypt conversion", code, 0, out)
 	acks, gap := w.finish(t)
 	t.Logf("writer: %d acknowledged writes, longest gap %v", acks, gap)

@@ -55,7 +55,7 @@ func (e *Engine) IsTCryptMapping(target string) bool {
 // for a normal volume, and the passphrase must open the header at the
 // start of the disk to the key the mapping uses. It returns the disk's
 // first off sectors (the header area).
-func (e *Engine) checkTCrypt(name string, c *dmtable.Crypt, size Sectors, dpath string, di DiskInfo, pass []byte) (*tcryptRecord, error) {
+func (e *Engine) checkTCrypt(name string, c *dmtable.Crypt, size Sectors, dpath string, di DiskInfo, pass []byte, pim int) (*tcryptRecord, error) {
 	off := Sectors(c.Offset)
 	switch {
 	case off == 0 || Sectors(c.IVOffset) != off:
@@ -80,9 +80,14 @@ func (e *Engine) checkTCrypt(name string, c *dmtable.Crypt, size Sectors, dpath 
 	if rerr != nil {
 		return nil, fmt.Errorf("reading the TrueCrypt header of %s: %w", dpath, rerr)
 	}
-	h, err := luks.OpenTCrypt(head, pass)
+	var h *luks.TCryptHeader
+	if pim > 0 {
+		h, err = luks.OpenTCryptPIM(head, pass, pim)
+	} else {
+		h, err = luks.OpenTCrypt(head, pass)
+	}
 	if errors.Is(err, luks.ErrWrongPassphrase) {
-		return nil, refuse(dpath, "give the passphrase the volume was opened with (TrueCrypt keyfiles, hidden volumes and cipher cascades are not supported)", "%v: the passphrase does not open the TrueCrypt/VeraCrypt header at its start", ErrWrongPassphrase)
+		return nil, refuse(dpath, "give the passphrase (and the VeraCrypt PIM, --veracrypt-pim) the volume was opened with (TrueCrypt keyfiles, hidden volumes and cipher cascades are not supported)", "%v: the passphrase does not open the TrueCrypt/VeraCrypt header at its start", ErrWrongPassphrase)
 	} else if err != nil {
 		return nil, refuse(dpath, "", "its TrueCrypt/VeraCrypt header: %v", err)
 	}

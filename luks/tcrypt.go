@@ -161,6 +161,32 @@ func OpenTCrypt(hdr, passphrase []byte) (*TCryptHeader, error) {
 	return openTCrypt(hdr, passphrase, tcryptKDFs)
 }
 
+// TCryptPIMIterations is the PBKDF2 iteration count of a VeraCrypt normal
+// volume made with a PIM (VeraCrypt's rule, as cryptsetup applies it for
+// --veracrypt-pim: 15000 + 1000 x PIM, whatever the PRF).
+func TCryptPIMIterations(pim int) int { return 15000 + 1000*pim }
+
+// MaxTCryptPIM bounds a PIM (VeraCrypt accepts larger ones; beyond this
+// one derivation takes minutes).
+const MaxTCryptPIM = 1 << 20
+
+// OpenTCryptPIM is OpenTCrypt for a volume whose VeraCrypt header was
+// made with a PIM: the VeraCrypt variants use TCryptPIMIterations(pim);
+// TrueCrypt's (which have no PIM) are tried as usual, as cryptsetup does.
+func OpenTCryptPIM(hdr, passphrase []byte, pim int) (*TCryptHeader, error) {
+	if pim <= 0 || pim > MaxTCryptPIM {
+		return nil, fmt.Errorf("tcrypt: PIM %d is not between 1 and %d: %w", pim, MaxTCryptPIM, ErrInvalidArgument)
+	}
+	kdfs := make([]tcryptKDF, 0, len(tcryptKDFs))
+	for _, k := range tcryptKDFs {
+		if k.veraCrypt {
+			k.iterations = TCryptPIMIterations(pim)
+		}
+		kdfs = append(kdfs, k)
+	}
+	return openTCrypt(hdr, passphrase, kdfs)
+}
+
 // OpenTCryptKDF is OpenTCrypt trying only the PBKDF2 variant prf with
 // iterations (a header's PRF and Iterations, as OpenTCrypt found them):
 // one derivation instead of up to six, the slowest of which take seconds.
@@ -170,6 +196,10 @@ func OpenTCryptKDF(hdr, passphrase []byte, prf string, iterations int) (*TCryptH
 		if k.prf == prf && k.iterations == iterations {
 			kdfs = append(kdfs, k)
 		}
+	}
+	if pim := (iterations - 15000) / 1000; len(kdfs) == 0 && iterations > 15000 && TCryptPIMIterations(pim) == iterations && pim <= MaxTCryptPIM && tcryptPRF(prf) != nil {
+		// A VeraCrypt header made with a PIM.
+		kdfs = append(kdfs, tcryptKDF{veraCrypt: true, prf: prf, iterations: iterations})
 	}
 	if len(kdfs) == 0 {
 		return nil, fmt.Errorf("tcrypt: PBKDF2 %s with %d iterations is not a TrueCrypt or VeraCrypt variant this package opens: %w", prf, iterations, ErrUnsupported)
@@ -205,8 +235,8 @@ func openTCrypt(hdr, passphrase []byte, kdfs []tcryptKDF) (*TCryptHeader, error)
 		return tcryptParse(dec, k)
 	}
 	return nil, fmt.Errorf("tcrypt: no TrueCrypt or VeraCrypt header decrypts with this passphrase "+
-		"(tried PBKDF2 sha512, sha256, ripemd160 without PIM, AES-XTS header cipher only; "+
-		"other ciphers, PRFs, a PIM or key files are not supported): %w", ErrWrongPassphrase)
+		"(tried PBKDF2 sha512, sha256, ripemd160, AES-XTS header cipher only; "+
+		"other ciphers, PRFs or key files are not supported; a VeraCrypt PIM must be given): %w", ErrWrongPassphrase)
 }
 
 // tcryptValid reports whether a decrypted header has a magic and

@@ -313,6 +313,34 @@ func TestTCryptCreateArguments(t *testing.T) {
 
 // TestTCryptLongVeraCryptPassphrase: VeraCrypt passphrases up to 128
 // bytes; TrueCrypt variants are not tried for one over 64.
+// TestTCryptPIM: a VeraCrypt header made with a PIM's iteration count
+// opens with that PIM (and with its recorded PRF and count), not with
+// another PIM.
+func TestTCryptPIM(t *testing.T) {
+	pass := []byte("pim passphrase")
+	key := randBytes(t, 64)
+	hdr := newTCrypt(t, TCryptParams{VeraCrypt: true, PRF: "sha256", Iterations: TCryptPIMIterations(2), Key: key, DataSize: 1 << 20}, pass)
+	h, err := OpenTCryptPIM(hdr, pass, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(h.Key, key) || h.PRF != "sha256" || h.Iterations != 17000 || !h.VeraCrypt {
+		t.Fatalf("OpenTCryptPIM: %+v", h)
+	}
+	if _, err := OpenTCryptKDF(hdr, pass, h.PRF, h.Iterations); err != nil {
+		t.Fatalf("OpenTCryptKDF with the PIM's count: %v", err)
+	}
+	if _, err := OpenTCryptPIM(hdr, pass, 5); !errors.Is(err, ErrWrongPassphrase) {
+		t.Fatalf("another PIM: %v", err)
+	}
+	if _, err := OpenTCryptPIM(hdr, pass, 0); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("PIM 0: %v", err)
+	}
+	if _, err := OpenTCryptKDF(hdr, pass, "sha256", 17001); !errors.Is(err, ErrUnsupported) {
+		t.Fatalf("a count no variant uses: %v", err)
+	}
+}
+
 func TestTCryptLongVeraCryptPassphrase(t *testing.T) {
 	withTCryptKDFs(t, fastTCrypt, tcryptKDF{true, "sha256", 1000})
 	pass := bytes.Repeat([]byte("x"), 100)
@@ -376,10 +404,9 @@ func tcryptDumpFields(t *testing.T, out string) (map[string]string, []byte) {
 
 // tcryptCheckDump runs cryptsetup tcryptDump (with and without the
 // volume key) on dev and checks what it prints against h.
-func tcryptCheckDump(t *testing.T, cs cryptsetup, dev string, pass []byte, h *TCryptHeader) {
+func tcryptCheckDump(t *testing.T, cs cryptsetup, dev string, pass []byte, h *TCryptHeader, extra ...string) {
 	t.Helper()
 	stdin := append(bytes.Clone(pass), '\n')
-	var extra []string
 	if h.VeraCrypt {
 		extra = append(extra, "--veracrypt")
 	}
@@ -454,6 +481,30 @@ func TestGuestTCryptOursToCryptsetup(t *testing.T) {
 			cs.fails([]byte("not it\n"), append(args, dev)...)
 		})
 	}
+}
+
+// TestGuestTCryptPIMToCryptsetup: cryptsetup --veracrypt-pim opens a
+// VeraCrypt header CreateTCrypt made with a PIM's iteration count, and
+// finds what OpenTCryptPIM finds.
+func TestGuestTCryptPIMToCryptsetup(t *testing.T) {
+	testvm.RequireGuest(t)
+	cs := needCryptsetup(t)
+	pass := []byte("tcrypt pim passphrase")
+	const size = 4 << 20
+	key := randBytes(t, 64)
+	p := TCryptParams{VeraCrypt: true, PRF: "sha512", Iterations: TCryptPIMIterations(3), Key: key, DataOffset: 131072, DataSize: size - 2*131072, VolumeSize: size - 2*131072}
+	img := make([]byte, size)
+	copy(img, newTCrypt(t, p, pass))
+	dev := writeTemp(t, "tcrypt-pim.img", img)
+	h, err := OpenTCryptPIM(img, pass, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(h.Key, key) || h.Iterations != 18000 {
+		t.Fatalf("OpenTCryptPIM: key equal %v, %d iterations", bytes.Equal(h.Key, key), h.Iterations)
+	}
+	tcryptCheckDump(t, cs, dev, pass, h, "--veracrypt-pim", "3", "--hash", "sha512")
+	cs.fails(append(bytes.Clone(pass), '\n'), "tcryptDump", "-q", "--veracrypt", "--veracrypt-pim", "4", "--hash", "sha512", dev)
 }
 
 // TestGuestTCryptTcplayToOurs: OpenTCrypt opens volumes tcplay created

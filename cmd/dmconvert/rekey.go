@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/dmconvert/dmconvert/convert"
+	"github.com/dmconvert/dmconvert/luks"
 )
 
 // rekeyOptions are the flags of `dmconvert rekey`.
@@ -19,6 +20,7 @@ type rekeyOptions struct {
 	newKeyFile   string
 	luksType     string
 	headerFile   string
+	pim          int
 	kdf          kdfFlags
 }
 
@@ -92,7 +94,8 @@ open DEVICE NAME opens the volume.
 TrueCrypt/VeraCrypt (a normal volume opened by cryptsetup open --type tcrypt,
 one AES cipher, a passphrase without keyfiles): --header FILE turns it into
 LUKS2 with a detached header, opened by the volume's passphrase (asked, or
---key-file: a file holding the passphrase, not a TrueCrypt keyfile). The data
+--key-file: a file holding the passphrase, not a TrueCrypt keyfile; a
+VeraCrypt PIM with --veracrypt-pim). The data
 moves 128 KiB toward the start of the disk (over the TrueCrypt headers) while
 it is re-encrypted, in steps of at most 128 KiB; at the end the old backup
 headers are zeroed. A hidden volume inside it does not survive.`,
@@ -107,6 +110,7 @@ headers are zeroed. A hidden volume inside it does not survive.`,
 	f.StringVar(&o.newKeyFile, "new-key-file", "", "plain dm-crypt: write the new key to this file (required for plain mappings)")
 	f.StringVar(&o.luksType, "type", "", "plain dm-crypt: luks2 turns the volume into LUKS2, its header in --header FILE or, without it, on the device before the data (TrueCrypt: always luks2, --header FILE)")
 	f.StringVar(&o.headerFile, "header", "", "plain dm-crypt with --type luks2, or TrueCrypt/VeraCrypt: write the detached LUKS2 header to this file")
+	f.IntVar(&o.pim, "veracrypt-pim", 0, "VeraCrypt: the volume's PIM (as cryptsetup --veracrypt-pim), if it was made with one")
 	f.StringVar(&o.kdf.pbkdf, "pbkdf", "", "with --type luks2: the new keyslot's KDF: argon2id (default), argon2i or pbkdf2")
 	f.Uint32Var(&o.kdf.iter, "pbkdf-force-iterations", 0, "with --type luks2: KDF iterations (pbkdf2) or time cost (argon2), skipping the benchmark")
 	f.Uint32Var(&o.kdf.pbkdfMemory, "pbkdf-memory", 0, "with --type luks2: argon2 memory cost in KiB")
@@ -148,12 +152,18 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 		return err
 	}
 	defer done()
+	if o.pim < 0 || o.pim > luks.MaxTCryptPIM {
+		return usagef("%s: --veracrypt-pim %d: not between 1 and %d", target, o.pim, luks.MaxTCryptPIM)
+	}
+	if o.pim != 0 && !tcrypt {
+		return usagef("%s: --veracrypt-pim is for a VeraCrypt volume opened with cryptsetup open --type tcrypt --veracrypt", target)
+	}
 	if plain {
 		if o.removeOthers {
 			return usagef("%s: --remove-other-keyslots: a plain mapping has no keyslots", target)
 		}
 		po := convert.PlainRekeyOptions{Target: target, NewKeyFile: o.newKeyFile, Journal: o.journal, Chunk: chunk,
-			Cipher: o.cipher, KeySize: o.keySize, Type: o.luksType, HeaderFile: o.headerFile, Passphrase: pass}
+			Cipher: o.cipher, KeySize: o.keySize, Type: o.luksType, HeaderFile: o.headerFile, Passphrase: pass, PIM: o.pim}
 		if o.luksType == "luks2" || tcrypt {
 			if po.PBKDF, err = o.kdf.build(2); err != nil {
 				return err
