@@ -76,6 +76,8 @@ type scenario struct {
 	// the disk (w: the world its checks read).
 	plainOnDisk bool
 	w           *fakeWorld
+	// tcKeyfiles: the TrueCrypt source's keyfiles (paths).
+	tcKeyfiles []string
 }
 
 const fakeDiskPath = "/dev/vda"

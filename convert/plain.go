@@ -338,8 +338,10 @@ type PlainRekeyOptions struct {
 	PBKDF      luks.PBKDF
 	// HeaderSize is the detached header's size in bytes (0: 16 MiB).
 	HeaderSize int64
-	// PIM is a VeraCrypt volume's PIM (0: none).
-	PIM int
+	// PIM is a VeraCrypt volume's PIM (0: none); TCryptKeyfiles the
+	// paths of its TrueCrypt keyfiles.
+	PIM            int
+	TCryptKeyfiles []string
 }
 
 // DefaultPlainChunk is the default chunk of an in-place rewrite: the
@@ -366,8 +368,8 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 		return nil, refuse(m.name, "", "not a plain dm-crypt mapping opened by cryptsetup (its uuid is %q)", m.info.UUID)
 	}
 	kind := "a plain mapping"
-	if o.PIM != 0 && !tc {
-		return nil, refuse(m.name, "", "--veracrypt-pim is for a VeraCrypt volume opened with cryptsetup --type tcrypt")
+	if (o.PIM != 0 || len(o.TCryptKeyfiles) > 0) && !tc {
+		return nil, refuse(m.name, "", "a PIM and TrueCrypt keyfiles are for a TrueCrypt/VeraCrypt volume opened with cryptsetup --type tcrypt")
 	}
 	if tc {
 		kind = "a TrueCrypt/VeraCrypt volume"
@@ -433,7 +435,7 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	}
 	var tcRec *tcryptRecord
 	if tc {
-		if tcRec, err = e.checkTCrypt(m.name, m.crypt, m.size, dpath, di, o.Passphrase, o.PIM); err != nil {
+		if tcRec, err = e.checkTCrypt(m.name, m.crypt, m.size, dpath, di, o.Passphrase, o.PIM, o.TCryptKeyfiles); err != nil {
 			return nil, err
 		}
 	}

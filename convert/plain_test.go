@@ -84,7 +84,7 @@ func (sc *scenario) plainOptions() PlainRekeyOptions {
 	}
 	if sc.plainHeader != "" {
 		return PlainRekeyOptions{Target: "vda_crypt", Type: "luks2", HeaderFile: sc.plainHeader, Passphrase: []byte("pw"),
-			PBKDF: luks.PBKDF{Type: luks.KDFPBKDF2, Iterations: 1000}, HeaderSize: 1 << 20,
+			PBKDF: luks.PBKDF{Type: luks.KDFPBKDF2, Iterations: 1000}, HeaderSize: 1 << 20, TCryptKeyfiles: sc.tcKeyfiles,
 			Journal: sc.journal, Chunk: plainChunk, Cipher: sc.rekeyTo.cipher, KeySize: sc.rekeyTo.bits}
 	}
 	return PlainRekeyOptions{Target: "vda_crypt", NewKeyFile: sc.newKeyFile, Journal: sc.journal, Chunk: plainChunk,

@@ -34,9 +34,9 @@ import (
 // disk with tcplay, which reads its passphrase from a terminal: script(1)
 // gives it one, and each answer is typed after its prompt (tcplay flushes
 // what was typed before it asks).
-func tcplayCreate(t testing.TB, disk string, pass []byte) {
+func tcplayCreate(t testing.TB, disk string, pass []byte, extra ...string) {
 	t.Helper()
-	cmd := exec.Command("script", "-qec", "tcplay -c -d "+disk+" -a SHA512 -b AES-256-XTS --insecure-erase", "/dev/null")
+	cmd := exec.Command("script", "-qec", strings.Join(append([]string{"tcplay -c -d " + disk + " -a SHA512 -b AES-256-XTS --insecure-erase"}, extra...), " "), "/dev/null")
 	in, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -101,9 +101,9 @@ var tcryptKDFFlags = []string{"--disable-veracrypt", "--hash", "sha512"}
 
 // tcryptOpen opens disk as cryptsetup opens a TrueCrypt volume, the
 // passphrase on standard input.
-func tcryptOpen(t testing.TB, disk, name string) {
+func tcryptOpen(t testing.TB, disk, name string, extra ...string) {
 	t.Helper()
-	shIn(t, guestPass, "cryptsetup", append(append([]string{"open", "--type", "tcrypt"}, tcryptKDFFlags...), disk, name)...)
+	shIn(t, guestPass, "cryptsetup", append(append(append([]string{"open", "--type", "tcrypt"}, tcryptKDFFlags...), extra...), disk, name)...)
 	if st := sh(t, "cryptsetup", "status", name); !strings.Contains(st, "type:    TCRYPT") || !strings.Contains(st, "offset:  256 sectors") {
 		t.Fatalf("cryptsetup status %s is not a TrueCrypt volume with its data at 256:\n%s", name, st)
 	}
@@ -250,11 +250,13 @@ func shIn2(stdin []byte, name string, args ...string) (string, error) {
 	return string(out), err
 }
 
-// TestGuestRekeyTCryptLVM: a PV with live LVs on a TrueCrypt volume. A
-// conversion stopped with SIGTERM is aborted under the writer: the volume
-// is the TrueCrypt volume it was (stock cryptsetup opens it cold with the
-// passphrase). A second run converts it whole; checked live and after a
-// cold open with the header.
+// TestGuestRekeyTCryptLVM: a PV with live LVs on a TrueCrypt volume made
+// with a passphrase and a keyfile (tcplay -k; cryptsetup --key-file,
+// dmconvert --tcrypt-keyfile). A conversion stopped with SIGTERM is
+// aborted under the writer (the keyfile read again from the path the run
+// recorded): the volume is the TrueCrypt volume it was (stock cryptsetup
+// opens it cold with the passphrase and the keyfile). A second run
+// converts it whole; checked live and after a cold open with the header.
 func TestGuestRekeyTCryptLVM(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
@@ -264,14 +266,18 @@ func TestGuestRekeyTCryptLVM(t *testing.T) {
 	tag := "tlv"
 	name := "vg" + tag + "_crypt"
 	hdr := "/tmp/tlv.hdr"
-	st := tcryptLVMStack(t, tag, disk, state, "16m", "4m")
+	kf := "/tmp/tlv.keyfile"
+	kfb := make([]byte, 1500)
+	rand.Read(kfb)
+	writeFileSync(t, kf, kfb)
+	st := tcryptLVMStackKeyfile(t, tag, disk, state, "16m", "4m", kf)
 	oldKey := tableKey(t, name)
 	vg := st.VG
 	lv := "/dev/mapper/" + vg + "-ext"
 	mp := st.Mounts[0]
 	j := st.file(state, "journal")
 	w := startWriter(t, st, state)
-	r := cliStart(t, "rekey", name, "--header", hdr, "--key-file", pwFile, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+	r := cliStart(t, "rekey", name, "--header", hdr, "--key-file", pwFile, "--tcrypt-keyfile", kf, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
 		"--batch-mode", "--json", "--journal", j)
 	r.waitProgress(t, 0.4)
 	r.cmd.Process.Signal(syscall.SIGTERM)
@@ -289,7 +295,7 @@ func TestGuestRekeyTCryptLVM(t *testing.T) {
 	sh(t, "umount", mp)
 	sh(t, "vgchange", "-an", vg)
 	sh(t, "cryptsetup", "close", name)
-	tcryptOpen(t, disk, name)
+	tcryptOpen(t, disk, name, "--key-file", kf)
 	sh(t, "vgchange", "-ay", vg)
 	sh(t, "mount", lv, mp)
 	verifyStack(t, st, state)
@@ -298,13 +304,13 @@ func TestGuestRekeyTCryptLVM(t *testing.T) {
 	os.Remove(hdr)
 	j2 := st.file(state, "journal2")
 	w = startWriter(t, st, state)
-	code, out = cliRun(t, "rekey", name, "--header", hdr, "--key-file", pwFile, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+	code, out = cliRun(t, "rekey", name, "--header", hdr, "--key-file", pwFile, "--tcrypt-keyfile", kf, "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
 		"--batch-mode", "--journal", j2)
 	requireExit(t, "TrueCrypt conversion", code, 0, out)
 	acks, gap = w.finish(t)
 	t.Logf("writer during the conversion: %d acknowledged writes, longest gap %v", acks, gap)
 	verifyStack(t, st, state)
-	checkTCryptConverted(t, disk, name, hdr, oldKey)
+	checkTCryptConverted(t, disk, name, hdr, oldKey, append(append([]string{}, tcryptKDFFlags...), "--key-file", kf)...)
 	sh(t, "umount", mp)
 	sh(t, "vgchange", "-an", vg)
 	sh(t, "cryptsetup", "close", name)
@@ -319,10 +325,21 @@ func TestGuestRekeyTCryptLVM(t *testing.T) {
 // an ext4 LV (mounted) and a raw LV (1 MiB extents).
 func tcryptLVMStack(t testing.TB, tag, disk, state, extSize, rawSize string) *stack {
 	t.Helper()
+	return tcryptLVMStackKeyfile(t, tag, disk, state, extSize, rawSize, "")
+}
+
+// tcryptLVMStackKeyfile is tcryptLVMStack with a keyfile too (if kf is
+// not empty).
+func tcryptLVMStackKeyfile(t testing.TB, tag, disk, state, extSize, rawSize, kf string) *stack {
+	t.Helper()
 	vg := "vg" + tag
 	name := vg + "_crypt"
-	tcplayCreate(t, disk, guestPass)
-	tcryptOpen(t, disk, name)
+	var create, open []string
+	if kf != "" {
+		create, open = []string{"-k", kf}, []string{"--key-file", kf}
+	}
+	tcplayCreate(t, disk, guestPass, create...)
+	tcryptOpen(t, disk, name, open...)
 	m := "/dev/mapper/" + name
 	sh(t, "pvcreate", "-y", m)
 	sh(t, "vgcreate", "-y", "-s", "1m", vg, m)

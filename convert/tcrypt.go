@@ -4,6 +4,9 @@ import (
 	"crypto/subtle"
 	"errors"
 	"fmt"
+	"io"
+	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/dmconvert/dmconvert/dmtable"
@@ -41,6 +44,33 @@ type tcryptRecord struct {
 	// derives one key, not every variant's.
 	PRF        string `json:"prf"`
 	Iterations int    `json:"iterations"`
+	// Keyfiles are the paths of the volume's TrueCrypt keyfiles (their
+	// contents are not kept: a resume reads them again).
+	Keyfiles []string `json:"keyfiles,omitempty"`
+}
+
+// readTCryptKeyfiles reads what counts of each keyfile (its first MiB).
+func readTCryptKeyfiles(paths []string) ([][]byte, error) {
+	var out [][]byte
+	for _, p := range paths {
+		f, err := os.Open(p)
+		if err != nil {
+			return nil, fmt.Errorf("TrueCrypt keyfile: %w", err)
+		}
+		b, err := io.ReadAll(io.LimitReader(f, luks.TCryptKeyfileMax))
+		f.Close()
+		if err != nil {
+			return nil, fmt.Errorf("TrueCrypt keyfile %s: %w", p, err)
+		}
+		out = append(out, b)
+	}
+	return out, nil
+}
+
+func wipeAll(bs [][]byte) {
+	for _, b := range bs {
+		clear(b)
+	}
 }
 
 // IsTCryptMapping reports whether target is an open TrueCrypt/VeraCrypt
@@ -55,7 +85,7 @@ func (e *Engine) IsTCryptMapping(target string) bool {
 // for a normal volume, and the passphrase must open the header at the
 // start of the disk to the key the mapping uses. It returns the disk's
 // first off sectors (the header area).
-func (e *Engine) checkTCrypt(name string, c *dmtable.Crypt, size Sectors, dpath string, di DiskInfo, pass []byte, pim int) (*tcryptRecord, error) {
+func (e *Engine) checkTCrypt(name string, c *dmtable.Crypt, size Sectors, dpath string, di DiskInfo, pass []byte, pim int, keyfiles []string) (*tcryptRecord, error) {
 	off := Sectors(c.Offset)
 	switch {
 	case off == 0 || Sectors(c.IVOffset) != off:
@@ -80,14 +110,14 @@ func (e *Engine) checkTCrypt(name string, c *dmtable.Crypt, size Sectors, dpath 
 	if rerr != nil {
 		return nil, fmt.Errorf("reading the TrueCrypt header of %s: %w", dpath, rerr)
 	}
-	var h *luks.TCryptHeader
-	if pim > 0 {
-		h, err = luks.OpenTCryptPIM(head, pass, pim)
-	} else {
-		h, err = luks.OpenTCrypt(head, pass)
+	kfs, err := readTCryptKeyfiles(keyfiles)
+	if err != nil {
+		return nil, refuse(name, "", "%v", err)
 	}
+	defer wipeAll(kfs)
+	h, err := luks.OpenTCryptWith(head, pass, luks.TCryptOpen{PIM: pim, Keyfiles: kfs})
 	if errors.Is(err, luks.ErrWrongPassphrase) {
-		return nil, refuse(dpath, "give the passphrase (and the VeraCrypt PIM, --veracrypt-pim) the volume was opened with (TrueCrypt keyfiles, hidden volumes and cipher cascades are not supported)", "%v: the passphrase does not open the TrueCrypt/VeraCrypt header at its start", ErrWrongPassphrase)
+		return nil, refuse(dpath, "give the passphrase, keyfiles (--tcrypt-keyfile) and VeraCrypt PIM (--veracrypt-pim) the volume was opened with (hidden volumes and cipher cascades are not supported)", "%v: the passphrase does not open the TrueCrypt/VeraCrypt header at its start", ErrWrongPassphrase)
 	} else if err != nil {
 		return nil, refuse(dpath, "", "its TrueCrypt/VeraCrypt header: %v", err)
 	}
@@ -102,15 +132,28 @@ func (e *Engine) checkTCrypt(name string, c *dmtable.Crypt, size Sectors, dpath 
 	case h.Cipher != string(c.Cipher):
 		return nil, refuse(name, "", "its cipher %s is not its TrueCrypt header's (%s)", c.Cipher, h.Cipher)
 	}
-	return &tcryptRecord{Head: head, Offset: off, Size: size, DiskSize: di.Size, PRF: h.PRF, Iterations: h.Iterations}, nil
+	abs := make([]string, 0, len(keyfiles))
+	for _, k := range keyfiles {
+		a, err := filepath.Abs(k)
+		if err != nil {
+			return nil, refuse(name, "", "TrueCrypt keyfile %s: %v", k, err)
+		}
+		abs = append(abs, a)
+	}
+	return &tcryptRecord{Head: head, Offset: off, Size: size, DiskSize: di.Size, PRF: h.PRF, Iterations: h.Iterations, Keyfiles: abs}, nil
 }
 
 // tcryptOldKey gets a TrueCrypt source's old key from the header area the
 // journal kept, with the passphrase.
 func (r *tcryptRecord) oldKey(pass []byte) ([]byte, error) {
-	h, err := luks.OpenTCryptKDF(r.Head, pass, r.PRF, r.Iterations)
+	kfs, err := readTCryptKeyfiles(r.Keyfiles)
+	if err != nil {
+		return nil, err
+	}
+	defer wipeAll(kfs)
+	h, err := luks.OpenTCryptWith(r.Head, pass, luks.TCryptOpen{PRF: r.PRF, Iterations: r.Iterations, Keyfiles: kfs})
 	if errors.Is(err, luks.ErrWrongPassphrase) {
-		return nil, fmt.Errorf("%w: it does not open the TrueCrypt header this run kept", ErrWrongPassphrase)
+		return nil, fmt.Errorf("%w: it (with the keyfiles the run began with, if any) does not open the TrueCrypt header this run kept", ErrWrongPassphrase)
 	} else if err != nil {
 		return nil, fmt.Errorf("the TrueCrypt header this run kept: %w", err)
 	}

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/dmconvert/dmconvert/dmtable"
@@ -22,11 +24,24 @@ import (
 const tcryptPass = "pw"
 
 func tcryptWorld(t *testing.T, seed int64) (*scenario, *fakeWorld) {
+	return tcryptWorldKeyfiles(t, seed, nil)
+}
+
+// tcryptWorldKeyfiles is tcryptWorld with a volume made with keyfiles
+// (their contents; written to files the scenario names).
+func tcryptWorldKeyfiles(t *testing.T, seed int64, kfs [][]byte) (*scenario, *fakeWorld) {
 	t.Helper()
 	sc, w := encryptedWorld(t, seed)
 	n := sc.setIVOffset(w, sc.H)
+	for i, kf := range kfs {
+		p := filepath.Join(t.TempDir(), fmt.Sprintf("keyfile%d", i))
+		if err := os.WriteFile(p, kf, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		sc.tcKeyfiles = append(sc.tcKeyfiles, p)
+	}
 	hdr, err := luks.CreateTCrypt(luks.TCryptParams{PRF: "sha512", Key: sc.key, DataOffset: int64(sc.H) * 512,
-		DataSize: int64(n) * 512, VolumeSize: int64(n) * 512}, []byte(tcryptPass))
+		DataSize: int64(n) * 512, VolumeSize: int64(n) * 512, Keyfiles: kfs}, []byte(tcryptPass))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -186,6 +201,40 @@ func TestTCryptResumeAfterReboot(t *testing.T) {
 	bad := o
 	bad.Passphrase = []byte("nope")
 	sc.resumeRefused(w, e, bad, "a wrong passphrase")
+	if err := e.Resume(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	sc.verifyPlainRekeyed(w, e)
+}
+
+// A volume made with keyfiles: refused without them (nothing written);
+// converted with them; after a reboot the resume reads them again from
+// the paths the run recorded (refused while one is missing).
+func TestTCryptKeyfiles(t *testing.T) {
+	sc, w := tcryptWorldKeyfiles(t, 75, [][]byte{[]byte("first keyfile"), bytes.Repeat([]byte{9}, 3000)})
+	e := sc.engine(w)
+	kfs := sc.tcKeyfiles
+	sc.tcKeyfiles = kfs[:1]
+	requireRefused(t, w, "one keyfile missing", "does not open the TrueCrypt", func() error {
+		_, err := e.PlanPlainRekey(context.Background(), sc.plainOptions())
+		return err
+	})
+	sc.tcKeyfiles = kfs
+	w, e = sc.poweredOffAt(w, "commit:after", 5, sc.planPlain)
+	o := sc.plainResumeOptions()
+	o.OldKey = func() ([]byte, error) {
+		return nil, errors.New("the old key must come from the journal's TrueCrypt header")
+	}
+	moved := kfs[1] + ".moved"
+	if err := os.Rename(kfs[1], moved); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Resume(context.Background(), o); err == nil || !strings.Contains(err.Error(), "keyfile") {
+		t.Fatalf("resume without a keyfile: %v", err)
+	}
+	if err := os.Rename(moved, kfs[1]); err != nil {
+		t.Fatal(err)
+	}
 	if err := e.Resume(context.Background(), o); err != nil {
 		t.Fatal(err)
 	}

@@ -60,13 +60,14 @@ type TCryptHeader struct {
 // TCryptParams describe a header CreateTCrypt makes (tests, and tools that need one).
 type TCryptParams struct {
 	VeraCrypt  bool
-	PRF        string // as above
-	Iterations int    // 0: the format's default for PRF
-	Key        []byte // 64-byte AES-256-XTS data key
-	DataOffset int64  // bytes, default 131072
-	DataSize   int64  // bytes
-	VolumeSize int64  // bytes (usually DataSize)
-	Salt       []byte // 64 bytes; nil: random
+	PRF        string   // as above
+	Iterations int      // 0: the format's default for PRF
+	Key        []byte   // 64-byte AES-256-XTS data key
+	DataOffset int64    // bytes, default 131072
+	DataSize   int64    // bytes
+	VolumeSize int64    // bytes (usually DataSize)
+	Salt       []byte   // 64 bytes; nil: random
+	Keyfiles   [][]byte // contents of the keyfiles, in order (TCryptOpen)
 }
 
 const (
@@ -158,7 +159,7 @@ func tcryptXTS(key []byte) (*xts.Cipher, error) {
 // something this package does not handle (system encryption, an unknown
 // version or sector size).
 func OpenTCrypt(hdr, passphrase []byte) (*TCryptHeader, error) {
-	return openTCrypt(hdr, passphrase, tcryptKDFs)
+	return openTCrypt(hdr, passphrase, nil, tcryptKDFs)
 }
 
 // TCryptPIMIterations is the PBKDF2 iteration count of a VeraCrypt normal
@@ -171,43 +172,94 @@ func TCryptPIMIterations(pim int) int { return 15000 + 1000*pim }
 const MaxTCryptPIM = 1 << 20
 
 // OpenTCryptPIM is OpenTCrypt for a volume whose VeraCrypt header was
-// made with a PIM: the VeraCrypt variants use TCryptPIMIterations(pim);
-// TrueCrypt's (which have no PIM) are tried as usual, as cryptsetup does.
+// made with a PIM: only the VeraCrypt variants are tried (TrueCrypt has no
+// PIM), with TCryptPIMIterations(pim), as cryptsetup --veracrypt-pim does.
 func OpenTCryptPIM(hdr, passphrase []byte, pim int) (*TCryptHeader, error) {
-	if pim <= 0 || pim > MaxTCryptPIM {
+	if pim <= 0 {
 		return nil, fmt.Errorf("tcrypt: PIM %d is not between 1 and %d: %w", pim, MaxTCryptPIM, ErrInvalidArgument)
 	}
-	kdfs := make([]tcryptKDF, 0, len(tcryptKDFs))
+	return OpenTCryptWith(hdr, passphrase, TCryptOpen{PIM: pim})
+}
+
+// TCryptOpen are the optional inputs of OpenTCryptWith.
+type TCryptOpen struct {
+	// PIM: a VeraCrypt volume's PIM (0: none).
+	PIM int
+	// Keyfiles: the contents of the volume's keyfiles, in order (as
+	// cryptsetup reads them: at most the first TCryptKeyfileMax bytes of
+	// each count).
+	Keyfiles [][]byte
+	// PRF and Iterations, when set, restrict the derivations to that one
+	// variant (a header's, as a first open found them).
+	PRF        string
+	Iterations int
+}
+
+// TCryptKeyfileMax is how much of a keyfile counts (TrueCrypt's 1 MiB).
+const TCryptKeyfileMax = 1 << 20
+
+// OpenTCryptWith is OpenTCrypt with a PIM, keyfiles, or one variant.
+func OpenTCryptWith(hdr, passphrase []byte, o TCryptOpen) (*TCryptHeader, error) {
+	if o.PIM < 0 || o.PIM > MaxTCryptPIM {
+		return nil, fmt.Errorf("tcrypt: PIM %d is not between 1 and %d: %w", o.PIM, MaxTCryptPIM, ErrInvalidArgument)
+	}
+	var kdfs []tcryptKDF
 	for _, k := range tcryptKDFs {
-		if k.veraCrypt {
-			k.iterations = TCryptPIMIterations(pim)
+		if o.PIM > 0 {
+			if !k.veraCrypt {
+				continue
+			}
+			k.iterations = TCryptPIMIterations(o.PIM)
+		}
+		if o.PRF != "" && (k.prf != o.PRF || k.iterations != o.Iterations) {
+			continue
 		}
 		kdfs = append(kdfs, k)
 	}
-	return openTCrypt(hdr, passphrase, kdfs)
+	if pim := (o.Iterations - 15000) / 1000; len(kdfs) == 0 && o.PRF != "" && o.Iterations > 15000 && TCryptPIMIterations(pim) == o.Iterations && pim <= MaxTCryptPIM && tcryptPRF(o.PRF) != nil {
+		// A VeraCrypt header made with a PIM.
+		kdfs = append(kdfs, tcryptKDF{veraCrypt: true, prf: o.PRF, iterations: o.Iterations})
+	}
+	if len(kdfs) == 0 {
+		return nil, fmt.Errorf("tcrypt: PBKDF2 %s with %d iterations is not a TrueCrypt or VeraCrypt variant this package opens: %w", o.PRF, o.Iterations, ErrUnsupported)
+	}
+	return openTCrypt(hdr, passphrase, o.Keyfiles, kdfs)
+}
+
+// tcryptPool is the KDF's input with keyfiles, as TrueCrypt (and
+// cryptsetup) make it: a pool of n bytes (64; a VeraCrypt variant with a
+// passphrase longer than 64 bytes: 128) to which every keyfile adds, byte
+// by byte, the 4 bytes (big-endian) of its running CRC-32 (not inverted,
+// from all ones), wrapping around the pool; then the passphrase's bytes
+// are added to the pool's first ones. The whole pool is the input.
+func tcryptPool(passphrase []byte, keyfiles [][]byte, n int) []byte {
+	pool := make([]byte, n)
+	for _, kf := range keyfiles {
+		kf = kf[:min(len(kf), TCryptKeyfileMax)]
+		crc, j := ^uint32(0), 0
+		for i := range kf {
+			crc = ^crc32.Update(^crc, crc32.IEEETable, kf[i:i+1])
+			pool[j] += byte(crc >> 24)
+			pool[j+1] += byte(crc >> 16)
+			pool[j+2] += byte(crc >> 8)
+			pool[j+3] += byte(crc)
+			j = (j + 4) % n
+		}
+	}
+	for i, b := range passphrase {
+		pool[i] += b
+	}
+	return pool
 }
 
 // OpenTCryptKDF is OpenTCrypt trying only the PBKDF2 variant prf with
 // iterations (a header's PRF and Iterations, as OpenTCrypt found them):
 // one derivation instead of up to six, the slowest of which take seconds.
 func OpenTCryptKDF(hdr, passphrase []byte, prf string, iterations int) (*TCryptHeader, error) {
-	var kdfs []tcryptKDF
-	for _, k := range tcryptKDFs {
-		if k.prf == prf && k.iterations == iterations {
-			kdfs = append(kdfs, k)
-		}
-	}
-	if pim := (iterations - 15000) / 1000; len(kdfs) == 0 && iterations > 15000 && TCryptPIMIterations(pim) == iterations && pim <= MaxTCryptPIM && tcryptPRF(prf) != nil {
-		// A VeraCrypt header made with a PIM.
-		kdfs = append(kdfs, tcryptKDF{veraCrypt: true, prf: prf, iterations: iterations})
-	}
-	if len(kdfs) == 0 {
-		return nil, fmt.Errorf("tcrypt: PBKDF2 %s with %d iterations is not a TrueCrypt or VeraCrypt variant this package opens: %w", prf, iterations, ErrUnsupported)
-	}
-	return openTCrypt(hdr, passphrase, kdfs)
+	return OpenTCryptWith(hdr, passphrase, TCryptOpen{PRF: prf, Iterations: iterations})
 }
 
-func openTCrypt(hdr, passphrase []byte, kdfs []tcryptKDF) (*TCryptHeader, error) {
+func openTCrypt(hdr, passphrase []byte, keyfiles [][]byte, kdfs []tcryptKDF) (*TCryptHeader, error) {
 	if len(hdr) < tcryptSectorLen {
 		return nil, fmt.Errorf("tcrypt: header is %d bytes, need %d: %w", len(hdr), tcryptSectorLen, ErrInvalidArgument)
 	}
@@ -222,7 +274,18 @@ func openTCrypt(hdr, passphrase []byte, kdfs []tcryptKDF) (*TCryptHeader, error)
 		if !k.veraCrypt && len(passphrase) > tcryptMaxPassTC {
 			continue // TrueCrypt cannot have made it
 		}
-		hk := pbkdf2Key(passphrase, salt, k.iterations, tcryptHeaderKey, tcryptPRF(k.prf))
+		in := passphrase
+		if len(keyfiles) > 0 {
+			n := tcryptMaxPassTC
+			if k.veraCrypt && len(passphrase) > tcryptMaxPassTC {
+				n = tcryptMaxPassVC
+			}
+			in = tcryptPool(passphrase, keyfiles, n)
+		}
+		hk := pbkdf2Key(in, salt, k.iterations, tcryptHeaderKey, tcryptPRF(k.prf))
+		if len(keyfiles) > 0 {
+			clear(in)
+		}
 		c, err := tcryptXTS(hk)
 		clear(hk)
 		if err != nil {
@@ -236,7 +299,7 @@ func openTCrypt(hdr, passphrase []byte, kdfs []tcryptKDF) (*TCryptHeader, error)
 	}
 	return nil, fmt.Errorf("tcrypt: no TrueCrypt or VeraCrypt header decrypts with this passphrase "+
 		"(tried PBKDF2 sha512, sha256, ripemd160, AES-XTS header cipher only; "+
-		"other ciphers, PRFs or key files are not supported; a VeraCrypt PIM must be given): %w", ErrWrongPassphrase)
+		"other ciphers and PRFs are not supported; a VeraCrypt PIM and keyfiles must be given): %w", ErrWrongPassphrase)
 }
 
 // tcryptValid reports whether a decrypted header has a magic and
@@ -384,7 +447,16 @@ func CreateTCrypt(p TCryptParams, passphrase []byte) ([]byte, error) {
 	be.PutUint32(dec[8:], crc32.ChecksumIEEE(keyArea))
 	be.PutUint32(dec[tcryptHdrCRCLen:], crc32.ChecksumIEEE(dec[:tcryptHdrCRCLen]))
 
-	hk := pbkdf2Key(passphrase, out[:tcryptSaltLen], iter, tcryptHeaderKey, prf)
+	in := passphrase
+	if len(p.Keyfiles) > 0 {
+		n := tcryptMaxPassTC
+		if p.VeraCrypt && len(passphrase) > tcryptMaxPassTC {
+			n = tcryptMaxPassVC
+		}
+		in = tcryptPool(passphrase, p.Keyfiles, n)
+		defer clear(in)
+	}
+	hk := pbkdf2Key(in, out[:tcryptSaltLen], iter, tcryptHeaderKey, prf)
 	c, err := tcryptXTS(hk)
 	clear(hk)
 	if err != nil {

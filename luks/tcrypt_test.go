@@ -313,6 +313,44 @@ func TestTCryptCreateArguments(t *testing.T) {
 
 // TestTCryptLongVeraCryptPassphrase: VeraCrypt passphrases up to 128
 // bytes; TrueCrypt variants are not tried for one over 64.
+// TestTCryptKeyfiles: a header made with keyfiles opens with the same
+// keyfiles (and the passphrase) in any order (each keyfile adds to the
+// pool from its start: TrueCrypt documents that the order does not
+// matter), not without them or with some of them; a keyfile counts up to
+// 1 MiB only.
+func TestTCryptKeyfiles(t *testing.T) {
+	pass := []byte("kf passphrase")
+	kf1, kf2 := randBytes(t, 3000), randBytes(t, TCryptKeyfileMax+100)
+	key := randBytes(t, 64)
+	hdr := newTCrypt(t, TCryptParams{PRF: "sha512", Key: key, DataSize: 1 << 20, Keyfiles: [][]byte{kf1, kf2}}, pass)
+	h, err := OpenTCryptWith(hdr, pass, TCryptOpen{Keyfiles: [][]byte{kf1, kf2[:TCryptKeyfileMax]}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(h.Key, key) {
+		t.Fatal("keyfiles: another key")
+	}
+	if _, err := OpenTCryptWith(hdr, pass, TCryptOpen{Keyfiles: [][]byte{kf2, kf1}}); err != nil {
+		t.Fatalf("the keyfiles in another order: %v", err)
+	}
+	for name, o := range map[string]TCryptOpen{
+		"no keyfiles": {},
+		"one of them": {Keyfiles: [][]byte{kf1}},
+	} {
+		if _, err := OpenTCryptWith(hdr, pass, TCryptOpen{Keyfiles: o.Keyfiles, PRF: "sha512", Iterations: 1000}); !errors.Is(err, ErrWrongPassphrase) {
+			t.Fatalf("%s: %v", name, err)
+		}
+	}
+	// The pool: a keyfile of one zero byte adds the 4 bytes of that byte's
+	// CRC step (from all ones, not inverted) to the first 4 pool bytes.
+	crc := ^crc32.Update(^uint32(0xffffffff), crc32.IEEETable, []byte{0})
+	pool := tcryptPool([]byte{1}, [][]byte{{0}}, 64)
+	want := []byte{byte(crc>>24) + 1, byte(crc >> 16), byte(crc >> 8), byte(crc)}
+	if !bytes.Equal(pool[:4], want) || !bytes.Equal(pool[4:], make([]byte, 60)) {
+		t.Fatalf("pool of one zero byte: % x", pool[:8])
+	}
+}
+
 // TestTCryptPIM: a VeraCrypt header made with a PIM's iteration count
 // opens with that PIM (and with its recorded PRF and count), not with
 // another PIM.
@@ -516,9 +554,13 @@ func TestGuestTCryptTcplayToOurs(t *testing.T) {
 	script := requireTool(t, "script")
 	losetup := requireTool(t, "losetup")
 	pass := []byte("tcplay test passphrase")
-	for _, tc := range []struct{ name, tcplayPRF, prf string }{
-		{"sha512", "SHA512", "sha512"},
-		{"ripemd160", "RIPEMD160", "ripemd160"},
+	for _, tc := range []struct {
+		name, tcplayPRF, prf string
+		keyfile              bool
+	}{
+		{"sha512", "SHA512", "sha512", false},
+		{"ripemd160", "RIPEMD160", "ripemd160", false},
+		{"sha512-keyfile", "SHA512", "sha512", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cs := cs.in(t)
@@ -546,11 +588,28 @@ func TestGuestTCryptTcplayToOurs(t *testing.T) {
 				}
 			}
 			t.Cleanup(detach)
-			tcplayCreate(t, script, fmt.Sprintf("%s -c -d %s -a %s -b AES-256-XTS -z -w", tcplay, loop, tc.tcplayPRF), pass)
+			cmdline := fmt.Sprintf("%s -c -d %s -a %s -b AES-256-XTS -z -w", tcplay, loop, tc.tcplayPRF)
+			var o TCryptOpen
+			var dumpArgs []string
+			if tc.keyfile {
+				kf := filepath.Join(t.TempDir(), "keyfile")
+				o.Keyfiles = [][]byte{randBytes(t, 2000)}
+				if err := os.WriteFile(kf, o.Keyfiles[0], 0o600); err != nil {
+					t.Fatal(err)
+				}
+				cmdline += " -k " + kf
+				dumpArgs = []string{"--key-file", kf} // tcrypt: a keyfile, the passphrase still asked
+			}
+			tcplayCreate(t, script, cmdline, pass)
 			detach()
 
 			img := readFileT(t, file)
-			h, err := OpenTCrypt(img, pass)
+			if tc.keyfile {
+				if _, err := OpenTCrypt(img, pass); !errors.Is(err, ErrWrongPassphrase) {
+					t.Fatalf("OpenTCrypt without the keyfile: %v", err)
+				}
+			}
+			h, err := OpenTCryptWith(img, pass, o)
 			if err != nil {
 				t.Fatalf("OpenTCrypt of tcplay's header: %v", err)
 			}
@@ -560,9 +619,40 @@ func TestGuestTCryptTcplayToOurs(t *testing.T) {
 				got.Key = nil
 				t.Errorf("tcplay's header: %+v", got)
 			}
-			tcryptCheckDump(t, cs, file, pass, h)
+			tcryptCheckDump(t, cs, file, pass, h, dumpArgs...)
 		})
 	}
+}
+
+// TestGuestTCryptKeyfileOursToCryptsetup: cryptsetup opens a header
+// CreateTCrypt made with two keyfiles (given to cryptsetup as tcrypt key
+// files, the passphrase asked), and refuses it with one of them only.
+func TestGuestTCryptKeyfileOursToCryptsetup(t *testing.T) {
+	testvm.RequireGuest(t)
+	cs := needCryptsetup(t)
+	pass := []byte("tcrypt keyfile passphrase")
+	const size = 4 << 20
+	dir := t.TempDir()
+	kfs := [][]byte{randBytes(t, 100), randBytes(t, 5000)}
+	var paths []string
+	for i, kf := range kfs {
+		p := filepath.Join(dir, fmt.Sprintf("kf%d", i))
+		if err := os.WriteFile(p, kf, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		paths = append(paths, p)
+	}
+	key := randBytes(t, 64)
+	p := TCryptParams{PRF: "sha512", Key: key, DataOffset: 131072, DataSize: size - 2*131072, VolumeSize: size - 2*131072, Keyfiles: kfs}
+	img := make([]byte, size)
+	copy(img, newTCrypt(t, p, pass))
+	dev := writeTemp(t, "tcrypt-kf.img", img)
+	h, err := OpenTCryptWith(img, pass, TCryptOpen{Keyfiles: kfs})
+	if err != nil || !bytes.Equal(h.Key, key) {
+		t.Fatalf("OpenTCryptWith: %v", err)
+	}
+	tcryptCheckDump(t, cs, dev, pass, h, "--key-file", paths[0], "--key-file", paths[1], "--disable-veracrypt", "--hash", "sha512")
+	cs.fails(append(bytes.Clone(pass), '\n'), "tcryptDump", "-q", "--disable-veracrypt", "--hash", "sha512", "--key-file", paths[0], dev)
 }
 
 // tcplayCreate runs a tcplay -c command line under script(1), which

@@ -21,6 +21,7 @@ type rekeyOptions struct {
 	luksType     string
 	headerFile   string
 	pim          int
+	tcKeyfiles   []string
 	kdf          kdfFlags
 }
 
@@ -92,10 +93,10 @@ LVM label or a LUKS header, nor belong to another mapping. Then cryptsetup
 open DEVICE NAME opens the volume.
 
 TrueCrypt/VeraCrypt (a normal volume opened by cryptsetup open --type tcrypt,
-one AES cipher, a passphrase without keyfiles): --header FILE turns it into
+one AES cipher): --header FILE turns it into
 LUKS2 with a detached header, opened by the volume's passphrase (asked, or
---key-file: a file holding the passphrase, not a TrueCrypt keyfile; a
-VeraCrypt PIM with --veracrypt-pim). The data
+--key-file: a file holding the passphrase, not a TrueCrypt keyfile; its
+keyfiles with --tcrypt-keyfile, a VeraCrypt PIM with --veracrypt-pim). The data
 moves 128 KiB toward the start of the disk (over the TrueCrypt headers) while
 it is re-encrypted, in steps of at most 128 KiB; at the end the old backup
 headers are zeroed. A hidden volume inside it does not survive.`,
@@ -110,6 +111,7 @@ headers are zeroed. A hidden volume inside it does not survive.`,
 	f.StringVar(&o.newKeyFile, "new-key-file", "", "plain dm-crypt: write the new key to this file (required for plain mappings)")
 	f.StringVar(&o.luksType, "type", "", "plain dm-crypt: luks2 turns the volume into LUKS2, its header in --header FILE or, without it, on the device before the data (TrueCrypt: always luks2, --header FILE)")
 	f.StringVar(&o.headerFile, "header", "", "plain dm-crypt with --type luks2, or TrueCrypt/VeraCrypt: write the detached LUKS2 header to this file")
+	f.StringArrayVar(&o.tcKeyfiles, "tcrypt-keyfile", nil, "TrueCrypt/VeraCrypt: a keyfile of the volume (repeat for several; as cryptsetup --type tcrypt --key-file); a resume reads them again")
 	f.IntVar(&o.pim, "veracrypt-pim", 0, "VeraCrypt: the volume's PIM (as cryptsetup --veracrypt-pim), if it was made with one")
 	f.StringVar(&o.kdf.pbkdf, "pbkdf", "", "with --type luks2: the new keyslot's KDF: argon2id (default), argon2i or pbkdf2")
 	f.Uint32Var(&o.kdf.iter, "pbkdf-force-iterations", 0, "with --type luks2: KDF iterations (pbkdf2) or time cost (argon2), skipping the benchmark")
@@ -158,12 +160,15 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 	if o.pim != 0 && !tcrypt {
 		return usagef("%s: --veracrypt-pim is for a VeraCrypt volume opened with cryptsetup open --type tcrypt --veracrypt", target)
 	}
+	if len(o.tcKeyfiles) > 0 && !tcrypt {
+		return usagef("%s: --tcrypt-keyfile is for a TrueCrypt/VeraCrypt volume opened with cryptsetup open --type tcrypt", target)
+	}
 	if plain {
 		if o.removeOthers {
 			return usagef("%s: --remove-other-keyslots: a plain mapping has no keyslots", target)
 		}
 		po := convert.PlainRekeyOptions{Target: target, NewKeyFile: o.newKeyFile, Journal: o.journal, Chunk: chunk,
-			Cipher: o.cipher, KeySize: o.keySize, Type: o.luksType, HeaderFile: o.headerFile, Passphrase: pass, PIM: o.pim}
+			Cipher: o.cipher, KeySize: o.keySize, Type: o.luksType, HeaderFile: o.headerFile, Passphrase: pass, PIM: o.pim, TCryptKeyfiles: o.tcKeyfiles}
 		if o.luksType == "luks2" || tcrypt {
 			if po.PBKDF, err = o.kdf.build(2); err != nil {
 				return err
