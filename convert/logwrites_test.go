@@ -102,7 +102,11 @@ type lwOp struct {
 }
 
 var lwEncrypt = &lwOp{
-	name:    "encrypt",
+	name: "encrypt",
+	// A seeded sample of 20 flush points in make test, spread over the
+	// run (every one took 360 s of QEMU CPU on 2026-11-23's host;
+	// DMCONVERT_LW_POINTS=all).
+	points:  20,
 	prepare: lwPrepareEncrypt,
 	args: func(st *stack) []string {
 		return append([]string{"encrypt", st.Disk, "--batch-mode", "--json", "--key-file", pwFile, "--journal", lwJournal,
