@@ -233,12 +233,9 @@ func (r *run) finishUnstack(ctx context.Context, seq uint64, next State) error {
 	if err := r.removeIfExists(r.spec.Name); err != nil {
 		return err
 	}
-	for _, n := range r.spec.Helpers {
-		if err := r.removeIfExists(n); err != nil {
-			return err
-		}
+	if err := r.removeHelpers(); err != nil {
+		return err
 	}
-	r.hit("finalize:helpers-removed")
 	if err := r.releaseFence(); err != nil {
 		return err
 	}
@@ -332,12 +329,9 @@ func (r *run) doFinalize(ctx context.Context) error {
 		return fmt.Errorf("writing the final header to %s: %w", r.spec.Disk.Path, err)
 	}
 	r.hit("finalize:header-after")
-	for _, n := range r.spec.Helpers {
-		if err := r.removeIfExists(n); err != nil {
-			return err
-		}
+	if err := r.removeHelpers(); err != nil {
+		return err
 	}
-	r.hit("finalize:helpers-removed")
 	if info, err := r.e.DM.Info(r.spec.Name); err == nil && info.UUID == "" {
 		// The UUID cryptsetup gives a LUKS mapping, so `cryptsetup
 		// status/close` recognise F as theirs.
@@ -381,14 +375,22 @@ func (r *run) finalizePlain(seq uint64, next State) error {
 		return fmt.Errorf("looking up %s: %w", r.spec.Name, err)
 	}
 	r.hit("finalize:table-after")
+	if err := r.removeHelpers(); err != nil {
+		return err
+	}
+	if err := r.releaseFence(); err != nil {
+		return err
+	}
+	return r.commit(seq, next)
+}
+
+// removeHelpers removes the run's private devices (those that exist).
+func (r *run) removeHelpers() error {
 	for _, n := range r.spec.Helpers {
 		if err := r.removeIfExists(n); err != nil {
 			return err
 		}
 	}
 	r.hit("finalize:helpers-removed")
-	if err := r.releaseFence(); err != nil {
-		return err
-	}
-	return r.commit(seq, next)
+	return nil
 }
