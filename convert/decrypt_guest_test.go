@@ -81,16 +81,28 @@ func verifyDecryptedFS(t testing.TB, st *stack, state, name, uuid string) {
 	if typ, u := fsUUID(t, st.Disk); typ != "ext4" || u != uuid {
 		t.Fatalf("blkid -p %s: %q UUID %q, want ext4 UUID %q", st.Disk, typ, u, uuid)
 	}
-	// The file system on the raw disk, through a name verifyStack knows.
+	restore := onRawDisk(t, st)
+	defer restore()
+	verifyStack(t, st, state)
+}
+
+// onRawDisk points st's file system at the raw disk, through a name
+// verifyStack knows (a /dev/mapper/<VG>-plain link to the disk); restore
+// unmounts it and puts st back.
+func onRawDisk(t testing.TB, st *stack) (restore func()) {
+	t.Helper()
 	link := "/dev/mapper/" + st.VG + "-plain"
 	if err := os.Symlink(st.Disk, link); err != nil {
 		t.Fatal(err)
 	}
-	defer os.Remove(link)
+	saved := *st
 	st.FSLVs, st.Sizes = []string{"plain"}, []uint64{blockDevBytes(t, st.Disk)}
-	verifyStack(t, st, state)
-	for _, mp := range st.Mounts {
-		sh(t, "umount", mp)
+	return func() {
+		for _, mp := range st.Mounts {
+			shOK("umount", mp)
+		}
+		os.Remove(link)
+		*st = saved
 	}
 }
 

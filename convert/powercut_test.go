@@ -546,22 +546,6 @@ func decryptFSPowerCutResume(t *testing.T, st *stack, state, jpath string) {
 	name := st.VG + "-crypt"
 	typ, _ := fsUUID(t, st.Disk)
 	fmt.Println("DMCONVERT-CUT-STATE", pcDecryptFS+"-disk-shows-"+cmp.Or(typ, "nothing"))
-	rawStack := func() func() {
-		// The raw disk's file system, through a name verifyStack knows.
-		link := "/dev/mapper/" + st.VG + "-plain"
-		if err := os.Symlink(st.Disk, link); err != nil {
-			t.Fatal(err)
-		}
-		saved := *st
-		st.FSLVs, st.Sizes = []string{"plain"}, []uint64{blockDevBytes(t, st.Disk)}
-		return func() {
-			for _, mp := range st.Mounts {
-				shOK("umount", mp)
-			}
-			os.Remove(link)
-			*st = saved
-		}
-	}
 	switch typ {
 	case "crypto_LUKS":
 		if _, err := shOK("cryptsetup", "open", "--key-file", pwFile, st.Disk, name); err == nil {
@@ -578,7 +562,7 @@ func decryptFSPowerCutResume(t *testing.T, st *stack, state, jpath string) {
 	case "ext4":
 		// The head is back: the whole file system is on the raw disk.
 		// The system mounts it and writes (the writer goes on).
-		done := rawStack()
+		done := onRawDisk(t, st)
 		verifyStack(t, st, state)
 		w := startWriter(t, st, state)
 		time.Sleep(time.Second)
@@ -618,7 +602,7 @@ func decryptFSPowerCutResume(t *testing.T, st *stack, state, jpath string) {
 	if typ, _ := fsUUID(t, st.Disk); typ != "ext4" {
 		t.Fatalf("after the decrypt's resume blkid -p %s finds %q, not ext4", st.Disk, typ)
 	}
-	done := rawStack()
+	done := onRawDisk(t, st)
 	defer done()
 	verifyStack(t, st, state)
 }
