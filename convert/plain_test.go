@@ -363,7 +363,9 @@ func TestPlainRekeyRefusals(t *testing.T) {
 		{"bad key size", func(o *PlainRekeyOptions) { o.KeySize = 100 }, "not a multiple of 8"},
 		{"cipher the kernel lacks", func(o *PlainRekeyOptions) { o.Cipher, o.KeySize = "twofish-xts-plain64", 256 }, "refuses cipher"},
 		{"header without luks2", func(o *PlainRekeyOptions) { o.HeaderFile = "/tmp/x.hdr" }, "--header is for a conversion to LUKS2"},
-		{"luks2 without header", func(o *PlainRekeyOptions) { o.Type, o.NewKeyFile, o.Passphrase = "luks2", "", []byte("pw") }, "detached header only"},
+		// Without --header the header would go before the data, where
+		// this disk holds one already.
+		{"luks2 without header", func(o *PlainRekeyOptions) { o.Type, o.NewKeyFile, o.Passphrase = "luks2", "", []byte("pw") }, "hold LUKS header"},
 		{"luks2 without passphrase", func(o *PlainRekeyOptions) { o.Type, o.NewKeyFile, o.HeaderFile = "luks2", "", "/tmp/y.hdr" }, "needs a passphrase"},
 		{"unknown type", func(o *PlainRekeyOptions) { o.Type = "luks3" }, "--type luks3"},
 	} {
