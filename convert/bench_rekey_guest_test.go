@@ -35,7 +35,8 @@ import (
 //     defaults (4 MiB gap and chunk). DMCONVERT_BENCH_REKEY_CHUNKS lists
 //     --chunk-size values (e.g. "8M,12M") for extra dmconvert runs in
 //     every round, right after the default one; they are reported apart
-//     and do not count for the verdict.
+//     and do not count for the verdict. So does DMCONVERT_BENCH_ALT's
+//     binary (an engine change to compare), run right after the default.
 //
 // Rates are bytes of the data segment (what both re-encrypt) over the
 // process's wall time; dmconvert's rate from its first JSON event to its
@@ -50,6 +51,7 @@ const benchRekeyChunksEnv = "DMCONVERT_BENCH_REKEY_CHUNKS"
 type rekeyRun struct {
 	round             int
 	chunk             string  // dmconvert's --chunk-size ("" for the default)
+	extra             string  // what an extra run (not in the verdict) is: a chunk size or the other binary
 	payload           int64   // bytes re-encrypted: the data segment
 	wallRate          float64 // MiB/s over the process's wall time
 	convRate          float64 // dmconvert: MiB/s from the first event to done
@@ -63,7 +65,7 @@ type rekeyRun struct {
 type rekeyBench struct {
 	*benchSuite
 	cs, dmc []rekeyRun
-	extra   []rekeyRun // dmconvert with DMCONVERT_BENCH_REKEY_CHUNKS
+	extra   []rekeyRun // dmconvert with DMCONVERT_BENCH_REKEY_CHUNKS, or the DMCONVERT_BENCH_ALT binary
 }
 
 // BenchmarkGuestRekey: rounds of dm-crypt / cryptsetup reencrypt /
@@ -84,10 +86,13 @@ func BenchmarkGuestRekey(b *testing.B) {
 		run := fmt.Sprintf("/run=%d", r)
 		b.Run(small+"/dmcrypt"+run, func(b *testing.B) { s.benchDMCrypt(b, s.disk) })
 		b.Run(small+"/cryptsetup-reencrypt"+run, func(b *testing.B) { rb.benchCryptsetupReencrypt(b, r) })
-		b.Run(small+"/dmconvert-rekey"+run, func(b *testing.B) { rb.benchRekey(b, bin, r, "") })
+		b.Run(small+"/dmconvert-rekey"+run, func(b *testing.B) { rb.benchRekey(b, bin, r, "", "") })
+		if s.alt != "" {
+			b.Run(small+"/dmconvert-alt-rekey"+run, func(b *testing.B) { rb.benchRekey(b, s.alt, r, "", "the other binary ("+benchAltEnv+")") })
+		}
 		for _, c := range chunks {
 			c = strings.TrimSpace(c)
-			b.Run(small+"/dmconvert-rekey,chunk="+c+run, func(b *testing.B) { rb.benchRekey(b, bin, r, c) })
+			b.Run(small+"/dmconvert-rekey,chunk="+c+run, func(b *testing.B) { rb.benchRekey(b, bin, r, c, "--chunk-size "+c) })
 		}
 	}
 	b.Run(small+"/dmcrypt/after", func(b *testing.B) { s.benchDMCrypt(b, s.disk) })
@@ -234,7 +239,7 @@ func (rb *rekeyBench) benchCryptsetupReencrypt(b *testing.B, round int) {
 
 // benchRekey: dmconvert rekey of the open, mounted, written-to LUKS2
 // volume.
-func (rb *rekeyBench) benchRekey(b *testing.B, bin string, round int, chunk string) {
+func (rb *rekeyBench) benchRekey(b *testing.B, bin string, round int, chunk, extra string) {
 	s := rb.benchSuite
 	var run rekeyRun
 	var res *convertResult
@@ -259,14 +264,14 @@ func (rb *rekeyBench) benchRekey(b *testing.B, bin string, round int, chunk stri
 		stall, p99, writes := w.finish(b)
 		checkRekeyedBench(b, s.disk, name, old, st)
 		os.Remove(journal)
-		run = rekeyRun{round: round, chunk: chunk, payload: st.payload,
+		run = rekeyRun{round: round, chunk: chunk, extra: extra, payload: st.payload,
 			wallRate: mib2(st.payload) / res.wall.Seconds(), convRate: mib2(st.payload) / res.conv.Seconds(),
 			stall: stall, p99: p99, idle: idle, idleP99: idleP99, writes: writes,
 			rssMiB: mib2(res.hwm), rusageMiB: mib2(res.maxrss)}
 		resetDisk(b, s.disk)
 		b.StartTimer()
 	}
-	if chunk == "" {
+	if extra == "" {
 		rb.dmc = append(rb.dmc, run)
 	} else {
 		rb.extra = append(rb.extra, run)
@@ -350,8 +355,8 @@ func (rb *rekeyBench) summary() (string, map[string]float64) {
 			continue
 		}
 		dm := (dmr[e.round-1] + dmr[e.round]) / 2
-		fmt.Fprintf(&sb, "  extra: round %d, dmconvert rekey --chunk-size %s: %.2f MiB/s (%.2f first event to done), %.2fx that round's cryptsetup, %.3f of dm-crypt; writer longest %.0f ms, p99 %.0f ms; VmHWM %.1f MiB\n",
-			e.round, e.chunk, e.wallRate, e.convRate, e.wallRate/rb.cs[e.round-1].wallRate, e.wallRate/dm, ms(e.stall), ms(e.p99), e.rssMiB)
+		fmt.Fprintf(&sb, "  extra: round %d, dmconvert rekey, %s: %.2f MiB/s (%.2f first event to done), %.2fx that round's cryptsetup, %.3f of dm-crypt; writer longest %.0f ms, p99 %.0f ms; VmHWM %.1f MiB\n",
+			e.round, e.extra, e.wallRate, e.convRate, e.wallRate/rb.cs[e.round-1].wallRate, e.wallRate/dm, ms(e.stall), ms(e.p99), e.rssMiB)
 	}
 	m["cs_MiB/s"] = medianF(csR)
 	m["dmc_MiB/s"] = medianF(dmcR)
