@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 
 	"github.com/dmconvert/dmconvert/luks"
 )
@@ -19,6 +20,9 @@ type LUKSHeader struct {
 	unbound int
 	// opened is the bound keyslot the passphrase opened (-1: unknown).
 	opened int
+	// also are the bound keyslots further passphrases opened (AddOpener),
+	// in the order given; each gets its own keyslot for the new key.
+	also []int
 }
 
 // NewLUKSHeader wraps h and marks it in progress.
@@ -178,8 +182,9 @@ func (l *LUKSHeader) MarkWrites(cp Checkpoint) ([]Write, error) {
 		if err != nil {
 			return nil, err
 		}
+		staged := l.stagedSlots()
 		for _, ks := range l.h.Keyslots() {
-			if ks.ID == l.unbound {
+			if slices.Contains(staged, ks.ID) {
 				ws = append(ws, Write{Off: ks.AreaOffset, Data: img[ks.AreaOffset : ks.AreaOffset+ks.AreaSize], Flush: true})
 			}
 		}
@@ -231,6 +236,84 @@ func (l *LUKSHeader) StageRekey(newKey, pass []byte, cipher string) error {
 	return nil
 }
 
+// stagedSlots are the keyslots holding the new key: the unbound keyslot
+// and every other one of its digest (LUKS2: one per passphrase kept), or
+// LUKS1's staged keyslot.
+func (l *LUKSHeader) stagedSlots() []int {
+	if l.unbound < 0 {
+		return nil
+	}
+	out := []int{l.unbound}
+	if l.h.Version() == 1 {
+		return out
+	}
+	d := -1
+	for _, ks := range l.h.Keyslots() {
+		if ks.ID == l.unbound {
+			d = ks.Digest
+		}
+	}
+	for _, ks := range l.h.Keyslots() {
+		if ks.ID != l.unbound && !ks.Bound && d >= 0 && ks.Digest == d {
+			out = append(out, ks.ID)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// AddOpener implements KeyslotKeeper: pass, another passphrase or key
+// file of the volume, must open a bound keyslot that neither the main
+// passphrase nor an earlier one opened. Call it before StageRekey, which
+// then gives the new key a keyslot opened by pass too (StageRekeyAlso).
+// LUKS2 only: LUKS1 stages one key.
+func (l *LUKSHeader) AddOpener(pass []byte) (int, error) {
+	if l.h.Version() == 1 {
+		return -1, fmt.Errorf("a LUKS1 rekey keeps one passphrase: its header stages the new key in one keyslot")
+	}
+	if l.unbound >= 0 {
+		return -1, fmt.Errorf("internal error: passphrases are added before the new key is staged")
+	}
+	vk, slot, err := l.h.Unlock(pass)
+	if err != nil {
+		if errors.Is(err, luks.ErrWrongPassphrase) {
+			return -1, fmt.Errorf("%w", ErrWrongPassphrase)
+		}
+		return -1, err
+	}
+	vk.Wipe()
+	if slot == l.opened || slices.Contains(l.also, slot) {
+		return -1, fmt.Errorf("it opens keyslot %d, which a passphrase given before opens too", slot)
+	}
+	l.also = append(l.also, slot)
+	return slot, nil
+}
+
+// StageRekeyAlso implements KeyslotKeeper: after StageRekey, a keyslot
+// for newKey opened by the i-th passphrase given to AddOpener, with the
+// key derivation of the keyslot it opened, in the staged key's digest.
+func (l *LUKSHeader) StageRekeyAlso(newKey, pass []byte, i int, cipher string) error {
+	if l.unbound < 0 || i < 0 || i >= len(l.also) {
+		return fmt.Errorf("internal error: no staged key, or no passphrase %d", i)
+	}
+	var p luks.PBKDF
+	for _, ks := range l.h.Keyslots() {
+		if ks.ID == l.also[i] {
+			p = ks.PBKDF
+		}
+	}
+	vk := luks.NewVolumeKeyFromBytes(newKey)
+	defer vk.Wipe()
+	slot, err := l.h.AddUnboundKeyslotFor(vk, pass, p, cipher)
+	if err != nil {
+		return err
+	}
+	if !slices.Contains(l.stagedSlots(), slot) {
+		return fmt.Errorf("internal error: keyslot %d is not in the staged key's digest", slot)
+	}
+	return nil
+}
+
 // KeyslotsEnd implements Rekeyable. For LUKS1 it includes the 4 KiB
 // after the keyslot material (4 KiB aligned) where the checkpoint records
 // live while a key is staged: the data must not move over them, and the
@@ -249,7 +332,7 @@ func (l *LUKSHeader) KeyslotsEnd() Sectors {
 func (l *LUKSHeader) OtherKeyslots() []int {
 	var out []int
 	for _, ks := range l.h.Keyslots() {
-		if ks.ID != l.opened && ks.ID != l.unbound {
+		if ks.ID != l.opened && !slices.Contains(l.also, ks.ID) && !slices.Contains(l.stagedSlots(), ks.ID) {
 			out = append(out, ks.ID)
 		}
 	}
@@ -277,13 +360,19 @@ func (r *recorder) Sync() error {
 // keyslot removed (f.Rekey), or the staged keyslot removed (an abort).
 func (l *LUKSHeader) applyRekeyEnd(f Final) error {
 	if !f.Rekey {
-		return l.h.RemoveKeyslot(l.unbound)
+		for _, id := range l.stagedSlots() {
+			if err := l.h.RemoveKeyslot(id); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
+	staged := l.stagedSlots()
 	if err := l.h.BindSegmentCipher(l.unbound, f.Cipher); err != nil {
 		return err
 	}
 	for _, ks := range l.h.Keyslots() {
-		if ks.ID != l.unbound {
+		if !slices.Contains(staged, ks.ID) {
 			if err := l.h.RemoveKeyslot(ks.ID); err != nil {
 				return err
 			}

@@ -258,3 +258,116 @@ func rekeyHeaderAgainstCryptsetup(t *testing.T, abort bool, cipher string, keyLe
 		ks2.Wipe()
 	}
 }
+
+// A rekey that keeps two passphrases (the one given and one more, with
+// --also-key-file): the new key gets a keyslot opened by each; the header
+// image opened with the second one alone (a resume) finishes the run;
+// cryptsetup then opens the new key with both, and the third passphrase,
+// not given, is gone. An abort drops both staged keyslots.
+func TestLUKSHeaderRekeyKeepsSeveralPassphrases(t *testing.T) {
+	if _, err := exec.LookPath("cryptsetup"); err != nil {
+		t.Fatal("cryptsetup is needed (make test installs it)")
+	}
+	for _, abort := range []bool{false, true} {
+		oldKey := bytes.Repeat([]byte{0x11}, 64)
+		newKey := bytes.Repeat([]byte{0x33}, 64)
+		vk := luks.NewVolumeKeyFromBytes(oldKey)
+		kdf := luks.PBKDF{Type: luks.KDFPBKDF2, Iterations: luks.MinPBKDF2Iterations}
+		h, err := luks.Create(luks.Options{Version: 2, HeaderSize: 16 << 20, PBKDF: kdf}, vk, []byte("pass"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range []string{"other", "third"} {
+			if _, err := h.AddKeyslot(vk, []byte(p), kdf); err != nil {
+				t.Fatal(err)
+			}
+		}
+		vk.Wipe()
+		path := filepath.Join(t.TempDir(), "disk")
+		img0, err := h.Image()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, append(img0, make([]byte, 8<<20)...), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		lh, ks, err := OpenLUKSImage(img0, []byte("pass"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := lh.AddOpener([]byte("nope")); !errors.Is(err, ErrWrongPassphrase) {
+			t.Fatalf("a passphrase that opens nothing: %v, want ErrWrongPassphrase", err)
+		}
+		if _, err := lh.AddOpener([]byte("pass")); err == nil || !strings.Contains(err.Error(), "keyslot 0") {
+			t.Fatalf("the main passphrase given again: %v, want a refusal naming keyslot 0", err)
+		}
+		if slot, err := lh.AddOpener([]byte("other")); err != nil || slot != 1 {
+			t.Fatalf("AddOpener(other) = %d, %v; want keyslot 1", slot, err)
+		}
+		if o := lh.OtherKeyslots(); len(o) != 1 || o[0] != 2 {
+			t.Fatalf("other keyslots %v, want [2]", o)
+		}
+		if err := lh.StageRekey(newKey, []byte("pass"), "aes-xts-plain64"); err != nil {
+			t.Fatal(err)
+		}
+		if err := lh.StageRekeyAlso(newKey, []byte("other"), 0, "aes-xts-plain64"); err != nil {
+			t.Fatal(err)
+		}
+		if st := lh.stagedSlots(); len(st) != 2 {
+			t.Fatalf("staged keyslots %v, want two", st)
+		}
+		if o := lh.OtherKeyslots(); len(o) != 1 || o[0] != 2 {
+			t.Fatalf("other keyslots after staging %v, want [2]", o)
+		}
+		ws, err := lh.MarkWrites(Checkpoint{Run: "r", Phase: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		applyWrites(t, path, ws)
+		img, err := lh.Image(Checkpoint{Run: "r"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A resume given only the second passphrase.
+		lh2, ks2, err := OpenLUKSImage(img, []byte("other"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(ks2.Bound, oldKey) || !bytes.Equal(ks2.Unbound, newKey) {
+			t.Fatal("the staged image opened by the second passphrase does not give the old key bound and the new key unbound")
+		}
+		off := Sectors(16<<20/512) - 4<<20/512
+		fin := Final{Rekey: true, DataOffset: off}
+		if abort {
+			fin = Final{DropUnbound: true}
+		}
+		ws, err = lh2.FinalWrites(fin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		applyWrites(t, path, ws)
+		want := map[string][]byte{"pass": newKey, "other": newKey, "third": nil}
+		if abort {
+			want = map[string][]byte{"pass": oldKey, "other": oldKey, "third": oldKey}
+		}
+		for p, k := range want {
+			got, out := dumpVolumeKey(t, path, p)
+			if k == nil {
+				if !strings.Contains(out, "No key available") {
+					t.Fatalf("abort=%v: passphrase %q, not given, still opens the header:\n%s", abort, p, out)
+				}
+				continue
+			}
+			if got != hex.EncodeToString(k) {
+				t.Fatalf("abort=%v: passphrase %q gives volume key %s, want %x:\n%s", abort, p, got, k, out)
+			}
+		}
+		dump, _ := exec.Command("cryptsetup", "luksDump", path).CombinedOutput()
+		slots := regexp.MustCompile(`(?m)^[ \t]+\d+: luks2$`).FindAll(dump, -1)
+		if wantN := map[bool]int{false: 2, true: 3}[abort]; len(slots) != wantN || strings.Contains(string(dump), "dmconvert") {
+			t.Fatalf("abort=%v: %d keyslots (want %d), or marks left:\n%s", abort, len(slots), wantN, dump)
+		}
+		ks.Wipe()
+		ks2.Wipe()
+	}
+}

@@ -44,6 +44,10 @@ type RekeyOptions struct {
 	Open HeaderOpener
 	// Passphrase is what Open used: the new key's keyslot is opened by it.
 	Passphrase []byte
+	// AlsoPassphrases are further passphrases or key files of the volume
+	// (LUKS2) that keep working: each must open a keyslot of its own, and
+	// the new key gets a keyslot opened by each.
+	AlsoPassphrases [][]byte
 	// RemoveOtherKeyslots allows keyslots the passphrase does not open
 	// to be removed (they hold the old key, which stops being of use).
 	RemoveOtherKeyslots bool
@@ -68,6 +72,15 @@ type Rekeyable interface {
 	KeyslotsEnd() Sectors
 	// OtherKeyslots lists the keyslots pass does not open.
 	OtherKeyslots() []int
+}
+
+// KeyslotKeeper is a Rekeyable header that keeps several passphrases
+// through a rekey (LUKS2): AddOpener, before StageRekey, checks that a
+// further passphrase opens a keyslot of its own; StageRekeyAlso, after
+// it, gives the new key a keyslot opened by the i-th one.
+type KeyslotKeeper interface {
+	AddOpener(pass []byte) (slot int, err error)
+	StageRekeyAlso(newKey, pass []byte, i int, cipher string) error
 }
 
 // ErrNotPV classifies refusals because a device is not an LVM PV.
@@ -100,6 +113,20 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 	rk, ok := hdr.(Rekeyable)
 	if !ok {
 		return fail(refuse(dpath, "", "online rekey needs a LUKS header dmconvert can stage a new key in"))
+	}
+	if len(o.AlsoPassphrases) > 0 {
+		kk, ok := hdr.(KeyslotKeeper)
+		if !ok {
+			return fail(refuse(dpath, "", "this header keeps one passphrase through a rekey: give no --also-key-file"))
+		}
+		for i, p := range o.AlsoPassphrases {
+			if _, err := kk.AddOpener(p); err != nil {
+				if errors.Is(err, ErrWrongPassphrase) {
+					return fail(fmt.Errorf("%s: further key #%d (--also-key-file) opens no keyslot of the header: %w", dpath, i+1, err))
+				}
+				return fail(refuse(dpath, "", "further key #%d (--also-key-file) cannot be kept: %v", i+1, err))
+			}
+		}
 	}
 	if others := rk.OtherKeyslots(); len(others) > 0 && !o.RemoveOtherKeyslots {
 		return fail(refuse(dpath, "rerun with --remove-other-keyslots to drop them (their passphrases stop working), or remove them first with cryptsetup luksKillSlot",
@@ -164,6 +191,11 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 		}
 		return fail(refuse(dpath, hint, "cannot add a keyslot for the new key: %v", err))
 	}
+	for i, p := range o.AlsoPassphrases {
+		if err := hdr.(KeyslotKeeper).StageRekeyAlso(newKey, p, i, ncs.Cipher); err != nil {
+			return fail(refuse(dpath, "free a keyslot, or make room in the keyslots area", "cannot add a keyslot for the new key opened by further key #%d: %v", i+1, err))
+		}
+	}
 	room := roundDown(H-min(rk.KeyslotsEnd(), H), align)
 	gap := o.Chunk
 	if gap == 0 {
@@ -224,6 +256,21 @@ func OtherKeyslotsNote(h HeaderFormat) string {
 		s[i] = fmt.Sprint(o)
 	}
 	return "keyslots " + strings.Join(s, ", ") + " are removed (their passphrases were not given)"
+}
+
+// KeptKeyslotsNote lists the keyslots whose passphrases keep working
+// after a LUKS rekey (for plan printing): those the passphrases given
+// opened; the new key gets a keyslot for each.
+func KeptKeyslotsNote(h HeaderFormat) string {
+	l, ok := h.(*LUKSHeader)
+	if !ok || l.opened < 0 {
+		return ""
+	}
+	s := []string{fmt.Sprintf("%d (the passphrase)", l.opened)}
+	for i, id := range l.also {
+		s = append(s, fmt.Sprintf("%d (--also-key-file #%d)", id, i+1))
+	}
+	return "the passphrases of keyslots " + strings.Join(s, ", ") + " keep working, each with a new keyslot for the new key"
 }
 
 // earlyDiscovery is a discoverInPlace started before the header is

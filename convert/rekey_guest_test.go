@@ -196,25 +196,39 @@ func fsStack(t testing.TB, tag, disk, state, name string, mkfsOpts ...string) *s
 	return st
 }
 
-// TestGuestRekeyFS: an ext4 mounted directly on the LUKS2 mapping is
-// rekeyed under a writer, the process killed with SIGKILL mid-run, then
-// resumed; checked live and after a cold open with the passphrase.
+// TestGuestRekeyFS: an ext4 mounted directly on the LUKS2 mapping, with
+// a second keyslot opened by a key file, is rekeyed under a writer
+// keeping both (--also-key-file; a repeated or wrong one is refused
+// first), the process killed with SIGKILL mid-run, then resumed with the
+// key file alone; checked live and after a cold open with the
+// passphrase, and the key file opens the new key too.
 func TestGuestRekeyFS(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
 	state := guestStateDir(t, d[3])
 	writePW(t)
 	st, name := fsOnMapping(t, "rkfs", d[1], state)
+	// A second keyslot, opened by a key file, kept with --also-key-file.
+	kf := "/tmp/rkfs-second.key"
+	os.WriteFile(kf, []byte("the second key file\n\x00binary"), 0o600)
+	sh(t, "cryptsetup", "luksAddKey", "-q", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+		"--key-file", pwFile, st.Disk, kf)
 	oldKey := saveVolumeKey(t, st.Disk, "/tmp/rkfs-old.key")
 	j := st.file(state, "journal")
+	sh(t, "umount", st.Mounts[0]) // a quiet disk, to check that a refusal writes nothing
+	refused(t, st.Disk, 2, "keyslot 0", "rekey", name, "--batch-mode", "--key-file", pwFile, "--also-key-file", pwFile, "--journal", j)
+	os.WriteFile("/tmp/rkfs-wrong.key", []byte("not a passphrase of it"), 0o600)
+	refused(t, st.Disk, 3, "opens no keyslot", "rekey", name, "--batch-mode", "--key-file", pwFile, "--also-key-file", "/tmp/rkfs-wrong.key", "--journal", j)
+	sh(t, "mount", "/dev/mapper/"+name, st.Mounts[0])
 	w := startWriter(t, st, state)
-	r := cliStart(t, "rekey", "/dev/mapper/"+name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "2M")
+	r := cliStart(t, "rekey", "/dev/mapper/"+name, "--batch-mode", "--json", "--key-file", pwFile, "--also-key-file", kf, "--journal", j, "--chunk-size", "2M")
 	r.waitProgress(t, 0.3)
 	r.cmd.Process.Kill()
 	code, _ := r.wait()
 	requireExit(t, "rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
-	code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
-	requireExit(t, "resume of the rekey", code, 0, out)
+	// Either passphrase resumes: this one was not the main one.
+	code, out := cliRun(t, "resume", "--journal", j, "--key-file", kf)
+	requireExit(t, "resume of the rekey with the second key file", code, 0, out)
 	acks, _ := w.finish(t)
 	t.Logf("writer: %d acknowledged writes", acks)
 	// The data area now starts 2 MiB earlier and ends where it did: the
@@ -233,6 +247,16 @@ func TestGuestRekeyFS(t *testing.T) {
 	sh(t, "cryptsetup", "open", "--key-file", pwFile, st.Disk, name)
 	verifyStack(t, st, state)
 	checkRekeyed(t, st.Disk, oldKey, "/tmp/rkfs-old.key")
+	// The key file kept opens the new key too, in a keyslot of its own.
+	os.Remove("/tmp/rkfs-kf.vk")
+	sh(t, "cryptsetup", "luksDump", "-q", "--dump-volume-key", "--volume-key-file", "/tmp/rkfs-kf.vk", "--key-file", kf, st.Disk)
+	byKF, _ := os.ReadFile("/tmp/rkfs-kf.vk")
+	if byPW, _ := os.ReadFile("/tmp/rekey-new.key"); len(byKF) == 0 || !bytes.Equal(byKF, byPW) {
+		t.Fatal("the key file given with --also-key-file does not open the new volume key")
+	}
+	if n := len(regexp.MustCompile(`(?m)^\s+\d+: luks2$`).FindAllString(sh(t, "cryptsetup", "luksDump", st.Disk), -1)); n != 2 {
+		t.Fatalf("%d keyslots after the rekey, want 2 (the passphrase and the key file)", n)
+	}
 }
 
 // TestGuestRekeyAbort: a rekey stopped half way with SIGTERM and aborted

@@ -22,6 +22,7 @@ type rekeyOptions struct {
 	headerFile   string
 	pim          int
 	tcKeyfiles   []string
+	alsoKeys     []string // --also-key-file
 	kdf          kdfFlags
 }
 
@@ -64,7 +65,11 @@ slow on large volumes; converting to LUKS2 offline first is faster).
 The passphrase or key file is needed to read the volume key from the header
 (the kernel keeps cryptsetup's keys where no other program can read them),
 and it opens the new key afterwards. Keyslots it does not open would lose
-their key: they are refused unless --remove-other-keyslots.
+their key: they are refused unless --remove-other-keyslots. A LUKS2 volume
+keeps more of its passphrases or key files with --also-key-file FILE (once
+for each): each must open a keyslot of its own, and the new key gets a
+keyslot opened by each (with the key derivation of the one it opened). A
+resume needs only one of them.
 
 Plain dm-crypt (a mapping opened by cryptsetup open --type plain): there is
 no header, so --new-key-file PATH is required: the new random key is written
@@ -106,6 +111,7 @@ headers are zeroed. A hidden volume inside it does not survive.`,
 	f := cmd.Flags()
 	o.register(f, "/var/lib/dmconvert/<LUKS UUID>.journal", "how far the data moves and the most copied per step, with K/M/G suffix (default 4M)")
 	f.BoolVar(&o.removeOthers, "remove-other-keyslots", false, "remove the keyslots the given passphrase does not open (their passphrases stop working)")
+	f.StringArrayVar(&o.alsoKeys, "also-key-file", nil, "LUKS2: another passphrase or key file of the volume (a file, read whole) that keeps working: the new key gets a keyslot for it too (repeat for several)")
 	f.StringVarP(&o.cipher, "cipher", "c", "", "cipher of the new key, e.g. serpent-xts-plain64 (default: the volume's)")
 	f.IntVarP(&o.keySize, "key-size", "s", 0, "size of the new key in bits, e.g. 256 (default: the volume's)")
 	f.StringVar(&o.newKeyFile, "new-key-file", "", "plain dm-crypt: write the new key to this file (required for plain mappings)")
@@ -167,6 +173,9 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 		if o.removeOthers {
 			return usagef("%s: --remove-other-keyslots: a plain mapping has no keyslots", target)
 		}
+		if len(o.alsoKeys) > 0 {
+			return usagef("%s: --also-key-file: a plain or TrueCrypt mapping has no keyslots to keep", target)
+		}
 		po := convert.PlainRekeyOptions{Target: target, NewKeyFile: o.newKeyFile, Journal: o.journal, Chunk: chunk,
 			Cipher: o.cipher, KeySize: o.keySize, Type: o.luksType, HeaderFile: o.headerFile, Passphrase: pass, PIM: o.pim, TCryptKeyfiles: o.tcKeyfiles}
 		if o.luksType == "luks2" || tcrypt {
@@ -184,8 +193,24 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 			print: a.printPlainRekeyPlan, finish: a.finishRekey,
 		})
 	}
+	var also [][]byte
+	defer func() {
+		for _, k := range also {
+			luks.WipeBytes(k)
+		}
+	}()
+	for _, f := range o.alsoKeys {
+		if f == "-" || f == "" {
+			return usagef("%s: --also-key-file needs a file (standard input is the main passphrase's)", target)
+		}
+		k, err := a.readKey(keyOptions{file: f}, target)
+		if err != nil {
+			return fmt.Errorf("%s: --also-key-file %s: %w", target, f, err)
+		}
+		also = append(also, k)
+	}
 	ep, err := e.PlanRekey(ctx, convert.RekeyOptions{Target: target, Journal: o.journal, Chunk: chunk,
-		Open: opener(pass), Passphrase: pass, RemoveOtherKeyslots: o.removeOthers, Cipher: o.cipher, KeySize: o.keySize})
+		Open: opener(pass), Passphrase: pass, AlsoPassphrases: also, RemoveOtherKeyslots: o.removeOthers, Cipher: o.cipher, KeySize: o.keySize})
 	if err != nil {
 		return err
 	}
@@ -205,6 +230,9 @@ func (a *app) printRekeyPlan(ep *convert.EncryptPlan) {
 	gap := g.Header - g.HeaderUsed
 	fmt.Fprintf(w, "  data:          %s (%d sectors) re-encrypted with a new random key, moving %s toward the start of the disk (data offset %s -> %s)\n",
 		humanBytes(g.Payload*512), g.Payload, humanBytes(gap*512), humanBytes(g.Header*512), humanBytes(g.HeaderUsed*512))
+	if note := convert.KeptKeyslotsNote(ep.Header); note != "" {
+		fmt.Fprintf(w, "  passphrases:   %s\n", note)
+	}
 	if note := convert.OtherKeyslotsNote(ep.Header); note != "" {
 		fmt.Fprintf(w, "  keyslots:      %s\n", note)
 	}
