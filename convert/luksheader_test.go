@@ -131,24 +131,7 @@ func rekeyHeaderAgainstCryptsetup(t *testing.T, abort bool, cipher string, keyLe
 	{
 		oldKey := bytes.Repeat([]byte{0x11}, 64)
 		newKey := bytes.Repeat([]byte{0x22}, keyLen)
-		vk := luks.NewVolumeKeyFromBytes(oldKey)
-		kdf := luks.PBKDF{Type: luks.KDFPBKDF2, Iterations: luks.MinPBKDF2Iterations}
-		h, err := luks.Create(luks.Options{Version: 2, HeaderSize: 16 << 20, PBKDF: kdf}, vk, []byte("pass"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := h.AddKeyslot(vk, []byte("other"), kdf); err != nil {
-			t.Fatal(err)
-		}
-		vk.Wipe()
-		path := filepath.Join(t.TempDir(), "disk")
-		img0, err := h.Image()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(path, append(img0, make([]byte, 8<<20)...), 0o600); err != nil {
-			t.Fatal(err)
-		}
+		path, img0 := luks2TestDisk(t, oldKey, "pass", "other")
 		lh, ks, err := OpenLUKSImage(img0, []byte("pass"))
 		if err != nil {
 			t.Fatal(err)
@@ -271,26 +254,7 @@ func TestLUKSHeaderRekeyKeepsSeveralPassphrases(t *testing.T) {
 	for _, abort := range []bool{false, true} {
 		oldKey := bytes.Repeat([]byte{0x11}, 64)
 		newKey := bytes.Repeat([]byte{0x33}, 64)
-		vk := luks.NewVolumeKeyFromBytes(oldKey)
-		kdf := luks.PBKDF{Type: luks.KDFPBKDF2, Iterations: luks.MinPBKDF2Iterations}
-		h, err := luks.Create(luks.Options{Version: 2, HeaderSize: 16 << 20, PBKDF: kdf}, vk, []byte("pass"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, p := range []string{"other", "third"} {
-			if _, err := h.AddKeyslot(vk, []byte(p), kdf); err != nil {
-				t.Fatal(err)
-			}
-		}
-		vk.Wipe()
-		path := filepath.Join(t.TempDir(), "disk")
-		img0, err := h.Image()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(path, append(img0, make([]byte, 8<<20)...), 0o600); err != nil {
-			t.Fatal(err)
-		}
+		path, img0 := luks2TestDisk(t, oldKey, "pass", "other", "third")
 		lh, ks, err := OpenLUKSImage(img0, []byte("pass"))
 		if err != nil {
 			t.Fatal(err)
@@ -370,4 +334,32 @@ func TestLUKSHeaderRekeyKeepsSeveralPassphrases(t *testing.T) {
 		ks.Wipe()
 		ks2.Wipe()
 	}
+}
+
+// luks2TestDisk writes a file holding a LUKS2 header (16 MiB, cheap
+// PBKDF2) for volume key key with one keyslot per passphrase, in order,
+// and 8 MiB of data area; it returns the file and the header image.
+func luks2TestDisk(t *testing.T, key []byte, passes ...string) (string, []byte) {
+	t.Helper()
+	vk := luks.NewVolumeKeyFromBytes(key)
+	defer vk.Wipe()
+	kdf := luks.PBKDF{Type: luks.KDFPBKDF2, Iterations: luks.MinPBKDF2Iterations}
+	h, err := luks.Create(luks.Options{Version: 2, HeaderSize: 16 << 20, PBKDF: kdf}, vk, []byte(passes[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range passes[1:] {
+		if _, err := h.AddKeyslot(vk, []byte(p), kdf); err != nil {
+			t.Fatal(err)
+		}
+	}
+	img, err := h.Image()
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "disk")
+	if err := os.WriteFile(path, append(img, make([]byte, 8<<20)...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path, img
 }
