@@ -30,13 +30,13 @@ import (
 // volume key no longer opens the volume, and neither does the TrueCrypt
 // passphrase through the old headers.
 
-// tcplayCreate makes a TrueCrypt volume (AES-256-XTS, PBKDF2-SHA512) on
-// disk with tcplay, which reads its passphrase from a terminal: script(1)
+// tcplayCreate makes a TrueCrypt volume (AES-256-XTS, PBKDF2 with prf:
+// tcplay's "SHA512", "RIPEMD160" or "whirlpool") on disk with tcplay, which reads its passphrase from a terminal: script(1)
 // gives it one, and each answer is typed after its prompt (tcplay flushes
 // what was typed before it asks).
-func tcplayCreate(t testing.TB, disk string, pass []byte, extra ...string) {
+func tcplayCreate(t testing.TB, disk, prf string, pass []byte, extra ...string) {
 	t.Helper()
-	cmd := exec.Command("script", "-qec", strings.Join(append([]string{"tcplay -c -d " + disk + " -a SHA512 -b AES-256-XTS --insecure-erase"}, extra...), " "), "/dev/null")
+	cmd := exec.Command("script", "-qec", strings.Join(append([]string{"tcplay -c -d " + disk + " -a " + prf + " -b AES-256-XTS --insecure-erase"}, extra...), " "), "/dev/null")
 	in, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -96,14 +96,17 @@ func tcplayCreate(t testing.TB, disk string, pass []byte, extra ...string) {
 }
 
 // tcryptKDFFlags restrict cryptsetup to the KDF tcplayCreate uses
-// (TrueCrypt's PBKDF2-SHA512).
-var tcryptKDFFlags = []string{"--disable-veracrypt", "--hash", "sha512"}
+// by default (TrueCrypt's PBKDF2-SHA512); tcryptKDF to another one
+// (cryptsetup's hash name).
+var tcryptKDFFlags = tcryptKDF("sha512")
 
-// tcryptOpen opens disk as cryptsetup opens a TrueCrypt volume, the
-// passphrase on standard input.
-func tcryptOpen(t testing.TB, disk, name string, extra ...string) {
+func tcryptKDF(hash string) []string { return []string{"--disable-veracrypt", "--hash", hash} }
+
+// tcryptOpen opens disk as cryptsetup opens a TrueCrypt volume made with
+// PBKDF2-hash, the passphrase on standard input.
+func tcryptOpen(t testing.TB, disk, name, hash string, extra ...string) {
 	t.Helper()
-	shIn(t, guestPass, "cryptsetup", append(append(append([]string{"open", "--type", "tcrypt"}, tcryptKDFFlags...), extra...), disk, name)...)
+	shIn(t, guestPass, "cryptsetup", append(append(append([]string{"open", "--type", "tcrypt"}, tcryptKDF(hash)...), extra...), disk, name)...)
 	if st := sh(t, "cryptsetup", "status", name); !strings.Contains(st, "type:    TCRYPT") || !strings.Contains(st, "offset:  256 sectors") {
 		t.Fatalf("cryptsetup status %s is not a TrueCrypt volume with its data at 256:\n%s", name, st)
 	}
@@ -154,7 +157,7 @@ func tcryptTeardown(t testing.TB, name string) {
 	}
 }
 
-// TestGuestRekeyTCryptFS: an ext4 mounted on a TrueCrypt volume becomes
+// TestGuestRekeyTCryptFS: an ext4 mounted on a TrueCrypt volume (PBKDF2-Whirlpool) becomes
 // LUKS2 with a detached header under a writer: a dry run and a run with a
 // wrong passphrase change nothing; the run is killed with SIGKILL, torn
 // down as by a reboot (cryptsetup no longer opens it as TrueCrypt),
@@ -170,8 +173,10 @@ func TestGuestRekeyTCryptFS(t *testing.T) {
 	tag := "tfs"
 	name := tag + "-crypt"
 	hdr := "/tmp/tfs.hdr"
-	tcplayCreate(t, disk, guestPass)
-	tcryptOpen(t, disk, name)
+	// Whirlpool (TrueCrypt's 1000 iterations): the PRF no other test
+	// converts.
+	tcplayCreate(t, disk, "whirlpool", guestPass)
+	tcryptOpen(t, disk, name, "whirlpool")
 	oldKey := tableKey(t, name)
 	dev := "/dev/mapper/" + name
 	st := fsStack(t, tag, disk, state, name, "-E", "lazy_itable_init=0,lazy_journal_init=0")
@@ -208,7 +213,7 @@ func TestGuestRekeyTCryptFS(t *testing.T) {
 	t.Logf("writer: %d acknowledged writes, longest gap %v", acks, gap)
 	sh(t, "umount", mp)
 	tcryptTeardown(t, name)
-	if out, err := shIn2(guestPass, "cryptsetup", append(append([]string{"open", "--type", "tcrypt"}, tcryptKDFFlags...), disk, "tfs-early")...); err == nil {
+	if out, err := shIn2(guestPass, "cryptsetup", append(append([]string{"open", "--type", "tcrypt"}, tcryptKDF("whirlpool")...), disk, "tfs-early")...); err == nil {
 		shOK("cryptsetup", "close", "tfs-early")
 		t.Fatalf("stock cryptsetup opened the half-converted volume as TrueCrypt:\n%s", out)
 	}
@@ -233,7 +238,7 @@ func TestGuestRekeyTCryptFS(t *testing.T) {
 	st.Sizes[0] = blockDevBytes(t, dev)
 	sh(t, "mount", dev, mp)
 	verifyStack(t, st, state)
-	checkTCryptConverted(t, disk, name, hdr, oldKey)
+	checkTCryptConverted(t, disk, name, hdr, oldKey, tcryptKDF("whirlpool")...)
 	// Cold: stock cryptsetup with the header and the passphrase.
 	sh(t, "umount", mp)
 	sh(t, "cryptsetup", "close", name)
@@ -295,7 +300,7 @@ func TestGuestRekeyTCryptLVM(t *testing.T) {
 	sh(t, "umount", mp)
 	sh(t, "vgchange", "-an", vg)
 	sh(t, "cryptsetup", "close", name)
-	tcryptOpen(t, disk, name, "--key-file", kf)
+	tcryptOpen(t, disk, name, "sha512", "--key-file", kf)
 	sh(t, "vgchange", "-ay", vg)
 	sh(t, "mount", lv, mp)
 	verifyStack(t, st, state)
@@ -338,8 +343,8 @@ func tcryptLVMStackKeyfile(t testing.TB, tag, disk, state, extSize, rawSize, kf 
 	if kf != "" {
 		create, open = []string{"-k", kf}, []string{"--key-file", kf}
 	}
-	tcplayCreate(t, disk, guestPass, create...)
-	tcryptOpen(t, disk, name, open...)
+	tcplayCreate(t, disk, "SHA512", guestPass, create...)
+	tcryptOpen(t, disk, name, "sha512", open...)
 	m := "/dev/mapper/" + name
 	sh(t, "pvcreate", "-y", m)
 	sh(t, "vgcreate", "-y", "-s", "1m", vg, m)
@@ -363,7 +368,7 @@ func tcryptPowerCutResume(t *testing.T, st *stack, state, jpath string) {
 	case cutNotStarted:
 		// (The header file may exist, still marked: it is written
 		// before the journal.)
-		tcryptOpen(t, st.Disk, name)
+		tcryptOpen(t, st.Disk, name, "sha512")
 		converted = false
 	case cutDone:
 		sh(t, "cryptsetup", "open", "--header", hdr, "--key-file", pwFile, st.Disk, name)

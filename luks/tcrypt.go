@@ -45,7 +45,7 @@ import (
 type TCryptHeader struct {
 	VeraCrypt  bool   // magic "VERA" (else "TRUE")
 	Version    uint16 // header format version
-	PRF        string // "sha512", "sha256", "ripemd160"
+	PRF        string // "sha512", "sha256", "ripemd160", "whirlpool"
 	Iterations int
 	Cipher     string // cryptsetup's name of the data cipher: "aes-xts-plain64"
 	VolumeSize int64  // bytes (the header's volume size field)
@@ -104,14 +104,16 @@ type tcryptKDF struct {
 
 // tcryptKDFs are the PBKDF2 variants of normal (non-system) volumes, in
 // cryptsetup's order (lib/tcrypt/tcrypt.c tcrypt_kdf[], without the PRFs
-// this package does not implement: whirlpool, sha1 (legacy), blake2s,
-// stribog, argon2id, and without the boot-only VeraCrypt counts). The
-// VeraCrypt counts are those without a PIM.
+// this package does not implement: sha1 (legacy), blake2s, stribog,
+// argon2id, and without the boot-only VeraCrypt counts). The VeraCrypt
+// counts are those without a PIM.
 var tcryptKDFs = []tcryptKDF{
 	{false, "ripemd160", 2000},
 	{false, "ripemd160", 1000}, // TrueCrypt system encryption; cryptsetup tries it for every volume
 	{false, "sha512", 1000},
+	{false, "whirlpool", 1000},
 	{true, "sha512", 500000},
+	{true, "whirlpool", 500000},
 	{true, "sha256", 500000},
 	{true, "ripemd160", 655331},
 }
@@ -124,6 +126,8 @@ func tcryptPRF(name string) func() hash.Hash {
 		return sha256.New
 	case "ripemd160":
 		return ripemd160.New
+	case "whirlpool":
+		return newWhirlpool
 	}
 	return nil
 }
@@ -298,7 +302,7 @@ func openTCrypt(hdr, passphrase []byte, keyfiles [][]byte, kdfs []tcryptKDF) (*T
 		return tcryptParse(dec, k)
 	}
 	return nil, fmt.Errorf("tcrypt: no TrueCrypt or VeraCrypt header decrypts with this passphrase "+
-		"(tried PBKDF2 sha512, sha256, ripemd160, AES-XTS header cipher only; "+
+		"(tried PBKDF2 sha512, sha256, ripemd160, whirlpool, AES-XTS header cipher only; "+
 		"other ciphers and PRFs are not supported; a VeraCrypt PIM and keyfiles must be given): %w", ErrWrongPassphrase)
 }
 
@@ -380,7 +384,7 @@ func tcryptParse(dec []byte, k tcryptKDF) (*TCryptHeader, error) {
 func CreateTCrypt(p TCryptParams, passphrase []byte) ([]byte, error) {
 	prf := tcryptPRF(p.PRF)
 	if prf == nil {
-		return nil, fmt.Errorf("tcrypt: PRF %q (supported: sha512, sha256, ripemd160): %w", p.PRF, ErrInvalidArgument)
+		return nil, fmt.Errorf("tcrypt: PRF %q (supported: sha512, sha256, ripemd160, whirlpool): %w", p.PRF, ErrInvalidArgument)
 	}
 	iter := p.Iterations
 	if iter == 0 {

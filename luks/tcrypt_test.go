@@ -39,6 +39,8 @@ var tcryptCases = []tcryptCase{
 	{"veracrypt-sha512", true, "sha512", 500000},
 	{"veracrypt-sha256", true, "sha256", 500000},
 	{"veracrypt-ripemd160", true, "ripemd160", 655331},
+	{"truecrypt-whirlpool", false, "whirlpool", 1000},
+	{"veracrypt-whirlpool", true, "whirlpool", 500000},
 }
 
 // withTCryptKDFs limits OpenTCrypt to the given KDF variants for one
@@ -293,7 +295,7 @@ func TestTCryptCreateArguments(t *testing.T) {
 		pass []byte
 	}{
 		{"truecrypt-sha256", TCryptParams{PRF: "sha256", Key: key, DataSize: 1 << 20}, nil},
-		{"unknown-prf", TCryptParams{VeraCrypt: true, PRF: "whirlpool", Key: key, DataSize: 1 << 20}, nil},
+		{"unknown-prf", TCryptParams{VeraCrypt: true, PRF: "stribog512", Key: key, DataSize: 1 << 20}, nil},
 		{"short-key", TCryptParams{PRF: "sha512", Key: key[:32], DataSize: 1 << 20}, nil},
 		{"no-size", TCryptParams{PRF: "sha512", Key: key}, nil},
 		{"odd-size", TCryptParams{PRF: "sha512", Key: key, DataSize: 1000}, nil},
@@ -492,7 +494,7 @@ func TestGuestTCryptOursToCryptsetup(t *testing.T) {
 	cs := needCryptsetup(t)
 	pass := []byte("tcrypt test passphrase")
 	const size = 4 << 20
-	for _, tc := range []tcryptCase{tcryptCases[0], tcryptCases[1], tcryptCases[2]} {
+	for _, tc := range []tcryptCase{tcryptCases[0], tcryptCases[1], tcryptCases[2], tcryptCases[5]} {
 		t.Run(tc.name, func(t *testing.T) {
 			cs := cs.in(t)
 			key := randBytes(t, 64)
@@ -560,6 +562,7 @@ func TestGuestTCryptTcplayToOurs(t *testing.T) {
 	}{
 		{"sha512", "SHA512", "sha512", false},
 		{"ripemd160", "RIPEMD160", "ripemd160", false},
+		{"whirlpool", "whirlpool", "whirlpool", false},
 		{"sha512-keyfile", "SHA512", "sha512", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -460,7 +460,7 @@ func userlandTree() (tree, error) {
 		if err != nil {
 			return nil, fmt.Errorf("testvm: %s: %w", p, err)
 		}
-		libs[guestPath(filepath.Dir(p))+"/"+name] = real
+		libs[guestPath(filepath.Dir(p))+"/"+filepath.Base(p)] = real
 	}
 	for g, h := range libs {
 		t.file(g, 0o755, h)
@@ -496,8 +496,11 @@ func userlandTree() (tree, error) {
 	return t, nil
 }
 
-// dlopenLibs are shared libraries the guest tools load at run time.
-var dlopenLibs = []string{"libgcc_s.so.1"}
+// dlopenLibs are shared libraries the guest tools load at run time:
+// libgcc_s (above), and OpenSSL 3's legacy provider, which cryptsetup
+// loads for the hashes OpenSSL keeps there (Whirlpool: TrueCrypt and
+// VeraCrypt volumes made with it), as on a Debian system with libssl3.
+var dlopenLibs = []string{"libgcc_s.so.1", "ossl-modules/legacy.so"}
 
 // findLib finds a shared library in the multiarch library directories.
 func findLib(name string) (string, error) {
