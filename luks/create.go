@@ -3,6 +3,7 @@ package luks
 import (
 	"encoding/base64"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -112,10 +113,21 @@ func Create(o Options, vk *VolumeKey, passphrase []byte) (*Header, error) {
 		o.Cipher = DefaultCipher
 	}
 	cs, err := parseCipher(o.Cipher)
-	if err != nil {
-		return nil, err
-	}
-	if err := cs.checkKeySize(vk.Len()); err != nil {
+	segCipher := o.Cipher
+	switch {
+	case err == nil:
+		if err := cs.checkKeySize(vk.Len()); err != nil {
+			return nil, err
+		}
+		segCipher = cs.String()
+	case errors.Is(err, ErrUnsupported) && o.Version != 1:
+		// LUKS2 with a cipher the kernel runs and this package does not
+		// (serpent, twofish...): its keyslots use cryptsetup's fallback
+		// area encryption (KeyslotEncryption), as a rekey's do.
+		if err := CheckSegmentCipher(o.Cipher, vk.Len()); err != nil {
+			return nil, err
+		}
+	default:
 		return nil, err
 	}
 	if o.Hash == "" {
@@ -140,7 +152,7 @@ func Create(o Options, vk *VolumeKey, passphrase []byte) (*Header, error) {
 	case 1:
 		return create1(o, cs, vk, passphrase)
 	case 0, 2:
-		return create2(o, cs, vk, passphrase)
+		return create2(o, segCipher, vk, passphrase)
 	}
 	return nil, fmt.Errorf("LUKS version %d: %w", o.Version, ErrInvalidArgument)
 }
@@ -205,7 +217,7 @@ func setMKDigest(l *luks1, key []byte) error {
 	return nil
 }
 
-func create2(o Options, cs cipherSpec, vk *VolumeKey, pass []byte) (*Header, error) {
+func create2(o Options, segCipher string, vk *VolumeKey, pass []byte) (*Header, error) {
 	ss := o.SectorSize
 	if ss != 512 && ss != 1024 && ss != 2048 && ss != 4096 {
 		return nil, fmt.Errorf("sector size %d (LUKS2 accepts 512, 1024, 2048, 4096): %w", ss, ErrInvalidArgument)
@@ -251,7 +263,7 @@ func create2(o Options, cs cipherSpec, vk *VolumeKey, pass []byte) (*Header, err
 	seg.set("offset", jsonRaw(strconv.FormatInt(hs, 10)))
 	seg.set("size", jsonRaw("dynamic"))
 	seg.set("iv_tweak", jsonRaw("0"))
-	seg.set("encryption", jsonRaw(cs.String()))
+	seg.set("encryption", jsonRaw(segCipher))
 	seg.set("sector_size", jsonRaw(ss))
 	segs := newObject()
 	segs.setObject("0", seg)

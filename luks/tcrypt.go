@@ -29,6 +29,7 @@ package luks
 
 import (
 	"crypto/aes"
+	"crypto/cipher"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/sha512"
@@ -38,6 +39,7 @@ import (
 	"hash/crc32"
 
 	"golang.org/x/crypto/ripemd160" //nolint:staticcheck // TrueCrypt's and VeraCrypt's PBKDF2 PRF
+	"golang.org/x/crypto/twofish"   //nolint:staticcheck // a TrueCrypt/VeraCrypt cipher
 	"golang.org/x/crypto/xts"
 )
 
@@ -47,14 +49,14 @@ type TCryptHeader struct {
 	Version    uint16 // header format version
 	PRF        string // "sha512", "sha256", "ripemd160", "whirlpool"
 	Iterations int
-	Cipher     string // cryptsetup's name of the data cipher: "aes-xts-plain64"
+	Cipher     string // cryptsetup's name of the data cipher: "aes-xts-plain64", "serpent-xts-plain64", "twofish-xts-plain64"
 	VolumeSize int64  // bytes (the header's volume size field)
 	DataOffset int64  // bytes: master key scope offset (where the data starts on the device)
 	DataSize   int64  // bytes: master key scope size
 	SectorSize int    // 512 unless the header says otherwise (version >= 5 has a sector size field)
 	HiddenSize int64  // hidden volume size field (non-zero: the header of an outer volume that holds a hidden one)
 	Flags      uint32
-	Key        []byte // the data key: 64 bytes for AES-256-XTS (the caller wipes it)
+	Key        []byte // the data key: 64 bytes for a 256-bit XTS cipher (the caller wipes it)
 }
 
 // TCryptParams describe a header CreateTCrypt makes (tests, and tools that need one).
@@ -62,7 +64,8 @@ type TCryptParams struct {
 	VeraCrypt  bool
 	PRF        string   // as above
 	Iterations int      // 0: the format's default for PRF
-	Key        []byte   // 64-byte AES-256-XTS data key
+	Cipher     string   // "" or "aes-xts-plain64": AES-256-XTS; "serpent-xts-plain64", "twofish-xts-plain64"
+	Key        []byte   // 64-byte XTS data key
 	DataOffset int64    // bytes, default 131072
 	DataSize   int64    // bytes
 	VolumeSize int64    // bytes (usually DataSize)
@@ -76,10 +79,9 @@ const (
 	tcryptEncLen      = 448 // encrypted part
 	tcryptKeyAreaOff  = 192 // key area, from the start of the encrypted part
 	tcryptKeyAreaLen  = 256
-	tcryptHdrCRCLen   = 188 // bytes covered by the header CRC32
-	tcryptHeaderKey   = 64  // AES-256-XTS header key (AES key + tweak key)
-	tcryptDataKeyLen  = 64  // AES-256-XTS data key
-	tcryptCipher      = "aes-xts-plain64"
+	tcryptHdrCRCLen   = 188    // bytes covered by the header CRC32
+	tcryptHeaderKey   = 64     // AES-256-XTS header key (AES key + tweak key)
+	tcryptDataKeyLen  = 64     // AES-256-XTS data key
 	tcryptFlagSystem  = 1 << 0 // system encryption (header outside the partition)
 	tcryptMaxPassTC   = 64     // TrueCrypt's (and cryptsetup's) passphrase limit
 	tcryptMaxPassVC   = 128    // VeraCrypt's limit (cryptsetup: VeraCrypt modes only)
@@ -143,11 +145,39 @@ func tcryptDefaultIterations(veraCrypt bool, prf string) int {
 	return 0
 }
 
-// tcryptXTS makes the AES-256-XTS cipher of a 64-byte header key.
-func tcryptXTS(key []byte) (*xts.Cipher, error) {
-	c, err := xts.NewCipher(aes.NewCipher, key)
+// tcryptCipher is a (non-cascaded) cipher of TrueCrypt and VeraCrypt
+// volumes: the header and the data use it in XTS mode with 256-bit keys,
+// the header key and the data key being the primary key then the tweak
+// key (32 bytes each), as cryptsetup reads them for one cipher.
+type tcryptCipher struct {
+	name  string // cryptsetup's data cipher
+	block func([]byte) (cipher.Block, error)
+}
+
+// tcryptCiphers are tried, in cryptsetup's order, for every KDF variant.
+var tcryptCiphers = []tcryptCipher{
+	{"aes-xts-plain64", aes.NewCipher},
+	{"serpent-xts-plain64", newSerpent},
+	{"twofish-xts-plain64", func(k []byte) (cipher.Block, error) { return twofish.NewCipher(k) }},
+}
+
+func tcryptCipherNamed(name string) (tcryptCipher, bool) {
+	if name == "" {
+		return tcryptCiphers[0], true
+	}
+	for _, c := range tcryptCiphers {
+		if c.name == name {
+			return c, true
+		}
+	}
+	return tcryptCipher{}, false
+}
+
+// xts makes the XTS cipher of a 64-byte header key.
+func (tc tcryptCipher) xts(key []byte) (*xts.Cipher, error) {
+	c, err := xts.NewCipher(tc.block, key)
 	if err != nil {
-		return nil, fmt.Errorf("tcrypt: header cipher: %v: %w", err, ErrInvalidArgument)
+		return nil, fmt.Errorf("tcrypt: header cipher %s: %v: %w", tc.name, err, ErrInvalidArgument)
 	}
 	return c, nil
 }
@@ -290,20 +320,23 @@ func openTCrypt(hdr, passphrase []byte, keyfiles [][]byte, kdfs []tcryptKDF) (*T
 		if len(keyfiles) > 0 {
 			clear(in)
 		}
-		c, err := tcryptXTS(hk)
+		for _, tc := range tcryptCiphers {
+			c, err := tc.xts(hk)
+			if err != nil {
+				clear(hk)
+				return nil, err
+			}
+			c.Decrypt(dec, enc, 0)
+			if tcryptValid(dec) {
+				clear(hk)
+				return tcryptParse(dec, k, tc.name)
+			}
+		}
 		clear(hk)
-		if err != nil {
-			return nil, err
-		}
-		c.Decrypt(dec, enc, 0)
-		if !tcryptValid(dec) {
-			continue
-		}
-		return tcryptParse(dec, k)
 	}
 	return nil, fmt.Errorf("tcrypt: no TrueCrypt or VeraCrypt header decrypts with this passphrase "+
-		"(tried PBKDF2 sha512, sha256, ripemd160, whirlpool, AES-XTS header cipher only; "+
-		"other ciphers and PRFs are not supported; a VeraCrypt PIM and keyfiles must be given): %w", ErrWrongPassphrase)
+		"(tried PBKDF2 sha512, sha256, ripemd160, whirlpool with AES-, Serpent- and Twofish-XTS; "+
+		"cascades, other ciphers and PRFs are not supported; a VeraCrypt PIM and keyfiles must be given): %w", ErrWrongPassphrase)
 }
 
 // tcryptValid reports whether a decrypted header has a magic and
@@ -324,14 +357,14 @@ func tcryptValid(dec []byte) bool {
 	return true
 }
 
-func tcryptParse(dec []byte, k tcryptKDF) (*TCryptHeader, error) {
+func tcryptParse(dec []byte, k tcryptKDF, cipherName string) (*TCryptHeader, error) {
 	be := binary.BigEndian
 	h := &TCryptHeader{
 		VeraCrypt:  string(dec[:4]) == tcryptMagicVC,
 		Version:    be.Uint16(dec[4:]),
 		PRF:        k.prf,
 		Iterations: k.iterations,
-		Cipher:     tcryptCipher,
+		Cipher:     cipherName,
 		Flags:      be.Uint32(dec[60:]),
 		SectorSize: 512,
 	}
@@ -460,8 +493,12 @@ func CreateTCrypt(p TCryptParams, passphrase []byte) ([]byte, error) {
 		in = tcryptPool(passphrase, p.Keyfiles, n)
 		defer clear(in)
 	}
+	tc, ok := tcryptCipherNamed(p.Cipher)
+	if !ok {
+		return nil, fmt.Errorf("tcrypt: cipher %q: %w", p.Cipher, ErrInvalidArgument)
+	}
 	hk := pbkdf2Key(in, out[:tcryptSaltLen], iter, tcryptHeaderKey, prf)
-	c, err := tcryptXTS(hk)
+	c, err := tc.xts(hk)
 	clear(hk)
 	if err != nil {
 		return nil, err

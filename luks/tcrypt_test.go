@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/aes"
+	"crypto/cipher"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -20,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/crypto/twofish" //nolint:staticcheck // a TrueCrypt cipher
 	"golang.org/x/crypto/xts"
 
 	"github.com/dmconvert/dmconvert/testvm"
@@ -224,6 +226,39 @@ func TestTCryptCorrupt(t *testing.T) {
 	}
 	if _, err := OpenTCrypt(sec[:511], pass); !errors.Is(err, ErrInvalidArgument) {
 		t.Errorf("511-byte header: %v, want ErrInvalidArgument", err)
+	}
+}
+
+// A Twofish-XTS volume: the header CreateTCrypt makes decrypts with
+// Twofish-XTS under the PBKDF2 key (the test's own decryption, not with
+// AES), and OpenTCrypt finds the cipher and the key.
+func TestTCryptTwofish(t *testing.T) {
+	withTCryptKDFs(t, fastTCrypt)
+	pass := []byte("twofish passphrase")
+	key := randBytes(t, 64)
+	sec := newTCrypt(t, TCryptParams{PRF: "sha512", Cipher: "twofish-xts-plain64", Key: key, DataSize: 1 << 20}, pass)
+	hk := pbkdf2Key(pass, sec[:64], 1000, 64, tcryptPRF("sha512"))
+	c, err := xts.NewCipher(func(k []byte) (cipher.Block, error) { return twofish.NewCipher(k) }, hk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec := make([]byte, 448)
+	c.Decrypt(dec, sec[64:512], 0)
+	if string(dec[:4]) != "TRUE" || !bytes.Equal(dec[192:256], key) {
+		t.Fatalf("the header does not decrypt with Twofish-XTS: magic %q", dec[:4])
+	}
+	if d, _ := tcryptDecrypt(t, sec, pass, "sha512", 1000); string(d[:4]) == "TRUE" {
+		t.Fatal("the Twofish header decrypts with AES")
+	}
+	h, err := OpenTCrypt(sec, pass)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.Cipher != "twofish-xts-plain64" || !bytes.Equal(h.Key, key) {
+		t.Fatalf("OpenTCrypt: cipher %s, key equal %v", h.Cipher, bytes.Equal(h.Key, key))
+	}
+	if _, err := CreateTCrypt(TCryptParams{PRF: "sha512", Cipher: "serpent-cbc-plain", Key: key, DataSize: 1 << 20}, pass); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("an unknown cipher: %v", err)
 	}
 }
 
@@ -464,7 +499,7 @@ func tcryptCheckDump(t *testing.T, cs cryptsetup, dev string, pass []byte, h *TC
 		"Sector size":  strconv.Itoa(h.SectorSize),
 		"MK offset":    strconv.FormatInt(h.DataOffset, 10),
 		"PBKDF2 hash":  h.PRF,
-		"Cipher chain": "aes",
+		"Cipher chain": strings.SplitN(h.Cipher, "-", 2)[0],
 		"Cipher mode":  "xts-plain64",
 		"MK bits":      "512",
 	} {
@@ -494,11 +529,20 @@ func TestGuestTCryptOursToCryptsetup(t *testing.T) {
 	cs := needCryptsetup(t)
 	pass := []byte("tcrypt test passphrase")
 	const size = 4 << 20
-	for _, tc := range []tcryptCase{tcryptCases[0], tcryptCases[1], tcryptCases[2], tcryptCases[5]} {
+	twofish, serpent := tcryptCases[1], tcryptCases[0]
+	twofish.name += "-twofish"
+	serpent.name += "-serpent"
+	for _, tc := range []tcryptCase{tcryptCases[0], tcryptCases[1], tcryptCases[2], tcryptCases[5], twofish, serpent} {
 		t.Run(tc.name, func(t *testing.T) {
 			cs := cs.in(t)
 			key := randBytes(t, 64)
 			p := TCryptParams{VeraCrypt: tc.vera, PRF: tc.prf, Key: key, DataOffset: 131072, DataSize: size - 2*131072, VolumeSize: size - 2*131072}
+			switch {
+			case strings.HasSuffix(tc.name, "-twofish"):
+				p.Cipher = "twofish-xts-plain64"
+			case strings.HasSuffix(tc.name, "-serpent"):
+				p.Cipher = "serpent-xts-plain64"
+			}
 			img := make([]byte, size)
 			copy(img, newTCrypt(t, p, pass))
 			copy(img[131072:], randBytes(t, 1<<20))
@@ -559,11 +603,14 @@ func TestGuestTCryptTcplayToOurs(t *testing.T) {
 	for _, tc := range []struct {
 		name, tcplayPRF, prf string
 		keyfile              bool
+		tcplayCipher, cipher string // "": AES-256-XTS
 	}{
-		{"sha512", "SHA512", "sha512", false},
-		{"ripemd160", "RIPEMD160", "ripemd160", false},
-		{"whirlpool", "whirlpool", "whirlpool", false},
-		{"sha512-keyfile", "SHA512", "sha512", true},
+		{"sha512", "SHA512", "sha512", false, "", ""},
+		{"ripemd160", "RIPEMD160", "ripemd160", false, "", ""},
+		{"whirlpool", "whirlpool", "whirlpool", false, "", ""},
+		{"sha512-keyfile", "SHA512", "sha512", true, "", ""},
+		{"sha512-twofish", "SHA512", "sha512", false, "TWOFISH-256-XTS", "twofish-xts-plain64"},
+		{"ripemd160-serpent", "RIPEMD160", "ripemd160", false, "SERPENT-256-XTS", "serpent-xts-plain64"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cs := cs.in(t)
@@ -591,7 +638,10 @@ func TestGuestTCryptTcplayToOurs(t *testing.T) {
 				}
 			}
 			t.Cleanup(detach)
-			cmdline := fmt.Sprintf("%s -c -d %s -a %s -b AES-256-XTS -z -w", tcplay, loop, tc.tcplayPRF)
+			if tc.tcplayCipher == "" {
+				tc.tcplayCipher, tc.cipher = "AES-256-XTS", "aes-xts-plain64"
+			}
+			cmdline := fmt.Sprintf("%s -c -d %s -a %s -b %s -z -w", tcplay, loop, tc.tcplayPRF, tc.tcplayCipher)
 			var o TCryptOpen
 			var dumpArgs []string
 			if tc.keyfile {
@@ -616,7 +666,7 @@ func TestGuestTCryptTcplayToOurs(t *testing.T) {
 			if err != nil {
 				t.Fatalf("OpenTCrypt of tcplay's header: %v", err)
 			}
-			if h.VeraCrypt || h.PRF != tc.prf || h.Cipher != "aes-xts-plain64" || h.Version != 5 || h.SectorSize != 512 ||
+			if h.VeraCrypt || h.PRF != tc.prf || h.Cipher != tc.cipher || h.Version != 5 || h.SectorSize != 512 ||
 				h.HiddenSize != 0 || h.Flags != 0 || h.DataOffset != 131072 || h.DataSize != size-2*131072 || h.VolumeSize != h.DataSize {
 				got := *h
 				got.Key = nil
@@ -749,5 +799,51 @@ func tcplayCreate(t *testing.T, script, cmdline string, pass []byte) {
 	pw.Close()
 	if werr != nil || !strings.Contains(output(), "All done!") {
 		t.Fatalf("tcplay -c: %v\n%s", werr, output())
+	}
+}
+
+// Serpent against the Linux kernel's test vectors (crypto/testmgr.h: key
+// and plaintext counting up from zero), and a decryption round trip.
+func TestSerpent(t *testing.T) {
+	for _, c := range []struct {
+		keyLen int
+		want   string
+	}{
+		{16, "4c7d8a328072a22c823e4a1f3acda16d"},
+		{32, "de269ff833e432b85b2e88d2701ce75c"},
+	} {
+		key := make([]byte, c.keyLen)
+		for i := range key {
+			key[i] = byte(i)
+		}
+		pt := make([]byte, 16)
+		for i := range pt {
+			pt[i] = byte(i)
+		}
+		b, err := newSerpent(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ct := make([]byte, 16)
+		b.Encrypt(ct, pt)
+		if got := hex.EncodeToString(ct); got != c.want {
+			t.Errorf("%d-byte key: %s, want %s", c.keyLen, got, c.want)
+		}
+		back := make([]byte, 16)
+		b.Decrypt(back, ct)
+		if !bytes.Equal(back, pt) {
+			t.Errorf("%d-byte key: decryption gives %x", c.keyLen, back)
+		}
+	}
+	if _, err := newSerpent(make([]byte, 20)); err == nil {
+		t.Fatal("a 20-byte key was accepted")
+	}
+	// A Serpent-XTS TrueCrypt header opens, naming the cipher.
+	withTCryptKDFs(t, fastTCrypt)
+	key := randBytes(t, 64)
+	sec := newTCrypt(t, TCryptParams{PRF: "sha512", Cipher: "serpent-xts-plain64", Key: key, DataSize: 1 << 20}, []byte("pw"))
+	h, err := OpenTCrypt(sec, []byte("pw"))
+	if err != nil || h.Cipher != "serpent-xts-plain64" || !bytes.Equal(h.Key, key) {
+		t.Fatalf("OpenTCrypt of a Serpent header: %v", err)
 	}
 }

@@ -387,3 +387,46 @@ func TestTokens(t *testing.T) {
 		t.Fatal("empty requirements object left behind")
 	}
 }
+
+// A LUKS2 header for a segment cipher this package cannot run (the
+// kernel can: Serpent, Twofish) keeps the cipher in its segment; its
+// keyslot is encrypted with cryptsetup's fallback, AES-XTS with a 512-bit
+// key, and opens. LUKS1 (one cipher for the data and the keyslots)
+// refuses such a cipher.
+func TestCreateOtherSegmentCipher(t *testing.T) {
+	vk := NewVolumeKeyFromBytes(bytes.Repeat([]byte{7}, 64))
+	defer vk.Wipe()
+	kdf := PBKDF{Type: KDFPBKDF2, Iterations: MinPBKDF2Iterations}
+	for _, c := range []string{"serpent-xts-plain64", "twofish-xts-plain64"} {
+		h, err := Create(Options{Version: 2, Cipher: c, PBKDF: kdf}, vk, []byte("pw"))
+		if err != nil {
+			t.Fatalf("%s: %v", c, err)
+		}
+		if got := h.Cipher(); got != c {
+			t.Errorf("%s: segment cipher %q", c, got)
+		}
+		ks := h.Keyslots()
+		if len(ks) != 1 || ks[0].Cipher != FallbackKeyslotCipher || ks[0].AreaKey != FallbackKeyslotKeySize {
+			t.Fatalf("%s: keyslots %+v, want one with the fallback area encryption", c, ks)
+		}
+		img, err := h.Image()
+		if err != nil {
+			t.Fatal(err)
+		}
+		h2, err := Read(bytes.NewReader(img))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _, err := h2.Unlock([]byte("pw"))
+		if err != nil || !bytes.Equal(got.Bytes(), vk.Bytes()) {
+			t.Fatalf("%s: the header read back does not open to the key: %v", c, err)
+		}
+		got.Wipe()
+		if _, err := Create(Options{Version: 1, Cipher: c, PBKDF: kdf}, vk, []byte("pw")); !errors.Is(err, ErrUnsupported) {
+			t.Errorf("LUKS1 with %s: %v, want ErrUnsupported", c, err)
+		}
+	}
+	if _, err := Create(Options{Version: 2, Cipher: "serpent", PBKDF: kdf}, vk, []byte("pw")); err == nil {
+		t.Error("a cipher without mode was accepted")
+	}
+}
