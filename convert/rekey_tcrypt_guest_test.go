@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -30,13 +31,13 @@ import (
 // volume key no longer opens the volume, and neither does the TrueCrypt
 // passphrase through the old headers.
 
-// tcplayCreate makes a TrueCrypt volume (AES-256-XTS, PBKDF2 with prf:
-// tcplay's "SHA512", "RIPEMD160" or "whirlpool") on disk with tcplay, which reads its passphrase from a terminal: script(1)
+// tcplayCreate makes a TrueCrypt volume on disk with tcplay, its PRF and
+// cipher as tcplay's -a and -b take them (e.g. "SHA512", "AES-256-XTS"), which reads its passphrase from a terminal: script(1)
 // gives it one, and each answer is typed after its prompt (tcplay flushes
 // what was typed before it asks).
-func tcplayCreate(t testing.TB, disk, prf string, pass []byte, extra ...string) {
+func tcplayCreate(t testing.TB, disk, prf, cipher string, pass []byte, extra ...string) {
 	t.Helper()
-	cmd := exec.Command("script", "-qec", strings.Join(append([]string{"tcplay -c -d " + disk + " -a " + prf + " -b AES-256-XTS --insecure-erase"}, extra...), " "), "/dev/null")
+	cmd := exec.Command("script", "-qec", strings.Join(append([]string{"tcplay -c -d " + disk + " -a " + prf + " -b " + cipher + " --insecure-erase"}, extra...), " "), "/dev/null")
 	in, err := cmd.StdinPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -157,7 +158,7 @@ func tcryptTeardown(t testing.TB, name string) {
 	}
 }
 
-// TestGuestRekeyTCryptFS: an ext4 mounted on a TrueCrypt volume (PBKDF2-Whirlpool) becomes
+// TestGuestRekeyTCryptFS: an ext4 mounted on a TrueCrypt volume (PBKDF2-Whirlpool, Twofish-XTS) becomes
 // LUKS2 with a detached header under a writer: a dry run and a run with a
 // wrong passphrase change nothing; the run is killed with SIGKILL, torn
 // down as by a reboot (cryptsetup no longer opens it as TrueCrypt),
@@ -173,9 +174,9 @@ func TestGuestRekeyTCryptFS(t *testing.T) {
 	tag := "tfs"
 	name := tag + "-crypt"
 	hdr := "/tmp/tfs.hdr"
-	// Whirlpool (TrueCrypt's 1000 iterations): the PRF no other test
-	// converts.
-	tcplayCreate(t, disk, "whirlpool", guestPass)
+	// Whirlpool (TrueCrypt's 1000 iterations) and Twofish: the PRF and
+	// cipher no other test converts.
+	tcplayCreate(t, disk, "whirlpool", "TWOFISH-256-XTS", guestPass)
 	tcryptOpen(t, disk, name, "whirlpool")
 	oldKey := tableKey(t, name)
 	dev := "/dev/mapper/" + name
@@ -343,7 +344,7 @@ func tcryptLVMStackKeyfile(t testing.TB, tag, disk, state, extSize, rawSize, kf 
 	if kf != "" {
 		create, open = []string{"-k", kf}, []string{"--key-file", kf}
 	}
-	tcplayCreate(t, disk, "SHA512", guestPass, create...)
+	tcplayCreate(t, disk, "SHA512", "AES-256-XTS", guestPass, create...)
 	tcryptOpen(t, disk, name, "sha512", open...)
 	m := "/dev/mapper/" + name
 	sh(t, "pvcreate", "-y", m)
@@ -396,20 +397,22 @@ func tcryptPowerCutResume(t *testing.T, st *stack, state, jpath string) {
 // checked live and after a cold open with the header.
 func TestGuestRekeyTCryptVeraCrypt(t *testing.T) {
 	testvm.RequireGuest(t)
-	veraCryptRekey(t, testvm.GuestDisks()[12], "tvc", 0)
+	veraCryptRekey(t, testvm.GuestDisks()[12], "tvc", 0, "")
 }
 
-// TestGuestRekeyTCryptVeraCryptPIM: the same with a VeraCrypt volume made
-// with a PIM (3: 18000 iterations), opened by cryptsetup --veracrypt-pim
-// and converted with dmconvert rekey --veracrypt-pim.
+// TestGuestRekeyTCryptVeraCryptPIM: the same with a Serpent-XTS
+// VeraCrypt volume made with a PIM (3: 18000 iterations), opened by
+// cryptsetup --veracrypt-pim and converted with dmconvert rekey
+// --veracrypt-pim: the LUKS2 volume keeps Serpent.
 func TestGuestRekeyTCryptVeraCryptPIM(t *testing.T) {
 	testvm.RequireGuest(t)
-	veraCryptRekey(t, testvm.GuestDisks()[14], "tvp", 3)
+	veraCryptRekey(t, testvm.GuestDisks()[14], "tvp", 3, "serpent-xts-plain64")
 }
 
-// veraCryptRekey makes a VeraCrypt volume on disk (with pim, if not 0),
-// an ext4 on it, and converts it under a writer.
-func veraCryptRekey(t *testing.T, disk, tag string, pim int) {
+// veraCryptRekey makes a VeraCrypt volume on disk (with pim, if not 0;
+// with cipher, "" for AES-XTS), an ext4 on it, and converts it under a
+// writer.
+func veraCryptRekey(t *testing.T, disk, tag string, pim int, cipher string) {
 	d := testvm.GuestDisks()
 	state := guestStateDir(t, d[3])
 	writePW(t)
@@ -422,7 +425,7 @@ func veraCryptRekey(t *testing.T, disk, tag string, pim int) {
 	if pim > 0 {
 		iter = luks.TCryptPIMIterations(pim)
 	}
-	h, err := luks.CreateTCrypt(luks.TCryptParams{VeraCrypt: true, PRF: "sha512", Key: key, DataOffset: 128 << 10, Iterations: iter,
+	h, err := luks.CreateTCrypt(luks.TCryptParams{VeraCrypt: true, PRF: "sha512", Cipher: cipher, Key: key, DataOffset: 128 << 10, Iterations: iter,
 		DataSize: size - 256<<10, VolumeSize: size - 256<<10}, guestPass)
 	if err != nil {
 		t.Fatal(err)
@@ -469,4 +472,9 @@ func veraCryptRekey(t *testing.T, disk, tag string, pim int) {
 	sh(t, "cryptsetup", "open", "--header", hdr, "--key-file", pwFile, disk, name)
 	sh(t, "mount", dev, mp)
 	verifyStack(t, st, state)
+	if cipher != "" {
+		if dump := sh(t, "cryptsetup", "luksDump", hdr); !regexp.MustCompile(`(?m)^\s+cipher:\s+` + regexp.QuoteMeta(cipher) + `$`).MatchString(dump) {
+			t.Fatalf("the converted volume's segment is not %s:\n%s", cipher, dump)
+		}
+	}
 }
