@@ -176,6 +176,7 @@ func (e *Engine) inspectLUKS(target string, open HeaderOpener) (*luksSource, err
 		cs.SectorSize = m.crypt.SectorSize
 		cs.IVLargeSectors = m.crypt.IVLargeSectors
 	}
+	cs.Opts = cryptOpts(m.crypt)
 	if !m.crypt.Key.IsKeyring() && !m.crypt.Key.Equal(dmtable.HexKey(keys.Bound)) {
 		return bad(refuse(m.name, "", "the key in the live table is not the key the header gives for this passphrase"))
 	}

@@ -439,7 +439,7 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 			return nil, err
 		}
 	}
-	cs := CryptSpec{Cipher: string(m.crypt.Cipher), KeyBytes: m.crypt.Key.Size(), SectorSize: 512, IVOffset: Sectors(m.crypt.IVOffset)}
+	cs := CryptSpec{Cipher: string(m.crypt.Cipher), KeyBytes: m.crypt.Key.Size(), SectorSize: 512, IVOffset: Sectors(m.crypt.IVOffset), Opts: cryptOpts(m.crypt)}
 	if m.crypt.SectorSize > 512 {
 		cs.SectorSize, cs.IVLargeSectors = m.crypt.SectorSize, m.crypt.IVLargeSectors
 	}

@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"strings"
 	"testing"
+
+	"github.com/dmconvert/dmconvert/dmtable"
 )
 
 func encGeom(N, P, H, chunk Sectors) EncryptGeometry {
@@ -212,5 +214,26 @@ func TestLayoutAssignMerges(t *testing.T) {
 	}
 	if _, ok := l.Lookup(100); ok {
 		t.Fatal("lookup past the end succeeded")
+	}
+}
+
+// The source mapping's dm-crypt flags survive into the run's crypt
+// tables (helpers and the final one), and nothing else is added.
+func TestCryptOptsKept(t *testing.T) {
+	src := &dmtable.Crypt{AllowDiscards: true, NoReadWorkqueue: true, SameCPUCrypt: true}
+	cs := CryptSpec{Cipher: "aes-xts-plain64", KeyBytes: 64, SectorSize: 512, Opts: cryptOpts(src)}
+	if cs.Opts != "allow_discards same_cpu_crypt no_read_workqueue" {
+		t.Fatalf("opts %q", cs.Opts)
+	}
+	tg := cryptTarget(0, 8, cs, dmtable.HexKey(make([]byte, 64)), 0, dmtable.Dev{Major: 8}, 2048)
+	c := tg.Params.(*dmtable.Crypt)
+	if !c.AllowDiscards || !c.NoReadWorkqueue || !c.SameCPUCrypt || c.SubmitFromCryptCPUs || c.NoWriteWorkqueue {
+		t.Fatalf("crypt target flags: %+v", c)
+	}
+	if s := (dmtable.Table{tg}).String(); !strings.Contains(s, "allow_discards") || !strings.Contains(s, "no_read_workqueue") {
+		t.Fatalf("table %q lacks the flags", s)
+	}
+	if cryptOpts(&dmtable.Crypt{}) != "" {
+		t.Fatal("flags out of nothing")
 	}
 }

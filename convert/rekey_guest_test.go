@@ -165,14 +165,14 @@ func rekeyStopped(t testing.TB, name, j string, frac float64) {
 
 // fsOnMapping makes a LUKS2 device with an ext4 mounted on the mapping
 // itself; the raw writer writes into a preallocated file on it.
-func fsOnMapping(t testing.TB, tag, disk, state string) (*stack, string) {
+func fsOnMapping(t testing.TB, tag, disk, state string, openArgs ...string) (*stack, string) {
 	t.Helper()
 	// verifyStack finds a file system at /dev/mapper/<VG>-<LV>: the
 	// mapping's name has that shape.
 	name := tag + "-crypt"
 	sh(t, "cryptsetup", "luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
 		"--key-file", pwFile, disk)
-	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
+	sh(t, "cryptsetup", append(append([]string{"open", "--key-file", pwFile}, openArgs...), disk, name)...)
 	return fsStack(t, tag, disk, state, name), name
 }
 
@@ -207,7 +207,9 @@ func TestGuestRekeyFS(t *testing.T) {
 	d := testvm.GuestDisks()
 	state := guestStateDir(t, d[3])
 	writePW(t)
-	st, name := fsOnMapping(t, "rkfs", d[1], state)
+	// Opened with --allow-discards (crypttab's "discard"): the rekeyed
+	// mapping keeps the flag.
+	st, name := fsOnMapping(t, "rkfs", d[1], state, "--allow-discards")
 	// A second keyslot, opened by a key file, kept with --also-key-file.
 	kf := "/tmp/rkfs-second.key"
 	os.WriteFile(kf, []byte("the second key file\n\x00binary"), 0o600)
@@ -231,6 +233,9 @@ func TestGuestRekeyFS(t *testing.T) {
 	requireExit(t, "resume of the rekey with the second key file", code, 0, out)
 	acks, _ := w.finish(t)
 	t.Logf("writer: %d acknowledged writes", acks)
+	if tb := sh(t, "dmsetup", "table", name); !strings.Contains(tb, "allow_discards") {
+		t.Fatalf("the rekeyed mapping lost allow_discards: %s", tb)
+	}
 	// The data area now starts 2 MiB earlier and ends where it did: the
 	// mapping is 2 MiB larger (as cryptsetup open maps it); the file
 	// system is the same.

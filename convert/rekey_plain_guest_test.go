@@ -306,7 +306,8 @@ func TestGuestRekeyPlainToLUKS2(t *testing.T) {
 	name := tag + "-crypt"
 	oldKeyFile, hdr := "/tmp/pl2-old.key", "/tmp/pl2.hdr"
 	randomKeyFile(t, oldKeyFile, 64)
-	plainOpen(t, disk, name, oldKeyFile, "512")
+	// With cryptsetup's performance flags: the converted mapping keeps them.
+	plainOpen(t, disk, name, oldKeyFile, "512", "--perf-same_cpu_crypt", "--perf-no_read_workqueue")
 	dev := "/dev/mapper/" + name
 	st := fsStack(t, tag, disk, state, name, "-E", "lazy_itable_init=0,lazy_journal_init=0")
 	mp := st.Mounts[0]
@@ -331,6 +332,9 @@ func TestGuestRekeyPlainToLUKS2(t *testing.T) {
 	}
 	acks, gap := w.finish(t)
 	t.Logf("writer: %d acknowledged writes, longest gap %v", acks, gap)
+	if tb := sh(t, "dmsetup", "table", name); !strings.Contains(tb, "same_cpu_crypt") || !strings.Contains(tb, "no_read_workqueue") {
+		t.Fatalf("the converted mapping lost its dm-crypt flags: %s", tb)
+	}
 	verifyStack(t, st, state)
 	dump := sh(t, "cryptsetup", "luksDump", hdr)
 	if !strings.Contains(dump, "offset: 0 [bytes]") || strings.Contains(dump, "dmconvert") {

@@ -2,6 +2,7 @@ package convert
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/dmconvert/dmconvert/dmtable"
 )
@@ -18,6 +19,33 @@ type CryptSpec struct {
 	// IVOffset is the IV of the mapping's first sector (cryptsetup's
 	// --skip; plain mappings only: LUKS data starts at IV 0).
 	IVOffset Sectors `json:"iv_offset,omitempty"`
+	// Opts are the source mapping's dm-crypt flags (cryptsetup's
+	// --allow-discards and --perf-* options: allow_discards,
+	// same_cpu_crypt, submit_from_crypt_cpus, no_read_workqueue,
+	// no_write_workqueue; space-separated, so the spec stays
+	// comparable), kept by every crypt table of the run and by the final
+	// one, so the mapping behaves as it did.
+	Opts string `json:"opts,omitempty"`
+}
+
+// cryptOpts lists the flags of c that CryptSpec.Opts keeps.
+func cryptOpts(c *dmtable.Crypt) string {
+	var out []string
+	for _, f := range []struct {
+		on   bool
+		name string
+	}{
+		{c.AllowDiscards, "allow_discards"},
+		{c.SameCPUCrypt, "same_cpu_crypt"},
+		{c.SubmitFromCryptCPUs, "submit_from_crypt_cpus"},
+		{c.NoReadWorkqueue, "no_read_workqueue"},
+		{c.NoWriteWorkqueue, "no_write_workqueue"},
+	} {
+		if f.on {
+			out = append(out, f.name)
+		}
+	}
+	return strings.Join(out, " ")
 }
 
 // cryptTarget builds "<start> <len> crypt <cipher> <key> <iv> <dev> <off>
@@ -34,6 +62,20 @@ func cryptTarget(start, length Sectors, cs CryptSpec, key dmtable.Key, ivOffset 
 	if cs.SectorSize > 512 {
 		c.SectorSize = cs.SectorSize
 		c.IVLargeSectors = cs.IVLargeSectors
+	}
+	for _, o := range strings.Fields(cs.Opts) {
+		switch o {
+		case "allow_discards":
+			c.AllowDiscards = true
+		case "same_cpu_crypt":
+			c.SameCPUCrypt = true
+		case "submit_from_crypt_cpus":
+			c.SubmitFromCryptCPUs = true
+		case "no_read_workqueue":
+			c.NoReadWorkqueue = true
+		case "no_write_workqueue":
+			c.NoWriteWorkqueue = true
+		}
 	}
 	return dmtable.Target{Start: dmtable.Sectors(start), Length: dmtable.Sectors(length), Params: c}
 }
