@@ -94,17 +94,23 @@ func vmPowerCut(t *testing.T) {
 		ops = append(ops, "encrypt")
 	}
 	for i := 0; i < opCuts; i++ {
-		ops = append(ops, "decrypt", pcDecryptFS, "rekey", pcPlain, pcTCrypt)
+		// The LUKS rekey cut is of a LUKS2 or (every other seed) a LUKS1
+		// volume: the same time, both kinds over the runs.
+		rekey := "rekey"
+		if (seed+int64(i))%2 != 0 {
+			rekey = pcLUKS1
+		}
+		ops = append(ops, "decrypt", pcDecryptFS, rekey, pcPlain, pcTCrypt)
 	}
 	if only := os.Getenv("DMCONVERT_PC_ONLY"); only != "" {
 		// One kind of cut only (encrypt, encrypt-2pv, decrypt,
-		// decrypt-fs, rekey, rekey-plain, rekey-tcrypt).
+		// decrypt-fs, rekey, rekey-luks1, rekey-plain, rekey-tcrypt).
 		ops = ops[:0]
 		for i := 0; i < cuts; i++ {
 			ops = append(ops, only)
 		}
 	}
-	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts: %d of an encrypt, %d each of a decrypt (LVM, and a file system on the mapping), a rekey, a plain rekey and a TrueCrypt conversion", seed, seed, len(ops), cuts, opCuts)
+	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts: %d of an encrypt, %d each of a decrypt (LVM, and a file system on the mapping), a rekey (LUKS2 or LUKS1), a plain rekey and a TrueCrypt conversion", seed, seed, len(ops), cuts, opCuts)
 	rng := rand.New(rand.NewSource(seed))
 	ctx := context.Background()
 	img, err := testvm.Prepare(ctx)
@@ -213,6 +219,10 @@ const pcPlain = "rekey-plain"
 // state disk).
 const pcTCrypt = "rekey-tcrypt"
 
+// pcLUKS1 is the power-cut operation that rekeys a LUKS1 volume with a PV
+// on it (its disguised header mid-run: nothing opens it).
+const pcLUKS1 = "rekey-luks1"
+
 // pcDecryptFS is the power-cut operation that decrypts an ext4 mounted
 // directly on a LUKS2 mapping (the header-gap decrypt).
 const pcDecryptFS = "decrypt-fs"
@@ -253,6 +263,11 @@ func TestBootPowerCutStart(t *testing.T) {
 		if op == "decrypt" {
 			args = append(args, "--shrink-pv")
 		}
+	case pcLUKS1:
+		// cryptsetup's LUKS1 layout with a 256-bit key: a 1016 KiB gap.
+		var name string
+		st, name = luksStackFormat(t, pcTag, d[0], state, "32m", "8m", "--type", "luks1", "--cipher", "aes-xts-plain64", "--key-size", "256")
+		args = []string{"rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal")}
 	case pcTCrypt:
 		st = tcryptLVMStack(t, pcTag, d[0], state, "32m", "4m")
 		args = []string{"rekey", st.VG + "_crypt", "--header", filepath.Join(state, "pc.hdr"), "--key-file", pwFile,

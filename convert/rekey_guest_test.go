@@ -35,7 +35,9 @@ func vmRekey(t *testing.T) {
 			// d[10], d[11], d[12]: the TrueCrypt tests (rekey_tcrypt_guest_test.go)
 			{Size: 24 * guestMiB}, {Size: 28 * guestMiB}, {Size: 16 * guestMiB},
 			// d[13]: plain to LUKS2 with the header on the disk; d[14]: VeraCrypt with a PIM
-			{Size: 24 * guestMiB}, {Size: 16 * guestMiB}},
+			{Size: 24 * guestMiB}, {Size: 16 * guestMiB},
+			// d[15]: LUKS1 with a file system on the mapping
+			{Size: 24 * guestMiB}},
 		Run:     "^TestGuestRekey",
 		Files:   map[string]string{"dmconvert": bin},
 		Timeout: 20 * time.Minute,
