@@ -102,11 +102,21 @@ func guestOpFailpoints(t *testing.T, op string) {
 	state := guestStateDir(t, d[1])
 	writePW(t)
 	defer watchBlocked(t)()
+	seed := time.Now().UnixNano()
+	if v, err := strconv.ParseInt(os.Getenv("DMCONVERT_FP_SEED"), 10, 64); err == nil {
+		seed = v
+	}
 	var st *stack
 	var name string
-	if op == "rekey" {
+	switch {
+	case op == "rekey" && (seed/2)%2 == 1:
+		// Every other seed rekeys a LUKS1 volume (cryptsetup's layout
+		// with a 256-bit key: a 1016 KiB gap), the others a LUKS2 one.
+		t.Logf("rekey of a LUKS1 volume (seed %d)", seed)
+		st, name = luksStackFormat(t, "fpr", disk, state, "24m", "4m", "--type", "luks1", "--cipher", "aes-xts-plain64", "--key-size", "256")
+	case op == "rekey":
 		st, name = luksStackSized(t, "fpr", disk, state, "24m", "4m")
-	} else {
+	default:
 		st, name = luksStackSized(t, "fpd", disk, state, "24m", "4m")
 	}
 	for _, mp := range st.Mounts {
@@ -125,10 +135,6 @@ func guestOpFailpoints(t *testing.T, op string) {
 		}
 	}
 	all := len(points)
-	seed := time.Now().UnixNano()
-	if v, err := strconv.ParseInt(os.Getenv("DMCONVERT_FP_SEED"), 10, 64); err == nil {
-		seed = v
-	}
 	n := min(6, all)
 	if v := os.Getenv("DMCONVERT_FP_N"); v == "all" {
 		n = all
