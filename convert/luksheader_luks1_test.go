@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/dmconvert/dmconvert/luks"
@@ -134,6 +135,10 @@ func rekeyLUKS1AgainstCryptsetup(t *testing.T, bits int, abort bool) {
 	}
 	if o := lh.OtherKeyslots(); len(o) != 1 || o[0] != 1 {
 		t.Fatalf("other keyslots %v, want [1]", o)
+	}
+	// LUKS1 stages one key: a further passphrase cannot be kept.
+	if _, err := lh.AddOpener([]byte("other")); err == nil || !strings.Contains(err.Error(), "LUKS1") {
+		t.Fatalf("AddOpener on LUKS1: %v, want a refusal naming LUKS1", err)
 	}
 	newKey := make([]byte, bits/8)
 	rand.Read(newKey)

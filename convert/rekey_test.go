@@ -267,6 +267,8 @@ func TestRekeyRefusals(t *testing.T) {
 			}
 		}, "unbound keyslot"},
 		{"no room", func(o *RekeyOptions) { o.Chunk = 4 }, "no room"},
+		// The fake header stages one key only, as a LUKS1 header does.
+		{"further passphrase", func(o *RekeyOptions) { o.AlsoPassphrases = [][]byte{[]byte("other")} }, "keeps one passphrase"},
 	} {
 		o := sc.rekeyOptions()
 		c.mod(&o)

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -212,5 +214,29 @@ func TestCheckHash(t *testing.T) {
 		case c.bad != "" && (err == nil || !strings.Contains(err.Error(), c.bad)):
 			t.Errorf("--hash %q (%+v): %v, want an error with %q", c.o.hash, c.o, err, c.bad)
 		}
+	}
+}
+
+// A refusal or wrong-key error about further key #N names the file given
+// as the N-th --also-key-file, and keeps its kind (exit code).
+func TestNameAlsoKeyFiles(t *testing.T) {
+	files := []string{"/root/a.key", "/root/b.key"}
+	wrong := fmt.Errorf("/dev/vdb: further key #2 (--also-key-file) opens no keyslot of the header: %w", convert.ErrWrongPassphrase)
+	got := nameAlsoKeyFiles(wrong, files)
+	if !errors.Is(got, convert.ErrWrongPassphrase) || exitCode(got) != exitPassphrase {
+		t.Fatalf("the wrong-key error lost its kind: %v", got)
+	}
+	if want := "/dev/vdb: --also-key-file /root/b.key opens no keyslot of the header"; !strings.HasPrefix(got.Error(), want) {
+		t.Fatalf("message %q, want it to start with %q", got.Error(), want)
+	}
+	ref := &convert.RefusalError{Device: "/dev/vdb", Reason: "further key #1 (--also-key-file) cannot be kept: it opens keyslot 0"}
+	got = nameAlsoKeyFiles(ref, files)
+	var re *convert.RefusalError
+	if !errors.As(got, &re) || !strings.Contains(got.Error(), "--also-key-file /root/a.key cannot be kept") {
+		t.Fatalf("refusal: %v", got)
+	}
+	other := errors.New("something else")
+	if nameAlsoKeyFiles(other, files) != other {
+		t.Fatal("an unrelated error was changed")
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -212,7 +213,7 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 	ep, err := e.PlanRekey(ctx, convert.RekeyOptions{Target: target, Journal: o.journal, Chunk: chunk,
 		Open: opener(pass), Passphrase: pass, AlsoPassphrases: also, RemoveOtherKeyslots: o.removeOthers, Cipher: o.cipher, KeySize: o.keySize})
 	if err != nil {
-		return err
+		return nameAlsoKeyFiles(err, o.alsoKeys)
 	}
 	defer ep.Wipe()
 	return a.runPlan(ctx, e, ep, res, planned{
@@ -331,3 +332,25 @@ func printPhases(w io.Writer, s *convert.Spec) {
 		fmt.Fprintf(w, "    %d. %s\n", i+1, convert.DescribePhase(ph))
 	}
 }
+
+// nameAlsoKeyFiles adds the file's name to an error about further key #N
+// (the engine numbers the --also-key-file files, in order).
+func nameAlsoKeyFiles(err error, files []string) error {
+	for i, f := range files {
+		tag := fmt.Sprintf("further key #%d (--also-key-file)", i+1)
+		if strings.Contains(err.Error(), tag) {
+			return &namedKeyError{err: err, old: tag, new: fmt.Sprintf("--also-key-file %s", f)}
+		}
+	}
+	return err
+}
+
+// namedKeyError is err with one phrase of its message replaced; errors.Is
+// and errors.As still see err (exit codes, refusals).
+type namedKeyError struct {
+	err      error
+	old, new string
+}
+
+func (e *namedKeyError) Error() string { return strings.Replace(e.err.Error(), e.old, e.new, 1) }
+func (e *namedKeyError) Unwrap() error { return e.err }
