@@ -99,7 +99,7 @@ LVM label or a LUKS header, nor belong to another mapping. Then cryptsetup
 open DEVICE NAME opens the volume.
 
 TrueCrypt/VeraCrypt (a normal volume opened by cryptsetup open --type tcrypt,
-one AES cipher): --header FILE turns it into
+one cipher: AES, Serpent or Twofish in XTS mode): --header FILE turns it into
 LUKS2 with a detached header, opened by the volume's passphrase (asked, or
 --key-file: a file holding the passphrase, not a TrueCrypt keyfile; its
 keyfiles with --tcrypt-keyfile, a VeraCrypt PIM with --veracrypt-pim). The data
