@@ -487,6 +487,52 @@ func BuildRekey(rg RekeyGeometry) (*Plan, error) {
 	return p, nil
 }
 
+// BuildRekeyInPlace returns the plan of a LUKS rekey without room to
+// move the data (docs/design.md section 8, "In place"): the header is
+// marked as for BuildRekey, then the data area F[0,N-H) is rewritten where
+// it is, chunk by chunk, with F suspended and each chunk's old ciphertext
+// saved in the journal first (section 9's in-place move), from the old
+// key's crypt mapping at H to the new key's, also at H. The data offset
+// does not change, and the keyslots area keeps its size.
+func BuildRekeyInPlace(rg RekeyGeometry) (*Plan, error) {
+	N, H := rg.DiskSize, rg.Header
+	a := max(rg.Align, 1)
+	if err := checkDataOffset(H, a); err != nil {
+		return nil, err
+	}
+	if N <= H {
+		return nil, fmt.Errorf("disk of %d sectors has no data area after a %d-sector header", N, H)
+	}
+	P := roundDown(N-H, a)
+	chunk := roundDown(rg.Chunk, a)
+	if chunk == 0 {
+		return nil, fmt.Errorf("chunk size is smaller than the sector size")
+	}
+	g := Geometry{
+		DiskSize: N, Payload: P, Header: H, HeaderUsed: H,
+		Devices: []Device{
+			{ID: DiskID, Phys: 0, Size: N},
+			{ID: OldID, Phys: H, Size: N - H},
+			{ID: NewID, Phys: H, Size: N - H},
+		},
+	}
+	p := &Plan{
+		Version: PlanVersion, Op: "rekey", Geometry: g,
+		Phases: []Phase{
+			{Kind: PhaseSetup},
+			{Kind: PhaseMark},
+			{Kind: PhaseMove, Start: 0, End: P, From: Backing{Dev: OldID}, To: Backing{Dev: NewID}, Chunk: chunk, InPlace: true},
+			{Kind: PhaseFinalize},
+		},
+		Initial:       Layout{{Start: 0, End: P, On: Backing{Dev: OldID}}},
+		HeaderAtStart: true,
+	}
+	if err := p.Verify(); err != nil {
+		return nil, fmt.Errorf("internal error: in-place rekey plan fails verification: %w", err)
+	}
+	return p, nil
+}
+
 // checkDataOffset checks a LUKS data offset H against the alignment a
 // (the crypt sector size in sectors).
 func checkDataOffset(H, a Sectors) error {

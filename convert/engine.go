@@ -39,6 +39,10 @@ type Engine struct {
 	// is further) and names the run, so it may lag: a move's last chunk
 	// and every other step still write it.
 	CheckpointEvery time.Duration
+	// MinRekeyGap is the least room before a LUKS volume's data that a
+	// rekey moves the data into (0: DefaultMinRekeyGap); with less it
+	// rewrites in place.
+	MinRekeyGap Sectors
 }
 
 // hit marks failpoint name for this run.

@@ -57,6 +57,9 @@ type scenario struct {
 	rekeyTo rekeyTarget
 	// luks1: the disk carries a real LUKS1 header (luks1EncryptedWorld).
 	luks1 bool
+	// inPlace: a LUKS rekey rewrites in place (RekeyOptions.InPlace);
+	// the data offset stays H.
+	inPlace bool
 	// chunk is the encrypt's --chunk-size (zero: the header size, the
 	// default).
 	chunk Sectors
@@ -149,6 +152,8 @@ func (sc *scenario) engine(w *fakeWorld) *Engine {
 		DM:   fakeDM{w},
 		Host: &fakeHost{w: w, fileDev: dmtable.Dev{Major: 8, Minor: 0}, diskByPt: map[string]dmtable.Dev{fakeDiskPath: sc.disk, "/dev/block/" + sc.disk.String(): sc.disk}},
 		LVM:  w.lvm, RegionSize: 32, PollInterval: 1, CheckpointEvery: sc.cpEvery,
+		// The fake disks are small: their gaps are a few KiB.
+		MinRekeyGap: 8,
 	}
 }
 

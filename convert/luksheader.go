@@ -378,7 +378,12 @@ func (l *LUKSHeader) applyRekeyEnd(f Final) error {
 			}
 		}
 	}
-	return l.h.SetDataOffset(int64(f.DataOffset) * 512)
+	if off := int64(f.DataOffset) * 512; off != l.h.DataOffset() {
+		return l.h.SetDataOffset(off)
+	}
+	// In place: the data stayed where it was, and so does the keyslots
+	// area's size.
+	return nil
 }
 
 // FinalWrites implements HeaderFormat: the requirement and the token go

@@ -94,23 +94,23 @@ func vmPowerCut(t *testing.T) {
 		ops = append(ops, "encrypt")
 	}
 	for i := 0; i < opCuts; i++ {
-		// The LUKS rekey cut is of a LUKS2 or (every other seed) a LUKS1
-		// volume: the same time, both kinds over the runs.
-		rekey := "rekey"
-		if (seed+int64(i))%2 != 0 {
-			rekey = pcLUKS1
-		}
+		// The LUKS rekey cut is of a LUKS2 volume, a LUKS1 one with a
+		// 256-bit key (a gap) or one with cryptsetup's default 512-bit
+		// key (in place), by seed: the same time, every kind over the
+		// runs.
+		rekey := []string{"rekey", pcLUKS1, pcLUKS1InPlace}[((seed+int64(i))%3+3)%3]
 		ops = append(ops, "decrypt", pcDecryptFS, rekey, pcPlain, pcTCrypt)
 	}
 	if only := os.Getenv("DMCONVERT_PC_ONLY"); only != "" {
 		// One kind of cut only (encrypt, encrypt-2pv, decrypt,
-		// decrypt-fs, rekey, rekey-luks1, rekey-plain, rekey-tcrypt).
+		// decrypt-fs, rekey, rekey-luks1, rekey-luks1-inplace,
+		// rekey-plain, rekey-tcrypt).
 		ops = ops[:0]
 		for i := 0; i < cuts; i++ {
 			ops = append(ops, only)
 		}
 	}
-	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts: %d of an encrypt, %d each of a decrypt (LVM, and a file system on the mapping), a rekey (LUKS2 or LUKS1), a plain rekey and a TrueCrypt conversion", seed, seed, len(ops), cuts, opCuts)
+	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts: %d of an encrypt, %d each of a decrypt (LVM, and a file system on the mapping), a rekey (LUKS2, LUKS1, or LUKS1 in place), a plain rekey and a TrueCrypt conversion", seed, seed, len(ops), cuts, opCuts)
 	rng := rand.New(rand.NewSource(seed))
 	ctx := context.Background()
 	img, err := testvm.Prepare(ctx)
@@ -223,6 +223,11 @@ const pcTCrypt = "rekey-tcrypt"
 // on it (its disguised header mid-run: nothing opens it).
 const pcLUKS1 = "rekey-luks1"
 
+// pcLUKS1InPlace is the power-cut operation that rekeys a LUKS1 volume
+// of cryptsetup's default layout (a 512-bit key, no room for a gap: the
+// data is rewritten in place) with a PV on it.
+const pcLUKS1InPlace = "rekey-luks1-inplace"
+
 // pcDecryptFS is the power-cut operation that decrypts an ext4 mounted
 // directly on a LUKS2 mapping (the header-gap decrypt).
 const pcDecryptFS = "decrypt-fs"
@@ -267,6 +272,10 @@ func TestBootPowerCutStart(t *testing.T) {
 		// cryptsetup's LUKS1 layout with a 256-bit key: a 1016 KiB gap.
 		var name string
 		st, name = luksStackFormat(t, pcTag, d[0], state, "32m", "8m", "--type", "luks1", "--cipher", "aes-xts-plain64", "--key-size", "256")
+		args = []string{"rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal")}
+	case pcLUKS1InPlace:
+		var name string
+		st, name = luksStackFormat(t, pcTag, d[0], state, "32m", "8m", "--type", "luks1")
 		args = []string{"rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal")}
 	case pcTCrypt:
 		st = tcryptLVMStack(t, pcTag, d[0], state, "32m", "4m")

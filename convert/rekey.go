@@ -56,7 +56,19 @@ type RekeyOptions struct {
 	Cipher string
 	// KeySize is the new key's size in bits; 0 keeps the source's.
 	KeySize int
+	// InPlace rewrites the data where it is (docs/design.md section 8,
+	// "In place") even when the keyslots area leaves room to move it;
+	// without room (less than Engine.MinRekeyGap) a rekey is in place
+	// anyway.
+	// Chunk is then the rewrite's step, 0 meaning DefaultPlainChunk.
+	InPlace bool
 }
+
+// DefaultMinRekeyGap is the smallest gap a rekey moves the data by: with
+// less room before the data a chunk's fixed cost (journal commit, table
+// swap, the mirror's start) outweighs its copy, and the in-place rewrite,
+// which needs no room at all, is faster.
+const DefaultMinRekeyGap Sectors = 512 << 10 / 512
 
 // DefaultRekeyGap is the default distance the data moves in a rekey.
 const DefaultRekeyGap Sectors = 4 << 20 / 512
@@ -196,21 +208,32 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 			return fail(refuse(dpath, "free a keyslot, or make room in the keyslots area", "cannot add a keyslot for the new key opened by further key #%d: %v", i+1, err))
 		}
 	}
-	room := roundDown(H-min(rk.KeyslotsEnd(), H), align)
+	if rk.KeyslotsEnd() > H {
+		return fail(refuse(dpath, "remove a keyslot that is no longer needed (cryptsetup luksKillSlot), or rekey offline with cryptsetup reencrypt",
+			"the keyslot material and the 4 KiB dmconvert keeps for its checkpoint records end at sector %d, after the data offset %d", rk.KeyslotsEnd(), H))
+	}
+	room := roundDown(H-rk.KeyslotsEnd(), align)
 	gap := o.Chunk
 	if gap == 0 {
 		gap = DefaultRekeyGap
 	}
-	gap = min(roundDown(gap, align), room)
-	if gap == 0 && hdr.Version() == 1 {
-		return fail(refuse(dpath, "rekey offline with cryptsetup reencrypt, or convert the header to LUKS2 (cryptsetup convert --type luks2, offline)",
-			"the LUKS1 keyslot material and the 4 KiB dmconvert keeps for its checkpoint records end at sector %d, the data starts at %d: the data has nowhere to move (every LUKS1 keyslot keeps its area, used or not)", rk.KeyslotsEnd(), H))
+	gap = roundDown(min(gap, room), max(align, labelSectors)) // both powers of two
+	minGap := e.MinRekeyGap
+	if minGap == 0 {
+		minGap = DefaultMinRekeyGap
 	}
-	if gap == 0 {
-		return fail(refuse(dpath, "remove an unused keyslot (cryptsetup luksKillSlot), or rekey offline with cryptsetup reencrypt",
-			"the keyslots area leaves no room before the data (keyslots end at sector %d, data at %d): the data has nowhere to move", rk.KeyslotsEnd(), H))
+	var plan *Plan
+	if o.InPlace || room < minGap || gap == 0 {
+		// No room worth moving into (a LUKS1 header with cryptsetup's
+		// default 512-bit key leaves 24 KiB): rewrite in place.
+		chunk := o.Chunk
+		if chunk == 0 {
+			chunk = DefaultPlainChunk
+		}
+		plan, err = BuildRekeyInPlace(RekeyGeometry{DiskSize: di.Size, Header: H, Chunk: chunk, Align: align})
+	} else {
+		plan, err = BuildRekey(RekeyGeometry{DiskSize: di.Size, Header: H, Gap: gap, Chunk: gap, Align: align})
 	}
-	plan, err := BuildRekey(RekeyGeometry{DiskSize: di.Size, Header: H, Gap: gap, Chunk: gap, Align: align})
 	if err != nil {
 		return fail(refuse(dpath, "", "%v", err))
 	}

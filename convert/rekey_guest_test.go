@@ -36,7 +36,7 @@ func vmRekey(t *testing.T) {
 			{Size: 24 * guestMiB}, {Size: 28 * guestMiB}, {Size: 16 * guestMiB},
 			// d[13]: plain to LUKS2 with the header on the disk; d[14]: VeraCrypt with a PIM
 			{Size: 24 * guestMiB}, {Size: 16 * guestMiB},
-			// d[15]: LUKS1 with a file system on the mapping
+			// d[6]: LUKS1 with the default 512-bit key (in place); d[15]: LUKS1 with a file system on the mapping
 			{Size: 24 * guestMiB}},
 		Run:     "^TestGuestRekey",
 		Files:   map[string]string{"dmconvert": bin},
@@ -414,9 +414,17 @@ func TestGuestRekeyCipher(t *testing.T) {
 		t.Fatalf("%s after the abort: %s", name, tb)
 	}
 
-	// Second run: kill -9 mid-run, the helpers keep both ciphers; resume.
+	// Second run, in place (the data offset stays; each chunk's old
+	// ciphertext goes to the journal first): kill -9 mid-run, the
+	// helpers keep both ciphers; resume.
 	j2 := st.file(state, "journal2")
-	r = rekey(j2)
+	code, out = cliRun(t, "rekey", name, "--dry-run", "--in-place", "--key-file", pwFile, "--journal", j2, "--chunk-size", "1M", "-c", newCipher, "-s", newBits)
+	requireExit(t, "rekey --in-place --dry-run", code, 0, out)
+	if !strings.Contains(out, "re-encrypted with a new random key where it is (data offset 16.0 MiB), 1.0 MiB at a time") {
+		t.Fatalf("the dry run does not plan an in-place rekey:\n%s", out)
+	}
+	r = cliStart(t, "rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j2,
+		"--chunk-size", "1M", "--cipher", newCipher, "--key-size", newBits, "--in-place")
 	r.waitProgress(t, 0.4)
 	r.cmd.Process.Kill()
 	code, _ = r.wait()
@@ -443,6 +451,9 @@ func TestGuestRekeyCipher(t *testing.T) {
 		t.Fatalf("cryptsetup status after a cold open:\n%s", status)
 	}
 	dump := dumpSays(t, st.Disk, newCipher, 256)
+	if seg := segmentLine(dump); seg != "offset: 16777216 [bytes]" {
+		t.Fatalf("the in-place rekey moved the data: %s", seg)
+	}
 	checkRekeyed(t, st.Disk, oldKey, "/tmp/rkc-old.key")
 	if k := saveVolumeKey(t, st.Disk, "/tmp/rkc-new.key"); len(k) != 32 {
 		t.Fatalf("the new volume key has %d bytes, want 32", len(k))

@@ -153,19 +153,20 @@ func TestGuestRekeyLUKS1(t *testing.T) {
 	t.Logf("the rekeyed header:\n%s", dump)
 }
 
-// TestOptInGuestRekeyLUKS1DefaultKey: cryptsetup's default LUKS1 layout
-// (a 512-bit key: the keyslot material ends at sector 4036, so the gap and
-// every chunk are 24 KiB) on a 12 MiB partition, an ext4 mounted on the
-// mapping, rekeyed under a writer; checked live and after a cold open, and
-// the rate is logged. Opt-in (about 430 chunks, minutes under emulation):
-// DMCONVERT_VM=1 DMCONVERT_VM_RUN='^TestOptInGuestRekeyLUKS1DefaultKey$'
-// go test -count=1 -run '^TestVMRekey$' ./convert
-func TestOptInGuestRekeyLUKS1DefaultKey(t *testing.T) {
+// TestGuestRekeyLUKS1DefaultKey: cryptsetup's default LUKS1 layout (a
+// 512-bit key: the keyslot material ends at sector 4036, leaving 24 KiB
+// before the data) on a 28 MiB partition, an ext4 mounted on the mapping,
+// rekeyed under a writer in place (no room to move the data: each 1 MiB
+// chunk's old ciphertext goes to the journal first), killed with SIGKILL
+// mid-run, resumed; checked live and after a cold open; the data offset
+// and the mapping's size are unchanged. The rate of the resumed part is
+// logged.
+func TestGuestRekeyLUKS1DefaultKey(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
 	state := guestStateDir(t, d[3])
 	writePW(t)
-	sh(t, "sh", "-c", "printf 'label: gpt\\n,12M\\n' | sfdisk -q "+d[6])
+	sh(t, "sh", "-c", "printf 'label: gpt\\n,28M\\n' | sfdisk -q "+d[6])
 	disk := d[6] + "1"
 	for i := 0; i < 50; i++ {
 		if _, err := os.Stat(disk); err == nil {
@@ -183,30 +184,42 @@ func TestOptInGuestRekeyLUKS1DefaultKey(t *testing.T) {
 	}
 	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
 	dev := "/dev/mapper/" + name
-	st := fsStack(t, tag, disk, state, name)
+	st := fsStack(t, tag, disk, state, name, "-E", "lazy_itable_init=0,lazy_journal_init=0")
 	mp := st.Mounts[0]
-	w := startWriter(t, st, state)
-	t0 := time.Now()
-	code, out := cliRun(t, "rekey", dev, "--batch-mode", "--key-file", pwFile, "--journal", st.file(state, "journal"))
-	el := time.Since(t0)
-	requireExit(t, "rekey", code, 0, out)
-	acks, _ := w.finish(t)
-	data := st.Sizes[0]
-	chunks := (data + 24<<10 - 1) / (24 << 10)
-	t.Logf("rekeyed %.1f MiB in %d chunks of 24 KiB in %v: %.0f KiB/s, %.0f ms per chunk; writer: %d acknowledged writes",
-		float64(data)/(1<<20), chunks, el.Round(time.Second), float64(data)/1024/el.Seconds(), el.Seconds()*1000/float64(chunks), acks)
-	// The data starts 24 KiB earlier and ends where it did.
-	if got := blockDevBytes(t, dev); got != data+24<<10 {
-		t.Fatalf("the rekeyed mapping is %d bytes, want %d", got, data+24<<10)
+	j := st.file(state, "journal")
+	code, out := cliRun(t, "rekey", dev, "--dry-run", "--key-file", pwFile, "--journal", j)
+	requireExit(t, "rekey --dry-run", code, 0, out)
+	if !strings.Contains(out, "where it is (data offset 2.0 MiB), 1.0 MiB at a time with the mapping suspended") {
+		t.Fatalf("the dry run does not plan an in-place rekey:\n%s", out)
 	}
-	st.Sizes[0] += 24 << 10
+	w := startWriter(t, st, state)
+	r := cliStart(t, "rekey", dev, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j)
+	r.waitProgress(t, 0.3)
+	r.cmd.Process.Kill()
+	code, _ = r.wait()
+	requireExit(t, "LUKS1 rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
+	if out, err := shOK("cryptsetup", "open", "--test-passphrase", "--key-file", pwFile, disk); err == nil {
+		t.Fatalf("stock cryptsetup opens the half-rekeyed LUKS1 disk:\n%s", out)
+	}
+	t0 := time.Now()
+	code, out = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+	el := time.Since(t0)
+	requireExit(t, "resume of the LUKS1 rekey", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("resume: the rest of %.1f MiB in %v (%.2f MiB/s over the whole volume's size); writer: %d acknowledged writes",
+		float64(st.Sizes[0])/(1<<20), el.Round(time.Millisecond), float64(st.Sizes[0])/(1<<20)/el.Seconds(), acks)
+	// In place: the mapping keeps its size, the data its offset.
+	if got := blockDevBytes(t, dev); got != st.Sizes[0] {
+		t.Fatalf("the rekeyed mapping is %d bytes, want %d", got, st.Sizes[0])
+	}
 	verifyStack(t, st, state)
 	sh(t, "umount", mp)
 	sh(t, "cryptsetup", "close", name)
 	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
+	sh(t, "mount", dev, mp)
 	verifyStack(t, st, state)
 	checkRekeyed(t, disk, oldKey, "/tmp/rk1d-old.key")
-	luks1Dump(t, disk, 4096-48, "1")
+	luks1Dump(t, disk, 4096, "1") // the new key waited in the first free keyslot
 }
 
 // TestGuestRekeyLUKS1FS: an ext4 mounted directly on a LUKS1 mapping

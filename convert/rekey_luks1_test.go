@@ -101,7 +101,7 @@ func (sc *scenario) luks1Header(w *fakeWorld) (luks1State, []byte, Sectors, *luk
 	switch {
 	case bytes.Equal(key, sc.key) && off == sc.H:
 		return luks1Original, key, off, h
-	case !bytes.Equal(key, sc.key) && len(key) == len(sc.key) && off == sc.H-luks1Gap:
+	case !bytes.Equal(key, sc.key) && len(key) == len(sc.key) && off == sc.rekeyedOffset():
 		return luks1Rekeyed, key, off, h
 	}
 	return luks1Other, key, off, h
@@ -222,8 +222,8 @@ func TestRekeyLUKS1EndToEnd(t *testing.T) {
 	}
 }
 
-// TestRekeyLUKS1Refusals: a cipher or key size change, no free keyslot,
-// and no room are refused at plan time, naming the disk and the reason,
+// TestRekeyLUKS1Refusals: a cipher or key size change and no free keyslot
+// are refused at plan time, naming the disk and the reason,
 // with nothing written and no device left.
 func TestRekeyLUKS1Refusals(t *testing.T) {
 	sc, w := luks1EncryptedWorld(t, 32)
@@ -237,7 +237,6 @@ func TestRekeyLUKS1Refusals(t *testing.T) {
 		{"cipher", func(o *RekeyOptions) { o.Cipher = "serpent-xts-plain64" },
 			"cannot rekey to serpent-xts-plain64 with a 256-bit key: a LUKS1 header has one cipher and key size for the data and every keyslot"},
 		{"key size", func(o *RekeyOptions) { o.KeySize = 512 }, "so online rekey of LUKS1 keeps them (aes-xts-plain64, 256 bits)"},
-		{"no room", func(o *RekeyOptions) { o.Chunk = 4 }, "the data has nowhere to move"},
 	} {
 		o := sc.rekeyOptions()
 		c.mod(&o)
@@ -258,6 +257,20 @@ func TestRekeyLUKS1Refusals(t *testing.T) {
 		t.Fatalf("the volume's own cipher and key size: %v", err)
 	}
 	ep.Wipe()
+	// Less room than the engine's MinRekeyGap (as a 512-bit key's 24
+	// KiB are on a real disk): the data is rewritten in place, at the
+	// same offset.
+	ei := sc.engine(w)
+	ei.MinRekeyGap = 4096
+	if ep, err := ei.PlanRekey(context.Background(), sc.rekeyOptions()); err != nil {
+		t.Fatalf("a rekey with no room to move: %v", err)
+	} else {
+		g, ph := ep.Spec.Forward.Geometry, ep.Spec.Forward.Phases
+		if len(ph) != 4 || ph[1].Kind != PhaseMark || !ph[2].InPlace || ph[2].Chunk != luks1Gap || g.HeaderUsed != sc.H {
+			t.Fatalf("a rekey with no room to move plans %v (header used to %d)", ph, g.HeaderUsed)
+		}
+		ep.Wipe()
+	}
 	// Every keyslot in use: the new key has nowhere to wait, even when
 	// the others may go.
 	sc.addLUKS1Keyslots(t, w, luks1Pass, 7)
@@ -280,4 +293,13 @@ func TestRekeyLUKS1Refusals(t *testing.T) {
 // with the old key).
 func TestRekeyLUKS1CrashAtEveryFailpoint(t *testing.T) {
 	rekeyCrashMatrixOn(t, luks1EncryptedWorld, rekeyTarget{}, 33, 4000)
+}
+
+// TestRekeyLUKS1InPlaceCrashAtEveryFailpoint: the LUKS1 crash matrix for
+// a rekey in place (what a LUKS1 header with a 512-bit key, 24 KiB of
+// room, gets): the staged keyslot and disguised header of the gap's
+// rekey, the chunks rewritten where they are with their old ciphertext
+// in the journal; the data offset stays.
+func TestRekeyLUKS1InPlaceCrashAtEveryFailpoint(t *testing.T) {
+	rekeyCrashMatrixOn(t, inPlaceWorld(luks1EncryptedWorld), rekeyTarget{}, 35, 6000)
 }

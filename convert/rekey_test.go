@@ -24,7 +24,19 @@ func (sc *scenario) rekeyOptions() RekeyOptions {
 		gap = luks1Gap
 	}
 	return RekeyOptions{Target: "vda_crypt", Journal: sc.journal, Chunk: gap, Open: sc.rekeyOpener(), Passphrase: []byte("pw"),
-		Cipher: sc.rekeyTo.cipher, KeySize: sc.rekeyTo.bits}
+		Cipher: sc.rekeyTo.cipher, KeySize: sc.rekeyTo.bits, InPlace: sc.inPlace}
+}
+
+// rekeyedOffset is where a finished rekey leaves the data: the gap
+// closer to the start, or where it was (in place).
+func (sc *scenario) rekeyedOffset() Sectors {
+	switch {
+	case sc.inPlace:
+		return sc.H
+	case sc.luks1:
+		return sc.H - luks1Gap
+	}
+	return sc.H - rekeyGap
 }
 
 // rekeyTarget is the new key's cipher and size (bits) a rekey asks for;
@@ -87,9 +99,9 @@ func (sc *scenario) verifyRekeyed(w *fakeWorld, e *Engine) {
 		sc.t.Fatal("the header on disk is not a finished rekey")
 	}
 	want := sc.rekeyTo.want(sc.key)
-	if fr.off != sc.H-rekeyGap || bytes.Equal(fr.key, sc.key) || len(fr.key) != want.KeyBytes || fr.cipher != want.Cipher {
+	if fr.off != sc.rekeyedOffset() || bytes.Equal(fr.key, sc.key) || len(fr.key) != want.KeyBytes || fr.cipher != want.Cipher {
 		sc.t.Fatalf("rekeyed header: data at %d (want %d), key changed: %v, %d-bit %s key (want %d-bit %s)",
-			fr.off, sc.H-rekeyGap, !bytes.Equal(fr.key, sc.key), len(fr.key)*8, fr.cipher, want.KeyBytes*8, want.Cipher)
+			fr.off, sc.rekeyedOffset(), !bytes.Equal(fr.key, sc.key), len(fr.key)*8, fr.cipher, want.KeyBytes*8, want.Cipher)
 	}
 	t, err := e.DM.Table("vda_crypt")
 	if err != nil {
@@ -108,7 +120,7 @@ func (sc *scenario) verifyRekeyed(w *fakeWorld, e *Engine) {
 func (sc *scenario) coldOpenRekeyed(w *fakeWorld) {
 	sc.t.Helper()
 	fr, ok := fakeFinalRekey(fakeDiskIO{w: w, dev: sc.disk})
-	if !ok || fr.off != sc.H-rekeyGap {
+	if !ok || fr.off != sc.rekeyedOffset() {
 		sc.t.Fatalf("the header on disk is not a finished rekey (data at %d)", fr.off)
 	}
 	// Opened as cryptsetup would: with the cipher and key the header says.
@@ -266,7 +278,7 @@ func TestRekeyRefusals(t *testing.T) {
 				return &fakeHeader{h: sc.H, key: sc.key}, Keys{Bound: append([]byte(nil), sc.key...), Unbound: make([]byte, 64)}, nil
 			}
 		}, "unbound keyslot"},
-		{"no room", func(o *RekeyOptions) { o.Chunk = 4 }, "no room"},
+		{"chunk below the sector size", func(o *RekeyOptions) { o.Chunk = 4 }, "chunk size is smaller than the sector size"},
 		// The fake header stages one key only, as a LUKS1 header does.
 		{"further passphrase", func(o *RekeyOptions) { o.AlsoPassphrases = [][]byte{[]byte("other")} }, "keeps one passphrase"},
 	} {
@@ -277,13 +289,27 @@ func TestRekeyRefusals(t *testing.T) {
 			return err
 		})
 	}
+	// Less room before the data than the engine's MinRekeyGap: the
+	// plan rewrites in place, in chunks of the size asked for, and the
+	// data stays at H.
+	ei := sc.engine(w)
+	ei.MinRekeyGap = 4096
+	ep, err := ei.PlanRekey(context.Background(), sc.rekeyOptions())
+	if err != nil {
+		t.Fatalf("a rekey with little room: %v", err)
+	}
+	if g, ph := ep.Spec.Forward.Geometry, ep.Spec.Forward.Phases; len(ph) != 4 || ph[1].Kind != PhaseMark || !ph[2].InPlace || ph[2].Chunk != rekeyGap ||
+		g.HeaderUsed != sc.H || g.Devices[1].Phys != sc.H || g.Devices[2].Phys != sc.H {
+		t.Fatalf("a rekey with little room plans %v on %v", ph, g.Devices)
+	}
+	ep.Wipe()
 	// Other keyslots are dropped when asked.
 	o := sc.rekeyOptions()
 	o.RemoveOtherKeyslots = true
 	o.Open = func([]byte) (HeaderFormat, Keys, error) {
 		return &fakeHeader{h: sc.H, key: sc.key, others: []int{1}}, Keys{Bound: append([]byte(nil), sc.key...)}, nil
 	}
-	ep, err := e.PlanRekey(context.Background(), o)
+	ep, err = e.PlanRekey(context.Background(), o)
 	if err != nil {
 		t.Fatalf("with RemoveOtherKeyslots: %v", err)
 	}
@@ -318,6 +344,24 @@ func TestRekeyLaggingCheckpointCrashAtEveryFailpoint(t *testing.T) {
 		sc.cpEvery = time.Hour
 		return sc, w
 	}, rekeyTarget{}, 25, 4000)
+}
+
+// TestRekeyInPlaceCrashAtEveryFailpoint: the matrix for a rekey in place
+// (no room to move the data, or --in-place) with a cipher and key size
+// change: the header marked and finished as for a gap, the data rewritten
+// where it is, chunk by chunk, with each chunk's old ciphertext saved in
+// the journal first; the data offset stays.
+func TestRekeyInPlaceCrashAtEveryFailpoint(t *testing.T) {
+	rekeyCrashMatrixOn(t, inPlaceWorld(encryptedWorld), cipherChange, 36, 7000)
+}
+
+// inPlaceWorld is world with the rekey asked to run in place.
+func inPlaceWorld(world rekeyWorld) rekeyWorld {
+	return func(t *testing.T, seed int64) (*scenario, *fakeWorld) {
+		sc, w := world(t, seed)
+		sc.inPlace = true
+		return sc, w
+	}
 }
 
 // rekeyWorld makes the world a rekey starts from: encryptedWorld (the

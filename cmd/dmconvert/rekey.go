@@ -25,6 +25,7 @@ type rekeyOptions struct {
 	tcKeyfiles   []string
 	alsoKeys     []string // --also-key-file
 	kdf          kdfFlags
+	inPlace      bool
 }
 
 func (a *app) rekeyCommand(mark markFunc) *cobra.Command {
@@ -49,7 +50,11 @@ backend cannot run a cipher.
 The data area moves toward the start of the device by a small gap (--chunk-size,
 default 4 MiB, at most what the keyslots area leaves unused) while it is
 re-encrypted, so no sector is ever overwritten before its new copy is safe;
-the keyslots area shrinks by that much. The new key waits in a keyslot opened
+the keyslots area shrinks by that much. When the keyslots area leaves less
+than 512 KiB unused (or with --in-place), the data is re-encrypted where it is
+instead: one chunk at a time (--chunk-size, default 1 MiB) the mapping is
+suspended, the chunk's old ciphertext is saved in the journal, and the chunk
+is rewritten under the new key; the header keeps its size. The new key waits in a keyslot opened
 by the same passphrase until the last step switches the header over and
 removes the old key's keyslots. Until then stock cryptsetup refuses to open
 the device (a LUKS2 requirement marks it); resume or abort with dmconvert.
@@ -60,8 +65,7 @@ be free) while the header's magic is disguised so that cryptsetup does not
 recognise it. Every LUKS1 keyslot keeps its area whether used or not, so the
 gap is what the keyslot material leaves before the data, less 4 KiB for
 dmconvert's checkpoint records: about 1 MiB with a 256-bit key, only 24 KiB
-with cryptsetup's default 512-bit key (the data then moves in 24 KiB steps:
-slow on large volumes; converting to LUKS2 offline first is faster).
+with cryptsetup's default 512-bit key, which is therefore rekeyed in place.
 
 The passphrase or key file is needed to read the volume key from the header
 (the kernel keeps cryptsetup's keys where no other program can read them),
@@ -110,7 +114,8 @@ headers are zeroed. A hidden volume inside it does not survive.`,
 		RunE: mark(func(cmd *cobra.Command, args []string) error { return a.runRekey(cmd.Context(), o, args) }),
 	}
 	f := cmd.Flags()
-	o.register(f, "/var/lib/dmconvert/<LUKS UUID>.journal", "how far the data moves and the most copied per step, with K/M/G suffix (default 4M)")
+	o.register(f, "/var/lib/dmconvert/<LUKS UUID>.journal", "how far the data moves and the most copied per step, with K/M/G suffix (default 4M; in place, plain or --in-place: the step, default 1M)")
+	f.BoolVar(&o.inPlace, "in-place", false, "LUKS: re-encrypt the data where it is (each chunk's old ciphertext saved in the journal first, the mapping suspended meanwhile) instead of moving it into the keyslots area; the default when that area leaves less than 512 KiB")
 	f.BoolVar(&o.removeOthers, "remove-other-keyslots", false, "remove the keyslots the given passphrase does not open (their passphrases stop working)")
 	f.StringArrayVar(&o.alsoKeys, "also-key-file", nil, "LUKS2: another passphrase or key file of the volume (a file, read whole) that keeps working: the new key gets a keyslot for it too (repeat for several)")
 	f.StringVarP(&o.cipher, "cipher", "c", "", "cipher of the new key, e.g. serpent-xts-plain64 (default: the volume's)")
@@ -170,6 +175,9 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 	if len(o.tcKeyfiles) > 0 && !tcrypt {
 		return usagef("%s: --tcrypt-keyfile is for a TrueCrypt/VeraCrypt volume opened with cryptsetup open --type tcrypt", target)
 	}
+	if o.inPlace && tcrypt {
+		return usagef("%s: --in-place: a TrueCrypt/VeraCrypt volume's data moves over its headers (a plain mapping is always rewritten in place)", target)
+	}
 	if plain {
 		if o.removeOthers {
 			return usagef("%s: --remove-other-keyslots: a plain mapping has no keyslots", target)
@@ -211,7 +219,7 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 		also = append(also, k)
 	}
 	ep, err := e.PlanRekey(ctx, convert.RekeyOptions{Target: target, Journal: o.journal, Chunk: chunk,
-		Open: opener(pass), Passphrase: pass, AlsoPassphrases: also, RemoveOtherKeyslots: o.removeOthers, Cipher: o.cipher, KeySize: o.keySize})
+		Open: opener(pass), Passphrase: pass, AlsoPassphrases: also, RemoveOtherKeyslots: o.removeOthers, Cipher: o.cipher, KeySize: o.keySize, InPlace: o.inPlace})
 	if err != nil {
 		return nameAlsoKeyFiles(err, o.alsoKeys)
 	}
@@ -228,9 +236,14 @@ func (a *app) printRekeyPlan(ep *convert.EncryptPlan) {
 	fmt.Fprintf(w, "Plan: rekey %s (LUKS%d, %s, UUID %s), open as /dev/mapper/%s, in place and online\n",
 		s.Disk.Path, s.LUKSVersion, s.Crypt.Cipher, s.LUKSUUID, s.Name)
 	printVGAndCipher(w, s)
-	gap := g.Header - g.HeaderUsed
-	fmt.Fprintf(w, "  data:          %s (%d sectors) re-encrypted with a new random key, moving %s toward the start of the disk (data offset %s -> %s)\n",
-		humanBytes(g.Payload*512), g.Payload, humanBytes(gap*512), humanBytes(g.Header*512), humanBytes(g.HeaderUsed*512))
+	if ph := s.Forward.Phases; len(ph) > 2 && ph[2].InPlace {
+		fmt.Fprintf(w, "  data:          %s (%d sectors) re-encrypted with a new random key where it is (data offset %s), %s at a time with the mapping suspended, each chunk's old ciphertext saved in the journal first\n",
+			humanBytes(g.Payload*512), g.Payload, humanBytes(g.Header*512), humanBytes(ph[2].Chunk*512))
+	} else {
+		gap := g.Header - g.HeaderUsed
+		fmt.Fprintf(w, "  data:          %s (%d sectors) re-encrypted with a new random key, moving %s toward the start of the disk (data offset %s -> %s)\n",
+			humanBytes(g.Payload*512), g.Payload, humanBytes(gap*512), humanBytes(g.Header*512), humanBytes(g.HeaderUsed*512))
+	}
 	if note := convert.KeptKeyslotsNote(ep.Header); note != "" {
 		fmt.Fprintf(w, "  passphrases:   %s\n", note)
 	}
