@@ -243,10 +243,10 @@ func (l *LUKSHeader) stagedSlots() []int {
 	if l.unbound < 0 {
 		return nil
 	}
-	out := []int{l.unbound}
 	if l.h.Version() == 1 {
-		return out
+		return l.h.StagedKeyslots()
 	}
+	out := []int{l.unbound}
 	d := -1
 	for _, ks := range l.h.Keyslots() {
 		if ks.ID == l.unbound {
@@ -266,11 +266,7 @@ func (l *LUKSHeader) stagedSlots() []int {
 // file of the volume, must open a bound keyslot that neither the main
 // passphrase nor an earlier one opened. Call it before StageRekey, which
 // then gives the new key a keyslot opened by pass too (StageRekeyAlso).
-// LUKS2 only: LUKS1 stages one key.
 func (l *LUKSHeader) AddOpener(pass []byte) (int, error) {
-	if l.h.Version() == 1 {
-		return -1, fmt.Errorf("a LUKS1 rekey keeps one passphrase: its header stages the new key in one keyslot")
-	}
 	if l.unbound >= 0 {
 		return -1, fmt.Errorf("internal error: passphrases are added before the new key is staged")
 	}
@@ -489,7 +485,7 @@ func (l *LUKSHeader) ReadCheckpoint(r io.ReaderAt) (Checkpoint, bool, error) {
 // one sector, so after 4 the whole final phdr is there. The records are
 // found where the staged header keeps them, before it is dropped.
 func (l *LUKSHeader) finalRekeyWrites1(f Final) ([]Write, error) {
-	if l.unbound < 0 || l.h.StagedKeyslot() != l.unbound {
+	if l.unbound < 0 || !slices.Contains(l.h.StagedKeyslots(), l.unbound) {
 		return nil, fmt.Errorf("internal error: the LUKS1 header holds no staged key")
 	}
 	area, err := l.h.CheckpointArea()

@@ -136,10 +136,6 @@ func rekeyLUKS1AgainstCryptsetup(t *testing.T, bits int, abort bool) {
 	if o := lh.OtherKeyslots(); len(o) != 1 || o[0] != 1 {
 		t.Fatalf("other keyslots %v, want [1]", o)
 	}
-	// LUKS1 stages one key: a further passphrase cannot be kept.
-	if _, err := lh.AddOpener([]byte("other")); err == nil || !strings.Contains(err.Error(), "LUKS1") {
-		t.Fatalf("AddOpener on LUKS1: %v, want a refusal naming LUKS1", err)
-	}
 	newKey := make([]byte, bits/8)
 	rand.Read(newKey)
 	if err := lh.StageRekey(newKey, []byte("pass"), lh.Crypt().Cipher); err != nil {
@@ -261,5 +257,124 @@ func rekeyLUKS1AgainstCryptsetup(t *testing.T, bits int, abort bool) {
 	final, _ := os.ReadFile(path)
 	if !bytes.Equal(final[592:4096], make([]byte, 4096-592)) {
 		t.Fatal("the bytes after the final phdr's fields are not zero")
+	}
+}
+
+// A LUKS1 rekey that keeps two passphrases of three (--also-key-file),
+// on a header stock cryptsetup made (its default 512-bit key, so the
+// rekey runs in place: the data offset stays): the new key is staged in
+// two free keyslots under one digest; the header image opened by the
+// second passphrase alone (a resume) finishes the run; cryptsetup then
+// opens the new key with both, and the third passphrase, not given, is
+// gone. An abort drops both staged keyslots: all three open the old key.
+func TestLUKSHeaderRekeyLUKS1KeepsSeveralPassphrases(t *testing.T) {
+	if _, err := exec.LookPath("cryptsetup"); err != nil {
+		t.Fatal("cryptsetup is needed (make test installs it)")
+	}
+	for _, abort := range []bool{false, true} {
+		dir := t.TempDir()
+		path := filepath.Join(dir, "disk")
+		if err := os.WriteFile(path, make([]byte, 4<<20), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		kf := func(p string) string {
+			f := filepath.Join(dir, p)
+			os.WriteFile(f, []byte(p), 0o600)
+			return f
+		}
+		for _, args := range [][]string{
+			{"luksFormat", "-q", "--type", "luks1", "--pbkdf-force-iterations", "1000", "--key-file", kf("pass"), path},
+			{"luksAddKey", "-q", "--pbkdf-force-iterations", "1000", "--key-file", kf("pass"), path, kf("other")},
+			{"luksAddKey", "-q", "--pbkdf-force-iterations", "1000", "--key-file", kf("pass"), path, kf("third")},
+		} {
+			if out, err := exec.Command("cryptsetup", args...).CombinedOutput(); err != nil {
+				t.Fatalf("cryptsetup %v: %v\n%s", args, err, out)
+			}
+		}
+		oldHex, _ := dumpVolumeKey(t, path, "pass")
+		base, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h0, err := luks.Read(bytes.NewReader(base))
+		if err != nil {
+			t.Fatal(err)
+		}
+		H := Sectors(h0.DataOffset() / 512)
+		lh, ks, err := OpenLUKSImage(base[:H*512], []byte("pass"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := lh.AddOpener([]byte("nope")); !errors.Is(err, ErrWrongPassphrase) {
+			t.Fatalf("a passphrase that opens nothing: %v, want ErrWrongPassphrase", err)
+		}
+		if _, err := lh.AddOpener([]byte("pass")); err == nil || !strings.Contains(err.Error(), "keyslot 0") {
+			t.Fatalf("the main passphrase given again: %v, want a refusal naming keyslot 0", err)
+		}
+		if slot, err := lh.AddOpener([]byte("other")); err != nil || slot != 1 {
+			t.Fatalf("AddOpener(other) = %d, %v; want keyslot 1", slot, err)
+		}
+		newKey := make([]byte, len(ks.Bound))
+		rand.Read(newKey)
+		if err := lh.StageRekey(newKey, []byte("pass"), lh.Crypt().Cipher); err != nil {
+			t.Fatal(err)
+		}
+		if err := lh.StageRekeyAlso(newKey, []byte("other"), 0, lh.Crypt().Cipher); err != nil {
+			t.Fatal(err)
+		}
+		if st := lh.stagedSlots(); len(st) != 2 || st[0] != 3 || st[1] != 4 {
+			t.Fatalf("staged keyslots %v, want [3 4] (the first free ones)", st)
+		}
+		if o := lh.OtherKeyslots(); len(o) != 1 || o[0] != 2 {
+			t.Fatalf("other keyslots %v, want [2]", o)
+		}
+		ws, err := lh.MarkWrites(Checkpoint{Run: "r", Phase: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		applyWrites(t, path, ws)
+		if v := cryptsetupView(t, path, "pass"); v.luks {
+			t.Fatal("cryptsetup recognises the marked (disguised) header")
+		}
+		img, err := lh.Image(Checkpoint{Run: "r"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A resume given only the second passphrase: the record names
+		// both staged keyslots.
+		lh2, ks2, err := OpenLUKSImage(img, []byte("other"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if hex.EncodeToString(ks2.Bound) != oldHex || !bytes.Equal(ks2.Unbound, newKey) || lh2.unbound != 4 {
+			t.Fatalf("the staged image opened by the second passphrase: old key %v, new key %v, staged keyslot %d (want 4)",
+				hex.EncodeToString(ks2.Bound) == oldHex, bytes.Equal(ks2.Unbound, newKey), lh2.unbound)
+		}
+		fin := Final{Rekey: true, DataOffset: H}
+		if abort {
+			fin = Final{DropUnbound: true}
+		}
+		ws, err = lh2.FinalWrites(fin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		applyWrites(t, path, ws)
+		want := map[string]string{"pass": hex.EncodeToString(newKey), "other": hex.EncodeToString(newKey), "third": ""}
+		if abort {
+			want = map[string]string{"pass": oldHex, "other": oldHex, "third": oldHex}
+		}
+		for p, k := range want {
+			got, out := dumpVolumeKey(t, path, p)
+			if got != k {
+				t.Fatalf("abort=%v: passphrase %q gives volume key %q, want %q:\n%s", abort, p, got, k, out)
+			}
+		}
+		dump, _ := exec.Command("cryptsetup", "luksDump", path).CombinedOutput()
+		enabled := regexp.MustCompile(`(?m)^Key Slot \d: ENABLED$`).FindAll(dump, -1)
+		if wantN := map[bool]int{false: 2, true: 3}[abort]; len(enabled) != wantN || !payloadRe.Match(dump) || payloadRe.FindStringSubmatch(string(dump))[1] != strconv.Itoa(int(H)) {
+			t.Fatalf("abort=%v: %d keyslots enabled (want %d), or the payload moved from %d:\n%s", abort, len(enabled), wantN, H, dump)
+		}
+		ks.Wipe()
+		ks2.Wipe()
 	}
 }

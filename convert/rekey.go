@@ -45,7 +45,7 @@ type RekeyOptions struct {
 	// Passphrase is what Open used: the new key's keyslot is opened by it.
 	Passphrase []byte
 	// AlsoPassphrases are further passphrases or key files of the volume
-	// (LUKS2) that keep working: each must open a keyslot of its own, and
+	// that keep working: each must open a keyslot of its own, and
 	// the new key gets a keyslot opened by each.
 	AlsoPassphrases [][]byte
 	// RemoveOtherKeyslots allows keyslots the passphrase does not open
@@ -87,7 +87,7 @@ type Rekeyable interface {
 }
 
 // KeyslotKeeper is a Rekeyable header that keeps several passphrases
-// through a rekey (LUKS2): AddOpener, before StageRekey, checks that a
+// through a rekey (LUKS2, LUKS1): AddOpener, before StageRekey, checks that a
 // further passphrase opens a keyslot of its own; StageRekeyAlso, after
 // it, gives the new key a keyslot opened by the i-th one.
 type KeyslotKeeper interface {

@@ -155,12 +155,14 @@ func TestGuestRekeyLUKS1(t *testing.T) {
 
 // TestGuestRekeyLUKS1DefaultKey: cryptsetup's default LUKS1 layout (a
 // 512-bit key: the keyslot material ends at sector 4036, leaving 24 KiB
-// before the data) on a 28 MiB partition, an ext4 mounted on the mapping,
-// rekeyed under a writer in place (no room to move the data: each 1 MiB
-// chunk's old ciphertext goes to the journal first), killed with SIGKILL
-// mid-run, resumed; checked live and after a cold open; the data offset
-// and the mapping's size are unchanged. The rate of the resumed part is
-// logged.
+// before the data) on a 28 MiB partition, with a second keyslot opened by
+// a key file, an ext4 mounted on the mapping, rekeyed under a writer in
+// place (no room to move the data: each 1 MiB chunk's old ciphertext goes
+// to the journal first) keeping the key file (--also-key-file), killed
+// with SIGKILL mid-run, resumed with the key file alone; checked live and
+// after a cold open; the data offset and the mapping's size are
+// unchanged, both the passphrase and the key file open the new key. The
+// rate of the resumed part is logged.
 func TestGuestRekeyLUKS1DefaultKey(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
@@ -178,6 +180,9 @@ func TestGuestRekeyLUKS1DefaultKey(t *testing.T) {
 	name := tag + "-crypt"
 	sh(t, "cryptsetup", "luksFormat", "-q", "--type", "luks1", "--pbkdf-force-iterations", "1000", "--key-file", pwFile, disk)
 	luks1Dump(t, disk, 4096, "0")
+	kf := "/tmp/rk1d-keyfile"
+	os.WriteFile(kf, bytes.Repeat([]byte{0x6b, 0x00, 0xe2}, 700), 0o600)
+	sh(t, "cryptsetup", "luksAddKey", "-q", "--pbkdf-force-iterations", "1000", "--key-file", pwFile, disk, kf)
 	oldKey := saveVolumeKey(t, disk, "/tmp/rk1d-old.key")
 	if len(oldKey) != 64 {
 		t.Fatalf("cryptsetup's default LUKS1 key has %d bytes here, want 64", len(oldKey))
@@ -187,13 +192,13 @@ func TestGuestRekeyLUKS1DefaultKey(t *testing.T) {
 	st := fsStack(t, tag, disk, state, name, "-E", "lazy_itable_init=0,lazy_journal_init=0")
 	mp := st.Mounts[0]
 	j := st.file(state, "journal")
-	code, out := cliRun(t, "rekey", dev, "--dry-run", "--key-file", pwFile, "--journal", j)
+	code, out := cliRun(t, "rekey", dev, "--dry-run", "--key-file", pwFile, "--also-key-file", kf, "--journal", j)
 	requireExit(t, "rekey --dry-run", code, 0, out)
 	if !strings.Contains(out, "where it is (data offset 2.0 MiB), 1.0 MiB at a time with the mapping suspended") {
 		t.Fatalf("the dry run does not plan an in-place rekey:\n%s", out)
 	}
 	w := startWriter(t, st, state)
-	r := cliStart(t, "rekey", dev, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j)
+	r := cliStart(t, "rekey", dev, "--batch-mode", "--json", "--key-file", pwFile, "--also-key-file", kf, "--journal", j)
 	r.waitProgress(t, 0.3)
 	r.cmd.Process.Kill()
 	code, _ = r.wait()
@@ -202,7 +207,7 @@ func TestGuestRekeyLUKS1DefaultKey(t *testing.T) {
 		t.Fatalf("stock cryptsetup opens the half-rekeyed LUKS1 disk:\n%s", out)
 	}
 	t0 := time.Now()
-	code, out = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+	code, out = cliRun(t, "resume", "--journal", j, "--key-file", kf)
 	el := time.Since(t0)
 	requireExit(t, "resume of the LUKS1 rekey", code, 0, out)
 	acks, _ := w.finish(t)
@@ -219,7 +224,13 @@ func TestGuestRekeyLUKS1DefaultKey(t *testing.T) {
 	sh(t, "mount", dev, mp)
 	verifyStack(t, st, state)
 	checkRekeyed(t, disk, oldKey, "/tmp/rk1d-old.key")
-	luks1Dump(t, disk, 4096, "1") // the new key waited in the first free keyslot
+	// The new key waited in the first free keyslots, one per passphrase.
+	luks1Dump(t, disk, 4096, "2 3")
+	os.Remove("/tmp/rk1d-kf.key")
+	sh(t, "cryptsetup", "luksDump", "-q", "--dump-volume-key", "--volume-key-file", "/tmp/rk1d-kf.key", "--key-file", kf, disk)
+	if b, _ := os.ReadFile("/tmp/rk1d-kf.key"); !bytes.Equal(b, saveVolumeKey(t, disk, "/tmp/rk1d-new.key")) {
+		t.Fatal("the key file given with --also-key-file does not open the new volume key")
+	}
 }
 
 // TestGuestRekeyLUKS1FS: an ext4 mounted directly on a LUKS1 mapping

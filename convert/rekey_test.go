@@ -279,7 +279,7 @@ func TestRekeyRefusals(t *testing.T) {
 			}
 		}, "unbound keyslot"},
 		{"chunk below the sector size", func(o *RekeyOptions) { o.Chunk = 4 }, "chunk size is smaller than the sector size"},
-		// The fake header stages one key only, as a LUKS1 header does.
+		// The fake header stages one key only.
 		{"further passphrase", func(o *RekeyOptions) { o.AlsoPassphrases = [][]byte{[]byte("other")} }, "keeps one passphrase"},
 	} {
 		o := sc.rekeyOptions()

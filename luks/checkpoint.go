@@ -245,7 +245,7 @@ func (h *Header) SetDisguised(on bool) error {
 			return err
 		}
 	} else if h.v1.staged != nil {
-		return fmt.Errorf("keyslot %d holds a staged rekey key: bind or drop it before the header is revealed: %w", h.v1.staged.slot, ErrInvalidArgument)
+		return fmt.Errorf("keyslots %v hold a staged rekey key: bind or drop it before the header is revealed: %w", h.v1.staged.slots, ErrInvalidArgument)
 	}
 	h.v1.disguised = on
 	return nil
@@ -259,7 +259,7 @@ func (h *Header) Reveal(w io.WriterAt) error {
 		return fmt.Errorf("reveal is LUKS1 only: %w", ErrUnsupported)
 	}
 	if h.v1.staged != nil {
-		return fmt.Errorf("keyslot %d holds a staged rekey key: bind or drop it before the header is revealed: %w", h.v1.staged.slot, ErrInvalidArgument)
+		return fmt.Errorf("keyslots %v hold a staged rekey key: bind or drop it before the header is revealed: %w", h.v1.staged.slots, ErrInvalidArgument)
 	}
 	h.v1.disguised = false
 	b, err := h.FirstBlock()

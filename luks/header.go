@@ -251,11 +251,10 @@ type Keyslot struct {
 func (h *Header) Keyslots() []Keyslot {
 	var out []Keyslot
 	if h.v1 != nil {
-		st := h.v1.staged
 		for i, s := range h.v1.slots {
 			// A rekey's staged key (rekey1.go) is disabled in the phdr;
 			// it is listed as an unbound keyslot.
-			staged := st != nil && st.slot == i
+			staged := h.v1.isStaged(i)
 			if s.active != luks1KeyEnabled && !staged {
 				continue
 			}

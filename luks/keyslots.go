@@ -61,7 +61,8 @@ func (l *luks1) freeSlot(p *PBKDF) (int, error) {
 	}
 	p.Hash = l.hashSpec
 	for i, s := range l.slots {
-		if s.active != luks1KeyEnabled {
+		// A staged key's keyslot is disabled in the phdr, but taken.
+		if s.active != luks1KeyEnabled && !l.isStaged(i) {
 			return i, nil
 		}
 	}
@@ -274,8 +275,8 @@ func (h *Header) RemoveKeyslot(slot int) error {
 	}
 	if h.v1 != nil {
 		l := h.v1
-		if l.staged != nil && l.staged.slot == slot {
-			return h.dropStaged1()
+		if l.isStaged(slot) {
+			return h.dropStaged1(slot)
 		}
 		if slot < 0 || slot >= luks1NumKeys || l.slots[slot].active != luks1KeyEnabled {
 			return fmt.Errorf("keyslot %d is not active: %w", slot, ErrNoKeyslot)

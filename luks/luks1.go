@@ -194,8 +194,10 @@ func (l *luks1) validate() error {
 		}
 	}
 	if st := l.staged; st != nil {
-		if st.slot < 0 || st.slot >= luks1NumKeys || l.slots[st.slot].active != luks1KeyDisabled || l.slots[st.slot].iterations == 0 || st.iter == 0 {
-			return corruptf("LUKS1 staged key in keyslot %d: the keyslot is not a disabled one with a key", st.slot)
+		for _, i := range st.slots {
+			if i < 0 || i >= luks1NumKeys || l.slots[i].active != luks1KeyDisabled || l.slots[i].iterations == 0 || st.iter == 0 {
+				return corruptf("LUKS1 staged key in keyslot %d: the keyslot is not a disabled one with a key", i)
+			}
 		}
 		if l.payloadOffset != 0 && l.stagedRecordsArea()+checkpointRoom > int64(l.payloadOffset)*sectorSize {
 			return corruptf("LUKS1 staged key: no room for the checkpoint records before the data")

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
+	"slices"
 
 	"golang.org/x/crypto/pbkdf2"
 )
@@ -25,6 +26,9 @@ import (
 //
 //	[0,8)    magic "DMCVTRK1"
 //	[8,12)   the staged keyslot, big-endian
+//	         (magic "DMCVTRK2": a bit mask of the staged keyslots, bit i
+//	         for keyslot i, when the new key waits in several: one per
+//	         passphrase a rekey keeps)
 //	[12,16)  the new key's digest iterations
 //	[16,36)  the new key's digest (PBKDF2 of the key, as the MK digest)
 //	[36,68)  the digest's salt
@@ -42,11 +46,17 @@ const (
 	l1StagedCRCAt = 68
 )
 
-var stagedMagic = []byte("DMCVTRK1")
+var (
+	stagedMagic     = []byte("DMCVTRK1")
+	stagedMaskMagic = []byte("DMCVTRK2")
+)
 
 // staged1 is the new key of a LUKS1 rekey in progress.
 type staged1 struct {
-	slot   int
+	// slots are the keyslots holding it, in increasing order: one per
+	// passphrase the rekey keeps (a record names one keyslot when there
+	// is one, a mask when there are several).
+	slots  []int
 	iter   uint32
 	digest [luks1DigestSize]byte
 	salt   [saltSize]byte
@@ -55,8 +65,17 @@ type staged1 struct {
 func (s *staged1) encode(b []byte) {
 	r := b[:l1StagedSize]
 	clear(r)
-	copy(r, stagedMagic)
-	binary.BigEndian.PutUint32(r[8:], uint32(s.slot))
+	if len(s.slots) == 1 {
+		copy(r, stagedMagic)
+		binary.BigEndian.PutUint32(r[8:], uint32(s.slots[0]))
+	} else {
+		copy(r, stagedMaskMagic)
+		var m uint32
+		for _, i := range s.slots {
+			m |= 1 << i
+		}
+		binary.BigEndian.PutUint32(r[8:], m)
+	}
 	binary.BigEndian.PutUint32(r[12:], s.iter)
 	copy(r[16:36], s.digest[:])
 	copy(r[36:68], s.salt[:])
@@ -70,25 +89,53 @@ func decodeStaged1(b []byte) (*staged1, error) {
 		return nil, nil
 	}
 	r := b[l1OffStaged : l1OffStaged+l1StagedSize]
-	if !bytes.Equal(r[:8], stagedMagic) {
+	mask := bytes.Equal(r[:8], stagedMaskMagic)
+	if !mask && !bytes.Equal(r[:8], stagedMagic) {
 		return nil, nil
 	}
 	if crc32.Checksum(r[:l1StagedCRCAt], castagnoli) != binary.BigEndian.Uint32(r[l1StagedCRCAt:]) {
 		return nil, corruptf("LUKS1 staged-key record has a bad checksum")
 	}
-	s := &staged1{slot: int(binary.BigEndian.Uint32(r[8:])), iter: binary.BigEndian.Uint32(r[12:])}
+	s := &staged1{iter: binary.BigEndian.Uint32(r[12:])}
+	v := binary.BigEndian.Uint32(r[8:])
+	switch {
+	case !mask:
+		s.slots = []int{int(v)}
+	case v == 0 || v>>luks1NumKeys != 0:
+		return nil, corruptf("LUKS1 staged-key record names keyslots %#x", v)
+	default:
+		for i := range luks1NumKeys {
+			if v&(1<<i) != 0 {
+				s.slots = append(s.slots, i)
+			}
+		}
+	}
 	copy(s.digest[:], r[16:36])
 	copy(s.salt[:], r[36:68])
 	return s, nil
 }
 
-// StagedKeyslot returns the keyslot holding a LUKS1 rekey's staged key,
-// or -1 (no staged key, or LUKS2, which uses unbound keyslots).
+// StagedKeyslot returns the first keyslot holding a LUKS1 rekey's staged
+// key, or -1 (no staged key, or LUKS2, which uses unbound keyslots).
 func (h *Header) StagedKeyslot() int {
 	if h.v1 == nil || h.v1.staged == nil {
 		return -1
 	}
-	return h.v1.staged.slot
+	return h.v1.staged.slots[0]
+}
+
+// StagedKeyslots returns every keyslot holding a LUKS1 rekey's staged
+// key, in increasing order (nil: none, or LUKS2).
+func (h *Header) StagedKeyslots() []int {
+	if h.v1 == nil || h.v1.staged == nil {
+		return nil
+	}
+	return slices.Clone(h.v1.staged.slots)
+}
+
+// isStaged reports whether keyslot i holds the staged key.
+func (l *luks1) isStaged(i int) bool {
+	return l.staged != nil && slices.Contains(l.staged.slots, i)
 }
 
 // stagedRecordsArea is where the checkpoint records live while a key is
@@ -100,7 +147,9 @@ func (l *luks1) stagedRecordsArea() int64 {
 // stageKey1 stages vk for a rekey of a disguised LUKS1 header (see the
 // top of this file): the first keyslot not in use gets vk's material,
 // opened by key with p's iteration count, and stays disabled; the staged
-// record holds vk's digest. segmentCipher must be the header's cipher and
+// record holds vk's digest. Staged again (another passphrase the rekey
+// keeps), the same key goes to one more free keyslot under the same
+// digest; another key is refused. segmentCipher must be the header's cipher and
 // vk the size of its key: LUKS1 has one of each for the data and every
 // keyslot. In memory; the caller writes the material (Image shows it)
 // before a phdr that names it.
@@ -109,8 +158,8 @@ func (h *Header) stageKey1(vk *VolumeKey, key []byte, p PBKDF, segmentCipher str
 	switch {
 	case !l.disguised:
 		return -1, fmt.Errorf("a LUKS1 header holds a staged key only while a dmconvert run disguises it: %w", ErrInvalidArgument)
-	case l.staged != nil:
-		return -1, fmt.Errorf("keyslot %d already holds a staged key: %w", l.staged.slot, ErrInvalidArgument)
+	case l.staged != nil && !l.staged.verify(l.hashSpec, vk.Bytes()):
+		return -1, fmt.Errorf("keyslot %d already holds another staged key: %w", l.staged.slots[0], ErrInvalidArgument)
 	case segmentCipher != "" && segmentCipher != h.Cipher():
 		return -1, fmt.Errorf("a LUKS1 header has one cipher for the data and every keyslot (%s), so the new key cannot use %s: %w", h.Cipher(), segmentCipher, ErrUnsupported)
 	case vk.Len() != int(l.keyBytes):
@@ -136,7 +185,16 @@ func (h *Header) stageKey1(vk *VolumeKey, key []byte, p PBKDF, segmentCipher str
 	if err != nil {
 		return -1, err
 	}
-	st := &staged1{slot: slot, iter: l.mkIter}
+	if st := l.staged; st != nil {
+		if err := l.setSlot(slot, vk.Bytes(), key, kdf); err != nil {
+			return -1, err
+		}
+		l.slots[slot].active = luks1KeyDisabled
+		st.slots = append(st.slots, slot)
+		slices.Sort(st.slots)
+		return slot, nil
+	}
+	st := &staged1{slots: []int{slot}, iter: l.mkIter}
 	if err := fillRandom(st.salt[:]); err != nil {
 		return -1, err
 	}
@@ -163,56 +221,73 @@ func fillRandom(b []byte) error {
 	return nil
 }
 
-// unlockStaged1 opens the staged key of a LUKS1 rekey with key.
+// verify reports whether k is the staged key (its digest matches).
+func (st *staged1) verify(hashSpec string, k []byte) bool {
+	hf, err := hashByName(hashSpec)
+	if err != nil {
+		return false
+	}
+	got := pbkdf2.Key(k, st.salt[:], int(st.iter), luks1DigestSize, hf)
+	defer wipe(got)
+	return subtle.ConstantTimeCompare(got, st.digest[:]) == 1
+}
+
+// unlockStaged1 opens the staged key of a LUKS1 rekey with key, trying
+// each keyslot that holds it.
 func (h *Header) unlockStaged1(key []byte) (*VolumeKey, int, error) {
 	l := h.v1
 	st := l.staged
 	if st == nil {
 		return nil, -1, fmt.Errorf("header %s holds no staged key: %w", h.UUID(), ErrNoKeyslot)
 	}
-	k, err := l.openSlotMaterial(st.slot, key)
-	if err != nil {
+	if _, err := hashByName(l.hashSpec); err != nil {
 		return nil, -1, err
 	}
-	defer wipe(k)
-	hf, err := hashByName(l.hashSpec)
-	if err != nil {
-		return nil, -1, err
+	for _, slot := range st.slots {
+		k, err := l.openSlotMaterial(slot, key)
+		if err != nil {
+			return nil, -1, err
+		}
+		if st.verify(l.hashSpec, k) {
+			return NewVolumeKeyFromBytes(k), slot, nil
+		}
+		wipe(k)
 	}
-	got := pbkdf2.Key(k, st.salt[:], int(st.iter), luks1DigestSize, hf)
-	defer wipe(got)
-	if subtle.ConstantTimeCompare(got, st.digest[:]) != 1 {
-		return nil, -1, fmt.Errorf("header %s, staged keyslot %d: %w", h.UUID(), st.slot, ErrWrongPassphrase)
-	}
-	return NewVolumeKeyFromBytes(k), st.slot, nil
+	return nil, -1, fmt.Errorf("header %s, staged keyslots %v: %w", h.UUID(), st.slots, ErrWrongPassphrase)
 }
 
 // bindStaged1 makes the staged key the volume key: its digest becomes the
-// MK digest and its keyslot is enabled. The other keyslots still hold the
-// old key; the caller removes them.
+// MK digest and every keyslot holding it is enabled. The other keyslots
+// still hold the old key; the caller removes them.
 func (h *Header) bindStaged1(slot int, cipher string) error {
 	l := h.v1
 	st := l.staged
 	switch {
-	case st == nil || st.slot != slot:
+	case st == nil || !slices.Contains(st.slots, slot):
 		return fmt.Errorf("keyslot %d holds no staged key: %w", slot, ErrNoKeyslot)
 	case cipher != "" && cipher != h.Cipher():
 		return fmt.Errorf("a LUKS1 header keeps its cipher %s, it cannot change to %s: %w", h.Cipher(), cipher, ErrUnsupported)
 	}
 	l.mkDigest, l.mkSalt, l.mkIter = st.digest, st.salt, st.iter
-	l.slots[slot].active = luks1KeyEnabled
+	for _, i := range st.slots {
+		l.slots[i].active = luks1KeyEnabled
+	}
 	l.staged = nil
 	return nil
 }
 
-// dropStaged1 forgets the staged key: its keyslot is cleared, its
-// material overwritten with random bytes after the phdr (Commit).
-func (h *Header) dropStaged1() error {
+// dropStaged1 drops keyslot slot of the staged key: the keyslot is
+// cleared, its material overwritten with random bytes after the phdr
+// (Commit). With the last one the staged key is forgotten.
+func (h *Header) dropStaged1(slot int) error {
 	l := h.v1
-	if err := h.wipeSlot1(l.staged.slot); err != nil {
+	if err := h.wipeSlot1(slot); err != nil {
 		return err
 	}
-	l.staged = nil
+	l.staged.slots = slices.DeleteFunc(l.staged.slots, func(i int) bool { return i == slot })
+	if len(l.staged.slots) == 0 {
+		l.staged = nil
+	}
 	return nil
 }
 

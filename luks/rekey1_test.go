@@ -2,7 +2,9 @@ package luks
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"testing"
 )
 
@@ -230,4 +232,93 @@ func TestLUKS1StageRefusals(t *testing.T) {
 	if err := h.SetDataOffset(1024); !errors.Is(err, ErrNoSpace) {
 		t.Fatalf("a data offset inside the keyslot material: %v", err)
 	}
+}
+
+// TestLUKS1StagedKeySeveralKeyslots: a rekey that keeps two passphrases
+// stages the same key twice; the record names both keyslots (a mask),
+// each passphrase opens its own, binding enables both, dropping one at a
+// time leaves the other staged (the record back to one keyslot).
+func TestLUKS1StagedKeySeveralKeyslots(t *testing.T) {
+	h, _ := newLUKS1(t, 64, "pw")
+	p := PBKDF{Type: KDFPBKDF2, Iterations: MinPBKDF2Iterations}
+	old := NewVolumeKeyFromBytes(bytes.Repeat([]byte{0x5c}, 64))
+	if _, err := h.AddKeyslot(old, []byte("other"), p); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.SetDisguised(true); err != nil {
+		t.Fatal(err)
+	}
+	newKey := bytes.Repeat([]byte{0xa3}, 64)
+	if s := stage1(t, h, newKey, "pw"); s != 2 {
+		t.Fatalf("first staged keyslot %d, want 2", s)
+	}
+	if s := stage1(t, h, newKey, "other"); s != 3 {
+		t.Fatalf("second staged keyslot %d, want 3 (the staged keyslot 2 is taken)", s)
+	}
+	if _, err := h.AddUnboundKeyslot(NewVolumeKeyFromBytes(bytes.Repeat([]byte{1}, 64)), []byte("pw"), p); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("staging another key next to the staged one: %v", err)
+	}
+	img, _ := h.Image()
+	if string(img[l1OffStaged:l1OffStaged+8]) != "DMCVTRK2" || img[l1OffStaged+11] != 0b1100 {
+		t.Fatalf("the record of two staged keyslots: % x", img[l1OffStaged:l1OffStaged+12])
+	}
+	back := reread(t, h)
+	if st := back.StagedKeyslots(); len(st) != 2 || st[0] != 2 || st[1] != 3 || back.StagedKeyslot() != 2 {
+		t.Fatalf("read back: staged %v (first %d)", st, back.StagedKeyslot())
+	}
+	for pass, want := range map[string]int{"pw": 2, "other": 3} {
+		uk, id, err := back.UnlockUnbound([]byte(pass))
+		if err != nil || id != want || !bytes.Equal(uk.Bytes(), newKey) {
+			t.Fatalf("UnlockUnbound(%s): keyslot %d (want %d), %v", pass, id, want, err)
+		}
+	}
+	if _, _, err := back.UnlockUnbound([]byte("wrong")); !errors.Is(err, ErrWrongPassphrase) {
+		t.Fatalf("UnlockUnbound with a wrong passphrase: %v", err)
+	}
+	t.Run("bind", func(t *testing.T) {
+		b := reread(t, h)
+		if err := b.BindSegmentCipher(3, ""); err != nil {
+			t.Fatal(err)
+		}
+		for _, id := range []int{0, 1} {
+			if err := b.RemoveKeyslot(id); err != nil {
+				t.Fatal(err)
+			}
+		}
+		b.RemoveCheckpoint()
+		if err := b.SetDisguised(false); err != nil {
+			t.Fatal(err)
+		}
+		f := reread(t, b)
+		for pass, want := range map[string]int{"pw": 2, "other": 3} {
+			vk, id, err := f.Unlock([]byte(pass))
+			if err != nil || id != want || !bytes.Equal(vk.Bytes(), newKey) {
+				t.Fatalf("final Unlock(%s): keyslot %d (want %d), %v", pass, id, want, err)
+			}
+		}
+	})
+	t.Run("drop one at a time", func(t *testing.T) {
+		b := reread(t, h)
+		if err := b.RemoveKeyslot(2); err != nil {
+			t.Fatal(err)
+		}
+		img, _ := b.Image()
+		if string(img[l1OffStaged:l1OffStaged+8]) != "DMCVTRK1" || b.StagedKeyslot() != 3 {
+			t.Fatalf("one staged keyslot left: record % x, staged %v", img[l1OffStaged:l1OffStaged+12], b.StagedKeyslots())
+		}
+		if err := b.RemoveKeyslot(3); err != nil {
+			t.Fatal(err)
+		}
+		if b.StagedKeyslots() != nil {
+			t.Fatalf("staged keyslots after dropping both: %v", b.StagedKeyslots())
+		}
+	})
+	t.Run("damaged mask", func(t *testing.T) {
+		img, _ := h.Image()
+		img[l1OffStaged+10] = 1 // keyslot 8: there is none
+		binary.BigEndian.PutUint32(img[l1OffStaged+l1StagedCRCAt:], crc32.Checksum(img[l1OffStaged:l1OffStaged+l1StagedCRCAt], castagnoli))
+		if _, err := Read(bytes.NewReader(img)); !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("a record naming keyslot 8: %v", err)
+		}
+	})
 }

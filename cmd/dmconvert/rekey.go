@@ -70,7 +70,7 @@ with cryptsetup's default 512-bit key, which is therefore rekeyed in place.
 The passphrase or key file is needed to read the volume key from the header
 (the kernel keeps cryptsetup's keys where no other program can read them),
 and it opens the new key afterwards. Keyslots it does not open would lose
-their key: they are refused unless --remove-other-keyslots. A LUKS2 volume
+their key: they are refused unless --remove-other-keyslots. A volume
 keeps more of its passphrases or key files with --also-key-file FILE (once
 for each): each must open a keyslot of its own, and the new key gets a
 keyslot opened by each (with the key derivation of the one it opened). A
@@ -117,7 +117,7 @@ headers are zeroed. A hidden volume inside it does not survive.`,
 	o.register(f, "/var/lib/dmconvert/<LUKS UUID>.journal", "how far the data moves and the most copied per step, with K/M/G suffix (default 4M; in place, plain or --in-place: the step, default 1M)")
 	f.BoolVar(&o.inPlace, "in-place", false, "LUKS: re-encrypt the data where it is (each chunk's old ciphertext saved in the journal first, the mapping suspended meanwhile) instead of moving it into the keyslots area; the default when that area leaves less than 512 KiB")
 	f.BoolVar(&o.removeOthers, "remove-other-keyslots", false, "remove the keyslots the given passphrase does not open (their passphrases stop working)")
-	f.StringArrayVar(&o.alsoKeys, "also-key-file", nil, "LUKS2: another passphrase or key file of the volume (a file, read whole) that keeps working: the new key gets a keyslot for it too (repeat for several)")
+	f.StringArrayVar(&o.alsoKeys, "also-key-file", nil, "LUKS: another passphrase or key file of the volume (a file, read whole) that keeps working: the new key gets a keyslot for it too (repeat for several)")
 	f.StringVarP(&o.cipher, "cipher", "c", "", "cipher of the new key, e.g. serpent-xts-plain64 (default: the volume's)")
 	f.IntVarP(&o.keySize, "key-size", "s", 0, "size of the new key in bits, e.g. 256 (default: the volume's)")
 	f.StringVar(&o.newKeyFile, "new-key-file", "", "plain dm-crypt: write the new key to this file (required for plain mappings)")
