@@ -60,6 +60,10 @@ type scenario struct {
 	// inPlace: a LUKS rekey rewrites in place (RekeyOptions.InPlace);
 	// the data offset stays H.
 	inPlace bool
+	// alsoPass: a LUKS1 rekey keeps this passphrase too (a keyslot it
+	// opens is added first; AlsoPassphrases), and recoveries open the
+	// journal's header with it.
+	alsoPass string
 	// chunk is the encrypt's --chunk-size (zero: the header size, the
 	// default).
 	chunk Sectors

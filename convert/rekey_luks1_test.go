@@ -131,8 +131,19 @@ func (sc *scenario) verifyLUKS1(w *fakeWorld, e *Engine, rekeyed bool) {
 		if err := h.VerifyVolumeKey(luks.NewVolumeKeyFromBytes(sc.key)); !errors.Is(err, luks.ErrWrongKey) {
 			sc.t.Fatalf("the old key against the rekeyed header: %v", err)
 		}
-		if ks := h.Keyslots(); len(ks) != 1 {
-			sc.t.Fatalf("the rekeyed header has %d keyslots, want 1", len(ks))
+		want := 1
+		if sc.alsoPass != "" {
+			want = 2
+			if vk, _, err := h.Unlock([]byte(sc.alsoPass)); err != nil || !bytes.Equal(vk.Bytes(), key) {
+				sc.t.Fatalf("the passphrase kept does not open the new key: %v", err)
+			}
+		}
+		if ks := h.Keyslots(); len(ks) != want {
+			sc.t.Fatalf("the rekeyed header has %d keyslots, want %d", len(ks), want)
+		}
+	} else if sc.alsoPass != "" {
+		if vk, _, err := h.Unlock([]byte(sc.alsoPass)); err != nil || !bytes.Equal(vk.Bytes(), key) {
+			sc.t.Fatalf("the other passphrase does not open the old key after the abort: %v", err)
 		}
 	}
 	if _, err := e.DM.Info("vda_crypt"); err == nil || len(w.devs) > 0 {
@@ -293,6 +304,21 @@ func TestRekeyLUKS1Refusals(t *testing.T) {
 // with the old key).
 func TestRekeyLUKS1CrashAtEveryFailpoint(t *testing.T) {
 	rekeyCrashMatrixOn(t, luks1EncryptedWorld, rekeyTarget{}, 33, 4000)
+}
+
+// TestRekeyLUKS1KeepTwoCrashAtEveryFailpoint: the LUKS1 crash matrix of
+// a rekey that keeps a second passphrase (--also-key-file): the new key
+// staged in two keyslots, every recovery opening the journal's header
+// with the second passphrase alone; in place, so that the staged
+// keyslots and the records share the header with no gap.
+func TestRekeyLUKS1KeepTwoCrashAtEveryFailpoint(t *testing.T) {
+	world := func(t *testing.T, seed int64) (*scenario, *fakeWorld) {
+		sc, w := luks1EncryptedWorld(t, seed)
+		sc.addLUKS1Keyslots(t, w, "other", 1)
+		sc.alsoPass, sc.inPlace = "other", true
+		return sc, w
+	}
+	rekeyCrashMatrixOn(t, world, rekeyTarget{}, 37, 8000)
 }
 
 // TestRekeyLUKS1InPlaceCrashAtEveryFailpoint: the LUKS1 crash matrix for

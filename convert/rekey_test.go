@@ -23,8 +23,13 @@ func (sc *scenario) rekeyOptions() RekeyOptions {
 	if sc.luks1 {
 		gap = luks1Gap
 	}
-	return RekeyOptions{Target: "vda_crypt", Journal: sc.journal, Chunk: gap, Open: sc.rekeyOpener(), Passphrase: []byte("pw"),
+	o := RekeyOptions{Target: "vda_crypt", Journal: sc.journal, Chunk: gap, Open: sc.rekeyOpener(), Passphrase: []byte("pw"),
 		Cipher: sc.rekeyTo.cipher, KeySize: sc.rekeyTo.bits, InPlace: sc.inPlace}
+	if sc.alsoPass != "" {
+		o.Open = luks1Opener
+		o.AlsoPassphrases = [][]byte{[]byte(sc.alsoPass)}
+	}
+	return o
 }
 
 // rekeyedOffset is where a finished rekey leaves the data: the gap
@@ -65,6 +70,15 @@ var cipherChange = rekeyTarget{cipher: "serpent-xts-plain64", bits: 256}
 // rekeyOpener opens a fake header image: the data's key, and the staged
 // new key when the image holds one.
 func (sc *scenario) rekeyOpener() HeaderOpener {
+	if sc.luks1 && sc.alsoPass != "" {
+		return func(img []byte) (HeaderFormat, Keys, error) {
+			h, ks, err := OpenLUKSImage(img, []byte(sc.alsoPass))
+			if err != nil {
+				return nil, Keys{}, err
+			}
+			return h, ks, nil
+		}
+	}
 	if sc.luks1 {
 		return luks1Opener
 	}
