@@ -33,7 +33,8 @@ import (
 //   - dmconvert: `dmconvert rekey` of the same volume built the same way,
 //     under the same writer, the statically built command with its
 //     defaults (4 MiB gap and chunk). DMCONVERT_BENCH_REKEY_CHUNKS lists
-//     --chunk-size values (e.g. "8M,12M") for extra dmconvert runs in
+//     --chunk-size values (e.g. "8M,12M"; "1M:in-place" adds --in-place)
+//     for extra dmconvert runs in
 //     every round, right after the default one; they are reported apart
 //     and do not count for the verdict. So does DMCONVERT_BENCH_ALT's
 //     binary (an engine change to compare), run right after the default.
@@ -92,7 +93,11 @@ func BenchmarkGuestRekey(b *testing.B) {
 		}
 		for _, c := range chunks {
 			c = strings.TrimSpace(c)
-			b.Run(small+"/dmconvert-rekey,chunk="+c+run, func(b *testing.B) { rb.benchRekey(b, bin, r, c, "--chunk-size "+c) })
+			what := "--chunk-size " + c
+			if size, ok := strings.CutSuffix(c, ":in-place"); ok {
+				what = "--in-place --chunk-size " + size
+			}
+			b.Run(small+"/dmconvert-rekey,chunk="+c+run, func(b *testing.B) { rb.benchRekey(b, bin, r, c, what) })
 		}
 	}
 	b.Run(small+"/dmcrypt/after", func(b *testing.B) { s.benchDMCrypt(b, s.disk) })
@@ -254,7 +259,9 @@ func (rb *rekeyBench) benchRekey(b *testing.B, bin string, round int, chunk, ext
 		b.StartTimer()
 		t0 := time.Now()
 		args := []string{"rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", journal}
-		if chunk != "" {
+		if size, ok := strings.CutSuffix(chunk, ":in-place"); ok {
+			args = append(args, "--in-place", "--chunk-size", size)
+		} else if chunk != "" {
 			args = append(args, "--chunk-size", chunk)
 		}
 		res = runDMConvert(b, bin, args...)

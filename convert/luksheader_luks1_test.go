@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
-	"strings"
 	"testing"
 
 	"github.com/dmconvert/dmconvert/luks"
@@ -116,19 +115,7 @@ func rekeyLUKS1AgainstCryptsetup(t *testing.T, bits int, abort bool) {
 	if oldHex == "" {
 		t.Fatalf("no volume key:\n%s", out)
 	}
-	base, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	h0, err := luks.Read(bytes.NewReader(base))
-	if err != nil {
-		t.Fatal(err)
-	}
-	H := Sectors(h0.DataOffset() / 512)
-	lh, ks, err := OpenLUKSImage(base[:H*512], []byte("pass"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	base, H, lh, ks := openDiskHeader(t, path, "pass")
 	defer ks.Wipe()
 	if hex.EncodeToString(ks.Bound) != oldHex || ks.Unbound != nil {
 		t.Fatal("OpenLUKSImage does not give cryptsetup's volume key (and no staged one)")
@@ -292,59 +279,21 @@ func TestLUKSHeaderRekeyLUKS1KeepsSeveralPassphrases(t *testing.T) {
 			}
 		}
 		oldHex, _ := dumpVolumeKey(t, path, "pass")
-		base, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		h0, err := luks.Read(bytes.NewReader(base))
-		if err != nil {
-			t.Fatal(err)
-		}
-		H := Sectors(h0.DataOffset() / 512)
-		lh, ks, err := OpenLUKSImage(base[:H*512], []byte("pass"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := lh.AddOpener([]byte("nope")); !errors.Is(err, ErrWrongPassphrase) {
-			t.Fatalf("a passphrase that opens nothing: %v, want ErrWrongPassphrase", err)
-		}
-		if _, err := lh.AddOpener([]byte("pass")); err == nil || !strings.Contains(err.Error(), "keyslot 0") {
-			t.Fatalf("the main passphrase given again: %v, want a refusal naming keyslot 0", err)
-		}
-		if slot, err := lh.AddOpener([]byte("other")); err != nil || slot != 1 {
-			t.Fatalf("AddOpener(other) = %d, %v; want keyslot 1", slot, err)
-		}
+		_, H, lh, ks := openDiskHeader(t, path, "pass")
+		addOtherOpener(t, lh)
 		newKey := make([]byte, len(ks.Bound))
 		rand.Read(newKey)
-		if err := lh.StageRekey(newKey, []byte("pass"), lh.Crypt().Cipher); err != nil {
-			t.Fatal(err)
-		}
-		if err := lh.StageRekeyAlso(newKey, []byte("other"), 0, lh.Crypt().Cipher); err != nil {
-			t.Fatal(err)
-		}
+		// The record names both staged keyslots: the second passphrase
+		// alone opens the new key.
+		lh2, ks2 := stageTwoAndResume(t, lh, path, newKey, lh.Crypt().Cipher)
 		if st := lh.stagedSlots(); len(st) != 2 || st[0] != 3 || st[1] != 4 {
 			t.Fatalf("staged keyslots %v, want [3 4] (the first free ones)", st)
 		}
 		if o := lh.OtherKeyslots(); len(o) != 1 || o[0] != 2 {
 			t.Fatalf("other keyslots %v, want [2]", o)
 		}
-		ws, err := lh.MarkWrites(Checkpoint{Run: "r", Phase: 2})
-		if err != nil {
-			t.Fatal(err)
-		}
-		applyWrites(t, path, ws)
 		if v := cryptsetupView(t, path, "pass"); v.luks {
 			t.Fatal("cryptsetup recognises the marked (disguised) header")
-		}
-		img, err := lh.Image(Checkpoint{Run: "r"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		// A resume given only the second passphrase: the record names
-		// both staged keyslots.
-		lh2, ks2, err := OpenLUKSImage(img, []byte("other"))
-		if err != nil {
-			t.Fatal(err)
 		}
 		if hex.EncodeToString(ks2.Bound) != oldHex || !bytes.Equal(ks2.Unbound, newKey) || lh2.unbound != 4 {
 			t.Fatalf("the staged image opened by the second passphrase: old key %v, new key %v, staged keyslot %d (want 4)",
@@ -354,7 +303,7 @@ func TestLUKSHeaderRekeyLUKS1KeepsSeveralPassphrases(t *testing.T) {
 		if abort {
 			fin = Final{DropUnbound: true}
 		}
-		ws, err = lh2.FinalWrites(fin)
+		ws, err := lh2.FinalWrites(fin)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -377,4 +326,24 @@ func TestLUKSHeaderRekeyLUKS1KeepsSeveralPassphrases(t *testing.T) {
 		ks.Wipe()
 		ks2.Wipe()
 	}
+}
+
+// openDiskHeader reads the LUKS header of the disk image at path and
+// opens it with pass: the image, the data offset, the header and keys.
+func openDiskHeader(t *testing.T, path, pass string) ([]byte, Sectors, *LUKSHeader, Keys) {
+	t.Helper()
+	base, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h0, err := luks.Read(bytes.NewReader(base))
+	if err != nil {
+		t.Fatal(err)
+	}
+	H := Sectors(h0.DataOffset() / 512)
+	lh, ks, err := OpenLUKSImage(base[:H*512], []byte(pass))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return base, H, lh, ks
 }

@@ -259,43 +259,16 @@ func TestLUKSHeaderRekeyKeepsSeveralPassphrases(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := lh.AddOpener([]byte("nope")); !errors.Is(err, ErrWrongPassphrase) {
-			t.Fatalf("a passphrase that opens nothing: %v, want ErrWrongPassphrase", err)
-		}
-		if _, err := lh.AddOpener([]byte("pass")); err == nil || !strings.Contains(err.Error(), "keyslot 0") {
-			t.Fatalf("the main passphrase given again: %v, want a refusal naming keyslot 0", err)
-		}
-		if slot, err := lh.AddOpener([]byte("other")); err != nil || slot != 1 {
-			t.Fatalf("AddOpener(other) = %d, %v; want keyslot 1", slot, err)
-		}
+		addOtherOpener(t, lh)
 		if o := lh.OtherKeyslots(); len(o) != 1 || o[0] != 2 {
 			t.Fatalf("other keyslots %v, want [2]", o)
 		}
-		if err := lh.StageRekey(newKey, []byte("pass"), "aes-xts-plain64"); err != nil {
-			t.Fatal(err)
-		}
-		if err := lh.StageRekeyAlso(newKey, []byte("other"), 0, "aes-xts-plain64"); err != nil {
-			t.Fatal(err)
-		}
+		lh2, ks2 := stageTwoAndResume(t, lh, path, newKey, "aes-xts-plain64")
 		if st := lh.stagedSlots(); len(st) != 2 {
 			t.Fatalf("staged keyslots %v, want two", st)
 		}
 		if o := lh.OtherKeyslots(); len(o) != 1 || o[0] != 2 {
 			t.Fatalf("other keyslots after staging %v, want [2]", o)
-		}
-		ws, err := lh.MarkWrites(Checkpoint{Run: "r", Phase: 2})
-		if err != nil {
-			t.Fatal(err)
-		}
-		applyWrites(t, path, ws)
-		img, err := lh.Image(Checkpoint{Run: "r"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		// A resume given only the second passphrase.
-		lh2, ks2, err := OpenLUKSImage(img, []byte("other"))
-		if err != nil {
-			t.Fatal(err)
 		}
 		if !bytes.Equal(ks2.Bound, oldKey) || !bytes.Equal(ks2.Unbound, newKey) {
 			t.Fatal("the staged image opened by the second passphrase does not give the old key bound and the new key unbound")
@@ -305,7 +278,7 @@ func TestLUKSHeaderRekeyKeepsSeveralPassphrases(t *testing.T) {
 		if abort {
 			fin = Final{DropUnbound: true}
 		}
-		ws, err = lh2.FinalWrites(fin)
+		ws, err := lh2.FinalWrites(fin)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -362,4 +335,48 @@ func luks2TestDisk(t *testing.T, key []byte, passes ...string) (string, []byte) 
 		t.Fatal(err)
 	}
 	return path, img
+}
+
+// stageTwoAndResume stages newKey (cipher) in lh for "pass" and for
+// "other" (addOtherOpener), writes the mark to the disk image at path,
+// and opens the header image the journal would keep with "other" alone,
+// as a resume given only that passphrase does.
+func stageTwoAndResume(t *testing.T, lh *LUKSHeader, path string, newKey []byte, cipher string) (*LUKSHeader, Keys) {
+	t.Helper()
+	if err := lh.StageRekey(newKey, []byte("pass"), cipher); err != nil {
+		t.Fatal(err)
+	}
+	if err := lh.StageRekeyAlso(newKey, []byte("other"), 0, cipher); err != nil {
+		t.Fatal(err)
+	}
+	ws, err := lh.MarkWrites(Checkpoint{Run: "r", Phase: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	applyWrites(t, path, ws)
+	img, err := lh.Image(Checkpoint{Run: "r"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lh2, ks2, err := OpenLUKSImage(img, []byte("other"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return lh2, ks2
+}
+
+// addOtherOpener gives lh (opened by "pass", keyslot 0) the further
+// passphrase "other" (keyslot 1), after checking that one that opens
+// nothing and "pass" again are refused.
+func addOtherOpener(t *testing.T, lh *LUKSHeader) {
+	t.Helper()
+	if _, err := lh.AddOpener([]byte("nope")); !errors.Is(err, ErrWrongPassphrase) {
+		t.Fatalf("a passphrase that opens nothing: %v, want ErrWrongPassphrase", err)
+	}
+	if _, err := lh.AddOpener([]byte("pass")); err == nil || !strings.Contains(err.Error(), "keyslot 0") {
+		t.Fatalf("the main passphrase given again: %v, want a refusal naming keyslot 0", err)
+	}
+	if slot, err := lh.AddOpener([]byte("other")); err != nil || slot != 1 {
+		t.Fatalf("AddOpener(other) = %d, %v; want keyslot 1", slot, err)
+	}
 }
