@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/dmconvert/dmconvert/luks"
@@ -31,14 +32,31 @@ func TestLUKSHeaderRekeyLUKS1AgainstCryptsetup(t *testing.T) {
 	if _, err := exec.LookPath("cryptsetup"); err != nil {
 		t.Fatal("cryptsetup is needed (make test installs it)")
 	}
-	for _, bits := range []int{512, 256} {
+	for _, c := range []luks1Case{
+		{bits: 512}, {bits: 256},
+		// A weak cipher's volume to AES-256-XTS: in place, every keyslot
+		// moved to the 512-bit layout at the switch.
+		{bits: 256, from: "aes-cbc-essiv:sha256", to: "aes-xts-plain64", toBits: 512},
+	} {
 		for _, abort := range []bool{false, true} {
-			t.Run(fmt.Sprintf("%dbit/abort=%v", bits, abort), func(t *testing.T) {
+			c := c // each subtest its own copy: they run in parallel
+			c.abort = abort
+			t.Run(fmt.Sprintf("%dbit%s/abort=%v", c.bits, map[bool]string{true: "-" + c.from + "-to-" + c.to}[c.to != ""], abort), func(t *testing.T) {
 				t.Parallel()
-				rekeyLUKS1AgainstCryptsetup(t, bits, abort)
+				rekeyLUKS1AgainstCryptsetup(t, c)
 			})
 		}
 	}
+}
+
+// luks1Case is a LUKS1 rekey checked against cryptsetup: the volume's key
+// size and cipher (from; "" is aes-xts-plain64), and the new ones (to,
+// toBits; "" and 0 keep them: a gap rekey; else in place).
+type luks1Case struct {
+	bits     int
+	from, to string
+	toBits   int
+	abort    bool
 }
 
 // luks1View is what cryptsetup makes of a device: not LUKS, or LUKS with
@@ -94,7 +112,16 @@ func tornStates(t *testing.T, path string, base []byte, ws []Write, check func(w
 	return cur
 }
 
-func rekeyLUKS1AgainstCryptsetup(t *testing.T, bits int, abort bool) {
+func rekeyLUKS1AgainstCryptsetup(t *testing.T, c luks1Case) {
+	bits, abort := c.bits, c.abort
+	from, to, toBits := c.from, c.to, c.toBits
+	if from == "" {
+		from = "aes-xts-plain64"
+	}
+	respec := to != ""
+	if !respec {
+		to, toBits = from, bits
+	}
 	dir := t.TempDir()
 	path := filepath.Join(dir, "disk")
 	pw, other := filepath.Join(dir, "pw"), filepath.Join(dir, "other")
@@ -104,7 +131,7 @@ func rekeyLUKS1AgainstCryptsetup(t *testing.T, bits int, abort bool) {
 		t.Fatal(err)
 	}
 	for _, args := range [][]string{
-		{"luksFormat", "-q", "--type", "luks1", "--pbkdf-force-iterations", "1000", "--key-size", strconv.Itoa(bits), "--key-file", pw, path},
+		{"luksFormat", "-q", "--type", "luks1", "--pbkdf-force-iterations", "1000", "--cipher", from, "--key-size", strconv.Itoa(bits), "--key-file", pw, path},
 		{"luksAddKey", "-q", "--pbkdf-force-iterations", "1000", "--key-file", pw, path, other},
 	} {
 		if out, err := exec.Command("cryptsetup", args...).CombinedOutput(); err != nil {
@@ -123,14 +150,17 @@ func rekeyLUKS1AgainstCryptsetup(t *testing.T, bits int, abort bool) {
 	if o := lh.OtherKeyslots(); len(o) != 1 || o[0] != 1 {
 		t.Fatalf("other keyslots %v, want [1]", o)
 	}
-	newKey := make([]byte, bits/8)
+	newKey := make([]byte, toBits/8)
 	rand.Read(newKey)
-	if err := lh.StageRekey(newKey, []byte("pass"), lh.Crypt().Cipher); err != nil {
+	if err := lh.StageRekey(newKey, []byte("pass"), to); err != nil {
 		t.Fatal(err)
 	}
+	// The first free keyslot; with a 512-bit key from a 256-bit layout,
+	// the first whose area in the new layout ([1016,1516) for keyslot 2)
+	// is clear of keyslots 0 and 1 in use: keyslot 2 as well.
 	staged := lh.Header().StagedKeyslot()
 	if staged != 2 {
-		t.Fatalf("the new key is staged in keyslot %d, want 2 (the first free one)", staged)
+		t.Fatalf("the new key is staged in keyslot %d, want 2", staged)
 	}
 	end := lh.KeyslotsEnd()
 	G := (H - min(end, H)) / 8 * 8
@@ -140,6 +170,9 @@ func rekeyLUKS1AgainstCryptsetup(t *testing.T, bits int, abort bool) {
 	wantG := map[int]Sectors{512: 48, 256: 2032}[bits]
 	if H != 4096 || G != wantG {
 		t.Fatalf("data at %d, keyslots and records end at %d: gap %d, want %d", H, end, G, wantG)
+	}
+	if respec {
+		G = 0 // in place
 	}
 
 	// The mark: before it cryptsetup sees the old header, after it
@@ -184,7 +217,7 @@ func rekeyLUKS1AgainstCryptsetup(t *testing.T, bits int, abort bool) {
 	if _, _, err := OpenLUKSImage(img, []byte("other")); err != nil {
 		t.Fatalf("the other passphrase no longer opens the staged image's old key: %v", err)
 	}
-	fin := Final{Rekey: true, DataOffset: H - G, Cipher: lh.Crypt().Cipher}
+	fin := Final{Rekey: true, DataOffset: H - G, Cipher: to}
 	want := luks1View{luks: true, key: hex.EncodeToString(newKey), payload: int(H - G)}
 	if abort {
 		fin, want = Final{DropUnbound: true}, oldView
@@ -225,6 +258,17 @@ func rekeyLUKS1AgainstCryptsetup(t *testing.T, bits int, abort bool) {
 	}
 	if fmt.Sprint(enabled) != wantSlots {
 		t.Fatalf("enabled keyslots %v, want %s:\n%s", enabled, wantSlots, dump)
+	}
+	// The data's cipher and key size, as cryptsetup reads them.
+	wantCipher, wantBits := to, toBits
+	if abort {
+		wantCipher, wantBits = from, bits
+	}
+	name, mode, _ := strings.Cut(wantCipher, "-")
+	if !regexp.MustCompile(`(?m)^Cipher name:\s+`+regexp.QuoteMeta(name)+`\n`).Match(dump) ||
+		!regexp.MustCompile(`(?m)^Cipher mode:\s+`+regexp.QuoteMeta(mode)+`\n`).Match(dump) ||
+		!regexp.MustCompile(`(?m)^MK bits:\s+`+strconv.Itoa(wantBits)+`\n`).Match(dump) {
+		t.Fatalf("abort=%v: cryptsetup does not see %s with %d bits:\n%s", abort, wantCipher, wantBits, dump)
 	}
 	// Our reader agrees, and nothing of the run is left: no staged key,
 	// no checkpoint record, the padding after the phdr is zero again.

@@ -168,14 +168,11 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 	if err != nil {
 		return fail(refuse(dpath, "", "cannot rekey: %v", err))
 	}
-	if hdr.Version() == 1 && ncs != cs {
-		// LUKS1 encrypts every keyslot with the data's cipher and key
-		// size: a new one would need a new keyslot layout, which the
-		// header has no room to stage (docs/design.md section 8).
-		return fail(refuse(dpath, "rekey without --cipher/--key-size, or convert the header to LUKS2 first (cryptsetup convert --type luks2, offline)",
-			"cannot rekey to %s with a %d-bit key: a LUKS1 header has one cipher and key size for the data and every keyslot, so online rekey of LUKS1 keeps them (%s, %d bits)",
-			ncs.Cipher, ncs.KeyBytes*8, cs.Cipher, cs.KeyBytes*8))
-	}
+	// LUKS1 encrypts every keyslot with the data's cipher and key size,
+	// so a new one moves every keyslot to a new layout at the switch
+	// (docs/design.md section 8, "LUKS1 to another cipher or key size"):
+	// the data stays where it is (in place).
+	luks1Respec := hdr.Version() == 1 && ncs != cs
 	runID, err := newRunID()
 	if err != nil {
 		return fail(err)
@@ -198,7 +195,10 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 	}
 	if err := rk.StageRekey(newKey, o.Passphrase, ncs.Cipher); err != nil {
 		hint := "free a keyslot, or make room in the keyslots area"
-		if hdr.Version() == 1 {
+		switch {
+		case luks1Respec:
+			hint = "rekey without --cipher/--key-size, remove keyslots that are not needed (cryptsetup luksKillSlot), or convert the header to LUKS2 first (cryptsetup convert --type luks2, offline)"
+		case hdr.Version() == 1:
 			hint = "remove a keyslot that is no longer needed (cryptsetup luksKillSlot): the new key waits in a free one until the rekey ends"
 		}
 		return fail(refuse(dpath, hint, "cannot add a keyslot for the new key: %v", err))
@@ -223,7 +223,7 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 		minGap = DefaultMinRekeyGap
 	}
 	var plan *Plan
-	if o.InPlace || room < minGap || gap == 0 {
+	if o.InPlace || room < minGap || gap == 0 || luks1Respec {
 		// No room worth moving into (a LUKS1 header with cryptsetup's
 		// default 512-bit key leaves 24 KiB): rewrite in place.
 		chunk := o.Chunk

@@ -101,10 +101,19 @@ func (sc *scenario) luks1Header(w *fakeWorld) (luks1State, []byte, Sectors, *luk
 	switch {
 	case bytes.Equal(key, sc.key) && off == sc.H:
 		return luks1Original, key, off, h
-	case !bytes.Equal(key, sc.key) && len(key) == len(sc.key) && off == sc.rekeyedOffset():
+	case !bytes.Equal(key, sc.key) && off == sc.rekeyedOffset() && h.Cipher() == sc.luks1Want(true).Cipher && len(key) == sc.luks1Want(true).KeyBytes:
 		return luks1Rekeyed, key, off, h
 	}
 	return luks1Other, key, off, h
+}
+
+// luks1Want is the data's cipher and key size of the LUKS1 volume,
+// rekeyed or not: the original is aes-xts-plain64 with the 256-bit key.
+func (sc *scenario) luks1Want(rekeyed bool) CryptSpec {
+	if !rekeyed {
+		return CryptSpec{Cipher: "aes-xts-plain64", KeyBytes: len(sc.key), SectorSize: 512}
+	}
+	return sc.rekeyTo.want(sc.key)
 }
 
 func (sc *scenario) luks1Final(w *fakeWorld) luks1State {
@@ -157,13 +166,13 @@ func (sc *scenario) verifyLUKS1(w *fakeWorld, e *Engine, rekeyed bool) {
 			sc.t.Fatal(err)
 		}
 		c, ok := t[0].Params.(*dmtable.Crypt)
-		if len(t) != 1 || !ok || Sectors(c.Offset) != off || !c.Key.Equal(dmtable.HexKey(key)) || c.Cipher != "aes-xts-plain64" || Sectors(t[0].Length) != sc.N-off {
+		if len(t) != 1 || !ok || Sectors(c.Offset) != off || !c.Key.Equal(dmtable.HexKey(key)) || string(c.Cipher) != sc.luks1Want(rekeyed).Cipher || Sectors(t[0].Length) != sc.N-off {
 			sc.t.Fatalf("vda_crypt's table does not match the header: %v", t)
 		}
 	}
 	// Fresh boot: nothing on the raw disk; the header's key and offset
 	// give back every LV.
-	sc.coldOpen(w, off, "aes-xts-plain64", key, "fresh boot after the LUKS1 rekey")
+	sc.coldOpen(w, off, sc.luks1Want(rekeyed).Cipher, key, "fresh boot after the LUKS1 rekey")
 }
 
 // addLUKS1Keyslots adds keyslots opened by pass to the header on the
@@ -246,8 +255,8 @@ func TestRekeyLUKS1Refusals(t *testing.T) {
 		want string
 	}{
 		{"cipher", func(o *RekeyOptions) { o.Cipher = "serpent-xts-plain64" },
-			"cannot rekey to serpent-xts-plain64 with a 256-bit key: a LUKS1 header has one cipher and key size for the data and every keyslot"},
-		{"key size", func(o *RekeyOptions) { o.KeySize = 512 }, "so online rekey of LUKS1 keeps them (aes-xts-plain64, 256 bits)"},
+			"the new cipher must be one dmconvert runs"},
+		{"key size", func(o *RekeyOptions) { o.KeySize = 512 }, "the keyslots of a 512-bit key end at sector 4036, after the data at 2560"},
 	} {
 		o := sc.rekeyOptions()
 		c.mod(&o)
@@ -319,6 +328,17 @@ func TestRekeyLUKS1KeepTwoCrashAtEveryFailpoint(t *testing.T) {
 		return sc, w
 	}
 	rekeyCrashMatrixOn(t, world, rekeyTarget{}, 37, 8000)
+}
+
+// TestRekeyLUKS1CipherChangeCrashAtEveryFailpoint: the LUKS1 crash
+// matrix of a rekey to another cipher and key size (aes-xts-plain64 with
+// a 256-bit key to aes-cbc-essiv:sha256 with 128 bits): the staged key
+// encrypted with the new cipher in the 128-bit layout's keyslot 2 (clear
+// of keyslot 0 in use), the switch moving every keyslot to that layout;
+// in place. The fake kernel's ciphers differ, so a table with the wrong
+// one anywhere loses data.
+func TestRekeyLUKS1CipherChangeCrashAtEveryFailpoint(t *testing.T) {
+	rekeyCrashMatrixOn(t, inPlaceWorld(luks1EncryptedWorld), rekeyTarget{cipher: "aes-cbc-essiv:sha256", bits: 128}, 38, 9000)
 }
 
 // TestRekeyLUKS1InPlaceCrashAtEveryFailpoint: the LUKS1 crash matrix for

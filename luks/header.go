@@ -258,11 +258,12 @@ func (h *Header) Keyslots() []Keyslot {
 			if s.active != luks1KeyEnabled && !staged {
 				continue
 			}
+			cs, kb, off, n, _ := h.v1.slotGeom(i)
 			out = append(out, Keyslot{ID: i, Type: "luks1", Bound: !staged, Digest: -1,
-				KeySize: int(h.v1.keyBytes), Cipher: h.Cipher(), AreaKey: int(h.v1.keyBytes),
+				KeySize: int(kb), Cipher: cs.String(), AreaKey: int(kb),
 				PBKDF:  PBKDF{Type: KDFPBKDF2, Hash: h.v1.hashSpec, Iterations: s.iterations},
-				AFHash: h.v1.hashSpec, AreaOffset: int64(s.offset) * sectorSize,
-				AreaSize: int64(h.v1.materialSectors()) * sectorSize, Priority: 1})
+				AFHash: h.v1.hashSpec, AreaOffset: int64(off) * sectorSize,
+				AreaSize: int64(n) * sectorSize, Priority: 1})
 		}
 		return out
 	}

@@ -199,6 +199,9 @@ func (l *luks1) validate() error {
 				return corruptf("LUKS1 staged key in keyslot %d: the keyslot is not a disabled one with a key", i)
 			}
 		}
+		if r := st.respec; r != nil && l.payloadOffset != 0 && r.end() > l.payloadOffset {
+			return corruptf("LUKS1 staged key: the keyslots of its %d-bit layout end at sector %d, after the data at %d", r.keyBytes*8, r.end(), l.payloadOffset)
+		}
 		if l.payloadOffset != 0 && l.stagedRecordsArea()+checkpointRoom > int64(l.payloadOffset)*sectorSize {
 			return corruptf("LUKS1 staged key: no room for the checkpoint records before the data")
 		}
@@ -215,6 +218,11 @@ func readLUKS1(r io.ReaderAt, first []byte) (*luks1, error) {
 		return nil, err
 	}
 	end := l.materialEnd()
+	if st := l.staged; st != nil && st.respec != nil {
+		for _, i := range st.slots {
+			end = max(end, uint64(st.respec.offset(i)+st.respec.materialSectors())*sectorSize)
+		}
+	}
 	body, err := readAt(r, 0, int(end))
 	if err != nil {
 		return nil, fmt.Errorf("reading LUKS1 keyslot material (%d bytes): %w", end, err)
@@ -247,12 +255,12 @@ func (l *luks1) openSlot(i int, pass []byte) ([]byte, error) {
 // The result is not verified against any digest.
 func (l *luks1) openSlotMaterial(i int, pass []byte) ([]byte, error) {
 	s := l.slots[i]
-	cs, err := l.cipher()
+	cs, keyBytes, offset, sectors, err := l.slotGeom(i)
 	if err != nil {
 		return nil, err
 	}
 	kdf := kdfParams{typ: KDFPBKDF2, hash: l.hashSpec, iterations: s.iterations}
-	dk, err := kdf.derive(pass, s.salt[:], int(l.keyBytes))
+	dk, err := kdf.derive(pass, s.salt[:], int(keyBytes))
 	if err != nil {
 		return nil, err
 	}
@@ -261,25 +269,31 @@ func (l *luks1) openSlotMaterial(i int, pass []byte) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	off := uint64(s.offset) * sectorSize
-	n := uint64(l.materialSectors()) * sectorSize
+	off := uint64(offset) * sectorSize
+	n := uint64(sectors) * sectorSize
+	if uint64(len(l.body)) < off+n {
+		return nil, corruptf("LUKS1 keyslot %d material [%d,%d) is past the header area read", i, off, off+n)
+	}
 	mat := make([]byte, n)
 	copy(mat, l.body[off:off+n])
 	defer wipe(mat)
 	sc.decrypt(mat)
-	return afMerge(mat, int(l.keyBytes), luksStripes, l.hashSpec)
+	return afMerge(mat, int(keyBytes), luksStripes, l.hashSpec)
 }
 
 func (l *luks1) setSlot(i int, key, pass []byte, kdf kdfParams) error {
-	cs, err := l.cipher()
+	cs, keyBytes, offset, sectors, err := l.slotGeom(i)
 	if err != nil {
 		return err
+	}
+	if len(key) != int(keyBytes) {
+		return fmt.Errorf("a %d-byte key for a keyslot of %d-byte keys: %w", len(key), keyBytes, ErrInvalidArgument)
 	}
 	salt, err := randomBytes(saltSize)
 	if err != nil {
 		return err
 	}
-	dk, err := kdf.derive(pass, salt, int(l.keyBytes))
+	dk, err := kdf.derive(pass, salt, int(keyBytes))
 	if err != nil {
 		return err
 	}
@@ -293,7 +307,8 @@ func (l *luks1) setSlot(i int, key, pass []byte, kdf kdfParams) error {
 		return err
 	}
 	sc.encrypt(mat)
-	off := uint64(l.slots[i].offset) * sectorSize
+	off := uint64(offset) * sectorSize
+	l.growBody(off + uint64(sectors)*sectorSize)
 	copy(l.body[off:], mat)
 	s := &l.slots[i]
 	s.active = luks1KeyEnabled

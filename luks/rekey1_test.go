@@ -192,8 +192,8 @@ func TestLUKS1StageRefusals(t *testing.T) {
 		want   error
 	}{
 		{"not disguised", func(h *Header) {}, vk, "", ErrInvalidArgument},
-		{"other cipher", nil, vk, "aes-cbc-essiv:sha256", ErrUnsupported},
-		{"other key size", nil, NewVolumeKeyFromBytes(newKey[:32]), "", ErrUnsupported},
+		{"a cipher dmconvert does not run", nil, vk, "serpent-xts-plain64", ErrUnsupported},
+		{"a key size the cipher does not take", nil, vk, "aes-cbc-essiv:sha256", ErrInvalidArgument},
 		{"the old key", nil, NewVolumeKeyFromBytes(bytes.Repeat([]byte{0x5c}, 64)), "", ErrInvalidArgument},
 		{"staged twice", func(h *Header) {
 			h.SetDisguised(true)
@@ -221,8 +221,19 @@ func TestLUKS1StageRefusals(t *testing.T) {
 			t.Errorf("%s: %v, want %v", c.name, err, c.want)
 		}
 	}
-	// No staged key: nothing to bind, and UnlockUnbound finds nothing.
+	// A key size whose keyslot layout ends after the data: a 256-bit
+	// header with its data at sector 3000, a 512-bit key (its keyslots
+	// would end at 4036).
 	h, _ := newLUKS1(t, 32, "pw")
+	h.v1.payloadOffset = 3000
+	if err := h.SetDisguised(true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.AddUnboundKeyslotFor(vk, []byte("pw"), p, "aes-xts-plain64"); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("a 512-bit layout past the data: %v", err)
+	}
+	// No staged key: nothing to bind, and UnlockUnbound finds nothing.
+	h, _ = newLUKS1(t, 32, "pw")
 	if err := h.BindSegmentCipher(1, ""); !errors.Is(err, ErrNoKeyslot) {
 		t.Fatalf("binding without a staged key: %v", err)
 	}
@@ -319,6 +330,108 @@ func TestLUKS1StagedKeySeveralKeyslots(t *testing.T) {
 		binary.BigEndian.PutUint32(img[l1OffStaged+l1StagedCRCAt:], crc32.Checksum(img[l1OffStaged:l1OffStaged+l1StagedCRCAt], castagnoli))
 		if _, err := Read(bytes.NewReader(img)); !errors.Is(err, ErrCorrupt) {
 			t.Fatalf("a record naming keyslot 8: %v", err)
+		}
+	})
+}
+
+// TestLUKS1StagedKeyRespec: a rekey to another cipher and key size
+// (aes-cbc-essiv:sha256 with a 256-bit key to aes-xts-plain64 with 512
+// bits): the staged keyslot is encrypted with the new cipher where the
+// 512-bit layout puts it, clear of the keyslot in use; the record says
+// so; binding moves every keyslot to the new layout and wipes the old
+// material; dropping wipes the staged material where it is.
+func TestLUKS1StagedKeyRespec(t *testing.T) {
+	oldKey := bytes.Repeat([]byte{0x5c}, 32)
+	ovk := NewVolumeKeyFromBytes(oldKey)
+	h, err := Create(Options{Version: 1, Cipher: "aes-cbc-essiv:sha256", PBKDF: PBKDF{Type: KDFPBKDF2, Iterations: MinPBKDF2Iterations}}, ovk, []byte("pw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldArea := h.Keyslots()[0]
+	if err := h.SetDisguised(true); err != nil {
+		t.Fatal(err)
+	}
+	newKey := bytes.Repeat([]byte{0xa3}, 64)
+	nvk := NewVolumeKeyFromBytes(newKey)
+	slot, err := h.AddUnboundKeyslotFor(nvk, []byte("pw"), oldArea.PBKDF, "aes-xts-plain64")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The 256-bit layout: keyslot 0 at [8,258), records at [2056,2064);
+	// the 512-bit one: keyslot 1 at [512,1012), clear of both.
+	if slot != 1 {
+		t.Fatalf("staged in keyslot %d, want 1", slot)
+	}
+	img, _ := h.Image()
+	if string(img[l1OffStaged:l1OffStaged+8]) != "DMCVTRK3" {
+		t.Fatalf("the record of a new cipher and key size: %q", img[l1OffStaged:l1OffStaged+8])
+	}
+	back := reread(t, h)
+	if back.Cipher() != "aes-cbc-essiv:sha256" || back.VolumeKeySize() != 32 {
+		t.Fatalf("the staged header's data cipher %s/%d changed before the switch", back.Cipher(), back.VolumeKeySize())
+	}
+	ks := back.Keyslots()
+	if len(ks) != 2 || ks[1].ID != 1 || ks[1].Bound || ks[1].KeySize != 64 || ks[1].Cipher != "aes-xts-plain64" || ks[1].AreaOffset != 512*512 {
+		t.Fatalf("keyslots %+v", ks)
+	}
+	if vk, id, err := back.Unlock([]byte("pw")); err != nil || id != 0 || !bytes.Equal(vk.Bytes(), oldKey) {
+		t.Fatalf("Unlock: keyslot %d, %v", id, err)
+	}
+	if uk, id, err := back.UnlockUnbound([]byte("pw")); err != nil || id != 1 || !bytes.Equal(uk.Bytes(), newKey) {
+		t.Fatalf("UnlockUnbound: keyslot %d, %v", id, err)
+	}
+	if _, err := h.AddUnboundKeyslotFor(nvk, []byte("pw"), oldArea.PBKDF, "aes-xts-plain"); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("staging the key again for another cipher: %v", err)
+	}
+	t.Run("bind", func(t *testing.T) {
+		b := reread(t, h)
+		if err := b.BindSegmentCipher(1, "aes-cbc-plain"); !errors.Is(err, ErrInvalidArgument) {
+			t.Fatalf("binding for a cipher the key was not staged for: %v", err)
+		}
+		if err := b.BindSegmentCipher(1, "aes-xts-plain64"); err != nil {
+			t.Fatal(err)
+		}
+		wiped := false
+		for _, sp := range b.dirtyAfter {
+			wiped = wiped || sp.off == oldArea.AreaOffset && sp.size == oldArea.AreaSize
+		}
+		if !wiped {
+			t.Fatalf("the old keyslot's material [%d,+%d) is not wiped: %v", oldArea.AreaOffset, oldArea.AreaSize, b.dirtyAfter)
+		}
+		if err := b.RemoveKeyslot(0); err != nil {
+			t.Fatal(err)
+		}
+		b.RemoveCheckpoint()
+		if err := b.SetDisguised(false); err != nil {
+			t.Fatal(err)
+		}
+		f := reread(t, b)
+		if f.Cipher() != "aes-xts-plain64" || f.VolumeKeySize() != 64 || f.DataOffset() != h.DataOffset() {
+			t.Fatalf("final: %s, %d bytes, data at %d", f.Cipher(), f.VolumeKeySize(), f.DataOffset())
+		}
+		for i, s := range f.v1.slots {
+			if want := uint32(8 + 504*i); s.offset != want {
+				t.Fatalf("final keyslot %d at %d, want %d (the 512-bit layout)", i, s.offset, want)
+			}
+		}
+		if vk, id, err := f.Unlock([]byte("pw")); err != nil || id != 1 || !bytes.Equal(vk.Bytes(), newKey) {
+			t.Fatalf("final Unlock: keyslot %d, %v", id, err)
+		}
+	})
+	t.Run("drop", func(t *testing.T) {
+		b := reread(t, h)
+		if err := b.RemoveKeyslot(1); err != nil {
+			t.Fatal(err)
+		}
+		if len(b.dirtyAfter) != 1 || b.dirtyAfter[0].off != 512*512 || b.dirtyAfter[0].size != 500*512 {
+			t.Fatalf("dropping the staged key wipes %v, want its material at [512,1012)", b.dirtyAfter)
+		}
+		if err := b.SetDisguised(false); err != nil {
+			t.Fatal(err)
+		}
+		f := reread(t, b)
+		if vk, id, err := f.Unlock([]byte("pw")); err != nil || id != 0 || !bytes.Equal(vk.Bytes(), oldKey) || f.Cipher() != "aes-cbc-essiv:sha256" {
+			t.Fatalf("after the drop: keyslot %d, %s, %v", id, f.Cipher(), err)
 		}
 	})
 }
