@@ -75,7 +75,9 @@ type respec1 struct {
 }
 
 // cipher parses the new cipher.
-func (r *respec1) cipher() (cipherSpec, error) { return parseCipherNameMode(r.cipherName, r.cipherMode) }
+func (r *respec1) cipher() (cipherSpec, error) {
+	return parseCipherNameMode(r.cipherName, r.cipherMode)
+}
 
 // materialSectors is the size of a keyslot's material for the new key.
 func (r *respec1) materialSectors() uint32 { return uint32(afSectors(int(r.keyBytes), luksStripes)) }
