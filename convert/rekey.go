@@ -27,7 +27,8 @@ import (
 // sets the data offset to H-G, and removes the old key's keyslots. A LUKS1
 // header is disguised instead (its magic replaced) and the new key waits
 // in a free keyslot, named by a record in the disguised phdr (luks
-// package, rekey1.go); LUKS1 keeps its cipher and key size.
+// package, rekey1.go); a new LUKS1 cipher or key size rekeys in place
+// and moves every keyslot to the new key size's layout at the end.
 
 // RekeyOptions are the inputs of PlanRekey.
 type RekeyOptions struct {

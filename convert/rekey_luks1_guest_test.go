@@ -76,7 +76,7 @@ func TestGuestRekeyLUKS1(t *testing.T) {
 	for _, mp := range st.Mounts {
 		sh(t, "umount", mp)
 	}
-	refused(t, st.Disk, 2, "a LUKS1 header has one cipher and key size for the data and every keyslot",
+	refused(t, st.Disk, 2, "the new cipher must be one dmconvert runs",
 		"rekey", name, "--batch-mode", "--remove-other-keyslots", "--key-file", pwFile, "--journal", j, "--cipher", "serpent-xts-plain64")
 	refused(t, st.Disk, 2, "keyslots [1] are not opened", "rekey", name, "--batch-mode", "--key-file", pwFile, "--journal", j)
 	before := diskBytes(t, st.Disk)
@@ -233,12 +233,16 @@ func TestGuestRekeyLUKS1DefaultKey(t *testing.T) {
 	}
 }
 
-// TestGuestRekeyLUKS1FS: an ext4 mounted directly on a LUKS1 mapping
-// (256-bit aes-xts-plain64, two keyslots) is rekeyed under a writer
-// keeping the second keyslot's passphrase out (--remove-other-keyslots),
-// killed with SIGKILL mid-run (the disguised header: stock cryptsetup
-// opens nothing), resumed; checked live, after a cold open with the
-// passphrase, the old volume key and the removed passphrase open nothing.
+// TestGuestRekeyLUKS1FS: an ext4 mounted directly on a LUKS1 mapping of
+// a weak cipher (aes-cbc-essiv:sha256 with a 256-bit key, two keyslots)
+// is rekeyed under a writer to aes-xts-plain64 with a 512-bit key,
+// keeping the second keyslot's passphrase out (--remove-other-keyslots):
+// in place, the new key staged where the 512-bit keyslot layout puts its
+// keyslot. Killed with SIGKILL mid-run (the disguised header: stock
+// cryptsetup opens nothing), resumed; checked live, after a cold open
+// with the passphrase (cryptsetup sees the new cipher and key size, the
+// data where it was), the old volume key and the removed passphrase open
+// nothing.
 func TestGuestRekeyLUKS1FS(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
@@ -247,7 +251,7 @@ func TestGuestRekeyLUKS1FS(t *testing.T) {
 	disk := d[15]
 	tag := "rk1f"
 	name := tag + "-crypt"
-	sh(t, "cryptsetup", "luksFormat", "-q", "--type", "luks1", "--cipher", "aes-xts-plain64", "--key-size", "256",
+	sh(t, "cryptsetup", "luksFormat", "-q", "--type", "luks1", "--cipher", "aes-cbc-essiv:sha256", "--key-size", "256",
 		"--pbkdf-force-iterations", "1000", "--key-file", pwFile, disk)
 	os.WriteFile("/tmp/rk1f-other", []byte("another LUKS1 passphrase"), 0o600)
 	sh(t, "cryptsetup", "luksAddKey", "-q", "--pbkdf-force-iterations", "1000", "--key-file", pwFile, disk, "/tmp/rk1f-other")
@@ -258,32 +262,47 @@ func TestGuestRekeyLUKS1FS(t *testing.T) {
 	mp := st.Mounts[0]
 	j := st.file(state, "journal")
 	w := startWriter(t, st, state)
-	r := cliStart(t, "rekey", name, "--remove-other-keyslots", "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "256K")
+	code, out := cliRun(t, "rekey", name, "--dry-run", "--remove-other-keyslots", "--key-file", pwFile, "--journal", j, "--cipher", "aes-xts-plain64", "--key-size", "512")
+	requireExit(t, "rekey --dry-run", code, 0, out)
+	if !strings.Contains(out, "aes-cbc-essiv:sha256 with a 256-bit key, 512-byte sectors; changes to aes-xts-plain64 with a 512-bit key") ||
+		!strings.Contains(out, "where it is (data offset 2.0 MiB)") {
+		t.Fatalf("the dry run does not plan an in-place rekey to aes-xts-plain64/512:\n%s", out)
+	}
+	r := cliStart(t, "rekey", name, "--remove-other-keyslots", "--batch-mode", "--json", "--key-file", pwFile, "--journal", j,
+		"--chunk-size", "512K", "--cipher", "aes-xts-plain64", "--key-size", "512")
 	r.waitProgress(t, 0.3)
 	r.cmd.Process.Kill()
-	code, _ := r.wait()
+	code, _ = r.wait()
 	requireExit(t, "LUKS1 rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
 	if out, err := shOK("cryptsetup", "open", "--test-passphrase", "--key-file", pwFile, disk); err == nil {
 		t.Fatalf("stock cryptsetup opens the half-rekeyed LUKS1 disk:\n%s", out)
 	}
-	code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+	code, out = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
 	requireExit(t, "resume of the LUKS1 rekey", code, 0, out)
 	acks, _ := w.finish(t)
 	t.Logf("writer: %d acknowledged writes", acks)
-	// The data starts 256 KiB earlier and ends where it did.
-	if got := blockDevBytes(t, dev); got != st.Sizes[0]+256<<10 {
-		t.Fatalf("the rekeyed mapping is %d bytes, want %d", got, st.Sizes[0]+256<<10)
+	// In place: the mapping keeps its size; its table has the new cipher.
+	if got := blockDevBytes(t, dev); got != st.Sizes[0] {
+		t.Fatalf("the rekeyed mapping is %d bytes, want %d", got, st.Sizes[0])
 	}
-	st.Sizes[0] += 256 << 10
+	if tb := sh(t, "dmsetup", "table", name); !strings.Contains(tb, " crypt aes-xts-plain64 ") {
+		t.Fatalf("%s after the rekey: %s", name, tb)
+	}
 	verifyStack(t, st, state)
 	sh(t, "umount", mp)
 	sh(t, "cryptsetup", "close", name)
 	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
 	sh(t, "mount", dev, mp)
 	verifyStack(t, st, state)
+	if status := sh(t, "cryptsetup", "status", name); !regexp.MustCompile(`cipher:\s+aes-xts-plain64\n`).MatchString(status) ||
+		!regexp.MustCompile(`keysize:\s+512 bits`).MatchString(status) {
+		t.Fatalf("cryptsetup status after a cold open:\n%s", status)
+	}
 	checkRekeyed(t, disk, oldKey, "/tmp/rk1f-old.key")
 	if out, err := shOK("cryptsetup", "open", "--test-passphrase", "--key-file", "/tmp/rk1f-other", disk); err == nil {
 		t.Fatalf("the removed keyslot's passphrase still opens %s:\n%s", disk, out)
 	}
-	luks1Dump(t, disk, 4096-512, "2") // the new key waited in the first free keyslot
+	// The new key waited in keyslot 2: the first free one whose area in
+	// the 512-bit layout is clear of keyslots 0 and 1 of the 256-bit one.
+	t.Logf("the rekeyed header:\n%s", luks1Dump(t, disk, 4096, "2"))
 }

@@ -92,7 +92,7 @@
 //     dm-zero, dm-snapshot, loop, ext4, aesni, xts, ecb, sha256, af_alg,
 //     algif_skcipher, algif_hash. Loaded on first use by the kernel: xfs,
 //     dm-thin-pool, dm-raid with raid1/raid10/raid456, sha512, serpent,
-//     twofish, rmd160, wp512 (or modprobe them).
+//     twofish, rmd160, wp512, essiv (or modprobe them).
 //
 // # The cache
 //

@@ -79,6 +79,8 @@ var onDemandModules = []string{
 	"xfs",
 	// tcplay/TrueCrypt ciphers and hashes
 	"sha512_ssse3", "serpent", "twofish", "rmd160", "wp512",
+	// aes-cbc-essiv:sha256 (old LUKS volumes' cipher)
+	"essiv",
 }
 
 // guestTool is a host program copied into the initramfs with its

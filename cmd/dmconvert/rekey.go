@@ -59,10 +59,12 @@ by the same passphrase until the last step switches the header over and
 removes the old key's keyslots. Until then stock cryptsetup refuses to open
 the device (a LUKS2 requirement marks it); resume or abort with dmconvert.
 
-LUKS1: the new key keeps the cipher and key size (a LUKS1 header has one of
-each for the data and every keyslot), and waits in a free keyslot (one must
-be free) while the header's magic is disguised so that cryptsetup does not
-recognise it. Every LUKS1 keyslot keeps its area whether used or not, so the
+LUKS1: the new key waits in a free keyslot (one must be free) while the
+header's magic is disguised so that cryptsetup does not recognise it. A
+LUKS1 header has one cipher and key size for the data and every keyslot, so
+a new one (--cipher, --key-size; one of the AES modes dmconvert runs, e.g.
+aes-cbc-essiv:sha256 to aes-xts-plain64 with 512 bits) is rekeyed in place
+and every keyslot moves to the new key size's layout at the end. Every LUKS1 keyslot keeps its area whether used or not, so the
 gap is what the keyslot material leaves before the data, less 4 KiB for
 dmconvert's checkpoint records: about 1 MiB with a 256-bit key, only 24 KiB
 with cryptsetup's default 512-bit key, which is therefore rekeyed in place.
