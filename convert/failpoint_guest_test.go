@@ -114,16 +114,28 @@ func guestOpFailpoints(t *testing.T, op string) {
 	var st *stack
 	var name string
 	// A rekey's seeds rotate over a LUKS2 volume, a LUKS1 one with a
-	// 256-bit key (a 1016 KiB gap) and cryptsetup's default LUKS1 layout
-	// (a 512-bit key: 24 KiB of room, so the data is rewritten in place).
-	inPlace := op == "rekey" && (seed/2)%3 == 2
+	// 256-bit key (a 1016 KiB gap), cryptsetup's default LUKS1 layout
+	// (a 512-bit key: 24 KiB of room, so the data is rewritten in place)
+	// and an aes-cbc-essiv:sha256 LUKS1 volume rekeyed to
+	// aes-xts-plain64/512 (in place, every keyslot moved at the end).
+	kind := (seed/2%4 + 4) % 4
+	if op != "rekey" {
+		kind = 0
+	}
+	inPlace := kind >= 2
 	chunk := "4M"
+	var extra []string
 	switch {
+	case kind == 3:
+		t.Logf("rekey of an aes-cbc-essiv:sha256 LUKS1 volume to aes-xts-plain64/512, in place (seed %d)", seed)
+		st, name = luksStackFormat(t, "fpr", disk, state, "24m", "4m", "--type", "luks1", "--cipher", "aes-cbc-essiv:sha256", "--key-size", "256")
+		chunk = "1M"
+		extra = []string{"--cipher", "aes-xts-plain64", "--key-size", "512"}
 	case inPlace:
 		t.Logf("rekey in place of a LUKS1 volume with a 512-bit key (seed %d)", seed)
 		st, name = luksStackFormat(t, "fpr", disk, state, "24m", "4m", "--type", "luks1")
 		chunk = "1M"
-	case op == "rekey" && (seed/2)%3 == 1:
+	case kind == 1:
 		t.Logf("rekey of a LUKS1 volume (seed %d)", seed)
 		st, name = luksStackFormat(t, "fpr", disk, state, "24m", "4m", "--type", "luks1", "--cipher", "aes-xts-plain64", "--key-size", "256")
 	case op == "rekey":
@@ -183,7 +195,7 @@ func guestOpFailpoints(t *testing.T, op string) {
 			}
 			w := startWriter(t, st, state)
 			j := st.file(state, "journal")
-			args := []string{op, name, "--batch-mode", "--key-file", pwFile, "--journal", j, "--chunk-size", chunk}
+			args := append([]string{op, name, "--batch-mode", "--key-file", pwFile, "--journal", j, "--chunk-size", chunk}, extra...)
 			if op == "decrypt" {
 				args = append(args, "--shrink-pv")
 			}

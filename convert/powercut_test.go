@@ -95,22 +95,23 @@ func vmPowerCut(t *testing.T) {
 	}
 	for i := 0; i < opCuts; i++ {
 		// The LUKS rekey cut is of a LUKS2 volume, a LUKS1 one with a
-		// 256-bit key (a gap) or one with cryptsetup's default 512-bit
-		// key (in place), by seed: the same time, every kind over the
-		// runs.
-		rekey := []string{"rekey", pcLUKS1, pcLUKS1InPlace}[((seed+int64(i))%3+3)%3]
+		// 256-bit key (a gap), one with cryptsetup's default 512-bit key
+		// (in place), or an aes-cbc-essiv:sha256 one rekeyed to
+		// aes-xts-plain64/512 (in place, every keyslot moved), by seed:
+		// the same time, every kind over the runs.
+		rekey := []string{"rekey", pcLUKS1, pcLUKS1InPlace, pcLUKS1Cipher}[((seed+int64(i))%4+4)%4]
 		ops = append(ops, "decrypt", pcDecryptFS, rekey, pcPlain, pcTCrypt)
 	}
 	if only := os.Getenv("DMCONVERT_PC_ONLY"); only != "" {
 		// One kind of cut only (encrypt, encrypt-2pv, decrypt,
 		// decrypt-fs, rekey, rekey-luks1, rekey-luks1-inplace,
-		// rekey-plain, rekey-tcrypt).
+		// rekey-luks1-cipher, rekey-plain, rekey-tcrypt).
 		ops = ops[:0]
 		for i := 0; i < cuts; i++ {
 			ops = append(ops, only)
 		}
 	}
-	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts: %d of an encrypt, %d each of a decrypt (LVM, and a file system on the mapping), a rekey (LUKS2, LUKS1, or LUKS1 in place), a plain rekey and a TrueCrypt conversion", seed, seed, len(ops), cuts, opCuts)
+	t.Logf("power-cut seed %d (DMCONVERT_CRASH_SEED=%d to replay), %d cuts: %d of an encrypt, %d each of a decrypt (LVM, and a file system on the mapping), a rekey (LUKS2, LUKS1, LUKS1 in place, or LUKS1 to another cipher), a plain rekey and a TrueCrypt conversion", seed, seed, len(ops), cuts, opCuts)
 	rng := rand.New(rand.NewSource(seed))
 	ctx := context.Background()
 	img, err := testvm.Prepare(ctx)
@@ -228,6 +229,12 @@ const pcLUKS1 = "rekey-luks1"
 // data is rewritten in place) with a PV on it.
 const pcLUKS1InPlace = "rekey-luks1-inplace"
 
+// pcLUKS1Cipher is the power-cut operation that rekeys an
+// aes-cbc-essiv:sha256 LUKS1 volume (256-bit key) with a PV on it to
+// aes-xts-plain64 with a 512-bit key (in place, every keyslot moved to
+// the 512-bit layout at the end).
+const pcLUKS1Cipher = "rekey-luks1-cipher"
+
 // pcDecryptFS is the power-cut operation that decrypts an ext4 mounted
 // directly on a LUKS2 mapping (the header-gap decrypt).
 const pcDecryptFS = "decrypt-fs"
@@ -273,6 +280,11 @@ func TestBootPowerCutStart(t *testing.T) {
 		var name string
 		st, name = luksStackFormat(t, pcTag, d[0], state, "32m", "8m", "--type", "luks1", "--cipher", "aes-xts-plain64", "--key-size", "256")
 		args = []string{"rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal")}
+	case pcLUKS1Cipher:
+		var name string
+		st, name = luksStackFormat(t, pcTag, d[0], state, "32m", "8m", "--type", "luks1", "--cipher", "aes-cbc-essiv:sha256", "--key-size", "256")
+		args = []string{"rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal"),
+			"--cipher", "aes-xts-plain64", "--key-size", "512"}
 	case pcLUKS1InPlace:
 		var name string
 		st, name = luksStackFormat(t, pcTag, d[0], state, "32m", "8m", "--type", "luks1")

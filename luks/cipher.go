@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"strings"
 
+	"golang.org/x/crypto/twofish" //nolint:staticcheck // LUKS volumes use it
 	"golang.org/x/crypto/xts"
 )
 
@@ -28,16 +29,38 @@ import (
 //	aes-cbc-plain64       16, 24, 32
 //	aes-cbc-plain         16, 24, 32
 //
+// and the same modes with serpent or twofish in place of aes (Serpent is
+// this package's own, serpent.go; Twofish is golang.org/x/crypto's): a
+// LUKS volume cryptsetup made with them has its keyslots encrypted with
+// them too, when the kernel runs them (cryptsetup's backend uses AF_ALG).
+// Keyslots this package creates for a LUKS2 segment of those ciphers use
+// the AES fallback below, which every cryptsetup opens; LUKS1 keyslots
+// have no choice (the data's cipher).
+//
 // "plain64" is the 64-bit little-endian sector number as IV, "plain" its
-// low 32 bits, "essiv:sha256" encrypts the plain64 IV with AES keyed by
-// SHA-256 of the volume key. All primitives come from crypto/aes,
-// crypto/cipher and golang.org/x/crypto/xts.
+// low 32 bits, "essiv:sha256" encrypts the plain64 IV with the same block
+// cipher keyed by SHA-256 of the volume key (the kernel's essiv template).
+// The other primitives come from crypto/aes, crypto/cipher and
+// golang.org/x/crypto/xts.
 const DefaultCipher = "aes-xts-plain64"
 
 // SupportedCiphers lists the cipher specs this package can create and
 // whose keyslots it can open.
 func SupportedCiphers() []string {
-	return []string{"aes-xts-plain64", "aes-xts-plain", "aes-cbc-essiv:sha256", "aes-cbc-plain64", "aes-cbc-plain"}
+	var out []string
+	for _, name := range []string{"aes", "serpent", "twofish"} {
+		for _, mode := range []string{"xts-plain64", "xts-plain", "cbc-essiv:sha256", "cbc-plain64", "cbc-plain"} {
+			out = append(out, name+"-"+mode)
+		}
+	}
+	return out
+}
+
+// blockCiphers are the block ciphers of the supported specs.
+var blockCiphers = map[string]func(key []byte) (cipher.Block, error){
+	"aes":     aes.NewCipher,
+	"serpent": newSerpent,
+	"twofish": func(key []byte) (cipher.Block, error) { return twofish.NewCipher(key) },
 }
 
 type cipherSpec struct {
@@ -60,8 +83,8 @@ func parseCipher(spec string) (cipherSpec, error) {
 
 func parseCipherNameMode(name, mode string) (cipherSpec, error) {
 	c := cipherSpec{name: name, mode: mode}
-	if name != "aes" {
-		return c, fmt.Errorf("cipher %q: %w (supported: %s)", c, ErrUnsupported, strings.Join(SupportedCiphers(), ", "))
+	if blockCiphers[name] == nil {
+		return c, fmt.Errorf("cipher %q: %w (supported: aes, serpent and twofish in xts-plain64, xts-plain, cbc-essiv:sha256, cbc-plain64 or cbc-plain)", c, ErrUnsupported)
 	}
 	chain, iv, _ := strings.Cut(mode, "-")
 	switch chain {
@@ -111,22 +134,23 @@ func newSectorCrypter(c cipherSpec, key []byte) (*sectorCrypter, error) {
 		return nil, err
 	}
 	s := &sectorCrypter{plain: c.iv == "plain"}
+	newBlock := blockCiphers[c.name]
 	if c.xts {
-		x, err := xts.NewCipher(aes.NewCipher, key)
+		x, err := xts.NewCipher(newBlock, key)
 		if err != nil {
 			return nil, fmt.Errorf("cipher %s: %w", c, err)
 		}
 		s.xts = x
 		return s, nil
 	}
-	b, err := aes.NewCipher(key)
+	b, err := newBlock(key)
 	if err != nil {
 		return nil, fmt.Errorf("cipher %s: %w", c, err)
 	}
 	s.cbc = b
 	if c.iv == "essiv:sha256" {
 		salt := sha256.Sum256(key)
-		e, err := aes.NewCipher(salt[:])
+		e, err := newBlock(salt[:])
 		wipe(salt[:])
 		if err != nil {
 			return nil, fmt.Errorf("cipher %s: %w", c, err)
@@ -218,7 +242,10 @@ const (
 // and key size when this package can run them, else aes-xts-plain64 with
 // a 512-bit key.
 func KeyslotEncryption(segmentCipher string, keySize int) (string, int) {
-	if c, err := parseCipher(segmentCipher); err == nil && c.checkKeySize(keySize) == nil {
+	// Only AES: cryptsetup may lack Serpent and Twofish (its backend
+	// needs the kernel's AF_ALG for them), and then could not open the
+	// keyslot.
+	if c, err := parseCipher(segmentCipher); err == nil && c.name == "aes" && c.checkKeySize(keySize) == nil {
 		return c.String(), keySize
 	}
 	return FallbackKeyslotCipher, FallbackKeyslotKeySize

@@ -254,3 +254,69 @@ func TestGuestPlainHash(t *testing.T) {
 		})
 	}
 }
+
+// TestGuestSerpentTwofish: Serpent and Twofish LUKS volumes, both ways.
+// cryptsetup (its backend runs them through the kernel's AF_ALG here)
+// encrypts the keyslots of such a volume with the data's cipher, LUKS2
+// too; we open them to the volume key cryptsetup dumps. LUKS1 headers we
+// make (their keyslots in the data's cipher, our Serpent and Twofish)
+// open in cryptsetup to our key, and it activates them.
+func TestGuestSerpentTwofish(t *testing.T) {
+	testvm.RequireGuest(t)
+	cs := needCryptsetup(t)
+	pass := []byte("serpent and twofish")
+	for _, c := range []struct {
+		luks   int
+		cipher string
+		bits   int
+	}{
+		{1, "serpent-xts-plain64", 512},
+		{2, "serpent-xts-plain64", 512},
+		{1, "twofish-cbc-essiv:sha256", 256},
+		{2, "twofish-xts-plain64", 256},
+		{1, "serpent-cbc-plain64", 128},
+	} {
+		t.Run(strconv.Itoa(c.luks)+"-"+c.cipher, func(t *testing.T) {
+			cs := cs.in(t)
+			pw := writeTemp(t, "pw", pass)
+			dev := deviceFile(t, nil, 8<<20)
+			cs.ok(nil, "luksFormat", "--batch-mode", "--type", "luks"+strconv.Itoa(c.luks), "--cipher", c.cipher, "--key-size", strconv.Itoa(c.bits),
+				"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", pw, dev)
+			want := cs.dumpVolumeKey(dev, pw)
+			h := readHeader(t, dev)
+			ks := h.Keyslots()
+			if len(ks) != 1 || ks[0].Cipher != c.cipher {
+				t.Fatalf("cryptsetup's keyslots %+v: want one encrypted with %s", ks, c.cipher)
+			}
+			vk, _, err := h.Unlock(pass)
+			if err != nil || hex.EncodeToString(vk.Bytes()) != hex.EncodeToString(want) {
+				t.Fatalf("our unlock of cryptsetup's %s keyslot: %v (key matches: %v)", c.cipher, err, err == nil && hex.EncodeToString(vk.Bytes()) == hex.EncodeToString(want))
+			}
+			if c.luks != 1 {
+				return
+			}
+			// Ours, LUKS1: the keyslot in the data's cipher.
+			key := randBytes(t, c.bits/8)
+			nvk := NewVolumeKeyFromBytes(key)
+			defer nvk.Wipe()
+			oh, err := Create(Options{Version: 1, Cipher: c.cipher, PBKDF: PBKDF{Type: KDFPBKDF2, Iterations: 1000}}, nvk, pass)
+			if err != nil {
+				t.Fatal(err)
+			}
+			img, err := oh.Image()
+			if err != nil {
+				t.Fatal(err)
+			}
+			ours := deviceFile(t, img, 8<<20)
+			if got := cs.dumpVolumeKey(ours, pw); hex.EncodeToString(got) != hex.EncodeToString(key) {
+				t.Fatalf("cryptsetup opens our %s LUKS1 header to another key", c.cipher)
+			}
+			name := "sptf" + strconv.Itoa(c.bits)
+			cs.ok(nil, "open", "--disable-keyring", "--key-file", pw, ours, name)
+			defer closeMapping(cs, name)
+			if tb := activeTable(t, name); !strings.Contains(tb, " crypt "+c.cipher+" "+hex.EncodeToString(key)+" ") {
+				t.Fatalf("cryptsetup's table of our %s header: %s", c.cipher, tb)
+			}
+		})
+	}
+}

@@ -134,12 +134,12 @@ func TestCipherSpecs(t *testing.T) {
 			t.Fatalf("%s: round trip", spec)
 		}
 	}
-	for _, bad := range []string{"serpent-xts-plain64", "aes-ecb", "aes", "aes-xts-essiv:sha256", "aes-cbc-benbi", "aes-gcm-random"} {
+	for _, bad := range []string{"camellia-xts-plain64", "aes-ecb", "aes", "aes-xts-essiv:sha256", "aes-cbc-benbi", "aes-gcm-random"} {
 		if _, err := parseCipher(bad); err == nil {
 			t.Fatalf("%s accepted", bad)
 		}
 	}
-	if ValidateCipher("aes-xts-plain64", 64) != nil || ValidateCipher("aes-xts-plain64", 16) == nil || ValidateCipher("twofish-xts-plain64", 64) == nil {
+	if ValidateCipher("aes-xts-plain64", 64) != nil || ValidateCipher("aes-xts-plain64", 16) == nil || ValidateCipher("camellia-xts-plain64", 64) == nil || ValidateCipher("twofish-xts-plain64", 64) != nil {
 		t.Fatal("ValidateCipher")
 	}
 	if DefaultKeySize("aes-xts-plain64") != 64 || DefaultKeySize("aes-cbc-essiv:sha256") != 32 {
@@ -388,11 +388,12 @@ func TestTokens(t *testing.T) {
 	}
 }
 
-// A LUKS2 header for a segment cipher this package cannot run (the
-// kernel can: Serpent, Twofish) keeps the cipher in its segment; its
-// keyslot is encrypted with cryptsetup's fallback, AES-XTS with a 512-bit
-// key, and opens. LUKS1 (one cipher for the data and the keyslots)
-// refuses such a cipher.
+// A LUKS2 header for a segment cipher other than AES keeps the cipher in
+// its segment; its keyslot is encrypted with cryptsetup's fallback,
+// AES-XTS with a 512-bit key (every cryptsetup opens it; Serpent and
+// Twofish need the kernel's AF_ALG there), and opens. LUKS1 (one cipher
+// for the data and the keyslots) takes Serpent and Twofish, which this
+// package runs, and refuses a cipher it does not run (Camellia).
 func TestCreateOtherSegmentCipher(t *testing.T) {
 	vk := NewVolumeKeyFromBytes(bytes.Repeat([]byte{7}, 64))
 	defer vk.Wipe()
@@ -422,9 +423,16 @@ func TestCreateOtherSegmentCipher(t *testing.T) {
 			t.Fatalf("%s: the header read back does not open to the key: %v", c, err)
 		}
 		got.Wipe()
-		if _, err := Create(Options{Version: 1, Cipher: c, PBKDF: kdf}, vk, []byte("pw")); !errors.Is(err, ErrUnsupported) {
-			t.Errorf("LUKS1 with %s: %v, want ErrUnsupported", c, err)
+		h1, err := Create(Options{Version: 1, Cipher: c, PBKDF: kdf}, vk, []byte("pw"))
+		if err != nil {
+			t.Fatalf("LUKS1 with %s: %v", c, err)
 		}
+		if got, _, err := reread(t, h1).Unlock([]byte("pw")); err != nil || !bytes.Equal(got.Bytes(), vk.Bytes()) {
+			t.Fatalf("LUKS1 with %s read back does not open to the key: %v", c, err)
+		}
+	}
+	if _, err := Create(Options{Version: 1, Cipher: "camellia-xts-plain64", PBKDF: kdf}, vk, []byte("pw")); !errors.Is(err, ErrUnsupported) {
+		t.Errorf("LUKS1 with camellia-xts-plain64: %v, want ErrUnsupported", err)
 	}
 	if _, err := Create(Options{Version: 2, Cipher: "serpent", PBKDF: kdf}, vk, []byte("pw")); err == nil {
 		t.Error("a cipher without mode was accepted")

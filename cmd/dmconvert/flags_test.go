@@ -95,7 +95,7 @@ func TestEncryptFlagErrors(t *testing.T) {
 		{[]string{"--type", "luks3"}, "--type"},
 		{[]string{"--key-size", "100"}, "--key-size"},
 		{[]string{"--key-size", "384"}, "--cipher"},
-		{[]string{"--cipher", "serpent-xts-plain64"}, "--cipher"},
+		{[]string{"--cipher", "camellia-xts-plain64"}, "--cipher"},
 		{[]string{"--sector-size", "1000"}, "--sector-size"},
 		{[]string{"--sector-size", "4096", "--type", "luks1"}, "LUKS1"},
 		{[]string{"--header-size", "1000"}, "--header-size"},

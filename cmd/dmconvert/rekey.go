@@ -40,10 +40,10 @@ volumes. The new key keeps the volume's cipher and key size unless --cipher
 (a dm-crypt cipher spec, e.g. serpent-xts-plain64 or aes-cbc-essiv:sha256) or
 --key-size (bits; XTS takes twice the cipher's key, e.g. 256 or 512 for AES)
 give others; the sector size stays. Both are checked before anything is
-written: their form and, for the AES modes dmconvert runs itself, the key
-size, then by the kernel (a crypt table with the new cipher is loaded into a
-private device that is never used). The new key's keyslot is encrypted with
-the new cipher when dmconvert can run it (the AES modes), else with
+written: their form and, for the AES, Serpent and Twofish modes dmconvert
+runs itself, the key size, then by the kernel (a crypt table with the new
+cipher is loaded into a private device that is never used). A LUKS2 key's
+keyslot is encrypted with the new cipher when it is an AES mode, else with
 aes-xts-plain64 and a 512-bit key, as cryptsetup does when its crypto
 backend cannot run a cipher.
 
@@ -62,8 +62,8 @@ the device (a LUKS2 requirement marks it); resume or abort with dmconvert.
 LUKS1: the new key waits in a free keyslot (one must be free) while the
 header's magic is disguised so that cryptsetup does not recognise it. A
 LUKS1 header has one cipher and key size for the data and every keyslot, so
-a new one (--cipher, --key-size; one of the AES modes dmconvert runs, e.g.
-aes-cbc-essiv:sha256 to aes-xts-plain64 with 512 bits) is rekeyed in place
+a new one (--cipher, --key-size; AES, Serpent or Twofish, which dmconvert
+runs, e.g. aes-cbc-essiv:sha256 to aes-xts-plain64 with 512 bits) is rekeyed in place
 and every keyslot moves to the new key size's layout at the end. Every LUKS1 keyslot keeps its area whether used or not, so the
 gap is what the keyslot material leaves before the data, less 4 KiB for
 dmconvert's checkpoint records: about 1 MiB with a 256-bit key, only 24 KiB
