@@ -37,6 +37,8 @@ func vmRekey(t *testing.T) {
 			// d[13]: plain to LUKS2 with the header on the disk; d[14]: VeraCrypt with a PIM
 			{Size: 24 * guestMiB}, {Size: 16 * guestMiB},
 			// d[6]: LUKS1 with the default 512-bit key (in place); d[15]: LUKS1 with a file system on the mapping
+			{Size: 24 * guestMiB},
+			// d[16]: a Serpent LUKS2 volume made by cryptsetup
 			{Size: 24 * guestMiB}},
 		Run:     "^TestGuestRekey",
 		Files:   map[string]string{"dmconvert": bin},
@@ -459,4 +461,41 @@ func TestGuestRekeyCipher(t *testing.T) {
 		t.Fatalf("the new volume key has %d bytes, want 32", len(k))
 	}
 	t.Logf("the rekeyed header: %s", segmentLine(dump))
+}
+
+// TestGuestRekeySerpentLUKS2: a LUKS2 volume cryptsetup made with
+// serpent-xts-plain64 (its keyslot encrypted with Serpent too: the
+// kernel runs it for cryptsetup) and an ext4 mounted on the mapping is
+// rekeyed under a writer; checked live, after a cold open by stock
+// cryptsetup (still Serpent), and the old volume key opens nothing.
+func TestGuestRekeySerpentLUKS2(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	disk := d[16]
+	tag := "rksp"
+	name := tag + "-crypt"
+	sh(t, "cryptsetup", "luksFormat", "-q", "--type", "luks2", "--cipher", "serpent-xts-plain64", "--key-size", "512",
+		"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", pwFile, disk)
+	if dump := sh(t, "cryptsetup", "luksDump", disk); !regexp.MustCompile(`(?m)^Keyslots:\n(?:.*\n)*?[ \t]+Cipher:[ \t]+serpent-xts-plain64\n`).MatchString(dump) {
+		t.Fatalf("cryptsetup's keyslot is not Serpent-encrypted:\n%s", dump)
+	}
+	oldKey := saveVolumeKey(t, disk, "/tmp/rksp-old.key")
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
+	st := fsStack(t, tag, disk, state, name, "-E", "lazy_itable_init=0,lazy_journal_init=0")
+	w := startWriter(t, st, state)
+	code, out := cliRun(t, "rekey", name, "--batch-mode", "--key-file", pwFile, "--journal", st.file(state, "journal"), "--chunk-size", "1M")
+	requireExit(t, "rekey of the Serpent volume", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	st.Sizes[0] += 1 << 20 // the data starts 1 MiB earlier and ends where it did
+	verifyStack(t, st, state)
+	sh(t, "umount", st.Mounts[0])
+	sh(t, "cryptsetup", "close", name)
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
+	sh(t, "mount", "/dev/mapper/"+name, st.Mounts[0])
+	verifyStack(t, st, state)
+	dumpSays(t, disk, "serpent-xts-plain64", 512)
+	checkRekeyed(t, disk, oldKey, "/tmp/rksp-old.key")
 }
