@@ -198,14 +198,7 @@ func TestGuestRekeyLUKS1DefaultKey(t *testing.T) {
 		t.Fatalf("the dry run does not plan an in-place rekey:\n%s", out)
 	}
 	w := startWriter(t, st, state)
-	r := cliStart(t, "rekey", dev, "--batch-mode", "--json", "--key-file", pwFile, "--also-key-file", kf, "--journal", j)
-	r.waitProgress(t, 0.3)
-	r.cmd.Process.Kill()
-	code, _ = r.wait()
-	requireExit(t, "LUKS1 rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
-	if out, err := shOK("cryptsetup", "open", "--test-passphrase", "--key-file", pwFile, disk); err == nil {
-		t.Fatalf("stock cryptsetup opens the half-rekeyed LUKS1 disk:\n%s", out)
-	}
+	killLUKS1Rekey(t, disk, "rekey", dev, "--batch-mode", "--json", "--key-file", pwFile, "--also-key-file", kf, "--journal", j)
 	t0 := time.Now()
 	code, out = cliRun(t, "resume", "--journal", j, "--key-file", kf)
 	el := time.Since(t0)
@@ -268,15 +261,8 @@ func TestGuestRekeyLUKS1FS(t *testing.T) {
 		!strings.Contains(out, "where it is (data offset 2.0 MiB)") {
 		t.Fatalf("the dry run does not plan an in-place rekey to aes-xts-plain64/512:\n%s", out)
 	}
-	r := cliStart(t, "rekey", name, "--remove-other-keyslots", "--batch-mode", "--json", "--key-file", pwFile, "--journal", j,
+	killLUKS1Rekey(t, disk, "rekey", name, "--remove-other-keyslots", "--batch-mode", "--json", "--key-file", pwFile, "--journal", j,
 		"--chunk-size", "512K", "--cipher", "aes-xts-plain64", "--key-size", "512")
-	r.waitProgress(t, 0.3)
-	r.cmd.Process.Kill()
-	code, _ = r.wait()
-	requireExit(t, "LUKS1 rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
-	if out, err := shOK("cryptsetup", "open", "--test-passphrase", "--key-file", pwFile, disk); err == nil {
-		t.Fatalf("stock cryptsetup opens the half-rekeyed LUKS1 disk:\n%s", out)
-	}
 	code, out = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
 	requireExit(t, "resume of the LUKS1 rekey", code, 0, out)
 	acks, _ := w.finish(t)
@@ -305,4 +291,19 @@ func TestGuestRekeyLUKS1FS(t *testing.T) {
 	// The new key waited in keyslot 2: the first free one whose area in
 	// the 512-bit layout is clear of keyslots 0 and 1 of the 256-bit one.
 	t.Logf("the rekeyed header:\n%s", luks1Dump(t, disk, 4096, "2"))
+}
+
+// killLUKS1Rekey starts dmconvert with args (a LUKS1 rekey of disk),
+// kills it with SIGKILL a third of the way, and checks that stock
+// cryptsetup then opens nothing on the disk (its header is disguised).
+func killLUKS1Rekey(t testing.TB, disk string, args ...string) {
+	t.Helper()
+	r := cliStart(t, args...)
+	r.waitProgress(t, 0.3)
+	r.cmd.Process.Kill()
+	code, _ := r.wait()
+	requireExit(t, "LUKS1 rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
+	if out, err := shOK("cryptsetup", "open", "--test-passphrase", "--key-file", pwFile, disk); err == nil {
+		t.Fatalf("stock cryptsetup opens the half-rekeyed LUKS1 disk:\n%s", out)
+	}
 }

@@ -107,31 +107,21 @@ type staged1 struct {
 }
 
 func (s *staged1) encode(b []byte) {
+	size, crcAt := l1StagedSize, l1StagedCRCAt
 	if s.respec != nil {
-		r := b[:l1RespecSize]
-		clear(r)
-		copy(r, stagedRespecMagic)
-		var m uint32
-		for _, i := range s.slots {
-			m |= 1 << i
-		}
-		binary.BigEndian.PutUint32(r[8:], m)
-		binary.BigEndian.PutUint32(r[12:], s.iter)
-		copy(r[16:36], s.digest[:])
-		copy(r[36:68], s.salt[:])
-		copy(r[l1RespecOffName:l1RespecOffName+31], s.respec.cipherName)
-		copy(r[l1RespecOffMode:l1RespecOffMode+31], s.respec.cipherMode)
-		binary.BigEndian.PutUint32(r[l1RespecOffKey:], s.respec.keyBytes)
-		binary.BigEndian.PutUint32(r[l1RespecCRCAt:], crc32.Checksum(r[:l1RespecCRCAt], castagnoli))
-		return
+		size, crcAt = l1RespecSize, l1RespecCRCAt
 	}
-	r := b[:l1StagedSize]
+	r := b[:size]
 	clear(r)
-	if len(s.slots) == 1 {
+	switch {
+	case s.respec == nil && len(s.slots) == 1:
 		copy(r, stagedMagic)
 		binary.BigEndian.PutUint32(r[8:], uint32(s.slots[0]))
-	} else {
+	default:
 		copy(r, stagedMaskMagic)
+		if s.respec != nil {
+			copy(r, stagedRespecMagic)
+		}
 		var m uint32
 		for _, i := range s.slots {
 			m |= 1 << i
@@ -141,7 +131,12 @@ func (s *staged1) encode(b []byte) {
 	binary.BigEndian.PutUint32(r[12:], s.iter)
 	copy(r[16:36], s.digest[:])
 	copy(r[36:68], s.salt[:])
-	binary.BigEndian.PutUint32(r[l1StagedCRCAt:], crc32.Checksum(r[:l1StagedCRCAt], castagnoli))
+	if s.respec != nil {
+		copy(r[l1RespecOffName:l1RespecOffName+31], s.respec.cipherName)
+		copy(r[l1RespecOffMode:l1RespecOffMode+31], s.respec.cipherMode)
+		binary.BigEndian.PutUint32(r[l1RespecOffKey:], s.respec.keyBytes)
+	}
+	binary.BigEndian.PutUint32(r[crcAt:], crc32.Checksum(r[:crcAt], castagnoli))
 }
 
 // decodeStaged1 reads the staged-key record of a disguised phdr: nil if
