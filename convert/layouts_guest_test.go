@@ -484,7 +484,8 @@ func TestGuestLayoutSnapshotThin(t *testing.T) {
 
 // TestGuestLayoutPEStart: a PV whose data area starts at 8 MiB (4 MiB
 // metadata area, 4 MiB alignment), converted to LUKS1 (a 2 MiB header,
-// smaller than pe_start); SIGINT, resume.
+// smaller than pe_start) with serpent-xts-plain64 (the keyslot in Serpent
+// too); SIGINT, resume.
 func TestGuestLayoutPEStart(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
@@ -500,7 +501,9 @@ func TestGuestLayoutPEStart(t *testing.T) {
 	st := extRawVG(t, "pe", disk, "vgpe", "40m", "8m", state)
 	w := startWriter(t, st, state)
 	args := []string{"encrypt", disk, "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal"),
-		"--type", "luks1", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--chunk-size", "1M"}
+		"--type", "luks1", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--chunk-size", "1M",
+		// A Serpent LUKS1 volume: its keyslot in Serpent too (dmconvert's own).
+		"--cipher", "serpent-xts-plain64"}
 	r := cliStart(t, args...)
 	r.waitProgress(t, 0.3)
 	r.cmd.Process.Signal(syscall.SIGINT)
@@ -512,7 +515,7 @@ func TestGuestLayoutPEStart(t *testing.T) {
 	t.Logf("writer: %d acknowledged writes", acks)
 	name := filepath.Base(disk) + "_crypt"
 	finalChecks(t, st, name)
-	if s := sh(t, "cryptsetup", "status", name); !strings.Contains(s, "LUKS1") {
+	if s := sh(t, "cryptsetup", "status", name); !strings.Contains(s, "LUKS1") || !regexp.MustCompile(`cipher:\s+serpent-xts-plain64\n`).MatchString(s) {
 		t.Fatalf("cryptsetup status %s:\n%s", name, s)
 	}
 	verifyStack(t, st, state)
