@@ -273,16 +273,7 @@ func TestLUKSHeaderRekeyKeepsSeveralPassphrases(t *testing.T) {
 		if !bytes.Equal(ks2.Bound, oldKey) || !bytes.Equal(ks2.Unbound, newKey) {
 			t.Fatal("the staged image opened by the second passphrase does not give the old key bound and the new key unbound")
 		}
-		off := Sectors(16<<20/512) - 4<<20/512
-		fin := Final{Rekey: true, DataOffset: off}
-		if abort {
-			fin = Final{DropUnbound: true}
-		}
-		ws, err := lh2.FinalWrites(fin)
-		if err != nil {
-			t.Fatal(err)
-		}
-		applyWrites(t, path, ws)
+		finishStaged(t, lh2, path, Sectors(16<<20/512)-4<<20/512, abort)
 		want := map[string][]byte{"pass": newKey, "other": newKey, "third": nil}
 		if abort {
 			want = map[string][]byte{"pass": oldKey, "other": oldKey, "third": oldKey}
@@ -363,6 +354,21 @@ func stageTwoAndResume(t *testing.T, lh *LUKSHeader, path string, newKey []byte,
 		t.Fatal(err)
 	}
 	return lh2, ks2
+}
+
+// finishStaged writes lh's final header to the disk image at path: the
+// rekey's, with the data at off, or the abort's.
+func finishStaged(t *testing.T, lh *LUKSHeader, path string, off Sectors, abort bool) {
+	t.Helper()
+	fin := Final{Rekey: true, DataOffset: off}
+	if abort {
+		fin = Final{DropUnbound: true}
+	}
+	ws, err := lh.FinalWrites(fin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	applyWrites(t, path, ws)
 }
 
 // addOtherOpener gives lh (opened by "pass", keyslot 0) the further

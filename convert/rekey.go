@@ -60,8 +60,8 @@ type RekeyOptions struct {
 	// InPlace rewrites the data where it is (docs/design.md section 8,
 	// "In place") even when the keyslots area leaves room to move it;
 	// without room (less than Engine.MinRekeyGap) a rekey is in place
-	// anyway.
-	// Chunk is then the rewrite's step, 0 meaning DefaultPlainChunk.
+	// anyway. Chunk is then the rewrite's step, 0 meaning
+	// DefaultPlainChunk.
 	InPlace bool
 }
 

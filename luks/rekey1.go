@@ -287,11 +287,10 @@ func (h *Header) stageKey1(vk *VolumeKey, key []byte, p PBKDF, segmentCipher str
 		if err := fillRandom(st.salt[:]); err != nil {
 			return -1, err
 		}
-		hf, err := hashByName(l.hashSpec)
+		d, err := st.digestOf(l.hashSpec, vk.Bytes())
 		if err != nil {
 			return -1, err
 		}
-		d := pbkdf2.Key(vk.Bytes(), st.salt[:], int(st.iter), luks1DigestSize, hf)
 		copy(st.digest[:], d)
 		l.staged = st
 	}
@@ -386,13 +385,22 @@ func fillRandom(b []byte) error {
 
 // verify reports whether k is the staged key (its digest matches).
 func (st *staged1) verify(hashSpec string, k []byte) bool {
-	hf, err := hashByName(hashSpec)
+	got, err := st.digestOf(hashSpec, k)
 	if err != nil {
 		return false
 	}
-	got := pbkdf2.Key(k, st.salt[:], int(st.iter), luks1DigestSize, hf)
 	defer wipe(got)
 	return subtle.ConstantTimeCompare(got, st.digest[:]) == 1
+}
+
+// digestOf is the digest the record keeps for key k: PBKDF2 with the
+// header's hash and the record's salt and iterations.
+func (st *staged1) digestOf(hashSpec string, k []byte) ([]byte, error) {
+	hf, err := hashByName(hashSpec)
+	if err != nil {
+		return nil, err
+	}
+	return pbkdf2.Key(k, st.salt[:], int(st.iter), luks1DigestSize, hf), nil
 }
 
 // unlockStaged1 opens the staged key of a LUKS1 rekey with key, trying
