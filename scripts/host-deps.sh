@@ -10,6 +10,7 @@ pkgs=(
 	qemu-system-x86   # the VM (TCG)
 	busybox-static    # guest userland
 	lvm2 dmsetup cryptsetup-bin e2fsprogs xfsprogs tcplay
+	udev              # udevd in the guest, for the tests that run it
 	util-linux mount fdisk coreutils bash
 	kmod              # modprobe --show-depends, depmod for the guest's modules
 	xz-utils          # unpacks the kernel's XZ payload into a bootable ELF vmlinux

@@ -70,8 +70,9 @@
 //     tmpfs: executing from 9p costs seconds per program start. The
 //     package's testdata directory is copied to /share/testdata, so
 //     relative paths work as on the host.
-//   - Environment: root, DMCONVERT_GUEST=1, DM_DISABLE_UDEV=1 (there is no
-//     udev: libdevmapper creates /dev/mapper nodes itself),
+//   - Environment: root, DMCONVERT_GUEST=1, DM_DISABLE_UDEV=1 (no udevd
+//     runs unless a test starts it: libdevmapper creates /dev/mapper nodes
+//     itself),
 //     PATH=/usr/sbin:/usr/bin, TMPDIR=/tmp (a tmpfs), LC_ALL=C, plus
 //     Options.Env. /run/lock/lvm and /run/cryptsetup exist.
 //   - LVM: lvm.conf without udev (udev_sync, udev_rules,
@@ -86,7 +87,11 @@
 //     xfs_repair, xfs_db, xfs_growfs, xfs_admin, xfs_io), util-linux
 //     (blkid, wipefs, blockdev, losetup, findmnt, lsblk, mount, umount,
 //     sfdisk), coreutils (dd, date, sha256sum, truncate, stat, sync,
-//     timeout), tcplay, script (a terminal for tcplay -c); copied from the host with their shared libraries.
+//     timeout), tcplay, script (a terminal for tcplay -c), udevadm (and
+//     /usr/lib/systemd/systemd-udevd, the same program) with Debian's udev
+//     rules for block and dm devices (guestUdevRules; started only by the
+//     tests that want udev, e.g. convert's TestGuestUdev*); copied from the
+//     host with their shared libraries.
 //   - Modules loaded at boot: virtio, 9p, dm-mod, dm-crypt, dm-mirror
 //     (dm-log, dm-region-hash), dm-flakey, dm-log-writes, dm-delay,
 //     dm-zero, dm-snapshot, loop, ext4, aesni, xts, ecb, sha256, af_alg,

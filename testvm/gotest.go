@@ -167,8 +167,11 @@ func RunTestsInGuest(t *testing.T, opts Options) {
 	for i, a := range args {
 		quoted[i] = shellQuote(a)
 	}
-	script := "set -o pipefail\n" +
-		"mkdir -p " + GuestFilesDir + "\n" +
+	script := "set -o pipefail\n"
+	if os.Getenv(EnvVMUdev) == "1" {
+		script += udevPrelude
+	}
+	script += "mkdir -p " + GuestFilesDir + "\n" +
 		"if [ -d files ]; then cp -a files/. " + GuestFilesDir + "/; fi\n" +
 		"cp " + shellQuote(bin) + " " + guestRunDir + "/\n" +
 		strings.Join(quoted, " ") + " 2>&1 | tee .testvm/test.out\n"
@@ -462,3 +465,24 @@ func copyFile(src, dst string) error {
 	}
 	return out.Close()
 }
+
+// EnvVMUdev (DMCONVERT_VM_UDEV=1 on the host) runs every guest test of
+// RunTestsInGuest with udev, as on a Debian system: udevd started with
+// Debian's rules and coldplugged, DM_DISABLE_UDEV unset, and LVM's udev
+// settings on (LVM_SYSTEM_DIR). An exploration mode, not part of make
+// test: a few tests check the udev-less guest itself (the testvm
+// package's environment checks, say) and fail under it.
+const EnvVMUdev = "DMCONVERT_VM_UDEV"
+
+// udevPrelude is the guest script's start under EnvVMUdev.
+const udevPrelude = `unset DM_DISABLE_UDEV
+mkdir -p /run/lvm-udev
+sed -e 's/udev_sync = 0/udev_sync = 1/' -e 's/udev_rules = 0/udev_rules = 1/' \
+	-e 's/obtain_device_list_from_udev = 0/obtain_device_list_from_udev = 1/' \
+	/etc/lvm/lvm.conf > /run/lvm-udev/lvm.conf
+export LVM_SYSTEM_DIR=/run/lvm-udev
+/usr/lib/systemd/systemd-udevd --daemon --resolve-names=never || exit 125
+udevadm trigger --action=add --subsystem-match=block
+udevadm settle --timeout=120
+echo "[testvm] udevd running (DMCONVERT_VM_UDEV)"
+`

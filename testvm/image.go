@@ -126,6 +126,24 @@ var guestTools = []guestTool{
 	{name: "timeout", pkg: "coreutils"},
 	{name: "tcplay", pkg: "tcplay"},
 	{name: "script", pkg: "bsdutils"}, // a terminal for tcplay -c, which reads its passphrase from one
+	// udev, for the tests that run udevd (guestUdevRules); no other test
+	// starts it, so the guest has no udev by default.
+	{name: "udevadm", pkg: "udev"},
+}
+
+// guestUdevRules are the udev rules files copied into the guest (from
+// /lib/udev/rules.d): what a Debian system runs for block and
+// device-mapper devices: dmsetup's rules (/dev/mapper links, the cookie
+// completion), systemd's block rules (the inotify watch that turns a
+// close after a write into a "change" event, blkid probing,
+// /dev/disk/by-* links).
+var guestUdevRules = []struct{ name, pkg string }{
+	{"50-udev-default.rules", "udev"},
+	{"55-dm.rules", "dmsetup"},
+	{"60-block.rules", "udev"},
+	{"60-persistent-storage.rules", "udev"},
+	{"60-persistent-storage-dm.rules", "dmsetup"},
+	{"95-dm-notify.rules", "dmsetup"},
 }
 
 // lvmCommands are the usual names of the lvm multi-call binary.
@@ -484,6 +502,22 @@ func userlandTree() (tree, error) {
 		if !have[a] {
 			t.symlink("usr/sbin/"+a, "../bin/busybox")
 		}
+	}
+
+	// udevd is udevadm under another name (as in Debian's udev package).
+	t.symlink("usr/lib/systemd/systemd-udevd", "../../bin/udevadm")
+	for _, r := range guestUdevRules {
+		src := ""
+		for _, d := range []string{"/lib/udev/rules.d", "/usr/lib/udev/rules.d"} {
+			if _, err := os.Stat(filepath.Join(d, r.name)); err == nil {
+				src = filepath.Join(d, r.name)
+				break
+			}
+		}
+		if src == "" {
+			return nil, fmt.Errorf("testvm: udev rules file %s not found in /lib/udev/rules.d (install the Debian package %s; make test does)", r.name, r.pkg)
+		}
+		t.file("usr/lib/udev/rules.d/"+r.name, 0o644, src)
 	}
 
 	t.data("init", 0o755, initScript)
