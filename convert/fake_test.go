@@ -251,6 +251,13 @@ func checkFakeCrypt(t dmtable.Table) error {
 			return fmt.Errorf("fake kernel: crypt: unknown cipher %s: invalid argument", c.Cipher)
 		}
 		n := len(c.Key.Payload()) / 2
+		if typ, desc, ok := c.Key.Keyring(); ok {
+			k, found := fakeKeyringKey(typ, desc)
+			if !found || len(k) != c.Key.Size() {
+				return fmt.Errorf("fake kernel: crypt: no %d-byte key %s:%s in the keyring: invalid argument", c.Key.Size(), typ, desc)
+			}
+			n = len(k)
+		}
 		if !slices.Contains(sizes, n) {
 			return fmt.Errorf("fake kernel: crypt: cipher %s takes no %d-byte key: invalid argument", c.Cipher, n)
 		}
@@ -308,7 +315,24 @@ func (c *fakeCipher) crypt(dst, src []byte, iv uint64) {
 var (
 	cipherMu    sync.Mutex
 	cipherCache = map[*dmtable.Crypt]*fakeCipher{}
+	// fakeKeyring is the fake kernel's keyring ("type:description" ->
+	// key): what a crypt table's keyring key reference finds.
+	fakeKeyring = map[string][]byte{}
 )
+
+// addFakeKeyringKey puts key into the fake kernel's keyring.
+func addFakeKeyringKey(typ, desc string, key []byte) {
+	cipherMu.Lock()
+	defer cipherMu.Unlock()
+	fakeKeyring[typ+":"+desc] = append([]byte(nil), key...)
+}
+
+func fakeKeyringKey(typ, desc string) ([]byte, bool) {
+	cipherMu.Lock()
+	defer cipherMu.Unlock()
+	k, ok := fakeKeyring[typ+":"+desc]
+	return k, ok
+}
 
 func (w *fakeWorld) cipher(p *dmtable.Crypt) (*fakeCipher, error) {
 	cipherMu.Lock()
@@ -319,9 +343,18 @@ func (w *fakeWorld) cipher(p *dmtable.Crypt) (*fakeCipher, error) {
 	if _, ok := fakeCiphers[string(p.Cipher)]; !ok {
 		return nil, fmt.Errorf("fake kernel: cipher %s", p.Cipher)
 	}
-	key, err := hex.DecodeString(p.Key.Payload())
-	if err != nil {
-		return nil, err
+	var key []byte
+	if typ, desc, ok := p.Key.Keyring(); ok {
+		k, found := fakeKeyring[typ+":"+desc]
+		if !found {
+			return nil, fmt.Errorf("fake kernel: no key %s:%s in the keyring", typ, desc)
+		}
+		key = k
+	} else {
+		var err error
+		if key, err = hex.DecodeString(p.Key.Payload()); err != nil {
+			return nil, err
+		}
 	}
 	c := &fakeCipher{}
 	h := sha512.Sum512(append([]byte(string(p.Cipher)+"\x00"), key...))

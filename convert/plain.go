@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/dmconvert/dmconvert/dmtable"
 	"github.com/dmconvert/dmconvert/luks"
@@ -342,6 +343,11 @@ type PlainRekeyOptions struct {
 	// paths of its TrueCrypt keyfiles.
 	PIM            int
 	TCryptKeyfiles []string
+	// OldKey gives the old key (keyBytes long) when the mapping's table
+	// does not show it (a key in the kernel keyring): from a key file, or
+	// from a passphrase with plain mode's hashing. It is checked against
+	// the live mapping before anything is written.
+	OldKey func(keyBytes int) ([]byte, error)
 }
 
 // DefaultPlainChunk is the default chunk of an in-place rewrite: the
@@ -410,8 +416,13 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	if _, err := os.Lstat(target); err == nil && !onDisk {
 		return nil, refuse(m.name, "choose a path that does not exist yet", "%s %s already exists", what, target)
 	}
-	if m.crypt.Key.IsKeyring() || m.crypt.Key.IsEmpty() {
-		return nil, refuse(m.name, "", "its key is not in its table (kernel keyring %q): the old key cannot be read", m.crypt.Key.String())
+	if m.crypt.Key.IsEmpty() {
+		return nil, refuse(m.name, "", "its table has no key")
+	}
+	keyring := m.crypt.Key.IsKeyring()
+	if keyring && (tc || o.OldKey == nil) {
+		return nil, refuse(m.name, "give the old key with --old-key-file FILE or, for a mapping opened with a passphrase, the hash it was opened with (--hash; the passphrase is then asked)",
+			"its key is in the kernel keyring (%s), which no program can read back", m.crypt.Key.String())
 	}
 	if m.crypt.IVOffset != 0 && o.Type == "luks2" && !tc {
 		return nil, refuse(m.name, "rekey it as plain (without --type luks2)", "its IV offset (--skip) is %d: a LUKS2 data segment starts at IV 0", m.crypt.IVOffset)
@@ -451,6 +462,20 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	if err != nil {
 		return nil, refuse(m.name, "", "cannot rekey: %v", err)
 	}
+	var oldKey []byte
+	if keyring {
+		if oldKey, err = e.keyringOldKey(m, o.OldKey, cs, di.Dev, off); err != nil {
+			return nil, err
+		}
+	} else {
+		oldKey = m.crypt.Key.Bytes()
+	}
+	planned := false
+	defer func() {
+		if !planned {
+			clear(oldKey)
+		}
+	}()
 	if tc {
 		ncs.IVOffset = 0 // a LUKS2 data segment starts at IV 0
 	}
@@ -522,7 +547,7 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	if err := e.checkNewJournal(jpath, di.Dev, dpath); err != nil {
 		return nil, err
 	}
-	oldKey := m.crypt.Key.Bytes()
+	planned = true // oldKey is the plan's (or cleared below) from here on
 	newKey := make([]byte, ncs.KeyBytes)
 	if _, err := rand.Read(newKey); err != nil {
 		clear(oldKey)
@@ -736,6 +761,81 @@ func (e *Engine) checkHeaderRoom(m *cryptMapping, dpath string, di DiskInfo, off
 	}
 	if id := Identify(first); id != IdentityUnknown {
 		return refuse(dpath, "give --header FILE for a detached header, or clear the start of the disk if it is unused", "its first sectors, before the data, hold %v, which the LUKS2 header would overwrite", id)
+	}
+	return nil
+}
+
+// keyringOldKey gets the old key of a plain mapping whose table names a
+// kernel keyring key from get, and checks it against the live mapping: a
+// private read-only crypt device with that key over the same sectors must
+// read what the mapping reads (sampled across it; a sample that differs
+// is read again, as the volume is in use). A wrong key reads noise.
+func (e *Engine) keyringOldKey(m *cryptMapping, get func(int) ([]byte, error), cs CryptSpec, disk dmtable.Dev, off Sectors) ([]byte, error) {
+	k, err := get(m.crypt.Key.Size())
+	if err != nil {
+		return nil, err
+	}
+	if len(k) != m.crypt.Key.Size() {
+		n := len(k)
+		clear(k)
+		return nil, refuse(m.name, "", "the old key given is %d bytes; its table's key is %d", n, m.crypt.Key.Size())
+	}
+	if err := e.checkOldKey(m, k, cs, disk, off); err != nil {
+		clear(k)
+		return nil, err
+	}
+	return k, nil
+}
+
+// keyCheckSamples is how many places of a mapping checkOldKey compares.
+const keyCheckSamples = 16
+
+func (e *Engine) checkOldKey(m *cryptMapping, k []byte, cs CryptSpec, disk dmtable.Dev, off Sectors) error {
+	id, err := newRunID()
+	if err != nil {
+		return err
+	}
+	hk := dmtable.HexKey(k)
+	defer hk.Wipe()
+	name := "dmconvert-" + id + "-keycheck"
+	t := dmtable.Table{cryptTarget(0, m.size, cs, hk, 0, disk, off)}
+	if _, err := e.DM.Create(name, helperUUID(id, "keycheck"), t); err != nil {
+		return fmt.Errorf("%s: creating %s to check the old key: %w", m.name, name, err)
+	}
+	defer e.DM.Remove(name)
+	live, err := e.Host.OpenDisk(e.Host.NodePath(m.name))
+	if err != nil {
+		return err
+	}
+	defer live.Close()
+	probe, err := e.Host.OpenDisk(e.Host.NodePath(name))
+	if err != nil {
+		return err
+	}
+	defer probe.Close()
+	bs := int64(max(cs.SectorSize, 512))
+	n := int64(m.size) * 512 / bs
+	a, b := make([]byte, bs), make([]byte, bs)
+	defer clear(a)
+	defer clear(b)
+	for i := int64(0); i < keyCheckSamples; i++ {
+		at := (n - 1) * i / (keyCheckSamples - 1) * bs
+		same := false
+		for try := 0; try < 5 && !same; try++ {
+			if try > 0 {
+				time.Sleep(20 * time.Millisecond)
+			}
+			if _, err := live.ReadAt(a, at); err != nil {
+				return fmt.Errorf("%s: reading it to check the old key: %w", m.name, err)
+			}
+			if _, err := probe.ReadAt(b, at); err != nil {
+				return fmt.Errorf("%s: reading %s to check the old key: %w", m.name, name, err)
+			}
+			same = bytes.Equal(a, b)
+		}
+		if !same {
+			return fmt.Errorf("%s: the old key given is not its key (byte %d reads differently with it): %w", m.name, at, ErrWrongPassphrase)
+		}
 	}
 	return nil
 }

@@ -579,3 +579,71 @@ func (sc *scenario) resumeRefused(w *fakeWorld, e *Engine, o ResumeOptions, what
 		sc.t.Fatalf("devices created by a refused resume: %v", w.devs)
 	}
 }
+
+// TestPlainRekeyKeyringKey: a plain mapping whose table names a kernel
+// keyring key. Without OldKey the plan is refused; a wrong old key is
+// refused as a wrong key (checked against the live mapping, its probe
+// device removed, nothing written); the right one plans and runs.
+func TestPlainRekeyKeyringKey(t *testing.T) {
+	sc, w := plainWorld(t, 64)
+	e := sc.engine(w)
+	addFakeKeyringKey("logon", "fake:"+t.Name(), sc.key)
+	tbl, err := e.DM.Table("vda_crypt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tbl[0].Params.(*dmtable.Crypt).Key = dmtable.KeyringKey(len(sc.key), "logon", "fake:"+t.Name())
+	for _, err := range []error{e.DM.Load("vda_crypt", tbl), e.DM.Suspend("vda_crypt"), e.DM.Resume("vda_crypt")} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	image := func() []byte {
+		b := make([]byte, sc.N*512)
+		if _, err := (fakeDiskIO{w: w, dev: sc.disk}).ReadAt(b, 0); err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	before := image()
+	o := sc.plainOptions()
+	if _, err := e.PlanPlainRekey(context.Background(), o); err == nil || !strings.Contains(err.Error(), "kernel keyring") {
+		t.Fatalf("plan without the old key: %v, want a refusal naming the kernel keyring", err)
+	}
+	asked := 0
+	wrong := bytes.Repeat([]byte{7}, len(sc.key))
+	o.OldKey = func(n int) ([]byte, error) {
+		asked++
+		if n != len(sc.key) {
+			t.Errorf("asked for a %d-byte old key, the table's is %d", n, len(sc.key))
+		}
+		return append([]byte(nil), wrong...), nil
+	}
+	if _, err := e.PlanPlainRekey(context.Background(), o); !errors.Is(err, ErrWrongPassphrase) || !strings.Contains(err.Error(), "vda_crypt") {
+		t.Fatalf("plan with a wrong old key: %v, want a wrong-key error naming vda_crypt", err)
+	}
+	if asked != 1 {
+		t.Fatalf("the old key was asked %d times", asked)
+	}
+	devs, err := e.DM.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range devs {
+		if strings.HasPrefix(d.Name, "dmconvert-") {
+			t.Fatalf("%s left after the key check", d.Name)
+		}
+	}
+	if !bytes.Equal(before, image()) {
+		t.Fatal("a refused plan changed the disk")
+	}
+	o.OldKey = func(int) ([]byte, error) { return append([]byte(nil), sc.key...), nil }
+	ep, err := e.PlanPlainRekey(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Execute(context.Background(), ep, RunOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	sc.verifyPlainRekeyed(w, e)
+}

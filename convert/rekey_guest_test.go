@@ -39,6 +39,8 @@ func vmRekey(t *testing.T) {
 			// d[6]: LUKS1 with the default 512-bit key (in place); d[15]: LUKS1 with a file system on the mapping
 			{Size: 24 * guestMiB},
 			// d[16]: a Serpent LUKS2 volume made by cryptsetup
+			{Size: 24 * guestMiB},
+			// d[17]: a plain mapping whose key is in the kernel keyring
 			{Size: 24 * guestMiB}},
 		Run:     "^TestGuestRekey",
 		Files:   map[string]string{"dmconvert": bin},

@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/dmconvert/dmconvert/luks"
 	"github.com/dmconvert/dmconvert/testvm"
@@ -403,6 +406,82 @@ func TestGuestRekeyPlainToLUKS2OnDisk(t *testing.T) {
 	sh(t, "cryptsetup", "close", name)
 	oldKeySeesNothing(t, disk, oldKeyFile, "--offset", "2048")
 	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
+	sh(t, "mount", dev, mp)
+	verifyStack(t, st, state)
+}
+
+// TestGuestRekeyPlainKeyring: a plain mapping whose table names a kernel
+// keyring key (":64:logon:...", as dmsetup or a keyring-using tool loads
+// it), so that no program can read its key back: an ext4 mounted on it is
+// rekeyed under a writer. Without the old key the rekey is refused; a
+// wrong passphrase (--hash) is refused, checked against the live mapping,
+// with the disk unchanged; a dry run with the right passphrase passes the
+// check; the run, given the old key with --old-key-file, is killed with
+// SIGKILL mid-run and resumed; checked live and after a cold open with
+// the new key file.
+func TestGuestRekeyPlainKeyring(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	disk := d[17]
+	tag := "pkr"
+	name := tag + "-crypt"
+	oldKeyFile, newKeyFile := "/tmp/pkr-old.key", "/tmp/pkr-new.key"
+	pass := "pkr old passphrase"
+	// The key cryptsetup's plain mode makes from the passphrase (its
+	// default hash), into the user keyring as a logon key.
+	shIn(t, []byte(pass+"\n"), "cryptsetup", "open", "--type", "plain", "--cipher", "aes-xts-plain64", "--key-size", "512", disk, tag+"-tmp")
+	oldKey := tableKey(t, tag+"-tmp")
+	sh(t, "cryptsetup", "close", tag+"-tmp")
+	writeFileSync(t, oldKeyFile, oldKey)
+	if _, err := unix.AddKey("logon", "dmconvert:"+tag, oldKey, unix.KEY_SPEC_USER_KEYRING); err != nil {
+		t.Fatalf("add_key logon dmconvert:%s: %v", tag, err)
+	}
+	sectors := diskSectors(t, disk)
+	sh(t, "dmsetup", "create", name, "--uuid", "CRYPT-PLAIN-"+name, "--table",
+		fmt.Sprintf("0 %d crypt aes-xts-plain64 :64:logon:dmconvert:%s 0 %s 0", sectors, tag, disk))
+	if tb := sh(t, "dmsetup", "table", "--showkeys", name); !strings.Contains(tb, ":64:logon:dmconvert:"+tag) {
+		t.Fatalf("the mapping's table does not name the keyring key: %s", tb)
+	}
+	dev := "/dev/mapper/" + name
+	st := fsStack(t, tag, disk, state, name, "-E", "lazy_itable_init=0,lazy_journal_init=0")
+	mp := st.Mounts[0]
+	j := st.file(state, "journal")
+	sh(t, "sync")
+	sh(t, "umount", mp) // a quiet disk, to check that a refusal writes nothing
+	refusedNaming(t, disk, name, 2, "kernel keyring", "rekey", name, "--new-key-file", newKeyFile, "--batch-mode", "--journal", j)
+	before := diskBytes(t, disk)
+	code, out := cliRunIn(t, nil, []byte("not the passphrase\n"), "rekey", name, "--hash", luks.DefaultPlainHash, "--new-key-file", newKeyFile, "--batch-mode", "--journal", j)
+	if code != 3 || !strings.Contains(out, "is not its key") || !strings.Contains(out, name) {
+		t.Fatalf("rekey with a wrong old passphrase: exit %d (want 3)\n%s", code, out)
+	}
+	code, out = cliRunIn(t, nil, []byte(pass+"\n"), "rekey", name, "--hash", luks.DefaultPlainHash, "--dry-run", "--new-key-file", newKeyFile, "--journal", j)
+	requireExit(t, "dry run with the right old passphrase", code, 0, out)
+	if !bytes.Equal(before, diskBytes(t, disk)) {
+		t.Fatal("a refused rekey or the dry run changed the disk")
+	}
+	for _, p := range []string{j, newKeyFile} {
+		if _, err := os.Stat(p); err == nil {
+			t.Fatalf("a refused rekey or the dry run created %s", p)
+		}
+	}
+	sh(t, "mount", dev, mp)
+	w := startWriter(t, st, state)
+	r := cliStart(t, "rekey", name, "--old-key-file", oldKeyFile, "--new-key-file", newKeyFile, "--batch-mode", "--json", "--journal", j, "--chunk-size", "1M")
+	r.waitProgress(t, 0.3)
+	r.cmd.Process.Kill()
+	code, _ = r.wait()
+	requireExit(t, "plain rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
+	code, out = cliRun(t, "resume", "--journal", j, "--old-key-file", oldKeyFile)
+	requireExit(t, "resume of the keyring plain rekey", code, 0, out)
+	acks, gap := w.finish(t)
+	t.Logf("writer: %d acknowledged writes, longest gap %v", acks, gap)
+	verifyStack(t, st, state)
+	checkPlainRekeyed(t, disk, name, oldKey, newKeyFile)
+	shOK("umount", mp)
+	sh(t, "dmsetup", "remove", name)
+	oldKeySeesNothing(t, disk, oldKeyFile)
+	plainOpen(t, disk, name, newKeyFile, "512")
 	sh(t, "mount", dev, mp)
 	verifyStack(t, st, state)
 }

@@ -240,3 +240,30 @@ func TestNameAlsoKeyFiles(t *testing.T) {
 		t.Fatal("an unrelated error was changed")
 	}
 }
+
+// rekey's --hash and --old-key-file (a plain mapping whose key is in the
+// kernel keyring; its key size is not known before the plan).
+func TestCheckOldKeyFlagsBeforePlan(t *testing.T) {
+	for _, c := range []struct {
+		hash, oldKeyFile, keyFile string
+		toLUKS2, tty              bool
+		bad                       string
+	}{
+		{"", "/k", "", false, false, ""},
+		{"ripemd160", "", "", false, false, ""},
+		{"sha256", "/k", "", false, false, "give one of them"},
+		{"whirlpool", "", "", false, false, "whirlpool"},
+		{"sha256", "", "", true, false, "--key-file FILE"},
+		{"sha256", "", "-", true, false, "--key-file FILE"},
+		{"sha256", "", "/pw", true, false, ""},
+		{"sha256", "", "", true, true, ""},
+	} {
+		err := checkOldKeyFlags(c.hash, c.oldKeyFile, c.toLUKS2, c.keyFile, c.tty, 0)
+		switch {
+		case c.bad == "" && err != nil:
+			t.Errorf("%+v: %v", c, err)
+		case c.bad != "" && (err == nil || !strings.Contains(err.Error(), c.bad) || exitCode(err) != exitRefused):
+			t.Errorf("%+v: %v, want a usage error with %q", c, err, c.bad)
+		}
+	}
+}

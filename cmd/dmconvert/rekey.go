@@ -26,6 +26,8 @@ type rekeyOptions struct {
 	alsoKeys     []string // --also-key-file
 	kdf          kdfFlags
 	inPlace      bool
+	oldKeyFile   string // plain, key in the keyring
+	hash         string // plain, key in the keyring, from a passphrase
 }
 
 func (a *app) rekeyCommand(mark markFunc) *cobra.Command {
@@ -82,13 +84,16 @@ Plain dm-crypt (a mapping opened by cryptsetup open --type plain): there is
 no header, so --new-key-file PATH is required: the new random key is written
 there (mode 0600, it must not exist, not on TARGET) when the run starts, as
 the raw key cryptsetup's plain mode reads from a key file. The old key is
-read from the mapping's table (no passphrase is asked). With no free space,
+read from the mapping's table (no passphrase is asked); when the table names
+a kernel keyring key instead, give it with --old-key-file FILE or, for a
+mapping opened with a passphrase, --hash HASH (the passphrase is asked): it
+is checked against the live mapping before anything is written. With no free space,
 the data is re-encrypted where it is: one chunk at a time (--chunk-size,
 default 1 MiB) the mapping is suspended, the chunk's old ciphertext is saved
 in the journal, and the chunk is rewritten under the new key. A plain volume
 carries no mark a boot-time tool could see: until the run ends, do not let
-crypttab open it at boot (after a crash, resume with --key-file OLD-KEY-FILE
-if no live mapping still shows the old key). When it ends, point crypttab at
+crypttab open it at boot (after a crash, resume with --old-key-file OLD-KEY-FILE,
+or --hash for a passphrase, if no live mapping still shows the old key). When it ends, point crypttab at
 the new key file.
 
 Plain dm-crypt to LUKS2: --type luks2 --header FILE writes a LUKS2 header to
@@ -126,6 +131,8 @@ headers are zeroed. A hidden volume inside it does not survive.`,
 	f.StringVar(&o.luksType, "type", "", "plain dm-crypt: luks2 turns the volume into LUKS2, its header in --header FILE or, without it, on the device before the data (TrueCrypt: always luks2, --header FILE)")
 	f.StringVar(&o.headerFile, "header", "", "plain dm-crypt with --type luks2, or TrueCrypt/VeraCrypt: write the detached LUKS2 header to this file")
 	f.StringArrayVar(&o.tcKeyfiles, "tcrypt-keyfile", nil, "TrueCrypt/VeraCrypt: a keyfile of the volume (repeat for several; as cryptsetup --type tcrypt --key-file); a resume reads them again")
+	f.StringVar(&o.oldKeyFile, "old-key-file", "", "plain dm-crypt whose table does not show its key (a key in the kernel keyring): the old key file (the key itself)")
+	f.StringVar(&o.hash, "hash", "", "plain dm-crypt whose table does not show its key, opened with a passphrase: make the old key from the passphrase (asked, or the first line of standard input) with this hash, as cryptsetup open --type plain --hash does (its default: "+luks.DefaultPlainHash+")")
 	f.IntVar(&o.pim, "veracrypt-pim", 0, "VeraCrypt: the volume's PIM (as cryptsetup --veracrypt-pim), if it was made with one")
 	f.StringVar(&o.kdf.pbkdf, "pbkdf", "", "with --type luks2: the new keyslot's KDF: argon2id (default), argon2i or pbkdf2")
 	f.Uint32Var(&o.kdf.iter, "pbkdf-force-iterations", 0, "with --type luks2: KDF iterations (pbkdf2) or time cost (argon2), skipping the benchmark")
@@ -180,7 +187,14 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 	if o.inPlace && tcrypt {
 		return usagef("%s: --in-place: a TrueCrypt/VeraCrypt volume's data moves over its headers (a plain mapping is always rewritten in place)", target)
 	}
+	if (o.oldKeyFile != "" || o.hash != "") && (!plain || tcrypt) {
+		return usagef("%s: --old-key-file and --hash give the old key of a plain dm-crypt mapping whose table does not show it", target)
+	}
 	if plain {
+		oldKey, err := o.plainOldKey(a, target)
+		if err != nil {
+			return err
+		}
 		if o.removeOthers {
 			return usagef("%s: --remove-other-keyslots: a plain mapping has no keyslots", target)
 		}
@@ -188,7 +202,8 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 			return usagef("%s: --also-key-file: a plain or TrueCrypt mapping has no keyslots to keep", target)
 		}
 		po := convert.PlainRekeyOptions{Target: target, NewKeyFile: o.newKeyFile, Journal: o.journal, Chunk: chunk,
-			Cipher: o.cipher, KeySize: o.keySize, Type: o.luksType, HeaderFile: o.headerFile, Passphrase: pass, PIM: o.pim, TCryptKeyfiles: o.tcKeyfiles}
+			Cipher: o.cipher, KeySize: o.keySize, Type: o.luksType, HeaderFile: o.headerFile, Passphrase: pass, PIM: o.pim, TCryptKeyfiles: o.tcKeyfiles,
+			OldKey: oldKey}
 		if o.luksType == "luks2" || tcrypt {
 			if po.PBKDF, err = o.kdf.build(2); err != nil {
 				return err
@@ -230,6 +245,22 @@ func (a *app) runRekey(ctx context.Context, o *rekeyOptions, args []string) (err
 		dryRun: o.dryRun, confirmed: o.yes || o.batch, verb: "re-encrypt with a new volume key",
 		print: a.printRekeyPlan, finish: a.finishRekey,
 	})
+}
+
+// plainOldKey checks --old-key-file and --hash and returns what reads the
+// old key of a plain mapping whose table names a keyring key (nil when
+// neither is given: the plan then refuses such a mapping).
+func (o *rekeyOptions) plainOldKey(a *app, target string) (func(int) ([]byte, error), error) {
+	if err := checkOldKeyFlags(o.hash, o.oldKeyFile, o.luksType == "luks2", o.key.file, a.stdinTTY, 0); err != nil {
+		return nil, usagef("%s: %v", target, err)
+	}
+	switch {
+	case o.hash != "":
+		return func(n int) ([]byte, error) { return a.plainPassphraseKey(o.hash, target, n, target) }, nil
+	case o.oldKeyFile != "":
+		return func(int) ([]byte, error) { return a.readKey(keyOptions{file: o.oldKeyFile}, target) }, nil
+	}
+	return nil, nil
 }
 
 func (a *app) printRekeyPlan(ep *convert.EncryptPlan) {

@@ -189,7 +189,7 @@ func (a *app) continueRun(ctx context.Context, o *continueOptions, args []string
 		ro.Passphrase = key
 		ro.OldKey = func() ([]byte, error) {
 			if o.hash != "" {
-				return a.plainPassphraseKey(o.hash, ri.Spec, disk)
+				return a.plainPassphraseKey(o.hash, ri.Spec.Name, ri.Spec.OldCrypt.KeyBytes, disk)
 			}
 			if o.oldKeyFile == "" {
 				return nil, usagef("%s: no live mapping shows the old key of this plain rekey: give the old key file with --old-key-file, or, for a mapping opened with a passphrase, its hash with --hash", disk)
@@ -438,13 +438,27 @@ func (o *continueOptions) checkHash(spec *convert.Spec, stdinTTY bool) error {
 		return usagef("--hash is for the rekey of a plain dm-crypt mapping; this run is a %s of a LUKS volume", spec.Op)
 	case spec.TCrypt:
 		return usagef("--hash is for the rekey of a plain dm-crypt mapping; this run converts a TrueCrypt volume, whose old key comes from its passphrase")
-	case o.oldKeyFile != "":
+	}
+	return checkOldKeyFlags(o.hash, o.oldKeyFile, spec.PlainTo == "luks2", o.key.file, stdinTTY, spec.OldCrypt.KeyBytes)
+}
+
+// checkOldKeyFlags refuses a --hash that cannot be used with the other
+// flags (keyBytes: the old key's size, 0 when not known yet).
+func checkOldKeyFlags(hash, oldKeyFile string, toLUKS2 bool, keyFile string, stdinTTY bool, keyBytes int) error {
+	switch {
+	case hash == "":
+		return nil
+	case oldKeyFile != "":
 		return usagef("--hash makes the old key from a passphrase, --old-key-file gives the key itself: give one of them (cryptsetup's plain mode does not hash key files either)")
-	case spec.PlainTo == "luks2" && !stdinTTY && (o.key.file == "" || o.key.file == "-"):
+	case toLUKS2 && !stdinTTY && (keyFile == "" || keyFile == "-"):
 		return usagef("with --hash the old passphrase is read from standard input: give the new header's passphrase with --key-file FILE")
 	}
-	if _, err := luks.PlainKey(o.hash, make([]byte, spec.OldCrypt.KeyBytes), spec.OldCrypt.KeyBytes); err != nil {
-		return usagef("--hash %s: %v", o.hash, err)
+	n := keyBytes
+	if n == 0 {
+		n = 64 // the largest plain key; the real size is checked when known
+	}
+	if _, err := luks.PlainKey(hash, make([]byte, n), n); err != nil {
+		return usagef("--hash %s: %v", hash, err)
 	}
 	return nil
 }
@@ -452,11 +466,11 @@ func (o *continueOptions) checkHash(spec *convert.Spec, stdinTTY bool) error {
 // plainPassphraseKey asks for the passphrase a plain mapping was opened
 // with (or reads the first line of standard input) and makes the old key
 // from it as cryptsetup's plain mode does.
-func (a *app) plainPassphraseKey(hash string, spec *convert.Spec, disk string) ([]byte, error) {
-	pass, err := luks.ReadKey((&keyOptions{}).source(a, fmt.Sprintf("Enter the passphrase plain mapping %s was opened with: ", spec.Name)))
+func (a *app) plainPassphraseKey(hash, name string, keyBytes int, disk string) ([]byte, error) {
+	pass, err := luks.ReadKey((&keyOptions{}).source(a, fmt.Sprintf("Enter the passphrase plain mapping %s was opened with: ", name)))
 	if err != nil {
 		return nil, fmt.Errorf("%s: reading the old passphrase: %w", disk, err)
 	}
 	defer luks.WipeBytes(pass)
-	return luks.PlainKey(hash, pass, spec.OldCrypt.KeyBytes)
+	return luks.PlainKey(hash, pass, keyBytes)
 }
