@@ -206,6 +206,17 @@ func (r *running) wait() (int, string) {
 	return code, r.stderr.String()
 }
 
+// killedAt runs dmconvert with args and kills it (SIGKILL, no cleanup)
+// once frac of the run is done.
+func killedAt(t testing.TB, frac float64, what string, args ...string) {
+	t.Helper()
+	r := cliStart(t, args...)
+	r.waitProgress(t, frac)
+	r.cmd.Process.Kill()
+	code, _ := r.wait()
+	requireExit(t, what+" after kill -9", code, 128+int(syscall.SIGKILL), "")
+}
+
 func encryptArgs(st *stack, state string, extra ...string) []string {
 	a := []string{"encrypt", st.Disk, "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal")}
 	a = append(a, cheapKDFFlags...)

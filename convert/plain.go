@@ -790,7 +790,7 @@ func (e *Engine) keyringOldKey(m *cryptMapping, get func(int) ([]byte, error), c
 // keyCheckSamples is how many places of a mapping checkOldKey compares.
 const keyCheckSamples = 16
 
-func (e *Engine) checkOldKey(m *cryptMapping, k []byte, cs CryptSpec, disk dmtable.Dev, off Sectors) error {
+func (e *Engine) checkOldKey(m *cryptMapping, k []byte, cs CryptSpec, disk dmtable.Dev, off Sectors) (err error) {
 	id, err := newRunID()
 	if err != nil {
 		return err
@@ -802,7 +802,11 @@ func (e *Engine) checkOldKey(m *cryptMapping, k []byte, cs CryptSpec, disk dmtab
 	if _, err := e.DM.Create(name, helperUUID(id, "keycheck"), t); err != nil {
 		return fmt.Errorf("%s: creating %s to check the old key: %w", m.name, name, err)
 	}
-	defer e.DM.Remove(name)
+	defer func() {
+		if rerr := e.DM.Remove(name); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("%s: removing %s (dmsetup remove it): %w", m.name, name, rerr))
+		}
+	}()
 	live, err := e.Host.OpenDisk(e.Host.NodePath(m.name))
 	if err != nil {
 		return err

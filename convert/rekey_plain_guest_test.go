@@ -467,11 +467,7 @@ func TestGuestRekeyPlainKeyring(t *testing.T) {
 	}
 	sh(t, "mount", dev, mp)
 	w := startWriter(t, st, state)
-	r := cliStart(t, "rekey", name, "--old-key-file", oldKeyFile, "--new-key-file", newKeyFile, "--batch-mode", "--json", "--journal", j, "--chunk-size", "1M")
-	r.waitProgress(t, 0.3)
-	r.cmd.Process.Kill()
-	code, _ = r.wait()
-	requireExit(t, "plain rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
+	killedAt(t, 0.3, "plain rekey", "rekey", name, "--old-key-file", oldKeyFile, "--new-key-file", newKeyFile, "--batch-mode", "--json", "--journal", j, "--chunk-size", "1M")
 	code, out = cliRun(t, "resume", "--journal", j, "--old-key-file", oldKeyFile)
 	requireExit(t, "resume of the keyring plain rekey", code, 0, out)
 	acks, gap := w.finish(t)

@@ -18,7 +18,8 @@ import (
 // /dev/mapper nodes themselves). Here systemd-udevd runs with the rules
 // Debian ships for block and device-mapper devices (testvm's
 // guestUdevRules), LVM is configured as Debian configures it (udev_sync,
-// udev_rules, the device list from udev), and DM_DISABLE_UDEV is unset: so
+// udev_rules, the device list from udev, event activation: udev runs
+// pvscan and vgchange -aay as PVs appear), and DM_DISABLE_UDEV is unset: so
 // dmconvert, dmsetup, lvm and cryptsetup all wait for udev's cookies, udev
 // makes the /dev/mapper links, and it probes every disk closed after a
 // write (its inotify watch) while dmconvert works.
@@ -38,33 +39,6 @@ func vmUdev(t *testing.T) {
 	})
 }
 
-// udevLVMConf is the guest's lvm.conf with udev on, as Debian's default
-// lvm.conf has it.
-func udevLVMConf(t testing.TB) string {
-	t.Helper()
-	b, err := os.ReadFile("/etc/lvm/lvm.conf")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := string(b)
-	for _, kv := range [][2]string{
-		{"obtain_device_list_from_udev = 0", "obtain_device_list_from_udev = 1"},
-		{"udev_sync = 0", "udev_sync = 1"},
-		{"udev_rules = 0", "udev_rules = 1"},
-	} {
-		if !strings.Contains(s, kv[0]) {
-			t.Fatalf("/etc/lvm/lvm.conf has no %q", kv[0])
-		}
-		s = strings.Replace(s, kv[0], kv[1], 1)
-	}
-	dir := "/run/lvm-udev"
-	os.MkdirAll(dir, 0o755)
-	if err := os.WriteFile(filepath.Join(dir, "lvm.conf"), []byte(s), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return dir
-}
-
 // startUdev starts systemd-udevd, replays the add events of the block
 // devices already there (coldplug, as a boot does), and switches this
 // process's environment (inherited by dmconvert and every tool the test
@@ -78,22 +52,16 @@ func startUdev(t testing.TB) {
 		}
 		t.Fatal("udevd is already running")
 	}
-	sh(t, "/usr/lib/systemd/systemd-udevd", "--daemon", "--resolve-names=never")
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if _, err := os.Stat("/run/udev/control"); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("systemd-udevd made no /run/udev/control in 30 s")
-		}
-		time.Sleep(50 * time.Millisecond)
+	sh(t, "bash", "-c", "set -e\n"+testvm.UdevPrelude)
+	if _, err := os.Stat("/run/udev/control"); err != nil {
+		t.Fatalf("systemd-udevd runs, but: %v", err)
 	}
-	sh(t, "udevadm", "trigger", "--action=add", "--subsystem-match=block")
-	sh(t, "udevadm", "settle", "--timeout=120")
+	if b, err := os.ReadFile(testvm.UdevLVMDir + "/lvm.conf"); err != nil || !strings.Contains(string(b), "udev_sync = 1") || !strings.Contains(string(b), "event_activation = 1") {
+		t.Fatalf("%s/lvm.conf does not turn udev on (%v)", testvm.UdevLVMDir, err)
+	}
 	oldDisable, hadDisable := os.LookupEnv("DM_DISABLE_UDEV")
 	os.Unsetenv("DM_DISABLE_UDEV")
-	os.Setenv("LVM_SYSTEM_DIR", udevLVMConf(t))
+	os.Setenv("LVM_SYSTEM_DIR", testvm.UdevLVMDir)
 	t.Cleanup(func() {
 		shOK("udevadm", "settle", "--timeout=60")
 		shOK("udevadm", "control", "--exit")
@@ -201,11 +169,7 @@ func TestGuestUdevLVM(t *testing.T) {
 	j := st.file(state, "journal")
 
 	w := startWriter(t, st, state)
-	r := cliStart(t, encryptArgs(st, state)...)
-	r.waitProgress(t, 0.4)
-	r.cmd.Process.Kill()
-	code, _ := r.wait()
-	requireExit(t, "encrypt after kill -9", code, 128+int(syscall.SIGKILL), "")
+	killedAt(t, 0.4, "encrypt", encryptArgs(st, state)...)
 	code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
 	requireExit(t, "resume of the encrypt", code, 0, out)
 	requireUdevConsistent(t, "after the encrypt")
@@ -259,11 +223,7 @@ func TestGuestUdevFS(t *testing.T) {
 	j := st.file(state, "journal")
 
 	w := startWriter(t, st, state)
-	r := cliStart(t, "rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "1M")
-	r.waitProgress(t, 0.4)
-	r.cmd.Process.Kill()
-	code, _ := r.wait()
-	requireExit(t, "rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
+	killedAt(t, 0.4, "rekey", "rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "1M")
 	code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
 	requireExit(t, "resume of the rekey", code, 0, out)
 	requireUdevConsistent(t, "after the rekey")
@@ -286,7 +246,7 @@ func TestGuestUdevFS(t *testing.T) {
 	remountFS(t, st, name)
 	w = startWriter(t, st, state)
 
-	r = cliStart(t, "decrypt", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "4M")
+	r := cliStart(t, "decrypt", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "4M")
 	r.waitProgress(t, 0.4)
 	r.cmd.Process.Signal(syscall.SIGTERM)
 	code, errOut := r.wait()

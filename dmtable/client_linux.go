@@ -446,6 +446,14 @@ func (c *Client) Resume(name string) (Info, error) {
 // Remove removes the device (it must not be open) and its node.
 func (c *Client) Remove(name string) error {
 	r, err := c.do(&call{op: "remove", dev: name, cmd: cmdDevRemove, uevent: true, req: request{name: name}})
+	// With udev running, closing a device that was open for writing makes
+	// udev probe it (the rules' inotify watch: blkid opens it), so a
+	// remove right after such a close can find it open for a moment. As
+	// libdevmapper's removal retry does, try again for a while.
+	for try := 0; err != nil && c.udev && errors.Is(err, unix.EBUSY) && try < removeRetries; try++ {
+		time.Sleep(removeRetryWait)
+		r, err = c.do(&call{op: "remove", dev: name, cmd: cmdDevRemove, uevent: true, req: request{name: name}})
+	}
 	if err != nil {
 		return err
 	}
@@ -456,6 +464,13 @@ func (c *Client) Remove(name string) error {
 	}
 	return nil
 }
+
+// removeRetries and removeRetryWait bound Remove's retries of a device
+// found open while udev runs (libdevmapper's: 25 times, 200 ms apart).
+const (
+	removeRetries   = 25
+	removeRetryWait = 200 * time.Millisecond
+)
 
 // RemoveDeferred removes the device now if it is not open, otherwise
 // marks it to be removed by the kernel when its last opener closes it.

@@ -169,7 +169,7 @@ func RunTestsInGuest(t *testing.T, opts Options) {
 	}
 	script := "set -o pipefail\n"
 	if os.Getenv(EnvVMUdev) == "1" {
-		script += udevPrelude
+		script += UdevPrelude
 	}
 	script += "mkdir -p " + GuestFilesDir + "\n" +
 		"if [ -d files ]; then cp -a files/. " + GuestFilesDir + "/; fi\n" +
@@ -474,15 +474,24 @@ func copyFile(src, dst string) error {
 // package's environment checks, say) and fail under it.
 const EnvVMUdev = "DMCONVERT_VM_UDEV"
 
-// udevPrelude is the guest script's start under EnvVMUdev.
-const udevPrelude = `unset DM_DISABLE_UDEV
-mkdir -p /run/lvm-udev
+// UdevPrelude is the guest script's start under EnvVMUdev; tests that
+// want udev run it with bash (and then unset DM_DISABLE_UDEV and set
+// LVM_SYSTEM_DIR=UdevLVMDir in their own environment). lvm.conf gets
+// Debian's defaults for udev: udev_sync, udev_rules, the device list
+// from udev, and event activation (lvm2's 69-lvm.rules then runs pvscan
+// and vgchange -aay from udev as PVs appear: the guest has no systemd).
+const UdevPrelude = `unset DM_DISABLE_UDEV
+mkdir -p ` + UdevLVMDir + `
 sed -e 's/udev_sync = 0/udev_sync = 1/' -e 's/udev_rules = 0/udev_rules = 1/' \
 	-e 's/obtain_device_list_from_udev = 0/obtain_device_list_from_udev = 1/' \
-	/etc/lvm/lvm.conf > /run/lvm-udev/lvm.conf
-export LVM_SYSTEM_DIR=/run/lvm-udev
+	-e 's/event_activation = 0/event_activation = 1/' \
+	/etc/lvm/lvm.conf > ` + UdevLVMDir + `/lvm.conf
+export LVM_SYSTEM_DIR=` + UdevLVMDir + `
 /usr/lib/systemd/systemd-udevd --daemon --resolve-names=never || exit 125
 udevadm trigger --action=add --subsystem-match=block
 udevadm settle --timeout=120
-echo "[testvm] udevd running (DMCONVERT_VM_UDEV)"
+echo "[testvm] udevd running"
 `
+
+// UdevLVMDir is the LVM_SYSTEM_DIR of UdevPrelude's lvm.conf.
+const UdevLVMDir = "/run/lvm-udev"

@@ -134,15 +134,17 @@ var guestTools = []guestTool{
 // guestUdevRules are the udev rules files copied into the guest (from
 // /lib/udev/rules.d): what a Debian system runs for block and
 // device-mapper devices: dmsetup's rules (/dev/mapper links, the cookie
-// completion), systemd's block rules (the inotify watch that turns a
+// completion), lvm2's (/dev/VG/LV links, pvscan), systemd's block rules (the inotify watch that turns a
 // close after a write into a "change" event, blkid probing,
 // /dev/disk/by-* links).
 var guestUdevRules = []struct{ name, pkg string }{
 	{"50-udev-default.rules", "udev"},
 	{"55-dm.rules", "dmsetup"},
+	{"56-lvm.rules", "lvm2"}, // /dev/VG/LV links (LVM waits for them with udev_rules = 1)
 	{"60-block.rules", "udev"},
 	{"60-persistent-storage.rules", "udev"},
 	{"60-persistent-storage-dm.rules", "dmsetup"},
+	{"69-lvm.rules", "lvm2"}, // pvscan --cache on a new PV (autoactivation needs systemd-run: none here)
 	{"95-dm-notify.rules", "dmsetup"},
 }
 
