@@ -32,7 +32,10 @@ func vmUdev(t *testing.T) {
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{
 		// d[0] holds the journals and manifests.
-		Disks:   []testvm.Disk{{Size: 96 * guestMiB}, {Size: 96 * guestMiB}, {Size: 64 * guestMiB}},
+		Disks: []testvm.Disk{{Size: 96 * guestMiB}, {Size: 96 * guestMiB}, {Size: 64 * guestMiB}},
+		// make test runs TestGuestUdevLVM; TestOptInGuestUdevFS (a file
+		// system on the mapping: rekey, header-gap decrypt) runs with
+		// DMCONVERT_VM_RUN='^Test(OptIn)?GuestUdev' (the suite's time).
 		Run:     "^TestGuestUdev",
 		Files:   map[string]string{"dmconvert": bin},
 		Timeout: 15 * time.Minute,
@@ -206,12 +209,12 @@ func TestGuestUdevLVM(t *testing.T) {
 	}
 }
 
-// TestGuestUdevFS: with udev running, an ext4 mounted directly on a LUKS2
+// TestOptInGuestUdevFS: with udev running, an ext4 mounted directly on a LUKS2
 // mapping is rekeyed (kill -9 mid-run, resume) and then decrypted through
 // the header area (SIGTERM mid-run, resume); udev's view stays
 // consistent, and after the decrypt udev finds the file system on the
 // raw disk (the /dev/disk/by-uuid link a boot's fstab entry uses).
-func TestGuestUdevFS(t *testing.T) {
+func TestOptInGuestUdevFS(t *testing.T) {
 	testvm.RequireGuest(t)
 	startUdev(t)
 	d := testvm.GuestDisks()
