@@ -21,7 +21,7 @@ func TestVMFailpointsDecrypt(t *testing.T) { vmFailpoints(t, "Decrypt") } // [22
 func TestVMDecrypt(t *testing.T)           { vmDecrypt(t) }               // [new]
 func TestVMFailpointsRekey(t *testing.T)   { vmFailpoints(t, "Rekey") }   // [204]
 func TestVMLogWritesRekey(t *testing.T)    { vmLogWrites(t, "Rekey") }    // [188]
-func TestVMUdev(t *testing.T)              { vmUdev(t) }                  // [new]
+func TestVMUdev(t *testing.T)              { vmUdev(t) }                  // [247]
 func TestVM(t *testing.T)                  { vmEngine(t) }                // [81, two boots]
 func TestVMPowerCut(t *testing.T)          { vmPowerCut(t) }              // [~50 per cut, one VM per cut]
 func TestVMBench(t *testing.T)             { vmBench(t) }                 // make bench only
