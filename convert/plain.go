@@ -767,7 +767,7 @@ func (e *Engine) checkHeaderRoom(m *cryptMapping, dpath string, di DiskInfo, off
 
 // keyringOldKey gets the old key of a plain mapping whose table names a
 // kernel keyring key from get, and checks it against the live mapping: a
-// private read-only crypt device with that key over the same sectors must
+// private crypt device (only read) with that key over the same sectors must
 // read what the mapping reads (sampled across it; a sample that differs
 // is read again, as the volume is in use). A wrong key reads noise.
 func (e *Engine) keyringOldKey(m *cryptMapping, get func(int) ([]byte, error), cs CryptSpec, disk dmtable.Dev, off Sectors) ([]byte, error) {

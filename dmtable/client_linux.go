@@ -445,14 +445,15 @@ func (c *Client) Resume(name string) (Info, error) {
 
 // Remove removes the device (it must not be open) and its node.
 func (c *Client) Remove(name string) error {
-	r, err := c.do(&call{op: "remove", dev: name, cmd: cmdDevRemove, uevent: true, req: request{name: name}})
+	remove := &call{op: "remove", dev: name, cmd: cmdDevRemove, uevent: true, req: request{name: name}}
+	r, err := c.do(remove)
 	// With udev running, closing a device that was open for writing makes
 	// udev probe it (the rules' inotify watch: blkid opens it), so a
 	// remove right after such a close can find it open for a moment. As
 	// libdevmapper's removal retry does, try again for a while.
 	for try := 0; err != nil && c.udev && errors.Is(err, unix.EBUSY) && try < removeRetries; try++ {
 		time.Sleep(removeRetryWait)
-		r, err = c.do(&call{op: "remove", dev: name, cmd: cmdDevRemove, uevent: true, req: request{name: name}})
+		r, err = c.do(remove)
 	}
 	if err != nil {
 		return err
