@@ -331,6 +331,10 @@ func (rep *Report) count(results []*guestResult) {
 		}
 		if r.Action != "" {
 			rep.Tests = append(rep.Tests, r.Name)
+			if rep.Seconds == nil {
+				rep.Seconds = map[string]float64{}
+			}
+			rep.Seconds[r.Name] = r.Elapsed
 		}
 		switch {
 		case r.Action == "pass" && len(r.Skips) == 0:

@@ -21,6 +21,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -287,6 +288,7 @@ func report(args []string) error {
 			tot.Kernel = r.Kernel
 		}
 	}
+	printSlowest(reps, 12)
 	fmt.Printf("vm total: %d guest tests ran inside %d VM boots (guest kernel %s): %d passed, %d failed, %d skipped; %.0fs of VMs, %.0fs of QEMU CPU\n",
 		tot.Ran, len(reps), tot.Kernel, tot.Passed, tot.Failed, tot.Skipped, tot.TotalSeconds, tot.CPUSeconds)
 	var missing []string
@@ -309,4 +311,26 @@ func report(args []string) error {
 		return fmt.Errorf("%d declared guest tests did not run", len(missing))
 	}
 	return nil
+}
+
+// printSlowest prints the n guest tests that took longest (each test's
+// own elapsed time in its guest), to show where the suite's time goes.
+func printSlowest(reps []testvm.Report, n int) {
+	type row struct {
+		name string
+		sec  float64
+	}
+	var rows []row
+	for _, r := range reps {
+		for name, sec := range r.Seconds {
+			rows = append(rows, row{r.Package + "." + r.Test + "/" + name, sec})
+		}
+	}
+	sort.Slice(rows, func(i, j int) bool { return rows[i].sec > rows[j].sec })
+	if len(rows) > n {
+		rows = rows[:n]
+	}
+	for _, r := range rows {
+		fmt.Printf("vm: slowest guest tests: %6.1fs %s\n", r.sec, r.name)
+	}
 }
