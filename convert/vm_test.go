@@ -4,7 +4,7 @@ import "testing"
 
 // The host side of every guest test of this package: each TestVM* boots
 // its own VM (with DMCONVERT_VM=1; see testvm) and they run in parallel,
-// three at a time under make test. They are declared longest first
+// four at a time under make test (scripts/test.sh: -parallel 4). They are declared longest first
 // (QEMU CPU seconds of a full run in brackets), but go test does not start
 // parallel tests in declaration order: in two runs the encrypt-abort
 // matrix started about 20 minutes in. A queue that forced the order
@@ -16,7 +16,8 @@ func TestVMFailpointsAbort(t *testing.T)   { vmFailpoints(t, "Abort") }   // [40
 func TestVMLogWritesEncrypt(t *testing.T)  { vmLogWrites(t, "Encrypt") }  // [382]
 func TestVMLayouts(t *testing.T)           { vmLayouts(t) }               // [381]
 func TestVMCLI(t *testing.T)               { vmCLI(t) }                   // [351]
-func TestVMRekey(t *testing.T)             { vmRekey(t) }                 // [309]
+func TestVMRekey(t *testing.T)             { vmRekey(t, rekeyLUKSRun) }   // [~300 with the next]
+func TestVMRekeyPlain(t *testing.T)        { vmRekey(t, rekeyPlainRun) }  // [~260]
 func TestVMFailpointsDecrypt(t *testing.T) { vmFailpoints(t, "Decrypt") } // [221]
 func TestVMDecrypt(t *testing.T)           { vmDecrypt(t) }               // [new]
 func TestVMFailpointsRekey(t *testing.T)   { vmFailpoints(t, "Rekey") }   // [204]

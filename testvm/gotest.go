@@ -181,6 +181,7 @@ func RunTestsInGuest(t *testing.T, opts Options) {
 		t.Fatal(err)
 	}
 	defer console.Close()
+	started := time.Now()
 	vm, err := Start(ctx, Config{
 		Image: img, Disks: disks, BlockSizes: blockSizes, Share: share, Script: script, Env: opts.Env,
 		Timeout: opts.Timeout, MemMiB: opts.MemMiB, SMP: opts.SMP, Console: console,
@@ -202,7 +203,8 @@ func RunTestsInGuest(t *testing.T, opts Options) {
 	}
 	rep := Report{Package: pkg, Test: t.Name(), Kernel: res.GuestKernel,
 		KernelPackage: img.KernelPackage + " " + img.KernelPackageVersion,
-		BootSeconds:   res.Boot.Seconds(), TotalSeconds: res.Elapsed.Seconds(), CPUSeconds: res.CPU.Seconds()}
+		BootSeconds:   res.Boot.Seconds(), TotalSeconds: res.Elapsed.Seconds(), CPUSeconds: res.CPU.Seconds(),
+		Started: float64(started.UnixNano()) / 1e9}
 	results, pkgOutput := summarize(events)
 	rep.count(results)
 	mirror(t, results)

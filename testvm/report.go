@@ -28,13 +28,16 @@ type Report struct {
 	Failed        int      `json:"failed"`
 	Skipped       int      `json:"skipped"`
 	Benchmarks    int      `json:"benchmarks"`
-	Tests         []string `json:"tests"`         // names of the guest tests that reported a result
+	Tests         []string `json:"tests"` // names of the guest tests that reported a result
 	// Seconds is each guest test's own elapsed time, as go test reported it
 	// in the guest (tests of one VM may overlap: they run with -parallel).
-	Seconds map[string]float64 `json:"seconds,omitempty"`
-	BootSeconds   float64  `json:"boot_seconds"`  // QEMU start to the guest being ready
-	TotalSeconds  float64  `json:"total_seconds"` // QEMU start to QEMU exit
-	CPUSeconds    float64  `json:"cpu_seconds"`   // host CPU (user+sys) of the QEMU process
+	Seconds      map[string]float64 `json:"seconds,omitempty"`
+	BootSeconds  float64            `json:"boot_seconds"`  // QEMU start to the guest being ready
+	TotalSeconds float64            `json:"total_seconds"` // QEMU start to QEMU exit
+	CPUSeconds   float64            `json:"cpu_seconds"`   // host CPU (user+sys) of the QEMU process
+	// Started is when QEMU started (Unix seconds), to see how the VMs of
+	// a run were scheduled against one another.
+	Started float64 `json:"started,omitempty"`
 }
 
 func (r Report) write(dir string) error {

@@ -275,9 +275,19 @@ func report(args []string) error {
 		return err
 	}
 	var tot testvm.Report
+	first := 0.0 // the first VM's start: each VM's start is shown from it
 	for _, r := range reps {
-		fmt.Printf("vm: %-45s %-16s ran %3d: %3d passed, %d failed, %d skipped (boot %.1fs, VM %.1fs, QEMU CPU %.1fs, %d benchmarks)\n",
-			r.Package+"."+r.Test, r.Kernel, r.Ran, r.Passed, r.Failed, r.Skipped, r.BootSeconds, r.TotalSeconds, r.CPUSeconds, r.Benchmarks)
+		if r.Started > 0 && (first == 0 || r.Started < first) {
+			first = r.Started
+		}
+	}
+	for _, r := range reps {
+		at := ""
+		if r.Started > 0 {
+			at = fmt.Sprintf("started +%.0fs, ", r.Started-first)
+		}
+		fmt.Printf("vm: %-45s %-16s ran %3d: %3d passed, %d failed, %d skipped (%sboot %.1fs, VM %.1fs, QEMU CPU %.1fs, %d benchmarks)\n",
+			r.Package+"."+r.Test, r.Kernel, r.Ran, r.Passed, r.Failed, r.Skipped, at, r.BootSeconds, r.TotalSeconds, r.CPUSeconds, r.Benchmarks)
 		tot.TotalSeconds += r.TotalSeconds
 		tot.CPUSeconds += r.CPUSeconds
 		tot.Ran += r.Ran
