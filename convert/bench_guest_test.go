@@ -95,7 +95,9 @@ func vmBench(t *testing.T) {
 		t.Skip("benchmarks not requested (set DMCONVERT_VM_BENCH, as make bench does)")
 	}
 	env := map[string]string{benchVMEnv: "1"}
-	for _, k := range []string{benchRoundsEnv, benchSweepEnv, benchSizesEnv, benchKcopydEnv, benchRekeyChunksEnv} {
+	// DMCONVERT_FP_TRACE: a failpoint build as DMCONVERT_BENCH_ALT
+	// prints where its run spends its time (logged with its stderr).
+	for _, k := range []string{benchRoundsEnv, benchSweepEnv, benchSizesEnv, benchKcopydEnv, benchRekeyChunksEnv, "DMCONVERT_FP_TRACE"} {
 		if v, ok := os.LookupEnv(k); ok {
 			env[k] = v
 		}

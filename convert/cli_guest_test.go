@@ -27,7 +27,7 @@ import (
 // vde and vdf are for the refusal cases.
 func vmCLI(t *testing.T) {
 	if testvm.VMRequested() {
-		t.Parallel()
+		vmParallel(t)
 	}
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{

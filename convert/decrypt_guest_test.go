@@ -22,7 +22,7 @@ import (
 // vmDecrypt (TestVMDecrypt) boots one VM for these tests.
 func vmDecrypt(t *testing.T) {
 	if testvm.VMRequested() {
-		t.Parallel()
+		vmParallel(t)
 	}
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{

@@ -27,7 +27,7 @@ import (
 // ("Decrypt") reaches, followed by resume or abort in turn.
 func vmFailpoints(t *testing.T, rec string) {
 	testvm.RequireVM(t)
-	t.Parallel()
+	vmParallel(t)
 	dir := t.TempDir()
 	cmd := exec.Command("go", "build", "-tags", "failpoints", "-o", filepath.Join(dir, "dmconvert"), "../cmd/dmconvert")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
@@ -160,7 +160,7 @@ func guestOpFailpoints(t *testing.T, op string) {
 		points = append(points, fp)
 	}
 	all := len(points)
-	n := min(6, all)
+	n := min(4, all)
 	if v := os.Getenv("DMCONVERT_FP_N"); v == "all" {
 		n = all
 	} else if k, err := strconv.Atoi(v); err == nil && k > 0 {
@@ -310,7 +310,7 @@ func guestFailpoints(t *testing.T, rec string) {
 	if v, err := strconv.ParseInt(os.Getenv("DMCONVERT_FP_SEED"), 10, 64); err == nil {
 		seed = v
 	}
-	n := (all + 1) / 2
+	n := (all + 2) / 3
 	if v := os.Getenv("DMCONVERT_FP_N"); v == "all" {
 		n = all
 	} else if k, err := strconv.Atoi(v); err == nil && k > 0 {

@@ -23,7 +23,7 @@ const guestMiB = 1 << 20
 // of the same disks where stock tools must open it.
 func vmEngine(t *testing.T) {
 	if testvm.VMRequested() {
-		t.Parallel()
+		vmParallel(t)
 	}
 	dir := t.TempDir()
 	pv, state := filepath.Join(dir, "pv.img"), filepath.Join(dir, "state.img")

@@ -103,10 +103,10 @@ type lwOp struct {
 
 var lwEncrypt = &lwOp{
 	name: "encrypt",
-	// A seeded sample of 20 flush points in make test, spread over the
+	// A seeded sample of 12 flush points in make test, spread over the
 	// run (every one took 360 s of QEMU CPU on 2026-11-23's host;
 	// DMCONVERT_LW_POINTS=all).
-	points:  20,
+	points:  12,
 	prepare: lwPrepareEncrypt,
 	args: func(st *stack) []string {
 		return append([]string{"encrypt", st.Disk, "--batch-mode", "--json", "--key-file", pwFile, "--journal", lwJournal,
@@ -116,9 +116,9 @@ var lwEncrypt = &lwOp{
 
 var lwRekey = &lwOp{
 	name: "rekey",
-	// A seeded sample of 16 flush points in make test (every one: 7 min
+	// A seeded sample of 10 flush points in make test (every one: 7 min
 	// of a VM on a quiet host; DMCONVERT_LW_POINTS=all).
-	points:  16,
+	points:  10,
 	luks:    true,
 	prepare: lwPrepareRekey,
 	args: func(*stack) []string {
@@ -136,7 +136,7 @@ var lwRekey = &lwOp{
 // and so do the replays.
 func vmLogWrites(t *testing.T, name string) {
 	testvm.RequireVM(t)
-	t.Parallel()
+	vmParallel(t)
 	guest := "TestGuestLogWrites" + name
 	if r := os.Getenv(testvm.EnvRun); r != "" {
 		only, err := regexp.Compile(r)

@@ -34,7 +34,7 @@ const (
 // test finds its disk at the same index.
 func vmRekey(t *testing.T, run string) {
 	if testvm.VMRequested() {
-		t.Parallel()
+		vmParallel(t)
 	}
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{

@@ -27,7 +27,7 @@ import (
 // vmUdev (TestVMUdev) boots one VM for these tests.
 func vmUdev(t *testing.T) {
 	if testvm.VMRequested() {
-		t.Parallel()
+		vmParallel(t)
 	}
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{

@@ -1,28 +1,71 @@
 package convert
 
-import "testing"
+import (
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/dmconvert/dmconvert/testvm"
+)
 
 // The host side of every guest test of this package: each TestVM* boots
 // its own VM (with DMCONVERT_VM=1; see testvm) and they run in parallel,
-// four at a time under make test (scripts/test.sh: -parallel 4). They are declared longest first
-// (QEMU CPU seconds of a full run in brackets), but go test does not start
-// parallel tests in declaration order: in two runs the encrypt-abort
-// matrix started about 20 minutes in. A queue that forced the order
-// (longest first, 3 slots) made the run slower (32.0 min against 28.8),
-// so the order is left to go test.
+// their VMs queued longest first (vmQueue) in as many slots as
+// DMCONVERT_VM_SLOTS says (default the host's CPUs plus one: a guest
+// keeps about 0.6-0.7 of a core busy). go test alone starts parallel tests in
+// no particular order: in a run with four at a time the layout VM, the
+// longest, started 12 minutes in and ran alone at the end. make test
+// runs go test with -parallel 32, so every VM test is admitted and the
+// queue alone orders them.
 
-func TestVMFailpointsResume(t *testing.T)  { vmFailpoints(t, "Resume") }  // [424]
-func TestVMFailpointsAbort(t *testing.T)   { vmFailpoints(t, "Abort") }   // [403]
-func TestVMLogWritesEncrypt(t *testing.T)  { vmLogWrites(t, "Encrypt") }  // [382]
-func TestVMLayouts(t *testing.T)           { vmLayouts(t) }               // [381]
-func TestVMCLI(t *testing.T)               { vmCLI(t) }                   // [351]
-func TestVMRekey(t *testing.T)             { vmRekey(t, rekeyLUKSRun) }   // [~300 with the next]
-func TestVMRekeyPlain(t *testing.T)        { vmRekey(t, rekeyPlainRun) }  // [~260]
-func TestVMFailpointsDecrypt(t *testing.T) { vmFailpoints(t, "Decrypt") } // [221]
-func TestVMDecrypt(t *testing.T)           { vmDecrypt(t) }               // [new]
-func TestVMFailpointsRekey(t *testing.T)   { vmFailpoints(t, "Rekey") }   // [204]
-func TestVMLogWritesRekey(t *testing.T)    { vmLogWrites(t, "Rekey") }    // [188]
-func TestVMUdev(t *testing.T)              { vmUdev(t) }                  // [247]
-func TestVM(t *testing.T)                  { vmEngine(t) }                // [81, two boots]
-func TestVMPowerCut(t *testing.T)          { vmPowerCut(t) }              // [~50 per cut, one VM per cut]
-func TestVMBench(t *testing.T)             { vmBench(t) }                 // make bench only
+// vmRank: the VM tests, longest first (VM wall seconds of a full run on
+// 2026-11-23 in brackets; the rekey ones ran as one VM of 895 s). The
+// power cuts' VMs come last: short, they fill the end.
+var vmRank = []string{
+	"TestVMLayouts",           // [590]
+	"TestVMRekey",             // [~450]
+	"TestVMRekeyPlain",        // [~450]
+	"TestVMCLI",               // [391]
+	"TestVMFailpointsResume",  // [302]
+	"TestVMFailpointsDecrypt", // [266]
+	"TestVMUdev",              // [211]
+	"TestVMLogWritesRekey",    // [181]
+	"TestVMFailpointsAbort",   // [176]
+	"TestVMLogWritesEncrypt",  // [163]
+	"TestVMFailpointsRekey",   // [140]
+	"TestVMDecrypt",           // [131]
+	"TestVM",                  // [92, two boots]
+	"TestVMPowerCut",          // [~60 per cut, two boots each]
+}
+
+// vmQueue hands out this package's VM slots, lowest rank first.
+var vmQueue = testvm.NewQueue(0, 500*time.Millisecond)
+
+// vmParallel makes t a parallel test whose VM waits for a slot of
+// vmQueue (ranked by its top-level name in vmRank).
+func vmParallel(t *testing.T) {
+	t.Parallel()
+	top, _, _ := strings.Cut(t.Name(), "/")
+	rank := slices.Index(vmRank, top)
+	if rank < 0 {
+		rank = len(vmRank)
+	}
+	vmQueue.Acquire(t, rank)
+}
+
+func TestVMFailpointsResume(t *testing.T)  { vmFailpoints(t, "Resume") }
+func TestVMFailpointsAbort(t *testing.T)   { vmFailpoints(t, "Abort") }
+func TestVMLogWritesEncrypt(t *testing.T)  { vmLogWrites(t, "Encrypt") }
+func TestVMLayouts(t *testing.T)           { vmLayouts(t) }
+func TestVMCLI(t *testing.T)               { vmCLI(t) }
+func TestVMRekey(t *testing.T)             { vmRekey(t, rekeyLUKSRun) }
+func TestVMRekeyPlain(t *testing.T)        { vmRekey(t, rekeyPlainRun) }
+func TestVMFailpointsDecrypt(t *testing.T) { vmFailpoints(t, "Decrypt") }
+func TestVMDecrypt(t *testing.T)           { vmDecrypt(t) }
+func TestVMFailpointsRekey(t *testing.T)   { vmFailpoints(t, "Rekey") }
+func TestVMLogWritesRekey(t *testing.T)    { vmLogWrites(t, "Rekey") }
+func TestVMUdev(t *testing.T)              { vmUdev(t) }
+func TestVM(t *testing.T)                  { vmEngine(t) }
+func TestVMPowerCut(t *testing.T)          { vmPowerCut(t) }
+func TestVMBench(t *testing.T)             { vmBench(t) } // make bench only

@@ -40,6 +40,15 @@ type Report struct {
 	Started float64 `json:"started,omitempty"`
 }
 
+// Save writes r into $DMCONVERT_VM_REPORT_DIR, if set: for VMs that a
+// test boots itself (testvm.Start), not through RunTestsInGuest.
+func (r Report) Save() error {
+	if dir := os.Getenv(EnvReportDir); dir != "" {
+		return r.write(dir)
+	}
+	return nil
+}
+
 func (r Report) write(dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("testvm report: %w", err)

@@ -12,7 +12,9 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 )
 
 // cpioEntry is what readCPIO (an independent reader of the newc format,
@@ -410,5 +412,43 @@ func TestReportsOfTwoBootsOfOneTest(t *testing.T) {
 	}
 	if m := MissingGuestTests(map[string][]string{"example.com/p": {"TestGuestA", "TestGuestB"}}, reps); len(m) != 0 {
 		t.Fatalf("missing %v although both ran", m)
+	}
+}
+
+// TestQueueLowestRankFirst: callers that arrive in any order get the
+// slots lowest rank first, never more than the queue's slots at once.
+func TestQueueLowestRankFirst(t *testing.T) {
+	q := NewQueue(2, 50*time.Millisecond)
+	var mu sync.Mutex
+	var order []int
+	running, most := 0, 0
+	var wg sync.WaitGroup
+	for _, rank := range []int{4, 1, 3, 0, 2} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			release := q.Wait(rank)
+			defer release()
+			mu.Lock()
+			order = append(order, rank)
+			running++
+			most = max(most, running)
+			mu.Unlock()
+			// Rank r holds its slot (r+1)*20 ms: the next grants come
+			// 20 ms or more apart.
+			time.Sleep(time.Duration(rank+1) * 20 * time.Millisecond)
+			mu.Lock()
+			running--
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	if most != 2 {
+		t.Errorf("%d callers held a slot at once, want 2", most)
+	}
+	// The first two granted are ranks 0 and 1 (in either order: both
+	// are granted together); then 2, 3, 4 as slots free.
+	if len(order) != 5 || order[0]+order[1] != 1 || order[2] != 2 || order[3] != 3 || order[4] != 4 {
+		t.Errorf("grant order %v, want 0 and 1, then 2, 3, 4", order)
 	}
 }
