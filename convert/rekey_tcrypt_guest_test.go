@@ -495,7 +495,7 @@ func resumeIfLeftSuspended(t testing.TB, name string) {
 		return
 	}
 	t.Logf("%s was left suspended by the kill (attributes %s): clearing its inactive table and resuming it", name, attr)
-	if strings.Contains(attr, "i") {
+	if strings.Contains(attr, "I") {
 		sh(t, "dmsetup", "clear", name)
 	}
 	sh(t, "dmsetup", "resume", name)
