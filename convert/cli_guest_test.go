@@ -26,9 +26,7 @@ import (
 // converted (one per test), vdd holds journals and acknowledgement logs,
 // vde and vdf are for the refusal cases.
 func vmCLI(t *testing.T) {
-	if testvm.VMRequested() {
-		vmParallel(t)
-	}
+	vmParallel(t)
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{
 		Disks: []testvm.Disk{

@@ -21,9 +21,7 @@ import (
 
 // vmDecrypt (TestVMDecrypt) boots one VM for these tests.
 func vmDecrypt(t *testing.T) {
-	if testvm.VMRequested() {
-		vmParallel(t)
-	}
+	vmParallel(t)
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{
 		// d[0] holds the journals (each keeps a header image of up to 16 MiB).

@@ -22,9 +22,7 @@ const guestMiB = 1 << 20
 // holds the journal and the writers' acknowledgements), then a fresh boot
 // of the same disks where stock tools must open it.
 func vmEngine(t *testing.T) {
-	if testvm.VMRequested() {
-		vmParallel(t)
-	}
+	vmParallel(t)
 	dir := t.TempDir()
 	pv, state := filepath.Join(dir, "pv.img"), filepath.Join(dir, "state.img")
 	if err := testvm.CreateDisk(pv, 512*guestMiB); err != nil {

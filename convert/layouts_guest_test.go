@@ -44,9 +44,7 @@ const (
 
 // vmLayouts (TestVMLayouts) boots one VM for the layout tests.
 func vmLayouts(t *testing.T) {
-	if testvm.VMRequested() {
-		vmParallel(t)
-	}
+	vmParallel(t)
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	files := map[string]string{"dmconvert": bin}
 	if testvm.VMRequested() && !testvm.InGuest() {

@@ -33,9 +33,7 @@ const (
 // guest tests that run matches. Both VMs get the same disks, so every
 // test finds its disk at the same index.
 func vmRekey(t *testing.T, run string) {
-	if testvm.VMRequested() {
-		vmParallel(t)
-	}
+	vmParallel(t)
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{
 		// d[3] holds the journals of every test (each has a 16 MiB header image)

@@ -26,9 +26,7 @@ import (
 
 // vmUdev (TestVMUdev) boots one VM for these tests.
 func vmUdev(t *testing.T) {
-	if testvm.VMRequested() {
-		vmParallel(t)
-	}
+	vmParallel(t)
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{
 		// d[0] holds the journals and manifests.

@@ -42,9 +42,13 @@ var vmRank = []string{
 // vmQueue hands out this package's VM slots, lowest rank first.
 var vmQueue = testvm.NewQueue(0, 500*time.Millisecond)
 
-// vmParallel makes t a parallel test whose VM waits for a slot of
-// vmQueue (ranked by its top-level name in vmRank).
+// vmParallel, when VMs were asked for (DMCONVERT_VM=1), makes t a
+// parallel test whose VM waits for a slot of vmQueue (ranked by its
+// top-level name in vmRank); otherwise it does nothing.
 func vmParallel(t *testing.T) {
+	if !testvm.VMRequested() {
+		return
+	}
 	t.Parallel()
 	top, _, _ := strings.Cut(t.Name(), "/")
 	rank := slices.Index(vmRank, top)
