@@ -95,7 +95,7 @@ func TestGuestFailpointsDecrypt(t *testing.T) { guestOpFailpoints(t, "decrypt") 
 // every file and acknowledged record, and what the disk is afterwards.
 //
 // One recovery per point, resume and abort alternating from a printed
-// seed (DMCONVERT_FP_SEED replays). make test runs a seeded sample of 6
+// seed (DMCONVERT_FP_SEED replays). make test runs a seeded sample of 4
 // of the 18 points (the suite's time budget: every point took 430-500 s
 // of one VM per operation; the unit crash matrices cover every point on
 // the fake kernel); DMCONVERT_FP_N=all runs every point, =n that many,

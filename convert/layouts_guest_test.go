@@ -585,9 +585,7 @@ func TestOptInGuestLayoutTwoPVsRestart(t *testing.T) {
 	requireExit(t, "encrypt after kill -9", code, 128+int(syscall.SIGKILL), "")
 	// Power-off: nothing stays suspended, the writer stops, the file
 	// systems are unmounted, every device of the VG and of the run goes.
-	for _, n := range strings.Fields(sh(t, "sh", "-c", "dmsetup ls | cut -f1")) {
-		shOK("dmsetup", "resume", n)
-	}
+	cutIfLeftSuspended(t, w)
 	acks, _ := w.finish(t)
 	t.Logf("writer: %d acknowledged writes before the kill", acks)
 	for _, mp := range st.Mounts {

@@ -210,12 +210,8 @@ func TestGuestRekeyTCryptFS(t *testing.T) {
 	r.cmd.Process.Kill()
 	code, _ = r.wait()
 	requireExit(t, "TrueCrypt conversion after kill -9", code, 128+int(syscall.SIGKILL), "")
-	// The kill may land between a table swap's suspend and its resume:
-	// the mapping then stays suspended, the writer blocked in a write,
-	// and only a reboot (below, a teardown) would end that. To stop the
-	// writer first, drop the table that was not switched to and resume
-	// the live one, the state before that swap.
-	resumeIfLeftSuspended(t, name)
+	// The kill may land inside a table swap, the writer then blocked.
+	cutIfLeftSuspended(t, w)
 	acks, gap := w.finish(t)
 	t.Logf("writer: %d acknowledged writes, longest gap %v", acks, gap)
 	sh(t, "umount", mp)
@@ -483,20 +479,4 @@ func veraCryptRekey(t *testing.T, disk, tag string, pim int, cipher string) {
 			t.Fatalf("the converted volume's segment is not %s:\n%s", cipher, dump)
 		}
 	}
-}
-
-// resumeIfLeftSuspended: if the mapping name is suspended (a process
-// killed inside a table swap), its inactive table is cleared and its live
-// table resumed.
-func resumeIfLeftSuspended(t testing.TB, name string) {
-	t.Helper()
-	attr := strings.TrimSpace(sh(t, "dmsetup", "info", "-c", "--noheadings", "-o", "attr", name))
-	if !strings.Contains(attr, "s") {
-		return
-	}
-	t.Logf("%s was left suspended by the kill (attributes %s): clearing its inactive table and resuming it", name, attr)
-	if strings.Contains(attr, "I") {
-		sh(t, "dmsetup", "clear", name)
-	}
-	sh(t, "dmsetup", "resume", name)
 }
