@@ -611,6 +611,23 @@ func decryptInterruptResume(t testing.TB, st *stack, state, name string) {
 	acks, _ := w.finish(t)
 	t.Logf("writer: %d acknowledged writes", acks)
 	verifyPlainCold(t, st, state, name)
+	// The header's sectors are free after the PV: the output says how to
+	// grow the PV into them, and that command does.
+	if !strings.Contains(out, "pvresize "+st.Disk+"\n") {
+		t.Fatalf("the decrypt did not say how to grow the PV into the header's space:\n%s", out)
+	}
+	pvSize := func() uint64 {
+		n, err := strconv.ParseUint(strings.TrimSpace(lv(t, "pvs", "--noheadings", "--units", "s", "--nosuffix", "-o", "pv_size", st.Disk)), 10, 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	before := pvSize()
+	lv(t, "pvresize", st.Disk)
+	if after := pvSize(); after <= before {
+		t.Fatalf("pvresize %s left the PV at %d sectors (was %d)", st.Disk, after, before)
+	}
 }
 
 // TestGuestCLIDecryptAbort: a decrypt stopped half way and aborted is a

@@ -251,6 +251,7 @@ func (a *app) confirmVerb(verb, dev string) error {
 func (a *app) finishDecrypt(r *result, s *convert.Spec) {
 	r.fromSpec(s)
 	r.Mapping = ""
+	r.FreeBytes = freeAfterDecryptedPV(s)
 	if a.quiet || a.json {
 		return
 	}
@@ -263,4 +264,8 @@ func (a *app) finishDecrypt(r *result, s *convert.Spec) {
 	fmt.Fprintf(a.stdout, "\nDone: %s is a plain LVM physical volume again; volume group %s is on it.\n", s.Disk.Path, s.VG)
 	fmt.Fprintf(a.stdout, "Remove the line for %s from /etc/crypttab (e.g. sed -i '/^%s[[:space:]]/d' /etc/crypttab),\n"+
 		"and rebuild the initramfs if the volume group is needed at boot (update-initramfs -u, or dracut -f).\n", s.Name, s.Name)
+	if r.FreeBytes > 0 {
+		fmt.Fprintf(a.stdout, "\nThe physical volume ends %s before the end of %s (the header's space); grow it into that space with:\n"+
+			"  pvresize %s\n", humanBytes(r.FreeBytes), s.Disk.Path, s.Disk.Path)
+	}
 }

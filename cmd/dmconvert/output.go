@@ -28,8 +28,9 @@ type result struct {
 	Crypttab      string `json:"crypttab,omitempty"`
 	CrypttabFile  string `json:"crypttab_file,omitempty"`
 	CrypttabError string `json:"crypttab_error,omitempty"`
-	// FreeBytes is the space after the PV inside the new mapping, which
-	// pvresize can give to the PV.
+	// FreeBytes is the space pvresize can give to the PV: after an
+	// encrypt, what follows it inside the new mapping; after a decrypt,
+	// what follows it on the disk.
 	FreeBytes uint64 `json:"free_bytes,omitempty"`
 	// Plan is the whole plan (--dry-run).
 	Plan *convert.Spec `json:"plan,omitempty"`
@@ -136,6 +137,17 @@ func freeAfterPV(s *convert.Spec) uint64 {
 		return 0
 	}
 	return (g.DiskSize - g.Header - g.Payload) * 512
+}
+
+// freeAfterDecryptedPV is the space a decrypt leaves on the disk after
+// its PV (the header's and any working space's sectors): the PV keeps its
+// size, now at the disk's first sector.
+func freeAfterDecryptedPV(s *convert.Spec) uint64 {
+	g := s.Forward.Geometry
+	if s.VG == "" || g.DiskSize <= g.Payload {
+		return 0
+	}
+	return (g.DiskSize - g.Payload) * 512
 }
 
 // finishEncrypt reports a completed encrypt: the crypttab line (appended
