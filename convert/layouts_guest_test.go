@@ -246,7 +246,8 @@ func finalChecks(t testing.TB, st *stack, name string) {
 }
 
 // TestGuestLayoutPartition: the PV is the middle partition of a GPT
-// disk; the partitions before and after it hold other data. Only the
+// disk, of an odd size (192 MiB and 7 sectors); the partitions before and
+// after it hold other data. Only the
 // partition is encrypted; the other partitions and the partition tables
 // are byte for byte what they were. SIGINT mid-run, then resume.
 func TestGuestLayoutPartition(t *testing.T) {
@@ -255,7 +256,9 @@ func TestGuestLayoutPartition(t *testing.T) {
 	disk := d[layPartDisk]
 	state := guestStateDir(t, d[layStateDisk])
 	writePW(t)
-	sh(t, "sh", "-c", "printf 'label: gpt\\n,16M\\n,192M\\n,\\n' | sfdisk -q "+disk)
+	// Partition 2 is 192 MiB and 7 sectors: not a whole number of MiB,
+	// extents or chunks.
+	sh(t, "sh", "-c", "printf 'label: gpt\\n,16M\\n,393223\\n,\\n' | sfdisk -q "+disk)
 	p1, pv, p3 := disk+"1", disk+"2", disk+"3"
 	for i := 0; i < 50; i++ {
 		if _, err := os.Stat(p3); err == nil {
