@@ -39,6 +39,7 @@ const (
 	layRestartB           // its other PV
 	layFPDisk             // snapshot and thin pool, crash in the restack
 	lay4KnDisk            // 4096-byte logical sectors
+	layCacheDisk          // a cached LV and a swap LV
 	layStateDisk          // journals and acknowledgements
 )
 
@@ -67,7 +68,8 @@ func vmLayouts(t *testing.T) {
 			{Size: 160 * guestMiB}, {Size: 96 * guestMiB}, // vdi, vdj
 			{Size: 160 * guestMiB},                  // vdk
 			{Size: 128 * guestMiB, BlockSize: 4096}, // vdl: 4Kn (encrypt, rekey, decrypt: 192 MiB cost a minute more)
-			{Size: 256 * guestMiB},                  // vdm: state
+			{Size: 128 * guestMiB},                  // vdm: cache and swap
+			{Size: 256 * guestMiB},                  // vdn: state
 		},
 		// make test runs the TestGuestLayout* tests; the TestOptIn ones
 		// (kill and restart, a crash mid-restack, tail metadata) run with
@@ -80,13 +82,61 @@ func vmLayouts(t *testing.T) {
 }
 
 // lvmNoThinCheck is passed to every lvm command of these tests: the guest
-// has no thin_check, without which lvm refuses to activate a thin pool.
-const lvmNoThinCheck = `global { thin_check_executable="" }`
+// has no thin_check or cache_check, without which lvm refuses to activate
+// a thin pool or a cached LV.
+const lvmNoThinCheck = `global { thin_check_executable="" cache_check_executable="" }`
 
 // lv runs an lvm command with lvmNoThinCheck.
 func lv(t testing.TB, cmd string, args ...string) string {
 	t.Helper()
 	return sh(t, "lvm", append([]string{cmd, "--config", lvmNoThinCheck}, args...)...)
+}
+
+// TestGuestLayoutCacheSwap: a mounted LV cached in writeback mode by a
+// cache volume on the same PV (dm-cache), and an active swap LV; kill -9
+// mid-run, resume. The cached LV has every write (live and after a cold
+// open, the cache reassembled by vgchange), and the swap stays in use.
+func TestGuestLayoutCacheSwap(t *testing.T) {
+	testvm.RequireGuest(t)
+	layoutModules(t)
+	d := testvm.GuestDisks()
+	disk := d[layCacheDisk]
+	state := guestStateDir(t, d[layStateDisk])
+	writePW(t)
+	lv(t, "pvcreate", "-y", disk)
+	lv(t, "vgcreate", "-y", "vgca", disk)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "ext", "-L", "48m", "vgca")
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "fast", "-L", "16m", "vgca")
+	lv(t, "lvconvert", "-y", "--type", "cache", "--cachevol", "vgca/fast", "--cachemode", "writeback", "vgca/ext")
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", "vgca")
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "swap", "-L", "8m", "vgca")
+	lv(t, "vgchange", "-ay", "vgca")
+	if tb := sh(t, "dmsetup", "table", "vgca-ext"); !strings.Contains(tb, " cache ") {
+		t.Fatalf("vgca/ext is not a dm-cache device: %s", tb)
+	}
+	t.Logf("layout:\n%s", lv(t, "lvs", "-a", "-o", "lv_name,attr,lv_size,pool_lv,devices,segtype", "vgca"))
+	swap := "/dev/mapper/vgca-swap"
+	sh(t, "mkswap", swap)
+	sh(t, "swapon", swap)
+	st := newLayoutStack("ca", disk, "vgca")
+	addExt4(t, st, "ext")
+	writeManifest(t, st, state)
+
+	w := startWriter(t, st, state)
+	encryptInterrupted(t, st, state, syscall.SIGKILL, 0.45, "--shrink-pv", "--chunk-size", "2M")
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	name := filepath.Base(disk) + "_crypt"
+	finalChecks(t, st, name)
+	if !strings.Contains(sh(t, "cat", "/proc/swaps"), "vgca-swap") {
+		t.Fatalf("the swap LV is no longer in use:\n%s", sh(t, "cat", "/proc/swaps"))
+	}
+	if tb := sh(t, "dmsetup", "table", "vgca-ext"); !strings.Contains(tb, " cache ") || !strings.Contains(tb, "writeback") {
+		t.Fatalf("vgca/ext lost its writeback cache: %s", tb)
+	}
+	verifyStack(t, st, state)
+	sh(t, "swapoff", swap)
+	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
 }
 
 func lvOK(cmd string, args ...string) (string, error) {
@@ -96,7 +146,7 @@ func lvOK(cmd string, args ...string) (string, error) {
 // layoutModules loads the dm targets lvm probes for with modprobe (the
 // guest loads them on demand from the kernel, not from lvm's probe).
 func layoutModules(t testing.TB) {
-	for _, m := range []string{"dm-thin-pool", "dm-raid", "raid1", "dm-snapshot"} {
+	for _, m := range []string{"dm-thin-pool", "dm-raid", "raid1", "dm-snapshot", "dm-cache", "dm-cache-smq"} {
 		if out, err := shOK("modprobe", m); err != nil {
 			t.Logf("modprobe %s: %v %s", m, err, out)
 		}

@@ -96,7 +96,8 @@
 //     (dm-log, dm-region-hash), dm-flakey, dm-log-writes, dm-delay,
 //     dm-zero, dm-snapshot, loop, ext4, aesni, xts, ecb, sha256, af_alg,
 //     algif_skcipher, algif_hash. Loaded on first use by the kernel: xfs,
-//     dm-thin-pool, dm-raid with raid1/raid10/raid456, sha512, serpent,
+//     dm-thin-pool, dm-raid with raid1/raid10/raid456, dm-cache with
+//     dm-cache-smq, sha512, serpent,
 //     twofish, rmd160, wp512, essiv (or modprobe them).
 //
 // # The cache
