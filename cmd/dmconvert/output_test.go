@@ -200,6 +200,40 @@ func TestFinishEncryptText(t *testing.T) {
 	}
 }
 
+// A decrypt's result says how much the header's space leaves after the
+// PV on the disk and how to grow the PV into it; a file system on the
+// mapping gets no such line.
+func TestFinishDecryptText(t *testing.T) {
+	for _, hg := range []bool{false, true} {
+		p, err := convert.BuildDecrypt(convert.DecryptGeometry{DiskSize: 65536, Payload: 40960, Header: 4096, Align: 8, HeaderGap: hg})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, vg := range []string{"vg0", ""} {
+			ta := newTestApp(t)
+			spec := &convert.Spec{Op: "decrypt", Disk: convert.DiskInfo{Path: "/dev/vda"}, Name: "vda_crypt", VG: vg, LUKSVersion: 2, Forward: p}
+			r := &result{}
+			ta.a.finishDecrypt(r, spec)
+			out := ta.out.String()
+			if vg == "" {
+				if r.FreeBytes != 0 || strings.Contains(out, "pvresize") {
+					t.Fatalf("header gap %v, no VG: free %d\n%s", hg, r.FreeBytes, out)
+				}
+				continue
+			}
+			// 65536 - 40960 sectors = 12.0 MiB
+			for _, want := range []string{"volume group vg0 is on it", "ends 12.0 MiB before the end of /dev/vda", "  pvresize /dev/vda\n"} {
+				if !strings.Contains(out, want) {
+					t.Errorf("header gap %v: output lacks %q:\n%s", hg, want, out)
+				}
+			}
+			if r.FreeBytes != (65536-40960)*512 {
+				t.Fatalf("header gap %v: free %d", hg, r.FreeBytes)
+			}
+		}
+	}
+}
+
 // The rekey plan says the cipher and key size before and after, and the
 // --json plan carries both.
 func TestRekeyPlanShowsCipher(t *testing.T) {
