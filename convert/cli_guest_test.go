@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -565,20 +566,22 @@ func verifyPlainCold(t testing.TB, st *stack, state, name string) {
 		t.Fatalf("%s still exists:\n%s", name, out)
 	}
 	for _, lv := range append(append([]string{}, st.FSLVs...), "raw") {
-		deps := sh(t, "dmsetup", "deps", "-o", "devname", st.VG+"-"+lv)
-		if !strings.Contains(deps, "("+filepath.Base(st.Disk)+")") {
-			t.Fatalf("%s-%s does not map the raw disk: %s", st.VG, lv, deps)
+		// Every device under the LV (through a cache's or a pool's
+		// sub-LVs too) leads to the raw disk, none through name.
+		under := strings.Fields(sh(t, "lsblk", "-s", "-n", "-r", "-o", "NAME", "/dev/mapper/"+st.VG+"-"+lv))
+		if !slices.Contains(under, filepath.Base(st.Disk)) || slices.Contains(under, name) {
+			t.Fatalf("%s-%s does not map the raw disk alone: %v", st.VG, lv, under)
 		}
 	}
 	verifyStack(t, st, state)
 	for _, mp := range st.Mounts {
 		sh(t, "umount", mp)
 	}
-	sh(t, "vgchange", "-an", st.VG)
+	lv(t, "vgchange", "-an", st.VG)
 	if typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", st.Disk); strings.TrimSpace(typ) != "LVM2_member" {
 		t.Fatalf("blkid -p %s says %q, want LVM2_member", st.Disk, typ)
 	}
-	sh(t, "vgchange", "-ay", st.VG)
+	lv(t, "vgchange", "-ay", st.VG)
 	verifyStack(t, st, state)
 }
 
@@ -596,8 +599,18 @@ func TestGuestCLIDecrypt(t *testing.T) {
 }
 
 // decryptInterruptResume: under a writer, decrypt the mapping name, SIGINT
-// at 40%, resume; every write is there, live and after a cold open.
+// at 40%, resume; every write is there, live and after a cold open, and
+// the PV grows into the header's space as the output says.
 func decryptInterruptResume(t testing.TB, st *stack, state, name string) {
+	t.Helper()
+	out := decryptInterrupted(t, st, state, name)
+	verifyPlainCold(t, st, state, name)
+	growPVAsTold(t, st, out)
+}
+
+// decryptInterrupted runs decryptInterruptResume's decrypt, SIGINT and
+// resume under a writer, and returns the resume's output.
+func decryptInterrupted(t testing.TB, st *stack, state, name string) string {
 	t.Helper()
 	w := startWriter(t, st, state)
 	args := []string{"decrypt", name, "--shrink-pv", "--batch-mode", "--json", "--key-file", pwFile, "--journal", st.file(state, "journal"), "--chunk-size", "4M"}
@@ -610,9 +623,14 @@ func decryptInterruptResume(t testing.TB, st *stack, state, name string) {
 	requireExit(t, "resume of the decrypt", code, 0, out)
 	acks, _ := w.finish(t)
 	t.Logf("writer: %d acknowledged writes", acks)
-	verifyPlainCold(t, st, state, name)
-	// The header's sectors are free after the PV: the output says how to
-	// grow the PV into them, and that command does.
+	return out
+}
+
+// growPVAsTold: the header's sectors are free after the PV: the
+// decrypt's output out says how to grow the PV into them, and that
+// command does.
+func growPVAsTold(t testing.TB, st *stack, out string) {
+	t.Helper()
 	if !strings.Contains(out, "pvresize "+st.Disk+"\n") {
 		t.Fatalf("the decrypt did not say how to grow the PV into the header's space:\n%s", out)
 	}

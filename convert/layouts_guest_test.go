@@ -96,6 +96,8 @@ func lv(t testing.TB, cmd string, args ...string) string {
 // cache volume on the same PV (dm-cache), and an active swap LV; kill -9
 // mid-run, resume. The cached LV has every write (live and after a cold
 // open, the cache reassembled by vgchange), and the swap stays in use.
+// Then decrypted (SIGINT, resume): the cache's sub-LVs and the others go
+// back onto the raw disk, still in use.
 func TestGuestLayoutCacheSwap(t *testing.T) {
 	testvm.RequireGuest(t)
 	layoutModules(t)
@@ -137,6 +139,22 @@ func TestGuestLayoutCacheSwap(t *testing.T) {
 	verifyStack(t, st, state)
 	sh(t, "swapoff", swap)
 	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
+
+	// Decrypt (its journal is the encrypt's path: that run is done).
+	sh(t, "swapon", swap)
+	if err := os.Remove(st.file(state, "journal")); err != nil {
+		t.Fatal(err)
+	}
+	out := decryptInterrupted(t, st, state, name)
+	if !strings.Contains(sh(t, "cat", "/proc/swaps"), "vgca-swap") {
+		t.Fatalf("the swap LV is no longer in use after the decrypt:\n%s", sh(t, "cat", "/proc/swaps"))
+	}
+	if tb := sh(t, "dmsetup", "table", "vgca-ext"); !strings.Contains(tb, " cache ") || !strings.Contains(tb, "writeback") {
+		t.Fatalf("vgca/ext lost its writeback cache in the decrypt: %s", tb)
+	}
+	sh(t, "swapoff", swap)
+	verifyPlainCold(t, st, state, name)
+	growPVAsTold(t, st, out)
 }
 
 func lvOK(cmd string, args ...string) (string, error) {
