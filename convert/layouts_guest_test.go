@@ -130,12 +130,16 @@ func TestGuestLayoutCacheSwap(t *testing.T) {
 	t.Logf("writer: %d acknowledged writes", acks)
 	name := filepath.Base(disk) + "_crypt"
 	finalChecks(t, st, name)
-	if !strings.Contains(sh(t, "cat", "/proc/swaps"), "vgca-swap") {
-		t.Fatalf("the swap LV is no longer in use:\n%s", sh(t, "cat", "/proc/swaps"))
+	stillInUse := func(when string) {
+		t.Helper()
+		if swaps := sh(t, "cat", "/proc/swaps"); !strings.Contains(swaps, "vgca-swap") {
+			t.Fatalf("the swap LV is no longer in use %s:\n%s", when, swaps)
+		}
+		if tb := sh(t, "dmsetup", "table", "vgca-ext"); !strings.Contains(tb, " cache ") || !strings.Contains(tb, "writeback") {
+			t.Fatalf("vgca/ext lost its writeback cache %s: %s", when, tb)
+		}
 	}
-	if tb := sh(t, "dmsetup", "table", "vgca-ext"); !strings.Contains(tb, " cache ") || !strings.Contains(tb, "writeback") {
-		t.Fatalf("vgca/ext lost its writeback cache: %s", tb)
-	}
+	stillInUse("after the encrypt")
 	verifyStack(t, st, state)
 	sh(t, "swapoff", swap)
 	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
@@ -146,12 +150,7 @@ func TestGuestLayoutCacheSwap(t *testing.T) {
 		t.Fatal(err)
 	}
 	out := decryptInterrupted(t, st, state, name)
-	if !strings.Contains(sh(t, "cat", "/proc/swaps"), "vgca-swap") {
-		t.Fatalf("the swap LV is no longer in use after the decrypt:\n%s", sh(t, "cat", "/proc/swaps"))
-	}
-	if tb := sh(t, "dmsetup", "table", "vgca-ext"); !strings.Contains(tb, " cache ") || !strings.Contains(tb, "writeback") {
-		t.Fatalf("vgca/ext lost its writeback cache in the decrypt: %s", tb)
-	}
+	stillInUse("after the decrypt")
 	sh(t, "swapoff", swap)
 	verifyPlainCold(t, st, state, name)
 	growPVAsTold(t, st, out)
@@ -315,9 +314,9 @@ func finalChecks(t testing.TB, st *stack, name string) {
 
 // TestGuestLayoutPartition: the PV is the middle partition of a GPT
 // disk, of an odd size (192 MiB and 7 sectors); the partitions before and
-// after it hold other data. Only the
-// partition is encrypted; the other partitions and the partition tables
-// are byte for byte what they were. SIGINT mid-run, then resume.
+// after it hold other data. Only the partition is encrypted; the other
+// partitions and the partition tables are byte for byte what they were.
+// SIGINT mid-run, then resume.
 func TestGuestLayoutPartition(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
