@@ -33,7 +33,7 @@ func vmCLI(t *testing.T) {
 		Disks: []testvm.Disk{
 			{Size: 512 * guestMiB}, {Size: 192 * guestMiB}, {Size: 192 * guestMiB},
 			{Size: 256 * guestMiB}, {Size: 128 * guestMiB}, {Size: 64 * guestMiB},
-			{Size: 160 * guestMiB}, {Size: 160 * guestMiB},
+			{Size: 160 * guestMiB}, {Size: 160 * guestMiB}, {Size: 160 * guestMiB},
 		},
 		Run:     "^TestGuestCLI",
 		Files:   map[string]string{"dmconvert": bin},
@@ -297,6 +297,119 @@ func TestGuestCLIKillResume(t *testing.T) {
 	t.Logf("writer: %d acknowledged writes", acks)
 	verifyStack(t, st, state)
 	verifyEncryptedCold(t, st, state, filepath.Base(st.Disk)+"_crypt")
+}
+
+// TestGuestCLIKillInSuspend: kill -9 exactly while a suspend of the
+// mapping with its mirror waits for the writer's in-flight I/O. A process
+// killed in that wait leaves dm-raid1 unable to suspend again (its
+// region-recovery slots stay taken; dmtable's suspendhelper_linux.go):
+// the resume's first table swap would block for ever. dmconvert's
+// suspends run in a helper process the kill does not reach, which
+// finishes the suspend; the resume then resumes the mapping and ends the
+// run, with every acknowledged write there. The PV is on a dm-delay
+// device whose writes are held 400 ms from a tenth of the run on, so
+// that the wait lasts long enough to kill dmconvert inside it.
+func TestGuestCLIKillInSuspend(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	// The delay device starts 1 MiB into the disk, so that LVM does not
+	// find the PV's label on the disk as well (a duplicate PV).
+	slow, sectors := "kis-slow", diskSectors(t, d[8])-2048
+	setDelay := func(ms int) {
+		table := fmt.Sprintf("0 %d delay %s 2048 0 %s 2048 %d", sectors, d[8], d[8], ms)
+		if _, err := shOK("dmsetup", "info", slow); err != nil {
+			sh(t, "dmsetup", "create", slow, "--table", table)
+			return
+		}
+		sh(t, "dmsetup", "reload", slow, "--table", table)
+		sh(t, "dmsetup", "resume", slow)
+	}
+	setDelay(0)
+	st := buildLightTagged(t, "kis", "/dev/mapper/"+slow, state)
+	name := slow + "_crypt"
+	w := startWriter(t, st, state) // with writes held 400 ms, nearly always one in flight
+	r := cliStart(t, encryptArgs(st, state, "--chunk-size", "4M")...)
+	r.waitProgress(t, 0.1)
+	helper := 0
+	for _, p := range childPids(r.cmd.Process.Pid) {
+		if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", p)); strings.TrimSpace(string(comm)) == "dmtable-suspend" {
+			helper = p
+		}
+	}
+	if helper == 0 {
+		r.cmd.Process.Kill()
+		r.wait()
+		t.Fatalf("dmconvert (pid %d) runs no suspend helper", r.cmd.Process.Pid)
+	}
+	setDelay(400)
+	stackFile := fmt.Sprintf("/proc/%d/stack", helper)
+	var stack []byte
+	for deadline := time.Now().Add(3 * time.Minute); stack == nil && time.Now().Before(deadline); {
+		b, err := os.ReadFile(stackFile)
+		if err != nil {
+			break // the run ended
+		}
+		if strings.Contains(string(b), "dm_wait_for_completion") {
+			r.cmd.Process.Kill()
+			stack = b
+		}
+	}
+	if stack == nil {
+		r.cmd.Process.Kill()
+		r.wait()
+		t.Fatalf("never caught the suspend helper waiting for in-flight I/O in a suspend before the run ended")
+	}
+	code, _ := r.wait()
+	requireExit(t, "encrypt killed in a suspend", code, 128+int(syscall.SIGKILL), "")
+	setDelay(0)
+	// The helper finishes the suspend and goes.
+	for end := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d", helper)); err != nil {
+			break
+		}
+		if time.Now().After(end) {
+			b, _ := os.ReadFile(stackFile)
+			t.Fatalf("the suspend helper %d is still there 30 s after its dmconvert was killed:\n%s", helper, b)
+		}
+	}
+	if out, _ := shOK("dmsetup", "info", name); !strings.Contains(out, "SUSPENDED") {
+		info, _ := shOK("dmsetup", "info")
+		t.Fatalf("%s is not suspended after dmconvert was killed in its suspend and the helper finished it:\n%s", name, info)
+	}
+	t.Logf("killed while the helper was in\n%s\n%s stayed suspended", stack, name)
+	code, out := cliRun(t, "resume", "--journal", st.file(state, "journal"), "--key-file", pwFile)
+	requireExit(t, "resume after a kill in a suspend", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyStack(t, st, state)
+	verifyEncryptedCold(t, st, state, name)
+}
+
+// childPids lists the processes whose parent is pid.
+func childPids(pid int) []int {
+	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
+	var out []int
+	for _, p := range stats {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces, so read after
+		// its closing parenthesis.
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		var self, ppid int
+		var state string
+		if _, err := fmt.Sscanf(s, "%d", &self); err != nil || i < 0 {
+			continue
+		}
+		if _, err := fmt.Sscanf(s[i+1:], " %s %d", &state, &ppid); err == nil && ppid == pid {
+			out = append(out, self)
+		}
+	}
+	return out
 }
 
 // TestGuestCLIAbort: SIGINT mid-run, then abort walks back online to the

@@ -400,7 +400,11 @@ func LockMemory() error {
 // NewSystem returns an Engine on the real machine and a function that
 // releases it.
 func NewSystem() (*Engine, func() error, error) {
-	c, err := dmtable.Open(dmtable.Options{})
+	// Suspends run in a helper process, which a kill -9 of dmconvert
+	// does not stop half-way (a mirror whose suspend is killed in its
+	// wait for I/O can never be suspended again: dmtable's
+	// suspendhelper_linux.go).
+	c, err := dmtable.Open(dmtable.Options{SuspendHelper: true})
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening device-mapper: %w", err)
 	}
@@ -410,7 +414,12 @@ func NewSystem() (*Engine, func() error, error) {
 		LVM:          &LVMTool{C: &lvm.Client{Trace: lvmTrace}},
 		RegionSize:   DefaultRegionSize,
 		PollInterval: 2 * time.Second,
-		Lock:         LockMemory,
+		// Before the run suspends anything: the helper's program is read
+		// now, not while a device it may live behind is suspended.
+		Lock: func() error {
+			_ = c.StartSuspendHelper() // without it, suspends run here
+			return LockMemory()
+		},
 		// The header's copy of the position, about once a second (the
 		// journal records every chunk): two writes and two flushes of
 		// the disk fewer per chunk.

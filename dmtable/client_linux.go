@@ -45,6 +45,13 @@ type Options struct {
 	// the Client checks the node itself and creates or removes it if udev
 	// did not. Default 30 s.
 	UdevTimeout time.Duration
+	// SuspendHelper runs every Suspend in a helper process that a SIGKILL
+	// of this one does not stop mid-way (see suspendhelper_linux.go: a
+	// mirror whose suspend was killed can never be suspended again). The
+	// helper is this program started again; it is started on the first
+	// Suspend and ends with Close or with this process. If it cannot
+	// run, suspends run in this process.
+	SuspendHelper bool
 }
 
 // Client is a handle on the device-mapper control node. Every ioctl goes
@@ -57,6 +64,7 @@ type Client struct {
 	udev    bool
 	udevTO  time.Duration
 	kernel  [3]uint32
+	helper  *suspendHelper // nil: suspends run in this process
 }
 
 // Open opens the control node and asks the kernel for its interface
@@ -103,6 +111,9 @@ func Open(o Options) (*Client, error) {
 		return nil, err
 	}
 	c.kernel = v
+	if o.SuspendHelper {
+		c.helper = &suspendHelper{}
+	}
 	return c, nil
 }
 
@@ -117,7 +128,15 @@ func UdevRunning() bool {
 }
 
 // Close closes the control node.
-func (c *Client) Close() error { return c.ctl.Close() }
+func (c *Client) Close() error {
+	if c.helper != nil {
+		c.helper.mu.Lock()
+		c.helper.stop()
+		c.helper.broken = errors.New("closed")
+		c.helper.mu.Unlock()
+	}
+	return c.ctl.Close()
+}
 
 // UsesUdev reports whether the Client synchronises with udev (UdevOn).
 func (c *Client) UsesUdev() bool { return c.udev }
@@ -411,7 +430,19 @@ const (
 // its presuspend took every region-recovery slot, so the next suspend of
 // the same table (the retry) blocks for ever in dm_rh_stop_recovery with
 // no I/O in flight. A blocked signal waits until the ioctl returns.
+// SIGKILL cannot be blocked: with Options.SuspendHelper the ioctl runs in
+// a helper process that outlives a kill of this one.
 func (c *Client) Suspend(name string, flags SuspendFlags) (Info, error) {
+	if c.helper != nil {
+		if info, err, ok := c.helper.suspend(name, flags); ok {
+			return info, err
+		}
+	}
+	return c.suspendHere(name, flags)
+}
+
+// suspendHere is Suspend in this process.
+func (c *Client) suspendHere(name string, flags SuspendFlags) (Info, error) {
 	f := uint32(flagSuspend)
 	if flags&NoFlush != 0 {
 		f |= flagNoflush
