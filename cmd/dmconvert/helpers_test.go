@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -49,9 +50,11 @@ func newTestApp(t *testing.T) *testApp {
 			}
 			return ta.sys.engine()
 		},
-		notify: func(c chan<- os.Signal, _ ...os.Signal) {
+		notify: func(c chan<- os.Signal, subscribed ...os.Signal) {
 			for _, s := range ta.signal {
-				c <- s
+				if slices.Contains(subscribed, s) {
+					c <- s
+				}
 			}
 		},
 		stopNotify: func(chan<- os.Signal) {},

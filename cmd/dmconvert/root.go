@@ -152,9 +152,12 @@ func exactArgs(n int) cobra.PositionalArgs {
 	}
 }
 
-// stopper turns SIGINT/SIGTERM into a stop request the engine polls
-// between steps (RunOptions.Stop). Later signals only say that the
-// current step is finishing: the process never dies mid-step by them.
+// stopper turns SIGINT, SIGTERM and SIGHUP into a stop request the
+// engine polls between steps (RunOptions.Stop). Later signals only say
+// that the current step is finishing: the process never dies mid-step by
+// them. SIGHUP is there because its default ends the process wherever it
+// is: a dropped ssh session could leave a mapping suspended, and with it
+// every file system above it, the root's too.
 type stopper struct {
 	a     *app
 	c     chan os.Signal
@@ -167,7 +170,7 @@ type stopper struct {
 func (a *app) startStopper(note func(string)) *stopper {
 	s := &stopper{a: a, c: make(chan os.Signal, 4), done: make(chan struct{}), stop: make(chan struct{}), note: note}
 	if a.notify != nil {
-		a.notify(s.c, syscall.SIGINT, syscall.SIGTERM)
+		a.notify(s.c, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	}
 	go s.loop()
 	return s

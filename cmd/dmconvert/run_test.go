@@ -165,6 +165,9 @@ func TestConfirmedRunReadsPassphraseAfterYES(t *testing.T) {
 	// The header in the journal opens with the passphrase read after YES.
 	ta.signal = []os.Signal{syscall.SIGTERM}
 	ta.mustRun(exitInterrupted, "resume", "--journal", jp, "--key-file", ta.keyFile("secret"))
+	// A hang-up (the ssh session went away) stops at a safe point too.
+	ta.signal = []os.Signal{syscall.SIGHUP}
+	ta.mustRun(exitInterrupted, "resume", "--journal", jp, "--key-file", ta.keyFile("secret"))
 	ta.mustRun(exitPassphrase, "resume", "--journal", jp, "--key-file", ta.keyFile("YES"))
 }
 
