@@ -27,20 +27,21 @@ import (
 
 // The disks of TestVMLayouts, in order (/dev/vda ...).
 const (
-	layPartDisk    = iota // GPT: the PV is partition 2 of 3
-	layTwoPVA             // converted PV of a two-PV VG
-	layTwoPVB             // the other PV
-	laySegDisk            // several segments, striped and raid1 legs
-	laySegOther           // the other stripe and raid1 leg
-	laySnapDisk           // snapshot and thin pool
-	layPEStartDisk        // pe_start at 8 MiB, LUKS1
-	layTailMDADisk        // second metadata area at the end of the PV
-	layRestartA           // converted PV of the restart test
-	layRestartB           // its other PV
-	layFPDisk             // snapshot and thin pool, crash in the restack
-	lay4KnDisk            // 4096-byte logical sectors
-	layCacheDisk          // a cached LV and a swap LV
-	layStateDisk          // journals and acknowledgements
+	layPartDisk     = iota // GPT: the PV is partition 2 of 3
+	layTwoPVA              // converted PV of a two-PV VG
+	layTwoPVB              // the other PV
+	laySegDisk             // several segments, striped and raid1 legs
+	laySegOther            // the other stripe and raid1 leg
+	laySnapDisk            // snapshot and thin pool
+	layPEStartDisk         // pe_start at 8 MiB, LUKS1
+	layTailMDADisk         // second metadata area at the end of the PV
+	layRestartA            // converted PV of the restart test
+	layRestartB            // its other PV
+	layFPDisk              // snapshot and thin pool, crash in the restack
+	lay4KnDisk             // 4096-byte logical sectors
+	layCacheDisk           // a cached LV and a swap LV
+	layInactiveDisk        // a VG with no LV active
+	layStateDisk           // journals and acknowledgements
 )
 
 // vmLayouts (TestVMLayouts) boots one VM for the layout tests.
@@ -69,7 +70,8 @@ func vmLayouts(t *testing.T) {
 			{Size: 160 * guestMiB},                  // vdk
 			{Size: 128 * guestMiB, BlockSize: 4096}, // vdl: 4Kn (encrypt, rekey, decrypt: 192 MiB cost a minute more)
 			{Size: 128 * guestMiB},                  // vdm: cache and swap
-			{Size: 256 * guestMiB},                  // vdn: state
+			{Size: 160 * guestMiB},                  // vdn: inactive VG
+			{Size: 256 * guestMiB},                  // vdo: state
 		},
 		// make test runs the TestGuestLayout* tests; the TestOptIn ones
 		// (kill and restart, a crash mid-restack, tail metadata) run with
@@ -378,32 +380,41 @@ func TestGuestLayoutPartition(t *testing.T) {
 }
 
 // TestGuestLayoutTwoPVs: VG of two PVs; an LV spans both (mounted, written
-// to), one LV lives only on the other PV. Only the first PV is converted:
-// the other stays a plain PV whose LV is byte for byte unchanged, and the
-// spanning LV keeps every write.
+// to), a legacy mirror LV has a leg on each (mounted, written to), one LV
+// lives only on the other PV. Only the first PV is converted, and it has
+// no metadata area: the other stays a plain PV whose LV is byte for byte
+// unchanged, and the spanning and mirrored LVs keep every write.
 func TestGuestLayoutTwoPVs(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
 	a, b := d[layTwoPVA], d[layTwoPVB]
 	state := guestStateDir(t, d[layStateDisk])
 	writePW(t)
-	shrunkPV(t, a, 32768)
+	// The converted PV has no metadata area (the VG's metadata lives on
+	// the other PV only).
+	shrunkPV(t, a, 32768, "--metadatacopies", "0")
 	lv(t, "pvcreate", "-y", b)
 	lv(t, "vgcreate", "-y", "vgtwo", a, b)
 	// span: 48 MiB on a, then 40 MiB on b.
 	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "span", "-L", "48m", "vgtwo", a)
 	lv(t, "lvextend", "-y", "-L", "+40m", "vgtwo/span", b)
 	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "16m", "vgtwo", a)
-	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "onlya", "-L", "32m", "vgtwo", a)
-	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "keep", "-L", "24m", "vgtwo", b)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "onlya", "-L", "24m", "vgtwo", a)
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "keep", "-L", "16m", "vgtwo", b)
+	// A legacy mirror LV (dm-mirror, core log): one leg on each PV.
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "--type", "mirror", "-m1", "--mirrorlog", "core", "-n", "mir", "-L", "16m", "vgtwo", a, b)
 	lv(t, "vgchange", "-ay", "vgtwo")
 	segs := lv(t, "lvs", "--noheadings", "-o", "lv_name,devices", "vgtwo/span")
 	if !strings.Contains(segs, a) || !strings.Contains(segs, b) {
 		t.Fatalf("span is not on both PVs: %s", segs)
 	}
+	if mdas := lv(t, "pvs", "--noheadings", "-o", "pv_mda_count", a); strings.TrimSpace(mdas) != "0" {
+		t.Fatalf("%s has %s metadata areas, want 0", a, mdas)
+	}
 	st := newLayoutStack("two", a, "vgtwo")
 	addExt4(t, st, "span")
 	addExt4(t, st, "onlya")
+	addExt4(t, st, "mir")
 	writeManifest(t, st, state)
 	keep := "/dev/mapper/vgtwo-keep"
 	fillRandom(t, keep)
@@ -434,6 +445,37 @@ func TestGuestLayoutTwoPVs(t *testing.T) {
 	mustEqual(t, "the other PV's label", bLabel, rangeBytes(t, b, 0, 4096))
 	coldVerifyLayout(t, st, state, name, []string{"span", "raw", "onlya"})
 	mustEqual(t, "LV keep on the other PV after the cold open", keepBefore, diskBytes(t, keep))
+}
+
+// TestGuestLayoutInactiveVG: a PV whose VG has no LV active (nothing
+// above the disk to restack); SIGINT mid-run, resume. The VG then
+// activates on the mapping with every file and the raw LV's bytes as
+// they were, no helper device is left, and a cold open finds them too.
+func TestGuestLayoutInactiveVG(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	disk := d[layInactiveDisk]
+	state := guestStateDir(t, d[layStateDisk])
+	writePW(t)
+	shrunkPV(t, disk, 32768)
+	st := extRawVG(t, "ia", disk, "vgia", "96m", "16m", state)
+	fillRandom(t, st.RawLV)
+	rawBefore := diskBytes(t, st.RawLV)
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
+	lv(t, "vgchange", "-an", "vgia")
+	encryptInterrupted(t, st, state, syscall.SIGINT, 0.5)
+	if out, _ := shOK("dmsetup", "ls"); strings.Contains(out, "vgia-") || strings.Contains(out, "dmconvert-") {
+		t.Fatalf("after the run, LVs of the inactive VG or helpers are active:\n%s", out)
+	}
+	name := filepath.Base(disk) + "_crypt"
+	lv(t, "vgchange", "-ay", "vgia")
+	finalChecks(t, st, name)
+	mustEqual(t, "the raw LV", rawBefore, diskBytes(t, st.RawLV))
+	verifyStack(t, st, state)
+	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
+	mustEqual(t, "the raw LV after the cold open", rawBefore, diskBytes(t, st.RawLV))
 }
 
 // TestGuestLayoutSegments: LVs of several segments interleaved on the
