@@ -25,7 +25,7 @@ func vmDecrypt(t *testing.T) {
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{
 		// d[0] holds the journals (each keeps a header image of up to 16 MiB).
-		Disks:   []testvm.Disk{{Size: 96 * guestMiB}, {Size: 64 * guestMiB}, {Size: 40 * guestMiB}, {Size: 96 * guestMiB}},
+		Disks:   []testvm.Disk{{Size: 128 * guestMiB}, {Size: 64 * guestMiB}, {Size: 40 * guestMiB}, {Size: 96 * guestMiB}, {Size: 80 * guestMiB}},
 		Run:     "^TestGuestDecrypt",
 		Files:   map[string]string{"dmconvert": bin},
 		Timeout: 15 * time.Minute,
@@ -202,4 +202,68 @@ func TestGuestDecryptLVMNoRoom(t *testing.T) {
 	acks, _ := w.finish(t)
 	t.Logf("writer: %d acknowledged writes", acks)
 	verifyPlainCold(t, st, state, name)
+}
+
+// TestGuestDecryptSector4K: LUKS2 with 4096-byte encryption sectors on a
+// disk of 512-byte sectors (cryptsetup --sector-size 4096), an ext4 on the
+// mapping under a writer: rekeyed (kill -9, resume; the sector size kept,
+// the old volume key opens nothing), then decrypted (SIGINT, resume; the
+// file system, same UUID, on the raw disk with every write).
+func TestGuestDecryptSector4K(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[0])
+	writePW(t)
+	disk := d[4]
+	name := "s4k-crypt"
+	sh(t, "cryptsetup", "luksFormat", "-q", "--type", "luks2", "--sector-size", "4096", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", pwFile, disk)
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
+	t.Log(sh(t, "dmsetup", "table", name))
+	st := fsStack(t, "s4k", disk, state, name)
+	_, uuid := fsUUID(t, "/dev/mapper/"+name)
+	oldKey := saveVolumeKey(t, disk, "/tmp/s4k-old.key")
+	j := st.file(state, "journal")
+	w := startWriter(t, st, state)
+	r := cliStart(t, "rekey", "/dev/mapper/"+name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "2M")
+	r.waitProgress(t, 0.4)
+	r.cmd.Process.Kill()
+	code, _ := r.wait()
+	requireExit(t, "rekey after kill -9", code, 128+int(syscall.SIGKILL), "")
+	code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+	requireExit(t, "resume", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	tb := sh(t, "dmsetup", "table", name)
+	t.Log(tb)
+	if !strings.Contains(tb, "sector_size:4096") {
+		t.Fatalf("rekeyed table lost the sector size: %s", tb)
+	}
+	st.Sizes[0] = blockDevBytes(t, "/dev/mapper/"+name)
+	verifyStack(t, st, state)
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
+	sh(t, "cryptsetup", "close", name)
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
+	if dump := sh(t, "cryptsetup", "luksDump", disk); !strings.Contains(dump, "sector: 4096") {
+		t.Fatalf("luksDump after the rekey:\n%s", dump)
+	}
+	verifyStack(t, st, state)
+	checkRekeyed(t, disk, oldKey, "/tmp/s4k-old.key")
+	if !isMounted(st.Mounts[0]) {
+		sh(t, "mount", "/dev/mapper/"+name, st.Mounts[0])
+	}
+
+	j2 := st.file(state, "journal2")
+	w = startWriter(t, st, state)
+	r = cliStart(t, "decrypt", "/dev/mapper/"+name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j2, "--chunk-size", "2M")
+	r.waitProgress(t, 0.5)
+	r.cmd.Process.Signal(syscall.SIGINT)
+	code, errOut := r.wait()
+	requireExit(t, "decrypt after SIGINT", code, 5, errOut)
+	code, out = cliRun(t, "resume", "--journal", j2, "--key-file", pwFile)
+	requireExit(t, "resume of the decrypt", code, 0, out)
+	acks, _ = w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyDecryptedFS(t, st, state, name, uuid)
 }
