@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -34,6 +35,7 @@ func vmCLI(t *testing.T) {
 			{Size: 512 * guestMiB}, {Size: 192 * guestMiB}, {Size: 192 * guestMiB},
 			{Size: 256 * guestMiB}, {Size: 128 * guestMiB}, {Size: 64 * guestMiB},
 			{Size: 160 * guestMiB}, {Size: 160 * guestMiB}, {Size: 160 * guestMiB},
+			{Size: 160 * guestMiB}, // d[9]: random kills
 		},
 		Run:     "^TestGuestCLI",
 		Files:   map[string]string{"dmconvert": bin},
@@ -385,6 +387,75 @@ func TestGuestCLIKillInSuspend(t *testing.T) {
 	t.Logf("writer: %d acknowledged writes", acks)
 	verifyStack(t, st, state)
 	verifyEncryptedCold(t, st, state, name)
+}
+
+// TestGuestCLIRandomKills: kill -9 at random moments, not at progress
+// events: an encrypt under a writer is killed after a random time from its
+// start (50 ms to 6 s: the start-up, the copy, the end), then resumed
+// and killed again the same way, up to six times; a run killed before it
+// recorded anything is started again. Then a resume without a kill ends
+// it, and every acknowledged write is there, live and cold.
+// DMCONVERT_KILL_SEED replays a sequence of delays.
+func TestGuestCLIRandomKills(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	seed := time.Now().UnixNano()
+	if v, err := strconv.ParseInt(os.Getenv("DMCONVERT_KILL_SEED"), 10, 64); err == nil {
+		seed = v
+	}
+	rng := rand.New(rand.NewSource(seed))
+	t.Logf("DMCONVERT_KILL_SEED=%d", seed)
+	st := buildLightTagged(t, "rk", d[9], state)
+	j := st.file(state, "journal")
+	w := startWriter(t, st, state)
+	args := encryptArgs(st, state, "--chunk-size", "8M")
+	var log []string
+	for kill := 0; kill < 6; kill++ {
+		delay := 50*time.Millisecond + time.Duration(rng.Int63n(int64(5950*time.Millisecond)))
+		r := cliStart(t, args...)
+		exited := make(chan struct{})
+		go func() {
+			select {
+			case <-time.After(delay):
+				r.cmd.Process.Kill()
+			case <-exited:
+			}
+		}()
+		code, errOut := r.wait()
+		close(exited)
+		if code == 0 {
+			log = append(log, fmt.Sprintf("%s finished before its kill at %v", args[0], delay))
+			break
+		}
+		requireExit(t, fmt.Sprintf("%s killed at %v", args[0], delay), code, 128+int(syscall.SIGKILL), errOut)
+		_, out := cliRun(t, "status", "--journal", j, "--json")
+		switch {
+		case strings.Contains(out, `"status":"done"`):
+			log = append(log, fmt.Sprintf("%s killed at %v, after the run ended", args[0], delay))
+		case !strings.Contains(out, `"runs":[`):
+			// Killed before the journal recorded the run: nothing was
+			// written, start it again.
+			log = append(log, fmt.Sprintf("%s killed at %v, before the run was recorded", args[0], delay))
+			continue
+		default:
+			log = append(log, fmt.Sprintf("%s killed at %v", args[0], delay))
+		}
+		args = []string{"resume", "--journal", j, "--key-file", pwFile}
+	}
+	t.Logf("kills:\n%s", strings.Join(log, "\n"))
+	if _, out := cliRun(t, "status", "--journal", j, "--json"); !strings.Contains(out, `"status":"done"`) {
+		if args[0] != "resume" {
+			t.Fatalf("every kill came before the run was recorded: %s", strings.Join(log, "; "))
+		}
+		code, out := cliRun(t, args...)
+		requireExit(t, "the last resume", code, 0, out)
+	}
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyStack(t, st, state)
+	verifyEncryptedCold(t, st, state, filepath.Base(st.Disk)+"_crypt")
 }
 
 // childPids lists the processes whose parent is pid.
