@@ -392,36 +392,51 @@ func TestGuestCLIKillInSuspend(t *testing.T) {
 // TestGuestCLIRandomKills: kill -9 at random moments, not at progress
 // events: an encrypt under a writer is killed after a random time from its
 // start (50 ms to 6 s: the start-up, the copy, the end), then resumed
-// and killed again the same way, six times in all; an encrypt killed
-// before it recorded its run is started again (after two such kills, the
-// next is killed within 3 s of its first progress event). Then a resume
-// without a kill ends it, and every acknowledged write is there, live and
-// cold.
-// DMCONVERT_KILL_SEED replays a sequence of delays.
+// and killed again the same way, six times in all (killRandomly). Then a
+// resume without a kill ends it, and every acknowledged write is there,
+// live and cold. DMCONVERT_KILL_SEED replays a sequence of delays.
 func TestGuestCLIRandomKills(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
 	state := guestStateDir(t, d[3])
 	writePW(t)
+	rng := killRand(t)
+	st := buildLightTagged(t, "rk", d[9], state)
+	w := startWriter(t, st, state)
+	killRandomly(t, rng, encryptArgs(st, state, "--chunk-size", "8M"), st.file(state, "journal"), 6, 6*time.Second)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyStack(t, st, state)
+	verifyEncryptedCold(t, st, state, filepath.Base(st.Disk)+"_crypt")
+}
+
+// killRand is the random source of the random kills, seeded by
+// DMCONVERT_KILL_SEED or the clock (logged, to replay).
+func killRand(t testing.TB) *rand.Rand {
 	seed := time.Now().UnixNano()
 	if v, err := strconv.ParseInt(os.Getenv("DMCONVERT_KILL_SEED"), 10, 64); err == nil {
 		seed = v
 	}
-	rng := rand.New(rand.NewSource(seed))
 	t.Logf("DMCONVERT_KILL_SEED=%d", seed)
-	st := buildLightTagged(t, "rk", d[9], state)
-	j := st.file(state, "journal")
-	w := startWriter(t, st, state)
-	args := encryptArgs(st, state, "--chunk-size", "8M")
+	return rand.New(rand.NewSource(seed))
+}
+
+// killRandomly runs dmconvert with args (a command that starts a run
+// recorded in journal j) and kills it (-9) after a random time from its
+// start, between 50 ms and maxDelay, then resumes it and kills the resume
+// the same way, kills times in all, and finally resumes it to the end. A
+// run killed before its journal recorded it is started again without
+// counting; after two such kills, the next is killed within 3 s of its
+// first progress event.
+func killRandomly(t testing.TB, rng *rand.Rand, args []string, j string, kills int, maxDelay time.Duration) {
+	t.Helper()
 	var log []string
-	early := 0 // kills of an encrypt before it recorded its run
-	for kills := 0; kills < 6; {
-		delay := 50*time.Millisecond + time.Duration(rng.Int63n(int64(5950*time.Millisecond)))
+	early := 0
+	for n := 0; n < kills; {
+		delay := 50*time.Millisecond + time.Duration(rng.Int63n(int64(maxDelay-50*time.Millisecond)))
 		r := cliStart(t, args...)
 		from := "its start"
-		if args[0] == "encrypt" && early >= 2 {
-			// Two kills before the journal recorded the run are enough:
-			// this one comes once the run is under way.
+		if args[0] != "resume" && early >= 2 {
 			r.waitProgress(t, 0)
 			delay, from = time.Duration(rng.Int63n(int64(3*time.Second))), "its first progress event"
 		}
@@ -437,7 +452,7 @@ func TestGuestCLIRandomKills(t *testing.T) {
 		close(exited)
 		what := fmt.Sprintf("%s killed %v after %s", args[0], delay, from)
 		if code == 0 {
-			log = append(log, what+": it had finished")
+			log = append(log, fmt.Sprintf("%s ended before its kill %v after %s", args[0], delay, from))
 			break
 		}
 		requireExit(t, what, code, 128+int(syscall.SIGKILL), errOut)
@@ -445,7 +460,7 @@ func TestGuestCLIRandomKills(t *testing.T) {
 		switch {
 		case !strings.Contains(out, `"runs":[`):
 			// Killed before the journal recorded the run: nothing was
-			// written (verifyStack checks it at the end); start again.
+			// written (the caller's checks see it); start again.
 			log = append(log, what+", before the run was recorded")
 			early++
 			continue
@@ -454,7 +469,7 @@ func TestGuestCLIRandomKills(t *testing.T) {
 		default:
 			log = append(log, what)
 		}
-		kills++
+		n++
 		args = []string{"resume", "--journal", j, "--key-file", pwFile}
 	}
 	t.Logf("kills:\n%s", strings.Join(log, "\n"))
@@ -462,10 +477,6 @@ func TestGuestCLIRandomKills(t *testing.T) {
 		code, out := cliRun(t, args...)
 		requireExit(t, "the last "+args[0], code, 0, out)
 	}
-	acks, _ := w.finish(t)
-	t.Logf("writer: %d acknowledged writes", acks)
-	verifyStack(t, st, state)
-	verifyEncryptedCold(t, st, state, filepath.Base(st.Disk)+"_crypt")
 }
 
 // childPids lists the processes whose parent is pid.

@@ -25,7 +25,7 @@ func vmDecrypt(t *testing.T) {
 	bin := testvm.BuildStatic(t, "./cmd/dmconvert")
 	testvm.RunTestsInGuest(t, testvm.Options{
 		// d[0] holds the journals (each keeps a header image of up to 16 MiB).
-		Disks:   []testvm.Disk{{Size: 128 * guestMiB}, {Size: 64 * guestMiB}, {Size: 40 * guestMiB}, {Size: 96 * guestMiB}, {Size: 80 * guestMiB}},
+		Disks:   []testvm.Disk{{Size: 160 * guestMiB}, {Size: 64 * guestMiB}, {Size: 40 * guestMiB}, {Size: 96 * guestMiB}, {Size: 80 * guestMiB}, {Size: 64 * guestMiB}},
 		Run:     "^TestGuestDecrypt",
 		Files:   map[string]string{"dmconvert": bin},
 		Timeout: 15 * time.Minute,
@@ -263,6 +263,38 @@ func TestGuestDecryptSector4K(t *testing.T) {
 	requireExit(t, "decrypt after SIGINT", code, 5, errOut)
 	code, out = cliRun(t, "resume", "--journal", j2, "--key-file", pwFile)
 	requireExit(t, "resume of the decrypt", code, 0, out)
+	acks, _ = w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyDecryptedFS(t, st, state, name, uuid)
+}
+
+// TestGuestDecryptRandomKills: an ext4 on a LUKS2 mapping under a writer
+// is rekeyed, then decrypted, each run killed -9 four times at random
+// moments from each process's start (killRandomly), resumed to the end:
+// after the rekey the old volume key opens nothing and every write is
+// there; after the decrypt the file system, same UUID, is on the raw disk
+// with every write.
+func TestGuestDecryptRandomKills(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[0])
+	writePW(t)
+	rng := killRand(t)
+	st, name := fsOnMapping(t, "deck", d[5], state)
+	_, uuid := fsUUID(t, "/dev/mapper/"+name)
+	oldKey := saveVolumeKey(t, st.Disk, "/tmp/deck-old.key")
+	j := st.file(state, "journal")
+	w := startWriter(t, st, state)
+	killRandomly(t, rng, []string{"rekey", "/dev/mapper/" + name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "1M"}, j, 4, 4*time.Second)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	st.Sizes[0] = blockDevBytes(t, "/dev/mapper/"+name) // the data area now starts one gap earlier
+	verifyStack(t, st, state)
+	checkRekeyed(t, st.Disk, oldKey, "/tmp/deck-old.key")
+
+	j2 := st.file(state, "journal-decrypt")
+	w = startWriter(t, st, state)
+	killRandomly(t, rng, []string{"decrypt", "/dev/mapper/" + name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j2, "--chunk-size", "2M"}, j2, 4, 4*time.Second)
 	acks, _ = w.finish(t)
 	t.Logf("writer: %d acknowledged writes", acks)
 	verifyDecryptedFS(t, st, state, name, uuid)
