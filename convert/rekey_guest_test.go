@@ -49,7 +49,9 @@ func vmRekey(t *testing.T, run string) {
 			// d[16]: a Serpent LUKS2 volume made by cryptsetup
 			{Size: 24 * guestMiB},
 			// d[17]: a plain mapping whose key is in the kernel keyring
-			{Size: 24 * guestMiB}},
+			{Size: 24 * guestMiB},
+			// d[18]: a TrueCrypt cipher cascade (refused)
+			{Size: 16 * guestMiB}},
 		Run:   run,
 		Files: map[string]string{"dmconvert": bin},
 		// Each VM: 8 or 9 tests, ~5 min of QEMU CPU; under make test it

@@ -480,3 +480,27 @@ func veraCryptRekey(t *testing.T, disk, tag string, pim int, cipher string) {
 		}
 	}
 }
+
+// TestGuestRekeyTCryptCascade: a TrueCrypt volume made by tcplay with a
+// cipher cascade (Twofish and AES), opened by cryptsetup as one device
+// per cipher, is refused by name and reason with nothing written, and no
+// detached header is left behind.
+func TestGuestRekeyTCryptCascade(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	disk, name, hdr := d[18], "tcc-crypt", "/tmp/tcc.hdr"
+	tcplayCreate(t, disk, "SHA512", "TWOFISH-256-XTS,AES-256-XTS", guestPass)
+	shIn(t, guestPass, "cryptsetup", append(append([]string{"open", "--type", "tcrypt"}, tcryptKDF("sha512")...), disk, name)...)
+	defer shOK("cryptsetup", "close", name)
+	table := sh(t, "dmsetup", "table", name)
+	if !strings.Contains(table, " crypt ") || !strings.Contains(sh(t, "dmsetup", "ls"), name+"_1") {
+		t.Fatalf("cryptsetup did not map a cascade (%s over %s_1):\n%s", name, name, table)
+	}
+	refusedNaming(t, disk, name, 2, "cipher cascade", "rekey", name, "--header", hdr, "--key-file", pwFile, "--journal", filepath.Join(state, "tcc-journal"))
+	if _, err := os.Stat(hdr); err == nil {
+		t.Fatalf("the refused conversion left %s", hdr)
+	}
+}
+

@@ -417,7 +417,10 @@ func NewSystem() (*Engine, func() error, error) {
 		// Before the run suspends anything: the helper's program is read
 		// now, not while a device it may live behind is suspended.
 		Lock: func() error {
-			_ = c.StartSuspendHelper() // without it, suspends run here
+			if err := c.StartSuspendHelper(); err != nil {
+				// Suspends then run in this process, as before the helper.
+				fmt.Fprintf(os.Stderr, "dmconvert: warning: %v; suspends run in this process (a kill -9 inside one could leave a mirror that never suspends again until a reboot)\n", err)
+			}
 			return LockMemory()
 		},
 		// The header's copy of the position, about once a second (the

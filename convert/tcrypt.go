@@ -88,6 +88,11 @@ func (e *Engine) IsTCryptMapping(target string) bool {
 func (e *Engine) checkTCrypt(name string, c *dmtable.Crypt, size Sectors, dpath string, di DiskInfo, pass []byte, pim int, keyfiles []string) (*tcryptRecord, error) {
 	off := Sectors(c.Offset)
 	switch {
+	case off == 0 && c.IVOffset != 0:
+		// cryptsetup maps a cascade as one device per cipher: the outer
+		// ones start at 0 of the device under them, IVs from the offset.
+		return nil, refuse(name, "a cascade cannot become one LUKS2 segment here: copy the data to a new LUKS2 volume",
+			"its table maps the device under it from offset 0 with IV offset %d, as cryptsetup maps the outer ciphers of a TrueCrypt/VeraCrypt cipher cascade (one device per cipher): cascades are not supported", c.IVOffset)
 	case off == 0 || Sectors(c.IVOffset) != off:
 		return nil, refuse(name, "", "its table (offset %d, IV offset %d) is not how cryptsetup maps a TrueCrypt volume", c.Offset, c.IVOffset)
 	case c.SectorSize > 512:

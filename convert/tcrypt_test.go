@@ -176,6 +176,19 @@ func TestTCryptRefusals(t *testing.T) {
 		_, err := e.PlanPlainRekey(context.Background(), sc.plainOptions())
 		return err
 	})
+	// Offset 0 with the IVs from the data offset: how cryptsetup maps the
+	// outer ciphers of a cascade.
+	tbl[0].Params.(*dmtable.Crypt).IVOffset = dmtable.Sectors(sc.H)
+	tbl[0].Params.(*dmtable.Crypt).Offset = 0
+	for _, err := range []error{e.DM.Load("vda_crypt", tbl), e.DM.Suspend("vda_crypt"), e.DM.Resume("vda_crypt")} {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	requireRefused(t, w, "cascade", "cipher cascade", func() error {
+		_, err := e.PlanPlainRekey(context.Background(), sc.plainOptions())
+		return err
+	})
 }
 
 // TestTCryptToLUKS2CrashAtEveryFailpoint: the conversion dies at every
