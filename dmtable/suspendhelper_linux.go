@@ -56,7 +56,6 @@ func init() {
 	_ = unix.Mlockall(unix.MCL_CURRENT | unix.MCL_FUTURE | unix.MCL_ONFAULT)
 	c, err := Open(Options{Udev: UdevOff})
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "dmtable suspend helper: %v\n", err)
 		os.Exit(1)
 	}
 	os.Exit(serveSuspendHelper(os.Stdin, os.Stdout, c.suspendHere))
@@ -123,7 +122,9 @@ func (h *suspendHelper) start() error {
 	cmd.Args = []string{"dmtable-suspend-helper"}
 	cmd.Env = append(os.Environ(), suspendHelperEnv+"=1")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	cmd.Stderr = os.Stderr
+	// No standard error: the helper may outlive this process by a
+	// suspend, and should not hold the caller's pipe open meanwhile (a
+	// failure to start shows as the missing ready line).
 	in, err := cmd.StdinPipe()
 	if err != nil {
 		return err
