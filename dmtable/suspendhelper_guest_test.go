@@ -66,12 +66,14 @@ func TestGuestSuspendHelperSurvivesKill(t *testing.T) {
 	c, a, b := guestSetup(t)
 	const n = 32768
 	delayName, name := "dmt-kill-delay", "dmt-kill-mirror"
-	dmsetup(t, "create", delayName, "--table", fmt.Sprintf("0 %d delay %d:%d 0 0 %d:%d 0 3000", n, b.Major, b.Minor, b.Major, b.Minor))
+	dmsetup(t, "create", delayName, "--table", fmt.Sprintf("0 %d delay %d:%d 0 0 %d:%d 0 8000", n, b.Major, b.Minor, b.Major, b.Minor))
 	cleanupDevice(t, c, delayName)
 	dmsetup(t, "create", name, "--table", fmt.Sprintf("0 %d mirror core 2 64 nosync 2 %d:%d 0 /dev/mapper/%s 0", n, a.Major, a.Minor, delayName))
 	cleanupDevice(t, c, name)
 
-	// One write, held 3 s by the delay under the second leg.
+	// One write, held 8 s by the delay under the second leg (the
+	// suspending process and its helper start within it, even on a busy
+	// emulated CPU).
 	wdone := make(chan error, 1)
 	go func() {
 		f, err := os.OpenFile("/dev/mapper/"+name, os.O_WRONLY|unix.O_DIRECT, 0)
@@ -100,7 +102,7 @@ func TestGuestSuspendHelperSurvivesKill(t *testing.T) {
 	}
 	// Kill the parent once its helper waits in the kernel's suspend.
 	var helper int
-	deadline := time.Now().Add(2 * time.Second)
+	deadline := time.Now().Add(7 * time.Second)
 	for helper == 0 && time.Now().Before(deadline) {
 		for _, pid := range suspendHelperPids(t) {
 			stack, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stack", pid))
