@@ -503,4 +503,3 @@ func TestGuestRekeyTCryptCascade(t *testing.T) {
 		t.Fatalf("the refused conversion left %s", hdr)
 	}
 }
-
