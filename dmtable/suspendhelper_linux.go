@@ -28,8 +28,8 @@ import (
 // hook. dm-raid1 (the mirror target) has none; its presuspend took every
 // region-recovery slot, so the next suspend of that table (by anyone)
 // blocks for ever, uninterruptibly, and so does every later table swap
-// of the device until a reboot. Reproduced in the VM
-// (TestGuestSuspendHelperSurvivesKill).
+// of the device until a reboot. Reproduced in the VM (docs/design.md
+// section 8); TestGuestSuspendHelperSurvivesKill checks the helper.
 //
 // With the helper, the ioctl runs in a child process (this program
 // started again, see init) that SIGKILL of the parent does not reach: it
