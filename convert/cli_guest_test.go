@@ -36,6 +36,7 @@ func vmCLI(t *testing.T) {
 			{Size: 256 * guestMiB}, {Size: 128 * guestMiB}, {Size: 64 * guestMiB},
 			{Size: 160 * guestMiB}, {Size: 160 * guestMiB}, {Size: 160 * guestMiB},
 			{Size: 160 * guestMiB}, // d[9]: random kills
+			{Size: 160 * guestMiB}, // d[10]: random kills of an abort
 		},
 		Run:     "^TestGuestCLI",
 		Files:   map[string]string{"dmconvert": bin},
@@ -403,7 +404,8 @@ func TestGuestCLIRandomKills(t *testing.T) {
 	rng := killRand(t)
 	st := buildLightTagged(t, "rk", d[9], state)
 	w := startWriter(t, st, state)
-	killRandomly(t, rng, encryptArgs(st, state, "--chunk-size", "8M"), st.file(state, "journal"), 6, 6*time.Second)
+	j := st.file(state, "journal")
+	killRandomly(t, rng, encryptArgs(st, state, "--chunk-size", "8M"), resumeArgs(j), j, 6, 6*time.Second)
 	acks, _ := w.finish(t)
 	t.Logf("writer: %d acknowledged writes", acks)
 	verifyStack(t, st, state)
@@ -423,12 +425,14 @@ func killRand(t testing.TB) *rand.Rand {
 
 // killRandomly runs dmconvert with args (a command that starts a run
 // recorded in journal j) and kills it (-9) after a random time from its
-// start, between 50 ms and maxDelay, then resumes it and kills the resume
-// the same way, kills times in all, and finally resumes it to the end. A
-// run killed before its journal recorded it is started again without
-// counting; after two such kills, the next is killed within 3 s of its
-// first progress event.
-func killRandomly(t testing.TB, rng *rand.Rand, args []string, j string, kills int, maxDelay time.Duration) {
+// start, between 50 ms and maxDelay, then runs next (a resume, or the
+// abort again: an abort killed before it recorded its decision left a
+// forward run, which a resume would finish) and kills it the same way,
+// kills times in all, and finally runs next to the end. A run killed
+// before its journal recorded it is started again without counting;
+// after two such kills, the next is killed within 3 s of its first
+// progress event.
+func killRandomly(t testing.TB, rng *rand.Rand, args, next []string, j string, kills int, maxDelay time.Duration) {
 	t.Helper()
 	var log []string
 	early := 0
@@ -436,7 +440,7 @@ func killRandomly(t testing.TB, rng *rand.Rand, args []string, j string, kills i
 		delay := 50*time.Millisecond + time.Duration(rng.Int63n(int64(maxDelay-50*time.Millisecond)))
 		r := cliStart(t, args...)
 		from := "its start"
-		if args[0] != "resume" && early >= 2 {
+		if n == 0 && early >= 2 {
 			r.waitProgress(t, 0)
 			delay, from = time.Duration(rng.Int63n(int64(3*time.Second))), "its first progress event"
 		}
@@ -464,19 +468,84 @@ func killRandomly(t testing.TB, rng *rand.Rand, args []string, j string, kills i
 			log = append(log, what+", before the run was recorded")
 			early++
 			continue
-		case strings.Contains(out, `"status":"done"`):
+		case runEnded(out):
 			log = append(log, what+", after the run ended")
 		default:
 			log = append(log, what)
 		}
 		n++
-		args = []string{"resume", "--journal", j, "--key-file", pwFile}
+		args = next
 	}
 	t.Logf("kills:\n%s", strings.Join(log, "\n"))
-	if _, out := cliRun(t, "status", "--journal", j, "--json"); !strings.Contains(out, `"status":"done"`) {
+	if _, out := cliRun(t, "status", "--journal", j, "--json"); !runEnded(out) {
 		code, out := cliRun(t, args...)
 		requireExit(t, "the last "+args[0], code, 0, out)
 	}
+}
+
+// resumeArgs resumes the run of journal j.
+func resumeArgs(j string) []string { return []string{"resume", "--journal", j, "--key-file", pwFile} }
+
+// runEnded reports whether status --json says the run is over (done, or
+// aborted to the end).
+func runEnded(statusJSON string) bool {
+	return strings.Contains(statusJSON, `"status":"done"`) || strings.Contains(statusJSON, `"status":"aborted"`)
+}
+
+// TestGuestCLIAbortRandomKills: an encrypt stopped past half way (SIGINT)
+// is aborted, and the abort is killed -9 at random moments from each
+// process's start, four times (killRandomly; resume continues an abort);
+// then the LVs are on the raw disk with every write, live and cold.
+func TestGuestCLIAbortRandomKills(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	rng := killRand(t)
+	st := buildLightTagged(t, "rka", d[10], state)
+	j := st.file(state, "journal")
+	w := startWriter(t, st, state)
+	r := cliStart(t, encryptArgs(st, state, "--chunk-size", "8M")...)
+	r.waitProgress(t, 0.6)
+	r.cmd.Process.Signal(syscall.SIGINT)
+	code, errOut := r.wait()
+	requireExit(t, "encrypt after SIGINT", code, 5, errOut)
+	abort := []string{"abort", "--journal", j, "--key-file", pwFile, "--json"}
+	killRandomly(t, rng, abort, abort, j, 4, 4*time.Second)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	if _, out := cliRun(t, "status", "--journal", j, "--json"); !strings.Contains(out, `"status":"aborted"`) {
+		t.Fatalf("the run is not aborted:\n%s", out)
+	}
+	verifyAborted(t, st, state)
+}
+
+// verifyAborted checks an aborted encrypt: no crypt mapping, every LV on
+// the raw disk with every file and write, and after everything is closed
+// LVM finds the VG on the raw disk again.
+func verifyAborted(t testing.TB, st *stack, state string) {
+	t.Helper()
+	name := filepath.Base(st.Disk) + "_crypt"
+	if out, err := shOK("dmsetup", "info", name); err == nil {
+		t.Fatalf("%s still exists after abort:\n%s", name, out)
+	}
+	for _, lv := range append(append([]string{}, st.FSLVs...), "raw") {
+		deps := sh(t, "dmsetup", "deps", "-o", "devname", st.VG+"-"+lv)
+		if !strings.Contains(deps, "("+filepath.Base(st.Disk)+")") {
+			t.Fatalf("%s-%s does not map the raw disk after abort: %s", st.VG, lv, deps)
+		}
+	}
+	verifyStack(t, st, state)
+	// Cold: LVM finds the VG on the raw disk again.
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
+	sh(t, "vgchange", "-an", st.VG)
+	if typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", st.Disk); strings.TrimSpace(typ) != "LVM2_member" {
+		t.Fatalf("blkid -p %s says %q after abort, want LVM2_member", st.Disk, typ)
+	}
+	sh(t, "vgchange", "-ay", st.VG)
+	verifyStack(t, st, state)
 }
 
 // childPids lists the processes whose parent is pid.
@@ -524,27 +593,7 @@ func TestGuestCLIAbort(t *testing.T) {
 	requireExit(t, "abort", code, 0, out)
 	acks, _ := w.finish(t)
 	t.Logf("writer: %d acknowledged writes", acks)
-	name := filepath.Base(st.Disk) + "_crypt"
-	if out, err := shOK("dmsetup", "info", name); err == nil {
-		t.Fatalf("%s still exists after abort:\n%s", name, out)
-	}
-	for _, lv := range append(append([]string{}, st.FSLVs...), "raw") {
-		deps := sh(t, "dmsetup", "deps", "-o", "devname", st.VG+"-"+lv)
-		if !strings.Contains(deps, "("+filepath.Base(st.Disk)+")") {
-			t.Fatalf("%s-%s does not map the raw disk after abort: %s", st.VG, lv, deps)
-		}
-	}
-	verifyStack(t, st, state)
-	// Cold: LVM finds the VG on the raw disk again.
-	for _, mp := range st.Mounts {
-		sh(t, "umount", mp)
-	}
-	sh(t, "vgchange", "-an", st.VG)
-	if typ, _ := shOK("blkid", "-p", "-o", "value", "-s", "TYPE", st.Disk); strings.TrimSpace(typ) != "LVM2_member" {
-		t.Fatalf("blkid -p %s says %q after abort, want LVM2_member", st.Disk, typ)
-	}
-	sh(t, "vgchange", "-ay", st.VG)
-	verifyStack(t, st, state)
+	verifyAborted(t, st, state)
 }
 
 // --- refusals ----------------------------------------------------------

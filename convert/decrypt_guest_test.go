@@ -281,7 +281,7 @@ func TestGuestDecryptRandomKills(t *testing.T) {
 	oldKey := saveVolumeKey(t, st.Disk, "/tmp/deck-old.key")
 	j := st.file(state, "journal")
 	w := startWriter(t, st, state)
-	killRandomly(t, rng, []string{"rekey", "/dev/mapper/" + name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "1M"}, j, 4, 4*time.Second)
+	killRandomly(t, rng, []string{"rekey", "/dev/mapper/" + name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "1M"}, resumeArgs(j), j, 4, 4*time.Second)
 	acks, _ := w.finish(t)
 	t.Logf("writer: %d acknowledged writes", acks)
 	st.Sizes[0] = blockDevBytes(t, "/dev/mapper/"+name) // the data area now starts one gap earlier
@@ -290,7 +290,7 @@ func TestGuestDecryptRandomKills(t *testing.T) {
 
 	j2 := st.file(state, "journal-decrypt")
 	w = startWriter(t, st, state)
-	killRandomly(t, rng, []string{"decrypt", "/dev/mapper/" + name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j2, "--chunk-size", "2M"}, j2, 4, 4*time.Second)
+	killRandomly(t, rng, []string{"decrypt", "/dev/mapper/" + name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j2, "--chunk-size", "2M"}, resumeArgs(j2), j2, 4, 4*time.Second)
 	acks, _ = w.finish(t)
 	t.Logf("writer: %d acknowledged writes", acks)
 	verifyDecryptedFS(t, st, state, name, uuid)
