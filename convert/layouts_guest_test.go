@@ -39,9 +39,8 @@ const (
 	layRestartB            // its other PV
 	layFPDisk              // snapshot and thin pool, crash in the restack
 	lay4KnDisk             // 4096-byte logical sectors
-	layCacheDisk           // a cached LV and a swap LV
-	layInactiveDisk        // a VG with no LV active
-	layStateDisk           // journals and acknowledgements
+	layCacheDisk           // a cached LV, a writecache LV and a swap LV
+	layStateDisk           // journals, acknowledgements, the loop device's file
 )
 
 // vmLayouts (TestVMLayouts) boots one VM for the layout tests.
@@ -70,8 +69,7 @@ func vmLayouts(t *testing.T) {
 			{Size: 160 * guestMiB},                  // vdk
 			{Size: 128 * guestMiB, BlockSize: 4096}, // vdl: 4Kn (encrypt, rekey, decrypt: 192 MiB cost a minute more)
 			{Size: 128 * guestMiB},                  // vdm: cache and swap
-			{Size: 160 * guestMiB},                  // vdn: inactive VG
-			{Size: 256 * guestMiB},                  // vdo: state
+			{Size: 448 * guestMiB},                  // vdn: state (the inactive VG's loop file: 160 MiB)
 		},
 		// make test runs the TestGuestLayout* tests; the TestOptIn ones
 		// (kill and restart, a crash mid-restack, tail metadata) run with
@@ -95,11 +93,13 @@ func lv(t testing.TB, cmd string, args ...string) string {
 }
 
 // TestGuestLayoutCacheSwap: a mounted LV cached in writeback mode by a
-// cache volume on the same PV (dm-cache), and an active swap LV; kill -9
+// cache volume on the same PV (dm-cache), an LV with a writecache
+// (dm-writecache) holding random bytes, and an active swap LV; kill -9
 // mid-run, resume. The cached LV has every write (live and after a cold
-// open, the cache reassembled by vgchange), and the swap stays in use.
-// Then decrypted (SIGINT, resume): the cache's sub-LVs and the others go
-// back onto the raw disk, still in use.
+// open, the cache reassembled by vgchange), the writecache LV reads what
+// was written, and the swap stays in use. Then decrypted (SIGINT,
+// resume): the caches' sub-LVs and the others go back onto the raw disk,
+// still in use.
 func TestGuestLayoutCacheSwap(t *testing.T) {
 	testvm.RequireGuest(t)
 	layoutModules(t)
@@ -114,7 +114,13 @@ func TestGuestLayoutCacheSwap(t *testing.T) {
 	lv(t, "lvconvert", "-y", "--type", "cache", "--cachevol", "vgca/fast", "--cachemode", "writeback", "vgca/ext")
 	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "raw", "-L", "8m", "vgca")
 	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "swap", "-L", "8m", "vgca")
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "wc", "-L", "4m", "vgca")
+	lv(t, "lvcreate", "-y", "-an", "-Zn", "-n", "wcfast", "-L", "4m", "vgca")
+	lv(t, "lvconvert", "-y", "--type", "writecache", "--cachevol", "vgca/wcfast", "vgca/wc")
 	lv(t, "vgchange", "-ay", "vgca")
+	wc := "/dev/mapper/vgca-wc"
+	fillRandom(t, wc)
+	wcBefore := diskBytes(t, wc)
 	if tb := sh(t, "dmsetup", "table", "vgca-ext"); !strings.Contains(tb, " cache ") {
 		t.Fatalf("vgca/ext is not a dm-cache device: %s", tb)
 	}
@@ -140,11 +146,16 @@ func TestGuestLayoutCacheSwap(t *testing.T) {
 		if tb := sh(t, "dmsetup", "table", "vgca-ext"); !strings.Contains(tb, " cache ") || !strings.Contains(tb, "writeback") {
 			t.Fatalf("vgca/ext lost its writeback cache %s: %s", when, tb)
 		}
+		if tb := sh(t, "dmsetup", "table", "vgca-wc"); !strings.Contains(tb, " writecache ") {
+			t.Fatalf("vgca/wc lost its writecache %s: %s", when, tb)
+		}
+		mustEqual(t, "the writecache LV "+when, wcBefore, diskBytes(t, wc))
 	}
 	stillInUse("after the encrypt")
 	verifyStack(t, st, state)
 	sh(t, "swapoff", swap)
-	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
+	coldVerifyLayout(t, st, state, name, []string{"ext", "raw", "wc"})
+	mustEqual(t, "the writecache LV after the cold open", wcBefore, diskBytes(t, wc))
 
 	// Decrypt (its journal is the encrypt's path: that run is done).
 	sh(t, "swapon", swap)
@@ -155,6 +166,7 @@ func TestGuestLayoutCacheSwap(t *testing.T) {
 	stillInUse("after the decrypt")
 	sh(t, "swapoff", swap)
 	verifyPlainCold(t, st, state, name)
+	mustEqual(t, "the writecache LV after the decrypt's cold open", wcBefore, diskBytes(t, wc))
 	growPVAsTold(t, st, out)
 }
 
@@ -165,7 +177,7 @@ func lvOK(cmd string, args ...string) (string, error) {
 // layoutModules loads the dm targets lvm probes for with modprobe (the
 // guest loads them on demand from the kernel, not from lvm's probe).
 func layoutModules(t testing.TB) {
-	for _, m := range []string{"dm-thin-pool", "dm-raid", "raid1", "dm-snapshot", "dm-cache", "dm-cache-smq"} {
+	for _, m := range []string{"dm-thin-pool", "dm-raid", "raid1", "dm-snapshot", "dm-cache", "dm-cache-smq", "dm-writecache"} {
 		if out, err := shOK("modprobe", m); err != nil {
 			t.Logf("modprobe %s: %v %s", m, err, out)
 		}
@@ -447,16 +459,20 @@ func TestGuestLayoutTwoPVs(t *testing.T) {
 	mustEqual(t, "LV keep on the other PV after the cold open", keepBefore, diskBytes(t, keep))
 }
 
-// TestGuestLayoutInactiveVG: a PV whose VG has no LV active (nothing
-// above the disk to restack); SIGINT mid-run, resume. The VG then
-// activates on the mapping with every file and the raw LV's bytes as
-// they were, no helper device is left, and a cold open finds them too.
+// TestGuestLayoutInactiveVG: a PV on a loop device (its file on the
+// state disk's ext4) whose VG has no LV active (nothing above the disk
+// to restack); SIGINT mid-run, resume. The VG then activates on the
+// mapping with every file and the raw LV's bytes as they were, no helper
+// device is left, and a cold open finds them too.
 func TestGuestLayoutInactiveVG(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
-	disk := d[layInactiveDisk]
 	state := guestStateDir(t, d[layStateDisk])
 	writePW(t)
+	img := filepath.Join(state, "inactive-vg.img")
+	sh(t, "truncate", "-s", "160M", img)
+	disk := strings.TrimSpace(sh(t, "losetup", "--find", "--show", img))
+	t.Cleanup(func() { shOK("losetup", "-d", disk) })
 	shrunkPV(t, disk, 32768)
 	st := extRawVG(t, "ia", disk, "vgia", "96m", "16m", state)
 	fillRandom(t, st.RawLV)
@@ -595,13 +611,18 @@ func TestGuestLayoutSnapshotThin(t *testing.T) {
 // TestGuestLayoutPEStart: a PV whose data area starts at 8 MiB (4 MiB
 // metadata area, 4 MiB alignment), converted to LUKS1 (a 2 MiB header,
 // smaller than pe_start) with serpent-xts-plain64 (the keyslot in Serpent
-// too); SIGINT, resume.
+// too); SIGINT, resume. The PV is itself a device-mapper device, as a
+// multipath map is: a linear map of the disk from its second MiB (so
+// LVM finds the PV on the map only), and the messages name it by its
+// /dev/mapper path.
 func TestGuestLayoutPEStart(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
-	disk := d[layPEStartDisk]
 	state := guestStateDir(t, d[layStateDisk])
 	writePW(t)
+	under := d[layPEStartDisk]
+	sh(t, "dmsetup", "create", "mpath-pe", "--table", fmt.Sprintf("0 %d linear %s 2048", diskSectors(t, under)-2048, under))
+	disk := "/dev/mapper/mpath-pe"
 	shrunkPV(t, disk, 4096, "--dataalignment", "4m", "--metadatasize", "4m")
 	pe := strings.TrimSpace(lv(t, "pvs", "--noheadings", "--units", "s", "--nosuffix", "-o", "pe_start", disk))
 	if n, err := strconv.ParseUint(pe, 10, 64); err != nil || n <= 2048 {
@@ -629,6 +650,15 @@ func TestGuestLayoutPEStart(t *testing.T) {
 		t.Fatalf("cryptsetup status %s:\n%s", name, s)
 	}
 	verifyStack(t, st, state)
+	// A decrypt's plan finds the disk under the mapping: it names it
+	// /dev/mapper/mpath-pe, not /dev/dm-N.
+	out, err := shOK(dmconvertBin(t), "decrypt", name, "--dry-run", "--key-file", pwFile)
+	if err != nil {
+		t.Fatalf("decrypt --dry-run of %s: %v\n%s", name, err, out)
+	}
+	if !strings.Contains(out, disk) || strings.Contains(out, "/dev/dm-") {
+		t.Fatalf("the decrypt's plan does not name the disk %s by that path:\n%s", disk, out)
+	}
 	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
 }
 
@@ -820,7 +850,7 @@ func TestGuestLayout4Kn(t *testing.T) {
 	oldKey := saveVolumeKey(t, disk, "/tmp/4kn-old.key")
 	jr := st.file(state, "journal-rekey")
 	w = startWriter(t, st, state)
-	rekeyStopped(t, name, jr, 0.4)
+	rekeyStopped(t, name, jr, 0.4, "4M")
 	code, out := cliRun(t, "resume", "--journal", jr, "--key-file", pwFile)
 	requireExit(t, "resume of the rekey", code, 0, out)
 	acks, _ = w.finish(t)

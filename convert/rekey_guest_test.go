@@ -172,11 +172,12 @@ func TestGuestRekeyLVM(t *testing.T) {
 	}
 }
 
-// rekeyStopped runs a rekey of the LUKS mapping name (journal j, 1 MiB
-// chunks) and stops it with SIGTERM once frac of it is done: exit 5.
-func rekeyStopped(t testing.TB, name, j string, frac float64) {
+// rekeyStopped runs a rekey of the LUKS mapping name (journal j, chunks
+// of the given size) and stops it with SIGTERM once frac of it is done:
+// exit 5.
+func rekeyStopped(t testing.TB, name, j string, frac float64, chunk string) {
 	t.Helper()
-	r := cliStart(t, "rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", "1M")
+	r := cliStart(t, "rekey", name, "--batch-mode", "--json", "--key-file", pwFile, "--journal", j, "--chunk-size", chunk)
 	r.waitProgress(t, frac)
 	r.cmd.Process.Signal(syscall.SIGTERM)
 	code, errOut := r.wait()
@@ -296,7 +297,7 @@ func TestGuestRekeyAbort(t *testing.T) {
 	oldKey := saveVolumeKey(t, st.Disk, "/tmp/rka-old.key")
 	j := st.file(state, "journal")
 	w := startWriter(t, st, state)
-	rekeyStopped(t, name, j, 0.5)
+	rekeyStopped(t, name, j, 0.5, "1M")
 	code, out := cliRun(t, "abort", "--journal", j, "--key-file", pwFile)
 	requireExit(t, "abort of the rekey", code, 0, out)
 	acks, _ := w.finish(t)

@@ -357,11 +357,21 @@ func (h OSHost) Lock(d DiskInfo) (func(), error) {
 }
 
 // DevicePath implements Host: the DEVNAME sysfs gives the device (udev's
-// /dev/block/M:m links may not exist).
+// /dev/block/M:m links may not exist). A device-mapper device (a
+// multipath map, a partition mapping, a crypt mapping under this one) is
+// named by its /dev/mapper path, the name its administrator knows,
+// when that node is the device.
 func (h OSHost) DevicePath(dev dmtable.Dev) (string, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%s/uevent", dev))
 	if err != nil {
 		return "", fmt.Errorf("no block device %s: %w", dev, err)
+	}
+	if name, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%s/dm/name", dev)); err == nil {
+		p := "/dev/mapper/" + strings.TrimSpace(string(name))
+		var st unix.Stat_t
+		if unix.Stat(p, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK && unix.Major(st.Rdev) == dev.Major && unix.Minor(st.Rdev) == dev.Minor {
+			return p, nil
+		}
 	}
 	for _, l := range strings.Split(string(b), "\n") {
 		if v, ok := strings.CutPrefix(l, "DEVNAME="); ok {

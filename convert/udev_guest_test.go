@@ -190,7 +190,7 @@ func TestGuestUdevLVM(t *testing.T) {
 
 	remount(t, st)
 	w = startWriter(t, st, state)
-	rekeyStopped(t, name, j, 0.4)
+	rekeyStopped(t, name, j, 0.4, "4M")
 	code, out = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
 	requireExit(t, "resume of the rekey", code, 0, out)
 	requireUdevConsistent(t, "after the rekey")

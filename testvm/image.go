@@ -76,7 +76,7 @@ var bootModules = []string{
 
 var onDemandModules = []string{
 	"dm-thin-pool", "dm-raid", "raid1", "raid10", "raid456",
-	"dm-cache", "dm-cache-smq",
+	"dm-cache", "dm-cache-smq", "dm-writecache",
 	"xfs",
 	// tcplay/TrueCrypt ciphers and hashes
 	"sha512_ssse3", "serpent", "twofish", "rmd160", "wp512",
