@@ -27,20 +27,20 @@ import (
 
 // The disks of TestVMLayouts, in order (/dev/vda ...).
 const (
-	layPartDisk     = iota // GPT: the PV is partition 2 of 3
-	layTwoPVA              // converted PV of a two-PV VG
-	layTwoPVB              // the other PV
-	laySegDisk             // several segments, striped and raid1 legs
-	laySegOther            // the other stripe and raid1 leg
-	laySnapDisk            // snapshot and thin pool
-	layPEStartDisk         // pe_start at 8 MiB, LUKS1
-	layTailMDADisk         // second metadata area at the end of the PV
-	layRestartA            // converted PV of the restart test
-	layRestartB            // its other PV
-	layFPDisk              // snapshot and thin pool, crash in the restack
-	lay4KnDisk             // 4096-byte logical sectors
-	layCacheDisk           // a cached LV, a writecache LV and a swap LV
-	layStateDisk           // journals, acknowledgements, the loop device's file
+	layPartDisk    = iota // GPT: the PV is partition 2 of 3
+	layTwoPVA             // converted PV of a two-PV VG
+	layTwoPVB             // the other PV
+	laySegDisk            // several segments, striped and raid1 legs
+	laySegOther           // the other stripe and raid1 leg
+	laySnapDisk           // snapshot and thin pool
+	layPEStartDisk        // pe_start at 8 MiB, LUKS1
+	layTailMDADisk        // second metadata area at the end of the PV
+	layRestartA           // converted PV of the restart test
+	layRestartB           // its other PV
+	layFPDisk             // snapshot and thin pool, crash in the restack
+	lay4KnDisk            // 4096-byte logical sectors
+	layCacheDisk          // a cached LV, a writecache LV and a swap LV
+	layStateDisk          // journals, acknowledgements, the loop device's file
 )
 
 // vmLayouts (TestVMLayouts) boots one VM for the layout tests.
