@@ -102,6 +102,10 @@ func (ep *EncryptPlan) Wipe() {
 	}
 }
 
+// pvmoveRE matches the dm name LVM gives a pvmove's temporary mirror
+// (<VG>-pvmove<N>).
+var pvmoveRE = regexp.MustCompile(`-pvmove[0-9]+$`)
+
 var dmNameRE = regexp.MustCompile(`^[A-Za-z0-9._+#-][A-Za-z0-9._+#:@-]{0,126}$`)
 
 // PlanEncrypt inspects the device and everything stacked on it and returns
@@ -275,6 +279,11 @@ func (e *Engine) stackedOn(disk dmtable.Dev, path string, pvSize Sectors) (map[s
 			default:
 				for _, r := range tg.Params.Devices() {
 					if n, ok := r.Dev(); ok && n == disk {
+						if pvmoveRE.MatchString(d.Name) {
+							return nil, &RefusalError{Device: path, Err: ErrBusy,
+								Reason: fmt.Sprintf("a pvmove is moving extents of it (device-mapper device %s)", d.Name),
+								Hint:   "let the pvmove finish (or stop it with pvmove --abort), then run dmconvert again"}
+						}
 						return nil, refuse(path, "only linear and striped mappings (LVM logical volumes) can be moved onto the encrypted device",
 							"device-mapper device %s maps it with a %s target, which dmconvert cannot restack", d.Name, tg.Type())
 					}

@@ -543,3 +543,41 @@ func (sc *scenario) verifyFinished(w *fakeWorld, e *Engine) {
 	}
 	sc.verifyPlain(w, e)
 }
+
+// TestEncryptRefusesOtherTargetsOnTheDisk: a mirror over the disk that is
+// not an LV dmconvert can restack is refused, naming it; LVM's pvmove
+// mirror is "busy" (exit 4) and says to let the pvmove finish. Nothing
+// is written either way.
+func TestEncryptRefusesOtherTargetsOnTheDisk(t *testing.T) {
+	for _, c := range []struct {
+		name, want string
+		busy       bool
+	}{
+		{"vg-pvmove0", "a pvmove is moving extents of it (device-mapper device vg-pvmove0); let the pvmove finish", true},
+		{"other-mirror", "device-mapper device other-mirror maps it with a mirror target, which dmconvert cannot restack", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			sc := newScenario(t, 1)
+			w := sc.world()
+			e := sc.engine(w)
+			tb, err := dmtable.ParseTable(fmt.Sprintf("0 64 mirror core 1 32 2 %s 3000 %s 3500\n", sc.disk, sc.disk))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := e.DM.Create(c.name, "", tb); err != nil {
+				t.Fatal(err)
+			}
+			before := append([]byte(nil), w.disks[sc.disk].durable...)
+			_, err = e.PlanEncrypt(context.Background(), sc.options())
+			if err == nil || !strings.Contains(err.Error(), fakeDiskPath+": "+c.want) {
+				t.Fatalf("PlanEncrypt with %s on the disk: %v, want %q", c.name, err, c.want)
+			}
+			if errors.Is(err, ErrBusy) != c.busy {
+				t.Fatalf("errors.Is(%v, ErrBusy) = %v, want %v", err, !c.busy, c.busy)
+			}
+			if !bytes.Equal(before, w.disks[sc.disk].durable) {
+				t.Fatal("the disk changed")
+			}
+		})
+	}
+}
