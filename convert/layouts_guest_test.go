@@ -327,9 +327,11 @@ func finalChecks(t testing.TB, st *stack, name string) {
 }
 
 // TestGuestLayoutPartition: the PV is the middle partition of a GPT
-// disk, of an odd size (192 MiB and 7 sectors); the partitions before and
-// after it hold other data. Only the partition is encrypted; the other
-// partitions and the partition tables are byte for byte what they were.
+// disk, of an odd size (192 MiB and 7 sectors); the partition before it
+// holds an ext4 that stays mounted and written to throughout (as /boot
+// does beside an LVM partition), the one after it other data. Only the
+// partition is encrypted; the last partition and the partition tables are
+// byte for byte what they were, the mounted file system keeps its files.
 // SIGINT mid-run, then resume.
 func TestGuestLayoutPartition(t *testing.T) {
 	testvm.RequireGuest(t)
@@ -347,8 +349,17 @@ func TestGuestLayoutPartition(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	fillRandom(t, p1)
 	fillRandom(t, p3)
+	// A /boot beside the PV: mounted, written to during the run.
+	sh(t, "mkfs.ext4", "-q", "-F", p1)
+	boot := "/mnt/part-boot"
+	os.MkdirAll(boot, 0o755)
+	sh(t, "mount", p1, boot)
+	t.Cleanup(func() { shOK("umount", boot) })
+	sh(t, "dd", "if=/dev/urandom", "of="+boot+"/before", "bs=1M", "count=4", "conv=fsync", "status=none")
+	bootSums := func() string {
+		return sh(t, "sh", "-c", "cd "+boot+" && sha256sum before during")
+	}
 	// PV on the whole partition: --shrink-pv makes the room.
 	lv(t, "pvcreate", "-y", pv)
 	lv(t, "vgcreate", "-y", "vgpart", pv)
@@ -362,20 +373,31 @@ func TestGuestLayoutPartition(t *testing.T) {
 	writeManifest(t, st, state)
 
 	size := int64(blockDevBytes(t, disk))
-	p1Before, p3Before := diskBytes(t, p1), diskBytes(t, p3)
+	p3Before := diskBytes(t, p3)
 	headBefore := rangeBytes(t, disk, 0, 1<<20)
 	tailBefore := rangeBytes(t, disk, size-1<<20, 1<<20)
 	tableBefore := sh(t, "sfdisk", "-d", disk)
 
 	w := startWriter(t, st, state)
+	// Written to /boot while the run starts.
+	bootWrite := exec.Command("dd", "if=/dev/urandom", "of="+boot+"/during", "bs=64k", "count=64", "oflag=sync", "status=none")
+	if err := bootWrite.Start(); err != nil {
+		t.Fatal(err)
+	}
 	encryptInterrupted(t, st, state, syscall.SIGINT, 0.3, "--shrink-pv", "--chunk-size", "2M")
+	if err := bootWrite.Wait(); err != nil {
+		t.Fatalf("writing to the file system on %s during the run: %v", p1, err)
+	}
+	sums := bootSums()
 	acks, _ := w.finish(t)
 	t.Logf("writer: %d acknowledged writes", acks)
 	name := filepath.Base(pv) + "_crypt"
 	finalChecks(t, st, name)
 	verifyStack(t, st, state)
 	check := func(when string) {
-		mustEqual(t, "partition 1 "+when, p1Before, diskBytes(t, p1))
+		if got := bootSums(); got != sums {
+			t.Fatalf("the files of the file system on %s %s:\n%s\nwere:\n%s", p1, when, got, sums)
+		}
 		mustEqual(t, "partition 3 "+when, p3Before, diskBytes(t, p3))
 		mustEqual(t, "the disk's first MiB (protective MBR, GPT) "+when, headBefore, rangeBytes(t, disk, 0, 1<<20))
 		mustEqual(t, "the disk's last MiB (backup GPT) "+when, tailBefore, rangeBytes(t, disk, size-1<<20, 1<<20))
@@ -388,6 +410,11 @@ func TestGuestLayoutPartition(t *testing.T) {
 	}
 	check("after the conversion")
 	coldVerifyLayout(t, st, state, name, []string{"ext", "ext2", "raw"})
+	// The cold open: /boot too.
+	sh(t, "umount", boot)
+	sh(t, "fsck.ext4", "-n", "-f", p1)
+	sh(t, "sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
+	sh(t, "mount", p1, boot)
 	check("after the cold open")
 }
 
