@@ -638,10 +638,10 @@ func TestGuestLayoutSnapshotThin(t *testing.T) {
 // TestGuestLayoutPEStart: a PV whose data area starts at 8 MiB (4 MiB
 // metadata area, 4 MiB alignment), converted to LUKS1 (a 2 MiB header,
 // smaller than pe_start) with serpent-xts-plain64 (the keyslot in Serpent
-// too); SIGINT, resume. The PV is itself a device-mapper device, as a
-// multipath map is: a linear map of the disk from its second MiB (so
-// LVM finds the PV on the map only), and the messages name it by its
-// /dev/mapper path.
+// too); SIGINT, resume; then decrypted (SIGINT, resume). The PV is
+// itself a device-mapper device, as a multipath map is: a linear map of
+// the disk from its second MiB (so LVM finds the PV on the map only), and
+// the messages name it by its /dev/mapper path.
 func TestGuestLayoutPEStart(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
@@ -687,6 +687,16 @@ func TestGuestLayoutPEStart(t *testing.T) {
 		t.Fatalf("the decrypt's plan does not name the disk %s by that path:\n%s", disk, out)
 	}
 	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
+	// Decrypted again (SIGINT, resume): its output names the disk by its
+	// /dev/mapper path in the pvresize it advises.
+	os.Remove(st.file(state, "journal"))
+	remount(t, st)
+	out = decryptInterrupted(t, st, state, name)
+	if strings.Contains(out, "/dev/dm-") {
+		t.Fatalf("the decrypt names a /dev/dm-N path:\n%s", out)
+	}
+	verifyPlainCold(t, st, state, name)
+	growPVAsTold(t, st, out)
 }
 
 // TestOptInGuestLayoutTailMetadata: a PV with a second metadata area at its
