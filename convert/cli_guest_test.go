@@ -245,6 +245,49 @@ func verifyEncryptedCold(t testing.TB, st *stack, state, name string) {
 	verifyStack(t, st, state)
 }
 
+// requireLiveStatus: dmconvert status of the journal j, run while the
+// process pid runs command on it, says so and how far it is, in JSON and
+// in text.
+func requireLiveStatus(t testing.TB, j string, pid int, command string) {
+	t.Helper()
+	out, err := shOK(dmconvertBin(t), "status", "--journal", j, "--json")
+	if err != nil {
+		t.Fatalf("status during the run: %v\n%s", err, out)
+	}
+	var res struct {
+		Result struct {
+			Runs []struct {
+				Elsewhere bool `json:"in_progress_elsewhere"`
+				Live      *struct {
+					PID     int    `json:"pid"`
+					Command string `json:"command"`
+					Done    uint64 `json:"done_bytes"`
+					Total   uint64 `json:"total_bytes"`
+				} `json:"live"`
+			} `json:"runs"`
+		} `json:"result"`
+	}
+	var found bool
+	for _, l := range strings.Split(out, "\n") {
+		if json.Unmarshal([]byte(l), &res) == nil && len(res.Result.Runs) == 1 {
+			found = true
+			break
+		}
+	}
+	if !found {
+		t.Fatalf("status during the run shows no run:\n%s", out)
+	}
+	run := res.Result.Runs[0]
+	if !run.Elsewhere || run.Live == nil || run.Live.PID != pid || run.Live.Command != command || run.Live.Done == 0 || run.Live.Done > run.Live.Total {
+		t.Fatalf("status during the run (process %d, %s) does not show its position:\n%s", pid, command, out)
+	}
+	text, err := shOK(dmconvertBin(t), "status", "--journal", j)
+	if err != nil || !strings.Contains(text, "position:") || !strings.Contains(text, "copied") || !strings.Contains(text, fmt.Sprintf("process %d", pid)) {
+		t.Fatalf("status during the run: %v\n%s", err, text)
+	}
+	t.Logf("status during the run:\n%s", text)
+}
+
 func requireExit(t testing.TB, what string, code, want int, out string) {
 	t.Helper()
 	if code != want {
@@ -264,6 +307,9 @@ func TestGuestCLIInterruptResume(t *testing.T) {
 	w := startWriter(t, st, state)
 	r := cliStart(t, encryptArgs(st, state)...)
 	r.waitProgress(t, 0.3)
+	// While it runs (it holds the journal), status shows the position
+	// the running process publishes.
+	requireLiveStatus(t, st.file(state, "journal"), r.cmd.Process.Pid, "encrypt")
 	r.cmd.Process.Signal(syscall.SIGINT)
 	code, errOut := r.wait()
 	requireExit(t, "encrypt after SIGINT", code, 5, errOut)

@@ -198,7 +198,7 @@ func (a *app) runPlan(ctx context.Context, e *convert.Engine, ep *convert.Encryp
 // on failure it says where the state is kept. fresh: the plan was made
 // just now, with no prompt since (convert.RunOptions.Fresh).
 func (a *app) execute(ctx context.Context, e *convert.Engine, ep *convert.EncryptPlan, fresh bool) error {
-	pr := a.newProgress()
+	pr := a.publish(a.newProgress(), ep.Journal, ep.Spec.Op, ep.Spec.Disk.Path)
 	e.Progress = pr
 	st := a.startStopper(pr.note)
 	err := e.Execute(ctx, ep, convert.RunOptions{Stop: st.requested, Fresh: fresh})

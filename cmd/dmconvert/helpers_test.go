@@ -42,6 +42,7 @@ func newTestApp(t *testing.T) *testApp {
 		stdout:            &ta.out,
 		stderr:            &ta.err,
 		journalDir:        filepath.Join(ta.dir, "journals"),
+		liveDir:           filepath.Join(ta.dir, "live"),
 		crypttab:          filepath.Join(ta.dir, "crypttab"),
 		statusLockTimeout: 50 * time.Millisecond,
 		newEngine: func() (*convert.Engine, func() error, error) {

@@ -32,6 +32,9 @@ type app struct {
 	crypttab string
 	// statusLockTimeout bounds status's wait for a journal held by a run.
 	statusLockTimeout time.Duration
+	// liveDir is where a run publishes its position for status
+	// (defaultLiveDir; empty: not published).
+	liveDir string
 
 	newEngine func() (*convert.Engine, func() error, error)
 	// reexec moves the process onto a memfd copy of its executable before
@@ -58,6 +61,7 @@ func newApp() *app {
 		journalDir:        convert.DefaultJournalDir,
 		crypttab:          "/etc/crypttab",
 		statusLockTimeout: 300 * time.Millisecond,
+		liveDir:           defaultLiveDir,
 		newEngine:         convert.NewSystem,
 		reexec:            reexecFromMemfd,
 		notify:            signal.Notify,

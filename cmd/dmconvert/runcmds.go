@@ -181,7 +181,7 @@ func (a *app) continueRun(ctx context.Context, o *continueOptions, args []string
 		fmt.Fprintf(a.stdout, "%s the %s of %s (%s, %.1f%% copied; journal %s)\n",
 			verb, what, disk, ri.PhaseName, percent(ri.DoneBytes, ri.TotalBytes), jpath)
 	}
-	pr := a.newProgress()
+	pr := a.publish(a.newProgress(), jpath, res.Command, disk)
 	e.Progress = pr
 	st := a.startStopper(pr.note)
 	ro := convert.ResumeOptions{RunOptions: convert.RunOptions{Stop: st.requested}, Journal: jpath, Device: override, Open: opener(key)}
@@ -281,10 +281,13 @@ type runStatus struct {
 	Journal string `json:"journal"`
 	// InProgressElsewhere: another process holds the journal (the run
 	// is going on).
-	InProgressElsewhere bool             `json:"in_progress_elsewhere,omitempty"`
-	Run                 *convert.RunInfo `json:"run,omitempty"`
-	Disk                *diskView        `json:"disk,omitempty"`
-	Next                string           `json:"next,omitempty"`
+	InProgressElsewhere bool `json:"in_progress_elsewhere,omitempty"`
+	// Live is the position the running process publishes (nil before
+	// its first step, or when it cannot publish).
+	Live *liveProgress    `json:"live,omitempty"`
+	Run  *convert.RunInfo `json:"run,omitempty"`
+	Disk *diskView        `json:"disk,omitempty"`
+	Next string           `json:"next,omitempty"`
 }
 
 // runStatus is `dmconvert status`.
@@ -365,6 +368,7 @@ func (a *app) statusOf(path string, dv *diskView) (*runStatus, error) {
 	ri, err := convert.InspectJournal(path, a.statusLockTimeout)
 	if errors.Is(err, journal.ErrLocked) {
 		rs.InProgressElsewhere = true
+		rs.Live = readLive(a.liveDir, path)
 		return rs, nil
 	}
 	if err != nil {
@@ -387,7 +391,23 @@ func (a *app) printStatus(rs *runStatus) {
 	w := a.stdout
 	fmt.Fprintf(w, "journal:   %s\n", rs.Journal)
 	if rs.InProgressElsewhere {
-		fmt.Fprintf(w, "status:    in progress by another process\n")
+		if l := rs.Live; l != nil {
+			fmt.Fprintf(w, "status:    in progress: dmconvert %s of %s, process %d, since %s\n", l.Command, l.Device, l.PID, l.Started.Local().Format(time.RFC3339))
+			line := fmt.Sprintf("%.1f%% (%s of %s) copied", percent(l.Done, l.Total), humanBytes(l.Done), humanBytes(l.Total))
+			if l.Phase != "" {
+				line = l.Phase + "; " + line
+			}
+			if r := l.Rate(); r > 0 {
+				line += fmt.Sprintf(", %s/s", humanBytes(uint64(r)))
+				if l.Total > l.Done {
+					line += fmt.Sprintf(", about %v left", (time.Duration(float64(l.Total-l.Done)/r) * time.Second).Round(time.Second))
+				}
+			}
+			fmt.Fprintf(w, "position:  %s\n", line)
+			fmt.Fprintf(w, "updated:   %s\n", l.Updated.Local().Format(time.RFC3339))
+		} else {
+			fmt.Fprintf(w, "status:    in progress by another process\n")
+		}
 	}
 	if ri := rs.Run; ri != nil {
 		what := ri.Op
