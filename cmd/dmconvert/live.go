@@ -91,6 +91,7 @@ type publishedProgress struct {
 	l     liveProgress
 	last  time.Time
 	every time.Duration
+	wrote bool // this process wrote the file (so removes it)
 }
 
 // publish wraps pr so that the run (of device) whose journal is jpath publishes its
@@ -135,7 +136,9 @@ func (p *publishedProgress) Event(ev convert.Event) {
 	// Best effort: the run never fails for its status file.
 	tmp := p.path + ".tmp"
 	if os.WriteFile(tmp, append(b, '\n'), 0o644) == nil {
-		if os.Rename(tmp, p.path) != nil {
+		if os.Rename(tmp, p.path) == nil {
+			p.wrote = true
+		} else {
 			os.Remove(tmp)
 		}
 	}
@@ -145,5 +148,9 @@ func (p *publishedProgress) finish(ok bool) {
 	p.progress.finish(ok)
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	os.Remove(p.path)
+	if p.wrote {
+		// (A process that failed before its first event, say on a run
+		// another process holds, leaves that one's file alone.)
+		os.Remove(p.path)
+	}
 }

@@ -24,6 +24,9 @@ func TestLiveProgress(t *testing.T) {
 	if readLive(a.liveDir, j) != nil {
 		t.Fatal("a position before the first event")
 	}
+	// A process that ends before its first event leaves the file of the
+	// process that runs the journal alone.
+	other := a.publish(quietProgress{}, j, "resume", "/dev/vdb")
 	t0 := time.Now()
 	const total = 100 << 20
 	pr.Event(convert.Event{Kind: convert.EventPhase, Phase: "setup", Done: 10 << 20, Total: total, Time: t0})
@@ -55,6 +58,10 @@ func TestLiveProgress(t *testing.T) {
 		}
 	}
 
+	other.finish(false)
+	if readLive(a.liveDir, j) == nil {
+		t.Fatal("a process that published nothing removed the running one's position")
+	}
 	pr.finish(true)
 	if _, err := os.Stat(liveFile(a.liveDir, j)); !os.IsNotExist(err) {
 		t.Fatalf("the position file is still there after the run: %v", err)
