@@ -235,6 +235,11 @@ func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPla
 			}
 		}
 	}
+	if mv, err := e.pvmoveOn(m.info.Dev); err != nil {
+		return fail(err)
+	} else if mv != "" {
+		return fail(pvmoveBusy(m.name, mv))
+	}
 	pv, err := e.LVM.Discover(ctx, node)
 	switch {
 	case errors.Is(err, ErrNotPV):

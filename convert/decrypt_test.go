@@ -86,6 +86,34 @@ func TestDecryptRefusals(t *testing.T) {
 	}
 }
 
+// TestDecryptRefusesDuringPvmove: a pvmove moving extents of the PV on
+// the mapping (its mirror maps the mapping directly) makes the decrypt
+// busy, with nothing written.
+func TestDecryptRefusesDuringPvmove(t *testing.T) {
+	sc, w := encryptedWorld(t, 12)
+	e := sc.engine(w)
+	o := sc.decryptOptions()
+	info, err := e.DM.Info(o.Target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, err := dmtable.ParseTable(fmt.Sprintf("0 64 mirror core 1 32 2 %s 1000 %s 2000\n", info.Dev, info.Dev))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.DM.Create("vg-pvmove0", "", tb); err != nil {
+		t.Fatal(err)
+	}
+	var perr error
+	requireRefused(t, w, "pvmove", "a pvmove is moving extents of it (device-mapper device vg-pvmove0)", func() error {
+		_, perr = e.PlanDecrypt(context.Background(), o)
+		return perr
+	})
+	if !errors.Is(perr, ErrBusy) {
+		t.Fatalf("not busy: %v", perr)
+	}
+}
+
 // requireRefused runs plan, which must fail with an error containing
 // want and leave every disk of w exactly as it was.
 func requireRefused(t *testing.T, w *fakeWorld, name, want string, plan func() error) {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 
 	"github.com/dmconvert/dmconvert/dmtable"
@@ -238,6 +239,38 @@ func (e *Engine) PlanEncrypt(ctx context.Context, o EncryptOptions) (*EncryptPla
 	return &EncryptPlan{Spec: spec, Journal: jpath, PV: pv, ShrinkTo: shrinkTo, Header: hdr, keys: map[BackingID][]byte{NewID: key}}, nil
 }
 
+// pvmoveBusy says that a pvmove (its dm device mv) moves extents of dev.
+func pvmoveBusy(dev, mv string) error {
+	return &RefusalError{Device: dev, Err: ErrBusy,
+		Reason: fmt.Sprintf("a pvmove is moving extents of it (device-mapper device %s)", mv),
+		Hint:   "let the pvmove finish (or stop it with pvmove --abort), then run dmconvert again"}
+}
+
+// pvmoveOn returns the name of a pvmove's dm device that maps dev
+// directly, or "".
+func (e *Engine) pvmoveOn(dev dmtable.Dev) (string, error) {
+	list, err := e.DM.List()
+	if err != nil {
+		return "", fmt.Errorf("listing device-mapper devices: %w", err)
+	}
+	for _, d := range list {
+		if !pvmoveRE.MatchString(d.Name) {
+			continue
+		}
+		deps, err := e.DM.Deps(d.Name)
+		if err != nil {
+			if errors.Is(err, ErrNoDevice) {
+				continue
+			}
+			return "", fmt.Errorf("reading the dependencies of %s: %w", d.Name, err)
+		}
+		if slices.Contains(deps, dev) {
+			return d.Name, nil
+		}
+	}
+	return "", nil
+}
+
 // stackedOn lists the dm devices whose tables use disk, refusing any that
 // cannot be restacked onto F.
 func (e *Engine) stackedOn(disk dmtable.Dev, path string, pvSize Sectors) (map[string]string, error) {
@@ -280,9 +313,7 @@ func (e *Engine) stackedOn(disk dmtable.Dev, path string, pvSize Sectors) (map[s
 				for _, r := range tg.Params.Devices() {
 					if n, ok := r.Dev(); ok && n == disk {
 						if pvmoveRE.MatchString(d.Name) {
-							return nil, &RefusalError{Device: path, Err: ErrBusy,
-								Reason: fmt.Sprintf("a pvmove is moving extents of it (device-mapper device %s)", d.Name),
-								Hint:   "let the pvmove finish (or stop it with pvmove --abort), then run dmconvert again"}
+							return nil, pvmoveBusy(path, d.Name)
 						}
 						return nil, refuse(path, "only linear and striped mappings (LVM logical volumes) can be moved onto the encrypted device",
 							"device-mapper device %s maps it with a %s target, which dmconvert cannot restack", d.Name, tg.Type())
