@@ -787,6 +787,53 @@ func TestGuestCLIRefusals(t *testing.T) {
 		lightStack(t, dev, true, false)
 		refused(t, dev, 2, "logical block size", enc("--sector-size", "4096")...)
 	})
+	t.Run("pvmove-in-progress", func(t *testing.T) {
+		// A pvmove moving an LV off the disk (onto a PV whose writes
+		// dm-delay holds, so that it is still running): busy, exit 4,
+		// naming the pvmove; dmconvert writes nothing. LVM names the
+		// pvmove's mirror <VG>-pvmove0 and maps the disk itself with it.
+		wipe(t, dev)
+		lightStack(t, dev, true, false)
+		slow := "/dev/mapper/slowr"
+		sh(t, "dmsetup", "create", "slowr", "--table", fmt.Sprintf("0 %d delay %s 2048 0 %s 2048 200", diskSectors(t, small)-2048, small, small))
+		sh(t, "pvcreate", "-y", slow)
+		sh(t, "vgextend", "-y", "vgr", slow)
+		var mvOut bytes.Buffer
+		mv := exec.Command("pvmove", "-i", "1", "-n", "ext", dev, slow)
+		mv.Stdout, mv.Stderr = &mvOut, &mvOut
+		if err := mv.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			shOK("pvmove", "--abort")
+			mv.Wait()
+			shOK("vgreduce", "vgr", slow)
+			shOK("pvremove", "-ff", "-y", slow)
+			shOK("dmsetup", "remove", "slowr")
+			sh(t, "wipefs", "-a", "-q", small)
+		}()
+		for i := 0; ; i++ {
+			if _, err := shOK("dmsetup", "info", "vgr-pvmove0"); err == nil {
+				break
+			}
+			if i == 200 {
+				t.Fatalf("no vgr-pvmove0 after 20 s; pvmove said:\n%s", mvOut.String())
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		// The pvmove itself rewrites LVM's metadata area (from 4 KiB to
+		// the data area at 1 MiB) as it goes: compare the rest.
+		before := diskBytes(t, dev)
+		code, out := cliRun(t, enc()...)
+		after := diskBytes(t, dev)
+		want := "a pvmove is moving extents of it (device-mapper device vgr-pvmove0)"
+		if code != 4 || !strings.Contains(out, dev) || !strings.Contains(out, want) {
+			t.Fatalf("encrypt during a pvmove: exit %d, want 4 and %q:\n%s", code, want, out)
+		}
+		mustEqual(t, dev+"'s label", before[:4096], after[:4096])
+		mustEqual(t, dev+"'s data area", before[1<<20:], after[1<<20:])
+		t.Logf("refused as expected (exit %d): %s", code, strings.TrimSpace(out))
+	})
 	t.Run("wrong-passphrase-and-foreign-journal", func(t *testing.T) {
 		wipe(t, dev)
 		lightStack(t, dev, true, false)
