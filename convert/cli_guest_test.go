@@ -37,6 +37,7 @@ func vmCLI(t *testing.T) {
 			{Size: 160 * guestMiB}, {Size: 160 * guestMiB}, {Size: 160 * guestMiB},
 			{Size: 160 * guestMiB}, // d[9]: random kills
 			{Size: 160 * guestMiB}, // d[10]: random kills of an abort
+			{Size: 96 * guestMiB},  // d[11]: a helper held open
 		},
 		Run:     "^TestGuestCLI",
 		Files:   map[string]string{"dmconvert": bin},
@@ -851,6 +852,7 @@ func TestGuestCLIRefusals(t *testing.T) {
 		// resume, then try another one and a new encrypt.
 		r2 := cliStart(t, "resume", "--journal", j, "--key-file", pwFile, "--json")
 		r2.waitProgress(t, 0.4)
+		requireLiveStatus(t, j, r2.cmd.Process.Pid, "resume")
 		code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
 		if code != 4 || !strings.Contains(out, "another dmconvert") {
 			t.Fatalf("second resume while one runs: exit %d:\n%s", code, out)
@@ -864,7 +866,68 @@ func TestGuestCLIRefusals(t *testing.T) {
 		}
 		code, errOut = r2.wait()
 		requireExit(t, "the resume that was running", code, 0, errOut)
+		// (The second encrypt's lvm scan opened the run's helper and
+		// waited for the VG lock the run held: the run's removal of the
+		// helper found it open. The kernel removes it once lvm closes it.)
+		requireNoHelpers(t)
 	})
+}
+
+// requireNoHelpers: no dmconvert helper device is left (within 10 s: a
+// helper held open at the end of a run is removed when it is closed).
+func requireNoHelpers(t testing.TB) {
+	t.Helper()
+	var out string
+	for i := 0; i < 100; i++ {
+		out = sh(t, "dmsetup", "ls")
+		if !strings.Contains(out, "dmconvert-") {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("dmconvert helpers left after the run:\n%s", out)
+}
+
+// TestGuestCLIHelperHeldOpen: a process holds the run's helper open at
+// the end of the run, longer than Remove's retries (as an lvm command
+// does that scanned it and waits for the VG lock the run holds): the run
+// still ends (exit 0), and the kernel removes the helper once that
+// process closes it.
+func TestGuestCLIHelperHeldOpen(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	st := buildLightSized(t, "hho", d[11], state, "40m", "8m")
+	w := startWriter(t, st, state)
+	r := cliStart(t, encryptArgs(st, state)...)
+	r.waitProgress(t, 0.3)
+	var helper string
+	for _, l := range strings.Split(sh(t, "dmsetup", "ls"), "\n") {
+		if f := strings.Fields(l); len(f) > 0 && strings.HasPrefix(f[0], "dmconvert-") && strings.HasSuffix(f[0], "-new") {
+			helper = f[0]
+		}
+	}
+	if helper == "" {
+		t.Fatalf("no helper device during the run:\n%s", sh(t, "dmsetup", "ls"))
+	}
+	holder := exec.Command("sh", "-c", "exec 3</dev/mapper/"+helper+"; sleep 8")
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	code, errOut := r.wait()
+	requireExit(t, "encrypt with its helper held open", code, 0, errOut)
+	if _, err := shOK("dmsetup", "info", helper); err != nil {
+		t.Logf("the helper was gone at the end of the run (released early): %v", err)
+	} else {
+		t.Logf("the helper outlived the run while held open")
+	}
+	holder.Wait()
+	requireNoHelpers(t)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	verifyStack(t, st, state)
+	verifyEncryptedCold(t, st, state, filepath.Base(st.Disk)+"_crypt")
 }
 
 // luksStack makes what a distribution installer makes: cryptsetup

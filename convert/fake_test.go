@@ -667,6 +667,15 @@ func (f fakeDM) Remove(name string) error {
 	return nil
 }
 
+// RemoveDeferred: the fake has no openers but tables, which a deferred
+// remove would not wait for either.
+func (f fakeDM) RemoveDeferred(name string) (bool, error) {
+	if err := f.Remove(name); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
 func (f fakeDM) Info(name string) (DevInfo, error) {
 	f.w.mu.Lock()
 	defer f.w.mu.Unlock()

@@ -41,6 +41,10 @@ type DeviceMapper interface {
 	Suspend(name string) error
 	Resume(name string) error
 	Remove(name string) error
+	// RemoveDeferred removes the device now if nothing has it open, else
+	// has the kernel remove it when the last opener closes it (removed
+	// says which).
+	RemoveDeferred(name string) (removed bool, err error)
 	Info(name string) (DevInfo, error)
 	// Table returns the live table, keys included.
 	Table(name string) (dmtable.Table, error)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 
@@ -247,14 +248,53 @@ func (r *run) finishUnstack(ctx context.Context, seq uint64, next State) error {
 	return r.commit(seq, next)
 }
 
+// removeIfExists removes a device the run no longer uses (its helpers
+// and, after a decrypt's unstack, F) at the end of the run. A process
+// can hold it open then: an lvm command scans every device, then waits
+// for the VG lock this run holds (seen in the VM: a resume's removal of
+// its helper failed, EBUSY, while another dmconvert's lvm waited). If no
+// table uses the device, the kernel removes it when that process closes
+// it (a deferred remove), once the run releases the lock.
 func (r *run) removeIfExists(name string) error {
-	if _, err := r.e.DM.Info(name); errors.Is(err, ErrNoDevice) {
+	info, err := r.e.DM.Info(name)
+	if errors.Is(err, ErrNoDevice) {
 		return nil
 	}
-	if err := r.e.DM.Remove(name); err != nil && !errors.Is(err, ErrNoDevice) {
+	err = r.e.DM.Remove(name)
+	if err == nil || errors.Is(err, ErrNoDevice) {
+		return nil
+	}
+	if !errors.Is(err, dmtable.ErrBusy) {
 		return fmt.Errorf("removing %s: %w", name, err)
 	}
+	if user, uerr := r.tableUser(info.Dev); uerr != nil || user != "" {
+		return fmt.Errorf("removing %s: %w (used by %q)", name, err, user)
+	}
+	if _, derr := r.e.DM.RemoveDeferred(name); derr != nil && !errors.Is(derr, ErrNoDevice) {
+		return fmt.Errorf("removing %s: %w; deferred removal: %w", name, err, derr)
+	}
 	return nil
+}
+
+// tableUser returns a dm device whose table uses dev, or "".
+func (r *run) tableUser(dev dmtable.Dev) (string, error) {
+	list, err := r.e.DM.List()
+	if err != nil {
+		return "", err
+	}
+	for _, d := range list {
+		deps, err := r.e.DM.Deps(d.Name)
+		if err != nil {
+			if errors.Is(err, ErrNoDevice) {
+				continue
+			}
+			return "", err
+		}
+		if slices.Contains(deps, dev) {
+			return d.Name, nil
+		}
+	}
+	return "", nil
 }
 
 func (r *run) releaseFence() error {

@@ -61,6 +61,12 @@ func (k KernelDM) Resume(name string) error {
 // Remove implements DeviceMapper.
 func (k KernelDM) Remove(name string) error { return dmErr(k.C.Remove(name)) }
 
+// RemoveDeferred implements DeviceMapper.
+func (k KernelDM) RemoveDeferred(name string) (bool, error) {
+	removed, err := k.C.RemoveDeferred(name)
+	return removed, dmErr(err)
+}
+
 // Info implements DeviceMapper.
 func (k KernelDM) Info(name string) (DevInfo, error) {
 	i, err := k.C.Info(name)

@@ -478,11 +478,15 @@ func (c *Client) Resume(name string) (Info, error) {
 func (c *Client) Remove(name string) error {
 	remove := &call{op: "remove", dev: name, cmd: cmdDevRemove, uevent: true, req: request{name: name}}
 	r, err := c.do(remove)
-	// With udev running, closing a device that was open for writing makes
-	// udev probe it (the rules' inotify watch: blkid opens it), so a
-	// remove right after such a close can find it open for a moment. As
-	// libdevmapper's removal retry does, try again for a while.
-	for try := 0; err != nil && c.udev && errors.Is(err, unix.EBUSY) && try < removeRetries; try++ {
+	// A device can be open for a moment when it is removed: with udev
+	// running, closing a device that was open for writing makes udev
+	// probe it (the rules' inotify watch: blkid opens it); with or
+	// without udev, any lvm command scanning devices at that moment
+	// opens it to look for a label (seen in the VM: a resume's removal
+	// of its helper failed with EBUSY while another dmconvert's lvm
+	// scan ran). As libdevmapper's removal retry does, try again for a
+	// while.
+	for try := 0; err != nil && errors.Is(err, unix.EBUSY) && try < removeRetries; try++ {
 		time.Sleep(removeRetryWait)
 		r, err = c.do(remove)
 	}
@@ -498,7 +502,7 @@ func (c *Client) Remove(name string) error {
 }
 
 // removeRetries and removeRetryWait bound Remove's retries of a device
-// found open while udev runs (libdevmapper's: 25 times, 200 ms apart).
+// found open (libdevmapper's: 25 times, 200 ms apart).
 const (
 	removeRetries   = 25
 	removeRetryWait = 200 * time.Millisecond

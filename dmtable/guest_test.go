@@ -722,7 +722,8 @@ func TestGuestTypedErrors(t *testing.T) {
 		t.Errorf("duplicate create: not an OpError naming the device: %#v", err)
 	}
 
-	// Busy device on remove, while open (dmsetup fails the same way).
+	// Busy device on remove, while open (dmsetup fails the same way),
+	// after Remove's retries (5 s).
 	f, err := os.Open(c.NodePath(name))
 	if err != nil {
 		t.Fatal(err)
@@ -754,6 +755,21 @@ func TestGuestTypedErrors(t *testing.T) {
 	}
 	if !gone {
 		t.Fatal("deferred remove did not happen on close")
+	}
+
+	// Open for a moment, as an lvm command's device scan (or udev's
+	// blkid) opens it: Remove waits and removes it, udev or not.
+	tr := "dmt-transient"
+	if _, err := c.CreateWithTable(tr, "", lin); err != nil {
+		t.Fatal(err)
+	}
+	g, err := os.Open(c.NodePath(tr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { time.Sleep(500 * time.Millisecond); g.Close() }()
+	if err := c.Remove(tr); err != nil {
+		t.Errorf("remove of a device open for 500 ms: %v", err)
 	}
 
 	// Not found.

@@ -171,10 +171,11 @@ func (f fakeDM) Create(name, uuid string, t dmtable.Table) (convert.DevInfo, err
 	f.s.created++
 	return convert.DevInfo{}, errNoDM
 }
-func (fakeDM) Load(string, dmtable.Table) error { return errNoDM }
-func (fakeDM) Suspend(string) error             { return errNoDM }
-func (fakeDM) Resume(string) error              { return errNoDM }
-func (fakeDM) Remove(string) error              { return errNoDM }
+func (fakeDM) Load(string, dmtable.Table) error    { return errNoDM }
+func (fakeDM) Suspend(string) error                { return errNoDM }
+func (fakeDM) Resume(string) error                 { return errNoDM }
+func (fakeDM) Remove(string) error                 { return errNoDM }
+func (fakeDM) RemoveDeferred(string) (bool, error) { return false, errNoDM }
 func (fakeDM) Info(string) (convert.DevInfo, error) {
 	return convert.DevInfo{}, convert.ErrNoDevice
 }
