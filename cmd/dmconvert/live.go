@@ -94,8 +94,9 @@ type publishedProgress struct {
 	wrote bool // this process wrote the file (so removes it)
 }
 
-// publish wraps pr so that the run (of device) whose journal is jpath publishes its
-// position in a.liveDir (nothing if that is empty or cannot be made).
+// publish wraps pr so that the run of device whose journal is jpath
+// publishes its position in a.liveDir (nothing if that is empty or
+// cannot be made).
 func (a *app) publish(pr progress, jpath, command, device string) progress {
 	if a.liveDir == "" || jpath == "" {
 		return pr
