@@ -38,6 +38,7 @@ func vmCLI(t *testing.T) {
 			{Size: 160 * guestMiB}, // d[9]: random kills
 			{Size: 160 * guestMiB}, // d[10]: random kills of an abort
 			{Size: 96 * guestMiB},  // d[11]: a helper held open
+			{Size: 128 * guestMiB}, // d[12]: lvs in a loop
 		},
 		Run:     "^TestGuestCLI",
 		Files:   map[string]string{"dmconvert": bin},
@@ -928,6 +929,53 @@ func TestGuestCLIHelperHeldOpen(t *testing.T) {
 	t.Logf("writer: %d acknowledged writes", acks)
 	verifyStack(t, st, state)
 	verifyEncryptedCold(t, st, state, filepath.Base(st.Disk)+"_crypt")
+}
+
+// TestGuestCLIMonitorLoop: lvs, pvs and blkid run in a loop all along
+// (as a monitoring agent runs them) while a PV with live LVs is
+// encrypted (kill -9, resume), rekeyed (SIGTERM, resume) and decrypted
+// (SIGINT, resume); each ends, every write is there live and after a cold
+// open, and no helper is left. (Before 2026-11-24 the rekey's resume
+// failed at its end: an lvs waiting for the VG lock held the run's helper
+// open, and its removal failed with EBUSY.)
+func TestGuestCLIMonitorLoop(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[3])
+	writePW(t)
+	st := buildLightSized(t, "mon", d[12], state, "48m", "8m")
+	mon := exec.Command("sh", "-c", "while true; do lvs >/dev/null 2>&1; pvs >/dev/null 2>&1; blkid >/dev/null 2>&1; sleep 0.1; done")
+	if err := mon.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { mon.Process.Kill(); mon.Wait() }()
+	name := filepath.Base(st.Disk) + "_crypt"
+	j := st.file(state, "journal")
+
+	w := startWriter(t, st, state)
+	killedAt(t, 0.4, "encrypt", encryptArgs(st, state)...)
+	code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+	requireExit(t, "resume of the encrypt", code, 0, out)
+	requireNoHelpers(t)
+	acks, _ := w.finish(t)
+	t.Logf("encrypt: %d acknowledged writes", acks)
+	verifyEncryptedCold(t, st, state, name)
+	os.Remove(j)
+
+	remount(t, st)
+	w = startWriter(t, st, state)
+	rekeyStopped(t, name, j, 0.4, "4M")
+	code, out = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+	requireExit(t, "resume of the rekey", code, 0, out)
+	requireNoHelpers(t)
+	acks, _ = w.finish(t)
+	t.Logf("rekey: %d acknowledged writes", acks)
+	verifyEncryptedCold(t, st, state, name)
+	os.Remove(j)
+
+	remount(t, st)
+	decryptInterruptResume(t, st, state, name)
+	requireNoHelpers(t)
 }
 
 // luksStack makes what a distribution installer makes: cryptsetup
