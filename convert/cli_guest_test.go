@@ -807,12 +807,30 @@ func TestGuestCLIRefusals(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer func() {
+			// Best effort, with waits: the abort's end (the pvmove's
+			// device going away, its last metadata update) can lag
+			// behind the pvmove process on a loaded host. small is
+			// used after this only as a disk of another size.
 			shOK("pvmove", "--abort")
 			mv.Wait()
+			for i := 0; i < 100; i++ {
+				if _, err := shOK("dmsetup", "info", "vgr-pvmove0"); err != nil {
+					break
+				}
+				time.Sleep(200 * time.Millisecond)
+			}
 			shOK("vgreduce", "vgr", slow)
 			shOK("pvremove", "-ff", "-y", slow)
-			shOK("dmsetup", "remove", "slowr")
-			sh(t, "wipefs", "-a", "-q", small)
+			for i := 0; i < 50; i++ {
+				if _, err := shOK("dmsetup", "remove", "slowr"); err == nil {
+					break
+				}
+				time.Sleep(200 * time.Millisecond)
+			}
+			if out, err := shOK("wipefs", "-a", "-q", small); err != nil {
+				tree, _ := shOK("dmsetup", "ls", "--tree")
+				t.Logf("cleanup: wipefs %s: %v %s\n%s", small, err, out, tree)
+			}
 		}()
 		for i := 0; ; i++ {
 			if _, err := shOK("dmsetup", "info", "vgr-pvmove0"); err == nil {
