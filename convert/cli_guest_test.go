@@ -962,38 +962,55 @@ func TestGuestCLIMonitorLoop(t *testing.T) {
 	state := guestStateDir(t, d[3])
 	writePW(t)
 	st := buildLightSized(t, "mon", d[12], state, "48m", "8m")
-	mon := exec.Command("sh", "-c", "while true; do lvs >/dev/null 2>&1; pvs >/dev/null 2>&1; blkid >/dev/null 2>&1; sleep 0.1; done")
-	if err := mon.Start(); err != nil {
-		t.Fatal(err)
+	// The loop runs while dmconvert runs; it stops before the test's own
+	// cold checks (their dmsetup remove and vgchange -an would find what
+	// it has open busy).
+	monitor := func() (stop func()) {
+		mon := exec.Command("sh", "-c", "while true; do lvs >/dev/null 2>&1; pvs >/dev/null 2>&1; blkid >/dev/null 2>&1; sleep 0.1; done")
+		if err := mon.Start(); err != nil {
+			t.Fatal(err)
+		}
+		return func() {
+			mon.Process.Kill()
+			mon.Wait()
+			time.Sleep(2 * time.Second) // its last lvs or blkid ends
+		}
 	}
-	defer func() { mon.Process.Kill(); mon.Wait() }()
 	name := filepath.Base(st.Disk) + "_crypt"
 	j := st.file(state, "journal")
 
+	stop := monitor()
 	w := startWriter(t, st, state)
 	killedAt(t, 0.4, "encrypt", encryptArgs(st, state)...)
 	code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
 	requireExit(t, "resume of the encrypt", code, 0, out)
 	requireNoHelpers(t)
+	stop()
 	acks, _ := w.finish(t)
 	t.Logf("encrypt: %d acknowledged writes", acks)
 	verifyEncryptedCold(t, st, state, name)
 	os.Remove(j)
 
 	remount(t, st)
+	stop = monitor()
 	w = startWriter(t, st, state)
 	rekeyStopped(t, name, j, 0.4, "4M")
 	code, out = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
 	requireExit(t, "resume of the rekey", code, 0, out)
 	requireNoHelpers(t)
+	stop()
 	acks, _ = w.finish(t)
 	t.Logf("rekey: %d acknowledged writes", acks)
 	verifyEncryptedCold(t, st, state, name)
 	os.Remove(j)
 
 	remount(t, st)
-	decryptInterruptResume(t, st, state, name)
+	stop = monitor()
+	out = decryptInterrupted(t, st, state, name)
 	requireNoHelpers(t)
+	stop()
+	verifyPlainCold(t, st, state, name)
+	growPVAsTold(t, st, out)
 }
 
 // luksStack makes what a distribution installer makes: cryptsetup
