@@ -89,6 +89,10 @@ type scenario struct {
 
 const fakeDiskPath = "/dev/vda"
 
+// fakePVUUID is the UUID of the PV label in testdata/pv-head-4k.bin, the
+// fake disk's first 4 KiB.
+const fakePVUUID = "TYHR1B-XcRp-K5Nz-Du3y-30GV-eqTw-35q5ki"
+
 func newScenario(t *testing.T, seed int64) *scenario {
 	sc := &scenario{
 		t: t, N: 4096, H: 128, pvSize: 3800,
@@ -139,7 +143,7 @@ func (sc *scenario) world() *fakeWorld {
 
 func (sc *scenario) lvm(w *fakeWorld) *fakeLVM {
 	return &fakeLVM{w: w, lvs: sc.lvs, notPV: sc.notPV, pv: PV{
-		Device: fakeDiskPath, UUID: "pvuuid", VG: "vg", Size: sc.pvSize, UsedEnd: sc.pvSize,
+		Device: fakeDiskPath, UUID: fakePVUUID, VG: "vg", Size: sc.pvSize, UsedEnd: sc.pvSize,
 		PEStart: 8, ExtentSize: 8, VGDevices: []string{fakeDiskPath},
 	}}
 }

@@ -1204,6 +1204,7 @@ func (f *fakeHeader) Image(cp Checkpoint) ([]byte, error) {
 	img := make([]byte, f.h*512)
 	copy(img, "LUKS\xba\xbe")
 	copy(img[8:], "INPROGRESS")
+	copy(img[168:], f.UUID()) // where LUKS headers keep it
 	copy(img[4096:], f.cpBlock(cp))
 	copy(img[8192:], "keyslots")
 	if f.newKey != nil {
@@ -1222,6 +1223,7 @@ func (f *fakeHeader) FinalWrites(fin Final) ([]Write, error) {
 	b := make([]byte, 512)
 	copy(b, "LUKS\xba\xbe")
 	copy(b[8:], "FINAL")
+	copy(b[168:], f.UUID())
 	if fin.Rekey {
 		// The data segment now has the new key at a new offset, and
 		// the cipher Final names (the header's own when empty).
@@ -1230,7 +1232,7 @@ func (f *fakeHeader) FinalWrites(fin Final) ([]Write, error) {
 			cipher = f.Crypt().Cipher
 		}
 		copy(b[16:], fmt.Sprintf("REKEY %d %d %s", fin.DataOffset, len(f.newKey), cipher))
-		copy(b[96:], f.newKey)
+		copy(b[256:], f.newKey)
 	}
 	// The staged key's slot goes (rekeyed: the old key's goes, and the
 	// new key is the data's).
@@ -1261,7 +1263,7 @@ func fakeFinalRekey(r io.ReaderAt) (fr fakeRekeyed, ok bool) {
 	if _, err := fmt.Sscanf(string(bytes.TrimRight(b[16:96], "\x00")), "REKEY %d %d %s", &o, &n, &fr.cipher); err != nil || n <= 0 || n > 128 {
 		return fakeRekeyed{}, false
 	}
-	fr.off, fr.key = Sectors(o), append([]byte(nil), b[96:96+n]...)
+	fr.off, fr.key = Sectors(o), append([]byte(nil), b[256:256+n]...)
 	return fr, true
 }
 
@@ -1269,6 +1271,7 @@ func (f *fakeHeader) MarkWrites(cp Checkpoint) ([]Write, error) {
 	b := make([]byte, 512)
 	copy(b, "LUKS\xba\xbe")
 	copy(b[8:], "INPROGRESS")
+	copy(b[168:], f.UUID())
 	var ws []Write
 	if f.newKey != nil {
 		img, _ := f.Image(cp)

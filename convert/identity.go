@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"hash/crc32"
+	"strings"
 )
 
 // Identity is what the first 4 KiB of a disk say it is.
@@ -60,10 +61,58 @@ func Identify(first []byte) Identity {
 
 // HasLVMLabel reports whether an LVM2 label is in sectors 0-3 of b.
 func HasLVMLabel(b []byte) bool {
+	_, ok := lvmLabelSector(b)
+	return ok
+}
+
+// LVMLabelPVUUID returns the PV UUID of the LVM2 label in sectors 0-3 of
+// b, as LVM prints it (6-4-4-4-4-4-6 characters with dashes).
+func LVMLabelPVUUID(b []byte) (string, bool) {
+	sec, ok := lvmLabelSector(b)
+	if !ok {
+		return "", false
+	}
+	// offset_xl: where struct pv_header starts in the sector; its
+	// first field is the 32-character id.
+	off := int(binary.LittleEndian.Uint32(sec[20:24]))
+	if off < 32 || off+32 > len(sec) {
+		return "", false
+	}
+	id := string(sec[off : off+32])
+	var out []byte
+	for i, n := range []int{6, 4, 4, 4, 4, 4, 6} {
+		if i > 0 {
+			out = append(out, '-')
+		}
+		out = append(out, id[:n]...)
+		id = id[n:]
+	}
+	return string(out), true
+}
+
+// sameUUID compares two UUIDs ignoring dashes and case.
+func sameUUID(a, b string) bool {
+	strip := func(s string) string { return strings.ToLower(strings.ReplaceAll(s, "-", "")) }
+	return strip(a) == strip(b)
+}
+
+// luksUUIDAt returns the UUID field of a LUKS1, LUKS2 (primary or
+// secondary) or disguised LUKS1 binary header at the start of b: 40 bytes
+// at offset 168 in each of them.
+func luksUUIDAt(b []byte) (string, bool) {
+	if len(b) < 208 || !(bytes.HasPrefix(b, luksMagic) || bytes.HasPrefix(b, luks2MagicAlt) || bytes.HasPrefix(b, disguisedMagic)) {
+		return "", false
+	}
+	return string(bytes.TrimRight(b[168:208], "\x00")), true
+}
+
+// lvmLabelSector returns the 512-byte sector of b (one of 0-3) that holds
+// a valid LVM2 label.
+func lvmLabelSector(b []byte) ([]byte, bool) {
 	for s := 0; s < 4; s++ {
 		off := s * 512
 		if len(b) < off+512 {
-			return false
+			return nil, false
 		}
 		sec := b[off : off+512]
 		if !bytes.Equal(sec[0:8], lvmLabelID) {
@@ -82,9 +131,9 @@ func HasLVMLabel(b []byte) bool {
 		if lvmCRC(sec[20:512]) != binary.LittleEndian.Uint32(sec[16:20]) {
 			continue
 		}
-		return true
+		return sec, true
 	}
-	return false
+	return nil, false
 }
 
 // lvmCRC is LVM2's calc_crc(INITIAL_CRC, ...): a reflected CRC-32 with the

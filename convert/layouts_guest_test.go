@@ -40,6 +40,8 @@ const (
 	layFPDisk             // snapshot and thin pool, crash in the restack
 	lay4KnDisk            // 4096-byte logical sectors
 	layCacheDisk          // a cached LV, a writecache LV and a swap LV
+	layMDA                // md RAID1: the leg that stays
+	layMDB                // md RAID1: the leg that fails and is rebuilt
 	layStateDisk          // journals, acknowledgements, the loop device's file
 )
 
@@ -66,10 +68,11 @@ func vmLayouts(t *testing.T) {
 			{Size: 256 * guestMiB},                       // vdf
 			{Size: 96 * guestMiB}, {Size: 96 * guestMiB}, // vdg, vdh
 			{Size: 160 * guestMiB}, {Size: 96 * guestMiB}, // vdi, vdj
-			{Size: 160 * guestMiB},                  // vdk
-			{Size: 128 * guestMiB, BlockSize: 4096}, // vdl: 4Kn (encrypt, rekey, decrypt: 192 MiB cost a minute more)
-			{Size: 128 * guestMiB},                  // vdm: cache and swap
-			{Size: 448 * guestMiB},                  // vdn: state (the inactive VG's loop file: 160 MiB)
+			{Size: 160 * guestMiB},                       // vdk
+			{Size: 128 * guestMiB, BlockSize: 4096},      // vdl: 4Kn (encrypt, rekey, decrypt: 192 MiB cost a minute more)
+			{Size: 128 * guestMiB},                       // vdm: cache and swap
+			{Size: 96 * guestMiB}, {Size: 96 * guestMiB}, // vdn, vdo: md RAID1
+			{Size: 448 * guestMiB}, // vdp: state (the inactive VG's loop file: 160 MiB)
 		},
 		// make test runs the TestGuestLayout* tests; the TestOptIn ones
 		// (kill and restart, a crash mid-restack, tail metadata) run with
@@ -903,5 +906,117 @@ func TestGuestLayout4Kn(t *testing.T) {
 	decryptInterruptResume(t, st, state, name)
 	if ss := strings.TrimSpace(sh(t, "blockdev", "--getss", "/dev/mapper/vg4k-ext")); ss != "4096" {
 		t.Fatalf("the decrypted LV has %s-byte sectors", ss)
+	}
+}
+
+// TestGuestLayoutMDRaid1: the PV is an md RAID1 array (mdadm, metadata
+// 1.2, an internal bitmap) of two disks, as on many servers. Mid-encrypt
+// one leg fails and is removed, then the run is killed (kill -9); the leg
+// is added back, so md rebuilds it while the resume runs. Afterwards every
+// write is there, md's check finds the two legs identical, and the array,
+// stopped and assembled again from its legs as a boot does, opens with
+// stock cryptsetup. Then decrypted (SIGINT, resume) back to a PV on the
+// array.
+func TestGuestLayoutMDRaid1(t *testing.T) {
+	testvm.RequireGuest(t)
+	d := testvm.GuestDisks()
+	state := guestStateDir(t, d[layStateDisk])
+	writePW(t)
+	legA, legB := d[layMDA], d[layMDB]
+	disk := "/dev/md0"
+	sh(t, "mdadm", "--create", disk, "--run", "--level=1", "--raid-devices=2", "--metadata=1.2",
+		"--bitmap=internal", "--assume-clean", legA, legB)
+	// The rebuild shares the disks with the run; md's floor of 1 MB/s
+	// under other I/O would make it outlast the test.
+	if err := os.WriteFile("/proc/sys/dev/raid/speed_limit_min", []byte("50000\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	shrunkPV(t, disk, 32768)
+	st := extRawVG(t, "md", disk, "vgmd", "32m", "8m", state)
+	name := filepath.Base(disk) + "_crypt"
+
+	w := startWriter(t, st, state)
+	r := cliStart(t, encryptArgs(st, state, "--chunk-size", "2M")...)
+	r.waitProgress(t, 0.25)
+	sh(t, "mdadm", disk, "--fail", legB)
+	sh(t, "mdadm", disk, "--remove", legB)
+	if deg := mdAttr(t, disk, "degraded"); deg != "1" {
+		t.Fatalf("%s with %s removed: degraded %q, want 1", disk, legB, deg)
+	}
+	r.waitProgress(t, 0.5)
+	r.cmd.Process.Kill()
+	code, errOut := r.wait()
+	requireExit(t, "encrypt after kill -9", code, 128+int(syscall.SIGKILL), errOut)
+	sh(t, "mdadm", disk, "--add", legB)
+	code, out := cliRun(t, "resume", "--journal", st.file(state, "journal"), "--key-file", pwFile)
+	requireExit(t, "resume", code, 0, out)
+	acks, _ := w.finish(t)
+	t.Logf("writer: %d acknowledged writes", acks)
+	mdIdle(t, disk)
+	if deg := mdAttr(t, disk, "degraded"); deg != "0" {
+		t.Fatalf("%s after the rebuild: degraded %q, want 0", disk, deg)
+	}
+	finalChecks(t, st, name)
+	verifyStack(t, st, state)
+	// Both legs hold the same bytes: every write of the run, and the
+	// rebuild's copy of what was written while the leg was out.
+	sh(t, "sync")
+	if err := os.WriteFile("/sys/block/md0/md/sync_action", []byte("check\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mdIdle(t, disk)
+	if mm := mdAttr(t, disk, "mismatch_cnt"); mm != "0" {
+		t.Fatalf("md's check of %s: mismatch_cnt %s, want 0", disk, mm)
+	}
+	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
+
+	// As at a boot: the array stopped and assembled from its legs, then
+	// opened by stock cryptsetup.
+	for _, mp := range st.Mounts {
+		shOK("umount", mp)
+	}
+	lv(t, "vgchange", "-an", st.VG)
+	sh(t, "cryptsetup", "close", name)
+	sh(t, "mdadm", "--stop", disk)
+	sh(t, "mdadm", "--assemble", disk, legA, legB)
+	if deg := mdAttr(t, disk, "degraded"); deg != "0" {
+		t.Fatalf("%s assembled again: degraded %q, want 0", disk, deg)
+	}
+	sh(t, "cryptsetup", "open", "--key-file", pwFile, disk, name)
+	lv(t, "vgchange", "-ay", st.VG)
+	remount(t, st)
+	verifyStack(t, st, state)
+
+	// Decrypted (SIGINT, resume): a PV on the array again.
+	os.Remove(st.file(state, "journal"))
+	out = decryptInterrupted(t, st, state, name)
+	verifyPlainCold(t, st, state, name)
+	growPVAsTold(t, st, out)
+}
+
+// mdAttr reads /sys/block/<md>/md/<attr>.
+func mdAttr(t testing.TB, md, attr string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(md), "md", attr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// mdIdle waits (up to 5 minutes) until md has no resync, recovery or
+// check running on md.
+func mdIdle(t testing.TB, md string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Minute)
+	for {
+		act := mdAttr(t, md, "sync_action")
+		if act == "idle" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s is still in %q after 5 minutes (sync_completed %s)", md, act, mdAttr(t, md, "sync_completed"))
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }

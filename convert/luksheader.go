@@ -144,18 +144,12 @@ func (l *LUKSHeader) CheckpointWrites(cp Checkpoint) ([]Write, error) {
 
 func (l *LUKSHeader) metadataWrites() ([]Write, error) {
 	if l.h.Version() == 1 {
-		area, err := l.h.CheckpointArea()
-		if err != nil {
-			return nil, err
-		}
-		img, err := l.h.Image()
-		if err != nil {
-			return nil, err
-		}
 		// Only the slot of the new record: the other one keeps the
 		// previous record, valid if this write tears.
-		off := area + int64(l.h.CheckpointSeq()%2)*luks.CheckpointRecordSize
-		rec := img[off : off+luks.CheckpointRecordSize]
+		off, rec, err := l.h.CheckpointRecord()
+		if err != nil {
+			return nil, err
+		}
 		return []Write{{Off: off, Data: rec, Flush: true}}, nil
 	}
 	l.h.BumpSeqID()

@@ -428,6 +428,14 @@ func (p *Plan) further(a, b State) bool {
 // the first 4 KiB of the disk (design.md section 3) and the on-disk
 // checkpoint.
 func (r *run) reconcile() error {
+	first := make([]byte, labelSectors*512)
+	if _, err := r.disk.ReadAt(first, 0); err != nil {
+		return fmt.Errorf("reading the start of %s: %w", r.spec.Disk.Path, err)
+	}
+	// Nothing is written before the disk is known to be this run's.
+	if err := r.checkDiskIdentity(first); err != nil {
+		return err
+	}
 	// A chunk rewritten in place whose step did not commit: its saved
 	// contents go back before anything reads the disk (section 9).
 	if z, ok, err := r.j.PendingZone(); err != nil {
@@ -436,10 +444,9 @@ func (r *run) reconcile() error {
 		if err := r.restoreZone(z); err != nil {
 			return err
 		}
-	}
-	first := make([]byte, labelSectors*512)
-	if _, err := r.disk.ReadAt(first, 0); err != nil {
-		return fmt.Errorf("reading the start of %s: %w", r.spec.Disk.Path, err)
+		if _, err := r.disk.ReadAt(first, 0); err != nil {
+			return fmt.Errorf("reading the start of %s: %w", r.spec.Disk.Path, err)
+		}
 	}
 	id := Identify(first)
 	r.ident = id
@@ -456,7 +463,8 @@ func (r *run) reconcile() error {
 			// reboot LVM may have used the disk directly). Start over.
 			r.st = p.Start()
 		case !p.Switched(r.st) && r.st.Phase < sw:
-			return refuse(dev, "check that this journal belongs to this disk", "it carries no LVM label (%v) although the run never switched it", id)
+			return refuse(dev, "give this run's disk with --device if device names changed since it started; check that journal "+r.j.Path()+" belongs to this disk",
+				"it carries no LVM label (%v) although the run never switched it", id)
 		case !p.Switched(r.st):
 			// The label was destroyed inside the switch, so the switch
 			// happened; its commit did not. The head is on the tail.
@@ -504,12 +512,50 @@ func (r *run) reconcile() error {
 	return nil
 }
 
+// checkDiskIdentity refuses a disk that is not this run's: device names
+// can change across boots, and two disks of one size can swap names, so
+// the size the journal recorded is not enough to write on a disk. The
+// disk is another when its LVM label names another PV, or its LUKS header
+// (or dmconvert's disguised LUKS1 header) another UUID. A disk that shows
+// neither (a TrueCrypt or plain dm-crypt volume, a file system moved
+// back by a decrypt, a header being written) is left to reconcile's
+// checks of the states in which it may show that; so is a plain or
+// TrueCrypt source's disk.
+func (r *run) checkDiskIdentity(first []byte) error {
+	dev := r.spec.Disk.Path
+	hint := "give this run's disk with --device if device names changed since it started; check that journal " + r.j.Path() + " belongs to this disk"
+	if got, ok := LVMLabelPVUUID(first); ok {
+		if r.spec.PVUUID != "" && !sameUUID(got, r.spec.PVUUID) {
+			return refuse(dev, hint, "it is LVM physical volume %s, but the run of journal %s converts physical volume %s", got, r.j.Path(), r.spec.PVUUID)
+		}
+		return nil
+	}
+	got, ok := luksUUIDAt(first)
+	if !ok || r.hdr == nil || (r.hdr.Version() != 1 && r.hdr.Version() != 2) {
+		// A plain or TrueCrypt source has no header of its own on the
+		// disk (what lies before a plain mapping's offset is not its).
+		return nil
+	}
+	want := r.hdr.UUID()
+	if want != "" && !sameUUID(got, want) && !sameUUID(got, r.spec.LUKSUUID) {
+		return refuse(dev, hint, "its LUKS header has UUID %s, but the run of journal %s belongs to the LUKS header with UUID %s", got, r.j.Path(), want)
+	}
+	return nil
+}
+
 // adoptDiskCheckpoint moves the state forward to the on-disk checkpoint
 // when it is further than the journal's (the checkpoint is written just
 // before the journal commit; both mean the chunk is safe).
 func (r *run) adoptDiskCheckpoint() error {
 	cp, ok, err := r.hdr.ReadCheckpoint(r.disk)
 	if err != nil || !ok {
+		if v := r.hdr.Version(); (v == 1 || v == 2) && r.ident != IdentityLUKS && r.ident != IdentityDisguisedLUKS1 {
+			// Every header write keeps the first sector's magic and UUID
+			// (they are the same before and after it): a disk without
+			// them is not this run's, and is not written.
+			return refuse(r.spec.Disk.Path, "give this run's disk with --device if device names changed since it started; check that journal "+r.j.Path()+" belongs to this disk",
+				"it shows %v where the LUKS header of the run of journal %s should be", r.ident, r.j.Path())
+		}
 		// A torn header write: write the header again (nothing maps
 		// that region any more).
 		return r.rewriteHeader()

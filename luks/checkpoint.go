@@ -159,6 +159,21 @@ func (h *Header) Checkpoint() ([]byte, error) {
 	return decodeCheckpointToken(t)
 }
 
+// CheckpointRecord returns where the current LUKS1 checkpoint record goes
+// and its bytes: what Image holds there, without building the whole
+// image (a checkpoint is written once a second during a run).
+func (h *Header) CheckpointRecord() (int64, []byte, error) {
+	area, err := h.CheckpointArea()
+	if err != nil {
+		return 0, nil, err
+	}
+	if !h.ckptValid {
+		return 0, nil, ErrNoCheckpoint
+	}
+	off := area + int64(h.ckptSeq%2)*CheckpointRecordSize
+	return off, encodeCheckpointRecord(h.ckptSeq, h.ckptPayload), nil
+}
+
 // CheckpointSeq returns the LUKS1 record sequence number of the current
 // checkpoint (LUKS2: the metadata sequence id).
 func (h *Header) CheckpointSeq() uint64 {

@@ -319,3 +319,43 @@ func TestLUKS1CheckpointRoom(t *testing.T) {
 		t.Fatalf("SetDisguised on LUKS2: %v", err)
 	}
 }
+
+// TestCheckpointRecordMatchesImage: CheckpointRecord gives the bytes and
+// offset Image holds for the current LUKS1 record, in both slots; LUKS2
+// has none.
+func TestCheckpointRecordMatchesImage(t *testing.T) {
+	vk, _ := NewVolumeKey(64)
+	h, err := Create(Options{Version: 1, PBKDF: testPBKDF2}, vk, []byte("pw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := h.CheckpointRecord(); !errors.Is(err, ErrNoCheckpoint) {
+		t.Fatalf("CheckpointRecord without a checkpoint: %v", err)
+	}
+	for i := 1; i <= 3; i++ {
+		if err := h.SetCheckpoint([]byte("record " + strconv.Itoa(i))); err != nil {
+			t.Fatal(err)
+		}
+		off, rec, err := h.CheckpointRecord()
+		if err != nil {
+			t.Fatal(err)
+		}
+		img, err := h.Image()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(rec) != CheckpointRecordSize || !bytes.Equal(img[off:off+CheckpointRecordSize], rec) {
+			t.Fatalf("record %d at %d differs from the image's", i, off)
+		}
+		if seq, p, ok := decodeCheckpointRecord(rec); !ok || seq != uint64(i) || string(p) != "record "+strconv.Itoa(i) {
+			t.Fatalf("record %d decodes to %d %q %v", i, seq, p, ok)
+		}
+	}
+	h2, err := Create(Options{Version: 2, PBKDF: testPBKDF2}, vk, []byte("pw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := h2.CheckpointRecord(); !errors.Is(err, ErrUnsupported) {
+		t.Fatalf("CheckpointRecord of LUKS2: %v", err)
+	}
+}

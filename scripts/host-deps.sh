@@ -11,6 +11,7 @@ pkgs=(
 	busybox-static    # guest userland
 	lvm2 dmsetup cryptsetup-bin e2fsprogs xfsprogs tcplay
 	udev              # udevd in the guest, for the tests that run it
+	mdadm             # md RAID arrays in the guest (a PV on md RAID1); only its binary is used
 	util-linux mount fdisk coreutils bash
 	kmod              # modprobe --show-depends, depmod for the guest's modules
 	xz-utils          # unpacks the kernel's XZ payload into a bootable ELF vmlinux

@@ -76,6 +76,7 @@ var bootModules = []string{
 
 var onDemandModules = []string{
 	"dm-thin-pool", "dm-raid", "raid1", "raid10", "raid456",
+	"md-mod", // md arrays made by mdadm (a PV on md RAID1)
 	"dm-cache", "dm-cache-smq", "dm-writecache",
 	"xfs",
 	// tcplay/TrueCrypt ciphers and hashes
@@ -126,6 +127,7 @@ var guestTools = []guestTool{
 	{name: "sync", pkg: "coreutils"},
 	{name: "timeout", pkg: "coreutils"},
 	{name: "tcplay", pkg: "tcplay"},
+	{name: "mdadm", pkg: "mdadm"},
 	{name: "script", pkg: "bsdutils"}, // a terminal for tcplay -c, which reads its passphrase from one
 	// udev, for the tests that run udevd (guestUdevRules); no other test
 	// starts it, so the guest has no udev by default.
