@@ -962,11 +962,14 @@ func TestGuestCLIMonitorLoop(t *testing.T) {
 	state := guestStateDir(t, d[3])
 	writePW(t)
 	st := buildLightSized(t, "mon", d[12], state, "48m", "8m")
-	// The loop runs while dmconvert runs; it stops before the test's own
+	// The loop runs while dmconvert runs, a second between rounds (as an
+	// agent polls; each round costs a second or more of the emulated CPU,
+	// and TestGuestCLIHelperHeldOpen holds a helper open deterministically
+	// across a run's end); it stops before the test's own
 	// cold checks (their dmsetup remove and vgchange -an would find what
 	// it has open busy).
 	monitor := func() (stop func()) {
-		mon := exec.Command("sh", "-c", "while true; do lvs >/dev/null 2>&1; pvs >/dev/null 2>&1; blkid >/dev/null 2>&1; sleep 0.1; done")
+		mon := exec.Command("sh", "-c", "while true; do lvs >/dev/null 2>&1; pvs >/dev/null 2>&1; blkid >/dev/null 2>&1; sleep 1; done")
 		if err := mon.Start(); err != nil {
 			t.Fatal(err)
 		}

@@ -911,11 +911,15 @@ func TestGuestLayout4Kn(t *testing.T) {
 
 // TestGuestLayoutMDRaid1: the PV is an md RAID1 array (mdadm, metadata
 // 1.2, an internal bitmap) of two disks, as on many servers. Mid-encrypt
-// one leg fails and is removed, then the run is killed (kill -9); the leg
-// is added back, so md rebuilds it while the resume runs. Afterwards every
-// write is there, md's check finds the two legs identical, and the array,
-// stopped and assembled again from its legs as a boot does, opens with
-// stock cryptsetup. Then decrypted (SIGINT, resume) back to a PV on the
+// one leg fails and is removed, then the run is killed (kill -9) and
+// everything is torn down as by a reboot, after which the array comes
+// back from the leg that stayed under another name (/dev/md127, as
+// arrays without an mdadm.conf do). Resume refuses the recorded name,
+// which no longer exists, and says to give --device; with it, it
+// finishes while the failed leg, added back, is rebuilt. Afterwards every
+// write is there, md's check finds the two legs identical, the array,
+// stopped and assembled again from both legs, opens with stock
+// cryptsetup; then it is decrypted (SIGINT, resume) back to a PV on the
 // array.
 func TestGuestLayoutMDRaid1(t *testing.T) {
 	testvm.RequireGuest(t)
@@ -934,6 +938,7 @@ func TestGuestLayoutMDRaid1(t *testing.T) {
 	shrunkPV(t, disk, 32768)
 	st := extRawVG(t, "md", disk, "vgmd", "32m", "8m", state)
 	name := filepath.Base(disk) + "_crypt"
+	j := st.file(state, "journal")
 
 	w := startWriter(t, st, state)
 	r := cliStart(t, encryptArgs(st, state, "--chunk-size", "2M")...)
@@ -943,25 +948,48 @@ func TestGuestLayoutMDRaid1(t *testing.T) {
 	if deg := mdAttr(t, disk, "degraded"); deg != "1" {
 		t.Fatalf("%s with %s removed: degraded %q, want 1", disk, legB, deg)
 	}
-	r.waitProgress(t, 0.5)
+	r.waitProgress(t, 0.45)
 	r.cmd.Process.Kill()
 	code, errOut := r.wait()
 	requireExit(t, "encrypt after kill -9", code, 128+int(syscall.SIGKILL), errOut)
-	sh(t, "mdadm", disk, "--add", legB)
-	code, out := cliRun(t, "resume", "--journal", st.file(state, "journal"), "--key-file", pwFile)
-	requireExit(t, "resume", code, 0, out)
 	acks, _ := w.finish(t)
 	t.Logf("writer: %d acknowledged writes", acks)
+
+	// A reboot: nothing mapped, the array assembled from the leg that
+	// stayed, under another name.
+	for _, mp := range st.Mounts {
+		sh(t, "umount", mp)
+	}
+	removeDMDevices(t, func(n string) bool {
+		return strings.HasPrefix(n, st.VG+"-") || strings.HasPrefix(n, "dmconvert-") || n == name
+	})
+	sh(t, "mdadm", "--stop", disk)
+	disk = "/dev/md127"
+	sh(t, "mdadm", "--assemble", "--run", disk, legA)
+	st.Disk = disk
+	lvOK("vgchange", "-ay", st.VG) // what a boot's activation does (nothing, once the header is there)
+	code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+	if code != 2 || !strings.Contains(out, "/dev/md0") || !strings.Contains(out, "--device") {
+		t.Fatalf("resume with the array renamed: exit %d, want 2 naming /dev/md0 and --device:\n%s", code, out)
+	}
+	t.Logf("resume with the array renamed: exit 2: %s", strings.TrimSpace(out))
+	r = cliStart(t, "resume", "--journal", j, "--key-file", pwFile, "--device", disk, "--json")
+	r.waitProgress(t, 0.6)
+	sh(t, "mdadm", disk, "--add", legB)
+	t.Logf("%s with %s added back during the resume: %s", disk, legB, mdAttr(t, disk, "sync_action"))
+	code, errOut = r.wait()
+	requireExit(t, "resume with --device", code, 0, errOut)
 	mdIdle(t, disk)
 	if deg := mdAttr(t, disk, "degraded"); deg != "0" {
 		t.Fatalf("%s after the rebuild: degraded %q, want 0", disk, deg)
 	}
+	lv(t, "vgchange", "-ay", st.VG)
 	finalChecks(t, st, name)
 	verifyStack(t, st, state)
 	// Both legs hold the same bytes: every write of the run, and the
 	// rebuild's copy of what was written while the leg was out.
 	sh(t, "sync")
-	if err := os.WriteFile("/sys/block/md0/md/sync_action", []byte("check\n"), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join("/sys/block", filepath.Base(disk), "md", "sync_action"), []byte("check\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	mdIdle(t, disk)
@@ -970,7 +998,7 @@ func TestGuestLayoutMDRaid1(t *testing.T) {
 	}
 	coldVerifyLayout(t, st, state, name, []string{"ext", "raw"})
 
-	// As at a boot: the array stopped and assembled from its legs, then
+	// As at a boot: the array stopped and assembled from both legs, then
 	// opened by stock cryptsetup.
 	for _, mp := range st.Mounts {
 		shOK("umount", mp)
@@ -988,10 +1016,33 @@ func TestGuestLayoutMDRaid1(t *testing.T) {
 	verifyStack(t, st, state)
 
 	// Decrypted (SIGINT, resume): a PV on the array again.
-	os.Remove(st.file(state, "journal"))
+	os.Remove(j)
 	out = decryptInterrupted(t, st, state, name)
 	verifyPlainCold(t, st, state, name)
 	growPVAsTold(t, st, out)
+}
+
+// removeDMDevices removes the device-mapper devices whose names match,
+// those on top first (as a shutdown leaves nothing mapped).
+func removeDMDevices(t testing.TB, match func(string) bool) {
+	t.Helper()
+	for pass := 0; ; pass++ {
+		var left []string
+		for _, l := range strings.Split(sh(t, "dmsetup", "ls"), "\n") {
+			if f := strings.Fields(l); len(f) > 0 && match(f[0]) {
+				left = append(left, f[0])
+			}
+		}
+		if len(left) == 0 {
+			return
+		}
+		if pass == 10 {
+			t.Fatalf("cannot remove %v", left)
+		}
+		for _, n := range left {
+			shOK("dmsetup", "remove", n) // busy while a device above it exists
+		}
+	}
 }
 
 // mdAttr reads /sys/block/<md>/md/<attr>.
