@@ -34,8 +34,10 @@ import (
 const plainMagic = "dmconvert-plain-rekey-v1\n"
 
 // plainDigestIter is the PBKDF2 iteration count of the key digests: the
-// old key may come from a passphrase (plain mode's hashing).
-const plainDigestIter = 20000
+// old key may come from a passphrase (plain mode's hashing). A variable
+// only so that the fake-kernel tests, which plan and resume thousands of
+// plain runs, can make it cheap (plain_test.go); nothing else sets it.
+var plainDigestIter = 20000
 
 // plainRecord is what the journal keeps of a plain rekey's keys.
 type plainRecord struct {
