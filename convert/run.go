@@ -519,9 +519,15 @@ func (r *run) reconcile() error {
 // (or dmconvert's disguised LUKS1 header) another UUID. A disk that shows
 // neither (a TrueCrypt or plain dm-crypt volume, a file system moved
 // back by a decrypt, a header being written) is left to reconcile's
-// checks of the states in which it may show that; so is a plain or
-// TrueCrypt source's disk.
+// checks of the states in which it may show that. A plain or TrueCrypt
+// source's disk is not checked.
 func (r *run) checkDiskIdentity(first []byte) error {
+	if r.hdr == nil || (r.hdr.Version() != 1 && r.hdr.Version() != 2) {
+		// A plain or TrueCrypt source has no header of its own on the
+		// disk, and its PV never shows there: what lies before a plain
+		// mapping's offset (an old label, an old header) is not its.
+		return nil
+	}
 	dev := r.spec.Disk.Path
 	hint := "give this run's disk with --device if device names changed since it started; check that journal " + r.j.Path() + " belongs to this disk"
 	if got, ok := LVMLabelPVUUID(first); ok {
@@ -531,9 +537,7 @@ func (r *run) checkDiskIdentity(first []byte) error {
 		return nil
 	}
 	got, ok := luksUUIDAt(first)
-	if !ok || r.hdr == nil || (r.hdr.Version() != 1 && r.hdr.Version() != 2) {
-		// A plain or TrueCrypt source has no header of its own on the
-		// disk (what lies before a plain mapping's offset is not its).
+	if !ok {
 		return nil
 	}
 	want := r.hdr.UUID()
