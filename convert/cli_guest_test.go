@@ -43,7 +43,7 @@ func vmCLI(t *testing.T) {
 		Run:     "^TestGuestCLI",
 		Files:   map[string]string{"dmconvert": bin},
 		Env:     map[string]string{loopEnv: os.Getenv(loopEnv)},
-		Timeout: 20 * time.Minute,
+		Timeout: 30 * time.Minute,
 	})
 }
 
@@ -796,8 +796,15 @@ func TestGuestCLIRefusals(t *testing.T) {
 		// pvmove's mirror <VG>-pvmove0 and maps the disk itself with it.
 		wipe(t, dev)
 		lightStack(t, dev, true, false)
+		// Every write to the target waits 5 s (dm-delay; reads do not):
+		// the mirror copies one region at a time, so moving the 32 MiB
+		// LV takes minutes, not the ~13 s it took at 200 ms, which a
+		// loaded host could spend before dmconvert looked (a full run
+		// saw the pvmove end first and the disk encrypted). The cleanup
+		// swaps the delay for a linear map first, so the abort is quick.
 		slow := "/dev/mapper/slowr"
-		sh(t, "dmsetup", "create", "slowr", "--table", fmt.Sprintf("0 %d delay %s 2048 0 %s 2048 200", diskSectors(t, small)-2048, small, small))
+		slowLen := diskSectors(t, small) - 2048
+		sh(t, "dmsetup", "create", "slowr", "--table", fmt.Sprintf("0 %d delay %s 2048 0 %s 2048 5000", slowLen, small, small))
 		sh(t, "pvcreate", "-y", slow)
 		sh(t, "vgextend", "-y", "vgr", slow)
 		var mvOut bytes.Buffer
@@ -811,6 +818,10 @@ func TestGuestCLIRefusals(t *testing.T) {
 			// device going away, its last metadata update) can lag
 			// behind the pvmove process on a loaded host. small is
 			// used after this only as a disk of another size.
+			// Suspending the delay target sends its held writes on at
+			// once (dm-delay's presuspend), so this is quick.
+			shOK("dmsetup", "reload", "slowr", "--table", fmt.Sprintf("0 %d linear %s 2048", slowLen, small))
+			shOK("dmsetup", "resume", "slowr")
 			shOK("pvmove", "--abort")
 			mv.Wait()
 			for i := 0; i < 100; i++ {
