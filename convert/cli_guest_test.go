@@ -784,6 +784,23 @@ func TestGuestCLIRefusals(t *testing.T) {
 		a := []string{"encrypt", dev, "--batch-mode", "--key-file", pwFile, "--journal", "/mnt/r-ext/j.journal"}
 		refused(t, dev, 2, "journal", append(a, cheapKDFFlags...)...)
 	})
+	t.Run("journal-is-a-device", func(t *testing.T) {
+		// The journal's database library, given an existing empty
+		// file, writes its first pages there; a block device reads as
+		// empty. Before the check, the other disk lost its first 16
+		// KiB, and --journal naming the disk itself its PV label.
+		wipe(t, dev)
+		lightStack(t, dev, true, false)
+		sh(t, "mkfs.ext4", "-q", "-F", small)
+		otherBefore := diskBytes(t, small)
+		for _, jp := range []string{small, dev} {
+			a := []string{"encrypt", dev, "--batch-mode", "--key-file", pwFile, "--journal", jp}
+			refused(t, dev, 2, "is not a regular file (a block device)", append(a, cheapKDFFlags...)...)
+			refused(t, dev, 2, "is not a regular file (a block device)", append(a, append(cheapKDFFlags, "--dry-run")...)...)
+		}
+		mustEqual(t, small, otherBefore, diskBytes(t, small))
+		wipe(t, small)
+	})
 	t.Run("sector-size", func(t *testing.T) {
 		wipe(t, dev)
 		lightStack(t, dev, true, false)

@@ -86,7 +86,7 @@ func (e *Engine) findMapping(target string) (*cryptMapping, error) {
 		c, _ = t[0].Params.(*dmtable.Crypt)
 	}
 	if c == nil || t[0].Start != 0 {
-		return nil, refuse(name, "", "not a dm-crypt mapping of one whole device (table: %s)", t)
+		return nil, refuse(name, "", "not a dm-crypt mapping of one whole device (its table: %s)", targetSummary(t))
 	}
 	if c.IntegrityTagSize > 0 || c.IntegrityType != "" {
 		return nil, refuse(name, "", "dm-crypt with integrity (authenticated encryption) is not supported")
@@ -314,4 +314,17 @@ func (e *Engine) resolveDiskPath(dev dmtable.Dev, target string) (string, error)
 		return target, nil
 	}
 	return e.Host.DevicePath(dev)
+}
+
+// targetSummary names a table's targets and their ranges, without their
+// parameters (which can carry keys).
+func targetSummary(t dmtable.Table) string {
+	if len(t) == 0 {
+		return "empty"
+	}
+	parts := make([]string, len(t))
+	for i, tg := range t {
+		parts[i] = fmt.Sprintf("%s at [%d,%d)", tg.Type(), tg.Start, tg.Start+tg.Length)
+	}
+	return strings.Join(parts, ", ")
 }

@@ -6,6 +6,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -335,6 +337,14 @@ func (e *Engine) stackedOn(disk dmtable.Dev, path string, pvSize Sectors) (map[s
 // (invariant 4): its file system's device must not be the disk or depend
 // on it.
 func (e *Engine) checkJournalPlace(jpath string, disk dmtable.Dev, path string) error {
+	// bbolt opens an existing path read-write and, finding it empty (a
+	// block device's size reads as 0), writes its first pages there.
+	if fi, err := os.Stat(jpath); err == nil && !fi.Mode().IsRegular() {
+		return refuse(path, "give --journal the path of a new or existing journal file",
+			"journal %s is not a regular file (%s)", jpath, fileKind(fi.Mode()))
+	} else if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("journal %s: %w", jpath, err)
+	}
 	fd, err := e.Host.FileDevice(jpath)
 	if err != nil {
 		return fmt.Errorf("finding the device of journal %s: %w", jpath, err)
@@ -348,6 +358,23 @@ func (e *Engine) checkJournalPlace(jpath string, disk dmtable.Dev, path string) 
 			"journal %s would live on a file system stored on this disk; it could not be written while the disk's mapping is suspended", jpath)
 	}
 	return nil
+}
+
+// fileKind names what a path that is not a regular file is.
+func fileKind(m fs.FileMode) string {
+	switch {
+	case m.IsDir():
+		return "a directory"
+	case m&fs.ModeDevice != 0 && m&fs.ModeCharDevice == 0:
+		return "a block device"
+	case m&fs.ModeCharDevice != 0:
+		return "a character device"
+	case m&fs.ModeNamedPipe != 0:
+		return "a named pipe"
+	case m&fs.ModeSocket != 0:
+		return "a socket"
+	}
+	return "mode " + m.String()
 }
 
 // dependsOn reports whether device dev is disk or is stacked on it.

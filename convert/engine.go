@@ -265,11 +265,28 @@ func (r *run) settle() error {
 		}
 	}
 	st := r.st
-	if i := st.Phase; r.plan.Phases[i].Kind == PhaseToLUKS && i > 0 && r.plan.Phases[i-1].Kind == PhaseMove {
-		// The head is whole on the tail but the label is still on the
-		// disk, so the disk's copy is authoritative (the mirror wrote
-		// both): F maps its head on the disk until the switch itself.
-		st = State{Phase: i - 1, Boundary: r.plan.Phases[i-1].InitialBoundary()}
+	switch i := st.Phase; {
+	case r.plan.Phases[i].Kind == PhaseToLUKS && i > 0 && r.plan.Phases[i-1].Kind == PhaseMove,
+		r.plan.Phases[i].Kind == PhaseToLabel:
+		// An identity switch whose commit is missing (a failed write
+		// or commit in it; reconcile has decided the others): whether
+		// it happened is on the disk, which is what the next reconcile
+		// reads too. F must map the head where that reconcile will, or
+		// the writes between now and then land where it does not look.
+		happened, err := r.switchHappened(i)
+		if err != nil {
+			return err
+		}
+		switch {
+		case happened:
+			st = r.plan.enter(i + 1)
+		case r.plan.Phases[i].Kind == PhaseToLUKS:
+			// The head is whole on the tail but the label is still on
+			// the disk, so the disk's copy is authoritative (the
+			// mirror wrote both): F maps its head on the disk until
+			// the switch itself.
+			st = State{Phase: i - 1, Boundary: r.plan.Phases[i-1].InitialBoundary()}
+		}
 	}
 	for _, d := range r.plan.Layout(st) {
 		if _, ok := r.devs[d.On.Dev]; !ok {
@@ -437,7 +454,10 @@ func (r *run) writeDisk(ws []Write) error {
 }
 
 // swap makes t F's live table: load, suspend, then (while suspended)
-// during(), then resume. F is resumed on every path out.
+// during(), then resume. F is resumed on every path out; when during()
+// fails, with the table it had: t was loaded for a step that did not
+// happen (resuming would make it live, an identity switch's table
+// without its write), and the caller's settle decides what maps F.
 func (r *run) swap(name string, t dmtable.Table, during func() error) (stall time.Duration, err error) {
 	r.hit("load:before")
 	if err := r.e.DM.Load(name, t); err != nil {
@@ -460,6 +480,9 @@ func (r *run) swap(name string, t dmtable.Table, during func() error) (stall tim
 	r.hit("suspend:after")
 	if during != nil {
 		if err := during(); err != nil {
+			if cerr := r.e.DM.ClearInactive(name); cerr != nil {
+				err = errors.Join(err, fmt.Errorf("dropping the table loaded for %s: %w", name, cerr))
+			}
 			return 0, err
 		}
 	}
@@ -623,8 +646,14 @@ func (r *run) doMark(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := r.writeDisk(ws); err != nil {
-		return fmt.Errorf("marking the header of %s: %w", r.spec.Disk.Path, err)
+	// One write at a time, each flushed (MarkWrites orders them): a
+	// crash between two leaves a mark that reconcile redoes whole (the
+	// record on the disk does not say the writes after it happened).
+	for _, w := range ws {
+		if err := r.writeDisk([]Write{w}); err != nil {
+			return fmt.Errorf("marking the header of %s: %w", r.spec.Disk.Path, err)
+		}
+		r.hit("mark:part-written")
 	}
 	return r.commit(seq, next)
 }
@@ -717,6 +746,26 @@ type switchDetail struct {
 // journal's last step wrote the disk's first block (first): it no longer
 // holds what it replaced. A 4 KiB write is taken as atomic, as for the
 // LVM label (design.md section 3).
+// switchHappened reads the disk's first block and says whether the
+// identity switch of phase i (to-luks or to-label) happened, by the
+// rules reconcile applies: the label gone (to-luks), back (to-label), or
+// for a file system's head, the first block changed (switchDone).
+func (r *run) switchHappened(i int) (bool, error) {
+	first := make([]byte, labelSectors*512)
+	if _, err := r.disk.ReadAt(first, 0); err != nil {
+		return false, fmt.Errorf("reading the start of %s: %w", r.spec.Disk.Path, err)
+	}
+	id := Identify(first)
+	switch {
+	case r.plan.Phases[i].Kind == PhaseToLUKS:
+		return id != IdentityLVM, nil
+	case r.spec.VG == "":
+		return r.switchDone(i, first)
+	default:
+		return id == IdentityLVM, nil
+	}
+}
+
 func (r *run) switchDone(tl int, first []byte) (bool, error) {
 	ls, ok, err := r.j.LastStep()
 	if err != nil || !ok || ls.Kind != "to-label" || ls.Phase != tl || ls.Result != "" {

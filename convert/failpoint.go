@@ -25,6 +25,7 @@ var Failpoints = []string{
 	"lvm-refresh:before", "lvm-refresh:after",
 	"unstack:device-after",
 	"rewrite:saved", "rewrite:written",
+	"mark:part-written",
 }
 
 var failpointSet = func() map[string]bool {

@@ -104,6 +104,9 @@ type fakeWorld struct {
 	failLeg  int // when >= 0, the next mirror's leg of this index fails
 	syncStep int // regions copied per WaitEvent (0: all)
 	log      []string
+	// writeFault, when set, is asked before every write of the engine's
+	// direct disk I/O (fakeDiskIO); an error fails that write whole.
+	writeFault func(off int64, p []byte) error
 }
 
 func newFakeWorld() *fakeWorld {
@@ -559,6 +562,17 @@ func (f fakeDM) Load(name string, t dmtable.Table) error {
 	return nil
 }
 
+func (f fakeDM) ClearInactive(name string) error {
+	f.w.mu.Lock()
+	defer f.w.mu.Unlock()
+	d, err := f.get(name)
+	if err != nil {
+		return err
+	}
+	d.inactive = nil
+	return nil
+}
+
 func (f fakeDM) Suspend(name string) error {
 	f.w.mu.Lock()
 	defer f.w.mu.Unlock()
@@ -829,6 +843,11 @@ func (d fakeDiskIO) rw(p []byte, off int64, write bool) (int, error) {
 		return 0, fmt.Errorf("unaligned direct I/O at %d+%d", off, len(p))
 	}
 	disk := d.w.disks[d.dev]
+	if write && d.w.writeFault != nil {
+		if err := d.w.writeFault(off, p); err != nil {
+			return 0, err
+		}
+	}
 	for i := 0; i < len(p)/fakeSector; i++ {
 		s := uint64(off/fakeSector) + uint64(i)
 		if s >= uint64(disk.size()) {

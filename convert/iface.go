@@ -37,6 +37,9 @@ type DeviceMapper interface {
 	Create(name, uuid string, t dmtable.Table) (DevInfo, error)
 	// Load puts t in the inactive slot; Resume makes it live.
 	Load(name string, t dmtable.Table) error
+	// ClearInactive drops a table waiting in the inactive slot, if any
+	// (the next Resume keeps the live one).
+	ClearInactive(name string) error
 	// Suspend with flush and file system freeze (the default).
 	Suspend(name string) error
 	Resume(name string) error
@@ -87,7 +90,9 @@ type Host interface {
 	// OpenDisk opens the block device for direct I/O.
 	OpenDisk(path string) (Disk, error)
 	// FileDevice returns the block device holding the file system that
-	// contains path (the nearest existing parent if path does not exist).
+	// contains path (the nearest existing parent if path does not exist):
+	// for a file system whose own device number is anonymous (btrfs)
+	// the block device it was mounted from.
 	FileDevice(path string) (dmtable.Dev, error)
 	// Users lists what uses dev other than device-mapper: mount points,
 	// swap, md arrays, holders that are not dm devices.

@@ -321,6 +321,21 @@ func (p *Plan) Layout(st State) Layout {
 func (p *Plan) Start() State { return p.enter(0) }
 
 // enter returns the state at the beginning of phase i.
+// crossesMark reports whether going from st to later passes a mark
+// phase. A mark's writes are several (the staged keyslot, the record,
+// for LUKS1 then the disguised first block): the record on the disk says
+// only that its write finished, not the ones after it, so a mark whose
+// commit is missing is redone (it writes the same bytes) rather than
+// taken as done from the record.
+func (p *Plan) crossesMark(st, later State) bool {
+	for i := st.Phase; i < later.Phase && i < len(p.Phases); i++ {
+		if p.Phases[i].Kind == PhaseMark {
+			return true
+		}
+	}
+	return false
+}
+
 func (p *Plan) enter(i int) State {
 	if i < len(p.Phases) && p.Phases[i].Kind == PhaseMove {
 		return State{Phase: i, Boundary: p.Phases[i].InitialBoundary()}

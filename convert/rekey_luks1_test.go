@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 
 	"github.com/dmconvert/dmconvert/dmtable"
@@ -67,6 +68,59 @@ func luks1EncryptedWorld(t *testing.T, seed int64) (*scenario, *fakeWorld) {
 	}
 	sc.journal = fastTempDir(t) + "/rekey.journal"
 	return sc, w
+}
+
+// markOnly are the failpoints only a rekey or a decrypt reaches (an
+// encrypt marks no header: it writes a new one); their matrices cover
+// them, TestLUKS1TornMarkIsRedone each write of a LUKS1 mark.
+var markOnly = map[string]bool{"mark:part-written": true}
+
+// TestLUKS1TornMarkIsRedone: a LUKS1 rekey's mark is several writes (the
+// staged keyslot, the checkpoint record, the disguised first block).
+// After a crash (or a power cut) between any two of them, resume must
+// finish the mark before any chunk moves: the disk shows the disguised
+// header (stock cryptsetup opens nothing) at every chunk of the run, and
+// the end is the rekeyed volume. Before the fix, a record written before
+// the crash let reconcile take the mark as done: the whole run went on
+// under the original, openable header with the old key.
+func TestLUKS1TornMarkIsRedone(t *testing.T) {
+	sc0, w0 := luks1EncryptedWorld(t, 61)
+	e0 := sc0.engine(w0)
+	_, hits := sc0.runUntil(e0, w0, "", 0, sc0.planRekey(e0))
+	n := hits["mark:part-written"]
+	if n < 3 {
+		t.Fatalf("a LUKS1 rekey's mark wrote %d parts, want at least 3 (keyslot, record, first block)", n)
+	}
+	for nth := 1; nth <= n; nth++ {
+		for _, rec := range []recovery{recoverResume, recoverPowerResume, recoverLostCacheResume} {
+			t.Run(fmt.Sprintf("part%d/%s", nth, rec), func(t *testing.T) {
+				t.Parallel()
+				sc, w := luks1EncryptedWorld(t, 61+int64(nth))
+				w, e := sc.crashEncrypted(t, w, "mark:part-written", nth, rec, sc.planRekey)
+				disk := fakeDiskIO{w: w, dev: sc.disk}
+				chunks := 0
+				e.FailHook = func(name string) {
+					sc.write(w)
+					if name != "sync:after" && name != "rewrite:saved" {
+						return
+					}
+					chunks++
+					first := make([]byte, 4096)
+					disk.ReadAt(first, 0)
+					if id := Identify(first); id != IdentityDisguisedLUKS1 {
+						t.Fatalf("a chunk moves (%s) while the disk shows %v, not the disguised header", name, id)
+					}
+				}
+				if err := e.Resume(context.Background(), ResumeOptions{Journal: sc.journal, Open: sc.rekeyOpener()}); err != nil {
+					t.Fatalf("resume after a crash at mark:part-written#%d (%s): %v", nth, rec, err)
+				}
+				if chunks == 0 {
+					t.Fatal("the resumed run moved no chunk")
+				}
+				sc.verifyRekeyed(w, e)
+			})
+		}
+	}
 }
 
 type luks1State int

@@ -568,7 +568,7 @@ func (r *run) adoptDiskCheckpoint() error {
 		return refuse(r.spec.Disk.Path, "check that this journal belongs to this disk", "its header belongs to run %s, not to run %s of journal %s", cp.Run, r.spec.ID, r.j.Path())
 	}
 	st := State{Phase: cp.Phase, Boundary: cp.Boundary}
-	if cp.Plan == r.planName() && st.Phase <= len(r.plan.Phases) && r.plan.further(st, r.st) {
+	if cp.Plan == r.planName() && st.Phase <= len(r.plan.Phases) && r.plan.further(st, r.st) && !r.plan.crossesMark(r.st, st) {
 		r.st = st
 	}
 	return nil

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -43,6 +44,12 @@ func (k KernelDM) Create(name, uuid string, t dmtable.Table) (DevInfo, error) {
 // Load implements DeviceMapper.
 func (k KernelDM) Load(name string, t dmtable.Table) error {
 	_, err := k.C.Load(name, t)
+	return dmErr(err)
+}
+
+// ClearInactive implements DeviceMapper.
+func (k KernelDM) ClearInactive(name string) error {
+	_, err := k.C.ClearInactive(name)
 	return dmErr(err)
 }
 
@@ -254,7 +261,28 @@ func (h OSHost) FileDevice(path string) (dmtable.Dev, error) {
 		var st unix.Stat_t
 		err := unix.Stat(p, &st)
 		if err == nil {
-			return dmtable.Dev{Major: unix.Major(st.Dev), Minor: unix.Minor(st.Dev)}, nil
+			d := dmtable.Dev{Major: unix.Major(st.Dev), Minor: unix.Minor(st.Dev)}
+			if d.Major != 0 {
+				return d, nil
+			}
+			mi, err := os.ReadFile("/proc/self/mountinfo")
+			if err != nil {
+				return dmtable.Dev{}, err
+			}
+			real, err := filepath.EvalSymlinks(p)
+			if err == nil {
+				real, err = filepath.Abs(real)
+			}
+			if err != nil {
+				return dmtable.Dev{}, fmt.Errorf("resolving %s: %w", p, err)
+			}
+			return mountedFrom(string(mi), d, real, func(src string) (dmtable.Dev, bool) {
+				var bs unix.Stat_t
+				if unix.Stat(src, &bs) != nil || bs.Mode&unix.S_IFMT != unix.S_IFBLK {
+					return dmtable.Dev{}, false
+				}
+				return dmtable.Dev{Major: unix.Major(bs.Rdev), Minor: unix.Minor(bs.Rdev)}, true
+			}), nil
 		}
 		if !errors.Is(err, unix.ENOENT) {
 			return dmtable.Dev{}, fmt.Errorf("stat %s: %w", p, err)
@@ -265,6 +293,61 @@ func (h OSHost) FileDevice(path string) (dmtable.Dev, error) {
 		}
 		p = parent
 	}
+}
+
+// mountedFrom resolves the anonymous device number (major 0: btrfs,
+// tmpfs, overlay, NFS, FUSE) of the file system holding path (absolute,
+// symlinks resolved) through mountinfo: the mount whose mount point is
+// the longest prefix of path (the later of equal ones: it covers the
+// others). Mounted from a block device (btrfs: the device named at
+// mount, the first of several), that device, as blockDev resolves the
+// mount source; anything else (tmpfs, network, FUSE, overlay) keeps its
+// anonymous number, which no disk's stack contains. Not by the number
+// itself: a btrfs subvolume's files have their own, which mountinfo
+// does not show.
+func mountedFrom(mountinfo string, d dmtable.Dev, path string, blockDev func(string) (dmtable.Dev, bool)) dmtable.Dev {
+	best, src := -1, ""
+	for _, line := range strings.Split(mountinfo, "\n") {
+		// id parent major:minor root mountpoint options [optional...] - fstype source superoptions
+		pre, post, ok := strings.Cut(line, " - ")
+		f := strings.Fields(pre)
+		g := strings.Fields(post)
+		if !ok || len(f) < 5 || len(g) < 2 {
+			continue
+		}
+		mp := unescapeMountinfo(f[4])
+		if mp != "/" && path != mp && !strings.HasPrefix(path, mp+"/") {
+			continue
+		}
+		if len(mp) >= best {
+			best, src = len(mp), unescapeMountinfo(g[1])
+		}
+	}
+	if best >= 0 {
+		if b, ok := blockDev(src); ok {
+			return b
+		}
+	}
+	return d
+}
+
+// unescapeMountinfo undoes mountinfo's octal escapes (\040 for a space).
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, "\\") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }
 
 // Users implements Host: mounts and swap on dev, and holders in sysfs that

@@ -485,3 +485,29 @@ func TestErrorsIs(t *testing.T) {
 		t.Fatal("errors.As")
 	}
 }
+
+// TestOtherMasksIntegrityKeys: dm-integrity's table shows its keys
+// (name:algorithm:hexkey); String, and so every message and plan that
+// prints a table, masks them; Payload keeps them for the kernel.
+func TestOtherMasksIntegrityKeys(t *testing.T) {
+	const key = "00112233445566778899aabbccddeeff"
+	line := "0 2048 integrity 8:16 0 32 J 4 journal_sectors:128 internal_hash:hmac(sha256):" + key + " journal_mac:hmac(sha256):" + key + " journal_crypt:ctr(aes):" + key
+	tg, err := Parse(line)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tbl := Table{tg}
+	for _, s := range []string{tg.String(), tbl.String(), fmt.Sprint(tbl), fmt.Sprintf("%v", tg)} {
+		if strings.Contains(s, key) {
+			t.Fatalf("a key in the printed table: %s", s)
+		}
+		for _, want := range []string{"internal_hash:hmac(sha256):000", "journal_mac:hmac(sha256):000", "journal_crypt:ctr(aes):000", "journal_sectors:128"} {
+			if !strings.Contains(s, want) {
+				t.Fatalf("%q missing from the printed table %s", want, s)
+			}
+		}
+	}
+	if p := tbl.Payload(); strings.Count(p, key) != 3 {
+		t.Fatalf("the payload lost a key: %s", p)
+	}
+}

@@ -2,6 +2,7 @@ package dmtable
 
 import (
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -191,9 +192,27 @@ func parseOther(typ string, args []string) (*Other, error) {
 	return &Other{TargetType: typ, Args: append([]string(nil), args...)}, nil
 }
 
-func (o *Other) Type() string    { return o.TargetType }
-func (o *Other) String() string  { return strings.Join(o.Args, " ") }
-func (o *Other) Payload() string { return o.String() }
+func (o *Other) Type() string { return o.TargetType }
+
+// String prints the parameters with the keys of the targets known to
+// carry them masked: dm-integrity's table shows its internal_hash,
+// journal_crypt and journal_mac keys (name:algorithm:hexkey).
+func (o *Other) String() string {
+	args := slices.Clone(o.Args)
+	for i, a := range args {
+		name, rest, ok := strings.Cut(a, ":")
+		if !ok || (name != "internal_hash" && name != "journal_crypt" && name != "journal_mac") {
+			continue
+		}
+		if alg, key, ok := strings.Cut(rest, ":"); ok && key != "" {
+			args[i] = name + ":" + alg + ":" + strings.Repeat("0", len(key))
+		}
+	}
+	return strings.Join(args, " ")
+}
+
+// Payload prints the parameters as they are, keys included.
+func (o *Other) Payload() string { return strings.Join(o.Args, " ") }
 
 func isDevField(s string) bool {
 	return looksLikeDevNum(s) || strings.HasPrefix(s, "/dev/")

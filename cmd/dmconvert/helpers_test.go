@@ -172,6 +172,7 @@ func (f fakeDM) Create(name, uuid string, t dmtable.Table) (convert.DevInfo, err
 	return convert.DevInfo{}, errNoDM
 }
 func (fakeDM) Load(string, dmtable.Table) error    { return errNoDM }
+func (fakeDM) ClearInactive(string) error          { return errNoDM }
 func (fakeDM) Suspend(string) error                { return errNoDM }
 func (fakeDM) Resume(string) error                 { return errNoDM }
 func (fakeDM) Remove(string) error                 { return errNoDM }
