@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/dmconvert/dmconvert/dmtable"
@@ -57,7 +58,7 @@ func (e *Engine) findMapping(target string) (*cryptMapping, error) {
 		if err != nil {
 			return nil, err
 		}
-		name = ""
+		var names []string
 		for _, d := range list {
 			t, err := e.DM.Table(d.Name)
 			if err != nil || len(t) != 1 {
@@ -65,12 +66,20 @@ func (e *Engine) findMapping(target string) (*cryptMapping, error) {
 			}
 			if c, ok := t[0].Params.(*dmtable.Crypt); ok {
 				if n, ok := c.Dev.Dev(); ok && n == di.Dev {
-					name = d.Name
+					names = append(names, d.Name)
 				}
 			}
 		}
-		if name == "" {
+		switch len(names) {
+		case 0:
 			return nil, refuse(target, "open it first (cryptsetup open), or decrypt it offline with cryptsetup reencrypt --decrypt", "no open dm-crypt mapping uses it")
+		case 1:
+			name = names[0]
+		default:
+			// Plain mappings at several offsets of one disk, say: which
+			// one is meant is not for dmconvert to guess.
+			slices.Sort(names)
+			return nil, refuse(target, "give the mapping itself (/dev/mapper/NAME)", "several open dm-crypt mappings use it: %s", strings.Join(names, ", "))
 		}
 	}
 	info, err := e.DM.Info(name)

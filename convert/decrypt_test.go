@@ -469,3 +469,28 @@ func fsDecryptCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, se
 	sc.verifyFSDecrypted(w, e)
 	return
 }
+
+// TestDecryptRefusesAmbiguousDisk: a disk under two dm-crypt mappings
+// (plain ones at two offsets, say), given by its path, is refused naming
+// both: which one is meant is not for dmconvert to guess (before, the
+// last one listed was taken). The mapping's own name still works.
+func TestDecryptRefusesAmbiguousDisk(t *testing.T) {
+	sc, w := encryptedWorld(t, 13)
+	e := sc.engine(w)
+	tb, err := dmtable.ParseTable(fmt.Sprintf("0 64 crypt aes-xts-plain64 %s 0 %s 4096\n", strings.Repeat("ab", 64), sc.disk))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.DM.Create("other_crypt", "", tb); err != nil {
+		t.Fatal(err)
+	}
+	o := sc.decryptOptions()
+	o.Target = fakeDiskPath
+	requireRefused(t, w, "ambiguous", "several open dm-crypt mappings use it: other_crypt, vda_crypt", func() error {
+		_, err := e.PlanDecrypt(context.Background(), o)
+		return err
+	})
+	if _, err := e.PlanDecrypt(context.Background(), sc.decryptOptions()); err != nil {
+		t.Fatalf("decrypt of the mapping by name beside another on its disk: %v", err)
+	}
+}
