@@ -742,10 +742,6 @@ type switchDetail struct {
 	Replaces string `json:"replaces"` // sha256 of the disk's first block before the switch
 }
 
-// switchDone reports whether the identity switch whose intent is the
-// journal's last step wrote the disk's first block (first): it no longer
-// holds what it replaced. A 4 KiB write is taken as atomic, as for the
-// LVM label (design.md section 3).
 // switchHappened reads the disk's first block and says whether the
 // identity switch of phase i (to-luks or to-label) happened, by the
 // rules reconcile applies: the label gone (to-luks), back (to-label), or
@@ -766,6 +762,10 @@ func (r *run) switchHappened(i int) (bool, error) {
 	}
 }
 
+// switchDone reports whether the identity switch whose intent is the
+// journal's last step wrote the disk's first block (first): it no longer
+// holds what it replaced. A 4 KiB write is taken as atomic, as for the
+// LVM label (design.md section 3).
 func (r *run) switchDone(tl int, first []byte) (bool, error) {
 	ls, ok, err := r.j.LastStep()
 	if err != nil || !ok || ls.Kind != "to-label" || ls.Phase != tl || ls.Result != "" {

@@ -320,7 +320,6 @@ func (p *Plan) Layout(st State) Layout {
 // Start is the state before the first phase.
 func (p *Plan) Start() State { return p.enter(0) }
 
-// enter returns the state at the beginning of phase i.
 // crossesMark reports whether going from st to later passes a mark
 // phase. A mark's writes are several (the staged keyslot, the record,
 // for LUKS1 then the disguised first block): the record on the disk says
@@ -336,6 +335,7 @@ func (p *Plan) crossesMark(st, later State) bool {
 	return false
 }
 
+// enter returns the state at the beginning of phase i.
 func (p *Plan) enter(i int) State {
 	if i < len(p.Phases) && p.Phases[i].Kind == PhaseMove {
 		return State{Phase: i, Boundary: p.Phases[i].InitialBoundary()}

@@ -276,13 +276,7 @@ func (h OSHost) FileDevice(path string) (dmtable.Dev, error) {
 			if err != nil {
 				return dmtable.Dev{}, fmt.Errorf("resolving %s: %w", p, err)
 			}
-			return mountedFrom(string(mi), d, real, func(src string) (dmtable.Dev, bool) {
-				var bs unix.Stat_t
-				if unix.Stat(src, &bs) != nil || bs.Mode&unix.S_IFMT != unix.S_IFBLK {
-					return dmtable.Dev{}, false
-				}
-				return dmtable.Dev{Major: unix.Major(bs.Rdev), Minor: unix.Minor(bs.Rdev)}, true
-			}), nil
+			return mountedFrom(string(mi), d, real, blockDevAt), nil
 		}
 		if !errors.Is(err, unix.ENOENT) {
 			return dmtable.Dev{}, fmt.Errorf("stat %s: %w", p, err)
@@ -331,6 +325,16 @@ func mountedFrom(mountinfo string, d dmtable.Dev, path string, blockDev func(str
 	return d
 }
 
+// blockDevAt returns the number of the block device at path, if path is
+// one (symlinks followed).
+func blockDevAt(path string) (dmtable.Dev, bool) {
+	var st unix.Stat_t
+	if unix.Stat(path, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return dmtable.Dev{}, false
+	}
+	return dmtable.Dev{Major: unix.Major(st.Rdev), Minor: unix.Minor(st.Rdev)}, true
+}
+
 // unescapeMountinfo undoes mountinfo's octal escapes (\040 for a space).
 func unescapeMountinfo(s string) string {
 	if !strings.Contains(s, "\\") {
@@ -371,9 +375,7 @@ func (h OSHost) Users(dev dmtable.Dev) ([]string, error) {
 			if len(fs) == 0 || fs[0] == "Filename" {
 				continue
 			}
-			var st unix.Stat_t
-			if unix.Stat(fs[0], &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK &&
-				unix.Major(st.Rdev) == dev.Major && unix.Minor(st.Rdev) == dev.Minor {
+			if d, ok := blockDevAt(fs[0]); ok && d == dev {
 				out = append(out, "swap")
 			}
 		}
@@ -457,8 +459,7 @@ func (h OSHost) DevicePath(dev dmtable.Dev) (string, error) {
 	}
 	if name, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%s/dm/name", dev)); err == nil {
 		p := "/dev/mapper/" + strings.TrimSpace(string(name))
-		var st unix.Stat_t
-		if unix.Stat(p, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK && unix.Major(st.Rdev) == dev.Major && unix.Minor(st.Rdev) == dev.Minor {
+		if d, ok := blockDevAt(p); ok && d == dev {
 			return p, nil
 		}
 	}

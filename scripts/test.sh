@@ -56,7 +56,7 @@ else
 	# lane's output is printed after the other's.
 	vmlog="$tool/convert-vms.log"
 	echo "== go test ${args[*]} -run '^TestVM' ./convert  (its VMs, in the background; DMCONVERT_VM=1: guest tests run inside QEMU)"
-	go test -p 2 "${args[@]}" -run '^TestVM' ./convert >"$vmlog" 2>&1 &
+	go test "${args[@]}" -run '^TestVM' ./convert >"$vmlog" 2>&1 &
 	vmpid=$!
 	others=$(go list ./... | grep -vx 'github.com/dmconvert/dmconvert/convert')
 	echo "== go test -p 1 ${args[*]} (every other package), then convert's unit tests (-skip '^TestVM')"
