@@ -784,6 +784,32 @@ func TestGuestCLIRefusals(t *testing.T) {
 		a := []string{"encrypt", dev, "--batch-mode", "--key-file", pwFile, "--journal", "/mnt/r-ext/j.journal"}
 		refused(t, dev, 2, "journal", append(a, cheapKDFFlags...)...)
 	})
+	t.Run("journal-on-tmpfs", func(t *testing.T) {
+		// A journal on tmpfs is lost by the power cut it is there for:
+		// the plan warns (and --json says where it is), one on a
+		// disk's file system gets no warning.
+		wipe(t, dev)
+		lightStack(t, dev, true, false)
+		tj := "/tmp/refusal-tmpfs.journal"
+		dry := func(jp string, extra ...string) string {
+			a := append([]string{"encrypt", dev, "--dry-run", "--key-file", pwFile, "--journal", jp}, cheapKDFFlags...)
+			code, out := cliRun(t, append(a, extra...)...)
+			requireExit(t, "dry run with --journal "+jp, code, 0, out)
+			return out
+		}
+		if out := dry(tj); !strings.Contains(out, "WARNING:       the journal is on tmpfs") {
+			t.Errorf("a dry run with its journal on /tmp (tmpfs) does not warn:\n%s", out)
+		}
+		if out := dry(tj, "--json"); !strings.Contains(out, `"journal_fs":"tmpfs"`) {
+			t.Errorf("--json does not say the journal is on tmpfs:\n%s", out)
+		}
+		if out := dry(j); strings.Contains(out, "WARNING") || strings.Contains(out, "tmpfs") {
+			t.Errorf("a dry run with its journal on %s (ext4) warns:\n%s", j, out)
+		}
+		if _, err := os.Stat(tj); !os.IsNotExist(err) {
+			t.Errorf("the dry run created %s: %v", tj, err)
+		}
+	})
 	t.Run("journal-is-a-device", func(t *testing.T) {
 		// The journal's database library, given an existing empty
 		// file, writes its first pages there; a block device reads as

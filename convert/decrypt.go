@@ -312,7 +312,7 @@ func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPla
 	if pv != nil {
 		spec.PVUUID, spec.VG, spec.VGDevices, spec.VGPVUUIDs, spec.VGSeqno, spec.PVDevice = pv.UUID, pv.VG, pv.VGDevices, pv.VGPVUUIDs, pv.VGSeqno, node
 	}
-	return &EncryptPlan{Spec: spec, Journal: jpath, PV: pv, ShrinkTo: shrinkTo, Header: hdr,
+	return &EncryptPlan{Spec: spec, Journal: jpath, JournalFS: e.Host.MemoryFS(jpath), PV: pv, ShrinkTo: shrinkTo, Header: hdr,
 		keys: map[BackingID][]byte{OldID: keys.Bound}}, nil
 }
 

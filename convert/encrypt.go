@@ -14,7 +14,6 @@ import (
 	"strings"
 
 	"github.com/dmconvert/dmconvert/dmtable"
-	"github.com/dmconvert/dmconvert/journal"
 )
 
 // DefaultJournalDir is where journals live unless --journal says otherwise.
@@ -84,7 +83,11 @@ type EncryptOptions struct {
 type EncryptPlan struct {
 	Spec    *Spec
 	Journal string
-	PV      *PV
+	// JournalFS names the memory-backed file system (tmpfs, ramfs) the
+	// journal is on, "" when it is on a disk: such a journal is lost by
+	// the very crash it is meant to recover from.
+	JournalFS string
+	PV        *PV
 	// ShrinkTo is the PV size the run sets first (0: no shrink).
 	ShrinkTo Sectors
 	// Header is the new header (keyslots wrapped by the passphrase).
@@ -191,18 +194,8 @@ func (e *Engine) PlanEncrypt(ctx context.Context, o EncryptOptions) (*EncryptPla
 	if jpath == "" {
 		jpath = filepath.Join(DefaultJournalDir, pv.UUID+".journal")
 	}
-	if err := e.checkJournalPlace(jpath, di.Dev, dev); err != nil {
+	if err := e.checkNewJournal(jpath, di.Dev, dev); err != nil {
 		return nil, err
-	}
-	if j, err := journal.Open(jpath, journal.Options{ReadOnly: true}); err == nil {
-		r, rerr := j.Run()
-		j.Close()
-		if rerr == nil {
-			return nil, refuse(dev, "run `dmconvert status --journal "+jpath+"`, then resume or abort it, or use another --journal",
-				"journal %s already records a %s run of %s", jpath, r.Op, r.Device)
-		}
-	} else if errors.Is(err, journal.ErrLocked) {
-		return nil, busy(dev, "journal %s is in use by another dmconvert", jpath)
 	}
 
 	keyBytes := o.KeyBytes
@@ -238,7 +231,7 @@ func (e *Engine) PlanEncrypt(ctx context.Context, o EncryptOptions) (*EncryptPla
 		Stacked: stacked,
 		Forward: plan,
 	}
-	return &EncryptPlan{Spec: spec, Journal: jpath, PV: pv, ShrinkTo: shrinkTo, Header: hdr, keys: map[BackingID][]byte{NewID: key}}, nil
+	return &EncryptPlan{Spec: spec, Journal: jpath, JournalFS: e.Host.MemoryFS(jpath), PV: pv, ShrinkTo: shrinkTo, Header: hdr, keys: map[BackingID][]byte{NewID: key}}, nil
 }
 
 // pvmoveBusy says that a pvmove (its dm device mv) moves extents of dev.

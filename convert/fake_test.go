@@ -810,6 +810,7 @@ type fakeHost struct {
 	w        *fakeWorld
 	users    map[dmtable.Dev][]string
 	fileDev  dmtable.Dev
+	memoryFS string // what MemoryFS says of every path
 	locked   map[dmtable.Dev]bool
 	lockMu   sync.Mutex
 	lbs      uint32
@@ -938,6 +939,7 @@ func (h *fakeHost) DevicePath(dev dmtable.Dev) (string, error) {
 }
 
 func (h *fakeHost) FileDevice(path string) (dmtable.Dev, error) { return h.fileDev, nil }
+func (h *fakeHost) MemoryFS(path string) string                 { return h.memoryFS }
 func (h *fakeHost) Users(dev dmtable.Dev) ([]string, error)     { return h.users[dev], nil }
 func (h *fakeHost) NodePath(name string) string                 { return "/dev/mapper/" + name }
 func (h *fakeHost) Lock(d DiskInfo) (func(), error) {

@@ -94,6 +94,12 @@ type Host interface {
 	// for a file system whose own device number is anonymous (btrfs)
 	// the block device it was mounted from.
 	FileDevice(path string) (dmtable.Dev, error)
+	// MemoryFS names the memory-backed file system (tmpfs, ramfs)
+	// holding path (the nearest existing parent if path does not
+	// exist), "" for any other or when it cannot tell. A reboot or power
+	// cut empties such a file system: a journal there does not outlive
+	// the crash it exists for.
+	MemoryFS(path string) string
 	// Users lists what uses dev other than device-mapper: mount points,
 	// swap, md arrays, holders that are not dm devices.
 	Users(dev dmtable.Dev) ([]string, error)

@@ -594,7 +594,7 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 		LUKSUUID: ph.UUID(),
 		Forward:  plan,
 	}
-	ep := &EncryptPlan{Spec: spec, Journal: jpath, Header: ph,
+	ep := &EncryptPlan{Spec: spec, Journal: jpath, JournalFS: e.Host.MemoryFS(jpath), Header: ph,
 		keys: map[BackingID][]byte{OldID: oldKey, NewID: newKey}}
 	switch {
 	case detached != nil:

@@ -255,7 +255,7 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 		LUKSVersion: hdr.Version(), LUKSUUID: hdr.UUID(),
 		Forward: plan,
 	}
-	ep := &EncryptPlan{Spec: spec, Journal: jpath, Header: hdr,
+	ep := &EncryptPlan{Spec: spec, Journal: jpath, JournalFS: e.Host.MemoryFS(jpath), Header: hdr,
 		keys: map[BackingID][]byte{OldID: keys.Bound, NewID: newKey}}
 	if pv != nil {
 		spec.PVUUID, spec.VG, spec.VGDevices, spec.VGPVUUIDs, spec.VGSeqno, spec.PVDevice = pv.UUID, pv.VG, pv.VGDevices, pv.VGPVUUIDs, pv.VGSeqno, node

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 
 	"github.com/dmconvert/dmconvert/dmtable"
 	"github.com/dmconvert/dmconvert/journal"
@@ -39,6 +41,8 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 		return err
 	}
 	defer unlock()
+	_, serr := os.Stat(ep.Journal)
+	created := errors.Is(serr, fs.ErrNotExist)
 	j, err := journal.Open(ep.Journal, journal.Options{Create: true})
 	if err != nil {
 		if errors.Is(err, journal.ErrLocked) {
@@ -46,7 +50,15 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 		}
 		return err
 	}
-	defer j.Close()
+	inited := false
+	defer func() {
+		j.Close()
+		// A run refused before the journal recorded it leaves no
+		// empty journal behind (it would show in status and locate).
+		if created && !inited {
+			os.Remove(ep.Journal)
+		}
+	}()
 	traceStep("journal-open")
 	// Time may have passed since the plan (a confirmation prompt): the
 	// disk and what is stacked on it must be exactly what was planned.
@@ -96,6 +108,7 @@ func (e *Engine) Execute(ctx context.Context, ep *EncryptPlan, o RunOptions) (er
 		}
 		return err
 	}
+	inited = true
 	traceStep("journal-init")
 	r.setKeys(ep.keys)
 	ep.Wipe()

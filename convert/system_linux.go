@@ -289,6 +289,30 @@ func (h OSHost) FileDevice(path string) (dmtable.Dev, error) {
 	}
 }
 
+// MemoryFS implements Host.
+func (OSHost) MemoryFS(path string) string {
+	for p := path; ; p = filepath.Dir(p) {
+		var st unix.Statfs_t
+		if err := unix.Statfs(p, &st); err == nil {
+			return memoryFSName(int64(st.Type))
+		} else if !errors.Is(err, unix.ENOENT) || filepath.Dir(p) == p {
+			return ""
+		}
+	}
+}
+
+// memoryFSName names the memory-backed file systems among statfs's
+// f_type values.
+func memoryFSName(magic int64) string {
+	switch magic {
+	case unix.TMPFS_MAGIC:
+		return "tmpfs"
+	case unix.RAMFS_MAGIC:
+		return "ramfs"
+	}
+	return ""
+}
+
 // mountedFrom resolves the anonymous device number (major 0: btrfs,
 // tmpfs, overlay, NFS, FUSE) of the file system holding path (absolute,
 // symlinks resolved) through mountinfo: the mount whose mount point is

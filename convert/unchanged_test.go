@@ -3,6 +3,7 @@ package convert
 import (
 	"context"
 	"errors"
+	"os"
 	"strings"
 	"testing"
 )
@@ -39,6 +40,12 @@ func TestExecuteChecksThePVAgain(t *testing.T) {
 			switch {
 			case c.refuse && (!errors.As(err, &re) || !strings.Contains(err.Error(), "changed since the plan")):
 				t.Fatalf("Execute after %s: %v, want a refusal", c.name, err)
+			case c.refuse:
+				// Refused before the journal recorded the run: no
+				// empty journal file is left behind.
+				if _, err := os.Stat(ep.Journal); !os.IsNotExist(err) {
+					t.Fatalf("the refused run left its journal %s: %v", ep.Journal, err)
+				}
 			case !c.refuse && err != nil:
 				t.Fatalf("Execute after %s: %v", c.name, err)
 			case !c.refuse:

@@ -168,7 +168,7 @@ type planned struct {
 // confirmation, executes it with progress and signal handling, and
 // reports the outcome.
 func (a *app) runPlan(ctx context.Context, e *convert.Engine, ep *convert.EncryptPlan, res *result, p planned) error {
-	res.fromPlan(ep)
+	a.takePlan(res, ep)
 	if !a.json && !a.quiet {
 		p.print(ep)
 	}
@@ -228,7 +228,7 @@ func (a *app) printDecryptPlan(ep *convert.EncryptPlan) {
 		fmt.Fprintf(w, "; the PV is first shrunk from %d to %d sectors (pvresize)", ep.PV.Size, ep.ShrinkTo)
 	}
 	fmt.Fprintln(w)
-	fmt.Fprintf(w, "  journal:       %s\n", ep.Journal)
+	printJournal(w, ep, "")
 	printPhases(w, s)
 }
 

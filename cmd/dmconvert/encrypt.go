@@ -291,7 +291,7 @@ func (a *app) runEncrypt(ctx context.Context, o *encryptOptions, args []string) 
 			return err
 		}
 		defer ep.Wipe()
-		res.fromPlan(ep)
+		a.takePlan(res, ep)
 		res.Outcome = "planned"
 		res.Plan = ep.Spec
 		if !a.json && !a.quiet {
@@ -324,7 +324,7 @@ func (a *app) runEncrypt(ctx context.Context, o *encryptOptions, args []string) 
 		return err
 	}
 	defer ep.Wipe()
-	res.fromPlan(ep)
+	a.takePlan(res, ep)
 	if (o.yes || o.batch) && !a.json && !a.quiet {
 		a.printPlan(ep, cfg)
 	}

@@ -123,6 +123,8 @@ type fakeSys struct {
 	// created counts Create calls (nothing may be created in tests that
 	// must write nothing).
 	created int
+	// memoryFS is what MemoryFS says of every path.
+	memoryFS string
 }
 
 const (
@@ -210,6 +212,7 @@ func (h fakeHost) OpenDisk(path string) (convert.Disk, error) {
 	return fileDisk{f}, nil
 }
 func (fakeHost) FileDevice(string) (dmtable.Dev, error) { return dmtable.Dev{Major: 8, Minor: 1}, nil }
+func (h fakeHost) MemoryFS(string) string               { return h.s.memoryFS }
 func (fakeHost) Users(dmtable.Dev) ([]string, error)    { return nil, nil }
 func (fakeHost) NodePath(name string) string            { return "/dev/mapper/" + name }
 func (h fakeHost) DevicePath(dev dmtable.Dev) (string, error) {

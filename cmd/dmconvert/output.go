@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"sort"
 	"strings"
 
@@ -12,14 +13,17 @@ import (
 // result is the final JSON line of every command with --json:
 // {"result": {...}}.
 type result struct {
-	Command     string `json:"command"`
-	Outcome     string `json:"outcome"` // done, aborted, planned, status, or the error's class (exitcodes.go)
-	ExitCode    int    `json:"exit_code"`
-	Error       string `json:"error,omitempty"`
-	Device      string `json:"device,omitempty"`
-	Name        string `json:"name,omitempty"`
-	Mapping     string `json:"mapping,omitempty"`
-	Journal     string `json:"journal,omitempty"`
+	Command  string `json:"command"`
+	Outcome  string `json:"outcome"` // done, aborted, planned, status, or the error's class (exitcodes.go)
+	ExitCode int    `json:"exit_code"`
+	Error    string `json:"error,omitempty"`
+	Device   string `json:"device,omitempty"`
+	Name     string `json:"name,omitempty"`
+	Mapping  string `json:"mapping,omitempty"`
+	Journal  string `json:"journal,omitempty"`
+	// JournalFS names the memory-backed file system the journal is on
+	// (tmpfs, ramfs): a reboot or power cut loses it.
+	JournalFS   string `json:"journal_fs,omitempty"`
 	LUKSVersion int    `json:"luks_version,omitempty"`
 	LUKSUUID    string `json:"luks_uuid,omitempty"`
 	VG          string `json:"vg,omitempty"`
@@ -41,6 +45,26 @@ type result struct {
 func (r *result) fromPlan(ep *convert.EncryptPlan) {
 	r.fromSpec(ep.Spec)
 	r.Journal = ep.Journal
+	r.JournalFS = ep.JournalFS
+}
+
+// takePlan records the plan in the result; with --quiet, which prints no
+// plan, the journal's warning goes to stderr.
+func (a *app) takePlan(r *result, ep *convert.EncryptPlan) {
+	r.fromPlan(ep)
+	if a.quiet && !a.json && ep.JournalFS != "" {
+		fmt.Fprintf(a.stderr, "dmconvert: warning: journal %s is on %s: a reboot or power cut loses it, and the run with it\n", ep.Journal, ep.JournalFS)
+	}
+}
+
+// printJournal prints a plan's journal line (what follows the path in
+// note, if anything), and a warning when the journal is on a file system
+// that a reboot empties.
+func printJournal(w io.Writer, ep *convert.EncryptPlan, note string) {
+	fmt.Fprintf(w, "  journal:       %s%s\n", ep.Journal, note)
+	if ep.JournalFS != "" {
+		fmt.Fprintf(w, "  WARNING:       the journal is on %s, which a reboot or power cut empties: if the machine goes down before the run ends, the run can be neither resumed nor aborted. Give --journal a path on a disk (not this one).\n", ep.JournalFS)
+	}
 }
 
 func (r *result) fromSpec(s *convert.Spec) {
@@ -111,7 +135,7 @@ func (a *app) printPlan(ep *convert.EncryptPlan, cfg *encryptConfig) {
 		sort.Strings(names)
 		fmt.Fprintf(w, "  moved onto it: %s\n", strings.Join(names, ", "))
 	}
-	fmt.Fprintf(w, "  journal:       %s\n", ep.Journal)
+	printJournal(w, ep, "")
 	var chunk convert.Sectors // the largest step (an encrypt's head leaves in one)
 	for _, ph := range s.Forward.Phases {
 		if ph.Kind == convert.PhaseMove {

@@ -283,7 +283,7 @@ func (a *app) printRekeyPlan(ep *convert.EncryptPlan) {
 	if note := convert.OtherKeyslotsNote(ep.Header); note != "" {
 		fmt.Fprintf(w, "  keyslots:      %s\n", note)
 	}
-	fmt.Fprintf(w, "  journal:       %s\n", ep.Journal)
+	printJournal(w, ep, "")
 	printPhases(w, s)
 }
 
@@ -318,9 +318,9 @@ func (a *app) printPlainRekeyPlan(ep *convert.EncryptPlan) {
 		fmt.Fprintf(w, "  new key:       written to %s when the run starts\n", convert.PlainKeyFile(ep))
 	}
 	if s.TCrypt {
-		fmt.Fprintf(w, "  journal:       %s (also holds the TrueCrypt header area, for an abort)\n", ep.Journal)
+		printJournal(w, ep, " (also holds the TrueCrypt header area, for an abort)")
 	} else {
-		fmt.Fprintf(w, "  journal:       %s (also holds each chunk's old ciphertext while it is rewritten)\n", ep.Journal)
+		printJournal(w, ep, " (also holds each chunk's old ciphertext while it is rewritten)")
 	}
 	fmt.Fprintln(w, "  boot:          until the run ends, do not let crypttab open this volume at boot")
 	printPhases(w, s)

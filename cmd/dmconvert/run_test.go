@@ -48,6 +48,9 @@ func TestDryRunWritesNothing(t *testing.T) {
 					t.Errorf("dry-run output lacks %q:\n%s", want, out)
 				}
 			}
+			if strings.Contains(out, "WARNING") {
+				t.Errorf("a journal on a disk gets a warning:\n%s", out)
+			}
 			if typ == "luks1" && !strings.Contains(out, "LUKS1, aes-xts-plain64, 512-bit key") {
 				t.Errorf("LUKS1 plan:\n%s", out)
 			}
@@ -74,6 +77,29 @@ func TestDryRunWritesNothing(t *testing.T) {
 				t.Fatalf("plan in the result: %v", r["plan"])
 			}
 		})
+	}
+}
+
+// A journal on a memory file system (tmpfs, ramfs) is lost by the power
+// cut it exists for: the plan says so, and so does --json; with --quiet,
+// stderr.
+func TestPlanWarnsOfAJournalInMemory(t *testing.T) {
+	ta := newTestApp(t)
+	sys := ta.withDisk()
+	sys.memoryFS = "tmpfs"
+	jp := filepath.Join(ta.dir, "run.journal")
+	args := []string{"encrypt", "--dry-run", "--header-size", "1M", "--journal", jp, sys.disk}
+	ta.mustRun(exitOK, args...)
+	if out := ta.out.String(); !strings.Contains(out, "journal:       "+jp+"\n  WARNING:       the journal is on tmpfs, which a reboot or power cut empties") {
+		t.Errorf("the plan does not warn of the journal on tmpfs:\n%s", out)
+	}
+	ta.mustRun(exitOK, append([]string{"--json"}, args...)...)
+	if r := ta.jsonResult(); r["journal_fs"] != "tmpfs" {
+		t.Errorf("--json result: journal_fs %v, want tmpfs", r["journal_fs"])
+	}
+	ta.mustRun(exitOK, append([]string{"--quiet"}, args...)...)
+	if ta.out.Len() != 0 || !strings.Contains(ta.err.String(), "warning: journal "+jp+" is on tmpfs") {
+		t.Errorf("--quiet: stdout %q, stderr %q", ta.out.String(), ta.err.String())
 	}
 }
 

@@ -14,6 +14,15 @@ if [ ! -x "$DMC" ]; then
 	exit 1
 fi
 cp "$DMC" /tmp/dmconvert
+# The journal's default place, /var/lib/dmconvert, on a disk of its own, as
+# on a real machine (the guest's root file system is in memory, which a
+# power cut empties: dmconvert would warn).
+IFS=, read -r _ J _ <<< "$DMCONVERT_GUEST_DISKS"
+if [ -n "$J" ]; then
+	mkfs.ext4 -q "$J"
+	mkdir -p /var/lib/dmconvert
+	mount "$J" /var/lib/dmconvert
+fi
 
 say "guest: Linux $(uname -r), $(nproc) CPUs; disk $D is $(( $(blockdev --getsize64 "$D") >> 20 )) MiB"
 show pvcreate -q "$D"
@@ -53,7 +62,7 @@ say "dmconvert encrypt, live: the file systems stay mounted and the writer keeps
 echo "\$ dmconvert encrypt $D --shrink-pv --batch-mode --key-file /tmp/pw (cheap KDF for the demo)"
 # The serial console is a terminal: the progress bar draws there.
 start=$(date +%s.%N)
-/tmp/dmconvert encrypt "$D" --shrink-pv --batch-mode --key-file /tmp/pw --journal /run/demo.journal $KDF > /dev/console 2>&1
+/tmp/dmconvert encrypt "$D" --shrink-pv --batch-mode --key-file /tmp/pw $KDF > /dev/console 2>&1
 end=$(date +%s.%N)
 echo "converted in $(awk "BEGIN { printf \"%.1f\", $end - $start }") s while the writer kept writing"
 

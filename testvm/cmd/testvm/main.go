@@ -258,7 +258,9 @@ func demo(ctx context.Context, args []string) (int, error) {
 	f.register(fs)
 	fs.Parse(args)
 	if len(f.disks) == 0 {
-		f.disks = diskList{"1G"}
+		// The disk converted, and a small one for /var/lib/dmconvert,
+		// where the journal goes (the guest's root is in memory).
+		f.disks = diskList{"1G", "64M"}
 	}
 	return f.boot(ctx, demoScript)
 }
