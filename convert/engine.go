@@ -465,7 +465,17 @@ func (r *run) swap(name string, t dmtable.Table, during func() error) (stall tim
 	}
 	r.hit("load:after")
 	t0 := time.Now()
-	if err := r.e.DM.Suspend(name); err != nil {
+	// F is suspended without flush: a write its mirror holds because a
+	// leg failed it (handle_errors) is requeued into the table live
+	// after the resume, where it goes to the copy that table keeps,
+	// instead of failing or (without handle_errors) being acknowledged
+	// with only the other leg holding it (design.md section 2). Devices
+	// above F are suspended as LVM does, with flush and freeze.
+	suspend := r.e.DM.Suspend
+	if name == r.spec.Name {
+		suspend = r.e.DM.SuspendNoFlush
+	}
+	if err := suspend(name); err != nil {
 		return 0, fmt.Errorf("suspending %s: %w", name, err)
 	}
 	resumed := false

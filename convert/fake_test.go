@@ -584,6 +584,8 @@ func (f fakeDM) Suspend(name string) error {
 	return nil
 }
 
+func (f fakeDM) SuspendNoFlush(name string) error { return f.Suspend(name) }
+
 func (f fakeDM) Resume(name string) error {
 	f.w.mu.Lock()
 	defer f.w.mu.Unlock()

@@ -31,12 +31,16 @@ func vmEngine(t *testing.T) {
 	if err := testvm.CreateDisk(state, 256*guestMiB); err != nil {
 		t.Fatal(err)
 	}
-	disks := []testvm.Disk{{Path: pv}, {Path: state}}
-	testvm.RunTestsInGuest(t, testvm.Options{Disks: disks, Run: "^TestGuestEngineEncrypt$"})
-	if t.Failed() {
-		return
+	leg := filepath.Join(dir, "leg.img")
+	if err := testvm.CreateDisk(leg, 64*guestMiB); err != nil {
+		t.Fatal(err)
 	}
-	testvm.RunTestsInGuest(t, testvm.Options{Disks: disks, Run: "^TestGuestEngineFreshBoot$"})
+	disks := []testvm.Disk{{Path: pv}, {Path: state}, {Path: leg}}
+	testvm.RunTestsInGuest(t, testvm.Options{Disks: disks, Run: "^TestGuestEngineEncrypt$"})
+	if !t.Failed() {
+		testvm.RunTestsInGuest(t, testvm.Options{Disks: disks, Run: "^TestGuestEngineFreshBoot$"})
+	}
+	testvm.RunTestsInGuest(t, testvm.Options{Disks: disks, Run: "^TestGuestEngineLegWriteError$"})
 }
 
 var guestPass = []byte("correct horse battery staple")

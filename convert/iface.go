@@ -42,6 +42,11 @@ type DeviceMapper interface {
 	ClearInactive(name string) error
 	// Suspend with flush and file system freeze (the default).
 	Suspend(name string) error
+	// SuspendNoFlush suspends without flush or freeze: I/O that a
+	// target holds back (a mirror with handle_errors holds each write a
+	// leg failed) is requeued, and goes to the table live after the
+	// resume instead of failing. In-flight I/O is still waited for.
+	SuspendNoFlush(name string) error
 	Resume(name string) error
 	Remove(name string) error
 	// RemoveDeferred removes the device now if nothing has it open, else

@@ -179,13 +179,21 @@ func vmLogWrites(t *testing.T, name string) {
 
 // lwFilter makes LVM see only D and the final mapping: the data disk, L
 // and the loop device under the replays carry the same PV label.
-func lwFilter(t *testing.T) {
+func lwFilter(t *testing.T) { lvmSeesOnly(t, lwDisk, lwMapping) }
+
+// lvmSeesOnly makes LVM see only the named device-mapper devices, until
+// the test ends.
+func lvmSeesOnly(t *testing.T, names ...string) {
 	const conf = "/etc/lvm/lvm.conf"
 	orig, err := os.ReadFile(conf)
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := `[ "a|^/dev/mapper/` + lwDisk + `$|", "a|^/dev/mapper/` + lwMapping + `$|", "r|.*|" ]`
+	f := `[ `
+	for _, n := range names {
+		f += `"a|^/dev/mapper/` + n + `$|", `
+	}
+	f += `"r|.*|" ]`
 	var out []string
 	replaced := false
 	for _, l := range strings.Split(string(orig), "\n") {

@@ -59,6 +59,12 @@ func (k KernelDM) Suspend(name string) error {
 	return dmErr(err)
 }
 
+// SuspendNoFlush implements DeviceMapper.
+func (k KernelDM) SuspendNoFlush(name string) error {
+	_, err := k.C.Suspend(name, dmtable.NoFlush)
+	return dmErr(err)
+}
+
 // Resume implements DeviceMapper.
 func (k KernelDM) Resume(name string) error {
 	_, err := k.C.Resume(name)

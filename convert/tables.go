@@ -155,6 +155,11 @@ func (p *Plan) tableFor(st State, ch *chunkRef, devs map[BackingID]dmtable.Dev, 
 				Start: dmtable.Sectors(ch.start), Length: dmtable.Sectors(n),
 				Params: &dmtable.Mirror{
 					Log: dmtable.MirrorLog{Type: "core", RegionSize: dmtable.Sectors(regionFor(region, n))},
+					// A leg that fails a write is failed and the write
+					// held until F's next (noflush) suspend; without it
+					// the kernel acknowledges the write once one leg has
+					// it, and the copy kept may be the other one.
+					HandleErrors: true,
 					Legs: []dmtable.MirrorLeg{
 						{Dev: fd.Ref(), Offset: dmtable.Sectors(int64(ch.start) + ch.from.Delta)},
 						{Dev: td.Ref(), Offset: dmtable.Sectors(int64(ch.start) + ch.to.Delta)},

@@ -176,6 +176,7 @@ func (f fakeDM) Create(name, uuid string, t dmtable.Table) (convert.DevInfo, err
 func (fakeDM) Load(string, dmtable.Table) error    { return errNoDM }
 func (fakeDM) ClearInactive(string) error          { return errNoDM }
 func (fakeDM) Suspend(string) error                { return errNoDM }
+func (fakeDM) SuspendNoFlush(string) error         { return errNoDM }
 func (fakeDM) Resume(string) error                 { return errNoDM }
 func (fakeDM) Remove(string) error                 { return errNoDM }
 func (fakeDM) RemoveDeferred(string) (bool, error) { return false, errNoDM }
