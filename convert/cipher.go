@@ -150,7 +150,7 @@ func (e *Engine) probeCrypt(id string, cs CryptSpec, disk dmtable.Dev, off, leng
 	k := dmtable.HexKey(key)
 	clear(key)
 	defer k.Wipe()
-	name := "dmconvert-" + id + "-probe"
+	name := helperNamePrefix + id + "-probe"
 	zero := dmtable.Table{{Start: 0, Length: dmtable.Sectors(length), Params: &dmtable.Zero{}}}
 	if _, err := e.DM.Create(name, helperUUID(id, "probe"), zero); err != nil {
 		return fmt.Errorf("creating %s to try the cipher: %w", name, err)

@@ -301,13 +301,13 @@ func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPla
 	}
 	spec := &Spec{
 		Version: PlanVersion, ID: runID, Op: "decrypt", Disk: di, Name: m.name,
-		Helpers:     map[BackingID]string{OldID: "dmconvert-" + runID + "-old"},
+		Helpers:     map[BackingID]string{OldID: helperNamePrefix + runID + "-old"},
 		OldCrypt:    cs,
 		LUKSVersion: hdr.Version(), LUKSUUID: hdr.UUID(),
 		Forward: plan,
 	}
 	if _, ok := plan.Geometry.device(HeadID); ok {
-		spec.Helpers[HeadID] = "dmconvert-" + runID + "-head"
+		spec.Helpers[HeadID] = helperNamePrefix + runID + "-head"
 	}
 	if pv != nil {
 		spec.PVUUID, spec.VG, spec.VGDevices, spec.VGPVUUIDs, spec.VGSeqno, spec.PVDevice = pv.UUID, pv.VG, pv.VGDevices, pv.VGPVUUIDs, pv.VGSeqno, node

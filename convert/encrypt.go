@@ -224,7 +224,7 @@ func (e *Engine) PlanEncrypt(ctx context.Context, o EncryptOptions) (*EncryptPla
 	runID := hex.EncodeToString(id)
 	spec := &Spec{
 		Version: PlanVersion, ID: runID, Op: "encrypt", Disk: di, Name: name,
-		Helpers:     map[BackingID]string{NewID: "dmconvert-" + runID + "-new"},
+		Helpers:     map[BackingID]string{NewID: helperNamePrefix + runID + "-new"},
 		Crypt:       hdr.Crypt(),
 		LUKSVersion: hdr.Version(), LUKSUUID: hdr.UUID(),
 		PVUUID: pv.UUID, VG: pv.VG, VGDevices: pv.VGDevices, VGPVUUIDs: pv.VGPVUUIDs, VGSeqno: pv.VGSeqno, PVDevice: dev,

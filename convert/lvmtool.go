@@ -170,7 +170,7 @@ func (l *LVMTool) Activate(ctx context.Context, vg string, devices []string) err
 // dmconvert's private devices (which can show a copy of a label) are
 // not considered.
 func (l *LVMTool) LocatePV(ctx context.Context, uuid, hint string) string {
-	return lvm.LocatePV(uuid, hint, "DMCONVERT-")
+	return lvm.LocatePV(uuid, hint, helperUUIDPrefix)
 }
 
 // State implements VolumeManager (not while the fence is held: it would

@@ -12,7 +12,14 @@ import (
 )
 
 // helperUUID is the dm UUID of a private device of run id.
-func helperUUID(id string, b BackingID) string { return "DMCONVERT-" + id + "-" + string(b) }
+func helperUUID(id string, b BackingID) string { return helperUUIDPrefix + id + "-" + string(b) }
+
+// The dm UUIDs and names of a run's helpers (and its transient probe and
+// key-check devices) start with these.
+const (
+	helperUUIDPrefix = "DMCONVERT-"
+	helperNamePrefix = "dmconvert-"
+)
 
 // helperTable is the table of a private crypt device: the whole device as
 // one crypt target over the disk at the device's place.

@@ -587,8 +587,8 @@ func (e *Engine) PlanPlainRekey(ctx context.Context, o PlainRekeyOptions) (*Encr
 	spec := &Spec{
 		Version: PlanVersion, ID: runID, Op: "rekey", Disk: di, Name: m.name,
 		Helpers: map[BackingID]string{
-			OldID: "dmconvert-" + runID + "-old",
-			NewID: "dmconvert-" + runID + "-new",
+			OldID: helperNamePrefix + runID + "-old",
+			NewID: helperNamePrefix + runID + "-new",
 		},
 		Crypt: ncs, OldCrypt: cs, NewKeyFile: o.NewKeyFile, HeaderFile: o.HeaderFile, PlainTo: o.Type, TCrypt: tc,
 		LUKSUUID: ph.UUID(),
@@ -799,7 +799,7 @@ func (e *Engine) checkOldKey(m *cryptMapping, k []byte, cs CryptSpec, disk dmtab
 	}
 	hk := dmtable.HexKey(k)
 	defer hk.Wipe()
-	name := "dmconvert-" + id + "-keycheck"
+	name := helperNamePrefix + id + "-keycheck"
 	t := dmtable.Table{cryptTarget(0, m.size, cs, hk, 0, disk, off)}
 	if _, err := e.DM.Create(name, helperUUID(id, "keycheck"), t); err != nil {
 		return fmt.Errorf("%s: creating %s to check the old key: %w", m.name, name, err)

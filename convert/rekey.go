@@ -248,8 +248,8 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 	spec := &Spec{
 		Version: PlanVersion, ID: runID, Op: "rekey", Disk: di, Name: m.name,
 		Helpers: map[BackingID]string{
-			OldID: "dmconvert-" + runID + "-old",
-			NewID: "dmconvert-" + runID + "-new",
+			OldID: helperNamePrefix + runID + "-old",
+			NewID: helperNamePrefix + runID + "-new",
 		},
 		Crypt: ncs, OldCrypt: cs,
 		LUKSVersion: hdr.Version(), LUKSUUID: hdr.UUID(),

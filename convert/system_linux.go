@@ -37,7 +37,15 @@ func infoOf(i dmtable.Info) DevInfo {
 
 // Create implements DeviceMapper.
 func (k KernelDM) Create(name, uuid string, t dmtable.Table) (DevInfo, error) {
-	i, err := k.C.CreateWithTable(name, uuid, t)
+	create := k.C.CreateWithTable
+	if strings.HasPrefix(uuid, helperUUIDPrefix) {
+		// A run's helper (and its cipher probe and key check): only
+		// the run reads it, and it shows the disk's data under another
+		// name (an old key's view can carry the same PV label or file
+		// system UUID as the mapping). Nothing else should probe it.
+		create = k.C.CreatePrivate
+	}
+	i, err := create(name, uuid, t)
 	return infoOf(i), dmErr(err)
 }
 
@@ -67,6 +75,14 @@ func (k KernelDM) SuspendNoFlush(name string) error {
 
 // Resume implements DeviceMapper.
 func (k KernelDM) Resume(name string) error {
+	if strings.HasPrefix(name, helperNamePrefix) {
+		// A helper resumed again (after an interrupted run) keeps the
+		// udev flags it was created with.
+		if i, err := k.C.Info(name); err == nil && strings.HasPrefix(i.UUID, helperUUIDPrefix) {
+			_, err := k.C.ResumePrivate(name)
+			return dmErr(err)
+		}
+	}
 	_, err := k.C.Resume(name)
 	return dmErr(err)
 }

@@ -131,6 +131,35 @@ func requireUdevConsistent(t testing.TB, when string) {
 	}
 }
 
+// requireHelpersPrivate checks that udev left a run's helper devices
+// alone: their uevents carried the flags that skip the disk and other
+// rules (as cryptsetup's temporary devices do), so nothing probed them
+// (no file system type in udev's database, no /dev/disk links, no LVM
+// scan). Before, an old key's view of a PV showed udev a second copy of
+// the PV label. It returns how many helpers it saw.
+func requireHelpersPrivate(t testing.TB, when string) int {
+	t.Helper()
+	sh(t, "udevadm", "settle", "--timeout=120")
+	n := 0
+	ents, _ := os.ReadDir("/dev/mapper")
+	for _, e := range ents {
+		if !strings.HasPrefix(e.Name(), "dmconvert-") {
+			continue
+		}
+		n++
+		props := sh(t, "udevadm", "info", "--query=property", "/dev/mapper/"+e.Name())
+		for _, want := range []string{"DM_UDEV_DISABLE_DISK_RULES_FLAG=1", "DM_UDEV_DISABLE_OTHER_RULES_FLAG=1"} {
+			if !strings.Contains(props, want+"\n") {
+				t.Errorf("%s: udev's record of helper %s lacks %s:\n%s", when, e.Name(), want, props)
+			}
+		}
+		if strings.Contains(props, "ID_FS_TYPE=") {
+			t.Errorf("%s: udev probed helper %s:\n%s", when, e.Name(), props)
+		}
+	}
+	return n
+}
+
 // remount mounts st's file systems that verifyStack left unmounted.
 func remount(t testing.TB, st *stack) {
 	t.Helper()
@@ -171,6 +200,9 @@ func TestGuestUdevLVM(t *testing.T) {
 
 	w := startWriter(t, st, state)
 	killedAt(t, 0.4, "encrypt", encryptArgs(st, state)...)
+	if requireHelpersPrivate(t, "after the kill mid-encrypt") == 0 {
+		t.Errorf("no helper device after the kill mid-encrypt")
+	}
 	code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
 	requireExit(t, "resume of the encrypt", code, 0, out)
 	requireUdevConsistent(t, "after the encrypt")
@@ -191,6 +223,9 @@ func TestGuestUdevLVM(t *testing.T) {
 	remount(t, st)
 	w = startWriter(t, st, state)
 	rekeyStopped(t, name, j, 0.4, "4M")
+	if requireHelpersPrivate(t, "after the stop mid-rekey") == 0 {
+		t.Errorf("no helper device after the stop mid-rekey")
+	}
 	code, out = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
 	requireExit(t, "resume of the rekey", code, 0, out)
 	requireUdevConsistent(t, "after the rekey")

@@ -157,6 +157,8 @@ type call struct {
 	regrow          bool // the command is idempotent: retry with a bigger buffer on DM_BUFFER_FULL_FLAG
 	secure          bool // DM_SECURE_DATA_FLAG, and wipe our buffers
 	uevent          bool // the command emits a uevent (resume, remove, rename)
+	// udevFlags are added to the uevent's udev flags (private devices).
+	udevFlags uint16
 }
 
 // result is what the choke point returns: the reply header, a copy of the
@@ -191,11 +193,11 @@ func (c *Client) ioctl(fd int, cl *call) (result, error) {
 				return result{}, &OpError{Op: cl.op, Device: cl.dev, Err: fmt.Errorf("udev cookie: %w", err)}
 			}
 			defer ck.destroy()
-			req.eventNr = ck.eventNr(udevPrimarySource)
+			req.eventNr = ck.eventNr(udevPrimarySource | cl.udevFlags)
 		} else {
 			// Tell udev rules, if any run, to leave the nodes to us
 			// (what libdevmapper does when DM_DISABLE_UDEV is set).
-			req.eventNr = uint32(udevPrimarySource|udevDisableDMRules|udevDisableSubsystemRules) << 16
+			req.eventNr = uint32(udevPrimarySource|udevDisableDMRules|udevDisableSubsystemRules|cl.udevFlags) << 16
 		}
 	}
 	size := dmIoctlSize + len(req.data) + cl.out
@@ -344,6 +346,20 @@ func (c *Client) Create(name, uuid string) (Info, error) {
 // is live when it returns. On failure after the create it removes the
 // device again.
 func (c *Client) CreateWithTable(name, uuid string, t Table) (Info, error) {
+	return c.createWithTable(name, uuid, t, 0)
+}
+
+// CreatePrivate is CreateWithTable for a device only its creator uses (a
+// converter's helper, as cryptsetup's temporary devices): its uevents
+// tell udev rules to skip the disk and other rules, so nothing probes
+// it (no blkid, no /dev/disk links, no LVM scan, no systemd unit); the
+// /dev/mapper node is still made. Later events of the device keep the
+// flags (the rules read them back from udev's database).
+func (c *Client) CreatePrivate(name, uuid string, t Table) (Info, error) {
+	return c.createWithTable(name, uuid, t, udevDisableDiskRules|udevDisableOtherRules)
+}
+
+func (c *Client) createWithTable(name, uuid string, t Table, udevFlags uint16) (Info, error) {
 	if _, err := c.Create(name, uuid); err != nil {
 		return Info{}, err
 	}
@@ -351,7 +367,7 @@ func (c *Client) CreateWithTable(name, uuid string, t Table) (Info, error) {
 		c.Remove(name)
 		return Info{}, err
 	}
-	info, err := c.Resume(name)
+	info, err := c.resume(name, udevFlags)
 	if err != nil {
 		c.Remove(name)
 		return Info{}, err
@@ -460,8 +476,16 @@ func (c *Client) suspendHere(name string, flags SuspendFlags) (Info, error) {
 // Resume makes the inactive table live, if one is loaded, and resumes
 // I/O. Without udev it makes sure /dev/mapper/<name> exists; with udev it
 // returns once udev has processed the change event.
-func (c *Client) Resume(name string) (Info, error) {
-	r, err := c.do(&call{op: "resume", dev: name, cmd: cmdDevSuspend, uevent: true, req: request{name: name}})
+func (c *Client) Resume(name string) (Info, error) { return c.resume(name, 0) }
+
+// ResumePrivate is Resume for a device made by CreatePrivate: its
+// uevent carries the same udev flags.
+func (c *Client) ResumePrivate(name string) (Info, error) {
+	return c.resume(name, udevDisableDiskRules|udevDisableOtherRules)
+}
+
+func (c *Client) resume(name string, udevFlags uint16) (Info, error) {
+	r, err := c.do(&call{op: "resume", dev: name, cmd: cmdDevSuspend, uevent: true, udevFlags: udevFlags, req: request{name: name}})
 	if err != nil {
 		return Info{}, err
 	}
