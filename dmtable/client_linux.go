@@ -353,10 +353,11 @@ func (c *Client) CreateWithTable(name, uuid string, t Table) (Info, error) {
 // converter's helper, as cryptsetup's temporary devices): its uevents
 // tell udev rules to skip the disk and other rules, so nothing probes
 // it (no blkid, no /dev/disk links, no LVM scan, no systemd unit); the
-// /dev/mapper node is still made. Later events of the device keep the
-// flags (the rules read them back from udev's database).
+// /dev/mapper node is still made. Events not sent by this package (a
+// change after the device is closed) keep the flags, which the rules
+// read back from udev's database; a later resume must be ResumePrivate.
 func (c *Client) CreatePrivate(name, uuid string, t Table) (Info, error) {
-	return c.createWithTable(name, uuid, t, udevDisableDiskRules|udevDisableOtherRules)
+	return c.createWithTable(name, uuid, t, udevPrivate)
 }
 
 func (c *Client) createWithTable(name, uuid string, t Table, udevFlags uint16) (Info, error) {
@@ -481,7 +482,7 @@ func (c *Client) Resume(name string) (Info, error) { return c.resume(name, 0) }
 // ResumePrivate is Resume for a device made by CreatePrivate: its
 // uevent carries the same udev flags.
 func (c *Client) ResumePrivate(name string) (Info, error) {
-	return c.resume(name, udevDisableDiskRules|udevDisableOtherRules)
+	return c.resume(name, udevPrivate)
 }
 
 func (c *Client) resume(name string, udevFlags uint16) (Info, error) {

@@ -50,6 +50,10 @@ const (
 	udevLowPriority           = 0x0010
 	udevDisableLibraryFallbk  = 0x0020
 	udevPrimarySource         = 0x0040
+
+	// udevPrivate: what cryptsetup's temporary devices carry; udev
+	// skips the disk and other rules (no probing, links, scans).
+	udevPrivate = udevDisableDiskRules | udevDisableOtherRules
 )
 
 // SysV semaphore constants (linux/ipc.h, linux/sem.h).

@@ -42,16 +42,12 @@ type result struct {
 	Runs []*runStatus `json:"runs,omitempty"`
 }
 
-func (r *result) fromPlan(ep *convert.EncryptPlan) {
-	r.fromSpec(ep.Spec)
-	r.Journal = ep.Journal
-	r.JournalFS = ep.JournalFS
-}
-
 // takePlan records the plan in the result; with --quiet, which prints no
 // plan, the journal's warning goes to stderr.
 func (a *app) takePlan(r *result, ep *convert.EncryptPlan) {
-	r.fromPlan(ep)
+	r.fromSpec(ep.Spec)
+	r.Journal = ep.Journal
+	r.JournalFS = ep.JournalFS
 	if a.quiet && !a.json && ep.JournalFS != "" {
 		fmt.Fprintf(a.stderr, "dmconvert: warning: journal %s is on %s: a reboot or power cut loses it, and the run with it\n", ep.Journal, ep.JournalFS)
 	}
