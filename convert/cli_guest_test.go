@@ -476,7 +476,8 @@ func killRand(t testing.TB) *rand.Rand {
 // start, between 50 ms and maxDelay, then runs next (a resume, or the
 // abort again: an abort killed before it recorded its decision left a
 // forward run, which a resume would finish) and kills it the same way,
-// kills times in all, and finally runs next to the end. A run killed
+// kills times in all (fewer when a kill lands after the journal recorded
+// the run's end), and finally runs next to the end. A run killed
 // before its journal recorded it is started again without counting;
 // after two such kills, the next is killed within 3 s of its first
 // progress event.
@@ -517,7 +518,11 @@ func killRandomly(t testing.TB, rng *rand.Rand, args, next []string, j string, k
 			early++
 			continue
 		case runEnded(out):
+			// Killed after the journal recorded the end: there is
+			// nothing left to resume (a resume would refuse).
 			log = append(log, what+", after the run ended")
+			n = kills
+			continue
 		default:
 			log = append(log, what)
 		}

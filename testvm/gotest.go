@@ -229,6 +229,15 @@ func RunTestsInGuest(t *testing.T, opts Options) {
 		}
 	}
 	if t.Failed() {
+		var bad []string
+		for _, r := range results {
+			if r.Action != "pass" || len(r.Skips) > 0 {
+				bad = append(bad, r.Name)
+			}
+		}
+		if len(bad) > 0 {
+			t.Logf("guest tests that did not pass: %s (their output is under their own names below)", strings.Join(bad, ", "))
+		}
 		t.Logf("%s", res.Report())
 	}
 }

@@ -73,6 +73,7 @@ type Result struct {
 	ExitCode    int           // the script's exit status; -1 if it never reported one
 	Console     []byte        // the serial console (kernel messages at loglevel <= 4, /init, the script's output)
 	Dmesg       []byte        // the guest's kernel log, saved by /init after the script
+	DmesgPath   string        // where that log is on the host (in the share; gone if the share is removed)
 	Elapsed     time.Duration // QEMU start to QEMU exit
 	Boot        time.Duration // QEMU start to the guest being ready to run the script
 	GuestKernel string        // uname -r, as the guest reported it
@@ -81,14 +82,19 @@ type Result struct {
 	CommandLine string        // the reproducible QEMU command line
 }
 
+// reportDmesgLines is how much of the guest's kernel log Report prints:
+// its tail, where a failure's traces are; the boot messages before them
+// would push the test's own failure out of a log reader's view.
+const reportDmesgLines = 60
+
 // Report is the text to print when a boot failed: the QEMU command line
-// and the guest's kernel log (or the console's tail when the guest never
-// saved its log).
+// and the tail of the guest's kernel log, with where the whole log is (or
+// the console's tail when the guest never saved its log).
 func (r Result) Report() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "qemu command line (reproducible while the share and disk files exist):\n  %s\n", r.CommandLine)
 	if len(r.Dmesg) > 0 {
-		fmt.Fprintf(&b, "guest dmesg:\n%s", indent(r.Dmesg))
+		fmt.Fprintf(&b, "guest dmesg, the last %d lines (all of it: %s):\n%s", reportDmesgLines, r.DmesgPath, indent(tail(r.Dmesg, reportDmesgLines)))
 	} else {
 		fmt.Fprintf(&b, "no guest dmesg; console tail:\n%s", indent(tail(r.Console, 60)))
 	}
@@ -539,7 +545,8 @@ func (vm *VM) collect() (Result, error) {
 	timedOut, ctxErr := vm.timeout, vm.ctxErr
 	vm.mu.Unlock()
 	ctl := filepath.Join(vm.cfg.Share, ".testvm")
-	r.Dmesg, _ = os.ReadFile(filepath.Join(ctl, "dmesg"))
+	r.DmesgPath = filepath.Join(ctl, "dmesg")
+	r.Dmesg, _ = os.ReadFile(r.DmesgPath)
 	if r.Killed {
 		return r, nil
 	}
