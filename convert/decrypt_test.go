@@ -239,7 +239,7 @@ func decryptCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed
 	})
 	o := ResumeOptions{Journal: sc.journal, Open: sc.opener()}
 	if rec == recoverAbort || rec == recoverLostCacheAbort {
-		err := e.Abort(context.Background(), o)
+		err := sc.recoverOnce(&w, &e, func(e *Engine) error { return e.Abort(context.Background(), o) })
 		switch {
 		case err == nil:
 			sc.verifyEncrypted(w, e)
@@ -253,7 +253,7 @@ func decryptCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed
 			t.Fatalf("abort after a crash at %s#%d (%s): %v", fp, nth, rec, err)
 		}
 	}
-	err := e.Resume(context.Background(), o)
+	err := sc.recoverOnce(&w, &e, func(e *Engine) error { return e.Resume(context.Background(), o) })
 	if err != nil {
 		if strings.Contains(err.Error(), "already done") {
 			sc.verifyPlain(w, e)
@@ -447,7 +447,7 @@ func fsDecryptCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, se
 	}
 	o := ResumeOptions{Journal: sc.journal, Open: sc.opener()}
 	if rec == recoverAbort || rec == recoverLostCacheAbort {
-		err := e.Abort(context.Background(), o)
+		err := sc.recoverOnce(&w, &e, func(e *Engine) error { return e.Abort(context.Background(), o) })
 		switch {
 		case err == nil:
 			if mounted {
@@ -463,7 +463,7 @@ func fsDecryptCrashAndRecover(t *testing.T, fp string, nth int, rec recovery, se
 			t.Fatalf("abort after a crash at %s#%d (%s): %v", fp, nth, rec, err)
 		}
 	}
-	if err := e.Resume(context.Background(), o); err != nil && !strings.Contains(err.Error(), "already done") {
+	if err := sc.recoverOnce(&w, &e, func(e *Engine) error { return e.Resume(context.Background(), o) }); err != nil && !strings.Contains(err.Error(), "already done") {
 		t.Fatalf("resume after a crash at %s#%d (%s): %v", fp, nth, rec, err)
 	}
 	sc.verifyFSDecrypted(w, e)

@@ -260,7 +260,7 @@ func (r *run) settle() error {
 	}
 	r.fdev = info.Dev
 	for id, n := range r.spec.Helpers {
-		if hi, err := r.e.DM.Info(n); err == nil {
+		if hi, err := r.e.DM.Info(n); err == nil && hi.Live {
 			r.devs[id] = hi.Dev
 		}
 	}

@@ -74,6 +74,11 @@ type scenario struct {
 	// tcHead (its data moves to 0 and IVs from 0).
 	tcrypt bool
 	tcHead []byte
+	// createKill: when k > 0, the next recovery (recoverOnce) is killed
+	// inside its k-th device create, then run again.
+	createKill int
+	// tableless is the device recoverOnce's kill left without a table.
+	tableless string
 	// notPV: the mapping carries a file system, not a PV (lvs then
 	// names the mapping itself; see fsDecryptWorld).
 	notPV bool
@@ -376,6 +381,60 @@ func (sc *scenario) runUntil(e *Engine, w *fakeWorld, name string, nth int, f fu
 	return nil, hits
 }
 
+// catchCrash runs f, returning the world at the instant of a crash inside
+// it (and then restoring the expectations of that instant), or f's error.
+func (sc *scenario) catchCrash(f func() error) (crashed *fakeWorld, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			cp, ok := p.(crashPanic)
+			if !ok {
+				panic(p)
+			}
+			crashed = cp.world
+			sc.expect = cp.expect
+		}
+	}()
+	return nil, f()
+}
+
+// recoverOnce runs f (a resume or an abort of the run on *w with *e).
+// When sc.createKill is k > 0 (once), the process is killed inside f's
+// k-th device create, between the kernel's create and the device's first
+// table (a kill while dm-crypt starts its threads fails that load), so
+// the device is left with no table; then f runs again, by a new process,
+// on the world at that instant (*w and *e are replaced). If f creates
+// fewer devices, it simply runs.
+func (sc *scenario) recoverOnce(w **fakeWorld, e **Engine, f func(*Engine) error) error {
+	k := sc.createKill
+	sc.createKill = 0
+	if k <= 0 {
+		return f(*e)
+	}
+	cur := *w
+	n := 0
+	cur.createHook = func(name, uuid string) {
+		if strings.HasPrefix(uuid, "LVM-") {
+			return // an LV activated by an lvm command: another process
+		}
+		if n++; n == k {
+			cur.addTableless(name, uuid)
+			sc.tableless = name
+			sc.t.Logf("the recovery is killed inside create #%d (%s), then run again", k, name)
+			panic(crashPanic{cur.snapshot(), sc.expectCopy()})
+		}
+	}
+	crashed, err := sc.catchCrash(func() error { return f(*e) })
+	cur.createHook = nil
+	if crashed == nil {
+		return err
+	}
+	*w = crashed
+	ne := sc.engine(crashed)
+	ne.FailHook = func(string) { sc.write(crashed) }
+	*e = ne
+	return f(ne)
+}
+
 // TestFailpointsAllReached makes sure a full encrypt plus a full abort
 // pass through every declared failpoint, so the crash tests below cover
 // them all.
@@ -513,12 +572,13 @@ func crashAndRecover(t *testing.T, fp string, nth int, rec recovery, seed int64,
 	sc.quiet = false
 	// Writes continue during recovery.
 	e.FailHook = func(string) { sc.write(w) }
+	sc.createKill = 1 + (nth+int(rec))%3
 	o := ResumeOptions{Journal: sc.journal, Open: sc.opener()}
 	var err error
 	if rec == recoverAbort || rec == recoverLostCacheAbort {
-		err = e.Abort(context.Background(), o)
+		err = sc.recoverOnce(&w, &e, func(e *Engine) error { return e.Abort(context.Background(), o) })
 	} else {
-		err = e.Resume(context.Background(), o)
+		err = sc.recoverOnce(&w, &e, func(e *Engine) error { return e.Resume(context.Background(), o) })
 	}
 	if err != nil {
 		if strings.Contains(err.Error(), "already done") || strings.Contains(err.Error(), "already aborted") {

@@ -107,6 +107,19 @@ type fakeWorld struct {
 	// writeFault, when set, is asked before every write of the engine's
 	// direct disk I/O (fakeDiskIO); an error fails that write whole.
 	writeFault func(off int64, p []byte) error
+	// createHook, when set, is called at the start of every Create (it
+	// may kill the process inside it: interruptCreate).
+	createHook func(name, uuid string)
+}
+
+// addTableless registers a device as the kernel leaves one whose creator
+// died between the create and its first table: it exists, with its name
+// and UUID, and has no table (and no block device tables could use).
+func (w *fakeWorld) addTableless(name, uuid string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.nextMin++
+	w.devs[name] = &fakeDev{name: name, uuid: uuid, dev: dmtable.Dev{Major: 253, Minor: w.nextMin}}
 }
 
 func newFakeWorld() *fakeWorld {
@@ -488,8 +501,12 @@ func (f fakeDM) checkRefs(t dmtable.Table) error {
 		if _, ok := f.w.disks[n]; ok {
 			continue
 		}
-		if _, ok := f.w.byDev(n); !ok {
+		if x, ok := f.w.byDev(n); !ok {
 			return fmt.Errorf("fake kernel: table references missing device %v", n)
+		} else if len(x.live) == 0 {
+			// The kernel registers a dm device's block device with its
+			// first table: before that, a reference to it is ENXIO.
+			return fmt.Errorf("fake kernel: table references device %v (%s), which has no table yet: %w", n, x.name, ErrNoDevice)
 		}
 	}
 	if err := checkFakeCrypt(t); err != nil {
@@ -499,6 +516,9 @@ func (f fakeDM) checkRefs(t dmtable.Table) error {
 }
 
 func (f fakeDM) Create(name, uuid string, t dmtable.Table) (DevInfo, error) {
+	if h := f.w.createHook; h != nil {
+		h(name, uuid)
+	}
 	f.w.mu.Lock()
 	defer f.w.mu.Unlock()
 	if _, ok := f.w.devs[name]; ok {
@@ -533,7 +553,7 @@ func (f fakeDM) info(d *fakeDev) DevInfo {
 			}
 		}
 	}
-	return DevInfo{Name: d.name, UUID: d.uuid, Dev: d.dev, Suspended: d.suspended, EventNr: d.eventNr, OpenCount: open, Live: d.live != nil, Inactive: d.inactive != nil}
+	return DevInfo{Name: d.name, UUID: d.uuid, Dev: d.dev, Suspended: d.suspended, EventNr: d.eventNr, OpenCount: open, Live: len(d.live) > 0, Inactive: len(d.inactive) > 0}
 }
 
 func (f fakeDM) get(name string) (*fakeDev, error) {
@@ -593,7 +613,7 @@ func (f fakeDM) Resume(name string) error {
 	if err != nil {
 		return err
 	}
-	if d.inactive != nil {
+	if len(d.inactive) > 0 {
 		if !d.suspended {
 			return fmt.Errorf("fake kernel: swapping the table of %s without suspending it first", name)
 		}

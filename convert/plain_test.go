@@ -524,7 +524,7 @@ func plainCrashAndRecover(t *testing.T, world rekeyWorld, fp string, nth int, re
 		}
 	}
 	if rec == recoverAbort || rec == recoverLostCacheAbort {
-		err := e.Abort(context.Background(), o)
+		err := sc.recoverOnce(&w, &e, func(e *Engine) error { return e.Abort(context.Background(), o) })
 		switch {
 		case err == nil:
 			sc.verifyPlainAborted(w, e)
@@ -532,7 +532,7 @@ func plainCrashAndRecover(t *testing.T, world rekeyWorld, fp string, nth int, re
 			finished()
 		case errors.Is(err, ErrTooLateToAbort) && sc.plainOnDisk:
 			// The header on the disk is being written: finish.
-			if err := e.Resume(context.Background(), o); err != nil && !strings.Contains(err.Error(), "already done") {
+			if err := sc.recoverOnce(&w, &e, func(e *Engine) error { return e.Resume(context.Background(), o) }); err != nil && !strings.Contains(err.Error(), "already done") {
 				t.Fatalf("resume after a refused abort (%s#%d, %s): %v", fp, nth, rec, err)
 			}
 			finished()
@@ -541,7 +541,7 @@ func plainCrashAndRecover(t *testing.T, world rekeyWorld, fp string, nth int, re
 		}
 		return
 	}
-	if err := e.Resume(context.Background(), o); err != nil {
+	if err := sc.recoverOnce(&w, &e, func(e *Engine) error { return e.Resume(context.Background(), o) }); err != nil {
 		if strings.Contains(err.Error(), "already done") {
 			finished()
 			return

@@ -424,7 +424,7 @@ func rekeyCrashAndRecover(t *testing.T, world rekeyWorld, rt rekeyTarget, fp str
 		}
 	}
 	if rec == recoverAbort || rec == recoverLostCacheAbort {
-		err := e.Abort(context.Background(), o)
+		err := sc.recoverOnce(&w, &e, func(e *Engine) error { return e.Abort(context.Background(), o) })
 		switch {
 		case err == nil:
 			sc.verifyRekeyAborted(w, e)
@@ -437,7 +437,7 @@ func rekeyCrashAndRecover(t *testing.T, world rekeyWorld, rt rekeyTarget, fp str
 			t.Fatalf("abort after a crash at %s#%d (%s): %v", fp, nth, rec, err)
 		}
 	}
-	if err := e.Resume(context.Background(), o); err != nil {
+	if err := sc.recoverOnce(&w, &e, func(e *Engine) error { return e.Resume(context.Background(), o) }); err != nil {
 		if strings.Contains(err.Error(), "already done") {
 			done()
 			return
@@ -483,6 +483,9 @@ func (sc *scenario) crashAndBoot(t *testing.T, w *fakeWorld, fp string, nth int,
 	e = sc.engine(w)
 	sc.quiet = false
 	e.FailHook = func(string) { sc.write(w) }
+	// The first recovery is killed inside one of its device creates
+	// (when it gets to that many), then run again: recoverOnce.
+	sc.createKill = 1 + (nth+int(rec))%3
 	return w, e
 }
 

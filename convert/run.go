@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
+	"slices"
 
 	"github.com/dmconvert/dmconvert/dmtable"
 	"github.com/dmconvert/dmconvert/journal"
@@ -611,6 +613,9 @@ func (r *run) rewriteHeader() error {
 // carries the header), and lvm's lock checks the VG. It reports whether F
 // had to be created (then activate puts the LVs back on it).
 func (r *run) rebuild() (fresh bool, err error) {
+	if err := r.dropUnfinished(); err != nil {
+		return false, err
+	}
 	if info, err := r.e.DM.Info(r.spec.Name); err == nil {
 		r.fdev = info.Dev
 	}
@@ -639,6 +644,33 @@ func (r *run) rebuild() (fresh bool, err error) {
 		return false, err
 	}
 	return fresh, r.resumeSuspendedUsers()
+}
+
+// dropUnfinished removes the run's devices (F and the helpers) that exist
+// without a live table: a process killed inside a create, between the
+// kernel's device create and the resume of its first table (a kill while
+// dm-crypt's constructor starts its threads fails the load with EINTR).
+// Such a device never mapped anything, and the kernel registers no block
+// device for it until a table is loaded, so no table can refer to it
+// (ENXIO); the steps that follow create it again as if it never existed.
+func (r *run) dropUnfinished() error {
+	names := []string{r.spec.Name}
+	for _, id := range slices.Sorted(maps.Keys(r.spec.Helpers)) {
+		names = append(names, r.spec.Helpers[id])
+	}
+	for _, n := range names {
+		info, err := r.e.DM.Info(n)
+		if errors.Is(err, ErrNoDevice) || (err == nil && info.Live) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("looking up %s: %w", n, err)
+		}
+		if err := r.e.DM.Remove(n); err != nil {
+			return fmt.Errorf("removing %s, left without a table by an interrupted create: %w", n, err)
+		}
+	}
+	return nil
 }
 
 // activate brings the VG's LVs back on F after a reboot (with the fence

@@ -24,6 +24,9 @@ import (
 type KernelDM struct{ C *dmtable.Client }
 
 func dmErr(err error) error {
+	if errors.Is(err, dmtable.ErrMissingDevice) {
+		return err // the device exists; its table's reference does not
+	}
 	if errors.Is(err, dmtable.ErrNotFound) {
 		return fmt.Errorf("%w: %w", ErrNoDevice, err)
 	}

@@ -410,6 +410,14 @@ func (c *Client) Load(name string, t Table) (Info, error) {
 	r, err := c.do(&call{op: "load", dev: name, cmd: cmdTableLoad, secure: needsSecure(t),
 		req: request{name: name, targetCount: uint32(len(t)), data: data}})
 	if err != nil {
+		var errno unix.Errno
+		if errors.As(err, &errno) && (errno == unix.ENXIO || errno == unix.ENODEV) {
+			// The same errno says the device itself is missing; if it
+			// exists, a device its table refers to is.
+			if _, ierr := c.Info(name); ierr == nil {
+				return Info{}, &OpError{Op: "load", Device: name, Err: fmt.Errorf("%w: %w", ErrMissingDevice, errno)}
+			}
+		}
 		return Info{}, err
 	}
 	return infoFrom(r.h), nil

@@ -36,6 +36,12 @@ var (
 	ErrNoMemory = errors.New("out of kernel memory")
 	// ErrKeyNotSet: resuming a crypt target whose key is not set; EAGAIN.
 	ErrKeyNotSet = errors.New("crypt key not set")
+	// ErrMissingDevice: loading a table that refers to a block device the
+	// kernel cannot open (ENXIO or ENODEV from load while the device
+	// being loaded exists): no such device, or a device-mapper device
+	// that has no table yet (the kernel adds its block device with its
+	// first table). It also matches ErrNotFound.
+	ErrMissingDevice = errors.New("a device the table refers to does not exist (or is a device-mapper device with no table yet)")
 	// ErrUnsupported: loading a table the kernel has no code for, such as
 	// a crypto algorithm that is neither built in nor loadable (ENOENT
 	// from load).
