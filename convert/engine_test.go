@@ -363,6 +363,16 @@ func (sc *scenario) runUntil(e *Engine, w *fakeWorld, name string, nth int, f fu
 		}
 	}
 	defer func() { e.FailHook = nil }()
+	crashed, err := sc.catchCrash(f)
+	if crashed == nil && err != nil {
+		sc.t.Fatalf("run before the crash at %s#%d failed: %v", name, nth, err)
+	}
+	return crashed, hits
+}
+
+// catchCrash runs f, returning the world at the instant of a crash inside
+// it, or f's error.
+func (sc *scenario) catchCrash(f func() error) (crashed *fakeWorld, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			cp, ok := p.(crashPanic)
@@ -372,25 +382,6 @@ func (sc *scenario) runUntil(e *Engine, w *fakeWorld, name string, nth int, f fu
 			crashed = cp.world
 			// Writes acknowledged by the dying world after the crash
 			// instant (the unwinding resumes devices) never happened.
-			sc.expect = cp.expect
-		}
-	}()
-	if err := f(); err != nil {
-		sc.t.Fatalf("run before the crash at %s#%d failed: %v", name, nth, err)
-	}
-	return nil, hits
-}
-
-// catchCrash runs f, returning the world at the instant of a crash inside
-// it (and then restoring the expectations of that instant), or f's error.
-func (sc *scenario) catchCrash(f func() error) (crashed *fakeWorld, err error) {
-	defer func() {
-		if p := recover(); p != nil {
-			cp, ok := p.(crashPanic)
-			if !ok {
-				panic(p)
-			}
-			crashed = cp.world
 			sc.expect = cp.expect
 		}
 	}()
