@@ -58,7 +58,7 @@ func (e *Engine) findMapping(target string) (*cryptMapping, error) {
 		if err != nil {
 			return nil, err
 		}
-		var names []string
+		var names, ours []string
 		for _, d := range list {
 			t, err := e.DM.Table(d.Name)
 			if err != nil || len(t) != 1 {
@@ -66,12 +66,22 @@ func (e *Engine) findMapping(target string) (*cryptMapping, error) {
 			}
 			if c, ok := t[0].Params.(*dmtable.Crypt); ok {
 				if n, ok := c.Dev.Dev(); ok && n == di.Dev {
+					if strings.HasPrefix(d.UUID, helperUUIDPrefix) {
+						// A run's helper, or a key check a killed
+						// plan left: never the user's mapping.
+						ours = append(ours, d.Name)
+						continue
+					}
 					names = append(names, d.Name)
 				}
 			}
 		}
 		switch len(names) {
 		case 0:
+			if ours != nil && slices.ContainsFunc(ours, isRunHelper) {
+				slices.Sort(ours)
+				return nil, refuse(target, "run dmconvert status, then resume or abort that run", "a dmconvert run's devices use it: %s", strings.Join(ours, ", "))
+			}
 			return nil, refuse(target, "open it first (cryptsetup open), or decrypt it offline with cryptsetup reencrypt --decrypt", "no open dm-crypt mapping uses it")
 		case 1:
 			name = names[0]
@@ -85,6 +95,9 @@ func (e *Engine) findMapping(target string) (*cryptMapping, error) {
 	info, err := e.DM.Info(name)
 	if err != nil {
 		return nil, err
+	}
+	if strings.HasPrefix(info.UUID, helperUUIDPrefix) {
+		return nil, refuse(name, "give the mapping the run converts, or run dmconvert status", "a private device of dmconvert (dm UUID %s), not a mapping of yours", info.UUID)
 	}
 	t, err := e.DM.Table(name)
 	if err != nil {

@@ -21,6 +21,17 @@ const (
 	helperNamePrefix = "dmconvert-"
 )
 
+// isRunHelper reports whether name is a run's helper (head, new or old),
+// not a plan's transient cipher probe or key check.
+func isRunHelper(name string) bool {
+	for _, id := range []BackingID{HeadID, NewID, OldID} {
+		if strings.HasPrefix(name, helperNamePrefix) && strings.HasSuffix(name, "-"+string(id)) {
+			return true
+		}
+	}
+	return false
+}
+
 // helperTable is the table of a private crypt device: the whole device as
 // one crypt target over the disk at the device's place.
 func (r *run) helperTable(id BackingID) (dmtable.Table, error) {

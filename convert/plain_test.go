@@ -653,3 +653,66 @@ func TestPlainRekeyKeyringKey(t *testing.T) {
 	}
 	sc.verifyPlainRekeyed(w, e)
 }
+
+// TestPlanRefusesARunsDevices: a plain rekey killed mid-run leaves its
+// helpers, crypt mappings of the disk with nothing on the disk to say
+// whose they are. A new rekey or decrypt of the disk by its path is
+// refused as a run's, naming its devices, and one of a helper by name as
+// dmconvert's own device; nothing is written. A key check a killed plan
+// left beside the user's mapping does not make the disk ambiguous.
+func TestPlanRefusesARunsDevices(t *testing.T) {
+	sc, w := plainWorld(t, 66)
+	e := sc.engine(w)
+	crashed, _ := sc.runUntil(e, w, "commit:after", 3, sc.planPlain(e))
+	if crashed == nil {
+		t.Fatal("the run never reached commit:after#3")
+	}
+	w = crashed
+	e = sc.engine(w)
+	var helper string
+	for name, d := range w.devs {
+		if strings.HasSuffix(name, "-old") && strings.HasPrefix(d.uuid, helperUUIDPrefix) {
+			helper = name
+		}
+	}
+	if helper == "" {
+		t.Fatalf("no old-key helper among %v", w.devs)
+	}
+	sc.journal = filepath.Join(t.TempDir(), "second.journal")
+	o := sc.plainOptions()
+	o.Target = fakeDiskPath
+	requireRefused(t, w, "rekey of the disk mid-run", "a dmconvert run's devices use it: "+strings.TrimSuffix(helper, "-old")+"-new, "+helper+";", func() error {
+		_, err := e.PlanPlainRekey(context.Background(), o)
+		return err
+	})
+	d := sc.decryptOptions()
+	d.Target = fakeDiskPath
+	requireRefused(t, w, "decrypt of the disk mid-run", "a dmconvert run's devices use it", func() error {
+		_, err := e.PlanDecrypt(context.Background(), d)
+		return err
+	})
+	o.Target = helper
+	requireRefused(t, w, "rekey of a helper", "a private device of dmconvert", func() error {
+		_, err := e.PlanPlainRekey(context.Background(), o)
+		return err
+	})
+
+	sc, w = plainWorld(t, 67)
+	e = sc.engine(w)
+	tbl, err := e.DM.Table("vda_crypt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.DM.Create(helperNamePrefix+"0123-keycheck", helperUUID("0123", "keycheck"), tbl); err != nil {
+		t.Fatal(err)
+	}
+	o = sc.plainOptions()
+	o.Target = fakeDiskPath
+	p, err := e.PlanPlainRekey(context.Background(), o)
+	if err != nil {
+		t.Fatalf("rekey of the disk beside a left-over key check: %v", err)
+	}
+	if p.Spec.Name != "vda_crypt" {
+		t.Fatalf("planned the rekey of %q, want vda_crypt", p.Spec.Name)
+	}
+}
