@@ -150,9 +150,9 @@ func (e *Engine) probeCrypt(id string, cs CryptSpec, disk dmtable.Dev, off, leng
 	k := dmtable.HexKey(key)
 	clear(key)
 	defer k.Wipe()
-	name := helperNamePrefix + id + "-probe"
+	name, uuid := transientDevice(id, "probe")
 	zero := dmtable.Table{{Start: 0, Length: dmtable.Sectors(length), Params: &dmtable.Zero{}}}
-	if _, err := e.DM.Create(name, helperUUID(id, "probe"), zero); err != nil {
+	if _, err := e.DM.Create(name, uuid, zero); err != nil {
 		return fmt.Errorf("creating %s to try the cipher: %w", name, err)
 	}
 	lerr := e.DM.Load(name, dmtable.Table{cryptTarget(0, length, cs, k, 0, disk, off)})

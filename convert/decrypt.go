@@ -47,6 +47,7 @@ type cryptMapping struct {
 
 // findMapping resolves target to the dm-crypt mapping and its disk.
 func (e *Engine) findMapping(target string) (*cryptMapping, error) {
+	e.dropStaleTransients()
 	name := strings.TrimPrefix(target, "/dev/mapper/")
 	if _, err := e.DM.Info(name); err != nil {
 		// A device path: find the mapping whose table is crypt over it.

@@ -837,7 +837,10 @@ type fakeHost struct {
 	lockMu   sync.Mutex
 	lbs      uint32
 	diskByPt map[string]dmtable.Dev
+	gone     map[int]bool // the processes that no longer exist
 }
+
+func (h *fakeHost) ProcessExists(pid int) bool { return !h.gone[pid] }
 
 func (h *fakeHost) Stat(path string) (DiskInfo, error) {
 	h.w.mu.Lock()

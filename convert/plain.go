@@ -799,9 +799,9 @@ func (e *Engine) checkOldKey(m *cryptMapping, k []byte, cs CryptSpec, disk dmtab
 	}
 	hk := dmtable.HexKey(k)
 	defer hk.Wipe()
-	name := helperNamePrefix + id + "-keycheck"
+	name, uuid := transientDevice(id, "keycheck")
 	t := dmtable.Table{cryptTarget(0, m.size, cs, hk, 0, disk, off)}
-	if _, err := e.DM.Create(name, helperUUID(id, "keycheck"), t); err != nil {
+	if _, err := e.DM.Create(name, uuid, t); err != nil {
 		return fmt.Errorf("%s: creating %s to check the old key: %w", m.name, name, err)
 	}
 	defer func() {

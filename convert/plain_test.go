@@ -658,8 +658,9 @@ func TestPlainRekeyKeyringKey(t *testing.T) {
 // helpers, crypt mappings of the disk with nothing on the disk to say
 // whose they are. A new rekey or decrypt of the disk by its path is
 // refused as a run's, naming its devices, and one of a helper by name as
-// dmconvert's own device; nothing is written. A key check a killed plan
-// left beside the user's mapping does not make the disk ambiguous.
+// dmconvert's own device; nothing is written. Key checks left beside the
+// user's mapping do not make the disk ambiguous, and the plan removes
+// those whose process is gone.
 func TestPlanRefusesARunsDevices(t *testing.T) {
 	sc, w := plainWorld(t, 66)
 	e := sc.engine(w)
@@ -703,16 +704,41 @@ func TestPlanRefusesARunsDevices(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.DM.Create(helperNamePrefix+"0123-keycheck", helperUUID("0123", "keycheck"), tbl); err != nil {
-		t.Fatal(err)
+	// Left by a killed plan (its PID gone), a running one's, and one
+	// whose UUID names no PID.
+	e.Host.(*fakeHost).gone = map[int]bool{999999: true}
+	left := map[string]bool{}
+	for _, c := range []struct {
+		tag   string
+		stays bool
+	}{{"0123-pid999999", false}, {"4567-pid999998", true}, {"89ab", true}} {
+		name := helperNamePrefix + c.tag + "-keycheck"
+		if _, err := e.DM.Create(name, helperUUID(c.tag, "keycheck"), tbl); err != nil {
+			t.Fatal(err)
+		}
+		left[name] = c.stays
 	}
 	o = sc.plainOptions()
 	o.Target = fakeDiskPath
 	p, err := e.PlanPlainRekey(context.Background(), o)
 	if err != nil {
-		t.Fatalf("rekey of the disk beside a left-over key check: %v", err)
+		t.Fatalf("rekey of the disk beside left-over key checks: %v", err)
 	}
 	if p.Spec.Name != "vda_crypt" {
 		t.Fatalf("planned the rekey of %q, want vda_crypt", p.Spec.Name)
+	}
+	for name, stays := range left {
+		if _, err := e.DM.Info(name); (err == nil) != stays {
+			t.Errorf("%s: still there %v, want %v", name, err == nil, stays)
+		}
+	}
+	for name, d := range w.devs {
+		if _, known := left[name]; !known && strings.HasPrefix(d.uuid, helperUUIDPrefix) {
+			t.Errorf("the plan left its own %s", name)
+		}
+	}
+	_, uuid := transientDevice("cafe", "probe")
+	if pid, ok := transientPID(uuid); !ok || pid != os.Getpid() {
+		t.Errorf("transientPID(%q) = %d, %v; want this process's %d", uuid, pid, ok, os.Getpid())
 	}
 }

@@ -440,6 +440,12 @@ func (h OSHost) Users(dev dmtable.Dev) ([]string, error) {
 	return out, nil
 }
 
+// ProcessExists implements Processes.
+func (h OSHost) ProcessExists(pid int) bool {
+	// EPERM: it exists, owned by someone else.
+	return unix.Kill(pid, 0) != unix.ESRCH
+}
+
 // CryptoAlgorithms implements CryptoAlgorithms: the names in
 // /proc/crypto (algorithms built in or loaded as modules, and template
 // instances such as xts(aes) once something allocated them).

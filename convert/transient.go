@@ -1,0 +1,61 @@
+package convert
+
+import (
+	"fmt"
+	"os"
+	"regexp"
+	"strconv"
+)
+
+// A plan's transient devices (the cipher probe, the old-key check) live
+// from a create to a remove a few milliseconds later. A plan killed in
+// between leaves one behind: a private device that, for a key check, is a
+// crypt mapping of the disk holding it open. Their names and dm UUIDs
+// carry the planning process's PID, so the next plan removes the ones
+// whose process is gone and leaves another running plan's alone.
+
+// transientDevice returns the name and dm UUID of run id's transient
+// device of kind ("probe", "keycheck").
+func transientDevice(id, kind string) (name, uuid string) {
+	tag := fmt.Sprintf("%s-pid%d", id, os.Getpid())
+	return helperNamePrefix + tag + "-" + kind, helperUUID(tag, BackingID(kind))
+}
+
+var transientRE = regexp.MustCompile(`^` + helperUUIDPrefix + `[0-9a-f]+-pid([0-9]+)-(probe|keycheck)$`)
+
+// transientPID returns the PID in a transient device's dm UUID.
+func transientPID(uuid string) (int, bool) {
+	m := transientRE.FindStringSubmatch(uuid)
+	if m == nil {
+		return 0, false
+	}
+	pid, err := strconv.Atoi(m[1])
+	return pid, err == nil && pid > 0
+}
+
+// Processes is implemented by hosts that can tell whether a process
+// exists.
+type Processes interface {
+	ProcessExists(pid int) bool
+}
+
+// dropStaleTransients removes the transient devices of plans whose
+// process no longer exists. (dm devices do not outlive a boot, so a PID
+// reused since can only make it keep a stale one.) A removal that fails
+// (the device is open) is left for a later plan: findMapping never takes
+// a dmconvert device for the user's mapping.
+func (e *Engine) dropStaleTransients() {
+	h, ok := e.Host.(Processes)
+	if !ok {
+		return
+	}
+	list, err := e.DM.List()
+	if err != nil {
+		return
+	}
+	for _, d := range list {
+		if pid, ok := transientPID(d.UUID); ok && pid != os.Getpid() && !h.ProcessExists(pid) {
+			_ = e.DM.Remove(d.Name)
+		}
+	}
+}
