@@ -926,12 +926,18 @@ func TestGuestCLIRefusals(t *testing.T) {
 		refused(t, dev, 3, "passphrase", "resume", "--journal", j, "--key-file", "/tmp/wrong-pw")
 		// The journal belongs to dev, not to the small disk.
 		refused(t, small, 2, "journal", "resume", "--journal", j, "--device", small, "--key-file", pwFile)
+		// Stopped, its devices in place: a new encrypt of the disk
+		// with another journal is refused as that run's.
+		code, out := cliRun(t, enc("--journal", filepath.Join(state, "other.journal"))...)
+		if code != 2 || !strings.Contains(out, dev+": a dmconvert run's devices use it: dmconvert-") {
+			t.Fatalf("new encrypt of a stopped run's disk: exit %d (want 2, the run's devices named): %q", code, out)
+		}
 		// A second dmconvert while one works on the disk: start the
 		// resume, then try another one and a new encrypt.
 		r2 := cliStart(t, "resume", "--journal", j, "--key-file", pwFile, "--json")
 		r2.waitProgress(t, 0.4)
 		requireLiveStatus(t, j, r2.cmd.Process.Pid, "resume")
-		code, out := cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
+		code, out = cliRun(t, "resume", "--journal", j, "--key-file", pwFile)
 		if code != 4 || !strings.Contains(out, "another dmconvert") {
 			t.Fatalf("second resume while one runs: exit %d:\n%s", code, out)
 		}

@@ -59,7 +59,7 @@ func (e *Engine) findMapping(target string) (*cryptMapping, error) {
 		if err != nil {
 			return nil, err
 		}
-		var names, ours []string
+		var names []string
 		for _, d := range list {
 			t, err := e.DM.Table(d.Name)
 			if err != nil || len(t) != 1 {
@@ -70,7 +70,6 @@ func (e *Engine) findMapping(target string) (*cryptMapping, error) {
 					if strings.HasPrefix(d.UUID, helperUUIDPrefix) {
 						// A run's helper, or a key check a killed
 						// plan left: never the user's mapping.
-						ours = append(ours, d.Name)
 						continue
 					}
 					names = append(names, d.Name)
@@ -79,9 +78,8 @@ func (e *Engine) findMapping(target string) (*cryptMapping, error) {
 		}
 		switch len(names) {
 		case 0:
-			if ours != nil && slices.ContainsFunc(ours, isRunHelper) {
-				slices.Sort(ours)
-				return nil, refuse(target, "run dmconvert status, then resume or abort that run", "a dmconvert run's devices use it: %s", strings.Join(ours, ", "))
+			if err := e.refuseRunsDisk(di.Dev, target); err != nil {
+				return nil, err
 			}
 			return nil, refuse(target, "open it first (cryptsetup open), or decrypt it offline with cryptsetup reencrypt --decrypt", "no open dm-crypt mapping uses it")
 		case 1:
@@ -107,6 +105,11 @@ func (e *Engine) findMapping(target string) (*cryptMapping, error) {
 	var c *dmtable.Crypt
 	if len(t) == 1 {
 		c, _ = t[0].Params.(*dmtable.Crypt)
+	}
+	if c == nil {
+		if err := e.refuseRunsMapping(name); err != nil {
+			return nil, err
+		}
 	}
 	if c == nil || t[0].Start != 0 {
 		return nil, refuse(name, "", "not a dm-crypt mapping of one whole device (its table: %s)", targetSummary(t))

@@ -599,6 +599,43 @@ func (sc *scenario) verifyFinished(w *fakeWorld, e *Engine) {
 	sc.verifyPlain(w, e)
 }
 
+// TestEncryptRefusesAKilledRunsDisk: an encrypt killed mid-run leaves its
+// devices (F's mirror, the new helper's crypt target, both over the disk).
+// A new encrypt of the disk with another journal is refused as that run's
+// disk, naming the run's helper and saying to resume or abort it (before:
+// "maps it with a crypt target, which dmconvert cannot restack"), and
+// writes nothing.
+func TestEncryptRefusesAKilledRunsDisk(t *testing.T) {
+	sc := newScenario(t, 70)
+	w := sc.world()
+	e := sc.engine(w)
+	crashed, _ := sc.runUntil(e, w, "commit:after", 3, func() error {
+		ep, err := e.PlanEncrypt(context.Background(), sc.options())
+		if err != nil {
+			return err
+		}
+		return e.Execute(context.Background(), ep, RunOptions{})
+	})
+	if crashed == nil {
+		t.Fatal("the run never reached commit:after#3")
+	}
+	var helper string
+	for name, d := range crashed.devs {
+		if strings.HasPrefix(d.uuid, helperUUIDPrefix) {
+			helper = name
+		}
+	}
+	if helper == "" {
+		t.Fatalf("no helper among %v", crashed.devs)
+	}
+	sc.journal = filepath.Join(t.TempDir(), "second.journal")
+	e = sc.engine(crashed)
+	requireRefused(t, crashed, "a second encrypt", fakeDiskPath+": a dmconvert run's devices use it: "+helper+"; run dmconvert status, then resume or abort that run", func() error {
+		_, err := e.PlanEncrypt(context.Background(), sc.options())
+		return err
+	})
+}
+
 // TestEncryptRefusesOtherTargetsOnTheDisk: a mirror over the disk that is
 // not an LV dmconvert can restack is refused, naming it; LVM's pvmove
 // mirror is "busy" (exit 4) and says to let the pvmove finish. Nothing

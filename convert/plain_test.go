@@ -656,9 +656,10 @@ func TestPlainRekeyKeyringKey(t *testing.T) {
 
 // TestPlanRefusesARunsDevices: a plain rekey killed mid-run leaves its
 // helpers, crypt mappings of the disk with nothing on the disk to say
-// whose they are. A new rekey or decrypt of the disk by its path is
-// refused as a run's, naming its devices, and one of a helper by name as
-// dmconvert's own device; nothing is written. Key checks left beside the
+// whose they are. A new rekey or decrypt of the disk by its path, or of
+// the mapping (restacked onto the helpers) by its name, is refused as the
+// run's, naming its devices, and one of a helper by name as dmconvert's
+// own device; nothing is written. Key checks left beside the
 // user's mapping do not make the disk ambiguous, and the plan removes
 // those whose process is gone.
 func TestPlanRefusesARunsDevices(t *testing.T) {
@@ -689,6 +690,16 @@ func TestPlanRefusesARunsDevices(t *testing.T) {
 	d := sc.decryptOptions()
 	d.Target = fakeDiskPath
 	requireRefused(t, w, "decrypt of the disk mid-run", "a dmconvert run's devices use it", func() error {
+		_, err := e.PlanDecrypt(context.Background(), d)
+		return err
+	})
+	o.Target = "vda_crypt"
+	requireRefused(t, w, "rekey of the mapping mid-run", "vda_crypt: a dmconvert run is converting it (its devices: "+strings.TrimSuffix(helper, "-old")+"-new, "+helper+")", func() error {
+		_, err := e.PlanPlainRekey(context.Background(), o)
+		return err
+	})
+	d.Target = "vda_crypt"
+	requireRefused(t, w, "decrypt of the mapping mid-run", "vda_crypt: a dmconvert run is converting it", func() error {
 		_, err := e.PlanDecrypt(context.Background(), d)
 		return err
 	})

@@ -287,7 +287,8 @@ func TestGuestRekeyFS(t *testing.T) {
 
 // TestGuestRekeyAbort: a rekey stopped half way with SIGTERM and aborted
 // walks back online to the old key: every write is there and the old
-// volume key opens the disk.
+// volume key opens the disk. While it is stopped, a decrypt of the
+// mapping or its disk is refused as the run's.
 func TestGuestRekeyAbort(t *testing.T) {
 	testvm.RequireGuest(t)
 	d := testvm.GuestDisks()
@@ -298,6 +299,15 @@ func TestGuestRekeyAbort(t *testing.T) {
 	j := st.file(state, "journal")
 	w := startWriter(t, st, state)
 	rekeyStopped(t, name, j, 0.5, "1M")
+	// Stopped, the mapping restacked onto the run's helpers: a decrypt
+	// of the mapping or of its disk is refused as the run's.
+	for _, target := range []string{name, st.Disk} {
+		code, out := cliRun(t, "decrypt", target, "--key-file", pwFile, "--batch-mode", "--journal", st.file(state, "other.journal"))
+		if code != 2 || !strings.Contains(out, target+": a dmconvert run") || !strings.Contains(out, "resume or abort that run") {
+			t.Fatalf("decrypt of %s mid-rekey: exit %d, want 2 and the run named:\n%s", target, code, out)
+		}
+		t.Logf("refused as expected: %s", strings.TrimSpace(out))
+	}
 	code, out := cliRun(t, "abort", "--journal", j, "--key-file", pwFile)
 	requireExit(t, "abort of the rekey", code, 0, out)
 	acks, _ := w.finish(t)

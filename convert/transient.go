@@ -1,10 +1,15 @@
 package convert
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"regexp"
+	"slices"
 	"strconv"
+	"strings"
+
+	"github.com/dmconvert/dmconvert/dmtable"
 )
 
 // A plan's transient devices (the cipher probe, the old-key check) live
@@ -58,4 +63,61 @@ func (e *Engine) dropStaleTransients() {
 			_ = e.DM.Remove(d.Name)
 		}
 	}
+}
+
+// refuseRunsDisk refuses a disk that a dmconvert run's devices use: a run
+// stopped or killed mid-way, whose journal may be elsewhere. Without it
+// the plan would refuse for a reason the run's state shows (the disk's
+// label hidden, its mapping a mirror), not the run.
+func (e *Engine) refuseRunsDisk(disk dmtable.Dev, path string) error {
+	list, err := e.DM.List()
+	if err != nil {
+		return fmt.Errorf("listing device-mapper devices: %w", err)
+	}
+	var ours []string
+	for _, d := range list {
+		if !strings.HasPrefix(d.UUID, helperUUIDPrefix) || !isRunHelper(d.Name) {
+			continue
+		}
+		deps, err := e.DM.Deps(d.Name)
+		if errors.Is(err, ErrNoDevice) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("reading the dependencies of %s: %w", d.Name, err)
+		}
+		if slices.Contains(deps, disk) {
+			ours = append(ours, d.Name)
+		}
+	}
+	if ours == nil {
+		return nil
+	}
+	slices.Sort(ours)
+	return refuse(path, "run dmconvert status, then resume or abort that run", "a dmconvert run's devices use it: %s", strings.Join(ours, ", "))
+}
+
+// refuseRunsMapping refuses mapping name when its table uses a dmconvert
+// run's devices: the run's F, the mapping a run stopped or killed mid-way
+// left restacked onto its helpers.
+func (e *Engine) refuseRunsMapping(name string) error {
+	deps, err := e.DM.Deps(name)
+	if err != nil {
+		return fmt.Errorf("reading the dependencies of %s: %w", name, err)
+	}
+	list, err := e.DM.List()
+	if err != nil {
+		return fmt.Errorf("listing device-mapper devices: %w", err)
+	}
+	var ours []string
+	for _, d := range list {
+		if strings.HasPrefix(d.UUID, helperUUIDPrefix) && isRunHelper(d.Name) && slices.Contains(deps, d.Dev) {
+			ours = append(ours, d.Name)
+		}
+	}
+	if ours == nil {
+		return nil
+	}
+	slices.Sort(ours)
+	return refuse(name, "run dmconvert status, then resume or abort that run", "a dmconvert run is converting it (its devices: %s)", strings.Join(ours, ", "))
 }
