@@ -955,6 +955,32 @@ func TestGuestCLIRefusals(t *testing.T) {
 		// helper found it open. The kernel removes it once lvm closes it.)
 		requireNoHelpers(t)
 	})
+	t.Run("after-a-reboot-mid-run", func(t *testing.T) {
+		// An encrypt killed, its devices gone as by a reboot: the disk
+		// shows the run's LUKS header, whose checkpoint names the
+		// journal. A new encrypt is refused as that run's (before: "not
+		// an LVM physical volume"); the run then resumes.
+		shOK("vgchange", "-an", "vgr")
+		shOK("dmsetup", "remove", filepath.Base(dev)+"_crypt")
+		wipe(t, dev)
+		lightStack(t, dev, true, false)
+		rj := filepath.Join(state, "reboot.journal")
+		r := cliStart(t, append([]string{"encrypt", dev, "--batch-mode", "--key-file", pwFile, "--journal", rj, "--json", "--chunk-size", "1M"}, cheapKDFFlags...)...)
+		r.waitProgress(t, 0.4)
+		r.cmd.Process.Kill()
+		r.wait()
+		for _, prefix := range []string{"vgr-", filepath.Base(dev) + "_crypt", "dmconvert-"} {
+			for _, l := range strings.Split(sh(t, "dmsetup", "ls"), "\n") {
+				if f := strings.Fields(l); len(f) > 0 && strings.HasPrefix(f[0], prefix) {
+					sh(t, "dmsetup", "remove", f[0])
+				}
+			}
+		}
+		refused(t, dev, 2, "journal "+rj+") is in progress on it", enc("--journal", filepath.Join(state, "other.journal"))...)
+		code, out := cliRun(t, "resume", "--journal", rj, "--key-file", pwFile)
+		requireExit(t, "resume after the reboot", code, 0, out)
+		requireNoHelpers(t)
+	})
 }
 
 // requireNoHelpers: no dmconvert helper device is left (within 10 s: a

@@ -145,6 +145,12 @@ func (e *Engine) PlanEncrypt(ctx context.Context, o EncryptOptions) (*EncryptPla
 			"it is in use outside device-mapper: %s", strings.Join(users, ", "))
 	}
 	pv, err := e.LVM.Discover(ctx, dev)
+	if errors.Is(err, ErrNotPV) {
+		// After a reboot mid-run the disk shows the run's header.
+		if rerr := e.refuseRunsHeader(dev); rerr != nil {
+			return nil, rerr
+		}
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -636,6 +636,27 @@ func TestEncryptRefusesAKilledRunsDisk(t *testing.T) {
 	})
 }
 
+// TestEncryptRefusesARunsHeader: after a reboot mid-run the disk starts
+// with the LUKS header of a run in progress (LUKS2 with its token; LUKS1
+// disguised, with its record). A new encrypt is refused as that run's,
+// naming it and its journal, and writes nothing.
+func TestEncryptRefusesARunsHeader(t *testing.T) {
+	cp := Checkpoint{Run: "0123456789abcdef", Op: "encrypt", Plan: "forward", Phase: 4, Boundary: 1234, Journal: "/var/lib/dmconvert/x.journal"}
+	for version, hs := range map[int]int64{2: 1 << 20, 1: 2 << 20} {
+		sc := newScenario(t, 71)
+		sc.N = 16384
+		w := sc.world()
+		img := inProgressImage(t, version, hs, cp)
+		copy(w.disks[sc.disk].durable, img[:hs])
+		e := sc.engine(w)
+		e.LVM.(*fakeLVM).notPV = true // LVM finds no label there
+		requireRefused(t, w, fmt.Sprintf("LUKS%d", version), fakeDiskPath+": a dmconvert encrypt (run 0123456789abcdef, journal /var/lib/dmconvert/x.journal) is in progress on it", func() error {
+			_, err := e.PlanEncrypt(context.Background(), sc.options())
+			return err
+		})
+	}
+}
+
 // TestEncryptRefusesOtherTargetsOnTheDisk: a mirror over the disk that is
 // not an LV dmconvert can restack is refused, naming it; LVM's pvmove
 // mirror is "busy" (exit 4) and says to let the pvmove finish. Nothing

@@ -121,3 +121,27 @@ func (e *Engine) refuseRunsMapping(name string) error {
 	slices.Sort(ours)
 	return refuse(name, "run dmconvert status, then resume or abort that run", "a dmconvert run is converting it (its devices: %s)", strings.Join(ours, ", "))
 }
+
+// refuseRunsHeader refuses a disk that starts with the LUKS header of a
+// dmconvert run in progress: after a reboot mid-run the run's devices are
+// gone and the disk shows the run's checkpoint, which names its journal.
+// (An encrypt asks when LVM finds no physical volume on the disk, which
+// it would otherwise report.) A disk whose start is anything else is left
+// to the other checks.
+func (e *Engine) refuseRunsHeader(path string) error {
+	disk, err := e.Host.OpenDisk(path)
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", path, err)
+	}
+	defer disk.Close()
+	cp, _, err := DiskCheckpoint(disk)
+	if err != nil {
+		return nil
+	}
+	journal := ""
+	if cp.Journal != "" {
+		journal = ", journal " + cp.Journal
+	}
+	return refuse(path, "run dmconvert status "+path+", then resume or abort that run",
+		"a dmconvert %s (run %s%s) is in progress on it: its LUKS header carries the run's checkpoint", cp.Op, cp.Run, journal)
+}
