@@ -21,13 +21,15 @@ const (
 	helperNamePrefix = "dmconvert-"
 )
 
-// isRunHelper reports whether name is a run's helper (head, new or old),
-// not a plan's transient cipher probe or key check.
-func isRunHelper(name string) bool {
-	for _, id := range []BackingID{HeadID, NewID, OldID} {
-		if strings.HasPrefix(name, helperNamePrefix) && strings.HasSuffix(name, "-"+string(id)) {
-			return true
-		}
+// isRunHelper reports whether d is a run's helper (head, new or old), not
+// a plan's transient cipher probe or key check: its dm UUID is helperUUID's.
+func isRunHelper(d DevInfo) bool {
+	if !strings.HasPrefix(d.UUID, helperUUIDPrefix) {
+		return false
+	}
+	switch BackingID(d.UUID[strings.LastIndexByte(d.UUID, '-')+1:]) {
+	case HeadID, NewID, OldID:
+		return true
 	}
 	return false
 }

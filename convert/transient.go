@@ -65,35 +65,46 @@ func (e *Engine) dropStaleTransients() {
 	}
 }
 
+// runHelpers returns the names, sorted, of the run helpers for which uses
+// reports true.
+func (e *Engine) runHelpers(uses func(d DevInfo) (bool, error)) ([]string, error) {
+	list, err := e.DM.List()
+	if err != nil {
+		return nil, fmt.Errorf("listing device-mapper devices: %w", err)
+	}
+	var ours []string
+	for _, d := range list {
+		if !isRunHelper(d) {
+			continue
+		}
+		if ok, err := uses(d); err != nil {
+			return nil, err
+		} else if ok {
+			ours = append(ours, d.Name)
+		}
+	}
+	slices.Sort(ours)
+	return ours, nil
+}
+
 // refuseRunsDisk refuses a disk that a dmconvert run's devices use: a run
 // stopped or killed mid-way, whose journal may be elsewhere. Without it
 // the plan would refuse for a reason the run's state shows (the disk's
 // label hidden, its mapping a mirror), not the run.
 func (e *Engine) refuseRunsDisk(disk dmtable.Dev, path string) error {
-	list, err := e.DM.List()
-	if err != nil {
-		return fmt.Errorf("listing device-mapper devices: %w", err)
-	}
-	var ours []string
-	for _, d := range list {
-		if !strings.HasPrefix(d.UUID, helperUUIDPrefix) || !isRunHelper(d.Name) {
-			continue
-		}
+	ours, err := e.runHelpers(func(d DevInfo) (bool, error) {
 		deps, err := e.DM.Deps(d.Name)
 		if errors.Is(err, ErrNoDevice) {
-			continue
+			return false, nil
 		}
 		if err != nil {
-			return fmt.Errorf("reading the dependencies of %s: %w", d.Name, err)
+			return false, fmt.Errorf("reading the dependencies of %s: %w", d.Name, err)
 		}
-		if slices.Contains(deps, disk) {
-			ours = append(ours, d.Name)
-		}
+		return slices.Contains(deps, disk), nil
+	})
+	if err != nil || ours == nil {
+		return err
 	}
-	if ours == nil {
-		return nil
-	}
-	slices.Sort(ours)
 	return refuse(path, "run dmconvert status, then resume or abort that run", "a dmconvert run's devices use it: %s", strings.Join(ours, ", "))
 }
 
@@ -105,20 +116,10 @@ func (e *Engine) refuseRunsMapping(name string) error {
 	if err != nil {
 		return fmt.Errorf("reading the dependencies of %s: %w", name, err)
 	}
-	list, err := e.DM.List()
-	if err != nil {
-		return fmt.Errorf("listing device-mapper devices: %w", err)
+	ours, err := e.runHelpers(func(d DevInfo) (bool, error) { return slices.Contains(deps, d.Dev), nil })
+	if err != nil || ours == nil {
+		return err
 	}
-	var ours []string
-	for _, d := range list {
-		if strings.HasPrefix(d.UUID, helperUUIDPrefix) && isRunHelper(d.Name) && slices.Contains(deps, d.Dev) {
-			ours = append(ours, d.Name)
-		}
-	}
-	if ours == nil {
-		return nil
-	}
-	slices.Sort(ours)
 	return refuse(name, "run dmconvert status, then resume or abort that run", "a dmconvert run is converting it (its devices: %s)", strings.Join(ours, ", "))
 }
 
