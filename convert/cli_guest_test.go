@@ -290,6 +290,39 @@ func requireLiveStatus(t testing.TB, j string, pid int, command string) {
 	t.Logf("status during the run:\n%s", text)
 }
 
+// requireFoundWhileRunning stops the process pid, which runs a conversion
+// of disk with its journal j outside the journal directory, and checks
+// that status finds the run with and without the disk, that resume of
+// the disk is refused as busy naming the journal, and that a new encrypt
+// of the disk is refused as busy naming the process (before it plans:
+// nothing it does waits on the run's devices, some of which may be
+// suspended while the process is stopped). Then it lets it go on.
+func requireFoundWhileRunning(t testing.TB, disk, j string, pid int) {
+	t.Helper()
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Kill(pid, syscall.SIGCONT)
+	proc := fmt.Sprintf("process %d", pid)
+	for _, args := range [][]string{{"status"}, {"status", disk}} {
+		code, out := cliRun(t, args...)
+		requireExit(t, strings.Join(args, " "), code, 0, out)
+		if !strings.Contains(out, "journal:   "+j) || !strings.Contains(out, proc) {
+			t.Fatalf("dmconvert %s while %s runs with its journal %s shows neither:\n%s", strings.Join(args, " "), proc, j, out)
+		}
+	}
+	code, out := cliRun(t, "resume", disk, "--batch-mode", "--key-file", pwFile)
+	requireExit(t, "resume of the running run's disk", code, 4, out)
+	if !strings.Contains(out, "is running this conversion") || !strings.Contains(out, j) {
+		t.Fatalf("resume of the running run's disk does not name its journal %s:\n%s", j, out)
+	}
+	code, out = cliRun(t, append([]string{"encrypt", disk, "--dry-run", "--batch-mode", "--key-file", pwFile}, cheapKDFFlags...)...)
+	requireExit(t, "encrypt of the running run's disk", code, 4, out)
+	if want := "dmconvert " + proc + " is working on it"; !strings.Contains(out, want) {
+		t.Fatalf("encrypt of the running run's disk does not say %q:\n%s", want, out)
+	}
+}
+
 func requireExit(t testing.TB, what string, code, want int, out string) {
 	t.Helper()
 	if code != want {
@@ -312,6 +345,10 @@ func TestGuestCLIInterruptResume(t *testing.T) {
 	// While it runs (it holds the journal), status shows the position
 	// the running process publishes.
 	requireLiveStatus(t, st.file(state, "journal"), r.cmd.Process.Pid, "encrypt")
+	// Stopped (SIGSTOP), so that it surely still runs, the run is found
+	// by the disk alone although its journal is not in the journal
+	// directory, and a new plan of the disk is refused as busy.
+	requireFoundWhileRunning(t, st.Disk, st.file(state, "journal"), r.cmd.Process.Pid)
 	r.cmd.Process.Signal(syscall.SIGINT)
 	code, errOut := r.wait()
 	requireExit(t, "encrypt after SIGINT", code, 5, errOut)

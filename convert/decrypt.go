@@ -55,6 +55,9 @@ func (e *Engine) findMapping(target string) (*cryptMapping, error) {
 		if serr != nil {
 			return nil, refuse(target, "give the open LUKS mapping (/dev/mapper/NAME) or the device under it", "neither a device-mapper device nor a block device: %v", serr)
 		}
+		if err := e.refuseLocked(di.Dev, target); err != nil {
+			return nil, err
+		}
 		list, err := e.DM.List()
 		if err != nil {
 			return nil, err
@@ -120,6 +123,9 @@ func (e *Engine) findMapping(target string) (*cryptMapping, error) {
 	d, ok := c.Dev.Dev()
 	if !ok {
 		return nil, refuse(name, "", "its table names its device by path, not number")
+	}
+	if err := e.refuseLocked(d, name); err != nil {
+		return nil, err
 	}
 	return &cryptMapping{name: name, info: info, crypt: c, size: Sectors(t[0].Length), disk: d}, nil
 }

@@ -122,6 +122,9 @@ func (e *Engine) PlanEncrypt(ctx context.Context, o EncryptOptions) (*EncryptPla
 	if err != nil {
 		return nil, refuse(dev, "give the path of a disk or partition that is an LVM physical volume", "not a usable block device: %v", err)
 	}
+	if err := e.refuseLocked(di.Dev, dev); err != nil {
+		return nil, err
+	}
 	if err := e.refuseRunsDisk(di.Dev, dev); err != nil {
 		return nil, err
 	}

@@ -838,9 +838,16 @@ type fakeHost struct {
 	lbs      uint32
 	diskByPt map[string]dmtable.Dev
 	gone     map[int]bool // the processes that no longer exist
+	// holders are the other processes holding a disk's run lock.
+	holders map[dmtable.Dev]int
 }
 
 func (h *fakeHost) ProcessExists(pid int) bool { return !h.gone[pid] }
+
+func (h *fakeHost) LockHolder(disk dmtable.Dev) (int, bool) {
+	pid, ok := h.holders[disk]
+	return pid, ok
+}
 
 func (h *fakeHost) Stat(path string) (DiskInfo, error) {
 	h.w.mu.Lock()

@@ -168,11 +168,11 @@ func (pv *PV) shrinkTarget(room Sectors, dev string) (target Sectors, hint strin
 	if free {
 		return target, fmt.Sprintf("make room: pvresize --setphysicalvolumesize %ds %s, or rerun with --shrink-pv", target, dev), true
 	}
-	why := fmt.Sprintf("the PV's extents up to sector %d are in use", pv.UsedEnd)
 	if fitErr != nil {
-		why = fitErr.Error()
+		// FitSize's error names the LV in the way and what to do with it.
+		return target, fmt.Sprintf("%v; then rerun with --shrink-pv", fitErr), false
 	}
-	return target, fmt.Sprintf("%s, so it cannot shrink to %d sectors: move or reduce the LVs at its end (pvmove, lvreduce), then pvresize --setphysicalvolumesize %ds %s", why, room, room, dev), false
+	return target, fmt.Sprintf("the PV's extents up to sector %d are in use, so it cannot shrink to %d sectors: move or reduce the LVs at its end (pvmove, lvreduce), then rerun with --shrink-pv", pv.UsedEnd, room), false
 }
 
 // LVInfo describes a logical volume for the plan's description.

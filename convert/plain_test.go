@@ -753,3 +753,76 @@ func TestPlanRefusesARunsDevices(t *testing.T) {
 		t.Errorf("transientPID(%q) = %d, %v; want this process's %d", uuid, pid, ok, os.Getpid())
 	}
 }
+
+// TestPlansRefuseADiskARunHolds: while another process holds a disk's
+// run lock (a run is going on there), every plan of it, by the disk's
+// path or its mapping's name, is refused as busy, naming that process,
+// before anything is shown or written: with the run's devices in place
+// (not "a dmconvert run's devices use it ... resume or abort that run",
+// which is for a stopped run) and before the run has made any.
+func TestPlansRefuseADiskARunHolds(t *testing.T) {
+	const want = "dmconvert process 4242 is working on it"
+	busyRefusal := func(t *testing.T, w *fakeWorld, name string, plan func() error) {
+		t.Helper()
+		var err error
+		requireRefused(t, w, name, want, func() error { err = plan(); return err })
+		if !errors.Is(err, ErrBusy) {
+			t.Fatalf("%s: %v is not ErrBusy", name, err)
+		}
+	}
+	for _, running := range []bool{false, true} {
+		sc, w := plainWorld(t, 68)
+		e := sc.engine(w)
+		if running {
+			crashed, _ := sc.runUntil(e, w, "commit:after", 3, sc.planPlain(e))
+			if crashed == nil {
+				t.Fatal("the run never reached commit:after#3")
+			}
+			w = crashed
+			e = sc.engine(w)
+		}
+		di, err := e.Host.Stat(fakeDiskPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.Host.(*fakeHost).holders = map[dmtable.Dev]int{di.Dev: 4242}
+		sc.journal = filepath.Join(t.TempDir(), "second.journal")
+		for _, target := range []string{fakeDiskPath, "vda_crypt"} {
+			o := sc.plainOptions()
+			o.Target = target
+			busyRefusal(t, w, fmt.Sprintf("rekey of %s (run's devices in place: %v)", target, running), func() error {
+				_, err := e.PlanPlainRekey(context.Background(), o)
+				return err
+			})
+			d := sc.decryptOptions()
+			d.Target = target
+			busyRefusal(t, w, fmt.Sprintf("decrypt of %s (run's devices in place: %v)", target, running), func() error {
+				_, err := e.PlanDecrypt(context.Background(), d)
+				return err
+			})
+		}
+		// This process's own lock (a resume planning its run) is not
+		// another run's.
+		e.Host.(*fakeHost).holders = map[dmtable.Dev]int{di.Dev: os.Getpid()}
+		if !running {
+			o := sc.plainOptions()
+			o.Target = "vda_crypt"
+			if _, err := e.PlanPlainRekey(context.Background(), o); err != nil {
+				t.Fatalf("a plan beside this process's own lock: %v", err)
+			}
+		}
+	}
+
+	sc := newScenario(t, 72)
+	w := sc.world()
+	e := sc.engine(w)
+	di, err := e.Host.Stat(fakeDiskPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Host.(*fakeHost).holders = map[dmtable.Dev]int{di.Dev: 4242}
+	busyRefusal(t, w, "encrypt", func() error {
+		_, err := e.PlanEncrypt(context.Background(), sc.options())
+		return err
+	})
+}

@@ -2,6 +2,7 @@ package convert
 
 import (
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -235,5 +236,31 @@ func TestCryptOptsKept(t *testing.T) {
 	}
 	if cryptOpts(&dmtable.Crypt{}) != "" {
 		t.Fatal("flags out of nothing")
+	}
+}
+
+// TestShrinkTargetHints: the refusal's hint for a PV that must shrink
+// says each thing once: the size it can shrink to when its tail is free,
+// else what is in the way (FitSize's error, which names the LV) and to
+// rerun with --shrink-pv once that is moved.
+func TestShrinkTargetHints(t *testing.T) {
+	pv := &PV{Size: 262144, UsedEnd: 100000, PEStart: 2048, ExtentSize: 8192}
+	target, hint, free := pv.shrinkTarget(196608, "/dev/vdd")
+	if !free || target != 190464 || hint != "make room: pvresize --setphysicalvolumesize 190464s /dev/vdd, or rerun with --shrink-pv" {
+		t.Errorf("free tail: %d %q %v", target, hint, free)
+	}
+
+	pv.UsedEnd = 256000
+	_, hint, free = pv.shrinkTarget(196608, "/dev/vdd")
+	if free || hint != "the PV's extents up to sector 256000 are in use, so it cannot shrink to 196608 sectors: move or reduce the LVs at its end (pvmove, lvreduce), then rerun with --shrink-pv" {
+		t.Errorf("used tail: %q %v", hint, free)
+	}
+
+	pv.FitSize = func(limit Sectors) (Sectors, error) {
+		return 0, fmt.Errorf("cannot shrink PV /dev/vdd to %d sectors: extent 30, the last allocated one, belongs to LV vgc/full", limit)
+	}
+	_, hint, free = pv.shrinkTarget(196608, "/dev/vdd")
+	if free || hint != "cannot shrink PV /dev/vdd to 196608 sectors: extent 30, the last allocated one, belongs to LV vgc/full; then rerun with --shrink-pv" {
+		t.Errorf("FitSize's refusal: %q %v", hint, free)
 	}
 }

@@ -478,16 +478,32 @@ func (h OSHost) NodePath(name string) string {
 	return filepath.Join(d, name)
 }
 
-// Lock implements Host: an flock on /run/dmconvert/<major>:<minor>.lock.
-func (h OSHost) Lock(d DiskInfo) (func(), error) {
+// lockFile is the file whose flock is a disk's run lock.
+func (h OSHost) lockFile(disk dmtable.Dev) string {
 	dir := h.LockDir
 	if dir == "" {
 		dir = "/run/dmconvert"
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("creating %s: %w", dir, err)
+	return filepath.Join(dir, disk.String()+".lock")
+}
+
+// LockHolder implements DiskLocks from /proc/locks: it only reads, so a
+// plan never makes a run starting at the same moment find the lock taken.
+func (h OSHost) LockHolder(disk dmtable.Dev) (int, bool) {
+	for _, l := range lvm.LockHolders(h.lockFile(disk)) {
+		if l.Write {
+			return l.PID, true
+		}
 	}
-	p := filepath.Join(dir, d.Dev.String()+".lock")
+	return 0, false
+}
+
+// Lock implements Host: an flock on /run/dmconvert/<major>:<minor>.lock.
+func (h OSHost) Lock(d DiskInfo) (func(), error) {
+	p := h.lockFile(d.Dev)
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return nil, fmt.Errorf("creating %s: %w", filepath.Dir(p), err)
+	}
 	fd, err := unix.Open(p, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("opening %s: %w", p, err)

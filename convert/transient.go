@@ -87,6 +87,27 @@ func (e *Engine) runHelpers(uses func(d DevInfo) (bool, error)) ([]string, error
 	return ours, nil
 }
 
+// DiskLocks is implemented by hosts that can tell, without taking it,
+// which process holds a disk's run lock (Host.Lock).
+type DiskLocks interface {
+	LockHolder(disk dmtable.Dev) (pid int, held bool)
+}
+
+// refuseLocked refuses, as busy, a disk whose run lock another process
+// holds: a dmconvert run is going on there. A plan says so before it
+// shows itself or asks for a passphrase, rather than at the run's start,
+// and rather than calling the running run's devices a stopped run's.
+func (e *Engine) refuseLocked(disk dmtable.Dev, path string) error {
+	dl, ok := e.Host.(DiskLocks)
+	if !ok {
+		return nil
+	}
+	if pid, held := dl.LockHolder(disk); held && pid != os.Getpid() {
+		return busy(path, "dmconvert process %d is working on it", pid)
+	}
+	return nil
+}
+
 // refuseRunsDisk refuses a disk that a dmconvert run's devices use: a run
 // stopped or killed mid-way, whose journal may be elsewhere. Without it
 // the plan would refuse for a reason the run's state shows (the disk's
@@ -119,6 +140,18 @@ func (e *Engine) refuseRunsMapping(name string) error {
 	ours, err := e.runHelpers(func(d DevInfo) (bool, error) { return slices.Contains(deps, d.Dev), nil })
 	if err != nil || ours == nil {
 		return err
+	}
+	// The run's disk is under its helpers: a process may be running it.
+	for _, h := range ours {
+		hdeps, err := e.DM.Deps(h)
+		if err != nil {
+			continue
+		}
+		for _, d := range hdeps {
+			if err := e.refuseLocked(d, name); err != nil {
+				return err
+			}
+		}
 	}
 	return refuse(name, "run dmconvert status, then resume or abort that run", "a dmconvert run is converting it (its devices: %s)", strings.Join(ours, ", "))
 }

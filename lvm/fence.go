@@ -150,7 +150,7 @@ func (c *Client) LockVGWith(ctx context.Context, vg string, timeout time.Duratio
 	if err != nil {
 		le := &LockError{VG: vg, Path: path, Err: err}
 		if errors.Is(err, unix.EWOULDBLOCK) {
-			le.Holders = lockHolders(path)
+			le.Holders = LockHolders(path)
 		}
 		return nil, le
 	}
@@ -352,10 +352,10 @@ func unlockFile(f *os.File, path string) error {
 	return errors.Join(err, undoFlock(f, path))
 }
 
-// lockHolders lists the processes that hold a flock on path, from
+// LockHolders lists the processes that hold a flock on path, from
 // /proc/locks ("1: FLOCK  ADVISORY  WRITE 261 00:16:52 0 EOF": pid, then
 // the file as hex major:minor and decimal inode; waiters are "->" lines).
-func lockHolders(path string) []LockHolder {
+func LockHolders(path string) []LockHolder {
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {
 		return nil

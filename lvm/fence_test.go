@@ -108,7 +108,7 @@ func TestFenceExcludesLVM(t *testing.T) {
 			}
 		}
 	}
-	hs := lockHolders(path)
+	hs := LockHolders(path)
 	if len(hs) != 1 || hs[0].PID != os.Getpid() || !hs[0].Write || hs[0].Command == "" {
 		t.Errorf("holders %+v", hs)
 	}
@@ -174,7 +174,7 @@ func TestFenceWaitsForLVM(t *testing.T) {
 	}()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		if len(lockHolders(path+":aux")) > 0 {
+		if len(LockHolders(path+":aux")) > 0 {
 			break
 		}
 		if time.Now().After(deadline) {

@@ -529,7 +529,7 @@ func TestGuestFence(t *testing.T) {
 	if _, err := os.Stat(path); err != nil {
 		t.Fatalf("lock file: %v", err)
 	}
-	if h := lockHolders(path); len(h) != 1 || h[0].PID != os.Getpid() || !h[0].Write {
+	if h := LockHolders(path); len(h) != 1 || h[0].PID != os.Getpid() || !h[0].Write {
 		t.Errorf("/proc/locks holders of %s: %+v, want us (pid %d) exclusive", path, h, os.Getpid())
 	}
 

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"sort"
 	"sync"
 	"time"
 
@@ -68,7 +69,13 @@ func readLive(dir, jpath string) *liveProgress {
 	if dir == "" {
 		return nil
 	}
-	b, err := os.ReadFile(liveFile(dir, jpath))
+	return readLiveFile(liveFile(dir, jpath))
+}
+
+// readLiveFile parses one published position; nil if the file is not
+// one, or its process is gone.
+func readLiveFile(path string) *liveProgress {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil
 	}
@@ -80,6 +87,24 @@ func readLive(dir, jpath string) *liveProgress {
 		return nil // left by a process that is gone
 	}
 	return &l
+}
+
+// liveRuns returns the runs live processes publish, sorted by journal.
+// Status and resume find a running conversion by them even when its
+// journal is not in the journal directory (--journal elsewhere).
+func (a *app) liveRuns() []*liveProgress {
+	if a.liveDir == "" {
+		return nil
+	}
+	paths, _ := filepath.Glob(filepath.Join(a.liveDir, "*.json"))
+	var out []*liveProgress
+	for _, p := range paths {
+		if l := readLiveFile(p); l != nil && l.Journal != "" {
+			out = append(out, l)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Journal < out[j].Journal })
+	return out
 }
 
 // publishedProgress passes events on to the display and publishes the

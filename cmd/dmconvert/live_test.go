@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/dmconvert/dmconvert/convert"
+	"github.com/dmconvert/dmconvert/journal"
 )
 
 // TestLiveProgress: a run publishes its position for status while it
@@ -79,5 +80,63 @@ func TestLiveProgress(t *testing.T) {
 	}
 	if got := readLive(a.liveDir, j); got != nil {
 		t.Fatalf("a dead process's position was shown: %+v", got)
+	}
+}
+
+// TestLiveRunJournalElsewhere: a run whose journal is outside the journal
+// directory (--journal) is found while it runs by what its process
+// publishes: status lists it, with the device or without, and resume
+// refuses it as busy, naming the process and the journal. Before, status
+// said there was no unfinished run.
+func TestLiveRunJournalElsewhere(t *testing.T) {
+	ta := newTestApp(t)
+	jp := filepath.Join(ta.dir, "elsewhere", "run.journal")
+	if err := os.MkdirAll(filepath.Dir(jp), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	j, err := journal.Open(jp, journal.Options{Create: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	img := filepath.Join(ta.dir, "disk.img")
+	if err := os.WriteFile(img, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	other := filepath.Join(ta.dir, "other.img")
+	if err := os.WriteFile(other, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	ta.mustRun(exitOK, "status")
+	if !strings.Contains(ta.out.String(), "no unfinished dmconvert run") {
+		t.Fatalf("status before the run publishes:\n%s", ta.out.String())
+	}
+
+	pr := ta.a.publish(quietProgress{}, jp, "encrypt", img)
+	pr.Event(convert.Event{Kind: convert.EventPhase, Phase: "setup", Done: 1 << 20, Total: 8 << 20, Time: time.Now()})
+	defer pr.finish(true)
+
+	for _, args := range [][]string{{"status"}, {"status", img}} {
+		ta.mustRun(exitOK, args...)
+		out := ta.out.String()
+		for _, want := range []string{"journal:   " + jp, "in progress: dmconvert encrypt of " + img + ", process"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("%v lacks %q:\n%s", args, want, out)
+			}
+		}
+	}
+	ta.mustRun(exitOK, "status", other)
+	if strings.Contains(ta.out.String(), jp) {
+		t.Errorf("status of another disk shows the run:\n%s", ta.out.String())
+	}
+
+	ta.mustRun(exitBusy, "resume", img, "--yes")
+	if want := "is running this conversion"; !strings.Contains(ta.err.String(), want) || !strings.Contains(ta.err.String(), jp) {
+		t.Errorf("resume of the running disk: want %q and the journal:\n%s", want, ta.err.String())
+	}
+	ta.mustRun(exitBusy, "resume", "--yes")
+	if !strings.Contains(ta.err.String(), "another dmconvert is running this conversion") {
+		t.Errorf("resume without a device:\n%s", ta.err.String())
 	}
 }

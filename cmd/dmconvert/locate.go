@@ -150,6 +150,12 @@ func (a *app) locateRun(device, journalFlag string) (string, error) {
 		case len(locked) > 0:
 			return "", fmt.Errorf("no journal found for %s, and %s in use by another dmconvert: %w", device, strings.Join(locked, ", "), journal.ErrLocked)
 		}
+		for _, l := range a.liveRuns() {
+			if sameDevice(l.Device, device) {
+				return "", fmt.Errorf("%s: dmconvert %s (process %d, journal %s) is running this conversion (dmconvert status shows how far it is): %w",
+					device, l.Command, l.PID, l.Journal, journal.ErrLocked)
+			}
+		}
 		what := dv.Identity
 		if dv.journal != "" {
 			what += fmt.Sprintf("; its journal would be %s, which does not exist", dv.journal)
@@ -164,6 +170,11 @@ func (a *app) locateRun(device, journalFlag string) (string, error) {
 	for _, e := range entries {
 		if e.unfinished() {
 			unfinished = append(unfinished, e.path)
+		}
+	}
+	for _, l := range a.liveRuns() {
+		if !containsSameFile(unfinished, l.Journal) {
+			unfinished = append(unfinished, l.Journal)
 		}
 	}
 	switch len(unfinished) {

@@ -327,6 +327,12 @@ func (a *app) runStatus(ctx context.Context, o *statusOptions, args []string) (e
 				paths = append(paths, e.path)
 			}
 		}
+		// A running conversion whose journal is elsewhere (--journal).
+		for _, l := range a.liveRuns() {
+			if (device == "" || sameDevice(l.Device, device)) && !containsSameFile(paths, l.Journal) {
+				paths = append(paths, l.Journal)
+			}
+		}
 	}
 	for _, p := range paths {
 		rs, err := a.statusOf(p, dv)
@@ -356,6 +362,16 @@ func (a *app) runStatus(ctx context.Context, o *statusOptions, args []string) (e
 		a.printStatus(rs)
 	}
 	return nil
+}
+
+// containsSameFile reports whether one of paths names the file p.
+func containsSameFile(paths []string, p string) bool {
+	for _, q := range paths {
+		if sameDevice(q, p) {
+			return true
+		}
+	}
+	return false
 }
 
 func fileExists(p string) bool {
