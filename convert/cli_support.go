@@ -164,6 +164,8 @@ func DescribePhase(p Phase) string {
 		return "finalizing"
 	case PhaseUnstack:
 		return "moving the logical volumes back onto the disk"
+	case PhaseMark:
+		return "marking the LUKS header as being converted (cryptsetup refuses to open it until the end)"
 	case PhaseMove:
 		return describeMove(p.From, p.To)
 	}

@@ -132,6 +132,12 @@ func TestDescribePhaseString(t *testing.T) {
 	if strings.Join(got, "|") != strings.Join(want, "|") {
 		t.Fatalf("phases:\n got %q\nwant %q", got, want)
 	}
+	// Every kind a plan uses is described, not shown by its internal name.
+	for _, k := range []PhaseKind{PhaseSetup, PhaseRestack, PhaseToLUKS, PhaseToLabel, PhaseFinalize, PhaseUnstack, PhaseMark} {
+		if d := DescribePhaseString(string(k)); d == string(k) || d == "" {
+			t.Errorf("phase kind %q has no description", k)
+		}
+	}
 	if s := DescribePhaseString("something new"); s != "something new" {
 		t.Fatalf("unknown phase text changed: %q", s)
 	}
