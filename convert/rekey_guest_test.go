@@ -25,7 +25,7 @@ import (
 // them in ~15 minutes, the longest of make test): TestVMRekey the LUKS
 // sources, TestVMRekeyPlain the plain and TrueCrypt ones.
 const (
-	rekeyLUKSRun  = "^TestGuestRekey(LVM|FS|Abort|Cipher|SerpentLUKS2|LUKS1.*)$"
+	rekeyLUKSRun  = "^TestGuestRekey(LVM|FS|Abort|Cipher|SerpentLUKS2|LUKS1.*|ReadOnly)$"
 	rekeyPlainRun = "^TestGuestRekey(Plain|TCrypt)"
 )
 
@@ -51,7 +51,9 @@ func vmRekey(t *testing.T, run string) {
 			// d[17]: a plain mapping whose key is in the kernel keyring
 			{Size: 24 * guestMiB},
 			// d[18]: a TrueCrypt cipher cascade (refused)
-			{Size: 16 * guestMiB}},
+			{Size: 16 * guestMiB},
+			// d[19], d[20]: a read-only mapping; a PV with a read-only LV
+			{Size: 32 * guestMiB}, {Size: 64 * guestMiB}},
 		Run:   run,
 		Files: map[string]string{"dmconvert": bin},
 		// Each VM: 8 or 9 tests, ~5 min of QEMU CPU; under make test it

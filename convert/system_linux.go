@@ -52,8 +52,18 @@ func (k KernelDM) Create(name, uuid string, t dmtable.Table) (DevInfo, error) {
 	return infoOf(i), dmErr(err)
 }
 
-// Load implements DeviceMapper.
+// Load implements DeviceMapper. A read-only device (a mapping opened
+// with cryptsetup open --readonly, an LV of permission r) stays read-only:
+// the kernel gives a device the mode of the table that goes live, so
+// restacking it with a read-write table would make it writable. The
+// run's helpers are always read-write.
 func (k KernelDM) Load(name string, t dmtable.Table) error {
+	if !strings.HasPrefix(name, helperNamePrefix) {
+		if i, err := k.C.Info(name); err == nil && i.ReadOnly {
+			_, err := k.C.LoadReadOnly(name, t)
+			return dmErr(err)
+		}
+	}
 	_, err := k.C.Load(name, t)
 	return dmErr(err)
 }

@@ -393,7 +393,17 @@ func needsSecure(t Table) bool {
 // sends t as it is: call t.Validate first if you want the model's checks;
 // the kernel's verdict is in the error (ErrInvalid, with the reason in
 // dmesg). Keys go to the kernel here, with DM_SECURE_DATA_FLAG.
-func (c *Client) Load(name string, t Table) (Info, error) {
+// The table is read-write; LoadReadOnly loads a read-only one.
+func (c *Client) Load(name string, t Table) (Info, error) { return c.load(name, t, false) }
+
+// LoadReadOnly is Load for a read-only table (DM_READONLY_FLAG): once
+// live, the device refuses writes, as one opened with cryptsetup open
+// --readonly or an LV of permission r does. A device keeps the mode of
+// the table that is live, so a reload that must keep a read-only device
+// read-only uses this.
+func (c *Client) LoadReadOnly(name string, t Table) (Info, error) { return c.load(name, t, true) }
+
+func (c *Client) load(name string, t Table, readOnly bool) (Info, error) {
 	if len(t) == 0 {
 		return Info{}, &OpError{Op: "load", Device: name, Err: fmt.Errorf("empty table: %w", unix.EINVAL)}
 	}
@@ -407,8 +417,12 @@ func (c *Client) Load(name string, t Table) (Info, error) {
 		return Info{}, &OpError{Op: "load", Device: name, Err: fmt.Errorf("%v: %w", err, unix.EINVAL)}
 	}
 	defer clear(data)
+	var flags uint32
+	if readOnly {
+		flags |= flagReadonly
+	}
 	r, err := c.do(&call{op: "load", dev: name, cmd: cmdTableLoad, secure: needsSecure(t),
-		req: request{name: name, targetCount: uint32(len(t)), data: data}})
+		req: request{name: name, targetCount: uint32(len(t)), data: data, flags: flags}})
 	if err != nil {
 		var errno unix.Errno
 		if errors.As(err, &errno) && (errno == unix.ENXIO || errno == unix.ENODEV) {

@@ -951,6 +951,37 @@ func TestGuestSuspendLoadResume(t *testing.T) {
 		t.Fatalf("device size %d, table size %d (%v)", size, t2.Size().Bytes(), err)
 	}
 
+	// A read-only table (LoadReadOnly): the device turns read-only when
+	// it goes live (attr "r", Info.ReadOnly, the disk's flag), and a
+	// read-write one makes it writable again.
+	for _, readOnly := range []bool{true, false} {
+		load := c.Load
+		if readOnly {
+			load = c.LoadReadOnly
+		}
+		if _, err := load(name, t1); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Suspend(name, 0); err != nil {
+			t.Fatal(err)
+		}
+		in, err := c.Resume(name)
+		if err != nil || in.ReadOnly != readOnly {
+			t.Fatalf("Resume of a table loaded read-only %v: %+v %v", readOnly, in, err)
+		}
+		want := "L--w"
+		if readOnly {
+			want = "L--r"
+		}
+		if got := attr(); got != want {
+			t.Errorf("dmsetup attr after a table loaded read-only %v: %q, want %q", readOnly, got, want)
+		}
+		out, err := exec.Command("blockdev", "--getro", c.NodePath(name)).CombinedOutput()
+		if ro := strings.TrimSpace(string(out)); err != nil || ro != map[bool]string{true: "1", false: "0"}[readOnly] {
+			t.Errorf("blockdev --getro after a table loaded read-only %v: %q %v", readOnly, ro, err)
+		}
+	}
+
 	// Messages: device-mapper statistics through the message interface,
 	// against dmsetup's.
 	id, err := c.Message(name, 0, "@stats_create - /1")
