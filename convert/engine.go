@@ -94,6 +94,11 @@ type Spec struct {
 	VGPVUUIDs []string `json:"vg_pv_uuids,omitempty"`
 	// VGSeqno is the VG's metadata sequence number at plan time.
 	VGSeqno uint64 `json:"vg_seqno,omitempty"`
+	// KeyslotIDs maps each LUKS2 keyslot staged for a rekey's new key to
+	// the old keyslot whose number it takes at the end (the one its
+	// passphrase opened). Absent in journals of earlier versions: their
+	// runs end with the staged numbers.
+	KeyslotIDs map[int]int `json:"keyslot_ids,omitempty"`
 	// Stacked are the dm devices that mapped the disk at plan time, with
 	// their tables (linear/striped: no keys).
 	Stacked map[string]string `json:"stacked,omitempty"`

@@ -71,6 +71,9 @@ type Final struct {
 	Cipher string
 	// DropUnbound: remove the unbound keyslot (an aborted rekey).
 	DropUnbound bool
+	// Keyslots maps each keyslot holding the new key to the old keyslot
+	// whose number it takes (a LUKS2 rekey; Spec.KeyslotIDs).
+	Keyslots map[int]int
 }
 
 func marshalCheckpoint(cp Checkpoint) ([]byte, error) { return json.Marshal(cp) }

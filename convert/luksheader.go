@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 
 	"github.com/dmconvert/dmconvert/luks"
@@ -23,6 +24,9 @@ type LUKSHeader struct {
 	// also are the bound keyslots further passphrases opened (AddOpener),
 	// in the order given; each gets its own keyslot for the new key.
 	also []int
+	// replaces maps each keyslot staged for the new key to the old
+	// keyslot its passphrase opened (StageRekey, StageRekeyAlso).
+	replaces map[int]int
 }
 
 // NewLUKSHeader wraps h and marks it in progress.
@@ -227,7 +231,24 @@ func (l *LUKSHeader) StageRekey(newKey, pass []byte, cipher string) error {
 		return err
 	}
 	l.unbound = slot
+	l.replace(slot, l.opened)
 	return nil
+}
+
+func (l *LUKSHeader) replace(staged, old int) {
+	if l.replaces == nil {
+		l.replaces = map[int]int{}
+	}
+	l.replaces[staged] = old
+}
+
+// KeyslotReplacements implements KeyslotRenumberer: LUKS2 only (a LUKS1
+// keyslot's number is its place on the disk).
+func (l *LUKSHeader) KeyslotReplacements() map[int]int {
+	if l.h.Version() == 1 || len(l.replaces) == 0 {
+		return nil
+	}
+	return maps.Clone(l.replaces)
 }
 
 // stagedSlots are the keyslots holding the new key: the unbound keyslot
@@ -301,6 +322,7 @@ func (l *LUKSHeader) StageRekeyAlso(newKey, pass []byte, i int, cipher string) e
 	if !slices.Contains(l.stagedSlots(), slot) {
 		return fmt.Errorf("internal error: keyslot %d is not in the staged key's digest", slot)
 	}
+	l.replace(slot, l.also[i])
 	return nil
 }
 
@@ -361,8 +383,30 @@ func (l *LUKSHeader) applyRekeyEnd(f Final) error {
 	if err := l.h.BindSegmentCipher(l.unbound, f.Cipher); err != nil {
 		return err
 	}
+	// Each new keyslot takes the number (and priority) of the old one
+	// its passphrase opened, so that tokens and key-slot= options that
+	// name it keep working; the other old keyslots go.
+	keep := map[int]bool{}
+	for _, id := range staged {
+		keep[id] = true
+	}
+	exists := map[int]bool{}
 	for _, ks := range l.h.Keyslots() {
-		if !slices.Contains(staged, ks.ID) {
+		exists[ks.ID] = true
+	}
+	for _, st := range slices.Sorted(maps.Keys(f.Keyslots)) {
+		old := f.Keyslots[st]
+		if !keep[st] || keep[old] || !exists[old] {
+			continue // not this header's (cannot happen): leave the numbers
+		}
+		if err := l.h.ReplaceKeyslot(old, st); err != nil {
+			return err
+		}
+		delete(keep, st)
+		keep[old] = true
+	}
+	for _, ks := range l.h.Keyslots() {
+		if !keep[ks.ID] {
 			if err := l.h.RemoveKeyslot(ks.ID); err != nil {
 				return err
 			}

@@ -5,10 +5,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -254,7 +256,23 @@ func TestLUKSHeaderRekeyKeepsSeveralPassphrases(t *testing.T) {
 	for _, abort := range []bool{false, true} {
 		oldKey := bytes.Repeat([]byte{0x11}, 64)
 		newKey := bytes.Repeat([]byte{0x33}, 64)
-		path, img0 := luks2TestDisk(t, oldKey, "pass", "other", "third")
+		path, _ := luks2TestDisk(t, oldKey, "pass", "other", "third")
+		// "other"'s keyslot 1 is preferred and bound to a token, as a
+		// TPM2 enrollment is; "third"'s keyslot 2 to another.
+		for _, args := range [][]string{
+			{"config", "--priority", "prefer", "--key-slot", "1", path},
+			{"token", "import", "--json-file", writeTestFile(t, `{"type":"enrollment","keyslots":["1"]}`), path},
+			{"token", "import", "--json-file", writeTestFile(t, `{"type":"other","keyslots":["2"]}`), path},
+		} {
+			if out, err := exec.Command("cryptsetup", args...).CombinedOutput(); err != nil {
+				t.Fatalf("cryptsetup %v: %v\n%s", args, err, out)
+			}
+		}
+		disk, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		img0 := disk[:16<<20]
 		lh, ks, err := OpenLUKSImage(img0, []byte("pass"))
 		if err != nil {
 			t.Fatal(err)
@@ -273,7 +291,18 @@ func TestLUKSHeaderRekeyKeepsSeveralPassphrases(t *testing.T) {
 		if !bytes.Equal(ks2.Bound, oldKey) || !bytes.Equal(ks2.Unbound, newKey) {
 			t.Fatal("the staged image opened by the second passphrase does not give the old key bound and the new key unbound")
 		}
-		finishStaged(t, lh2, path, Sectors(16<<20/512)-4<<20/512, abort)
+		// The journal keeps the numbers the plan's staging gave (Spec).
+		r := lh.KeyslotReplacements()
+		for _, st := range lh.stagedSlots() {
+			want := 1 // "other"'s
+			if st == lh.unbound {
+				want = 0 // "pass"'s
+			}
+			if old, ok := r[st]; !ok || old != want || len(r) != 2 {
+				t.Fatalf("keyslot replacements %v: staged keyslot %d should take %d's number", r, st, want)
+			}
+		}
+		finishStaged(t, lh2, path, Sectors(16<<20/512)-4<<20/512, abort, lh.KeyslotReplacements())
 		want := map[string][]byte{"pass": newKey, "other": newKey, "third": nil}
 		if abort {
 			want = map[string][]byte{"pass": oldKey, "other": oldKey, "third": oldKey}
@@ -295,9 +324,44 @@ func TestLUKSHeaderRekeyKeepsSeveralPassphrases(t *testing.T) {
 		if wantN := map[bool]int{false: 2, true: 3}[abort]; len(slots) != wantN || strings.Contains(string(dump), "dmconvert") {
 			t.Fatalf("abort=%v: %d keyslots (want %d), or marks left:\n%s", abort, len(slots), wantN, dump)
 		}
+		// Each passphrase kept is in the keyslot it was in, "other"'s
+		// still preferred and bound to its token; the token of the
+		// removed keyslot 2 is bound to nothing.
+		for slot, p := range []string{"pass", "other"} {
+			kf := writeTestFile(t, p)
+			if out, err := exec.Command("cryptsetup", "open", "--test-passphrase", "--key-slot", strconv.Itoa(slot), "--key-file", kf, path).CombinedOutput(); err != nil {
+				t.Fatalf("abort=%v: %q does not open keyslot %d: %v\n%s", abort, p, slot, err, out)
+			}
+		}
+		tokenSlots := regexp.MustCompile(`(?m)^\s+(\d+): (\S+)\n((?:\s+Keyslot:\s+\d+\n)?)`).FindAllStringSubmatch(string(dump[bytes.Index(dump, []byte("Tokens:")):bytes.Index(dump, []byte("Digests:"))]), -1)
+		got := map[string]string{}
+		for _, m := range tokenSlots {
+			got[m[2]] = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(m[3]), "Keyslot:"))
+		}
+		wantTokens := map[string]string{"enrollment": "1", "other": ""}
+		if abort {
+			wantTokens["other"] = "2"
+		}
+		if !maps.Equal(got, wantTokens) || !regexp.MustCompile(`(?s)\n\s+1: luks2.*?Priority:\s+preferred`).Match(dump) {
+			t.Fatalf("abort=%v: tokens %v (want %v), or keyslot 1 not preferred:\n%s", abort, got, wantTokens, dump)
+		}
 		ks.Wipe()
 		ks2.Wipe()
 	}
+}
+
+// writeTestFile writes s to a new temporary file and returns its path.
+func writeTestFile(t *testing.T, s string) string {
+	t.Helper()
+	f, err := os.CreateTemp(t.TempDir(), "f")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteString(s); err != nil {
+		t.Fatal(err)
+	}
+	return f.Name()
 }
 
 // luks2TestDisk writes a file holding a LUKS2 header (16 MiB, cheap
@@ -358,9 +422,9 @@ func stageTwoAndResume(t *testing.T, lh *LUKSHeader, path string, newKey []byte,
 
 // finishStaged writes lh's final header to the disk image at path: the
 // rekey's, with the data at off, or the abort's.
-func finishStaged(t *testing.T, lh *LUKSHeader, path string, off Sectors, abort bool) {
+func finishStaged(t *testing.T, lh *LUKSHeader, path string, off Sectors, abort bool, keyslots map[int]int) {
 	t.Helper()
-	fin := Final{Rekey: true, DataOffset: off}
+	fin := Final{Rekey: true, DataOffset: off, Keyslots: keyslots}
 	if abort {
 		fin = Final{DropUnbound: true}
 	}

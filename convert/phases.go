@@ -377,7 +377,7 @@ func (r *run) doFinalize(ctx context.Context) error {
 	f := Final{}
 	switch {
 	case r.spec.Op == "rekey" && id == NewID:
-		f = Final{Rekey: true, DataOffset: nd.Phys, Cipher: cs.Cipher}
+		f = Final{Rekey: true, DataOffset: nd.Phys, Cipher: cs.Cipher, Keyslots: r.spec.KeyslotIDs}
 	case r.spec.Op == "rekey":
 		f = Final{DropUnbound: true}
 	}

@@ -255,6 +255,9 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 		LUKSVersion: hdr.Version(), LUKSUUID: hdr.UUID(),
 		Forward: plan,
 	}
+	if kr, ok := hdr.(KeyslotRenumberer); ok {
+		spec.KeyslotIDs = kr.KeyslotReplacements()
+	}
 	ep := &EncryptPlan{Spec: spec, Journal: jpath, JournalFS: e.Host.MemoryFS(jpath), Header: hdr,
 		keys: map[BackingID][]byte{OldID: keys.Bound, NewID: newKey}}
 	if pv != nil {
@@ -262,6 +265,14 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 		ep.PV = pv
 	}
 	return ep, nil
+}
+
+// KeyslotRenumberer is a header whose rekey can give each new keyslot the
+// number of the old keyslot it replaces (LUKS2).
+type KeyslotRenumberer interface {
+	// KeyslotReplacements maps each staged keyslot to the old one whose
+	// number it takes; nil when numbers cannot be kept.
+	KeyslotReplacements() map[int]int
 }
 
 // OtherKeyslotsNote describes what a rekey does to the keyslots it was not
@@ -294,7 +305,10 @@ func KeptKeyslotsNote(h HeaderFormat) string {
 	for i, id := range l.also {
 		s = append(s, fmt.Sprintf("%d (--also-key-file #%d)", id, i+1))
 	}
-	return "the passphrases of keyslots " + strings.Join(s, ", ") + " keep working, each with a new keyslot for the new key"
+	if l.h.Version() == 1 {
+		return "the passphrases of keyslots " + strings.Join(s, ", ") + " keep working, each with a new keyslot for the new key"
+	}
+	return "the passphrases of keyslots " + strings.Join(s, ", ") + " keep working, in the same keyslots with their priorities and tokens, each rewrapped for the new key"
 }
 
 // earlyDiscovery is a discoverInPlace started before the header is

@@ -238,6 +238,12 @@ func TestGuestRekeyFS(t *testing.T) {
 	os.WriteFile(kf, []byte("the second key file\n\x00binary"), 0o600)
 	sh(t, "cryptsetup", "luksAddKey", "-q", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
 		"--key-file", pwFile, st.Disk, kf)
+	// The key file's keyslot 1 is preferred and bound to a token (as a
+	// TPM2 or FIDO2 enrollment is): after the rekey the key file opens
+	// keyslot 1 still, preferred, and the token is bound to it.
+	sh(t, "cryptsetup", "config", "--priority", "prefer", "--key-slot", "1", st.Disk)
+	os.WriteFile("/tmp/rkfs-token.json", []byte(`{"type":"enrollment","keyslots":["1"],"note":"kept"}`), 0o600)
+	sh(t, "cryptsetup", "token", "import", "--token-id", "3", "--json-file", "/tmp/rkfs-token.json", st.Disk)
 	oldKey := saveVolumeKey(t, st.Disk, "/tmp/rkfs-old.key")
 	j := st.file(state, "journal")
 	sh(t, "umount", st.Mounts[0]) // a quiet disk, to check that a refusal writes nothing
@@ -284,6 +290,15 @@ func TestGuestRekeyFS(t *testing.T) {
 	}
 	if n := len(regexp.MustCompile(`(?m)^\s+\d+: luks2$`).FindAllString(sh(t, "cryptsetup", "luksDump", st.Disk), -1)); n != 2 {
 		t.Fatalf("%d keyslots after the rekey, want 2 (the passphrase and the key file)", n)
+	}
+	// Each in its old keyslot, with its priority and token.
+	sh(t, "cryptsetup", "open", "--test-passphrase", "--key-slot", "0", "--key-file", pwFile, st.Disk)
+	sh(t, "cryptsetup", "open", "--test-passphrase", "--key-slot", "1", "--key-file", kf, st.Disk)
+	if tok := sh(t, "cryptsetup", "token", "export", "--token-id", "3", st.Disk); !strings.Contains(tok, `"keyslots":["1"]`) || !strings.Contains(tok, `"note":"kept"`) {
+		t.Fatalf("the token bound to keyslot 1 after the rekey: %s", tok)
+	}
+	if dump := sh(t, "cryptsetup", "luksDump", st.Disk); !regexp.MustCompile(`(?s)\n\s+1: luks2.*?Priority:\s+preferred`).MatchString(dump) {
+		t.Fatalf("keyslot 1 is no longer preferred:\n%s", dump)
 	}
 }
 

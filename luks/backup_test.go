@@ -6,6 +6,8 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
+	"strconv"
 	"testing"
 )
 
@@ -271,5 +273,131 @@ func TestRekeyToAnotherCipher(t *testing.T) {
 	}
 	if a, n := KeyslotEncryption("aes-xts-plain64", 32); a != "aes-xts-plain64" || n != 32 {
 		t.Fatalf("own cipher %s/%d", a, n)
+	}
+}
+
+// TestReplaceKeyslotKeepsNumbers: at a rekey's end each new keyslot takes
+// the number and the priority of the old keyslot its passphrase opened
+// (ReplaceKeyslot), so tokens bound to the old numbers (a TPM2 or FIDO2
+// enrollment) and key-slot= options keep working; cryptsetup opens the new
+// key with each passphrase in its old keyslot and sees the token bound
+// and the priority kept. An old keyslot nobody replaced is removed with
+// its token binding, as before.
+func TestReplaceKeyslotKeepsNumbers(t *testing.T) {
+	cs := needCryptsetup(t)
+	oldKey, _ := NewVolumeKey(64)
+	h, err := Create(Options{PBKDF: testPBKDF2, HeaderSize: 2 << 20}, oldKey, []byte("alpha"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"beta", "gamma"} {
+		if _, err := h.AddKeyslot(oldKey, []byte(p), testPBKDF2); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// beta's keyslot 1: preferred, bound to a token; gamma's 2: not kept.
+	ks := h.v2.sec("keyslots")
+	o, _ := ks.getObject("1")
+	o.set("priority", jsonRaw(2))
+	ks.setObject("1", o)
+	h.v2.setSec("keyslots", ks)
+	if _, err := h.SetToken(3, []byte(`{"type":"systemd-tpm2","keyslots":["1"],"x":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.SetToken(4, []byte(`{"type":"other","keyslots":["2"]}`)); err != nil {
+		t.Fatal(err)
+	}
+	dev := writeImage(t, h)
+	f, err := openRW(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+
+	h = readHeader(t, dev)
+	oldSlots := h.Keyslots()
+	newKey, _ := NewVolumeKey(64)
+	replaces := map[int]int{} // staged -> old
+	for _, p := range []string{"alpha", "beta"} {
+		_, slot, err := h.Unlock([]byte(p))
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, err := h.AddUnboundKeyslot(newKey, []byte(p), testPBKDF2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		replaces[id] = slot
+	}
+	if err := h.Commit(f); err != nil {
+		t.Fatal(err)
+	}
+	var staged []int
+	for id := range replaces {
+		staged = append(staged, id)
+	}
+	if err := h.ReplaceKeyslot(0, staged[0]); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("replacing a keyslot that still opens the data: %v", err)
+	}
+	if err := h.BindSegment(staged[0]); err != nil {
+		t.Fatal(err)
+	}
+	for id, old := range replaces {
+		if err := h.ReplaceKeyslot(old, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := h.RemoveKeyslot(2); err != nil {
+		t.Fatal(err)
+	}
+	before := readFileT(t, dev)
+	if err := h.Commit(f); err != nil {
+		t.Fatal(err)
+	}
+	for slot, p := range []string{"alpha", "beta"} {
+		kf := writeTemp(t, "p", []byte(p))
+		if got := cs.dumpVolumeKey(dev, kf, "--key-slot", strconv.Itoa(slot)); !bytes.Equal(got, newKey.Bytes()) {
+			t.Fatalf("%q in keyslot %d does not open the new key", p, slot)
+		}
+	}
+	cs.fails(nil, "open", "--test-passphrase", "--key-file", writeTemp(t, "g", []byte("gamma")), dev)
+	fin := readHeader(t, dev)
+	var ids []int
+	for _, k := range fin.Keyslots() {
+		ids = append(ids, k.ID)
+		if want := map[int]int{0: 1, 1: 2}[k.ID]; k.Priority != want || !k.Bound {
+			t.Errorf("keyslot %d: priority %d bound %v, want priority %d, bound", k.ID, k.Priority, k.Bound, want)
+		}
+	}
+	if !slices.Equal(ids, []int{0, 1}) {
+		t.Fatalf("keyslots %v after the rekey, want [0 1]", ids)
+	}
+	if ds, _ := fin.v2.digests(); len(ds) != 1 {
+		t.Fatalf("%d digests after the rekey, want 1", len(ds))
+	}
+	if got, _ := fin.Token(3); !jsonEqual(t, got, []byte(`{"type":"systemd-tpm2","keyslots":["1"],"x":1}`)) {
+		t.Fatalf("the token bound to the replaced keyslot 1: %s", got)
+	}
+	if got, _ := fin.Token(4); !jsonEqual(t, got, []byte(`{"type":"other","keyslots":[]}`)) {
+		t.Fatalf("the token of the removed keyslot 2: %s", got)
+	}
+	dump := cs.ok(nil, "luksDump", dev)
+	if !regexp.MustCompile(`(?s)1: luks2.*?Priority:\s+preferred`).MatchString(dump) {
+		t.Errorf("cryptsetup does not see keyslot 1 preferred:\n%s", dump)
+	}
+	// The replaced and removed keyslots' old material is wiped.
+	after := readFileT(t, dev)
+	for _, k := range oldSlots {
+		if bytes.Equal(before[k.AreaOffset:k.AreaOffset+k.AreaSize], after[k.AreaOffset:k.AreaOffset+k.AreaSize]) {
+			t.Errorf("old keyslot %d's area not wiped", k.ID)
+		}
+	}
+	// LUKS1 keyslot numbers are places on the disk.
+	h1, err := Create(Options{Version: 1, PBKDF: testPBKDF2}, oldKey, []byte("alpha"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h1.ReplaceKeyslot(0, 1); !errors.Is(err, ErrUnsupported) {
+		t.Fatalf("LUKS1: %v", err)
 	}
 }

@@ -342,6 +342,130 @@ func (h *Header) RemoveKeyslot(slot int) error {
 	return nil
 }
 
+// ReplaceKeyslot gives keyslot staged the place of keyslot old (LUKS2):
+// old is removed (its material wiped after the metadata on Commit) and
+// staged takes its number and its priority, so that whatever names old
+// (tokens bound to it, such as a TPM2 or FIDO2 enrollment, crypttab's
+// key-slot=, scripts) names staged from then on. staged's key material
+// stays where it is. old must not open the data segment (bind staged's
+// key first). In memory; write with Commit.
+func (h *Header) ReplaceKeyslot(old, staged int) error {
+	if h.v1 != nil {
+		return fmt.Errorf("LUKS1 keyslot numbers are their places on the disk: %w", ErrUnsupported)
+	}
+	if old == staged {
+		return fmt.Errorf("keyslot %d cannot replace itself: %w", old, ErrInvalidArgument)
+	}
+	l := h.v2
+	oldKs, err := l.keyslot(old)
+	if err != nil {
+		return err
+	}
+	if _, err := l.keyslot(staged); err != nil {
+		return err
+	}
+	for _, k := range h.Keyslots() {
+		if k.ID == old && k.Bound {
+			return fmt.Errorf("keyslot %d still opens the data: %w", old, ErrInvalidArgument)
+		}
+	}
+	oldName, stagedName := strconv.Itoa(old), strconv.Itoa(staged)
+	keyslots := l.sec("keyslots")
+	obj, err := keyslots.getObject(stagedName)
+	if err != nil || obj == nil {
+		return corruptf("keyslot %d", staged)
+	}
+	oldObj, err := keyslots.getObject(oldName)
+	if err != nil || oldObj == nil {
+		return corruptf("keyslot %d", old)
+	}
+	if p, ok := oldObj.get("priority"); ok {
+		obj.set("priority", p)
+	} else {
+		obj.del("priority")
+	}
+	keyslots.del(stagedName)
+	keyslots.setObject(oldName, obj) // old's member, replaced in place
+	l.setSec("keyslots", keyslots)
+	// Digests name keyslots: old leaves its digest (the old key's, which
+	// goes when its last keyslot does), staged's digest names it as old.
+	digests := l.sec("digests")
+	for _, k := range slices.Clone(digests.keys) {
+		d, err := digests.getObject(k)
+		if err != nil || d == nil {
+			continue
+		}
+		raw, _ := d.get("keyslots")
+		refs, _ := stringArray(raw)
+		if !slices.Contains(refs, oldName) && !slices.Contains(refs, stagedName) {
+			continue
+		}
+		var out []string
+		for _, r := range refs {
+			switch r {
+			case oldName:
+			case stagedName:
+				out = append(out, oldName)
+			default:
+				out = append(out, r)
+			}
+		}
+		rawSeg, _ := d.get("segments")
+		segs, _ := stringArray(rawSeg)
+		if len(out) == 0 && len(segs) == 0 {
+			digests.del(k)
+			continue
+		}
+		sortNumericStrings(out)
+		d.set("keyslots", jsonRaw(out))
+		digests.setObject(k, d)
+	}
+	l.setSec("digests", digests)
+	// Tokens bound to old stay bound to its number; one bound to staged
+	// follows it.
+	tokens := l.sec("tokens")
+	for _, k := range tokens.keys {
+		t, err := tokens.getObject(k)
+		if err != nil || t == nil {
+			continue
+		}
+		raw, _ := t.get("keyslots")
+		refs, _ := stringArray(raw)
+		if !slices.Contains(refs, stagedName) {
+			continue
+		}
+		refs = slices.DeleteFunc(refs, func(s string) bool { return s == stagedName })
+		if !slices.Contains(refs, oldName) {
+			refs = append(refs, oldName)
+		}
+		sortNumericStrings(refs)
+		t.set("keyslots", jsonRaw(refs))
+		tokens.setObject(k, t)
+	}
+	l.setSec("tokens", tokens)
+	if oldKs.typ == "luks2" && oldKs.areaSize > 0 {
+		start := oldKs.areaOffset - 2*l.hdrSize
+		n := min(oldKs.areaSize, uint64(len(l.area))-start)
+		rnd, err := randomBytes(int(n))
+		if err != nil {
+			return err
+		}
+		copy(l.area[start:], rnd)
+		h.dirtyAfter = append(h.dirtyAfter, span{int64(oldKs.areaOffset), int64(n)})
+	}
+	return nil
+}
+
+// sortNumericStrings sorts decimal ids ("2" before "10").
+func sortNumericStrings(ids []string) {
+	slices.SortFunc(ids, func(a, b string) int {
+		if len(a) != len(b) {
+			return len(a) - len(b)
+		}
+		return strings.Compare(a, b)
+	})
+}
+
 // BindSegment makes the key held by keyslot slot the data segment's
 // volume key (LUKS2): the segment moves from its current digest to slot's
 // digest. Keyslots of the old digest stay, now unbound, until removed.
