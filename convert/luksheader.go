@@ -2,11 +2,13 @@ package convert
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"maps"
 	"slices"
+	"strconv"
 
 	"github.com/dmconvert/dmconvert/luks"
 )
@@ -346,6 +348,30 @@ func (l *LUKSHeader) OtherKeyslots() []int {
 	for _, ks := range l.h.Keyslots() {
 		if ks.ID != l.opened && !slices.Contains(l.also, ks.ID) && !slices.Contains(l.stagedSlots(), ks.ID) {
 			out = append(out, ks.ID)
+		}
+	}
+	return out
+}
+
+// TokensOf implements TokenLister: the LUKS2 tokens bound to keyslot id,
+// as "token N (type)" (a TPM2 or FIDO2 enrollment stops working with its
+// keyslot). The run's own checkpoint token is not listed.
+func (l *LUKSHeader) TokensOf(id int) []string {
+	var out []string
+	for _, tid := range l.h.TokenIDs() {
+		raw, ok := l.h.Token(tid)
+		if !ok {
+			continue
+		}
+		var tok struct {
+			Type     string   `json:"type"`
+			Keyslots []string `json:"keyslots"`
+		}
+		if json.Unmarshal(raw, &tok) != nil || tok.Type == luks.TokenTypeDmconvert {
+			continue
+		}
+		if slices.Contains(tok.Keyslots, strconv.Itoa(id)) {
+			out = append(out, fmt.Sprintf("token %d (%s)", tid, tok.Type))
 		}
 	}
 	return out

@@ -143,7 +143,7 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 	}
 	if others := rk.OtherKeyslots(); len(others) > 0 && !o.RemoveOtherKeyslots {
 		return fail(refuse(dpath, "rerun with --remove-other-keyslots to drop them (their passphrases stop working), or remove them first with cryptsetup luksKillSlot",
-			"keyslots %v are not opened by the passphrase given and would lose their key", others))
+			"keyslots %v are not opened by the passphrase given and would lose their key%s", others, tokensNote(hdr, others)))
 	}
 
 	// What is on the mapping: an LVM PV (its VG is fenced during the
@@ -290,7 +290,32 @@ func OtherKeyslotsNote(h HeaderFormat) string {
 	for i, o := range others {
 		s[i] = fmt.Sprint(o)
 	}
-	return "keyslots " + strings.Join(s, ", ") + " are removed (their passphrases were not given)"
+	return "keyslots " + strings.Join(s, ", ") + " are removed (their passphrases were not given)" + tokensNote(h, others)
+}
+
+// TokenLister is a header that can name the tokens bound to a keyslot.
+type TokenLister interface {
+	TokensOf(keyslot int) []string
+}
+
+// tokensNote names the tokens bound to keyslots (a TPM2 or FIDO2
+// enrollment, which stops working with its keyslot), for refusals and
+// plans: "" when there are none.
+func tokensNote(h HeaderFormat, keyslots []int) string {
+	tl, ok := h.(TokenLister)
+	if !ok {
+		return ""
+	}
+	var s []string
+	for _, id := range keyslots {
+		if ts := tl.TokensOf(id); len(ts) > 0 {
+			s = append(s, fmt.Sprintf("keyslot %d is bound to %s", id, strings.Join(ts, ", ")))
+		}
+	}
+	if len(s) == 0 {
+		return ""
+	}
+	return "; " + strings.Join(s, "; ") + ": enroll it again afterwards (systemd-cryptenroll)"
 }
 
 // KeptKeyslotsNote lists the keyslots whose passphrases keep working
