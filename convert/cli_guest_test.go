@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -868,6 +869,45 @@ func TestGuestCLIRefusals(t *testing.T) {
 		}
 		mustEqual(t, small, otherBefore, diskBytes(t, small))
 		wipe(t, small)
+	})
+	t.Run("lvm-filter", func(t *testing.T) {
+		// lvm.conf's filter accepts the disk and nothing else: after an
+		// encrypt LVM would not see the VG on the mapping. Refused, dry
+		// run or not (before 2026-11-25 the whole run went through and
+		// failed in LVM's refresh at its end, exit 1). Then, encrypted,
+		// a filter that accepts only mappings: a decrypt would leave the
+		// VG on the raw disk LVM does not see.
+		wipe(t, dev)
+		lightStack(t, dev, true, false)
+		const conf = "/etc/lvm/lvm.conf"
+		orig, err := os.ReadFile(conf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer os.WriteFile(conf, orig, 0o644)
+		setFilter := func(f string) {
+			re := regexp.MustCompile(`(?m)^\s*filter = .*$`)
+			if !re.Match(orig) {
+				t.Fatalf("no filter line in %s", conf)
+			}
+			if err := os.WriteFile(conf, re.ReplaceAll(orig, []byte("\tfilter = "+f)), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		setFilter(`[ "a|^` + dev + `$|", "r|.*|" ]`)
+		name := filepath.Base(dev) + "_crypt"
+		want := `rejects /dev/mapper/` + name + ` (pattern "r|.*|"); let LVM accept it`
+		refused(t, dev, 2, want, enc("--shrink-pv", "--dry-run")...)
+		refused(t, dev, 2, want, enc("--shrink-pv")...)
+		os.WriteFile(conf, orig, 0o644)
+		code, out := cliRun(t, enc("--shrink-pv")...)
+		requireExit(t, "encrypt with the filter restored", code, 0, out)
+		setFilter(`[ "a|^/dev/mapper/|", "r|.*|" ]`)
+		refusedNaming(t, dev, dev, 2, `lvm.conf's devices/filter rejects `+dev+` (pattern "r|.*|")`,
+			"decrypt", "/dev/mapper/"+name, "--batch-mode", "--dry-run", "--key-file", pwFile, "--journal", filepath.Join(state, "refusal-decrypt.journal"))
+		os.WriteFile(conf, orig, 0o644)
+		sh(t, "vgchange", "-an", "vgr")
+		sh(t, "dmsetup", "remove", name)
 	})
 	t.Run("sector-size", func(t *testing.T) {
 		wipe(t, dev)

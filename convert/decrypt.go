@@ -294,6 +294,10 @@ func (e *Engine) PlanDecrypt(ctx context.Context, o DecryptOptions) (*EncryptPla
 		}
 	} else {
 		jname = pv.UUID
+		// The PV ends on the raw disk: LVM's filter must accept it.
+		if err := e.refuseFiltered(ctx, dpath, pv.VG, e.diskNames(dpath, di.Dev, pv.UUID)); err != nil {
+			return fail(err)
+		}
 		dg.Payload = (pv.Size + align - 1) / align * align
 		if need := TailNeeded(dg.Payload, H); need > di.Size && !dg.HeaderGap {
 			room := roundDown(di.Size-2*H, align)

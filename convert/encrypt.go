@@ -201,6 +201,9 @@ func (e *Engine) PlanEncrypt(ctx context.Context, o EncryptOptions) (*EncryptPla
 	} else if !errors.Is(err, ErrNoDevice) {
 		return nil, fmt.Errorf("looking up %s: %w", name, err)
 	}
+	if err := e.refuseFiltered(ctx, dev, pv.VG, e.mappingNames(name, pv.UUID)); err != nil {
+		return nil, err
+	}
 
 	jpath := o.Journal
 	if jpath == "" {

@@ -267,6 +267,10 @@ func (r *run) settle() error {
 	for id, n := range r.spec.Helpers {
 		if hi, err := r.e.DM.Info(n); err == nil && hi.Live {
 			r.devs[id] = hi.Dev
+		} else {
+			// Gone (finalize removes the helpers before LVM's refresh):
+			// a table naming it would not load.
+			delete(r.devs, id)
 		}
 	}
 	st := r.st

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/dmconvert/dmconvert/dmtable"
+	"github.com/dmconvert/dmconvert/lvm"
 )
 
 // fastTempDir is a temporary directory on tmpfs when there is one: the
@@ -692,5 +693,74 @@ func TestEncryptRefusesOtherTargetsOnTheDisk(t *testing.T) {
 				t.Fatal("the disk changed")
 			}
 		})
+	}
+}
+
+// TestEncryptRefreshFailure: when LVM's refresh fails at the end (its
+// filter rejecting the new mapping, say), the run fails resumable with
+// that reason only: F keeps its final table (the helpers are gone; before
+// 2026-11-25 the failure path tried to load a table naming them and added
+// "leaving vda_crypt in the committed state: ... no such device"). Once
+// LVM accepts the mapping, resume ends the run.
+func TestEncryptRefreshFailure(t *testing.T) {
+	sc := newScenario(t, 73)
+	w := sc.world()
+	e := sc.engine(w)
+	e.FailHook = func(string) { sc.write(w) }
+	refuse := errors.New("fake lvm: Cannot use /dev/mapper/vda_crypt: device is rejected by filter config")
+	w.lvm.refreshErr = refuse
+	ep, err := e.PlanEncrypt(context.Background(), sc.options())
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = e.Execute(context.Background(), ep, RunOptions{})
+	if !errors.Is(err, refuse) || strings.Contains(err.Error(), "committed state") {
+		t.Fatalf("the run ended with %v; want the refresh's failure alone", err)
+	}
+	sc.verifyLVs(w, "after the failed refresh")
+	w.lvm.refreshErr = nil
+	e = sc.engine(w)
+	if err := e.Resume(context.Background(), ResumeOptions{Journal: sc.journal, Open: sc.opener()}); err != nil {
+		t.Fatal(err)
+	}
+	sc.verifyEncrypted(w, e)
+}
+
+// TestPlansRefuseWhatLVMsFilterHides: an encrypt whose new mapping, or a
+// decrypt whose raw disk, lvm.conf's filter rejects by every name is
+// refused before anything is written, naming the VG, the device, the
+// filter and its pattern, with the pattern to add. The filter is asked
+// about every name the device will have.
+func TestPlansRefuseWhatLVMsFilterHides(t *testing.T) {
+	sc := newScenario(t, 74)
+	w := sc.world()
+	e := sc.engine(w)
+	w.lvm.filterErr = &lvm.FilterError{Device: "/dev/mapper/vda_crypt", Setting: "devices/filter", Pattern: "r|.*|"}
+	requireRefused(t, w, "encrypt", `after the conversion LVM would not see volume group `+w.lvm.pv.VG+` on /dev/mapper/vda_crypt: lvm.conf's devices/filter rejects /dev/mapper/vda_crypt (pattern "r|.*|"); let LVM accept it: in lvm.conf's devices/filter put "a|^/dev/mapper/vda_crypt$|" before "r|.*|"`, func() error {
+		_, err := e.PlanEncrypt(context.Background(), sc.options())
+		return err
+	})
+	got := w.lvm.filterNames
+	if len(got) < 4 || got[0] != "/dev/mapper/vda_crypt" || !strings.HasPrefix(got[1], "/dev/dm-") || got[len(got)-1] != "/dev/disk/by-id/lvm-pv-uuid-"+w.lvm.pv.UUID {
+		t.Fatalf("the filter was asked about %q", got)
+	}
+	w.lvm.filterErr = nil
+	if _, err := e.PlanEncrypt(context.Background(), sc.options()); err != nil {
+		t.Fatalf("accepted by the filter: %v", err)
+	}
+
+	sc, w = encryptedWorld(t, 75)
+	e = sc.engine(w)
+	w.lvm.filterErr = &lvm.FilterError{Device: fakeDiskPath, Setting: "devices/global_filter", Pattern: "r|/dev/vd|"}
+	requireRefused(t, w, "decrypt", "after the conversion LVM would not see volume group "+w.lvm.pv.VG+" on "+fakeDiskPath, func() error {
+		_, err := e.PlanDecrypt(context.Background(), sc.decryptOptions())
+		return err
+	})
+	if got := w.lvm.filterNames; len(got) < 2 || got[0] != fakeDiskPath {
+		t.Fatalf("the filter was asked about %q", got)
+	}
+	w.lvm.filterErr = errors.New("lvmconfig failed")
+	if _, err := e.PlanDecrypt(context.Background(), sc.decryptOptions()); err == nil || !strings.Contains(err.Error(), "reading lvm's device filters") {
+		t.Fatalf("a filter that cannot be read: %v", err)
 	}
 }

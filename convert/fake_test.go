@@ -1017,6 +1017,17 @@ type fakeLVM struct {
 	// notPV: what the mapping carries is not a PV (a file system): LVM
 	// finds nothing, at plan time or at boot.
 	notPV bool
+	// refreshErr fails Refresh (LVM's filter rejecting the new device).
+	refreshErr error
+	// filterErr is CheckFilters' answer; filterNames the names it was
+	// last asked about.
+	filterErr   error
+	filterNames []string
+}
+
+func (l *fakeLVM) CheckFilters(ctx context.Context, names []string) error {
+	l.filterNames = append([]string(nil), names...)
+	return l.filterErr
 }
 
 func (l *fakeLVM) Discover(ctx context.Context, device string) (*PV, error) {
@@ -1188,6 +1199,9 @@ func (l *fakeLVM) Refresh(ctx context.Context, oldDev, newDev string) error {
 	if l.notPV {
 		// As lvm: the device carries no PV label.
 		return fmt.Errorf("fake lvm: %s is not an LVM physical volume", newDev)
+	}
+	if l.refreshErr != nil {
+		return l.refreshErr
 	}
 	l.refresh = append(l.refresh, oldDev+"->"+newDev)
 	return nil

@@ -119,6 +119,11 @@ func (l *LVMTool) discover(ctx context.Context, device string, recorded bool) (*
 	return pv, nil
 }
 
+// CheckFilters implements FilterChecker.
+func (l *LVMTool) CheckFilters(ctx context.Context, names []string) error {
+	return l.C.CheckFilters(ctx, names)
+}
+
 // Fence implements VolumeManager.
 func (l *LVMTool) Fence(ctx context.Context, vg string) (func() error, error) {
 	to := l.FenceTimeout

@@ -488,6 +488,24 @@ func (h OSHost) NodePath(name string) string {
 	return filepath.Join(d, name)
 }
 
+// Aliases implements DeviceAliases: /dev/<kernel name> and the links
+// under /dev/disk/by-* that lead to dev.
+func (h OSHost) Aliases(dev dmtable.Dev) []string {
+	var out []string
+	if p, err := h.DevicePath(dev); err == nil {
+		out = append(out, p)
+	}
+	links, _ := filepath.Glob("/dev/disk/by-*/*")
+	for _, l := range links {
+		var st unix.Stat_t
+		if unix.Stat(l, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFBLK &&
+			unix.Major(st.Rdev) == dev.Major && unix.Minor(st.Rdev) == dev.Minor {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
 // lockFile is the file whose flock is a disk's run lock.
 func (h OSHost) lockFile(disk dmtable.Dev) string {
 	dir := h.LockDir
