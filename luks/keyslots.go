@@ -293,52 +293,59 @@ func (h *Header) RemoveKeyslot(slot int) error {
 	keyslots.del(strconv.Itoa(slot))
 	l.setSec("keyslots", keyslots)
 	name := strconv.Itoa(slot)
-	digests := l.sec("digests")
-	for _, k := range slices.Clone(digests.keys) {
-		d, err := digests.getObject(k)
+	l.rewriteKeyslotRefs("digests", name, "", true)
+	l.rewriteKeyslotRefs("tokens", name, "", false)
+	return h.wipeArea2(ks)
+}
+
+// rewriteKeyslotRefs changes keyslot from to keyslot to in the "keyslots"
+// array of every object of section sec (digests, tokens); to "" drops
+// it. With dropUnused an object left with no keyslot and no segment (an
+// unbound digest nobody uses any more) is deleted.
+func (l *luks2) rewriteKeyslotRefs(sec, from, to string, dropUnused bool) {
+	o := l.sec(sec)
+	for _, k := range slices.Clone(o.keys) {
+		d, err := o.getObject(k)
 		if err != nil || d == nil {
 			continue
 		}
 		raw, _ := d.get("keyslots")
 		refs, _ := stringArray(raw)
-		if !slices.Contains(refs, name) {
+		if !slices.Contains(refs, from) {
 			continue
 		}
-		refs = slices.DeleteFunc(refs, func(s string) bool { return s == name })
+		refs = slices.DeleteFunc(refs, func(s string) bool { return s == from })
+		if to != "" && !slices.Contains(refs, to) {
+			refs = append(refs, to)
+			sortNumericStrings(refs)
+		}
 		rawSeg, _ := d.get("segments")
 		segs, _ := stringArray(rawSeg)
-		if len(refs) == 0 && len(segs) == 0 {
-			digests.del(k) // an unbound digest nobody uses any more
+		if dropUnused && len(refs) == 0 && len(segs) == 0 {
+			o.del(k)
 			continue
 		}
 		d.set("keyslots", jsonRaw(refs))
-		digests.setObject(k, d)
+		o.setObject(k, d)
 	}
-	l.setSec("digests", digests)
-	tokens := l.sec("tokens")
-	for _, k := range tokens.keys {
-		t, err := tokens.getObject(k)
-		if err != nil || t == nil {
-			continue
-		}
-		raw, _ := t.get("keyslots")
-		refs, _ := stringArray(raw)
-		if slices.Contains(refs, name) {
-			t.set("keyslots", jsonRaw(slices.DeleteFunc(refs, func(s string) bool { return s == name })))
-			tokens.setObject(k, t)
-		}
+	l.setSec(sec, o)
+}
+
+// wipeArea2 overwrites a removed LUKS2 keyslot's material with random
+// data, written after the metadata that no longer names it (Commit).
+func (h *Header) wipeArea2(ks *keyslot2) error {
+	l := h.v2
+	if ks.typ != "luks2" || ks.areaSize == 0 {
+		return nil
 	}
-	l.setSec("tokens", tokens)
-	if ks.typ == "luks2" && ks.areaSize > 0 {
-		start := ks.areaOffset - 2*l.hdrSize
-		n := min(ks.areaSize, uint64(len(l.area))-start)
-		rnd, err := randomBytes(int(n))
-		if err != nil {
-			return err
-		}
-		copy(l.area[start:], rnd)
-		h.dirtyAfter = append(h.dirtyAfter, span{int64(ks.areaOffset), int64(n)})
+	start := ks.areaOffset - 2*l.hdrSize
+	n := min(ks.areaSize, uint64(len(l.area))-start)
+	rnd, err := randomBytes(int(n))
+	if err != nil {
+		return err
 	}
+	copy(l.area[start:], rnd)
+	h.dirtyAfter = append(h.dirtyAfter, span{int64(ks.areaOffset), int64(n)})
 	return nil
 }
 
@@ -387,73 +394,13 @@ func (h *Header) ReplaceKeyslot(old, staged int) error {
 	keyslots.del(stagedName)
 	keyslots.setObject(oldName, obj) // old's member, replaced in place
 	l.setSec("keyslots", keyslots)
-	// Digests name keyslots: old leaves its digest (the old key's, which
-	// goes when its last keyslot does), staged's digest names it as old.
-	digests := l.sec("digests")
-	for _, k := range slices.Clone(digests.keys) {
-		d, err := digests.getObject(k)
-		if err != nil || d == nil {
-			continue
-		}
-		raw, _ := d.get("keyslots")
-		refs, _ := stringArray(raw)
-		if !slices.Contains(refs, oldName) && !slices.Contains(refs, stagedName) {
-			continue
-		}
-		var out []string
-		for _, r := range refs {
-			switch r {
-			case oldName:
-			case stagedName:
-				out = append(out, oldName)
-			default:
-				out = append(out, r)
-			}
-		}
-		rawSeg, _ := d.get("segments")
-		segs, _ := stringArray(rawSeg)
-		if len(out) == 0 && len(segs) == 0 {
-			digests.del(k)
-			continue
-		}
-		sortNumericStrings(out)
-		d.set("keyslots", jsonRaw(out))
-		digests.setObject(k, d)
-	}
-	l.setSec("digests", digests)
-	// Tokens bound to old stay bound to its number; one bound to staged
-	// follows it.
-	tokens := l.sec("tokens")
-	for _, k := range tokens.keys {
-		t, err := tokens.getObject(k)
-		if err != nil || t == nil {
-			continue
-		}
-		raw, _ := t.get("keyslots")
-		refs, _ := stringArray(raw)
-		if !slices.Contains(refs, stagedName) {
-			continue
-		}
-		refs = slices.DeleteFunc(refs, func(s string) bool { return s == stagedName })
-		if !slices.Contains(refs, oldName) {
-			refs = append(refs, oldName)
-		}
-		sortNumericStrings(refs)
-		t.set("keyslots", jsonRaw(refs))
-		tokens.setObject(k, t)
-	}
-	l.setSec("tokens", tokens)
-	if oldKs.typ == "luks2" && oldKs.areaSize > 0 {
-		start := oldKs.areaOffset - 2*l.hdrSize
-		n := min(oldKs.areaSize, uint64(len(l.area))-start)
-		rnd, err := randomBytes(int(n))
-		if err != nil {
-			return err
-		}
-		copy(l.area[start:], rnd)
-		h.dirtyAfter = append(h.dirtyAfter, span{int64(oldKs.areaOffset), int64(n)})
-	}
-	return nil
+	// old leaves its digest (the old key's, which goes with its last
+	// keyslot) and staged's digest names it as old. Tokens bound to old
+	// stay bound to its number; one bound to staged follows it.
+	l.rewriteKeyslotRefs("digests", oldName, "", true)
+	l.rewriteKeyslotRefs("digests", stagedName, oldName, true)
+	l.rewriteKeyslotRefs("tokens", stagedName, oldName, false)
+	return h.wipeArea2(oldKs)
 }
 
 // sortNumericStrings sorts decimal ids ("2" before "10").
