@@ -159,6 +159,18 @@ func (e *Engine) inspectLUKS(target string, open HeaderOpener) (*luksSource, err
 		return nil, refuse(dpath, "", "the device under %s: %v", m.name, err)
 	}
 	H := Sectors(m.crypt.Offset)
+	switch {
+	case strings.HasPrefix(m.info.UUID, "CRYPT-LUKS") && H == 0:
+		// cryptsetup open --header FILE: the data starts at the disk's
+		// first sector and the header is elsewhere.
+		return nil, refuse(m.name, "use cryptsetup reencrypt --header FILE for it",
+			"it was opened with a detached LUKS header (its data starts at sector 0 of %s); dmconvert converts LUKS volumes whose header is on the disk, in front of the data", dpath)
+	case strings.HasPrefix(m.info.UUID, "CRYPT-PLAIN-"):
+		return nil, refuse(m.name, "convert it to LUKS2 with the header on the disk first (dmconvert rekey --type luks2), then decrypt that",
+			"a plain dm-crypt mapping (no LUKS header): dmconvert decrypts LUKS volumes")
+	case strings.HasPrefix(m.info.UUID, tcryptUUIDPrefix):
+		return nil, refuse(m.name, "", "a TrueCrypt/VeraCrypt mapping: dmconvert decrypts LUKS volumes (dmconvert rekey --type luks2 converts it to LUKS2, with a detached header)")
+	}
 	if m.crypt.IVOffset != 0 || H == 0 || H+m.size != di.Size {
 		return nil, refuse(m.name, "", "its table (offset %d, iv offset %d, %d sectors on a %d-sector disk) is not the whole data area of a LUKS device with its header in front", H, m.crypt.IVOffset, m.size, di.Size)
 	}

@@ -826,3 +826,50 @@ func TestPlansRefuseADiskARunHolds(t *testing.T) {
 		return err
 	})
 }
+
+// TestDecryptRefusesWhatHasNoHeaderInFront: a decrypt (or a LUKS rekey)
+// of a mapping whose LUKS header is not in front of its data says why,
+// by what cryptsetup's dm UUID says the mapping is: a plain mapping, or
+// LUKS opened with a detached header (its data from sector 0); nothing
+// is written.
+func TestDecryptRefusesWhatHasNoHeaderInFront(t *testing.T) {
+	sc, w := plainWorld(t, 76)
+	e := sc.engine(w)
+	d := sc.decryptOptions()
+	requireRefused(t, w, "decrypt of a plain mapping", "vda_crypt: a plain dm-crypt mapping (no LUKS header): dmconvert decrypts LUKS volumes; convert it to LUKS2 with the header on the disk first", func() error {
+		_, err := e.PlanDecrypt(context.Background(), d)
+		return err
+	})
+	tbl, err := e.DM.Table("vda_crypt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// As cryptsetup open --header maps it: the whole disk from sector 0.
+	di, err := e.Host.Stat(fakeDiskPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := *tbl[0].Params.(*dmtable.Crypt)
+	c.Offset = 0
+	whole := dmtable.Table{{Start: 0, Length: dmtable.Sectors(di.Size), Params: &c}}
+	for _, step := range []func() error{
+		func() error { return e.DM.Load("vda_crypt", whole) },
+		func() error { return e.DM.Suspend("vda_crypt") },
+		func() error { return e.DM.Resume("vda_crypt") },
+	} {
+		if err := step(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// (The kernel sets a UUID once; the fake world is edited instead.)
+	w.devs["vda_crypt"].uuid = "CRYPT-LUKS2-00112233445566778899aabbccddeeff-vda_crypt"
+	requireRefused(t, w, "decrypt with a detached header", "vda_crypt: it was opened with a detached LUKS header (its data starts at sector 0 of "+fakeDiskPath+")", func() error {
+		_, err := e.PlanDecrypt(context.Background(), d)
+		return err
+	})
+	r := sc.rekeyOptions()
+	requireRefused(t, w, "rekey with a detached header", "it was opened with a detached LUKS header", func() error {
+		_, err := e.PlanRekey(context.Background(), r)
+		return err
+	})
+}
