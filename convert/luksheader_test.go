@@ -282,7 +282,7 @@ func TestLUKSHeaderRekeyKeepsSeveralPassphrases(t *testing.T) {
 			t.Fatalf("other keyslots %v, want [2]", o)
 		}
 		// The plan names the token that stops working with keyslot 2.
-		if n, want := OtherKeyslotsNote(lh), "keyslots 2 are removed (their passphrases were not given); keyslot 2 is bound to token 1 (other): enroll it again afterwards (systemd-cryptenroll)"; n != want {
+		if n, want := OtherKeyslotsNote(lh), "keyslot 2 is removed (their passphrases were not given); keyslot 2 is bound to token 1 (other): enroll it again afterwards (systemd-cryptenroll)"; n != want {
 			t.Fatalf("OtherKeyslotsNote:\n got %q\nwant %q", n, want)
 		}
 		lh2, ks2 := stageTwoAndResume(t, lh, path, newKey, "aes-xts-plain64")

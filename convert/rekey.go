@@ -143,7 +143,7 @@ func (e *Engine) PlanRekey(ctx context.Context, o RekeyOptions) (*EncryptPlan, e
 	}
 	if others := rk.OtherKeyslots(); len(others) > 0 && !o.RemoveOtherKeyslots {
 		return fail(refuse(dpath, "rerun with --remove-other-keyslots to drop them (their passphrases stop working), or remove them first with cryptsetup luksKillSlot",
-			"keyslots %v are not opened by the passphrase given and would lose their key%s", others, tokensNote(hdr, others)))
+			"%s not opened by the passphrase given and would lose their key%s", keyslotsAre(others), tokensNote(hdr, others)))
 	}
 
 	// What is on the mapping: an LVM PV (its VG is fenced during the
@@ -286,11 +286,19 @@ func OtherKeyslotsNote(h HeaderFormat) string {
 	if len(others) == 0 {
 		return ""
 	}
-	s := make([]string, len(others))
-	for i, o := range others {
-		s[i] = fmt.Sprint(o)
+	return keyslotsAre(others) + " removed (their passphrases were not given)" + tokensNote(h, others)
+}
+
+// keyslotsAre is "keyslot 3 is" or "keyslots 1, 3 are".
+func keyslotsAre(ids []int) string {
+	if len(ids) == 1 {
+		return fmt.Sprintf("keyslot %d is", ids[0])
 	}
-	return "keyslots " + strings.Join(s, ", ") + " are removed (their passphrases were not given)" + tokensNote(h, others)
+	s := make([]string, len(ids))
+	for i, id := range ids {
+		s[i] = fmt.Sprint(id)
+	}
+	return "keyslots " + strings.Join(s, ", ") + " are"
 }
 
 // TokenLister is a header that can name the tokens bound to a keyslot.
@@ -330,10 +338,14 @@ func KeptKeyslotsNote(h HeaderFormat) string {
 	for i, id := range l.also {
 		s = append(s, fmt.Sprintf("%d (--also-key-file #%d)", id, i+1))
 	}
-	if l.h.Version() == 1 {
-		return "the passphrases of keyslots " + strings.Join(s, ", ") + " keep working, each with a new keyslot for the new key"
+	what := "the passphrases of keyslots " + strings.Join(s, ", ") + " keep"
+	if len(s) == 1 {
+		what = "the passphrase of keyslot " + s[0] + " keeps"
 	}
-	return "the passphrases of keyslots " + strings.Join(s, ", ") + " keep working, in the same keyslots with their priorities and tokens, each rewrapped for the new key"
+	if l.h.Version() == 1 {
+		return what + " working, each with a new keyslot for the new key"
+	}
+	return what + " working, in the same keyslot number with its priority and tokens, rewrapped for the new key"
 }
 
 // earlyDiscovery is a discoverInPlace started before the header is

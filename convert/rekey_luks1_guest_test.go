@@ -78,12 +78,12 @@ func TestGuestRekeyLUKS1(t *testing.T) {
 	}
 	refused(t, st.Disk, 2, "camellia-xts-plain64",
 		"rekey", name, "--batch-mode", "--remove-other-keyslots", "--key-file", pwFile, "--journal", j, "--cipher", "camellia-xts-plain64")
-	refused(t, st.Disk, 2, "keyslots [1] are not opened", "rekey", name, "--batch-mode", "--key-file", pwFile, "--journal", j)
+	refused(t, st.Disk, 2, "keyslot 1 is not opened", "rekey", name, "--batch-mode", "--key-file", pwFile, "--journal", j)
 	before := diskBytes(t, st.Disk)
 	code, out := cliRun(t, "rekey", name, "--dry-run", "--remove-other-keyslots", "--key-file", pwFile, "--journal", j)
 	requireExit(t, "rekey --dry-run", code, 0, out)
 	if !strings.Contains(out, "(LUKS1, aes-xts-plain64") || !strings.Contains(out, "moving 1016.0 KiB toward the start") ||
-		!strings.Contains(out, "keyslots 1 are removed") {
+		!strings.Contains(out, "keyslot 1 is removed") {
 		t.Fatalf("the dry run's plan:\n%s", out)
 	}
 	code, out = cliRun(t, "rekey", name, "--dry-run", "--json", "--remove-other-keyslots", "--key-file", pwFile, "--journal", j)

@@ -258,7 +258,7 @@ func TestRekeyLUKS1EndToEnd(t *testing.T) {
 	sc, w := luks1EncryptedWorld(t, 31)
 	sc.addLUKS1Keyslots(t, w, "other", 1)
 	e := sc.engine(w)
-	requireRefused(t, w, "other keyslots", "keyslots [1] are not opened", func() error {
+	requireRefused(t, w, "other keyslots", "keyslot 1 is not opened", func() error {
 		_, err := e.PlanRekey(context.Background(), sc.rekeyOptions())
 		return err
 	})
@@ -272,7 +272,7 @@ func TestRekeyLUKS1EndToEnd(t *testing.T) {
 	if ep.Spec.LUKSVersion != 1 || ep.Spec.Crypt != ep.Spec.OldCrypt || ep.Spec.Forward.Geometry.HeaderUsed != sc.H-luks1Gap {
 		t.Fatalf("plan: LUKS%d, crypt %+v -> %+v, data to %d", ep.Spec.LUKSVersion, ep.Spec.OldCrypt, ep.Spec.Crypt, ep.Spec.Forward.Geometry.HeaderUsed)
 	}
-	if note := OtherKeyslotsNote(ep.Header); note != "keyslots 1 are removed (their passphrases were not given)" {
+	if note := OtherKeyslotsNote(ep.Header); note != "keyslot 1 is removed (their passphrases were not given)" {
 		t.Fatalf("plan note: %q", note)
 	}
 	if err := e.Execute(context.Background(), ep, RunOptions{}); err != nil {

@@ -287,7 +287,7 @@ func TestRekeyRefusals(t *testing.T) {
 			o.Open = func([]byte) (HeaderFormat, Keys, error) {
 				return &fakeHeader{h: sc.H, key: sc.key, others: []int{1, 3}}, Keys{Bound: append([]byte(nil), sc.key...)}, nil
 			}
-		}, "keyslots [1 3] are not opened"},
+		}, "keyslots 1, 3 are not opened"},
 		{"half-done rekey", func(o *RekeyOptions) {
 			o.Open = func([]byte) (HeaderFormat, Keys, error) {
 				return &fakeHeader{h: sc.H, key: sc.key}, Keys{Bound: append([]byte(nil), sc.key...), Unbound: make([]byte, 64)}, nil
